@@ -150,6 +150,8 @@ pub struct CorpusOptions {
     pub text_field: String,
     /// Plain text: one document per blank-line-separated block instead of per file.
     pub split_on_blank_lines: bool,
+    /// Plain-text documents longer than this are read in pieces ([`PIECE_BYTES`] by default).
+    pub piece_bytes: usize,
 }
 
 impl Default for CorpusOptions {
@@ -157,6 +159,7 @@ impl Default for CorpusOptions {
         Self {
             text_field: "text".into(),
             split_on_blank_lines: false,
+            piece_bytes: PIECE_BYTES,
         }
     }
 }
@@ -443,7 +446,7 @@ fn read_file(
         }
         InputFormat::Text => {
             let reader = open_decompressed(file, progress)?;
-            read_whole(reader, name, out)
+            read_whole(reader, name, options.piece_bytes.max(1), out)
         }
     }
 }
@@ -543,13 +546,49 @@ fn read_blocks(mut reader: Box<dyn BufRead>, name: Arc<Path>, out: &mut Batcher)
 /// whole: right after a newline that follows a visible ASCII character and precedes one. The
 /// GPT-2 and GPT-4 pre-tokenizers never join `x\n` with the `y` that follows, nor let the lone
 /// `\n` run into the next piece, so no pre-token spans such a cut.
-fn safe_cut(bytes: &[u8]) -> Option<usize> {
+pub fn safe_cut(bytes: &[u8]) -> Option<usize> {
     (2..bytes.len())
         .rev()
         .find(|&p| bytes[p - 1] == b'\n' && bytes[p - 2].is_ascii_graphic() && bytes[p].is_ascii_graphic())
 }
 
-fn read_whole(mut reader: Box<dyn BufRead>, name: Arc<Path>, out: &mut Batcher) -> Result<(), ReadStop> {
+/// Splits `text` at [`safe_cut`] points into segments of roughly `target` bytes (a segment
+/// grows past `target` where no cut exists), so long texts can be tokenized in parallel.
+pub fn segments(text: &str, target: usize) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    while bytes.len() - start > target {
+        // The first cut at or after start + target: search forward in steps.
+        let mut probe_end = start + target;
+        let cut = loop {
+            let window_end = (probe_end + target).min(bytes.len());
+            let window_start = probe_end.saturating_sub(2).max(start);
+            let found = (window_start + 2..window_end)
+                .find(|&p| bytes[p - 1] == b'\n' && bytes[p - 2].is_ascii_graphic() && bytes[p].is_ascii_graphic());
+            if found.is_some() || window_end == bytes.len() {
+                break found;
+            }
+            probe_end = window_end;
+        };
+        match cut {
+            Some(cut) => {
+                out.push(&text[start..cut]);
+                start = cut;
+            }
+            None => break,
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+fn read_whole(
+    mut reader: Box<dyn BufRead>,
+    name: Arc<Path>,
+    piece_bytes: usize,
+    out: &mut Batcher,
+) -> Result<(), ReadStop> {
     let mut pending: Vec<u8> = Vec::new();
     let mut piece_line = 1u64;
     let mut key: Option<u64> = None;
@@ -557,10 +596,10 @@ fn read_whole(mut reader: Box<dyn BufRead>, name: Arc<Path>, out: &mut Batcher) 
     loop {
         let old_len = pending.len();
         let n = (&mut reader)
-            .take(PIECE_BYTES as u64)
+            .take(piece_bytes as u64)
             .read_to_end(&mut pending)
             .map_err(|e| line_error(&name, piece_line, e))?;
-        if n < PIECE_BYTES {
+        if n < piece_bytes {
             // End of file: the rest is the last (often the only) piece.
             if pending.is_empty() && !first {
                 return Ok(());
@@ -871,6 +910,21 @@ mod tests {
         assert_eq!(safe_cut(b"ab\n cd"), None, "whitespace after the newline");
         assert_eq!(safe_cut(b"ab\r\ncd"), None, "CRLF");
         assert_eq!(safe_cut(b"a\nb\nc"), Some(4), "the last cut wins");
+    }
+
+    #[test]
+    fn segments_cover_the_text_at_safe_cuts() {
+        let text = "line one\nline two\n  indented\nx\ny\nlast";
+        for target in 1..text.len() + 2 {
+            let parts = segments(text, target);
+            assert_eq!(parts.concat(), text, "target {target}");
+            let mut cut = 0;
+            for part in &parts[..parts.len() - 1] {
+                cut += part.len();
+                assert!(safe_cut(&text.as_bytes()[cut - 2..=cut]).is_some(), "{part:?}");
+            }
+        }
+        assert_eq!(segments("no newlines at all", 4), vec!["no newlines at all"]);
     }
 
     #[test]

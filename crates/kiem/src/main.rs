@@ -1,1 +1,125 @@
-fn main(){}
+//! `kiem`: from raw text to a chatting, served GPT.
+
+mod cmd;
+mod config;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kiem",
+    version,
+    about = "From raw text to a chatting, served GPT: train a tokenizer, prepare token shards, \
+             and (in coming releases) pre-train, fine-tune, chat and serve.",
+    after_help = "Every flag can also come from a TOML file given with --config: its keys are the \
+                  flag names (`vocab-size = 4096` or `vocab_size = 4096`); flags typed on the \
+                  command line win over the file."
+)]
+struct Cli {
+    /// TOML file whose keys are flags of the command being run; command-line flags win.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Only errors and final results.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train, inspect and use tokenizers.
+    #[command(subcommand)]
+    Tokenizer(cmd::tokenizer::TokenizerCommand),
+    /// Turn a text corpus into token shards for training.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
+    /// Measure kiem's speed against reference implementations.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+}
+
+/// Threads for the parallel parts of a command.
+#[derive(Args, Debug, Clone)]
+pub struct ThreadArgs {
+    /// Worker threads (default: all available cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl ThreadArgs {
+    /// Sizes the global rayon pool; returns the thread count in use.
+    pub fn install(&self) -> anyhow::Result<usize> {
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = self.threads.unwrap_or(available);
+        if threads == 0 || threads > 1024 {
+            anyhow::bail!("--threads {threads} is out of range: choose 1..=1024");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
+        Ok(threads)
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<_> = std::env::args_os().collect();
+    let command = Cli::command();
+    let argv = match config::apply_config_file(&command, argv) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let matches = command.get_matches_from(argv);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_logging(cli.verbose, cli.quiet);
+    progress::set_quiet(cli.quiet);
+    cmd::install_interrupt_handler();
+    let result = match cli.command {
+        Command::Tokenizer(c) => cmd::tokenizer::run(c),
+        Command::Data(c) => cmd::data::run(c),
+        Command::Bench(c) => cmd::bench::run(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if cmd::interrupted() {
+                eprintln!("interrupted: {e:#}");
+                return ExitCode::from(130);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => tracing::Level::ERROR,
+        (false, 0) => tracing::Level::INFO,
+        (false, 1) => tracing::Level::DEBUG,
+        (false, _) => tracing::Level::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+}
