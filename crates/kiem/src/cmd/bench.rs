@@ -1,9 +1,239 @@
-use anyhow::Result;
-use clap::Subcommand;
+//! `kiem bench`: speed measurements. Comparisons against other implementations run in the same
+//! process run by scripts under `bench/` (e.g. `bench/tokenizer.py` runs tiktoken beside this).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use kiem_data::corpus::CorpusOptions;
+use kiem_data::prepare::{prepare, PrepareOptions};
+use kiem_tokenizer::{TrainOptions, Tokenizer};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::progress::mb_per_s;
 
 #[derive(Subcommand, Debug)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// GPT-2 encoding throughput (1 thread and all), BPE training time, and `data prepare`
+    /// scaling with threads. The documents are the inputs split at blank lines ("\n\n"),
+    /// exactly as bench/tokenizer.py splits them for tiktoken.
+    Tokenizer(TokenizerBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizerBenchArgs {
+    /// UTF-8 text files to measure on.
+    #[arg(long = "input", required = true, num_args = 1.., value_name = "FILE")]
+    inputs: Vec<PathBuf>,
+
+    /// Threads for the multi-threaded measurements (default: all available cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
+    /// Timed repetitions of each encoding measurement; the fastest counts.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    repeat: usize,
+
+    /// Vocabulary size for the BPE training measurement.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    train_vocab: usize,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Debug)]
+struct TokenizerBench {
+    machine: String,
+    threads: usize,
+    documents: usize,
+    bytes: u64,
+    gpt2_tokens: u64,
+    gpt2_encode_1_thread_mb_s: f64,
+    gpt2_encode_all_threads_mb_s: f64,
+    trained_vocab: usize,
+    bpe_train_seconds: f64,
+    trained_encode_1_thread_mb_s: f64,
+    prepare_1_thread_mb_s: f64,
+    prepare_all_threads_mb_s: f64,
+}
 
 pub fn run(command: BenchCommand) -> Result<()> {
-    match command {}
+    match command {
+        BenchCommand::Tokenizer(args) => tokenizer(args),
+    }
+}
+
+/// Runs `f` `repeat` times and returns the fastest wall time in seconds.
+fn fastest<T>(repeat: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut best = f64::INFINITY;
+    let mut last = None;
+    for _ in 0..repeat.max(1) {
+        let started = Instant::now();
+        let out = f();
+        best = best.min(started.elapsed().as_secs_f64());
+        last = Some(out);
+    }
+    (best, last.expect("ran at least once"))
+}
+
+fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("cannot start worker threads")
+}
+
+fn tokenizer(args: TokenizerBenchArgs) -> Result<()> {
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let mut text = String::new();
+    for path in &args.inputs {
+        text.push_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {} as UTF-8 text", path.display()))?,
+        );
+    }
+    let documents: Vec<&str> = text.split("\n\n").filter(|d| !d.is_empty()).collect();
+    let bytes: u64 = documents.iter().map(|d| d.len() as u64).sum();
+    if bytes == 0 {
+        bail!("the inputs hold no text");
+    }
+    let note = |what: &str| {
+        if !args.json {
+            eprintln!("measuring {what} ...");
+        }
+    };
+
+    let gpt2 = Tokenizer::gpt2();
+    note("GPT-2 encoding, 1 thread");
+    let (single, tokens) = fastest(args.repeat, || {
+        documents
+            .iter()
+            .map(|d| gpt2.encode(d).len() as u64)
+            .sum::<u64>()
+    });
+    note("GPT-2 encoding, all threads");
+    let all = pool(threads)?;
+    let (multi, _) = fastest(args.repeat, || {
+        all.install(|| {
+            documents
+                .par_iter()
+                .map(|d| gpt2.encode(d).len() as u64)
+                .sum::<u64>()
+        })
+    });
+
+    note("BPE training");
+    let train_started = Instant::now();
+    let trained = all.install(|| {
+        kiem_tokenizer::train(
+            documents.iter().map(|d| d.to_string()),
+            &TrainOptions {
+                vocab_size: args.train_vocab,
+                min_frequency: 0,
+                show_progress: false,
+            },
+        )
+    })?;
+    let train_seconds = train_started.elapsed().as_secs_f64();
+    note("trained-tokenizer encoding, 1 thread");
+    let (trained_single, _) = fastest(args.repeat, || {
+        documents
+            .iter()
+            .map(|d| trained.encode(d).len())
+            .sum::<usize>()
+    });
+
+    note("data prepare, 1 thread and all threads");
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let prepare_with = |n: usize, name: &str| -> Result<f64> {
+        let options = PrepareOptions {
+            inputs: args.inputs.clone(),
+            out: scratch.path().join(name),
+            val_fraction: 0.01,
+            corpus: CorpusOptions {
+                split_on_blank_lines: true,
+                ..Default::default()
+            },
+            skip_bad_records: false,
+            shard_tokens: 100_000_000,
+            overwrite: true,
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let report = pool(n)?.install(|| prepare(&gpt2, &options, cancel, &mut |_| {}))?;
+        let m = &report.manifest;
+        Ok(mb_per_s(m.train.bytes + m.val.bytes, report.elapsed.as_secs_f64()))
+    };
+    let prepare_single = prepare_with(1, "one")?;
+    let prepare_all = prepare_with(threads, "all")?;
+
+    let result = TokenizerBench {
+        machine: machine_description(),
+        threads,
+        documents: documents.len(),
+        bytes,
+        gpt2_tokens: tokens,
+        gpt2_encode_1_thread_mb_s: mb_per_s(bytes, single),
+        gpt2_encode_all_threads_mb_s: mb_per_s(bytes, multi),
+        trained_vocab: trained.vocab_size(),
+        bpe_train_seconds: train_seconds,
+        trained_encode_1_thread_mb_s: mb_per_s(bytes, trained_single),
+        prepare_1_thread_mb_s: prepare_single,
+        prepare_all_threads_mb_s: prepare_all,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        let r = &result;
+        println!("machine: {}", r.machine);
+        println!(
+            "text: {} documents, {:.1} MB, {} GPT-2 tokens",
+            r.documents,
+            r.bytes as f64 / 1e6,
+            r.gpt2_tokens
+        );
+        println!("GPT-2 encode, 1 thread:          {:8.2} MB/s", r.gpt2_encode_1_thread_mb_s);
+        println!(
+            "GPT-2 encode, {} threads:         {:8.2} MB/s",
+            r.threads, r.gpt2_encode_all_threads_mb_s
+        );
+        println!(
+            "BPE training to {} tokens:     {:8.2} s",
+            r.trained_vocab, r.bpe_train_seconds
+        );
+        println!("trained encode, 1 thread:        {:8.2} MB/s", r.trained_encode_1_thread_mb_s);
+        println!("data prepare (gpt2), 1 thread:   {:8.2} MB/s", r.prepare_1_thread_mb_s);
+        println!(
+            "data prepare (gpt2), {} threads:  {:8.2} MB/s ({:.2}x)",
+            r.threads,
+            r.prepare_all_threads_mb_s,
+            r.prepare_all_threads_mb_s / r.prepare_1_thread_mb_s
+        );
+    }
+    Ok(())
+}
+
+/// CPU model and core count, for benchmark records.
+pub fn machine_description() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {cores} cores available")
 }
