@@ -1,0 +1,179 @@
+//! End-to-end tests of the `kiem` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiem(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiem"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("kiem runs")
+}
+
+fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "kiem failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn failed(output: &Output, needles: &[&str]) -> String {
+    assert!(!output.status.success(), "expected failure");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    for needle in needles {
+        assert!(stderr.contains(needle), "stderr {stderr:?} lacks {needle:?}");
+    }
+    stderr
+}
+
+fn corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("corpus.jsonl");
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            serde_json::json!({"text": format!("Customer {i} asked about the roof repair; we answered politely. Café #{i}!")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+#[test]
+fn train_encode_decode_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir);
+    let out = ok(&kiem(
+        &["tokenizer", "train", "--input", "corpus.jsonl", "--vocab-size", "400", "--out", "tok/tokenizer.json"],
+        dir,
+    ));
+    assert!(out.contains("400-token tokenizer"), "{out}");
+    let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "tok"], dir));
+    assert!(info.contains("vocab size:  400") && info.contains("0=<|bos|>"), "{info}");
+
+    let text = "Customer 7 asked: is the café open?\n";
+    for tokenizer in ["tok/tokenizer.json", "gpt2"] {
+        let ids = ok(&kiem(&["tokenizer", "encode", "--tokenizer", tokenizer, "--text", text], dir));
+        let decoded = ok(&kiem(&["tokenizer", "decode", "--tokenizer", tokenizer, ids.trim()], dir));
+        assert_eq!(decoded, text);
+    }
+    // The tokenizer refuses to overwrite its output unless asked.
+    failed(
+        &kiem(
+            &["tokenizer", "train", "--input", "corpus.jsonl", "--vocab-size", "300", "--out", "tok/tokenizer.json"],
+            dir,
+        ),
+        &["already exists", "--overwrite"],
+    );
+}
+
+#[test]
+fn bad_flags_and_inputs_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir);
+    failed(
+        &kiem(
+            &["tokenizer", "train", "--input", "corpus.jsonl", "--vocab-size", "100", "--out", "t.json"],
+            dir,
+        ),
+        &["--vocab-size 100", "256"],
+    );
+    assert!(!dir.join("t.json").exists());
+
+    std::fs::write(dir.join("broken.jsonl"), "{\"text\":\"ok\"}\n{\"text\":\"unterminated}\n").unwrap();
+    failed(
+        &kiem(&["data", "prepare", "--input", "broken.jsonl", "--tokenizer", "gpt2", "--out", "data"], dir),
+        &["broken.jsonl:2", "malformed JSON"],
+    );
+    assert!(!dir.join("data").exists());
+    let out = kiem(
+        &["data", "prepare", "--input", "broken.jsonl", "--tokenizer", "gpt2", "--out", "data", "--skip-bad-records"],
+        dir,
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 1 bad record"));
+
+    failed(
+        &kiem(&["data", "prepare", "--input", "corpus.jsonl", "--tokenizer", "nope.json", "--out", "d2"], dir),
+        &["nope.json"],
+    );
+    failed(
+        &kiem(&["data", "prepare", "--input", "corpus.jsonl", "--tokenizer", "gpt2", "--out", "d3", "--threads", "0"], dir),
+        &["--threads 0"],
+    );
+    failed(&kiem(&["data", "inspect", "corpus.jsonl"], dir), &["corpus.jsonl"]);
+}
+
+#[test]
+fn prepare_then_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir);
+    let out = ok(&kiem(
+        &["data", "prepare", "--input", "corpus.jsonl", "--tokenizer", "gpt2", "--out", "data", "--val-fraction", "0.2"],
+        dir,
+    ));
+    assert!(out.contains("prepared 200 documents"), "{out}");
+    let inspect = ok(&kiem(&["data", "inspect", "data"], dir));
+    assert!(inspect.contains("is valid"), "{inspect}");
+    // The data directory carries its tokenizer, usable wherever a tokenizer is taken.
+    let ids = ok(&kiem(&["tokenizer", "encode", "--tokenizer", "data", "--text", "hello"], dir));
+    assert_eq!(ids.trim(), "[31373]");
+}
+
+#[test]
+fn config_file_supplies_flags_and_command_line_wins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir);
+    std::fs::write(
+        dir.join("run.toml"),
+        "input = [\"corpus.jsonl\"]\nvocab_size = 300\nout = \"from-config.json\"\n",
+    )
+    .unwrap();
+    ok(&kiem(&["--config", "run.toml", "tokenizer", "train"], dir));
+    let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "from-config.json"], dir));
+    assert!(info.contains("vocab size:  300"), "{info}");
+
+    ok(&kiem(
+        &["tokenizer", "train", "--config", "run.toml", "--vocab-size", "320", "--out", "flag.json"],
+        dir,
+    ));
+    let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "flag.json"], dir));
+    assert!(info.contains("vocab size:  320"), "{info}");
+
+    std::fs::write(dir.join("bad.toml"), "vocab_sise = 300\n").unwrap();
+    failed(
+        &kiem(&["--config", "bad.toml", "tokenizer", "train"], dir),
+        &["bad.toml", "vocab_sise", "vocab-size"],
+    );
+    std::fs::write(dir.join("broken.toml"), "vocab_size = \n").unwrap();
+    failed(&kiem(&["--config", "broken.toml", "tokenizer", "train"], dir), &["broken.toml", "TOML"]);
+}
+
+#[test]
+fn every_command_explains_its_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    for command in [
+        vec!["--help"],
+        vec!["tokenizer", "train", "--help"],
+        vec!["tokenizer", "encode", "--help"],
+        vec!["tokenizer", "decode", "--help"],
+        vec!["tokenizer", "info", "--help"],
+        vec!["data", "prepare", "--help"],
+        vec!["data", "inspect", "--help"],
+        vec!["bench", "tokenizer", "--help"],
+    ] {
+        let help = ok(&kiem(&command, tmp.path()));
+        // Each flag line is followed by its explanation (clap prints "--flag <V>  text").
+        for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+            let explained = line.trim().split("  ").filter(|s| !s.trim().is_empty()).count() >= 2;
+            assert!(explained, "{command:?}: flag without explanation: {line:?}");
+        }
+    }
+}
