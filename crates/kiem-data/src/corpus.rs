@@ -201,11 +201,12 @@ impl RawRecord {
         let location = self.location;
         let text = match self.payload {
             Payload::Text(text) => text,
-            Payload::Json(bytes) => json_text(&bytes, text_field)
-                .map_err(|message| DataError::Record {
+            Payload::Json(bytes) => {
+                json_text(&bytes, text_field).map_err(|message| DataError::Record {
                     location: location.clone(),
                     message,
-                })?,
+                })?
+            }
             Payload::Bad(message) => return Err(DataError::Record { location, message }),
         };
         if text.is_empty() {
@@ -229,12 +230,8 @@ pub fn split_key(text: &str) -> u64 {
 }
 
 fn json_text(bytes: &[u8], field: &str) -> Result<String, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        format!(
-            "invalid UTF-8 at byte {} of the line",
-            e.valid_up_to() + 1
-        )
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("invalid UTF-8 at byte {} of the line", e.valid_up_to() + 1))?;
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
     let serde_json::Value::Object(mut object) = value else {
@@ -402,7 +399,9 @@ struct Counting<R> {
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.progress.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        self.progress
+            .bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -458,7 +457,11 @@ fn line_error(name: &Arc<Path>, line: u64, e: std::io::Error) -> ReadStop {
     ))
 }
 
-fn read_jsonl(mut reader: Box<dyn BufRead>, name: Arc<Path>, out: &mut Batcher) -> Result<(), ReadStop> {
+fn read_jsonl(
+    mut reader: Box<dyn BufRead>,
+    name: Arc<Path>,
+    out: &mut Batcher,
+) -> Result<(), ReadStop> {
     let mut line_no = 0u64;
     loop {
         let mut line = Vec::new();
@@ -493,7 +496,11 @@ fn text_payload(bytes: Vec<u8>, first_line: u64) -> (Payload, u64) {
         Ok(text) => (Payload::Text(text), first_line),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
-            let line = first_line + e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count() as u64;
+            let line = first_line
+                + e.as_bytes()[..valid]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count() as u64;
             (
                 Payload::Bad(format!(
                     "invalid UTF-8 (byte 0x{:02x}); the text must be UTF-8",
@@ -505,7 +512,11 @@ fn text_payload(bytes: Vec<u8>, first_line: u64) -> (Payload, u64) {
     }
 }
 
-fn read_blocks(mut reader: Box<dyn BufRead>, name: Arc<Path>, out: &mut Batcher) -> Result<(), ReadStop> {
+fn read_blocks(
+    mut reader: Box<dyn BufRead>,
+    name: Arc<Path>,
+    out: &mut Batcher,
+) -> Result<(), ReadStop> {
     let mut line_no = 0u64;
     let mut block: Vec<u8> = Vec::new();
     let mut block_start = 1u64;
@@ -547,9 +558,9 @@ fn read_blocks(mut reader: Box<dyn BufRead>, name: Arc<Path>, out: &mut Batcher)
 /// GPT-2 and GPT-4 pre-tokenizers never join `x\n` with the `y` that follows, nor let the lone
 /// `\n` run into the next piece, so no pre-token spans such a cut.
 pub fn safe_cut(bytes: &[u8]) -> Option<usize> {
-    (2..bytes.len())
-        .rev()
-        .find(|&p| bytes[p - 1] == b'\n' && bytes[p - 2].is_ascii_graphic() && bytes[p].is_ascii_graphic())
+    (2..bytes.len()).rev().find(|&p| {
+        bytes[p - 1] == b'\n' && bytes[p - 2].is_ascii_graphic() && bytes[p].is_ascii_graphic()
+    })
 }
 
 /// Splits `text` at [`safe_cut`] points into segments of roughly `target` bytes (a segment
@@ -564,8 +575,11 @@ pub fn segments(text: &str, target: usize) -> Vec<&str> {
         let cut = loop {
             let window_end = (probe_end + target).min(bytes.len());
             let window_start = probe_end.saturating_sub(2).max(start);
-            let found = (window_start + 2..window_end)
-                .find(|&p| bytes[p - 1] == b'\n' && bytes[p - 2].is_ascii_graphic() && bytes[p].is_ascii_graphic());
+            let found = (window_start + 2..window_end).find(|&p| {
+                bytes[p - 1] == b'\n'
+                    && bytes[p - 2].is_ascii_graphic()
+                    && bytes[p].is_ascii_graphic()
+            });
             if found.is_some() || window_end == bytes.len() {
                 break found;
             }
@@ -660,7 +674,10 @@ mod parquet {
     ) -> Result<(), ReadStop> {
         let path = &file.path;
         let parquet_err = |e: ::parquet::errors::ParquetError| {
-            ReadStop::Error(DataError::file(path, format!("not a readable Parquet file: {e}")))
+            ReadStop::Error(DataError::file(
+                path,
+                format!("not a readable Parquet file: {e}"),
+            ))
         };
         // Parquet needs random access: a compressed file is unpacked to a temporary file first.
         let (handle, _temp) = match file.compression {
@@ -680,7 +697,8 @@ mod parquet {
             .iter()
             .position(|c| c.path().string() == *field)
             .ok_or_else(|| {
-                let names: Vec<String> = schema.columns().iter().map(|c| c.path().string()).collect();
+                let names: Vec<String> =
+                    schema.columns().iter().map(|c| c.path().string()).collect();
                 DataError::file(
                     path,
                     format!(
@@ -700,8 +718,9 @@ mod parquet {
         let mut row = 0u64;
         for group in 0..row_groups {
             let group_reader = reader.get_row_group(group).map_err(parquet_err)?;
-            let ColumnReader::ByteArrayColumnReader(mut values_reader) =
-                group_reader.get_column_reader(column).map_err(parquet_err)?
+            let ColumnReader::ByteArrayColumnReader(mut values_reader) = group_reader
+                .get_column_reader(column)
+                .map_err(parquet_err)?
             else {
                 return Err(ReadStop::Error(DataError::file(
                     path,
@@ -896,8 +915,14 @@ mod tests {
         let f = |p: &str| detect_format(Path::new(p));
         assert_eq!(f("a.txt"), Some((InputFormat::Text, Compression::None)));
         assert_eq!(f("a.MD"), Some((InputFormat::Text, Compression::None)));
-        assert_eq!(f("a.jsonl.gz"), Some((InputFormat::Jsonl, Compression::Gzip)));
-        assert_eq!(f("a.parquet.zst"), Some((InputFormat::Parquet, Compression::Zstd)));
+        assert_eq!(
+            f("a.jsonl.gz"),
+            Some((InputFormat::Jsonl, Compression::Gzip))
+        );
+        assert_eq!(
+            f("a.parquet.zst"),
+            Some((InputFormat::Parquet, Compression::Zstd))
+        );
         assert_eq!(f("a.csv"), None);
         assert_eq!(f("a.gz"), None);
         assert_eq!(f("README"), None);
@@ -921,20 +946,37 @@ mod tests {
             let mut cut = 0;
             for part in &parts[..parts.len() - 1] {
                 cut += part.len();
-                assert!(safe_cut(&text.as_bytes()[cut - 2..=cut]).is_some(), "{part:?}");
+                assert!(
+                    safe_cut(&text.as_bytes()[cut - 2..=cut]).is_some(),
+                    "{part:?}"
+                );
             }
         }
-        assert_eq!(segments("no newlines at all", 4), vec!["no newlines at all"]);
+        assert_eq!(
+            segments("no newlines at all", 4),
+            vec!["no newlines at all"]
+        );
     }
 
     #[test]
     fn json_errors_say_what_is_wrong() {
         assert_eq!(json_text(br#"{"text":"hi"}"#, "text").unwrap(), "hi");
-        assert!(json_text(br#"{"text":"hi""#, "text").unwrap_err().contains("malformed JSON"));
+        assert!(json_text(br#"{"text":"hi""#, "text")
+            .unwrap_err()
+            .contains("malformed JSON"));
         let e = json_text(br#"{"body":"hi","id":1}"#, "text").unwrap_err();
-        assert!(e.contains("no field `text`") && e.contains("body, id"), "{e}");
-        assert!(json_text(br#"{"text":3}"#, "text").unwrap_err().contains("a number"));
-        assert!(json_text(br#"[1]"#, "text").unwrap_err().contains("an array"));
-        assert!(json_text(b"{\"text\":\"\xff\"}", "text").unwrap_err().contains("UTF-8"));
+        assert!(
+            e.contains("no field `text`") && e.contains("body, id"),
+            "{e}"
+        );
+        assert!(json_text(br#"{"text":3}"#, "text")
+            .unwrap_err()
+            .contains("a number"));
+        assert!(json_text(br#"[1]"#, "text")
+            .unwrap_err()
+            .contains("an array"));
+        assert!(json_text(b"{\"text\":\"\xff\"}", "text")
+            .unwrap_err()
+            .contains("UTF-8"));
     }
 }

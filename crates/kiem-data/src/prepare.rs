@@ -420,9 +420,10 @@ impl DataDir {
     /// The tokenizer stored with the data, checked against the manifest's hash.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let path = self.dir.join(TOKENIZER_FILE);
-        let tokenizer = Tokenizer::load(path.to_str().ok_or_else(|| {
-            DataError::file(&path, "path is not valid UTF-8")
-        })?)?;
+        let tokenizer = Tokenizer::load(
+            path.to_str()
+                .ok_or_else(|| DataError::file(&path, "path is not valid UTF-8"))?,
+        )?;
         if tokenizer.hash() != self.manifest.tokenizer.hash {
             return Err(DataError::file(
                 &path,

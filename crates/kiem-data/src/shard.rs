@@ -227,16 +227,26 @@ impl Shard {
         let width = match int(1) {
             1 => TokenWidth::U16,
             2 => TokenWidth::U32,
-            v => return Err(bad(format!("unsupported shard version {v} (expected 1 or 2)"))),
+            v => {
+                return Err(bad(format!(
+                    "unsupported shard version {v} (expected 1 or 2)"
+                )))
+            }
         };
         let tokens = int(2);
         if tokens < 0 {
-            return Err(bad(format!("corrupt header: negative token count {tokens}")));
+            return Err(bad(format!(
+                "corrupt header: negative token count {tokens}"
+            )));
         }
         let tokens = tokens as usize;
         let expected = HEADER_BYTES as u64 + (tokens * width.bytes()) as u64;
         if len != expected {
-            let what = if len < expected { "truncated" } else { "longer than its header says" };
+            let what = if len < expected {
+                "truncated"
+            } else {
+                "longer than its header says"
+            };
             return Err(bad(format!(
                 "shard is {what}: the header promises {tokens} tokens ({expected} bytes) but the \
                  file has {len} bytes"
@@ -268,20 +278,28 @@ impl Shard {
 
     /// The token at `index`. Panics when out of range.
     pub fn get(&self, index: usize) -> u32 {
-        assert!(index < self.tokens, "token {index} of a {}-token shard", self.tokens);
+        assert!(
+            index < self.tokens,
+            "token {index} of a {}-token shard",
+            self.tokens
+        );
         let data = &self.map[HEADER_BYTES..];
         match self.width {
             TokenWidth::U16 => u16::from_le_bytes([data[2 * index], data[2 * index + 1]]) as u32,
-            TokenWidth::U32 => u32::from_le_bytes(
-                data[4 * index..4 * index + 4].try_into().expect("4 bytes"),
-            ),
+            TokenWidth::U32 => {
+                u32::from_le_bytes(data[4 * index..4 * index + 4].try_into().expect("4 bytes"))
+            }
         }
     }
 
     /// Copies `out.len()` tokens starting at `start` into `out`. Panics when out of range.
     pub fn read_into(&self, start: usize, out: &mut [u32]) {
         let end = start + out.len();
-        assert!(end <= self.tokens, "tokens {start}..{end} of a {}-token shard", self.tokens);
+        assert!(
+            end <= self.tokens,
+            "tokens {start}..{end} of a {}-token shard",
+            self.tokens
+        );
         let w = self.width.bytes();
         let data = &self.map[HEADER_BYTES + start * w..HEADER_BYTES + end * w];
         match self.width {

@@ -29,14 +29,23 @@ fn options(inputs: Vec<PathBuf>, out: PathBuf) -> PrepareOptions {
 }
 
 fn run(tokenizer: &Tokenizer, options: &PrepareOptions) -> Result<PrepareReport, DataError> {
-    prepare(tokenizer, options, Arc::new(AtomicBool::new(false)), &mut |_| {})
+    prepare(
+        tokenizer,
+        options,
+        Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+    )
 }
 
 /// The documents stored in a split, decoded (each starts with BOS).
 fn documents(dir: &Path, split: &str) -> Vec<String> {
     let data = DataDir::open(dir).unwrap();
     let tokenizer = data.tokenizer().unwrap();
-    let shards = if split == "train" { &data.train } else { &data.val };
+    let shards = if split == "train" {
+        &data.train
+    } else {
+        &data.val
+    };
     let tokens: Vec<u32> = shards.iter().flat_map(Shard::to_vec).collect();
     let bos = tokenizer.bos_id();
     if tokens.is_empty() {
@@ -61,9 +70,8 @@ fn write_parquet(path: &Path, column: &str, rows: &[Option<&str>]) {
     use parquet::file::writer::SerializedFileWriter;
     use parquet::schema::parser::parse_message_type;
 
-    let schema = format!(
-        "message doc {{ OPTIONAL BYTE_ARRAY {column} (UTF8); REQUIRED INT32 id; }}"
-    );
+    let schema =
+        format!("message doc {{ OPTIONAL BYTE_ARRAY {column} (UTF8); REQUIRED INT32 id; }}");
     let schema = Arc::new(parse_message_type(&schema).unwrap());
     let props = Arc::new(
         WriterProperties::builder()
@@ -75,7 +83,11 @@ fn write_parquet(path: &Path, column: &str, rows: &[Option<&str>]) {
     let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
     for chunk in rows.chunks(2) {
         let mut group = writer.next_row_group().unwrap();
-        let values: Vec<ByteArray> = chunk.iter().flatten().map(|s| ByteArray::from(*s)).collect();
+        let values: Vec<ByteArray> = chunk
+            .iter()
+            .flatten()
+            .map(|s| ByteArray::from(*s))
+            .collect();
         let defs: Vec<i16> = chunk.iter().map(|r| i16::from(r.is_some())).collect();
         let mut col = group.next_column().unwrap().unwrap();
         col.typed::<ByteArrayType>()
@@ -106,7 +118,11 @@ fn every_input_format_round_trips() {
         "{\"text\":\"json one\",\"id\":1}\n\n{\"id\":2,\"text\":\"json two \u{e9}\"}\r\n",
     )
     .unwrap();
-    std::fs::write(nested.join("d.jsonl.gz"), gzip(b"{\"text\":\"gzipped json\"}\n")).unwrap();
+    std::fs::write(
+        nested.join("d.jsonl.gz"),
+        gzip(b"{\"text\":\"gzipped json\"}\n"),
+    )
+    .unwrap();
     std::fs::write(
         nested.join("e.txt.zst"),
         zstd::encode_all(&b"zstd text"[..], 3).unwrap(),
@@ -115,7 +131,11 @@ fn every_input_format_round_trips() {
     write_parquet(
         &nested.join("f.parquet"),
         "text",
-        &[Some("parquet row 0"), Some("parquet row 1"), Some("parquet row 2")],
+        &[
+            Some("parquet row 0"),
+            Some("parquet row 1"),
+            Some("parquet row 2"),
+        ],
     );
     let parquet_bytes = std::fs::read(nested.join("f.parquet")).unwrap();
     std::fs::write(nested.join("g.parquet.gz"), gzip(&parquet_bytes)).unwrap();
@@ -173,7 +193,10 @@ fn blank_lines_split_documents_and_validation_split_is_deterministic() {
     opts.corpus.split_on_blank_lines = true;
     opts.val_fraction = 0.25;
     opts.shard_tokens = 1000;
-    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
     let report = one_thread.install(|| run(gpt2(), &opts)).unwrap();
     let m = &report.manifest;
     assert_eq!(m.train.documents + m.val.documents, 400);
@@ -182,13 +205,19 @@ fn blank_lines_split_documents_and_validation_split_is_deterministic() {
     assert!(m.train.shards.len() > 3, "shards of 1000 tokens");
     let train = documents(&opts.out, "train");
     let val = documents(&opts.out, "val");
-    assert_eq!(train[0], "Paragraph 0 first line.\nParagraph 0 second line.\n");
+    assert_eq!(
+        train[0],
+        "Paragraph 0 first line.\nParagraph 0 second line.\n"
+    );
     assert!(val.iter().all(|d| !train.contains(d)));
 
     // Same bytes with more threads.
     let mut again = opts.clone();
     again.out = tmp.path().join("two");
-    let three_threads = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let three_threads = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
     three_threads.install(|| run(gpt2(), &again)).unwrap();
     for entry in std::fs::read_dir(&opts.out).unwrap() {
         let name = entry.unwrap().file_name();
@@ -223,7 +252,8 @@ fn long_documents_read_in_pieces_give_the_same_tokens() {
 
 #[test]
 fn parallel_segments_tokenize_exactly_on_real_text() {
-    let austen = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/corpora/austen.txt");
+    let austen =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/corpora/austen.txt");
     let text = match std::fs::read_to_string(&austen) {
         Ok(t) => t[..1_500_000].to_string(),
         // The shared data sits beside the repository in CI and on developer machines.
@@ -274,7 +304,10 @@ fn bad_records_are_errors_naming_file_and_line_or_skipped_and_counted() {
     skipping.skip_bad_records = true;
     let report = run(gpt2(), &skipping).unwrap();
     assert_eq!(report.bad.count, 3);
-    assert!(report.bad.examples[1].contains("chat.jsonl:3") && report.bad.examples[1].contains("no field `text`"));
+    assert!(
+        report.bad.examples[1].contains("chat.jsonl:3")
+            && report.bad.examples[1].contains("no field `text`")
+    );
     assert!(report.bad.examples[2].contains("is a number"));
     assert_eq!(report.manifest.skipped_records, 3);
     assert_eq!(documents(&out, "train"), vec!["fine", "also fine"]);
@@ -282,7 +315,10 @@ fn bad_records_are_errors_naming_file_and_line_or_skipped_and_counted() {
     // Invalid UTF-8 in a text file names the line.
     let txt = tmp.path().join("latin1.txt");
     std::fs::write(&txt, b"ok line\nsecond line\ncaf\xe9\n").unwrap();
-    expect_error(&options(vec![txt], tmp.path().join("o2")), &["latin1.txt:3", "UTF-8"]);
+    expect_error(
+        &options(vec![txt], tmp.path().join("o2")),
+        &["latin1.txt:3", "UTF-8"],
+    );
 
     // A Parquet file without the column lists the columns it has; a null value names its row.
     let pq = tmp.path().join("rows.parquet");
@@ -298,7 +334,10 @@ fn bad_records_are_errors_naming_file_and_line_or_skipped_and_counted() {
     // A file that is not Parquet at all.
     let fake = tmp.path().join("fake.parquet");
     std::fs::write(&fake, "not parquet").unwrap();
-    expect_error(&options(vec![fake], tmp.path().join("o5")), &["fake.parquet", "Parquet"]);
+    expect_error(
+        &options(vec![fake], tmp.path().join("o5")),
+        &["fake.parquet", "Parquet"],
+    );
 }
 
 #[test]
@@ -306,11 +345,17 @@ fn empty_or_unusable_inputs_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "\n\n").unwrap();
-    expect_error(&options(vec![empty], tmp.path().join("o1")), &["empty corpus"]);
+    expect_error(
+        &options(vec![empty], tmp.path().join("o1")),
+        &["empty corpus"],
+    );
 
     let csv = tmp.path().join("table.csv");
     std::fs::write(&csv, "a,b").unwrap();
-    expect_error(&options(vec![csv], tmp.path().join("o2")), &["table.csv", "unsupported"]);
+    expect_error(
+        &options(vec![csv], tmp.path().join("o2")),
+        &["table.csv", "unsupported"],
+    );
 
     expect_error(
         &options(vec![tmp.path().join("missing.txt")], tmp.path().join("o3")),
@@ -350,7 +395,10 @@ fn data_dir_detects_tampering() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 2]).unwrap();
     let err = DataDir::open(&out).unwrap_err().to_string();
-    assert!(err.contains("train_000000.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("train_000000.bin") && err.contains("truncated"),
+        "{err}"
+    );
     std::fs::write(&shard, &bytes).unwrap();
 
     let other = kiem_tokenizer::train(
@@ -363,7 +411,11 @@ fn data_dir_detects_tampering() {
     )
     .unwrap();
     other.save(&out.join("tokenizer.json")).unwrap();
-    let err = DataDir::open(&out).unwrap().tokenizer().unwrap_err().to_string();
+    let err = DataDir::open(&out)
+        .unwrap()
+        .tokenizer()
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not match"), "{err}");
 
     let err = DataDir::open(tmp.path()).unwrap_err().to_string();

@@ -51,7 +51,9 @@ pub const MAX_VOCAB_SIZE: usize = 131_072;
 pub enum TokenizerError {
     #[error("cannot read tokenizer {path}: {message}")]
     Load { path: PathBuf, message: String },
-    #[error("tokenizer {path} has no beginning-of-document token (expected {BOS} or {GPT2_ENDOFTEXT})")]
+    #[error(
+        "tokenizer {path} has no beginning-of-document token (expected {BOS} or {GPT2_ENDOFTEXT})"
+    )]
     NoBos { path: PathBuf },
     #[error("vocabulary size {0} is out of range: choose {MIN_VOCAB_SIZE}..={MAX_VOCAB_SIZE}")]
     VocabSize(usize),
@@ -155,10 +157,11 @@ impl Tokenizer {
             other => PathBuf::from(other.to_string()),
         };
         let mut hf: tokenizers::Tokenizer =
-            json.parse().map_err(|e: tokenizers::Error| TokenizerError::Load {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            json.parse()
+                .map_err(|e: tokenizers::Error| TokenizerError::Load {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
         // Text is data: a document that spells `<|bos|>` must not inject a control token.
         hf.set_encode_special_tokens(true);
         let bos_id = hf

@@ -111,7 +111,10 @@ fn trained_tokenizer_has_fixed_specials_and_round_trips() {
     assert_eq!(tok.bos_id(), 0);
     for text in corpus().iter().take(3) {
         let ids = tok.encode(text);
-        assert!(ids.len() < text.len() / 2, "merges compress the training text");
+        assert!(
+            ids.len() < text.len() / 2,
+            "merges compress the training text"
+        );
         assert_eq!(tok.decode(&ids).unwrap(), *text);
     }
     // Special-token text in a document stays text.
@@ -163,7 +166,10 @@ fn vocab_size_out_of_range_is_an_error() {
 #[test]
 fn load_errors_name_the_file() {
     let err = Tokenizer::load("/nonexistent/tokenizer.json").unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/tokenizer.json"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/tokenizer.json"),
+        "{err}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.json");
     std::fs::write(&path, "{not json").unwrap();
@@ -179,7 +185,7 @@ proptest! {
         let gpt2 = gpt2();
         let ids = gpt2.encode(&text);
         prop_assert_eq!(gpt2.decode(&ids).unwrap(), text.clone());
-        prop_assert_eq!(generic_encode(&gpt2, &text), ids);
+        prop_assert_eq!(generic_encode(gpt2, &text), ids);
     }
 
     #[test]
@@ -187,7 +193,7 @@ proptest! {
         let gpt2 = gpt2();
         let ids = gpt2.encode(&text);
         prop_assert_eq!(gpt2.decode(&ids).unwrap(), text.clone());
-        prop_assert_eq!(generic_encode(&gpt2, &text), ids);
+        prop_assert_eq!(generic_encode(gpt2, &text), ids);
     }
 
     #[test]

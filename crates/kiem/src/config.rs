@@ -65,7 +65,10 @@ pub fn apply_config_file(root: &Command, argv: Vec<OsString>) -> Result<Vec<OsSt
         let name = key.replace('_', "-");
         let where_ = || format!("config file {}, key `{key}`", config_path.display());
         if name == "config" {
-            bail!("{}: a config file cannot name another config file", where_());
+            bail!(
+                "{}: a config file cannot name another config file",
+                where_()
+            );
         }
         let Some(arg) = command
             .get_arguments()
@@ -82,7 +85,7 @@ pub fn apply_config_file(root: &Command, argv: Vec<OsString>) -> Result<Vec<OsSt
                 known.join(", ")
             );
         };
-        if given_on_command_line.iter().any(|g| *g == name) {
+        if given_on_command_line.contains(&name) {
             continue;
         }
         let flag = format!("--{name}");
@@ -98,7 +101,10 @@ pub fn apply_config_file(root: &Command, argv: Vec<OsString>) -> Result<Vec<OsSt
                     injected.push(OsString::from(format!("{flag}={}", scalar(item, &where_)?)));
                 }
             }
-            (_, value) => injected.push(OsString::from(format!("{flag}={}", scalar(value, &where_)?))),
+            (_, value) => injected.push(OsString::from(format!(
+                "{flag}={}",
+                scalar(value, &where_)?
+            ))),
         }
     }
     let mut out = argv;
@@ -112,7 +118,11 @@ fn scalar(value: &toml::Value, where_: &dyn Fn() -> String) -> Result<String> {
         toml::Value::Integer(i) => i.to_string(),
         toml::Value::Float(f) => f.to_string(),
         toml::Value::Boolean(b) => b.to_string(),
-        other => bail!("{}: expected a string, number or boolean, found {}", where_(), other.type_str()),
+        other => bail!(
+            "{}: expected a string, number or boolean, found {}",
+            where_(),
+            other.type_str()
+        ),
     })
 }
 

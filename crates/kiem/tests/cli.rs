@@ -25,7 +25,10 @@ fn failed(output: &Output, needles: &[&str]) -> String {
     assert!(!output.status.success(), "expected failure");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     for needle in needles {
-        assert!(stderr.contains(needle), "stderr {stderr:?} lacks {needle:?}");
+        assert!(
+            stderr.contains(needle),
+            "stderr {stderr:?} lacks {needle:?}"
+        );
     }
     stderr
 }
@@ -48,23 +51,57 @@ fn train_encode_decode_round_trip() {
     let dir = tmp.path();
     corpus(dir);
     let out = ok(&kiem(
-        &["tokenizer", "train", "--input", "corpus.jsonl", "--vocab-size", "400", "--out", "tok/tokenizer.json"],
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "corpus.jsonl",
+            "--vocab-size",
+            "400",
+            "--out",
+            "tok/tokenizer.json",
+        ],
         dir,
     ));
     assert!(out.contains("400-token tokenizer"), "{out}");
     let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "tok"], dir));
-    assert!(info.contains("vocab size:  400") && info.contains("0=<|bos|>"), "{info}");
+    assert!(
+        info.contains("vocab size:  400") && info.contains("0=<|bos|>"),
+        "{info}"
+    );
 
     let text = "Customer 7 asked: is the café open?\n";
     for tokenizer in ["tok/tokenizer.json", "gpt2"] {
-        let ids = ok(&kiem(&["tokenizer", "encode", "--tokenizer", tokenizer, "--text", text], dir));
-        let decoded = ok(&kiem(&["tokenizer", "decode", "--tokenizer", tokenizer, ids.trim()], dir));
+        let ids = ok(&kiem(
+            &[
+                "tokenizer",
+                "encode",
+                "--tokenizer",
+                tokenizer,
+                "--text",
+                text,
+            ],
+            dir,
+        ));
+        let decoded = ok(&kiem(
+            &["tokenizer", "decode", "--tokenizer", tokenizer, ids.trim()],
+            dir,
+        ));
         assert_eq!(decoded, text);
     }
     // The tokenizer refuses to overwrite its output unless asked.
     failed(
         &kiem(
-            &["tokenizer", "train", "--input", "corpus.jsonl", "--vocab-size", "300", "--out", "tok/tokenizer.json"],
+            &[
+                "tokenizer",
+                "train",
+                "--input",
+                "corpus.jsonl",
+                "--vocab-size",
+                "300",
+                "--out",
+                "tok/tokenizer.json",
+            ],
             dir,
         ),
         &["already exists", "--overwrite"],
@@ -78,35 +115,99 @@ fn bad_flags_and_inputs_fail_clearly() {
     corpus(dir);
     failed(
         &kiem(
-            &["tokenizer", "train", "--input", "corpus.jsonl", "--vocab-size", "100", "--out", "t.json"],
+            &[
+                "tokenizer",
+                "train",
+                "--input",
+                "corpus.jsonl",
+                "--vocab-size",
+                "100",
+                "--out",
+                "t.json",
+            ],
             dir,
         ),
         &["--vocab-size 100", "256"],
     );
     assert!(!dir.join("t.json").exists());
 
-    std::fs::write(dir.join("broken.jsonl"), "{\"text\":\"ok\"}\n{\"text\":\"unterminated}\n").unwrap();
+    std::fs::write(
+        dir.join("broken.jsonl"),
+        "{\"text\":\"ok\"}\n{\"text\":\"unterminated}\n",
+    )
+    .unwrap();
     failed(
-        &kiem(&["data", "prepare", "--input", "broken.jsonl", "--tokenizer", "gpt2", "--out", "data"], dir),
+        &kiem(
+            &[
+                "data",
+                "prepare",
+                "--input",
+                "broken.jsonl",
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                "data",
+            ],
+            dir,
+        ),
         &["broken.jsonl:2", "malformed JSON"],
     );
     assert!(!dir.join("data").exists());
     let out = kiem(
-        &["data", "prepare", "--input", "broken.jsonl", "--tokenizer", "gpt2", "--out", "data", "--skip-bad-records"],
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "broken.jsonl",
+            "--tokenizer",
+            "gpt2",
+            "--out",
+            "data",
+            "--skip-bad-records",
+        ],
         dir,
     );
     ok(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 1 bad record"));
 
     failed(
-        &kiem(&["data", "prepare", "--input", "corpus.jsonl", "--tokenizer", "nope.json", "--out", "d2"], dir),
+        &kiem(
+            &[
+                "data",
+                "prepare",
+                "--input",
+                "corpus.jsonl",
+                "--tokenizer",
+                "nope.json",
+                "--out",
+                "d2",
+            ],
+            dir,
+        ),
         &["nope.json"],
     );
     failed(
-        &kiem(&["data", "prepare", "--input", "corpus.jsonl", "--tokenizer", "gpt2", "--out", "d3", "--threads", "0"], dir),
+        &kiem(
+            &[
+                "data",
+                "prepare",
+                "--input",
+                "corpus.jsonl",
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                "d3",
+                "--threads",
+                "0",
+            ],
+            dir,
+        ),
         &["--threads 0"],
     );
-    failed(&kiem(&["data", "inspect", "corpus.jsonl"], dir), &["corpus.jsonl"]);
+    failed(
+        &kiem(&["data", "inspect", "corpus.jsonl"], dir),
+        &["corpus.jsonl"],
+    );
 }
 
 #[test]
@@ -115,14 +216,35 @@ fn prepare_then_inspect() {
     let dir = tmp.path();
     corpus(dir);
     let out = ok(&kiem(
-        &["data", "prepare", "--input", "corpus.jsonl", "--tokenizer", "gpt2", "--out", "data", "--val-fraction", "0.2"],
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "corpus.jsonl",
+            "--tokenizer",
+            "gpt2",
+            "--out",
+            "data",
+            "--val-fraction",
+            "0.2",
+        ],
         dir,
     ));
     assert!(out.contains("prepared 200 documents"), "{out}");
     let inspect = ok(&kiem(&["data", "inspect", "data"], dir));
     assert!(inspect.contains("is valid"), "{inspect}");
     // The data directory carries its tokenizer, usable wherever a tokenizer is taken.
-    let ids = ok(&kiem(&["tokenizer", "encode", "--tokenizer", "data", "--text", "hello"], dir));
+    let ids = ok(&kiem(
+        &[
+            "tokenizer",
+            "encode",
+            "--tokenizer",
+            "data",
+            "--text",
+            "hello",
+        ],
+        dir,
+    ));
     assert_eq!(ids.trim(), "[31373]");
 }
 
@@ -137,14 +259,29 @@ fn config_file_supplies_flags_and_command_line_wins() {
     )
     .unwrap();
     ok(&kiem(&["--config", "run.toml", "tokenizer", "train"], dir));
-    let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "from-config.json"], dir));
+    let info = ok(&kiem(
+        &["tokenizer", "info", "--tokenizer", "from-config.json"],
+        dir,
+    ));
     assert!(info.contains("vocab size:  300"), "{info}");
 
     ok(&kiem(
-        &["tokenizer", "train", "--config", "run.toml", "--vocab-size", "320", "--out", "flag.json"],
+        &[
+            "tokenizer",
+            "train",
+            "--config",
+            "run.toml",
+            "--vocab-size",
+            "320",
+            "--out",
+            "flag.json",
+        ],
         dir,
     ));
-    let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "flag.json"], dir));
+    let info = ok(&kiem(
+        &["tokenizer", "info", "--tokenizer", "flag.json"],
+        dir,
+    ));
     assert!(info.contains("vocab size:  320"), "{info}");
 
     std::fs::write(dir.join("bad.toml"), "vocab_sise = 300\n").unwrap();
@@ -153,7 +290,10 @@ fn config_file_supplies_flags_and_command_line_wins() {
         &["bad.toml", "vocab_sise", "vocab-size"],
     );
     std::fs::write(dir.join("broken.toml"), "vocab_size = \n").unwrap();
-    failed(&kiem(&["--config", "broken.toml", "tokenizer", "train"], dir), &["broken.toml", "TOML"]);
+    failed(
+        &kiem(&["--config", "broken.toml", "tokenizer", "train"], dir),
+        &["broken.toml", "TOML"],
+    );
 }
 
 #[test]
@@ -172,7 +312,12 @@ fn every_command_explains_its_flags() {
         let help = ok(&kiem(&command, tmp.path()));
         // Each flag line is followed by its explanation (clap prints "--flag <V>  text").
         for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
-            let explained = line.trim().split("  ").filter(|s| !s.trim().is_empty()).count() >= 2;
+            let explained = line
+                .trim()
+                .split("  ")
+                .filter(|s| !s.trim().is_empty())
+                .count()
+                >= 2;
             assert!(explained, "{command:?}: flag without explanation: {line:?}");
         }
     }

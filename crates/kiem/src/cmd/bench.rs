@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiem_data::corpus::CorpusOptions;
 use kiem_data::prepare::{prepare, PrepareOptions};
-use kiem_tokenizer::{TrainOptions, Tokenizer};
+use kiem_tokenizer::{Tokenizer, TrainOptions};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -172,7 +172,10 @@ fn tokenizer(args: TokenizerBenchArgs) -> Result<()> {
         let cancel = Arc::new(AtomicBool::new(false));
         let report = pool(n)?.install(|| prepare(&gpt2, &options, cancel, &mut |_| {}))?;
         let m = &report.manifest;
-        Ok(mb_per_s(m.train.bytes + m.val.bytes, report.elapsed.as_secs_f64()))
+        Ok(mb_per_s(
+            m.train.bytes + m.val.bytes,
+            report.elapsed.as_secs_f64(),
+        ))
     };
     let prepare_single = prepare_with(1, "one")?;
     let prepare_all = prepare_with(threads, "all")?;
@@ -202,7 +205,10 @@ fn tokenizer(args: TokenizerBenchArgs) -> Result<()> {
             r.bytes as f64 / 1e6,
             r.gpt2_tokens
         );
-        println!("GPT-2 encode, 1 thread:          {:8.2} MB/s", r.gpt2_encode_1_thread_mb_s);
+        println!(
+            "GPT-2 encode, 1 thread:          {:8.2} MB/s",
+            r.gpt2_encode_1_thread_mb_s
+        );
         println!(
             "GPT-2 encode, {} threads:         {:8.2} MB/s",
             r.threads, r.gpt2_encode_all_threads_mb_s
@@ -211,8 +217,14 @@ fn tokenizer(args: TokenizerBenchArgs) -> Result<()> {
             "BPE training to {} tokens:     {:8.2} s",
             r.trained_vocab, r.bpe_train_seconds
         );
-        println!("trained encode, 1 thread:        {:8.2} MB/s", r.trained_encode_1_thread_mb_s);
-        println!("data prepare (gpt2), 1 thread:   {:8.2} MB/s", r.prepare_1_thread_mb_s);
+        println!(
+            "trained encode, 1 thread:        {:8.2} MB/s",
+            r.trained_encode_1_thread_mb_s
+        );
+        println!(
+            "data prepare (gpt2), 1 thread:   {:8.2} MB/s",
+            r.prepare_1_thread_mb_s
+        );
         println!(
             "data prepare (gpt2), {} threads:  {:8.2} MB/s ({:.2}x)",
             r.threads,

@@ -13,7 +13,9 @@ static CANCEL: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 /// Set by the first Ctrl-C; long work polls it, cleans up and exits. A second Ctrl-C exits at
 /// once.
 pub fn cancel_flag() -> Arc<AtomicBool> {
-    CANCEL.get_or_init(|| Arc::new(AtomicBool::new(false))).clone()
+    CANCEL
+        .get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone()
 }
 
 pub fn interrupted() -> bool {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiem_data::corpus::{discover_inputs, DocumentStream};
-use kiem_tokenizer::{TrainOptions, Tokenizer, SPECIAL_TOKENS};
+use kiem_tokenizer::{Tokenizer, TrainOptions, SPECIAL_TOKENS};
 
 use super::{cancel_flag, report_bad_records, CorpusArgs};
 use crate::progress;
@@ -131,7 +131,10 @@ fn train(args: TrainArgs) -> Result<()> {
         );
     }
     if args.out.is_dir() {
-        bail!("--out {} is a directory; give a file name such as tokenizer.json", args.out.display());
+        bail!(
+            "--out {} is a directory; give a file name such as tokenizer.json",
+            args.out.display()
+        );
     }
     let started = Instant::now();
     let discovered = discover_inputs(&args.corpus.inputs)?;
@@ -152,7 +155,11 @@ fn train(args: TrainArgs) -> Result<()> {
         let read = read.clone();
         move || bar.set_position(read.bytes_read.load(Ordering::Relaxed))
     };
-    let max_bytes = if args.max_bytes == 0 { u64::MAX } else { args.max_bytes };
+    let max_bytes = if args.max_bytes == 0 {
+        u64::MAX
+    } else {
+        args.max_bytes
+    };
     let mut taken = 0u64;
     let mut texts = 0u64;
     let documents = stream.by_ref().take_while(|text| {

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: Rust tests of the whole workspace, including the checks that run the Python
+# `tokenizers` package against kiem's output (installed into .venv on first use).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! .venv/bin/python -c "import tokenizers, tiktoken" 2>/dev/null; then
+  echo "setting up .venv with requirements-dev.txt ..."
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+fi
+export KIEM_PYTHON="$PWD/.venv/bin/python"
+cargo test --workspace --locked "$@"
