@@ -9,6 +9,7 @@
 //! Byte-level BPE tokenizers are trained with [`train`]; their special tokens (documents and
 //! chat roles) sit at fixed ids `0..SPECIAL_TOKENS.len()` whatever the vocabulary size.
 
+mod bpe;
 mod gpt2;
 mod train;
 
@@ -96,8 +97,9 @@ impl std::fmt::Display for TokenizerSource {
 /// A loaded tokenizer. Cheap to share across threads (`&Tokenizer` is `Sync`).
 pub struct Tokenizer {
     hf: tokenizers::Tokenizer,
-    /// Fast encoder with ids identical to `hf`, when one exists (GPT-2).
-    tiktoken: Option<&'static tiktoken_rs::CoreBPE>,
+    /// Fast encoder with ids identical to `hf`, for byte-level BPE with the GPT-2 or GPT-4
+    /// pre-tokenizer (everything kiem trains or ships).
+    fast: Option<bpe::FastBpe>,
     source: TokenizerSource,
     bos_id: u32,
     json: String,
@@ -145,10 +147,8 @@ impl Tokenizer {
     /// The original GPT-2 tokenizer (`r50k_base`), built from embedded files: no network.
     pub fn gpt2() -> Self {
         let json = gpt2::tokenizer_json();
-        let mut tokenizer = Self::from_json(json.to_string(), TokenizerSource::Gpt2)
-            .expect("the embedded GPT-2 tokenizer is valid");
-        tokenizer.tiktoken = Some(tiktoken_rs::r50k_base_singleton());
-        tokenizer
+        Self::from_json(json.to_string(), TokenizerSource::Gpt2)
+            .expect("the embedded GPT-2 tokenizer is valid")
     }
 
     pub(crate) fn from_json(json: String, source: TokenizerSource) -> Result<Self> {
@@ -192,9 +192,12 @@ impl Tokenizer {
                 })
                 .collect()
         });
+        let fast = serde_json::from_str(&json)
+            .ok()
+            .and_then(|value| bpe::FastBpe::from_json(&value));
         Ok(Self {
             hf,
-            tiktoken: None,
+            fast,
             source,
             bos_id,
             json,
@@ -206,8 +209,8 @@ impl Tokenizer {
 
     /// Encodes text to ids. Special-token strings inside `text` are encoded as ordinary text.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        if let Some(fast) = self.tiktoken {
-            return fast.encode_ordinary(text);
+        if let Some(fast) = &self.fast {
+            return fast.encode(text);
         }
         match self.hf.encode_fast(text, false) {
             Ok(encoding) => encoding.get_ids().to_vec(),

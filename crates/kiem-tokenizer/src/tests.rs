@@ -60,6 +60,38 @@ fn gpt2_passes_every_r50k_test_plan() {
 }
 
 #[test]
+fn fast_encoder_serves_kiem_tokenizers_and_matches_on_long_pieces() {
+    let trained = train(
+        corpus().into_iter(),
+        &TrainOptions {
+            vocab_size: 400,
+            min_frequency: 0,
+            show_progress: false,
+        },
+    )
+    .unwrap();
+    for tok in [gpt2(), &trained] {
+        assert!(
+            tok.fast.is_some(),
+            "{:?} should use the fast encoder",
+            tok.source()
+        );
+        // Pieces longer than the small-merge limit take the heap path.
+        for text in [
+            "a".repeat(200),
+            "1234567890".repeat(30),
+            format!("x{}y", "ab".repeat(100)),
+            "!?".repeat(120),
+            format!("{}word", " ".repeat(150)),
+            "documentdocument".repeat(9) + " quick brown fox",
+            "é🦀".repeat(40),
+        ] {
+            assert_eq!(tok.encode(&text), generic_encode(tok, &text), "{text:?}");
+        }
+    }
+}
+
+#[test]
 fn gpt2_shape() {
     let gpt2 = Tokenizer::gpt2();
     assert_eq!(gpt2.vocab_size(), 50257);
@@ -204,6 +236,7 @@ proptest! {
             train(corpus().into_iter(), &options).unwrap()
         });
         let ids = tok.encode(&text);
+        prop_assert_eq!(generic_encode(tok, &text), ids.clone());
         prop_assert_eq!(tok.decode(&ids).unwrap(), text);
     }
 }
