@@ -1,0 +1,519 @@
+//! The operations a GPT needs, forward and backward, behind one trait ([`Kernels`]).
+//!
+//! [`Cpu`] is the reference implementation: fused loops parallel over a rayon pool, matmuls
+//! through `gemm`. Every parallel loop writes disjoint outputs, and every reduction across rows
+//! sums fixed-size chunks in a fixed order, so results are bit-identical from run to run for a
+//! given thread count (exact resume depends on this). The trait works on host slices today; a
+//! CUDA implementation will bring its own buffer type behind the same operations.
+
+use rayon::prelude::*;
+
+/// How a weight matrix is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[in, out]` (Hugging Face GPT-2 `Conv1D`).
+    InOut,
+    /// `[out, in]` (the token embedding used as the output head).
+    OutIn,
+}
+
+/// Sizes of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub batch: usize,
+    pub seq: usize,
+    pub channels: usize,
+    pub heads: usize,
+}
+
+impl Dims {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+pub const LAYERNORM_EPS: f32 = 1e-5;
+
+/// The operations of a GPT-2 forward and backward pass and of AdamW.
+///
+/// Conventions: `d*` outputs of backward passes accumulate (`+=`) into parameter gradients and
+/// into `dinp` where noted; activations are row-major `[rows, width]`.
+pub trait Kernels: Sync {
+    /// `out[b,t] = wte[token] + wpe[t]`.
+    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], d: Dims);
+    /// Accumulates into `dwte` and `dwpe`.
+    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], d: Dims);
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize);
+    /// `dinp +=`, `dw +=`, `db +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(&self, dinp: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize);
+    /// `out[rows, c_out] = inp[rows, c_in] · W (+ bias)`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, c_in: usize, c_out: usize);
+    /// `dinp +=`, `dw +=`, `dbias +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(&self, dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], layout: WeightLayout, c_in: usize, c_out: usize);
+    /// Causal multi-head attention over `qkv[rows, 3C]`; keeps the probabilities `att[B,H,T,T]`.
+    fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims);
+    /// Overwrites `dqkv`.
+    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], d: Dims);
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
+    /// Overwrites `dinp`.
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]);
+    fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]);
+    /// Softmax cross-entropy over the first `vocab` of each row of `logits[rows, padded]`.
+    /// Writes each row's loss (0 where `targets[i]` is `None`). With `grad_scale`, overwrites
+    /// `logits` with `d(loss · grad_scale)/d(logits)` (0 for ignored rows and padding).
+    fn cross_entropy(&self, logits: &mut [f32], losses: &mut [f32], targets: &[Option<u32>], vocab: usize, padded: usize, grad_scale: Option<f32>);
+    /// Sum of squares, accumulated in f64.
+    fn sum_squares(&self, x: &[f32]) -> f64;
+    fn scale(&self, x: &mut [f32], factor: f32);
+    /// One AdamW step over a contiguous range of parameters.
+    fn adamw(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW);
+}
+
+/// AdamW hyper-parameters for one update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (0 for tensors that are not decayed).
+    pub weight_decay: f32,
+    /// 1-based step, for bias correction.
+    pub step: u64,
+}
+
+/// The CPU reference kernels.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Cpu;
+
+/// Rows per chunk in deterministic row reductions.
+const REDUCE_ROWS: usize = 32;
+/// Elements per chunk in element-wise parallel loops.
+const ELEMENTS: usize = 1 << 14;
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    let extent = |rows: usize, cols: usize, (rs, cs): (usize, usize)| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= extent(m, n, dst_strides), "gemm dst too small");
+    assert!(lhs.len() >= extent(m, k, lhs_strides), "gemm lhs too small");
+    assert!(rhs.len() >= extent(k, n, rhs_strides), "gemm rhs too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every access inside the slices; dst does not alias the
+    // inputs (it is a distinct &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// Sums per-row contributions into `acc[width]` deterministically: rows are grouped in fixed
+/// chunks, each chunk summed in order on some thread, then chunks summed in order.
+fn reduce_rows(rows: usize, width: usize, acc: &mut [f32], row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+    let chunks = rows.div_ceil(REDUCE_ROWS);
+    let mut partial = vec![0f32; chunks * width];
+    partial
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(chunk, part)| {
+            let end = ((chunk + 1) * REDUCE_ROWS).min(rows);
+            for row in chunk * REDUCE_ROWS..end {
+                row_fn(row, part);
+            }
+        });
+    for part in partial.chunks(width) {
+        for (a, p) in acc.iter_mut().zip(part) {
+            *a += p;
+        }
+    }
+}
+
+const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
+
+impl Kernels for Cpu {
+    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], d: Dims) {
+        let c = d.channels;
+        out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
+            let t = row % d.seq;
+            let tok = tokens[row] as usize;
+            let e = &wte[tok * c..(tok + 1) * c];
+            let p = &wpe[t * c..(t + 1) * c];
+            for i in 0..c {
+                o[i] = e[i] + p[i];
+            }
+        });
+    }
+
+    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], d: Dims) {
+        let c = d.channels;
+        // Rows of dwpe are owned by position; rows of dwte are scattered, so go serially in
+        // row order (cheap next to the matmuls) to stay deterministic.
+        dwpe.par_chunks_mut(c).enumerate().take(d.seq).for_each(|(t, dp)| {
+            for b in 0..d.batch {
+                let g = &dout[(b * d.seq + t) * c..(b * d.seq + t + 1) * c];
+                for i in 0..c {
+                    dp[i] += g[i];
+                }
+            }
+        });
+        for (row, &tok) in tokens.iter().enumerate().take(d.rows()) {
+            let g = &dout[row * c..(row + 1) * c];
+            let dw = &mut dwte[tok as usize * c..(tok as usize + 1) * c];
+            for i in 0..c {
+                dw[i] += g[i];
+            }
+        }
+    }
+
+    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize) {
+        out.par_chunks_mut(c)
+            .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+            .enumerate()
+            .for_each(|(row, (o, (m, r)))| {
+                let x = &inp[row * c..(row + 1) * c];
+                let mu = x.iter().sum::<f32>() / c as f32;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                let s = 1.0 / (var + LAYERNORM_EPS).sqrt();
+                for i in 0..c {
+                    o[i] = (x[i] - mu) * s * w[i] + b[i];
+                }
+                *m = mu;
+                *r = s;
+            });
+    }
+
+    fn layernorm_backward(&self, dinp: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+        let rows = mean.len();
+        dinp.par_chunks_mut(c).enumerate().for_each(|(row, di)| {
+            let x = &inp[row * c..(row + 1) * c];
+            let g = &dout[row * c..(row + 1) * c];
+            let (mu, s) = (mean[row], rstd[row]);
+            let mut dnorm_mean = 0.0f32;
+            let mut dnorm_norm_mean = 0.0f32;
+            for i in 0..c {
+                let norm = (x[i] - mu) * s;
+                let dnorm = w[i] * g[i];
+                dnorm_mean += dnorm;
+                dnorm_norm_mean += dnorm * norm;
+            }
+            dnorm_mean /= c as f32;
+            dnorm_norm_mean /= c as f32;
+            for i in 0..c {
+                let norm = (x[i] - mu) * s;
+                let dnorm = w[i] * g[i];
+                di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+            }
+        });
+        let mut dwb = vec![0f32; 2 * c];
+        reduce_rows(rows, 2 * c, &mut dwb, |row, acc| {
+            let x = &inp[row * c..(row + 1) * c];
+            let g = &dout[row * c..(row + 1) * c];
+            let (mu, s) = (mean[row], rstd[row]);
+            let (aw, ab) = acc.split_at_mut(c);
+            for i in 0..c {
+                aw[i] += (x[i] - mu) * s * g[i];
+                ab[i] += g[i];
+            }
+        });
+        for i in 0..c {
+            dw[i] += dwb[i];
+            db[i] += dwb[c + i];
+        }
+    }
+
+    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+        let rows = inp.len() / c_in;
+        if let Some(bias) = bias {
+            out.par_chunks_mut(c_out).for_each(|o| o.copy_from_slice(bias));
+        }
+        let w_strides = match layout {
+            WeightLayout::InOut => (c_out, 1),
+            WeightLayout::OutIn => (1, c_in),
+        };
+        gemm_f32(rows, c_out, c_in, out, (c_out, 1), bias.is_some(), inp, (c_in, 1), w, w_strides);
+    }
+
+    fn matmul_backward(&self, dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], layout: WeightLayout, c_in: usize, c_out: usize) {
+        let rows = inp.len() / c_in;
+        // dinp[rows, in] += dout[rows, out] · Wᵀ
+        let wt_strides = match layout {
+            WeightLayout::InOut => (1, c_out),
+            WeightLayout::OutIn => (c_in, 1),
+        };
+        gemm_f32(rows, c_in, c_out, dinp, (c_in, 1), true, dout, (c_out, 1), w, wt_strides);
+        match layout {
+            // dW[in, out] += inpᵀ · dout
+            WeightLayout::InOut => gemm_f32(c_in, c_out, rows, dw, (c_out, 1), true, inp, (1, c_in), dout, (c_out, 1)),
+            // dW[out, in] += doutᵀ · inp
+            WeightLayout::OutIn => gemm_f32(c_out, c_in, rows, dw, (c_in, 1), true, dout, (1, c_out), inp, (c_in, 1)),
+        }
+        if let Some(dbias) = dbias {
+            reduce_rows(rows, c_out, dbias, |row, acc| {
+                for (a, g) in acc.iter_mut().zip(&dout[row * c_out..(row + 1) * c_out]) {
+                    *a += g;
+                }
+            });
+        }
+    }
+
+    fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims) {
+        let (t_len, c, nh) = (d.seq, d.channels, d.heads);
+        let hs = c / nh;
+        let scale = 1.0 / (hs as f32).sqrt();
+        // One task per (batch, head): it owns att[b, h] and the head's columns of out.
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        att.par_chunks_mut(t_len * t_len).enumerate().for_each(|(bh, att_bh)| {
+            let (b, h) = (bh / nh, bh % nh);
+            for t in 0..t_len {
+                let q = &qkv[(b * t_len + t) * 3 * c + h * hs..][..hs];
+                let row = &mut att_bh[t * t_len..(t + 1) * t_len];
+                let mut max = f32::NEG_INFINITY;
+                for t2 in 0..=t {
+                    let k = &qkv[(b * t_len + t2) * 3 * c + c + h * hs..][..hs];
+                    let s = dot(q, k) * scale;
+                    row[t2] = s;
+                    max = max.max(s);
+                }
+                let mut sum = 0.0f32;
+                for v in row[..=t].iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                for v in row[..=t].iter_mut() {
+                    *v *= inv;
+                }
+                row[t + 1..].fill(0.0);
+                // SAFETY: (b, t, h) columns of `out` are written by this task only.
+                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((b * t_len + t) * c + h * hs), hs) };
+                o.fill(0.0);
+                for t2 in 0..=t {
+                    let v = &qkv[(b * t_len + t2) * 3 * c + 2 * c + h * hs..][..hs];
+                    let a = row[t2];
+                    for i in 0..hs {
+                        o[i] += a * v[i];
+                    }
+                }
+            }
+        });
+    }
+
+    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], d: Dims) {
+        let (t_len, c, nh) = (d.seq, d.channels, d.heads);
+        let hs = c / nh;
+        let scale = 1.0 / (hs as f32).sqrt();
+        dqkv.par_iter_mut().for_each(|x| *x = 0.0);
+        let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
+        (0..d.batch * nh).into_par_iter().for_each(|bh| {
+            let (b, h) = (bh / nh, bh % nh);
+            let att_bh = &att[bh * t_len * t_len..(bh + 1) * t_len * t_len];
+            let mut datt = vec![0f32; t_len];
+            // SAFETY: this task alone touches batch b's head-h columns of q, k and v.
+            let slot = |t: usize, part: usize| unsafe {
+                std::slice::from_raw_parts_mut(dqkv_ptr.get().add((b * t_len + t) * 3 * c + part * c + h * hs), hs)
+            };
+            for t in 0..t_len {
+                let row = &att_bh[t * t_len..(t + 1) * t_len];
+                let g = &dout[(b * t_len + t) * c + h * hs..][..hs];
+                for t2 in 0..=t {
+                    let v = &qkv[(b * t_len + t2) * 3 * c + 2 * c + h * hs..][..hs];
+                    datt[t2] = dot(g, v);
+                    let dv = slot(t2, 2);
+                    for i in 0..hs {
+                        dv[i] += row[t2] * g[i];
+                    }
+                }
+                let weighted: f32 = (0..=t).map(|t2| row[t2] * datt[t2]).sum();
+                let q = &qkv[(b * t_len + t) * 3 * c + h * hs..][..hs];
+                for t2 in 0..=t {
+                    let dpre = row[t2] * (datt[t2] - weighted) * scale;
+                    let k = &qkv[(b * t_len + t2) * 3 * c + c + h * hs..][..hs];
+                    let dq = slot(t, 0);
+                    for i in 0..hs {
+                        dq[i] += dpre * k[i];
+                    }
+                    let dk = slot(t2, 1);
+                    for i in 0..hs {
+                        dk[i] += dpre * q[i];
+                    }
+                }
+            }
+        });
+    }
+
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        out.par_chunks_mut(ELEMENTS)
+            .zip(inp.par_chunks(ELEMENTS))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    let cube = 0.044715 * x * x * x;
+                    *o = 0.5 * x * (1.0 + (GELU_SCALE * (x + cube)).tanh());
+                }
+            });
+    }
+
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        dinp.par_chunks_mut(ELEMENTS)
+            .zip(inp.par_chunks(ELEMENTS).zip(dout.par_chunks(ELEMENTS)))
+            .for_each(|(di, (x, g))| {
+                for ((di, &x), &g) in di.iter_mut().zip(x).zip(g) {
+                    let cube = 0.044715 * x * x * x;
+                    let arg = GELU_SCALE * (x + cube);
+                    let th = arg.tanh();
+                    let sech2 = 1.0 - th * th;
+                    let local = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+                    *di = local * g;
+                }
+            });
+    }
+
+    fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        out.par_chunks_mut(ELEMENTS)
+            .zip(a.par_chunks(ELEMENTS).zip(b.par_chunks(ELEMENTS)))
+            .for_each(|(o, (a, b))| {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    *o = a + b;
+                }
+            });
+    }
+
+    fn cross_entropy(&self, logits: &mut [f32], losses: &mut [f32], targets: &[Option<u32>], vocab: usize, padded: usize, grad_scale: Option<f32>) {
+        logits
+            .par_chunks_mut(padded)
+            .zip(losses.par_iter_mut())
+            .zip(targets.par_iter())
+            .for_each(|((row, loss), target)| {
+                let Some(target) = *target else {
+                    *loss = 0.0;
+                    if grad_scale.is_some() {
+                        row.fill(0.0);
+                    }
+                    return;
+                };
+                let target = target as usize;
+                let live = &mut row[..vocab];
+                let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = live.iter().map(|&x| (x - max).exp()).sum();
+                let log_sum = sum.ln();
+                *loss = log_sum - (live[target] - max);
+                if let Some(scale) = grad_scale {
+                    let inv = 1.0 / sum;
+                    for (i, x) in live.iter_mut().enumerate() {
+                        let p = (*x - max).exp() * inv;
+                        *x = (p - if i == target { 1.0 } else { 0.0 }) * scale;
+                    }
+                    row[vocab..].fill(0.0);
+                }
+            });
+    }
+
+    fn sum_squares(&self, x: &[f32]) -> f64 {
+        let partial: Vec<f64> = x
+            .par_chunks(ELEMENTS)
+            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
+            .collect();
+        partial.iter().sum()
+    }
+
+    fn scale(&self, x: &mut [f32], factor: f32) {
+        x.par_chunks_mut(ELEMENTS).for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+    }
+
+    fn adamw(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW) {
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        params
+            .par_chunks_mut(ELEMENTS)
+            .zip(grads.par_chunks(ELEMENTS))
+            .zip(m.par_chunks_mut(ELEMENTS).zip(v.par_chunks_mut(ELEMENTS)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let gi = g[i];
+                    m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+                    v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+                    let m_hat = m[i] / bc1;
+                    let v_hat = v[i] / bc2;
+                    p[i] -= h.lr * (m_hat / (v_hat.sqrt() + h.eps) + h.weight_decay * p[i]);
+                }
+            });
+    }
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums let the compiler vectorize without reassociating floats itself.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for j in 0..8 {
+            acc[j] += a[i * 8 + j] * b[i * 8 + j];
+        }
+    }
+    let mut sum = acc.iter().sum::<f32>();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only where every task writes a disjoint region (see each use).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,0 +1,24 @@
+//! kiem's compute engine: the GPT-2 architecture over flat parameter, gradient and optimizer
+//! buffers, fused kernels behind the [`kernels::Kernels`] trait (CPU reference implementation),
+//! AdamW, and Hugging Face model directories (safetensors) in and out.
+
+pub mod config;
+pub mod io;
+pub mod kernels;
+pub mod model;
+pub mod rng;
+
+pub use config::{ModelConfig, ParamLayout};
+pub use model::{AdamWState, Gpt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Shape(String),
+    #[error("{path}: {message}")]
+    File { path: std::path::PathBuf, message: String },
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

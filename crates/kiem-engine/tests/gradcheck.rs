@@ -1,0 +1,282 @@
+//! Every kernel's backward pass, and the whole model's, against central finite differences.
+//!
+//! Each check builds a scalar `L = Σ out ⊙ R` with fixed random `R`, perturbs one input element
+//! at a time by ±eps and compares (L(x+eps) − L(x−eps)) / 2eps with the analytic gradient.
+
+use kiem_engine::kernels::{AdamW, Cpu, Dims, Kernels, WeightLayout};
+use kiem_engine::rng::Rng;
+use kiem_engine::{AdamWState, Gpt, ModelConfig};
+
+fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+fn weighted_sum(out: &[f32], r: &[f32]) -> f64 {
+    out.iter().zip(r).map(|(&o, &r)| f64::from(o) * f64::from(r)).sum()
+}
+
+/// Compares `analytic` with finite differences of `loss` at up to `samples` positions of `x`.
+fn check(name: &str, x: &[f32], analytic: &[f32], samples: usize, eps: f32, loss: impl Fn(&[f32]) -> f64) {
+    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
+    let step = (x.len() / samples).max(1);
+    let mut worst = 0.0f64;
+    for i in (0..x.len()).step_by(step) {
+        let mut plus = x.to_vec();
+        plus[i] += eps;
+        let mut minus = x.to_vec();
+        minus[i] -= eps;
+        let numeric = (loss(&plus) - loss(&minus)) / (2.0 * f64::from(eps));
+        let a = f64::from(analytic[i]);
+        let err = (a - numeric).abs() / (a.abs().max(numeric.abs()) + 1e-2);
+        worst = worst.max(err);
+        assert!(err < 2e-2, "{name}[{i}]: analytic {a} vs numeric {numeric} (rel err {err})");
+    }
+    eprintln!("{name}: worst relative error {worst:.2e}");
+}
+
+const K: Cpu = Cpu;
+
+#[test]
+fn layernorm_backward() {
+    let (rows, c) = (6, 16);
+    let mut rng = Rng::new(1);
+    let x = random(rows * c, &mut rng, 1.0);
+    let w = random(c, &mut rng, 1.0);
+    let b = random(c, &mut rng, 1.0);
+    let r = random(rows * c, &mut rng, 1.0);
+    let forward = |x: &[f32], w: &[f32], b: &[f32]| {
+        let (mut out, mut mean, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows], vec![0.0; rows]);
+        K.layernorm_forward(&mut out, &mut mean, &mut rstd, x, w, b, c);
+        (out, mean, rstd)
+    };
+    let (_, mean, rstd) = forward(&x, &w, &b);
+    let (mut dx, mut dw, mut db) = (vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]);
+    K.layernorm_backward(&mut dx, &mut dw, &mut db, &r, &x, &w, &mean, &rstd, c);
+    check("layernorm dx", &x, &dx, 40, 1e-2, |x| weighted_sum(&forward(x, &w, &b).0, &r));
+    check("layernorm dw", &w, &dw, 16, 1e-2, |w| weighted_sum(&forward(&x, w, &b).0, &r));
+    check("layernorm db", &b, &db, 16, 1e-2, |b| weighted_sum(&forward(&x, &w, b).0, &r));
+}
+
+#[test]
+fn matmul_backward_both_layouts() {
+    let (rows, c_in, c_out) = (7, 12, 10);
+    let mut rng = Rng::new(2);
+    let x = random(rows * c_in, &mut rng, 1.0);
+    let w = random(c_in * c_out, &mut rng, 0.5);
+    let bias = random(c_out, &mut rng, 1.0);
+    let r = random(rows * c_out, &mut rng, 1.0);
+    for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+        let forward = |x: &[f32], w: &[f32], bias: &[f32]| {
+            let mut out = vec![0.0; rows * c_out];
+            K.matmul_forward(&mut out, x, w, layout, Some(bias), c_in, c_out);
+            weighted_sum(&out, &r)
+        };
+        let (mut dx, mut dw, mut db) = (vec![0.0; rows * c_in], vec![0.0; c_in * c_out], vec![0.0; c_out]);
+        K.matmul_backward(&mut dx, &mut dw, Some(&mut db), &r, &x, &w, layout, c_in, c_out);
+        check(&format!("{layout:?} matmul dx"), &x, &dx, 40, 1e-2, |x| forward(x, &w, &bias));
+        check(&format!("{layout:?} matmul dw"), &w, &dw, 40, 1e-2, |w| forward(&x, w, &bias));
+        check(&format!("{layout:?} matmul db"), &bias, &db, 10, 1e-2, |b| forward(&x, &w, b));
+    }
+}
+
+#[test]
+fn attention_backward() {
+    let d = Dims {
+        batch: 2,
+        seq: 5,
+        channels: 8,
+        heads: 2,
+    };
+    let mut rng = Rng::new(3);
+    let qkv = random(d.rows() * 3 * d.channels, &mut rng, 1.0);
+    let r = random(d.rows() * d.channels, &mut rng, 1.0);
+    let forward = |qkv: &[f32]| {
+        let mut out = vec![0.0; d.rows() * d.channels];
+        let mut att = vec![0.0; d.batch * d.heads * d.seq * d.seq];
+        K.attention_forward(&mut out, &mut att, qkv, d);
+        (out, att)
+    };
+    let (_, att) = forward(&qkv);
+    let mut dqkv = vec![0.0; qkv.len()];
+    K.attention_backward(&mut dqkv, &r, &qkv, &att, d);
+    check("attention dqkv", &qkv, &dqkv, 120, 1e-2, |q| weighted_sum(&forward(q).0, &r));
+    // Causality: the output at t = 0 of batch 0 depends on no later key.
+    let (out0, _) = forward(&qkv);
+    let mut later = qkv.clone();
+    later[3 * d.channels + d.channels] += 1.0; // key of t = 1
+    let (out1, _) = forward(&later);
+    assert_eq!(out0[..d.channels], out1[..d.channels]);
+}
+
+#[test]
+fn gelu_backward() {
+    let mut rng = Rng::new(4);
+    let x = random(50, &mut rng, 2.0);
+    let r = random(50, &mut rng, 1.0);
+    let forward = |x: &[f32]| {
+        let mut out = vec![0.0; x.len()];
+        K.gelu_forward(&mut out, x);
+        weighted_sum(&out, &r)
+    };
+    let mut dx = vec![0.0; 50];
+    K.gelu_backward(&mut dx, &x, &r);
+    check("gelu dx", &x, &dx, 50, 1e-2, forward);
+}
+
+#[test]
+fn cross_entropy_backward_ignores_padding_and_masked_rows() {
+    let (rows, vocab, padded) = (4, 7, 8);
+    let mut rng = Rng::new(5);
+    let logits = random(rows * padded, &mut rng, 2.0);
+    let targets = [Some(3), None, Some(0), Some(6)];
+    let scale = 0.25f32;
+    let loss = |logits: &[f32]| {
+        let mut l = logits.to_vec();
+        let mut losses = vec![0.0; rows];
+        K.cross_entropy(&mut l, &mut losses, &targets, vocab, padded, None);
+        losses.iter().map(|&x| f64::from(x) * f64::from(scale)).sum::<f64>()
+    };
+    let mut grads = logits.clone();
+    let mut losses = vec![0.0; rows];
+    K.cross_entropy(&mut grads, &mut losses, &targets, vocab, padded, Some(scale));
+    assert_eq!(losses[1], 0.0);
+    assert!(grads[padded..2 * padded].iter().all(|&g| g == 0.0), "masked row has no gradient");
+    assert!((0..rows).all(|r| grads[r * padded + 7] == 0.0), "padding has no gradient");
+    check("cross-entropy dlogits", &logits, &grads, 32, 1e-2, loss);
+}
+
+#[test]
+fn encoder_backward() {
+    let d = Dims {
+        batch: 2,
+        seq: 3,
+        channels: 4,
+        heads: 1,
+    };
+    let mut rng = Rng::new(6);
+    let (vocab, context) = (5, 4);
+    let wte = random(vocab * d.channels, &mut rng, 1.0);
+    let wpe = random(context * d.channels, &mut rng, 1.0);
+    let tokens = [1u32, 4, 1, 0, 2, 1];
+    let r = random(d.rows() * d.channels, &mut rng, 1.0);
+    let forward = |wte: &[f32], wpe: &[f32]| {
+        let mut out = vec![0.0; d.rows() * d.channels];
+        K.encoder_forward(&mut out, &tokens, wte, wpe, d);
+        weighted_sum(&out, &r)
+    };
+    let (mut dwte, mut dwpe) = (vec![0.0; wte.len()], vec![0.0; wpe.len()]);
+    K.encoder_backward(&mut dwte, &mut dwpe, &r, &tokens, d);
+    check("encoder dwte", &wte, &dwte, 20, 1e-2, |w| forward(w, &wpe));
+    check("encoder dwpe", &wpe, &dwpe, 16, 1e-2, |w| forward(&wte, w));
+}
+
+#[test]
+fn adamw_matches_a_double_precision_reference() {
+    let mut rng = Rng::new(7);
+    let mut p = random(100, &mut rng, 1.0);
+    let mut p64: Vec<f64> = p.iter().map(|&x| f64::from(x)).collect();
+    let (mut m, mut v) = (vec![0.0; 100], vec![0.0; 100]);
+    let (mut m64, mut v64) = (vec![0.0f64; 100], vec![0.0f64; 100]);
+    for step in 1..=3u64 {
+        let g = random(100, &mut rng, 0.1);
+        let h = AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+        };
+        K.adamw(&mut p, &g, &mut m, &mut v, &h);
+        for i in 0..100 {
+            let gi = f64::from(g[i]);
+            m64[i] = 0.9 * m64[i] + 0.1 * gi;
+            v64[i] = 0.95 * v64[i] + 0.05 * gi * gi;
+            let mh = m64[i] / (1.0 - 0.9f64.powi(step as i32));
+            let vh = v64[i] / (1.0 - 0.95f64.powi(step as i32));
+            p64[i] -= 1e-2 * (mh / (vh.sqrt() + 1e-8) + 0.1 * p64[i]);
+        }
+    }
+    for i in 0..100 {
+        assert!((f64::from(p[i]) - p64[i]).abs() < 1e-5, "param {i}");
+    }
+}
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 8,
+        context: 6,
+        vocab_size: 11,
+    }
+}
+
+#[test]
+fn whole_model_backward() {
+    let config = tiny_config();
+    let mut gpt = Gpt::new(config).unwrap();
+    gpt.init_random(42);
+    // Larger weights than GPT-2's init make every path matter numerically.
+    let mut rng = Rng::new(9);
+    for x in gpt.params.iter_mut() {
+        *x += rng.normal() * 0.1;
+    }
+    let (batch, seq) = (2, 5);
+    let tokens: Vec<u32> = (0..batch * seq).map(|i| (i * 7 % 11) as u32).collect();
+    let targets: Vec<Option<u32>> = (0..batch * seq)
+        .map(|i| if i % 4 == 3 { None } else { Some((i * 3 % 11) as u32) })
+        .collect();
+    let count = targets.iter().flatten().count();
+    let scale = 1.0 / count as f32;
+    gpt.zero_grad();
+    gpt.forward(&tokens, &targets, batch, seq, Some(scale)).unwrap();
+    gpt.backward().unwrap();
+    let analytic = gpt.grads.clone();
+    let params = gpt.params.clone();
+    let live_wte = config.vocab_size * config.n_embd;
+    // Padded vocabulary rows never get gradient.
+    assert!(analytic[live_wte..gpt.layout.wte.end].iter().all(|&g| g == 0.0));
+    let loss = |p: &[f32]| {
+        let mut m = Gpt::new(config).unwrap();
+        m.params.copy_from_slice(p);
+        let (sum, n) = m.forward(&tokens, &targets, batch, seq, None).unwrap();
+        sum / n as f64
+    };
+    for spec in gpt.layout.tensors.clone() {
+        let r = spec.range.clone();
+        let r = if spec.name == "transformer.wte.weight" { r.start..r.start + live_wte } else { r };
+        let slice: Vec<f32> = params[r.clone()].to_vec();
+        check(&spec.name, &slice, &analytic[r.clone()], 12, 1e-2, |x| {
+            let mut p = params.clone();
+            p[r.clone()].copy_from_slice(x);
+            loss(&p)
+        });
+    }
+}
+
+#[test]
+fn training_steps_are_deterministic_and_reduce_loss() {
+    let config = tiny_config();
+    let run = || {
+        let mut gpt = Gpt::new(config).unwrap();
+        gpt.init_random(1);
+        let mut opt = AdamWState::new(0.9, 0.95, 1e-8);
+        let tokens: Vec<u32> = (0..12).map(|i| (i % 5) as u32).collect();
+        let targets: Vec<Option<u32>> = (0..12).map(|i| Some(((i + 1) % 5) as u32)).collect();
+        let mut losses = Vec::new();
+        for _ in 0..30 {
+            gpt.zero_grad();
+            let (sum, n) = gpt.forward(&tokens, &targets, 2, 6, Some(1.0 / 12.0)).unwrap();
+            losses.push(sum / n as f64);
+            gpt.backward().unwrap();
+            gpt.clip_grad_norm(1.0);
+            gpt.adamw_step(&mut opt, 1e-2, 0.1);
+        }
+        losses
+    };
+    let a = run();
+    let b = run();
+    assert_eq!(a, b, "bit-identical runs");
+    assert!(a[29] < a[0] * 0.5, "loss falls: {} -> {}", a[0], a[29]);
+}
