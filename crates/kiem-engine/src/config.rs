@@ -31,7 +31,7 @@ impl ModelConfig {
         if self.vocab_size == 0 {
             return bad("vocab_size must be positive".into());
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} must be a multiple of n_head {}",
                 self.n_embd, self.n_head
@@ -120,7 +120,10 @@ impl ParamLayout {
             });
             range
         };
-        let wte = add("transformer.wte.weight".into(), vec![config.padded_vocab(), c]);
+        let wte = add(
+            "transformer.wte.weight".into(),
+            vec![config.padded_vocab(), c],
+        );
         let wpe = add("transformer.wpe.weight".into(), vec![config.context, c]);
         let mut layers = Vec::with_capacity(config.n_layer);
         for l in 0..config.n_layer {

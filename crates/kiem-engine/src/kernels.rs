@@ -42,18 +42,65 @@ pub trait Kernels: Sync {
     /// `out[b,t] = wte[token] + wpe[t]`.
     fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], d: Dims);
     /// Accumulates into `dwte` and `dwpe`.
-    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], d: Dims);
+    fn encoder_backward(
+        &self,
+        dwte: &mut [f32],
+        dwpe: &mut [f32],
+        dout: &[f32],
+        tokens: &[u32],
+        d: Dims,
+    );
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize);
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        b: &[f32],
+        c: usize,
+    );
     /// `dinp +=`, `dw +=`, `db +=`.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(&self, dinp: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize);
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+    );
     /// `out[rows, c_out] = inp[rows, c_in] · W (+ bias)`.
     #[allow(clippy::too_many_arguments)]
-    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, c_in: usize, c_out: usize);
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        layout: WeightLayout,
+        bias: Option<&[f32]>,
+        c_in: usize,
+        c_out: usize,
+    );
     /// `dinp +=`, `dw +=`, `dbias +=`.
     #[allow(clippy::too_many_arguments)]
-    fn matmul_backward(&self, dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], layout: WeightLayout, c_in: usize, c_out: usize);
+    fn matmul_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        layout: WeightLayout,
+        c_in: usize,
+        c_out: usize,
+    );
     /// Causal multi-head attention over `qkv[rows, 3C]`; keeps the probabilities `att[B,H,T,T]`.
     fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims);
     /// Overwrites `dqkv`.
@@ -65,7 +112,15 @@ pub trait Kernels: Sync {
     /// Softmax cross-entropy over the first `vocab` of each row of `logits[rows, padded]`.
     /// Writes each row's loss (0 where `targets[i]` is `None`). With `grad_scale`, overwrites
     /// `logits` with `d(loss · grad_scale)/d(logits)` (0 for ignored rows and padding).
-    fn cross_entropy(&self, logits: &mut [f32], losses: &mut [f32], targets: &[Option<u32>], vocab: usize, padded: usize, grad_scale: Option<f32>);
+    fn cross_entropy(
+        &self,
+        logits: &mut [f32],
+        losses: &mut [f32],
+        targets: &[Option<u32>],
+        vocab: usize,
+        padded: usize,
+        grad_scale: Option<f32>,
+    );
     /// Sum of squares, accumulated in f64.
     fn sum_squares(&self, x: &[f32]) -> f64;
     fn scale(&self, x: &mut [f32], factor: f32);
@@ -158,7 +213,12 @@ fn gemm_f32(
 
 /// Sums per-row contributions into `acc[width]` deterministically: rows are grouped in fixed
 /// chunks, each chunk summed in order on some thread, then chunks summed in order.
-fn reduce_rows(rows: usize, width: usize, acc: &mut [f32], row_fn: impl Fn(usize, &mut [f32]) + Sync) {
+fn reduce_rows(
+    rows: usize,
+    width: usize,
+    acc: &mut [f32],
+    row_fn: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let chunks = rows.div_ceil(REDUCE_ROWS);
     let mut partial = vec![0f32; chunks * width];
     partial
@@ -193,18 +253,28 @@ impl Kernels for Cpu {
         });
     }
 
-    fn encoder_backward(&self, dwte: &mut [f32], dwpe: &mut [f32], dout: &[f32], tokens: &[u32], d: Dims) {
+    fn encoder_backward(
+        &self,
+        dwte: &mut [f32],
+        dwpe: &mut [f32],
+        dout: &[f32],
+        tokens: &[u32],
+        d: Dims,
+    ) {
         let c = d.channels;
         // Rows of dwpe are owned by position; rows of dwte are scattered, so go serially in
         // row order (cheap next to the matmuls) to stay deterministic.
-        dwpe.par_chunks_mut(c).enumerate().take(d.seq).for_each(|(t, dp)| {
-            for b in 0..d.batch {
-                let g = &dout[(b * d.seq + t) * c..(b * d.seq + t + 1) * c];
-                for i in 0..c {
-                    dp[i] += g[i];
+        dwpe.par_chunks_mut(c)
+            .enumerate()
+            .take(d.seq)
+            .for_each(|(t, dp)| {
+                for b in 0..d.batch {
+                    let g = &dout[(b * d.seq + t) * c..(b * d.seq + t + 1) * c];
+                    for i in 0..c {
+                        dp[i] += g[i];
+                    }
                 }
-            }
-        });
+            });
         for (row, &tok) in tokens.iter().enumerate().take(d.rows()) {
             let g = &dout[row * c..(row + 1) * c];
             let dw = &mut dwte[tok as usize * c..(tok as usize + 1) * c];
@@ -214,7 +284,16 @@ impl Kernels for Cpu {
         }
     }
 
-    fn layernorm_forward(&self, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], inp: &[f32], w: &[f32], b: &[f32], c: usize) {
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        b: &[f32],
+        c: usize,
+    ) {
         out.par_chunks_mut(c)
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .enumerate()
@@ -231,7 +310,18 @@ impl Kernels for Cpu {
             });
     }
 
-    fn layernorm_backward(&self, dinp: &mut [f32], dw: &mut [f32], db: &mut [f32], dout: &[f32], inp: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], c: usize) {
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
         let rows = mean.len();
         dinp.par_chunks_mut(c).enumerate().for_each(|(row, di)| {
             let x = &inp[row * c..(row + 1) * c];
@@ -270,31 +360,96 @@ impl Kernels for Cpu {
         }
     }
 
-    fn matmul_forward(&self, out: &mut [f32], inp: &[f32], w: &[f32], layout: WeightLayout, bias: Option<&[f32]>, c_in: usize, c_out: usize) {
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        layout: WeightLayout,
+        bias: Option<&[f32]>,
+        c_in: usize,
+        c_out: usize,
+    ) {
         let rows = inp.len() / c_in;
         if let Some(bias) = bias {
-            out.par_chunks_mut(c_out).for_each(|o| o.copy_from_slice(bias));
+            out.par_chunks_mut(c_out)
+                .for_each(|o| o.copy_from_slice(bias));
         }
         let w_strides = match layout {
             WeightLayout::InOut => (c_out, 1),
             WeightLayout::OutIn => (1, c_in),
         };
-        gemm_f32(rows, c_out, c_in, out, (c_out, 1), bias.is_some(), inp, (c_in, 1), w, w_strides);
+        gemm_f32(
+            rows,
+            c_out,
+            c_in,
+            out,
+            (c_out, 1),
+            bias.is_some(),
+            inp,
+            (c_in, 1),
+            w,
+            w_strides,
+        );
     }
 
-    fn matmul_backward(&self, dinp: &mut [f32], dw: &mut [f32], dbias: Option<&mut [f32]>, dout: &[f32], inp: &[f32], w: &[f32], layout: WeightLayout, c_in: usize, c_out: usize) {
+    fn matmul_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        layout: WeightLayout,
+        c_in: usize,
+        c_out: usize,
+    ) {
         let rows = inp.len() / c_in;
         // dinp[rows, in] += dout[rows, out] · Wᵀ
         let wt_strides = match layout {
             WeightLayout::InOut => (1, c_out),
             WeightLayout::OutIn => (c_in, 1),
         };
-        gemm_f32(rows, c_in, c_out, dinp, (c_in, 1), true, dout, (c_out, 1), w, wt_strides);
+        gemm_f32(
+            rows,
+            c_in,
+            c_out,
+            dinp,
+            (c_in, 1),
+            true,
+            dout,
+            (c_out, 1),
+            w,
+            wt_strides,
+        );
         match layout {
             // dW[in, out] += inpᵀ · dout
-            WeightLayout::InOut => gemm_f32(c_in, c_out, rows, dw, (c_out, 1), true, inp, (1, c_in), dout, (c_out, 1)),
+            WeightLayout::InOut => gemm_f32(
+                c_in,
+                c_out,
+                rows,
+                dw,
+                (c_out, 1),
+                true,
+                inp,
+                (1, c_in),
+                dout,
+                (c_out, 1),
+            ),
             // dW[out, in] += doutᵀ · inp
-            WeightLayout::OutIn => gemm_f32(c_out, c_in, rows, dw, (c_in, 1), true, dout, (1, c_out), inp, (c_in, 1)),
+            WeightLayout::OutIn => gemm_f32(
+                c_out,
+                c_in,
+                rows,
+                dw,
+                (c_in, 1),
+                true,
+                dout,
+                (1, c_out),
+                inp,
+                (c_in, 1),
+            ),
         }
         if let Some(dbias) = dbias {
             reduce_rows(rows, c_out, dbias, |row, acc| {
@@ -311,43 +466,57 @@ impl Kernels for Cpu {
         let scale = 1.0 / (hs as f32).sqrt();
         // One task per (batch, head): it owns att[b, h] and the head's columns of out.
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        att.par_chunks_mut(t_len * t_len).enumerate().for_each(|(bh, att_bh)| {
-            let (b, h) = (bh / nh, bh % nh);
-            for t in 0..t_len {
-                let q = &qkv[(b * t_len + t) * 3 * c + h * hs..][..hs];
-                let row = &mut att_bh[t * t_len..(t + 1) * t_len];
-                let mut max = f32::NEG_INFINITY;
-                for t2 in 0..=t {
-                    let k = &qkv[(b * t_len + t2) * 3 * c + c + h * hs..][..hs];
-                    let s = dot(q, k) * scale;
-                    row[t2] = s;
-                    max = max.max(s);
-                }
-                let mut sum = 0.0f32;
-                for v in row[..=t].iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                for v in row[..=t].iter_mut() {
-                    *v *= inv;
-                }
-                row[t + 1..].fill(0.0);
-                // SAFETY: (b, t, h) columns of `out` are written by this task only.
-                let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((b * t_len + t) * c + h * hs), hs) };
-                o.fill(0.0);
-                for t2 in 0..=t {
-                    let v = &qkv[(b * t_len + t2) * 3 * c + 2 * c + h * hs..][..hs];
-                    let a = row[t2];
-                    for i in 0..hs {
-                        o[i] += a * v[i];
+        att.par_chunks_mut(t_len * t_len)
+            .enumerate()
+            .for_each(|(bh, att_bh)| {
+                let (b, h) = (bh / nh, bh % nh);
+                for t in 0..t_len {
+                    let q = &qkv[(b * t_len + t) * 3 * c + h * hs..][..hs];
+                    let row = &mut att_bh[t * t_len..(t + 1) * t_len];
+                    let mut max = f32::NEG_INFINITY;
+                    for t2 in 0..=t {
+                        let k = &qkv[(b * t_len + t2) * 3 * c + c + h * hs..][..hs];
+                        let s = dot(q, k) * scale;
+                        row[t2] = s;
+                        max = max.max(s);
+                    }
+                    let mut sum = 0.0f32;
+                    for v in row[..=t].iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    for v in row[..=t].iter_mut() {
+                        *v *= inv;
+                    }
+                    row[t + 1..].fill(0.0);
+                    // SAFETY: (b, t, h) columns of `out` are written by this task only.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out_ptr.get().add((b * t_len + t) * c + h * hs),
+                            hs,
+                        )
+                    };
+                    o.fill(0.0);
+                    for t2 in 0..=t {
+                        let v = &qkv[(b * t_len + t2) * 3 * c + 2 * c + h * hs..][..hs];
+                        let a = row[t2];
+                        for i in 0..hs {
+                            o[i] += a * v[i];
+                        }
                     }
                 }
-            }
-        });
+            });
     }
 
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], d: Dims) {
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        att: &[f32],
+        d: Dims,
+    ) {
         let (t_len, c, nh) = (d.seq, d.channels, d.heads);
         let hs = c / nh;
         let scale = 1.0 / (hs as f32).sqrt();
@@ -359,7 +528,12 @@ impl Kernels for Cpu {
             let mut datt = vec![0f32; t_len];
             // SAFETY: this task alone touches batch b's head-h columns of q, k and v.
             let slot = |t: usize, part: usize| unsafe {
-                std::slice::from_raw_parts_mut(dqkv_ptr.get().add((b * t_len + t) * 3 * c + part * c + h * hs), hs)
+                std::slice::from_raw_parts_mut(
+                    dqkv_ptr
+                        .get()
+                        .add((b * t_len + t) * 3 * c + part * c + h * hs),
+                    hs,
+                )
             };
             for t in 0..t_len {
                 let row = &att_bh[t * t_len..(t + 1) * t_len];
@@ -410,7 +584,8 @@ impl Kernels for Cpu {
                     let arg = GELU_SCALE * (x + cube);
                     let th = arg.tanh();
                     let sech2 = 1.0 - th * th;
-                    let local = 0.5 * (1.0 + th) + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+                    let local = 0.5 * (1.0 + th)
+                        + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
                     *di = local * g;
                 }
             });
@@ -426,7 +601,15 @@ impl Kernels for Cpu {
             });
     }
 
-    fn cross_entropy(&self, logits: &mut [f32], losses: &mut [f32], targets: &[Option<u32>], vocab: usize, padded: usize, grad_scale: Option<f32>) {
+    fn cross_entropy(
+        &self,
+        logits: &mut [f32],
+        losses: &mut [f32],
+        targets: &[Option<u32>],
+        vocab: usize,
+        padded: usize,
+        grad_scale: Option<f32>,
+    ) {
         logits
             .par_chunks_mut(padded)
             .zip(losses.par_iter_mut())
@@ -465,7 +648,8 @@ impl Kernels for Cpu {
     }
 
     fn scale(&self, x: &mut [f32], factor: f32) {
-        x.par_chunks_mut(ELEMENTS).for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
+        x.par_chunks_mut(ELEMENTS)
+            .for_each(|c| c.iter_mut().for_each(|v| *v *= factor));
     }
 
     fn adamw(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW) {

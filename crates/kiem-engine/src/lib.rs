@@ -18,7 +18,10 @@ pub enum EngineError {
     #[error("{0}")]
     Shape(String),
     #[error("{path}: {message}")]
-    File { path: std::path::PathBuf, message: String },
+    File {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

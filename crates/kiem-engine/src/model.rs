@@ -52,7 +52,8 @@ struct GradScratch {
 /// Bytes of activation memory for (batch, seq), for estimating before allocating.
 pub fn activation_bytes(config: &ModelConfig, batch: usize, seq: usize) -> usize {
     let (l, c, bt) = (config.n_layer, config.n_embd, batch * seq);
-    let per_layer = bt * (c + 2 + 3 * c + c + c + c + 2 + 4 * c + 4 * c + c) + batch * config.n_head * seq * seq;
+    let per_layer = bt * (c + 2 + 3 * c + c + c + c + 2 + 4 * c + 4 * c + c)
+        + batch * config.n_head * seq * seq;
     let floats = bt * c + l * per_layer + bt * (c + 2) + bt * config.padded_vocab() + bt + bt * c;
     let scratch = bt * (c + c + 3 * c + c + 4 * c + 4 * c);
     (floats + scratch) * 4
@@ -107,11 +108,22 @@ impl<K: Kernels> Gpt<K> {
         let c = self.config.n_embd;
         for spec in &self.layout.tensors {
             let data = &mut self.params[spec.range.clone()];
-            if spec.name.ends_with("ln_1.weight") || spec.name.ends_with("ln_2.weight") || spec.name.ends_with("ln_f.weight") {
+            if spec.name.ends_with("ln_1.weight")
+                || spec.name.ends_with("ln_2.weight")
+                || spec.name.ends_with("ln_f.weight")
+            {
                 data.fill(1.0);
             } else if spec.decay {
-                let std = if spec.name.ends_with("c_proj.weight") { residual_std } else { 0.02 };
-                let live = if spec.name == "transformer.wte.weight" { self.config.vocab_size * c } else { data.len() };
+                let std = if spec.name.ends_with("c_proj.weight") {
+                    residual_std
+                } else {
+                    0.02
+                };
+                let live = if spec.name == "transformer.wte.weight" {
+                    self.config.vocab_size * c
+                } else {
+                    data.len()
+                };
                 for x in &mut data[..live] {
                     *x = rng.normal() * std;
                 }
@@ -183,7 +195,14 @@ impl<K: Kernels> Gpt<K> {
     /// target is `Some` and their count. With `grad_scale`, the logits' gradients of
     /// `Σ loss · grad_scale` are kept for [`Gpt::backward`] (pass 1 / trained tokens of the
     /// whole optimizer step for a token-weighted mean).
-    pub fn forward(&mut self, tokens: &[u32], targets: &[Option<u32>], batch: usize, seq: usize, grad_scale: Option<f32>) -> Result<(f64, usize)> {
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        targets: &[Option<u32>],
+        batch: usize,
+        seq: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<(f64, usize)> {
         if seq == 0 || batch == 0 || seq > self.config.context {
             return Err(EngineError::Shape(format!(
                 "sequence length {seq} must be in 1..={} (the model's context) and batch {batch} positive",
@@ -199,8 +218,14 @@ impl<K: Kernels> Gpt<K> {
             )));
         }
         let vocab = self.config.vocab_size;
-        if let Some(&bad) = tokens.iter().chain(targets.iter().flatten()).find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::Shape(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        if let Some(&bad) = tokens
+            .iter()
+            .chain(targets.iter().flatten())
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(EngineError::Shape(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
         }
         self.ensure_activations(batch, seq);
         let d = self.dims();
@@ -210,27 +235,106 @@ impl<K: Kernels> Gpt<K> {
         let lay = &self.layout;
         let a = &mut self.acts;
         a.tokens.copy_from_slice(tokens);
-        k.encoder_forward(&mut a.encoded, tokens, &p[lay.wte.clone()], &p[lay.wpe.clone()], d);
+        k.encoder_forward(
+            &mut a.encoded,
+            tokens,
+            &p[lay.wte.clone()],
+            &p[lay.wpe.clone()],
+            d,
+        );
         for (l, lp) in lay.layers.iter().enumerate() {
             let row = |w: usize| l * bt * w..(l + 1) * bt * w;
             let stat = l * bt..(l + 1) * bt;
-            let residual: &[f32] = if l == 0 { &a.encoded } else { &a.residual3[(l - 1) * bt * c..l * bt * c] };
-            k.layernorm_forward(&mut a.ln1[row(c)], &mut a.ln1_mean[stat.clone()], &mut a.ln1_rstd[stat.clone()], residual, &p[lp.ln1_w.clone()], &p[lp.ln1_b.clone()], c);
-            k.matmul_forward(&mut a.qkv[row(3 * c)], &a.ln1[row(c)], &p[lp.qkv_w.clone()], WeightLayout::InOut, Some(&p[lp.qkv_b.clone()]), c, 3 * c);
+            let residual: &[f32] = if l == 0 {
+                &a.encoded
+            } else {
+                &a.residual3[(l - 1) * bt * c..l * bt * c]
+            };
+            k.layernorm_forward(
+                &mut a.ln1[row(c)],
+                &mut a.ln1_mean[stat.clone()],
+                &mut a.ln1_rstd[stat.clone()],
+                residual,
+                &p[lp.ln1_w.clone()],
+                &p[lp.ln1_b.clone()],
+                c,
+            );
+            k.matmul_forward(
+                &mut a.qkv[row(3 * c)],
+                &a.ln1[row(c)],
+                &p[lp.qkv_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.qkv_b.clone()]),
+                c,
+                3 * c,
+            );
             let att_len = d.batch * d.heads * d.seq * d.seq;
-            k.attention_forward(&mut a.atty[row(c)], &mut a.att[l * att_len..(l + 1) * att_len], &a.qkv[row(3 * c)], d);
-            k.matmul_forward(&mut a.scratch, &a.atty[row(c)], &p[lp.attn_proj_w.clone()], WeightLayout::InOut, Some(&p[lp.attn_proj_b.clone()]), c, c);
+            k.attention_forward(
+                &mut a.atty[row(c)],
+                &mut a.att[l * att_len..(l + 1) * att_len],
+                &a.qkv[row(3 * c)],
+                d,
+            );
+            k.matmul_forward(
+                &mut a.scratch,
+                &a.atty[row(c)],
+                &p[lp.attn_proj_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.attn_proj_b.clone()]),
+                c,
+                c,
+            );
             k.add(&mut a.residual2[row(c)], residual, &a.scratch);
-            k.layernorm_forward(&mut a.ln2[row(c)], &mut a.ln2_mean[stat.clone()], &mut a.ln2_rstd[stat.clone()], &a.residual2[row(c)], &p[lp.ln2_w.clone()], &p[lp.ln2_b.clone()], c);
-            k.matmul_forward(&mut a.fch[row(4 * c)], &a.ln2[row(c)], &p[lp.fc_w.clone()], WeightLayout::InOut, Some(&p[lp.fc_b.clone()]), c, 4 * c);
+            k.layernorm_forward(
+                &mut a.ln2[row(c)],
+                &mut a.ln2_mean[stat.clone()],
+                &mut a.ln2_rstd[stat.clone()],
+                &a.residual2[row(c)],
+                &p[lp.ln2_w.clone()],
+                &p[lp.ln2_b.clone()],
+                c,
+            );
+            k.matmul_forward(
+                &mut a.fch[row(4 * c)],
+                &a.ln2[row(c)],
+                &p[lp.fc_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.fc_b.clone()]),
+                c,
+                4 * c,
+            );
             k.gelu_forward(&mut a.fch_gelu[row(4 * c)], &a.fch[row(4 * c)]);
-            k.matmul_forward(&mut a.scratch, &a.fch_gelu[row(4 * c)], &p[lp.fc_proj_w.clone()], WeightLayout::InOut, Some(&p[lp.fc_proj_b.clone()]), 4 * c, c);
+            k.matmul_forward(
+                &mut a.scratch,
+                &a.fch_gelu[row(4 * c)],
+                &p[lp.fc_proj_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.fc_proj_b.clone()]),
+                4 * c,
+                c,
+            );
             let (r2, r3) = (&a.residual2[row(c)], &mut a.residual3[row(c)]);
             k.add(r3, r2, &a.scratch);
         }
         let last = (self.config.n_layer - 1) * bt * c..self.config.n_layer * bt * c;
-        k.layernorm_forward(&mut a.lnf, &mut a.lnf_mean, &mut a.lnf_rstd, &a.residual3[last], &p[lay.lnf_w.clone()], &p[lay.lnf_b.clone()], c);
-        k.matmul_forward(&mut a.logits, &a.lnf, &p[lay.wte.clone()], WeightLayout::OutIn, None, c, vp);
+        k.layernorm_forward(
+            &mut a.lnf,
+            &mut a.lnf_mean,
+            &mut a.lnf_rstd,
+            &a.residual3[last],
+            &p[lay.lnf_w.clone()],
+            &p[lay.lnf_b.clone()],
+            c,
+        );
+        k.matmul_forward(
+            &mut a.logits,
+            &a.lnf,
+            &p[lay.wte.clone()],
+            WeightLayout::OutIn,
+            None,
+            c,
+            vp,
+        );
         k.cross_entropy(&mut a.logits, &mut a.losses, targets, vocab, vp, grad_scale);
         self.ready_for_backward = grad_scale.is_some();
         let count = targets.iter().filter(|t| t.is_some()).count();
@@ -260,7 +364,9 @@ impl<K: Kernels> Gpt<K> {
     /// Accumulates the gradients of the last training forward pass into `grads`.
     pub fn backward(&mut self) -> Result<()> {
         if !self.ready_for_backward {
-            return Err(EngineError::Shape("backward needs a forward pass with grad_scale".into()));
+            return Err(EngineError::Shape(
+                "backward needs a forward pass with grad_scale".into(),
+            ));
         }
         if self.grads.len() != self.params.len() {
             self.zero_grad();
@@ -277,49 +383,139 @@ impl<K: Kernels> Gpt<K> {
 
         // Output head (tied to wte) and final layer norm.
         s.ln.fill(0.0);
-        k.matmul_backward(&mut s.ln, &mut g[lay.wte.clone()], None, &a.logits, &a.lnf, &p[lay.wte.clone()], WeightLayout::OutIn, c, vp);
+        k.matmul_backward(
+            &mut s.ln,
+            &mut g[lay.wte.clone()],
+            None,
+            &a.logits,
+            &a.lnf,
+            &p[lay.wte.clone()],
+            WeightLayout::OutIn,
+            c,
+            vp,
+        );
         s.residual.fill(0.0);
         let last = (self.config.n_layer - 1) * bt * c..self.config.n_layer * bt * c;
         {
             let (dw, db) = two_mut(g, lay.lnf_w.clone(), lay.lnf_b.clone());
-            k.layernorm_backward(&mut s.residual, dw, db, &s.ln, &a.residual3[last], &p[lay.lnf_w.clone()], &a.lnf_mean, &a.lnf_rstd, c);
+            k.layernorm_backward(
+                &mut s.residual,
+                dw,
+                db,
+                &s.ln,
+                &a.residual3[last],
+                &p[lay.lnf_w.clone()],
+                &a.lnf_mean,
+                &a.lnf_rstd,
+                c,
+            );
         }
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let row = |w: usize| l * bt * w..(l + 1) * bt * w;
             let stat = l * bt..(l + 1) * bt;
-            let residual_in: &[f32] = if l == 0 { &a.encoded } else { &a.residual3[(l - 1) * bt * c..l * bt * c] };
+            let residual_in: &[f32] = if l == 0 {
+                &a.encoded
+            } else {
+                &a.residual3[(l - 1) * bt * c..l * bt * c]
+            };
             // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))).
             s.fch_gelu.fill(0.0);
             {
                 let (dw, db) = two_mut(g, lp.fc_proj_w.clone(), lp.fc_proj_b.clone());
-                k.matmul_backward(&mut s.fch_gelu, dw, Some(db), &s.residual, &a.fch_gelu[row(4 * c)], &p[lp.fc_proj_w.clone()], WeightLayout::InOut, 4 * c, c);
+                k.matmul_backward(
+                    &mut s.fch_gelu,
+                    dw,
+                    Some(db),
+                    &s.residual,
+                    &a.fch_gelu[row(4 * c)],
+                    &p[lp.fc_proj_w.clone()],
+                    WeightLayout::InOut,
+                    4 * c,
+                    c,
+                );
             }
             k.gelu_backward(&mut s.fch, &a.fch[row(4 * c)], &s.fch_gelu);
             s.ln.fill(0.0);
             {
                 let (dw, db) = two_mut(g, lp.fc_w.clone(), lp.fc_b.clone());
-                k.matmul_backward(&mut s.ln, dw, Some(db), &s.fch, &a.ln2[row(c)], &p[lp.fc_w.clone()], WeightLayout::InOut, c, 4 * c);
+                k.matmul_backward(
+                    &mut s.ln,
+                    dw,
+                    Some(db),
+                    &s.fch,
+                    &a.ln2[row(c)],
+                    &p[lp.fc_w.clone()],
+                    WeightLayout::InOut,
+                    c,
+                    4 * c,
+                );
             }
             {
                 let (dw, db) = two_mut(g, lp.ln2_w.clone(), lp.ln2_b.clone());
-                k.layernorm_backward(&mut s.residual, dw, db, &s.ln, &a.residual2[row(c)], &p[lp.ln2_w.clone()], &a.ln2_mean[stat.clone()], &a.ln2_rstd[stat.clone()], c);
+                k.layernorm_backward(
+                    &mut s.residual,
+                    dw,
+                    db,
+                    &s.ln,
+                    &a.residual2[row(c)],
+                    &p[lp.ln2_w.clone()],
+                    &a.ln2_mean[stat.clone()],
+                    &a.ln2_rstd[stat.clone()],
+                    c,
+                );
             }
             // Attention: residual2 = residual_in + attn_proj(attention(qkv(ln1(residual_in)))).
             s.atty.fill(0.0);
             {
                 let (dw, db) = two_mut(g, lp.attn_proj_w.clone(), lp.attn_proj_b.clone());
-                k.matmul_backward(&mut s.atty, dw, Some(db), &s.residual, &a.atty[row(c)], &p[lp.attn_proj_w.clone()], WeightLayout::InOut, c, c);
+                k.matmul_backward(
+                    &mut s.atty,
+                    dw,
+                    Some(db),
+                    &s.residual,
+                    &a.atty[row(c)],
+                    &p[lp.attn_proj_w.clone()],
+                    WeightLayout::InOut,
+                    c,
+                    c,
+                );
             }
             let att_len = d.batch * d.heads * d.seq * d.seq;
-            k.attention_backward(&mut s.qkv, &s.atty, &a.qkv[row(3 * c)], &a.att[l * att_len..(l + 1) * att_len], d);
+            k.attention_backward(
+                &mut s.qkv,
+                &s.atty,
+                &a.qkv[row(3 * c)],
+                &a.att[l * att_len..(l + 1) * att_len],
+                d,
+            );
             s.ln.fill(0.0);
             {
                 let (dw, db) = two_mut(g, lp.qkv_w.clone(), lp.qkv_b.clone());
-                k.matmul_backward(&mut s.ln, dw, Some(db), &s.qkv, &a.ln1[row(c)], &p[lp.qkv_w.clone()], WeightLayout::InOut, c, 3 * c);
+                k.matmul_backward(
+                    &mut s.ln,
+                    dw,
+                    Some(db),
+                    &s.qkv,
+                    &a.ln1[row(c)],
+                    &p[lp.qkv_w.clone()],
+                    WeightLayout::InOut,
+                    c,
+                    3 * c,
+                );
             }
             {
                 let (dw, db) = two_mut(g, lp.ln1_w.clone(), lp.ln1_b.clone());
-                k.layernorm_backward(&mut s.residual, dw, db, &s.ln, residual_in, &p[lp.ln1_w.clone()], &a.ln1_mean[stat.clone()], &a.ln1_rstd[stat], c);
+                k.layernorm_backward(
+                    &mut s.residual,
+                    dw,
+                    db,
+                    &s.ln,
+                    residual_in,
+                    &p[lp.ln1_w.clone()],
+                    &a.ln1_mean[stat.clone()],
+                    &a.ln1_rstd[stat],
+                    c,
+                );
             }
         }
         let (dwte, dwpe) = two_mut(g, lay.wte.clone(), lay.wpe.clone());
@@ -360,7 +556,13 @@ impl<K: Kernels> Gpt<K> {
                 weight_decay: if spec.decay { weight_decay } else { 0.0 },
                 step: state.step,
             };
-            self.kernels.adamw(&mut self.params[r.clone()], &self.grads[r.clone()], &mut state.m[r.clone()], &mut state.v[r], &h);
+            self.kernels.adamw(
+                &mut self.params[r.clone()],
+                &self.grads[r.clone()],
+                &mut state.m[r.clone()],
+                &mut state.v[r],
+                &h,
+            );
         }
     }
 }

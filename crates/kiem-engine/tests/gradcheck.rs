@@ -12,11 +12,21 @@ fn random(n: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
 }
 
 fn weighted_sum(out: &[f32], r: &[f32]) -> f64 {
-    out.iter().zip(r).map(|(&o, &r)| f64::from(o) * f64::from(r)).sum()
+    out.iter()
+        .zip(r)
+        .map(|(&o, &r)| f64::from(o) * f64::from(r))
+        .sum()
 }
 
 /// Compares `analytic` with finite differences of `loss` at up to `samples` positions of `x`.
-fn check(name: &str, x: &[f32], analytic: &[f32], samples: usize, eps: f32, loss: impl Fn(&[f32]) -> f64) {
+fn check(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    samples: usize,
+    eps: f32,
+    loss: impl Fn(&[f32]) -> f64,
+) {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     let step = (x.len() / samples).max(1);
     let mut worst = 0.0f64;
@@ -29,7 +39,10 @@ fn check(name: &str, x: &[f32], analytic: &[f32], samples: usize, eps: f32, loss
         let a = f64::from(analytic[i]);
         let err = (a - numeric).abs() / (a.abs().max(numeric.abs()) + 1e-2);
         worst = worst.max(err);
-        assert!(err < 2e-2, "{name}[{i}]: analytic {a} vs numeric {numeric} (rel err {err})");
+        assert!(
+            err < 2e-2,
+            "{name}[{i}]: analytic {a} vs numeric {numeric} (rel err {err})"
+        );
     }
     eprintln!("{name}: worst relative error {worst:.2e}");
 }
@@ -52,9 +65,15 @@ fn layernorm_backward() {
     let (_, mean, rstd) = forward(&x, &w, &b);
     let (mut dx, mut dw, mut db) = (vec![0.0; rows * c], vec![0.0; c], vec![0.0; c]);
     K.layernorm_backward(&mut dx, &mut dw, &mut db, &r, &x, &w, &mean, &rstd, c);
-    check("layernorm dx", &x, &dx, 40, 1e-2, |x| weighted_sum(&forward(x, &w, &b).0, &r));
-    check("layernorm dw", &w, &dw, 16, 1e-2, |w| weighted_sum(&forward(&x, w, &b).0, &r));
-    check("layernorm db", &b, &db, 16, 1e-2, |b| weighted_sum(&forward(&x, &w, b).0, &r));
+    check("layernorm dx", &x, &dx, 40, 1e-2, |x| {
+        weighted_sum(&forward(x, &w, &b).0, &r)
+    });
+    check("layernorm dw", &w, &dw, 16, 1e-2, |w| {
+        weighted_sum(&forward(&x, w, &b).0, &r)
+    });
+    check("layernorm db", &b, &db, 16, 1e-2, |b| {
+        weighted_sum(&forward(&x, &w, b).0, &r)
+    });
 }
 
 #[test]
@@ -71,11 +90,36 @@ fn matmul_backward_both_layouts() {
             K.matmul_forward(&mut out, x, w, layout, Some(bias), c_in, c_out);
             weighted_sum(&out, &r)
         };
-        let (mut dx, mut dw, mut db) = (vec![0.0; rows * c_in], vec![0.0; c_in * c_out], vec![0.0; c_out]);
-        K.matmul_backward(&mut dx, &mut dw, Some(&mut db), &r, &x, &w, layout, c_in, c_out);
-        check(&format!("{layout:?} matmul dx"), &x, &dx, 40, 1e-2, |x| forward(x, &w, &bias));
-        check(&format!("{layout:?} matmul dw"), &w, &dw, 40, 1e-2, |w| forward(&x, w, &bias));
-        check(&format!("{layout:?} matmul db"), &bias, &db, 10, 1e-2, |b| forward(&x, &w, b));
+        let (mut dx, mut dw, mut db) = (
+            vec![0.0; rows * c_in],
+            vec![0.0; c_in * c_out],
+            vec![0.0; c_out],
+        );
+        K.matmul_backward(
+            &mut dx,
+            &mut dw,
+            Some(&mut db),
+            &r,
+            &x,
+            &w,
+            layout,
+            c_in,
+            c_out,
+        );
+        check(&format!("{layout:?} matmul dx"), &x, &dx, 40, 1e-2, |x| {
+            forward(x, &w, &bias)
+        });
+        check(&format!("{layout:?} matmul dw"), &w, &dw, 40, 1e-2, |w| {
+            forward(&x, w, &bias)
+        });
+        check(
+            &format!("{layout:?} matmul db"),
+            &bias,
+            &db,
+            10,
+            1e-2,
+            |b| forward(&x, &w, b),
+        );
     }
 }
 
@@ -99,7 +143,9 @@ fn attention_backward() {
     let (_, att) = forward(&qkv);
     let mut dqkv = vec![0.0; qkv.len()];
     K.attention_backward(&mut dqkv, &r, &qkv, &att, d);
-    check("attention dqkv", &qkv, &dqkv, 120, 1e-2, |q| weighted_sum(&forward(q).0, &r));
+    check("attention dqkv", &qkv, &dqkv, 120, 1e-2, |q| {
+        weighted_sum(&forward(q).0, &r)
+    });
     // Causality: the output at t = 0 of batch 0 depends on no later key.
     let (out0, _) = forward(&qkv);
     let mut later = qkv.clone();
@@ -134,14 +180,30 @@ fn cross_entropy_backward_ignores_padding_and_masked_rows() {
         let mut l = logits.to_vec();
         let mut losses = vec![0.0; rows];
         K.cross_entropy(&mut l, &mut losses, &targets, vocab, padded, None);
-        losses.iter().map(|&x| f64::from(x) * f64::from(scale)).sum::<f64>()
+        losses
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(scale))
+            .sum::<f64>()
     };
     let mut grads = logits.clone();
     let mut losses = vec![0.0; rows];
-    K.cross_entropy(&mut grads, &mut losses, &targets, vocab, padded, Some(scale));
+    K.cross_entropy(
+        &mut grads,
+        &mut losses,
+        &targets,
+        vocab,
+        padded,
+        Some(scale),
+    );
     assert_eq!(losses[1], 0.0);
-    assert!(grads[padded..2 * padded].iter().all(|&g| g == 0.0), "masked row has no gradient");
-    assert!((0..rows).all(|r| grads[r * padded + 7] == 0.0), "padding has no gradient");
+    assert!(
+        grads[padded..2 * padded].iter().all(|&g| g == 0.0),
+        "masked row has no gradient"
+    );
+    assert!(
+        (0..rows).all(|r| grads[r * padded + 7] == 0.0),
+        "padding has no gradient"
+    );
     check("cross-entropy dlogits", &logits, &grads, 32, 1e-2, loss);
 }
 
@@ -225,18 +287,27 @@ fn whole_model_backward() {
     let (batch, seq) = (2, 5);
     let tokens: Vec<u32> = (0..batch * seq).map(|i| (i * 7 % 11) as u32).collect();
     let targets: Vec<Option<u32>> = (0..batch * seq)
-        .map(|i| if i % 4 == 3 { None } else { Some((i * 3 % 11) as u32) })
+        .map(|i| {
+            if i % 4 == 3 {
+                None
+            } else {
+                Some((i * 3 % 11) as u32)
+            }
+        })
         .collect();
     let count = targets.iter().flatten().count();
     let scale = 1.0 / count as f32;
     gpt.zero_grad();
-    gpt.forward(&tokens, &targets, batch, seq, Some(scale)).unwrap();
+    gpt.forward(&tokens, &targets, batch, seq, Some(scale))
+        .unwrap();
     gpt.backward().unwrap();
     let analytic = gpt.grads.clone();
     let params = gpt.params.clone();
     let live_wte = config.vocab_size * config.n_embd;
     // Padded vocabulary rows never get gradient.
-    assert!(analytic[live_wte..gpt.layout.wte.end].iter().all(|&g| g == 0.0));
+    assert!(analytic[live_wte..gpt.layout.wte.end]
+        .iter()
+        .all(|&g| g == 0.0));
     let loss = |p: &[f32]| {
         let mut m = Gpt::new(config).unwrap();
         m.params.copy_from_slice(p);
@@ -245,7 +316,11 @@ fn whole_model_backward() {
     };
     for spec in gpt.layout.tensors.clone() {
         let r = spec.range.clone();
-        let r = if spec.name == "transformer.wte.weight" { r.start..r.start + live_wte } else { r };
+        let r = if spec.name == "transformer.wte.weight" {
+            r.start..r.start + live_wte
+        } else {
+            r
+        };
         let slice: Vec<f32> = params[r.clone()].to_vec();
         check(&spec.name, &slice, &analytic[r.clone()], 12, 1e-2, |x| {
             let mut p = params.clone();
@@ -267,7 +342,9 @@ fn training_steps_are_deterministic_and_reduce_loss() {
         let mut losses = Vec::new();
         for _ in 0..30 {
             gpt.zero_grad();
-            let (sum, n) = gpt.forward(&tokens, &targets, 2, 6, Some(1.0 / 12.0)).unwrap();
+            let (sum, n) = gpt
+                .forward(&tokens, &targets, 2, 6, Some(1.0 / 12.0))
+                .unwrap();
             losses.push(sum / n as f64);
             gpt.backward().unwrap();
             gpt.clip_grad_norm(1.0);
