@@ -7,6 +7,7 @@ pub mod io;
 pub mod kernels;
 pub mod model;
 pub mod rng;
+pub mod sampling;
 
 pub use config::{ModelConfig, ParamLayout};
 pub use model::{AdamWState, Gpt};

@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     name = "kiem",
     version,
     about = "From raw text to a chatting, served GPT: train a tokenizer, prepare token shards, \
-             and (in coming releases) pre-train, fine-tune, chat and serve.",
+             pre-train a GPT (fine-tuning, chat and serving come next).",
     after_help = "Every flag can also come from a TOML file given with --config: its keys are the \
                   flag names (`vocab-size = 4096` or `vocab_size = 4096`); flags typed on the \
                   command line win over the file."
@@ -48,6 +48,8 @@ enum Command {
     /// Turn a text corpus into token shards for training.
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
+    /// Pre-train a GPT on token shards (or continue a run with --resume).
+    Pretrain(cmd::pretrain::PretrainArgs),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -98,6 +100,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenizer(c) => cmd::tokenizer::run(c),
         Command::Data(c) => cmd::data::run(c),
+        Command::Pretrain(c) => cmd::pretrain::run(c),
         Command::Bench(c) => cmd::bench::run(c),
     };
     match result {

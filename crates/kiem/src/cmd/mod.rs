@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod data;
+pub mod pretrain;
 pub mod tokenizer;
 
 use std::path::PathBuf;

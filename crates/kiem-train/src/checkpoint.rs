@@ -1,0 +1,195 @@
+//! Checkpoints: a Hugging Face model directory plus `trainer_state/` (optimizer moments, step,
+//! data cursor, RNG), written under a temporary name and renamed into place whole.
+
+use std::path::{Path, PathBuf};
+
+use kiem_engine::io::{hf_config_json, read_tensors, write_file_atomic, write_tensors, SpecialIds};
+use kiem_engine::rng::Rng;
+use kiem_engine::{AdamWState, Gpt};
+use kiem_tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+
+use crate::loader::Cursor;
+use crate::{Result, TrainError};
+
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
+pub const STATE_DIR: &str = "trainer_state";
+
+/// Everything besides parameters and moments that a resumed run needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub cursor: Cursor,
+    pub sample_rng: Rng,
+    pub best_val_loss: Option<f64>,
+    pub best_val_bpb: Option<f64>,
+    pub elapsed_seconds: f64,
+    /// `sha256:` of the tokenizer the model was trained with.
+    pub tokenizer_hash: String,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Writes `config.json`, `generation_config.json`, `model.safetensors` and `tokenizer.json`.
+pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let ids = SpecialIds {
+        bos: tokenizer.bos_id(),
+        eos: tokenizer.bos_id(),
+    };
+    let config = hf_config_json(&gpt.config, ids);
+    write_file_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    let generation = serde_json::json!({
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.eos,
+        "do_sample": true,
+        "temperature": 0.8,
+        "top_k": 50,
+    });
+    write_file_atomic(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&generation)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    gpt.save_safetensors(&dir.join("model.safetensors"))?;
+    tokenizer.save(&dir.join("tokenizer.json"))?;
+    Ok(())
+}
+
+/// Writes a model directory atomically: into a temporary sibling, then renamed over `dir`.
+pub fn write_model_dir(
+    dir: &Path,
+    gpt: &Gpt,
+    tokenizer: &Tokenizer,
+    state: Option<(&AdamWState, &TrainerState)>,
+) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    let result = (|| -> Result<()> {
+        write_model_files(&tmp, gpt, tokenizer)?;
+        if let Some((opt, trainer)) = state {
+            let sdir = tmp.join(STATE_DIR);
+            std::fs::create_dir_all(&sdir).map_err(|e| io_err(&sdir, e))?;
+            write_tensors(
+                &sdir.join("optimizer.safetensors"),
+                &[
+                    ("m".to_string(), vec![opt.m.len()], &opt.m),
+                    ("v".to_string(), vec![opt.v.len()], &opt.v),
+                ],
+                None,
+            )?;
+            let json = serde_json::json!({
+                "trainer": trainer,
+                "adamw": {"step": opt.step, "beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps},
+            });
+            write_file_atomic(
+                &sdir.join("state.json"),
+                serde_json::to_string_pretty(&json)
+                    .expect("json")
+                    .as_bytes(),
+            )?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir
+        .join(CHECKPOINTS_DIR)
+        .join(format!("step_{step:08}"))
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join(CHECKPOINTS_DIR)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step_")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Saves a checkpoint for `state.step` and deletes all but the newest `keep`.
+pub fn save_checkpoint(
+    run_dir: &Path,
+    gpt: &Gpt,
+    opt: &AdamWState,
+    state: &TrainerState,
+    tokenizer: &Tokenizer,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoint_dir(run_dir, state.step);
+    write_model_dir(&dir, gpt, tokenizer, Some((opt, state)))?;
+    let all = list_checkpoints(run_dir);
+    if all.len() > keep.max(1) {
+        for (_, old) in &all[..all.len() - keep.max(1)] {
+            std::fs::remove_dir_all(old).map_err(|e| io_err(old, e))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Loads parameters, optimizer moments and trainer state from a checkpoint directory.
+pub fn load_checkpoint(dir: &Path, gpt: &mut Gpt, opt: &mut AdamWState) -> Result<TrainerState> {
+    let model = dir.join("model.safetensors");
+    let tensors = read_tensors(&model)?;
+    gpt.load_tensors(&model, &tensors)?;
+    let sdir = dir.join(STATE_DIR);
+    let moments = read_tensors(&sdir.join("optimizer.safetensors"))?;
+    let take = |name: &str| -> Result<Vec<f32>> {
+        let (_, v) = moments.get(name).ok_or_else(|| {
+            TrainError::Resume(format!("{}: no optimizer tensor {name}", sdir.display()))
+        })?;
+        if v.len() != gpt.params.len() {
+            return Err(TrainError::Resume(format!(
+                "{}: optimizer state has {} values for a model of {} parameters",
+                sdir.display(),
+                v.len(),
+                gpt.params.len()
+            )));
+        }
+        Ok(v.clone())
+    };
+    opt.m = take("m")?;
+    opt.v = take("v")?;
+    let state_path = sdir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
+    let trainer: TrainerState =
+        serde_json::from_value(json["trainer"].clone()).map_err(|e| io_err(&state_path, e))?;
+    opt.step = json["adamw"]["step"].as_u64().unwrap_or(trainer.step);
+    Ok(trainer)
+}

@@ -1,0 +1,486 @@
+//! The training loop: gradient accumulation with a token-weighted loss, clipping, AdamW with a
+//! schedule, periodic evaluation (loss and bits per byte), text samples, checkpoints, exact
+//! resume, metrics and a loss plot.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use kiem_data::prepare::DataDir;
+use kiem_engine::model::activation_bytes;
+use kiem_engine::rng::Rng;
+use kiem_engine::{AdamWState, Gpt, ModelConfig};
+use kiem_tokenizer::Tokenizer;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{
+    list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir, TrainerState,
+};
+use crate::loader::TokenLoader;
+use crate::plot::plot_losses;
+use crate::schedule::Schedule;
+use crate::{Result, TrainError};
+
+pub const RUN_FILE: &str = "run.json";
+pub const METRICS_FILE: &str = "metrics.jsonl";
+pub const PLOT_FILE: &str = "loss.png";
+pub const MODEL_DIR: &str = "model";
+
+/// Everything that defines a run; saved as `run.json` so `--resume` continues the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub data_dir: PathBuf,
+    pub model: ModelConfig,
+    pub micro_batch: usize,
+    /// Tokens per optimizer step (a multiple of micro_batch × context).
+    pub batch_tokens: usize,
+    pub steps: u64,
+    pub schedule: Schedule,
+    pub weight_decay: f32,
+    /// 0 disables clipping.
+    pub grad_clip: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub eval_every: u64,
+    pub eval_tokens: usize,
+    pub sample_every: u64,
+    pub sample_tokens: usize,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    pub fn tokens_per_micro_batch(&self) -> usize {
+        self.micro_batch * self.model.context
+    }
+
+    pub fn grad_accumulation(&self) -> usize {
+        self.batch_tokens / self.tokens_per_micro_batch()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let bad = |m: String| Err(TrainError::Config(m));
+        let per_micro = self.tokens_per_micro_batch();
+        if self.micro_batch == 0 {
+            return bad("--micro-batch must be at least 1".into());
+        }
+        if self.batch_tokens == 0 || !self.batch_tokens.is_multiple_of(per_micro) {
+            return bad(format!(
+                "--batch-tokens {} must be a positive multiple of --micro-batch × --context = {per_micro}",
+                self.batch_tokens
+            ));
+        }
+        if self.steps == 0 {
+            return bad("the run needs at least one step (--steps or --tokens)".into());
+        }
+        let s = &self.schedule;
+        if !(s.lr.is_finite() && s.lr > 0.0 && s.min_lr >= 0.0 && s.min_lr <= s.lr) {
+            return bad(format!(
+                "learning rates must satisfy 0 <= --min-lr ({}) <= --lr ({}), --lr > 0",
+                s.min_lr, s.lr
+            ));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("AdamW betas must be in [0, 1)".into());
+        }
+        if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
+            return bad("--weight-decay and --grad-clip must not be negative".into());
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer step, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f64,
+    pub lr: f32,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_second: f64,
+    pub elapsed_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub step: u64,
+    pub val_loss: f64,
+    pub val_bpb: f64,
+    pub tokens: usize,
+}
+
+/// What a caller (the CLI) shows while training runs.
+pub trait Observer {
+    fn started(&mut self, _resumed_from: Option<u64>, _config: &TrainConfig, _params: usize) {}
+    fn step(&mut self, _report: &StepReport) {}
+    fn eval(&mut self, _report: &EvalReport) {}
+    fn sample(&mut self, _step: u64, _text: &str) {}
+    fn checkpoint(&mut self, _step: u64, _dir: &Path) {}
+    fn note(&mut self, _message: &str) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub best_val_loss: Option<f64>,
+    pub best_val_bpb: Option<f64>,
+    pub last_loss: f64,
+    pub model_dir: PathBuf,
+    pub interrupted: bool,
+}
+
+/// Bytes of memory a run needs (parameters, gradients, two moments, activations).
+pub fn memory_estimate(config: &TrainConfig) -> usize {
+    let params = kiem_engine::ParamLayout::new(&config.model).total;
+    4 * params * 4 + activation_bytes(&config.model, config.micro_batch, config.model.context)
+}
+
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+/// (step, loss) points of a curve.
+type Curve = Vec<(u64, f64)>;
+
+impl Metrics {
+    /// Opens `metrics.jsonl`, dropping lines of steps after `keep_through` (they are redone on
+    /// resume).
+    fn open(path: &Path, keep_through: Option<u64>) -> Result<(Self, Curve, Curve)> {
+        let mut train = Vec::new();
+        let mut val = Vec::new();
+        let mut kept = String::new();
+        if let (Some(limit), Ok(text)) = (keep_through, std::fs::read_to_string(path)) {
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    continue;
+                };
+                let step = v["step"].as_u64().unwrap_or(0);
+                if step > limit {
+                    continue;
+                }
+                if let Some(loss) = v["loss"].as_f64() {
+                    train.push((step, loss));
+                }
+                if let Some(loss) = v["val_loss"].as_f64() {
+                    val.push((step, loss));
+                }
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        kiem_engine::io::write_file_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        Ok((Self { file }, train, val))
+    }
+
+    fn write(&mut self, value: &impl Serialize) -> Result<()> {
+        let line = serde_json::to_string(value).expect("metrics serialize");
+        writeln!(self.file, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))
+    }
+}
+
+/// Token byte lengths for bits per byte (special tokens count 0 bytes).
+fn token_bytes(tokenizer: &Tokenizer) -> Vec<u32> {
+    (0..tokenizer.vocab_size() as u32)
+        .map(|id| {
+            if tokenizer.is_special(id) {
+                0
+            } else {
+                tokenizer.decode_bytes(&[id]).len() as u32
+            }
+        })
+        .collect()
+}
+
+/// Samples `n` tokens after BOS (temperature 1, top-k 40) with a copy of the model.
+fn sample_text(gpt: &Gpt, tokenizer: &Tokenizer, n: usize, rng: &mut Rng) -> Result<String> {
+    let mut infer = Gpt::new(gpt.config)?;
+    infer.params.copy_from_slice(&gpt.params);
+    let mut tokens = vec![tokenizer.bos_id()];
+    let vocab = gpt.config.vocab_size;
+    let vp = gpt.config.padded_vocab();
+    for _ in 0..n {
+        let window = &tokens[tokens.len().saturating_sub(gpt.config.context)..];
+        let targets = vec![None; window.len()];
+        infer.forward(window, &targets, 1, window.len(), None)?;
+        let logits = &infer.logits()[(window.len() - 1) * vp..(window.len() - 1) * vp + vocab];
+        tokens.push(kiem_engine::sampling::sample_top_k(logits, 1.0, 40, rng));
+    }
+    Ok(String::from_utf8_lossy(&tokenizer.decode_bytes(&tokens[1..])).into_owned())
+}
+
+/// Runs (or, with `resume`, continues) a pre-training run in `run_dir`.
+pub fn pretrain(
+    run_dir: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    cancel: &AtomicBool,
+    observer: &mut dyn Observer,
+) -> Result<Summary> {
+    config.validate()?;
+    let data = DataDir::open(&config.data_dir)?;
+    let tokenizer = data.tokenizer()?;
+    if tokenizer.vocab_size() != config.model.vocab_size {
+        return Err(TrainError::Config(format!(
+            "the model's vocabulary ({}) differs from the data's tokenizer ({})",
+            config.model.vocab_size,
+            tokenizer.vocab_size()
+        )));
+    }
+    let need = memory_estimate(config);
+    if let Some(available) = available_memory() {
+        if need > available {
+            return Err(TrainError::Config(format!(
+                "the model needs about {:.1} GiB (parameters, gradients, AdamW moments, activations for \
+                 --micro-batch {}) but only {:.1} GiB is available; lower --micro-batch, --context or the model size",
+                need as f64 / (1u64 << 30) as f64,
+                config.micro_batch,
+                available as f64 / (1u64 << 30) as f64
+            )));
+        }
+    }
+    let seq = config.model.context;
+    let mut train_loader = TokenLoader::new(&data.train, "train", seq)?;
+    let val_loader = if data.val.iter().map(|s| s.len()).sum::<usize>() > seq {
+        Some(TokenLoader::new(&data.val, "validation", seq)?)
+    } else {
+        observer.note(
+            "the data has no validation split large enough for one sequence: evaluation is skipped",
+        );
+        None
+    };
+
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
+    let mut gpt = Gpt::new(config.model)?;
+    let mut opt = AdamWState::new(config.beta1, config.beta2, config.eps);
+    let mut state = TrainerState {
+        step: 0,
+        tokens_seen: 0,
+        cursor: Default::default(),
+        sample_rng: Rng::new(config.seed ^ 0x5A5A_5A5A),
+        best_val_loss: None,
+        best_val_bpb: None,
+        elapsed_seconds: 0.0,
+        tokenizer_hash: tokenizer.hash().to_string(),
+    };
+    let resumed_from = if resume {
+        let (step, dir) = list_checkpoints(run_dir).pop().ok_or_else(|| {
+            TrainError::Resume(format!(
+                "{} has no checkpoint to resume from",
+                run_dir.display()
+            ))
+        })?;
+        state = load_checkpoint(&dir, &mut gpt, &mut opt)?;
+        if state.tokenizer_hash != tokenizer.hash() {
+            return Err(TrainError::Resume(format!(
+                "the checkpoint was trained with tokenizer {} but the data uses {}",
+                state.tokenizer_hash,
+                tokenizer.hash()
+            )));
+        }
+        train_loader.cursor = state.cursor;
+        Some(step)
+    } else {
+        gpt.init_random(config.seed);
+        let json = serde_json::to_string_pretty(config).expect("config serializes");
+        kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;
+        None
+    };
+    let (mut metrics, mut train_curve, mut val_curve) =
+        Metrics::open(&run_dir.join(METRICS_FILE), Some(state.step))?;
+    observer.started(resumed_from, config, gpt.num_parameters());
+
+    let bytes_of = token_bytes(&tokenizer);
+    let accum = config.grad_accumulation();
+    let mut batches: Vec<(Vec<u32>, Vec<Option<u32>>)> = vec![(Vec::new(), Vec::new()); accum];
+    let started = Instant::now();
+    let elapsed_before = state.elapsed_seconds;
+    let tokens_before = state.tokens_seen;
+    let mut last_loss = f64::NAN;
+    let mut interrupted = false;
+    let plot_title = format!("kiem pretrain: {}", run_dir.display());
+    while state.step < config.steps {
+        let step = state.step;
+        let lr = config.schedule.lr_at(step);
+        for (inputs, targets) in batches.iter_mut() {
+            train_loader.next_batch(config.micro_batch, seq, inputs, targets);
+        }
+        let trained: usize = batches
+            .iter()
+            .map(|(_, t)| t.iter().flatten().count())
+            .sum();
+        let scale = 1.0 / trained.max(1) as f32;
+        gpt.zero_grad();
+        let mut loss_sum = 0.0f64;
+        for (inputs, targets) in &batches {
+            let (sum, _) = gpt.forward(inputs, targets, config.micro_batch, seq, Some(scale))?;
+            loss_sum += sum;
+            gpt.backward()?;
+        }
+        let loss = loss_sum / trained.max(1) as f64;
+        if !loss.is_finite() {
+            let last = list_checkpoints(run_dir)
+                .pop()
+                .map(|(s, d)| format!("step {s} in {}", d.display()));
+            return Err(TrainError::Diverged(format!(
+                "loss is {loss} at step {}; stopped without saving this state. Last good checkpoint: {}. \
+                 Try a lower --lr or a longer --warmup-steps.",
+                step + 1,
+                last.unwrap_or_else(|| "none yet".into())
+            )));
+        }
+        let grad_norm = if config.grad_clip > 0.0 {
+            gpt.clip_grad_norm(f64::from(config.grad_clip))
+        } else {
+            gpt.grad_norm()
+        };
+        gpt.adamw_step(&mut opt, lr, config.weight_decay);
+        state.step += 1;
+        state.tokens_seen += (accum * config.tokens_per_micro_batch()) as u64;
+        state.cursor = train_loader.cursor;
+        last_loss = loss;
+        let session = started.elapsed().as_secs_f64();
+        state.elapsed_seconds = elapsed_before + session;
+        let report = StepReport {
+            step: state.step,
+            total_steps: config.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens: state.tokens_seen,
+            tokens_per_second: (state.tokens_seen - tokens_before) as f64 / session.max(1e-9),
+            elapsed_seconds: state.elapsed_seconds,
+        };
+        metrics.write(&report)?;
+        train_curve.push((state.step, loss));
+        observer.step(&report);
+
+        let last_step = state.step == config.steps;
+        let stop = cancel.load(Ordering::Relaxed);
+        if let Some(val) = &val_loader {
+            if (config.eval_every > 0 && state.step.is_multiple_of(config.eval_every)) || last_step
+            {
+                let report = evaluate(&mut gpt, val, config, &bytes_of, state.step)?;
+                if state.best_val_loss.is_none_or(|b| report.val_loss < b) {
+                    state.best_val_loss = Some(report.val_loss);
+                    state.best_val_bpb = Some(report.val_bpb);
+                }
+                metrics.write(&report)?;
+                val_curve.push((state.step, report.val_loss));
+                observer.eval(&report);
+            }
+        }
+        if config.sample_every > 0 && (state.step.is_multiple_of(config.sample_every) || last_step)
+        {
+            let text = sample_text(
+                &gpt,
+                &tokenizer,
+                config.sample_tokens,
+                &mut state.sample_rng,
+            )?;
+            observer.sample(state.step, &text);
+        }
+        if (config.checkpoint_every > 0 && state.step.is_multiple_of(config.checkpoint_every))
+            || last_step
+            || stop
+        {
+            let dir = save_checkpoint(
+                run_dir,
+                &gpt,
+                &opt,
+                &state,
+                &tokenizer,
+                config.keep_checkpoints,
+            )?;
+            plot_losses(
+                &run_dir.join(PLOT_FILE),
+                &plot_title,
+                &train_curve,
+                &val_curve,
+            )?;
+            observer.checkpoint(state.step, &dir);
+        }
+        if stop && !last_step {
+            interrupted = true;
+            break;
+        }
+    }
+    let model_dir = run_dir.join(MODEL_DIR);
+    if !interrupted {
+        write_model_dir(&model_dir, &gpt, &tokenizer, None)?;
+        plot_losses(
+            &run_dir.join(PLOT_FILE),
+            &plot_title,
+            &train_curve,
+            &val_curve,
+        )?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(Summary {
+        steps: state.step,
+        tokens: state.tokens_seen,
+        seconds: state.elapsed_seconds,
+        tokens_per_second: (state.tokens_seen - tokens_before) as f64 / seconds.max(1e-9),
+        best_val_loss: state.best_val_loss,
+        best_val_bpb: state.best_val_bpb,
+        last_loss,
+        model_dir,
+        interrupted,
+    })
+}
+
+/// Loss and bits per byte over the first `eval_tokens` of the validation split.
+fn evaluate(
+    gpt: &mut Gpt,
+    val: &TokenLoader<'_>,
+    config: &TrainConfig,
+    bytes_of: &[u32],
+    step: u64,
+) -> Result<EvalReport> {
+    let seq = config.model.context;
+    let per_batch = config.tokens_per_micro_batch();
+    let batches = (config.eval_tokens / per_batch).max(1);
+    let mut loader = TokenLoader::new(val.shards(), "validation", seq)?;
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let (mut nats, mut count, mut bytes) = (0.0f64, 0usize, 0u64);
+    for _ in 0..batches {
+        loader.next_batch(config.micro_batch, seq, &mut inputs, &mut targets);
+        let (sum, n) = gpt.forward(&inputs, &targets, config.micro_batch, seq, None)?;
+        nats += sum;
+        count += n;
+        bytes += targets
+            .iter()
+            .flatten()
+            .map(|&t| u64::from(bytes_of[t as usize]))
+            .sum::<u64>();
+        if loader.cursor.epoch > 0 {
+            break;
+        }
+    }
+    Ok(EvalReport {
+        step,
+        val_loss: nats / count.max(1) as f64,
+        val_bpb: nats / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        tokens: count,
+    })
+}

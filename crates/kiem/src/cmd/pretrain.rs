@@ -1,0 +1,427 @@
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiem_data::prepare::DataDir;
+use kiem_engine::ModelConfig;
+use kiem_train::trainer::{EvalReport, Observer, StepReport, RUN_FILE};
+use kiem_train::{Schedule, ScheduleKind, TrainConfig};
+
+use super::cancel_flag;
+use crate::progress;
+use crate::ThreadArgs;
+
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    /// Prepared data directory (from `kiem data prepare`).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+
+    /// Run directory: checkpoints, metrics.jsonl, loss.png and the final model go here.
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+
+    /// Continue the run in RUN_DIR from its last checkpoint, bit for bit (only --steps, --tokens
+    /// and --threads may change).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+
+    /// One dial for the model size: D layers, width 64·D, D heads of 64, and a learning rate
+    /// scaled to the width (default when no shape flags are given: 6).
+    #[arg(long, value_name = "D")]
+    depth: Option<usize>,
+
+    /// Transformer blocks (give --n-layer, --n-head and --n-embd together).
+    #[arg(long, value_name = "N")]
+    n_layer: Option<usize>,
+
+    /// Attention heads per block.
+    #[arg(long, value_name = "N")]
+    n_head: Option<usize>,
+
+    /// Width of the residual stream (a multiple of --n-head).
+    #[arg(long, value_name = "N")]
+    n_embd: Option<usize>,
+
+    /// Context length in tokens (learned positions) [default: 256].
+    #[arg(long, value_name = "T")]
+    context: Option<usize>,
+
+    /// Sequences per forward/backward pass [default: 8].
+    #[arg(long, value_name = "B")]
+    micro_batch: Option<usize>,
+
+    /// Tokens per optimizer step; gradients accumulate over --micro-batch passes to reach it
+    /// [default: micro-batch × context].
+    #[arg(long, value_name = "N")]
+    batch_tokens: Option<usize>,
+
+    /// Optimizer steps to train for.
+    #[arg(long, value_name = "N", conflicts_with = "tokens")]
+    steps: Option<u64>,
+
+    /// Tokens to train on (rounded up to whole steps); alternative to --steps.
+    #[arg(long, value_name = "N")]
+    tokens: Option<u64>,
+
+    /// Peak learning rate [default: from --depth/--n-embd: 6e-4 × 768 / width, at most 3e-3].
+    #[arg(long, value_name = "LR")]
+    lr: Option<f32>,
+
+    /// Final learning rate of the decay [default: lr / 10].
+    #[arg(long, value_name = "LR")]
+    min_lr: Option<f32>,
+
+    /// Steps of linear warmup [default: 1% of the steps, between 1 and 100].
+    #[arg(long, value_name = "N")]
+    warmup_steps: Option<u64>,
+
+    /// Learning-rate schedule after warmup [default: cosine].
+    #[arg(long, value_enum, value_name = "KIND")]
+    schedule: Option<ScheduleArg>,
+
+    /// For --schedule wsd: fraction of the steps spent decaying at the end [default: 0.2].
+    #[arg(long, value_name = "F")]
+    decay_fraction: Option<f32>,
+
+    /// Decoupled AdamW weight decay on matrices (not biases or layer norms) [default: 0.1].
+    #[arg(long, value_name = "W")]
+    weight_decay: Option<f32>,
+
+    /// Clip the global gradient norm to this (0 = off) [default: 1.0].
+    #[arg(long, value_name = "N")]
+    grad_clip: Option<f32>,
+
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long, value_name = "B")]
+    beta1: Option<f32>,
+
+    /// AdamW beta2 [default: 0.95].
+    #[arg(long, value_name = "B")]
+    beta2: Option<f32>,
+
+    /// Evaluate on the validation split every N steps and at the end (0 = only at the end)
+    /// [default: 250].
+    #[arg(long, value_name = "N")]
+    eval_every: Option<u64>,
+
+    /// Validation tokens per evaluation [default: 65536].
+    #[arg(long, value_name = "N")]
+    eval_tokens: Option<usize>,
+
+    /// Print a generated text sample every N steps (0 = never) [default: 500].
+    #[arg(long, value_name = "N")]
+    sample_every: Option<u64>,
+
+    /// Tokens per text sample [default: 64].
+    #[arg(long, value_name = "N")]
+    sample_tokens: Option<usize>,
+
+    /// Save a checkpoint every N steps (and always at the end) [default: 500].
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<u64>,
+
+    /// Checkpoints to keep (older ones are deleted) [default: 3].
+    #[arg(long, value_name = "K")]
+    keep_checkpoints: Option<usize>,
+
+    /// Seed for initialization and sampling [default: 1337].
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Cosine,
+    Wsd,
+}
+
+impl PretrainArgs {
+    /// Flags that define the run and so cannot change on --resume.
+    fn run_defining_flags(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut check = |present: bool, name: &'static str| {
+            if present {
+                given.push(name);
+            }
+        };
+        check(self.data.is_some(), "--data");
+        check(self.out.is_some(), "--out");
+        check(self.depth.is_some(), "--depth");
+        check(self.n_layer.is_some(), "--n-layer");
+        check(self.n_head.is_some(), "--n-head");
+        check(self.n_embd.is_some(), "--n-embd");
+        check(self.context.is_some(), "--context");
+        check(self.micro_batch.is_some(), "--micro-batch");
+        check(self.batch_tokens.is_some(), "--batch-tokens");
+        check(self.lr.is_some(), "--lr");
+        check(self.min_lr.is_some(), "--min-lr");
+        check(self.warmup_steps.is_some(), "--warmup-steps");
+        check(self.schedule.is_some(), "--schedule");
+        check(self.decay_fraction.is_some(), "--decay-fraction");
+        check(self.weight_decay.is_some(), "--weight-decay");
+        check(self.grad_clip.is_some(), "--grad-clip");
+        check(self.beta1.is_some(), "--beta1");
+        check(self.beta2.is_some(), "--beta2");
+        check(self.seed.is_some(), "--seed");
+        given
+    }
+
+    fn steps_for(&self, batch_tokens: usize) -> Option<u64> {
+        self.steps
+            .or(self.tokens.map(|t| t.div_ceil(batch_tokens as u64)))
+    }
+
+    fn config(&self, data_dir: &Path, vocab_size: usize) -> Result<TrainConfig> {
+        let context = self.context.unwrap_or(256);
+        let (n_layer, n_head, n_embd) = match (self.n_layer, self.n_head, self.n_embd, self.depth) {
+            (Some(l), Some(h), Some(c), None) => (l, h, c),
+            (None, None, None, depth) => {
+                let d = depth.unwrap_or(6);
+                if d == 0 || d > 64 {
+                    bail!("--depth {d} is out of range: choose 1..=64");
+                }
+                (d, d, 64 * d)
+            }
+            (_, _, _, Some(_)) => {
+                bail!("give either --depth or --n-layer/--n-head/--n-embd, not both")
+            }
+            _ => bail!("give --n-layer, --n-head and --n-embd together (or use --depth)"),
+        };
+        let model = ModelConfig {
+            n_layer,
+            n_head,
+            n_embd,
+            context,
+            vocab_size,
+        };
+        let micro_batch = self.micro_batch.unwrap_or(8);
+        let batch_tokens = self.batch_tokens.unwrap_or(micro_batch * context);
+        let Some(steps) = self.steps_for(batch_tokens) else {
+            bail!("say how long to train: --steps N or --tokens N");
+        };
+        let lr = self
+            .lr
+            .unwrap_or_else(|| (6e-4 * 768.0 / n_embd as f32).min(3e-3));
+        let schedule = Schedule {
+            kind: match self.schedule {
+                Some(ScheduleArg::Wsd) => ScheduleKind::Wsd,
+                _ => ScheduleKind::Cosine,
+            },
+            lr,
+            min_lr: self.min_lr.unwrap_or(lr / 10.0),
+            warmup_steps: self.warmup_steps.unwrap_or((steps / 100).clamp(1, 100)),
+            total_steps: steps,
+            decay_fraction: self.decay_fraction.unwrap_or(0.2),
+        };
+        Ok(TrainConfig {
+            data_dir: data_dir.to_path_buf(),
+            model,
+            micro_batch,
+            batch_tokens,
+            steps,
+            schedule,
+            weight_decay: self.weight_decay.unwrap_or(0.1),
+            grad_clip: self.grad_clip.unwrap_or(1.0),
+            beta1: self.beta1.unwrap_or(0.9),
+            beta2: self.beta2.unwrap_or(0.95),
+            eps: 1e-8,
+            eval_every: self.eval_every.unwrap_or(250),
+            eval_tokens: self.eval_tokens.unwrap_or(65536),
+            sample_every: self.sample_every.unwrap_or(500),
+            sample_tokens: self.sample_tokens.unwrap_or(64),
+            checkpoint_every: self.checkpoint_every.unwrap_or(500),
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(3),
+            seed: self.seed.unwrap_or(1337),
+        })
+    }
+}
+
+pub fn run(args: PretrainArgs) -> Result<()> {
+    let threads = args.threads.install()?;
+    let (run_dir, config, resume) = match &args.resume {
+        Some(run_dir) => {
+            let given = args.run_defining_flags();
+            if !given.is_empty() {
+                bail!(
+                    "--resume continues a run exactly as it was defined; these flags cannot change: {} \
+                     (only --steps, --tokens and --threads may)",
+                    given.join(", ")
+                );
+            }
+            let path = run_dir.join(RUN_FILE);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "{} is not a kiem run directory (no {RUN_FILE})",
+                    run_dir.display()
+                )
+            })?;
+            let mut config: TrainConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is malformed", path.display()))?;
+            if let Some(steps) = args.steps_for(config.batch_tokens) {
+                config.steps = steps;
+                config.schedule.total_steps = steps;
+            }
+            (run_dir.clone(), config, true)
+        }
+        None => {
+            let Some(data) = &args.data else {
+                bail!("--data DIR is required (a directory made by `kiem data prepare`)");
+            };
+            let Some(out) = &args.out else {
+                bail!("--out RUN_DIR is required (where checkpoints and the model go)");
+            };
+            if out.join(RUN_FILE).exists() {
+                bail!(
+                    "{} already holds a run; continue it with --resume {} or choose another --out",
+                    out.display(),
+                    out.display()
+                );
+            }
+            let data_dir = DataDir::open(data)?;
+            let config = args.config(data, data_dir.manifest.tokenizer.vocab_size)?;
+            (out.clone(), config, false)
+        }
+    };
+    let mut observer = CliObserver::new(threads);
+    let summary = kiem_train::pretrain(&run_dir, &config, resume, &cancel_flag(), &mut observer);
+    observer.bar.finish_and_clear();
+    let summary = summary?;
+    println!(
+        "{} {} steps, {} tokens in {:.1}s ({:.0} tokens/s this session); final train loss {:.4}",
+        if summary.interrupted {
+            "interrupted after"
+        } else {
+            "trained"
+        },
+        summary.steps,
+        progress::count(summary.tokens),
+        summary.seconds,
+        summary.tokens_per_second,
+        summary.last_loss
+    );
+    if let (Some(loss), Some(bpb)) = (summary.best_val_loss, summary.best_val_bpb) {
+        println!("best validation loss {loss:.4} ({bpb:.4} bits per byte)");
+    }
+    if summary.interrupted {
+        println!(
+            "checkpoint saved; continue with: kiem pretrain --resume {}",
+            run_dir.display()
+        );
+    } else {
+        println!(
+            "model: {} (Hugging Face GPT-2 layout); metrics: {}; plot: {}",
+            summary.model_dir.display(),
+            run_dir.join("metrics.jsonl").display(),
+            run_dir.join("loss.png").display()
+        );
+    }
+    Ok(())
+}
+
+struct CliObserver {
+    bar: ProgressBar,
+    threads: usize,
+    /// Without a terminal, a log line every this many steps.
+    log_every: u64,
+    tty: bool,
+}
+
+impl CliObserver {
+    fn new(threads: usize) -> Self {
+        Self {
+            bar: ProgressBar::hidden(),
+            threads,
+            log_every: 1,
+            tty: std::io::stderr().is_terminal() && !progress::quiet(),
+        }
+    }
+
+    fn line(&self, text: &str) {
+        if progress::quiet() {
+            return;
+        }
+        if self.tty {
+            self.bar.println(text);
+        } else {
+            eprintln!("{text}");
+        }
+    }
+}
+
+impl Observer for CliObserver {
+    fn started(&mut self, resumed_from: Option<u64>, config: &TrainConfig, params: usize) {
+        let m = &config.model;
+        self.line(&format!(
+            "{} GPT: {} layers, {} heads, width {}, context {}, vocab {} = {:.2}M parameters; \
+             {} tokens/step ({} × {} × {} accumulation), {} steps, {} threads",
+            if resumed_from.is_some() {
+                "resuming"
+            } else {
+                "training"
+            },
+            m.n_layer,
+            m.n_head,
+            m.n_embd,
+            m.context,
+            m.vocab_size,
+            params as f64 / 1e6,
+            config.batch_tokens,
+            config.micro_batch,
+            m.context,
+            config.grad_accumulation(),
+            config.steps,
+            self.threads
+        ));
+        if let Some(step) = resumed_from {
+            self.line(&format!("resumed from the checkpoint at step {step}"));
+        }
+        self.log_every = (config.steps / 50).max(1);
+        if self.tty {
+            self.bar = ProgressBar::new(config.steps);
+            self.bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} ETA {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            self.bar.set_position(resumed_from.unwrap_or(0));
+        }
+    }
+
+    fn step(&mut self, r: &StepReport) {
+        let msg = format!(
+            "loss {:.4} lr {:.2e} |g| {:.2} {:.0} tok/s",
+            r.loss, r.lr, r.grad_norm, r.tokens_per_second
+        );
+        if self.tty {
+            self.bar.set_position(r.step);
+            self.bar.set_message(msg);
+        } else if r.step % self.log_every == 0 || r.step == r.total_steps {
+            self.line(&format!("step {}/{} {msg}", r.step, r.total_steps));
+        }
+    }
+
+    fn eval(&mut self, r: &EvalReport) {
+        self.line(&format!(
+            "step {}: validation loss {:.4}, {:.4} bits per byte ({} tokens)",
+            r.step, r.val_loss, r.val_bpb, r.tokens
+        ));
+    }
+
+    fn sample(&mut self, step: u64, text: &str) {
+        self.line(&format!("step {step} sample: {text:?}"));
+    }
+
+    fn checkpoint(&mut self, step: u64, dir: &Path) {
+        self.line(&format!("step {step}: checkpoint {}", dir.display()));
+    }
+
+    fn note(&mut self, message: &str) {
+        self.line(&format!("note: {message}"));
+    }
+}
