@@ -49,7 +49,7 @@ enum Command {
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
     /// Pre-train a GPT on token shards (or continue a run with --resume).
-    Pretrain(cmd::pretrain::PretrainArgs),
+    Pretrain(Box<cmd::pretrain::PretrainArgs>),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenizer(c) => cmd::tokenizer::run(c),
         Command::Data(c) => cmd::data::run(c),
-        Command::Pretrain(c) => cmd::pretrain::run(c),
+        Command::Pretrain(c) => cmd::pretrain::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     };
     match result {

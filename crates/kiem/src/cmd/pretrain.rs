@@ -401,7 +401,7 @@ impl Observer for CliObserver {
         if self.tty {
             self.bar.set_position(r.step);
             self.bar.set_message(msg);
-        } else if r.step % self.log_every == 0 || r.step == r.total_steps {
+        } else if r.step.is_multiple_of(self.log_every) || r.step == r.total_steps {
             self.line(&format!("step {}/{} {msg}", r.step, r.total_steps));
         }
     }
