@@ -246,6 +246,17 @@ pub fn pretrain(
             tokenizer.vocab_size()
         )));
     }
+    let seq = config.model.context;
+    let mut train_loader = TokenLoader::new(&data.train, "train", seq)?;
+    let val_loader = if data.val.iter().map(|s| s.len()).sum::<usize>() > seq {
+        Some(TokenLoader::new(&data.val, "validation", seq)?)
+    } else {
+        observer.note(
+            "the data has no validation split large enough for one sequence: evaluation is skipped",
+        );
+        None
+    };
+
     let need = memory_estimate(config);
     if let Some(available) = available_memory() {
         if need > available {
@@ -258,17 +269,6 @@ pub fn pretrain(
             )));
         }
     }
-    let seq = config.model.context;
-    let mut train_loader = TokenLoader::new(&data.train, "train", seq)?;
-    let val_loader = if data.val.iter().map(|s| s.len()).sum::<usize>() > seq {
-        Some(TokenLoader::new(&data.val, "validation", seq)?)
-    } else {
-        observer.note(
-            "the data has no validation split large enough for one sequence: evaluation is skipped",
-        );
-        None
-    };
-
     std::fs::create_dir_all(run_dir)
         .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
     let mut gpt = Gpt::new(config.model)?;

@@ -1,0 +1,312 @@
+//! End-to-end tests of `kiem pretrain`: a SIGKILLed and resumed run matches an uninterrupted
+//! one at every step, and bad setups fail with clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn kiem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiem"))
+}
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    kiem()
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("kiem runs")
+}
+
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "kiem failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn failed(output: Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "expected failure; stderr: {stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "stderr {stderr:?} lacks {needle:?}"
+        );
+    }
+}
+
+/// A small corpus, a byte-level tokenizer and prepared shards in `dir/data`.
+fn prepare(dir: &Path) {
+    let text: String = (0..3000)
+        .map(|i| {
+            format!(
+                "Line {i}: the customer asked about order {} and we replied.\n\n",
+                i * 7 % 1000
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("corpus.txt"), text).unwrap();
+    ok(run(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "corpus.txt",
+            "--vocab-size",
+            "300",
+            "--out",
+            "tok.json",
+        ],
+        dir,
+    ));
+    ok(run(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "corpus.txt",
+            "--split-on-blank-lines",
+            "--tokenizer",
+            "tok.json",
+            "--out",
+            "data",
+            "--val-fraction",
+            "0.1",
+        ],
+        dir,
+    ));
+}
+
+const RUN_FLAGS: &[&str] = &[
+    "--data",
+    "data",
+    "--n-layer",
+    "2",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "64",
+    "--context",
+    "64",
+    "--micro-batch",
+    "4",
+    "--batch-tokens",
+    "512",
+    "--steps",
+    "40",
+    "--lr",
+    "3e-3",
+    "--eval-every",
+    "10",
+    "--eval-tokens",
+    "2048",
+    "--sample-every",
+    "0",
+    "--checkpoint-every",
+    "20",
+    "--threads",
+    "2",
+    "--seed",
+    "7",
+];
+
+/// (step, loss) and (step, val_loss) lines of a run, as their exact JSON text.
+fn curve(run_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            match v.get("loss") {
+                Some(loss) => format!("{} loss {loss} grad {}", v["step"], v["grad_norm"]),
+                None => format!("{} val {} bpb {}", v["step"], v["val_loss"], v["val_bpb"]),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn killed_and_resumed_run_matches_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+
+    let mut whole = vec!["pretrain", "--out", "whole"];
+    whole.extend_from_slice(RUN_FLAGS);
+    ok(run(&whole, dir));
+
+    let mut killed = vec!["pretrain", "--out", "killed"];
+    killed.extend_from_slice(RUN_FLAGS);
+    let mut child = kiem()
+        .args(&killed)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoint = dir.join("killed/checkpoints/step_00000020");
+    let started = Instant::now();
+    while !checkpoint.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !dir.join("killed/model").exists(),
+        "the run was killed before it finished"
+    );
+
+    ok(run(
+        &["pretrain", "--resume", "killed", "--threads", "2"],
+        dir,
+    ));
+    let (a, b) = (curve(&dir.join("whole")), curve(&dir.join("killed")));
+    assert_eq!(a.len(), 40 + 4, "40 steps and 4 evaluations");
+    assert_eq!(a, b, "losses must be bit-identical at every step");
+    assert!(dir.join("killed/model/model.safetensors").exists());
+    assert_eq!(
+        std::fs::read(dir.join("whole/model/model.safetensors")).unwrap(),
+        std::fs::read(dir.join("killed/model/model.safetensors")).unwrap(),
+        "final weights are identical"
+    );
+    assert!(dir.join("whole/loss.png").exists());
+    // Only the last 3 checkpoints are kept (steps 20 and 40 here).
+    let kept: Vec<PathBuf> = std::fs::read_dir(dir.join("whole/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+}
+
+#[test]
+fn bad_setups_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    let base = [
+        "--n-layer",
+        "1",
+        "--n-head",
+        "1",
+        "--n-embd",
+        "16",
+        "--threads",
+        "1",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec!["pretrain".into()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend(base.iter().map(|s| s.to_string()));
+        if !extra.contains(&"--steps") {
+            v.extend(["--steps".to_string(), "2".to_string()]);
+        }
+        v
+    };
+    let go = |args: Vec<String>| run(&args.iter().map(String::as_str).collect::<Vec<_>>(), dir);
+
+    failed(
+        go(with(&["--data", "missing", "--out", "r1"])),
+        &["missing", "kiem data prepare"],
+    );
+    failed(
+        go(with(&["--data", ".", "--out", "r2"])),
+        &["no manifest.json"],
+    );
+    failed(
+        go(with(&[
+            "--data",
+            "data",
+            "--out",
+            "r3",
+            "--context",
+            "100000",
+        ])),
+        &["fewer than one sequence"],
+    );
+    failed(
+        go(with(&[
+            "--data",
+            "data",
+            "--out",
+            "r4",
+            "--micro-batch",
+            "2000000",
+            "--context",
+            "32",
+        ])),
+        &["GiB"],
+    );
+    failed(
+        go(with(&[
+            "--data",
+            "data",
+            "--out",
+            "r5",
+            "--batch-tokens",
+            "100",
+        ])),
+        &["--batch-tokens 100"],
+    );
+    failed(
+        go(with(&[
+            "--data",
+            "data",
+            "--out",
+            "r6",
+            "--lr",
+            "1e6",
+            "--grad-clip",
+            "0",
+            "--steps",
+            "50",
+            "--checkpoint-every",
+            "1",
+        ])),
+        &["diverged", "Last good checkpoint"],
+    );
+    failed(
+        run(&["pretrain", "--resume", "nowhere"], dir),
+        &["nowhere", "run.json"],
+    );
+    ok(go(with(&[
+        "--data",
+        "data",
+        "--out",
+        "r7",
+        "--context",
+        "32",
+    ])));
+    failed(
+        run(&["pretrain", "--resume", "r7", "--lr", "1"], dir),
+        &["--lr", "cannot change"],
+    );
+    failed(
+        go(with(&["--data", "data", "--out", "r7", "--context", "32"])),
+        &["already holds a run", "--resume"],
+    );
+    // Extending a finished run continues it.
+    ok(run(
+        &[
+            "pretrain",
+            "--resume",
+            "r7",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+        ],
+        dir,
+    ));
+    let lines = std::fs::read_to_string(dir.join("r7/metrics.jsonl")).unwrap();
+    assert!(lines.contains("\"step\":3"), "{lines}");
+}
