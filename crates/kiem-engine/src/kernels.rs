@@ -211,6 +211,87 @@ fn gemm_f32(
     }
 }
 
+/// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]` on raw pointers, single-threaded (for use
+/// inside parallel tasks that own disjoint parts of `dst`).
+///
+/// # Safety
+/// Every (row, col) addressed through the strides must lie inside the pointed-to buffers, and
+/// no other thread may write the addressed part of `dst` concurrently.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (usize, usize),
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_strides.1 as isize,
+        dst_strides.0 as isize,
+        accumulate,
+        lhs,
+        lhs_strides.1 as isize,
+        lhs_strides.0 as isize,
+        rhs,
+        rhs_strides.1 as isize,
+        rhs_strides.0 as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Row blocks of the causal attention matmuls: block `[r0, r1)` only needs keys `0..r1`.
+const ATTENTION_BLOCK: usize = 32;
+
+fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t.div_ceil(ATTENTION_BLOCK))
+        .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
+}
+
+/// `e^x` to about 2e-7 relative error, written so loops over it vectorize (the libm call does
+/// not): range reduction by ln 2, a degree-6 polynomial, and the exponent set by bits.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer with plain SSE2 arithmetic
+    // (`round`/`floor` would be library calls on baseline x86-64 and block vectorization).
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
+}
+
+/// `tanh` through [`fast_exp`]: absolute error about 1e-7 (what GELU needs).
+#[inline(always)]
+fn fast_tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (fast_exp(2.0 * x) + 1.0)
+}
+
 /// Sums per-row contributions into `acc[width]` deterministically: rows are grouped in fixed
 /// chunks, each chunk summed in order on some thread, then chunks summed in order.
 fn reduce_rows(
@@ -464,46 +545,65 @@ impl Kernels for Cpu {
         let (t_len, c, nh) = (d.seq, d.channels, d.heads);
         let hs = c / nh;
         let scale = 1.0 / (hs as f32).sqrt();
-        // One task per (batch, head): it owns att[b, h] and the head's columns of out.
+        assert!(qkv.len() >= d.rows() * 3 * c && out.len() >= d.rows() * c);
         let out_ptr = SyncPtr(out.as_mut_ptr());
+        // One task per (batch, head): it owns att[b, h] and the head's columns of out.
         att.par_chunks_mut(t_len * t_len)
             .enumerate()
-            .for_each(|(bh, att_bh)| {
+            .take(d.batch * nh)
+            .for_each(|(bh, p)| {
                 let (b, h) = (bh / nh, bh % nh);
-                for t in 0..t_len {
-                    let q = &qkv[(b * t_len + t) * 3 * c + h * hs..][..hs];
-                    let row = &mut att_bh[t * t_len..(t + 1) * t_len];
-                    let mut max = f32::NEG_INFINITY;
-                    for t2 in 0..=t {
-                        let k = &qkv[(b * t_len + t2) * 3 * c + c + h * hs..][..hs];
-                        let s = dot(q, k) * scale;
-                        row[t2] = s;
-                        max = max.max(s);
+                let q = qkv[(b * t_len) * 3 * c + h * hs..].as_ptr();
+                let k = q.wrapping_add(c);
+                let v = q.wrapping_add(2 * c);
+                for (r0, r1) in row_blocks(t_len) {
+                    // SAFETY: rows r0..r1 of Q and 0..r1 of K lie inside qkv; the block of p is ours.
+                    unsafe {
+                        gemm_raw(
+                            r1 - r0,
+                            r1,
+                            hs,
+                            p[r0 * t_len..].as_mut_ptr(),
+                            (t_len, 1),
+                            false,
+                            q.add(r0 * 3 * c),
+                            (3 * c, 1),
+                            k,
+                            (1, 3 * c),
+                            scale,
+                        );
                     }
+                }
+                for t in 0..t_len {
+                    let row = &mut p[t * t_len..(t + 1) * t_len];
+                    let live = &mut row[..=t];
+                    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0f32;
-                    for v in row[..=t].iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
+                    for x in live.iter_mut() {
+                        *x = fast_exp(*x - max);
+                        sum += *x;
                     }
                     let inv = 1.0 / sum;
-                    for v in row[..=t].iter_mut() {
-                        *v *= inv;
-                    }
+                    live.iter_mut().for_each(|x| *x *= inv);
                     row[t + 1..].fill(0.0);
-                    // SAFETY: (b, t, h) columns of `out` are written by this task only.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out_ptr.get().add((b * t_len + t) * c + h * hs),
+                }
+                for (r0, r1) in row_blocks(t_len) {
+                    // SAFETY: this task alone writes head h's columns of out for batch b.
+                    unsafe {
+                        let y = out_ptr.get().add((b * t_len + r0) * c + h * hs);
+                        gemm_raw(
+                            r1 - r0,
                             hs,
-                        )
-                    };
-                    o.fill(0.0);
-                    for t2 in 0..=t {
-                        let v = &qkv[(b * t_len + t2) * 3 * c + 2 * c + h * hs..][..hs];
-                        let a = row[t2];
-                        for i in 0..hs {
-                            o[i] += a * v[i];
-                        }
+                            r1,
+                            y,
+                            (c, 1),
+                            false,
+                            p[r0 * t_len..].as_ptr(),
+                            (t_len, 1),
+                            v,
+                            (3 * c, 1),
+                            1.0,
+                        );
                     }
                 }
             });
@@ -520,45 +620,98 @@ impl Kernels for Cpu {
         let (t_len, c, nh) = (d.seq, d.channels, d.heads);
         let hs = c / nh;
         let scale = 1.0 / (hs as f32).sqrt();
-        dqkv.par_iter_mut().for_each(|x| *x = 0.0);
+        assert!(
+            qkv.len() >= d.rows() * 3 * c
+                && dqkv.len() >= d.rows() * 3 * c
+                && dout.len() >= d.rows() * c
+        );
+        dqkv.par_chunks_mut(ELEMENTS).for_each(|x| x.fill(0.0));
         let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
         (0..d.batch * nh).into_par_iter().for_each(|bh| {
             let (b, h) = (bh / nh, bh % nh);
-            let att_bh = &att[bh * t_len * t_len..(bh + 1) * t_len * t_len];
-            let mut datt = vec![0f32; t_len];
-            // SAFETY: this task alone touches batch b's head-h columns of q, k and v.
-            let slot = |t: usize, part: usize| unsafe {
-                std::slice::from_raw_parts_mut(
-                    dqkv_ptr
-                        .get()
-                        .add((b * t_len + t) * 3 * c + part * c + h * hs),
-                    hs,
-                )
-            };
-            for t in 0..t_len {
-                let row = &att_bh[t * t_len..(t + 1) * t_len];
-                let g = &dout[(b * t_len + t) * c + h * hs..][..hs];
-                for t2 in 0..=t {
-                    let v = &qkv[(b * t_len + t2) * 3 * c + 2 * c + h * hs..][..hs];
-                    datt[t2] = dot(g, v);
-                    let dv = slot(t2, 2);
-                    for i in 0..hs {
-                        dv[i] += row[t2] * g[i];
-                    }
+            let p = &att[bh * t_len * t_len..(bh + 1) * t_len * t_len];
+            let q = qkv[(b * t_len) * 3 * c + h * hs..].as_ptr();
+            let k = q.wrapping_add(c);
+            let v = q.wrapping_add(2 * c);
+            let dy = dout[(b * t_len) * c + h * hs..].as_ptr();
+            // SAFETY (all blocks below): this task alone writes batch b's head-h columns of
+            // dq, dk and dv; every row addressed is < t_len, every column < hs.
+            let dq = unsafe { dqkv_ptr.get().add((b * t_len) * 3 * c + h * hs) };
+            let dk = dq.wrapping_add(c);
+            let dv = dq.wrapping_add(2 * c);
+            let mut ds = vec![0f32; t_len * t_len];
+            for (r0, r1) in row_blocks(t_len) {
+                unsafe {
+                    // dP = dY · Vᵀ
+                    gemm_raw(
+                        r1 - r0,
+                        r1,
+                        hs,
+                        ds[r0 * t_len..].as_mut_ptr(),
+                        (t_len, 1),
+                        false,
+                        dy.add(r0 * c),
+                        (c, 1),
+                        v,
+                        (1, 3 * c),
+                        1.0,
+                    );
+                    // dV += Pᵀ · dY
+                    gemm_raw(
+                        r1,
+                        hs,
+                        r1 - r0,
+                        dv,
+                        (3 * c, 1),
+                        true,
+                        p[r0 * t_len..].as_ptr(),
+                        (1, t_len),
+                        dy.add(r0 * c),
+                        (c, 1),
+                        1.0,
+                    );
                 }
-                let weighted: f32 = (0..=t).map(|t2| row[t2] * datt[t2]).sum();
-                let q = &qkv[(b * t_len + t) * 3 * c + h * hs..][..hs];
-                for t2 in 0..=t {
-                    let dpre = row[t2] * (datt[t2] - weighted) * scale;
-                    let k = &qkv[(b * t_len + t2) * 3 * c + c + h * hs..][..hs];
-                    let dq = slot(t, 0);
-                    for i in 0..hs {
-                        dq[i] += dpre * k[i];
-                    }
-                    let dk = slot(t2, 1);
-                    for i in 0..hs {
-                        dk[i] += dpre * q[i];
-                    }
+            }
+            for t in 0..t_len {
+                let pr = &p[t * t_len..t * t_len + t + 1];
+                let dr = &mut ds[t * t_len..t * t_len + t + 1];
+                let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                for (x, &pv) in dr.iter_mut().zip(pr) {
+                    *x = pv * (*x - weighted) * scale;
+                }
+                // The block matmul filled dP beyond the diagonal; those keys are masked.
+                ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
+            }
+            for (r0, r1) in row_blocks(t_len) {
+                unsafe {
+                    // dQ = dS · K
+                    gemm_raw(
+                        r1 - r0,
+                        hs,
+                        r1,
+                        dq.add(r0 * 3 * c),
+                        (3 * c, 1),
+                        true,
+                        ds[r0 * t_len..].as_ptr(),
+                        (t_len, 1),
+                        k,
+                        (3 * c, 1),
+                        1.0,
+                    );
+                    // dK += dSᵀ · Q
+                    gemm_raw(
+                        r1,
+                        hs,
+                        r1 - r0,
+                        dk,
+                        (3 * c, 1),
+                        true,
+                        ds[r0 * t_len..].as_ptr(),
+                        (1, t_len),
+                        q.add(r0 * 3 * c),
+                        (3 * c, 1),
+                        1.0,
+                    );
                 }
             }
         });
@@ -570,7 +723,7 @@ impl Kernels for Cpu {
             .for_each(|(o, x)| {
                 for (o, &x) in o.iter_mut().zip(x) {
                     let cube = 0.044715 * x * x * x;
-                    *o = 0.5 * x * (1.0 + (GELU_SCALE * (x + cube)).tanh());
+                    *o = 0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + cube)));
                 }
             });
     }
@@ -582,7 +735,7 @@ impl Kernels for Cpu {
                 for ((di, &x), &g) in di.iter_mut().zip(x).zip(g) {
                     let cube = 0.044715 * x * x * x;
                     let arg = GELU_SCALE * (x + cube);
-                    let th = arg.tanh();
+                    let th = fast_tanh(arg);
                     let sech2 = 1.0 - th * th;
                     let local = 0.5 * (1.0 + th)
                         + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
@@ -625,13 +778,13 @@ impl Kernels for Cpu {
                 let target = target as usize;
                 let live = &mut row[..vocab];
                 let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = live.iter().map(|&x| (x - max).exp()).sum();
+                let sum: f32 = live.iter().map(|&x| fast_exp(x - max)).sum();
                 let log_sum = sum.ln();
                 *loss = log_sum - (live[target] - max);
                 if let Some(scale) = grad_scale {
                     let inv = 1.0 / sum;
                     for (i, x) in live.iter_mut().enumerate() {
-                        let p = (*x - max).exp() * inv;
+                        let p = fast_exp(*x - max) * inv;
                         *x = (p - if i == target { 1.0 } else { 0.0 }) * scale;
                     }
                     row[vocab..].fill(0.0);
@@ -670,23 +823,6 @@ impl Kernels for Cpu {
                 }
             });
     }
-}
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent sums let the compiler vectorize without reassociating floats itself.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for i in 0..chunks {
-        for j in 0..8 {
-            acc[j] += a[i * 8 + j] * b[i * 8 + j];
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.

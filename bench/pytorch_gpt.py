@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""PyTorch reference trainer for kiem's benchmarks: the same GPT-2 model, initialization, data
+order and AdamW as `kiem pretrain`, in fp32 eager PyTorch.
+
+Model: learned positions, pre-LayerNorm, causal multi-head attention (scaled dot product), tanh
+GELU, MLP x4, tied input/output embeddings, biases, no dropout; init N(0, 0.02), residual
+projections N(0, 0.02/sqrt(2L)). AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on
+matrices only, gradient clipping at 1.0, constant learning rate (the schedule does not change the
+cost). Data: kiem/llm.c token shards (`train_*.bin` of a `kiem data prepare` directory), read as
+one stream in rows of context + 1 tokens exactly as kiem's loader does.
+
+Prints one JSON line: {"tokens_per_second", "steps", "timed_steps", "losses", "threads"}.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, c, nh):
+        super().__init__()
+        self.nh = nh
+        self.ln_1 = nn.LayerNorm(c)
+        self.c_attn = nn.Linear(c, 3 * c)
+        self.c_proj = nn.Linear(c, c)
+        self.ln_2 = nn.LayerNorm(c)
+        self.c_fc = nn.Linear(c, 4 * c)
+        self.mlp_proj = nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.nh, c // self.nh).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab, ctx, layers, heads, width):
+        super().__init__()
+        padded = (vocab + 63) // 64 * 64  # kiem pads the vocabulary the same way
+        self.vocab = vocab
+        self.wte = nn.Embedding(padded, width)
+        self.wpe = nn.Embedding(ctx, width)
+        self.h = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("c_proj.weight", "mlp_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif "ln" in name and name.endswith("weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+        with torch.no_grad():
+            self.wte.weight[vocab:].zero_()
+
+    def forward(self, idx, targets):
+        t = idx.shape[1]
+        x = self.wte(idx) + self.wpe(torch.arange(t))
+        for block in self.h:
+            x = block(x)
+        logits = self.ln_f(x) @ self.wte.weight[: self.vocab].t()
+        return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+
+
+def shards(data_dir):
+    tokens = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "train_*.bin"))):
+        header = np.fromfile(path, dtype=np.int32, count=256)
+        assert header[0] == 20240520, f"{path}: not a token shard"
+        dtype = np.uint16 if header[1] == 1 else np.uint32
+        tokens.append(np.fromfile(path, dtype=dtype, offset=1024, count=int(header[2])))
+    return np.concatenate(tokens).astype(np.int64)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--vocab", type=int, required=True)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-head", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=384)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    torch.manual_seed(1337)
+    torch.set_num_threads(args.threads)
+    data = shards(args.data)
+    model = GPT(args.vocab, args.context, args.n_layer, args.n_head, args.n_embd)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    b, t = args.micro_batch, args.context
+    pos = 0
+    losses = []
+    start = None
+    for step in range(args.steps):
+        if step == args.warmup:
+            start = time.perf_counter()
+        rows = []
+        for _ in range(b):
+            if pos + t + 1 > len(data):
+                pos = 0
+            rows.append(data[pos: pos + t + 1])
+            pos += t
+        batch = torch.from_numpy(np.stack(rows))
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    elapsed = time.perf_counter() - start
+    timed = args.steps - args.warmup
+    print(json.dumps({"tokens_per_second": timed * b * t / elapsed, "steps": args.steps, "timed_steps": timed,
+                      "losses": losses, "threads": args.threads, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Training speed, kiem vs PyTorch eager, in one run on the same data, model and thread count.
+
+Runs `kiem pretrain` and bench/pytorch_gpt.py one after the other with identical settings and
+prints tokens/s of each (first --warmup steps excluded), their ratio, and each process's peak RSS.
+
+    python bench/train.py --data runs/bench-data [--threads 2] [--steps 20]
+        [--kiem target/release/kiem] [--min-ratio 1.0]
+
+The data directory must come from `kiem data prepare` (its tokenizer sets the vocabulary).
+Default model: the issue's benchmark config (context 256, 6 layers, 6 heads, width 384, micro-batch 8).
+--min-ratio makes the script exit non-zero when kiem / PyTorch tokens/s falls below it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def peak_rss_wrapper(cmd):
+    """Runs cmd under a tiny wrapper that reports the child's own ru_maxrss (KiB)."""
+    code = ("import os,sys,subprocess;p=subprocess.Popen(sys.argv[1:]);"
+            "_,s,r=os.wait4(p.pid,0);print('RSS_KIB',r.ru_maxrss,file=sys.stderr);"
+            "sys.exit(os.waitstatus_to_exitcode(s))")
+    proc = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    rss = [line for line in proc.stderr.splitlines() if line.startswith("RSS_KIB")][-1]
+    return proc.stdout, int(rss.split()[1]) / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-head", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=384)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--kiem", default=os.path.join(ROOT, "target", "release", "kiem"))
+    ap.add_argument("--python", default=sys.executable, help="Python with torch for the reference")
+    ap.add_argument("--min-ratio", type=float, default=None)
+    args = ap.parse_args()
+
+    manifest = json.load(open(os.path.join(args.data, "manifest.json")))
+    vocab = manifest["tokenizer"]["vocab_size"]
+    shape = ["--context", str(args.context), "--n-layer", str(args.n_layer), "--n-head", str(args.n_head),
+             "--n-embd", str(args.n_embd), "--micro-batch", str(args.micro_batch)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        _, kiem_rss = peak_rss_wrapper(
+            [args.kiem, "--quiet", "pretrain", "--data", args.data, "--out", run_dir, *shape, "--steps", str(args.steps),
+             "--lr", "1e-3", "--warmup-steps", "1", "--eval-every", "0", "--eval-tokens", "1", "--sample-every", "0",
+             "--checkpoint-every", "0", "--threads", str(args.threads)])
+        steps = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in l]
+        first, last = steps[args.warmup - 1], steps[-1]
+        kiem_tps = (last["tokens"] - first["tokens"]) / (last["elapsed_seconds"] - first["elapsed_seconds"])
+        kiem_losses = [s["loss"] for s in steps]
+
+    out, torch_rss = peak_rss_wrapper(
+        [args.python, os.path.join(ROOT, "bench", "pytorch_gpt.py"), "--data", args.data, "--vocab", str(vocab),
+         *shape, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)])
+    ref = json.loads(out.strip().splitlines()[-1])
+    ratio = kiem_tps / ref["tokens_per_second"]
+    print(f"config: vocab {vocab}, context {args.context}, {args.n_layer} layers, {args.n_head} heads, "
+          f"width {args.n_embd}, micro-batch {args.micro_batch}, fp32, {args.threads} threads, "
+          f"{args.steps} steps ({args.warmup} untimed); torch {ref['torch']}")
+    print("| | kiem | PyTorch eager | kiem / PyTorch |")
+    print("|---|---|---|---|")
+    print(f"| tokens/s | {kiem_tps:.0f} | {ref['tokens_per_second']:.0f} | {ratio:.2f}x |")
+    print(f"| peak RSS (MiB) | {kiem_rss:.0f} | {torch_rss:.0f} | {kiem_rss / torch_rss:.2f}x |")
+    print(f"| loss at step 1 / {args.steps} | {kiem_losses[0]:.3f} / {kiem_losses[-1]:.3f} | "
+          f"{ref['losses'][0]:.3f} / {ref['losses'][-1]:.3f} | |")
+    if args.min_ratio is not None and ratio < args.min_ratio:
+        print(f"FAIL: kiem/PyTorch tokens/s ratio {ratio:.2f} < {args.min_ratio}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

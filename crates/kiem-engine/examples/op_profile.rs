@@ -1,0 +1,116 @@
+//! Times each kernel of one training step on the benchmark shape (a quick profile).
+//! `cargo run --release -p kiem-engine --example op_profile [threads]`
+
+use std::time::Instant;
+
+use kiem_engine::kernels::{Cpu, Dims, Kernels, WeightLayout};
+
+fn time<F: FnMut()>(name: &str, flops: f64, reps: usize, mut f: F) {
+    f();
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    let s = t.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "{name:<34} {:8.2} ms  {:7.1} GFLOP/s",
+        s * 1e3,
+        flops / s / 1e9
+    );
+}
+
+fn main() {
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .unwrap();
+    let (b, t, c, nh, v) = (8usize, 256usize, 384usize, 6usize, 4096usize);
+    let rows = b * t;
+    let k = Cpu;
+    let x = vec![0.5f32; rows * 4 * c];
+    let w = vec![0.01f32; 4 * c * v.max(4 * c)];
+    let mut out = vec![0f32; rows * v];
+    let mut dx = vec![0f32; rows * 4 * c];
+    let mut dw = vec![0f32; 4 * c * v.max(4 * c)];
+    for (name, cin, cout, layout) in [
+        ("qkv", c, 3 * c, WeightLayout::InOut),
+        ("attn proj", c, c, WeightLayout::InOut),
+        ("fc", c, 4 * c, WeightLayout::InOut),
+        ("fc proj", 4 * c, c, WeightLayout::InOut),
+        ("lm head", c, v, WeightLayout::OutIn),
+    ] {
+        let f = 2.0 * (rows * cin * cout) as f64;
+        time(&format!("{name} fwd"), f, 3, || {
+            k.matmul_forward(
+                &mut out[..rows * cout],
+                &x[..rows * cin],
+                &w[..cin * cout],
+                layout,
+                None,
+                cin,
+                cout,
+            )
+        });
+        time(&format!("{name} bwd"), 2.0 * f, 3, || {
+            k.matmul_backward(
+                &mut dx[..rows * cin],
+                &mut dw[..cin * cout],
+                None,
+                &out[..rows * cout],
+                &x[..rows * cin],
+                &w[..cin * cout],
+                layout,
+                cin,
+                cout,
+            )
+        });
+    }
+    let d = Dims {
+        batch: b,
+        seq: t,
+        channels: c,
+        heads: nh,
+    };
+    let qkv = vec![0.1f32; rows * 3 * c];
+    let mut att = vec![0f32; b * nh * t * t];
+    let mut y = vec![0f32; rows * c];
+    let af = 2.0 * 2.0 * (b * nh * t * t / 2 * (c / nh)) as f64;
+    time("attention fwd", af, 3, || {
+        k.attention_forward(&mut y, &mut att, &qkv, d)
+    });
+    let mut dqkv = vec![0f32; rows * 3 * c];
+    time("attention bwd", 2.0 * af, 3, || {
+        k.attention_backward(&mut dqkv, &y, &qkv, &att, d)
+    });
+    let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
+    let lw = vec![1f32; c];
+    time("layernorm fwd", 0.0, 5, || {
+        k.layernorm_forward(&mut y, &mut mean, &mut rstd, &x[..rows * c], &lw, &lw, c)
+    });
+    let (mut g1, mut g2) = (vec![0f32; c], vec![0f32; c]);
+    time("layernorm bwd", 0.0, 5, || {
+        k.layernorm_backward(
+            &mut dx[..rows * c],
+            &mut g1,
+            &mut g2,
+            &y,
+            &x[..rows * c],
+            &lw,
+            &mean,
+            &rstd,
+            c,
+        )
+    });
+    let mut h = vec![0f32; rows * 4 * c];
+    time("gelu fwd", 0.0, 5, || k.gelu_forward(&mut h, &x));
+    time("gelu bwd", 0.0, 5, || k.gelu_backward(&mut dx, &x, &h));
+    let targets: Vec<Option<u32>> = (0..rows).map(|i| Some((i % v) as u32)).collect();
+    let mut losses = vec![0f32; rows];
+    time("cross-entropy fwd+bwd", 0.0, 3, || {
+        k.cross_entropy(&mut out, &mut losses, &targets, v, v, Some(1.0))
+    });
+}
