@@ -87,7 +87,7 @@ pub trait Kernels: Sync {
         c_in: usize,
         c_out: usize,
     );
-    /// `dinp +=`, `dw +=`, `dbias +=`.
+    /// `dinp =` (overwritten), `dw +=`, `dbias +=`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
@@ -183,6 +183,13 @@ fn gemm_f32(
     assert!(rhs.len() >= extent(k, n, rhs_strides), "gemm rhs too small");
     if m == 0 || n == 0 {
         return;
+    }
+    if dst_strides.1 == 1 && k > 0 {
+        if let Some(blas) = crate::blas::blas() {
+            if blas.sgemm(m, n, k, dst, dst_strides.0, accumulate, lhs, lhs_strides, rhs, rhs_strides) {
+                return;
+            }
+        }
     }
     // SAFETY: the asserts above keep every access inside the slices; dst does not alias the
     // inputs (it is a distinct &mut).
@@ -290,6 +297,34 @@ pub fn fast_exp(x: f32) -> f32 {
 #[inline(always)]
 fn fast_tanh(x: f32) -> f32 {
     1.0 - 2.0 / (fast_exp(2.0 * x) + 1.0)
+}
+
+/// Maximum with 8 independent lanes, so the loop vectorizes.
+#[inline]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
+        }
+    }
+    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// Sum of `f(x)` with 8 independent lanes (a fixed order, so still deterministic).
+#[inline]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            lanes[j] += f(c[j]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Sums per-row contributions into `acc[width]` deterministically: rows are grouped in fixed
@@ -487,7 +522,7 @@ impl Kernels for Cpu {
         c_out: usize,
     ) {
         let rows = inp.len() / c_in;
-        // dinp[rows, in] += dout[rows, out] · Wᵀ
+        // dinp[rows, in] = dout[rows, out] · Wᵀ
         let wt_strides = match layout {
             WeightLayout::InOut => (1, c_out),
             WeightLayout::OutIn => (c_in, 1),
@@ -498,7 +533,7 @@ impl Kernels for Cpu {
             c_out,
             dinp,
             (c_in, 1),
-            true,
+            false,
             dout,
             (c_out, 1),
             w,
@@ -777,8 +812,8 @@ impl Kernels for Cpu {
                 };
                 let target = target as usize;
                 let live = &mut row[..vocab];
-                let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = live.iter().map(|&x| fast_exp(x - max)).sum();
+                let max = lane_max(live);
+                let sum = lane_sum(live, |x| fast_exp(x - max));
                 let log_sum = sum.ln();
                 *loss = log_sum - (live[target] - max);
                 if let Some(scale) = grad_scale {

@@ -382,7 +382,6 @@ impl<K: Kernels> Gpt<K> {
         let s = &mut self.scratch;
 
         // Output head (tied to wte) and final layer norm.
-        s.ln.fill(0.0);
         k.matmul_backward(
             &mut s.ln,
             &mut g[lay.wte.clone()],
@@ -419,7 +418,6 @@ impl<K: Kernels> Gpt<K> {
                 &a.residual3[(l - 1) * bt * c..l * bt * c]
             };
             // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))).
-            s.fch_gelu.fill(0.0);
             {
                 let (dw, db) = two_mut(g, lp.fc_proj_w.clone(), lp.fc_proj_b.clone());
                 k.matmul_backward(
@@ -435,8 +433,7 @@ impl<K: Kernels> Gpt<K> {
                 );
             }
             k.gelu_backward(&mut s.fch, &a.fch[row(4 * c)], &s.fch_gelu);
-            s.ln.fill(0.0);
-            {
+                {
                 let (dw, db) = two_mut(g, lp.fc_w.clone(), lp.fc_b.clone());
                 k.matmul_backward(
                     &mut s.ln,
@@ -465,7 +462,6 @@ impl<K: Kernels> Gpt<K> {
                 );
             }
             // Attention: residual2 = residual_in + attn_proj(attention(qkv(ln1(residual_in)))).
-            s.atty.fill(0.0);
             {
                 let (dw, db) = two_mut(g, lp.attn_proj_w.clone(), lp.attn_proj_b.clone());
                 k.matmul_backward(
@@ -488,8 +484,7 @@ impl<K: Kernels> Gpt<K> {
                 &a.att[l * att_len..(l + 1) * att_len],
                 d,
             );
-            s.ln.fill(0.0);
-            {
+                {
                 let (dw, db) = two_mut(g, lp.qkv_w.clone(), lp.qkv_b.clone());
                 k.matmul_backward(
                     &mut s.ln,
