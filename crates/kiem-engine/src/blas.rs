@@ -74,22 +74,30 @@ pub fn backend_name() -> String {
 }
 
 impl Blas {
-    /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with row-major `dst` (row stride `ldc`) and each
+    /// `dst[m, n] (+)= beta_scale · lhs[m, k] · rhs[k, n]` with row-major `dst` (row stride `ldc`) and each
     /// operand either row-major `(ld, 1)` or transposed `(1, ld)`. Returns false when the
     /// strides fit neither (the caller then uses the `gemm` crate).
+    ///
+    /// With `serial`, the call stays on the current thread (for use inside parallel tasks).
+    ///
+    /// # Safety
+    /// Every element addressed through the strides must lie inside the pointed-to buffers, and
+    /// nothing else may write the addressed part of `dst` during the call.
     #[allow(clippy::too_many_arguments)]
-    pub fn sgemm(
+    pub unsafe fn sgemm_raw(
         &self,
+        serial: bool,
         m: usize,
         n: usize,
         k: usize,
-        dst: &mut [f32],
+        dst: *mut f32,
         ldc: usize,
         accumulate: bool,
-        lhs: &[f32],
+        lhs: *const f32,
         lhs_strides: (usize, usize),
-        rhs: &[f32],
+        rhs: *const f32,
         rhs_strides: (usize, usize),
+        beta_scale: f32,
     ) -> bool {
         let layout = |(rs, cs): (usize, usize)| match (rs, cs) {
             (ld, 1) => Some((NO_TRANS, ld)),
@@ -112,18 +120,17 @@ impl Blas {
                 unsafe { set(1) };
             }
         }
-        let tasks = rayon::current_num_threads().min(m.div_ceil(16)).max(1);
+        let tasks = if serial { 1 } else { rayon::current_num_threads().min(m.div_ceil(16)).max(1) };
         let rows_per_task = m.div_ceil(tasks);
         let lhs_row_step = if ta == NO_TRANS { lda } else { 1 };
-        let (lhs_ptr, rhs_ptr, dst_ptr) = (lhs.as_ptr() as usize, rhs.as_ptr() as usize, dst.as_mut_ptr() as usize);
+        let (lhs_ptr, rhs_ptr, dst_ptr) = (lhs as usize, rhs as usize, dst as usize);
         let beta = if accumulate { 1.0 } else { 0.0 };
         let sgemm = self.sgemm;
         let run = |task: usize| {
             let m0 = task * rows_per_task;
             let rows = rows_per_task.min(m - m0);
-            // SAFETY: the caller (`gemm_f32`) checked that every addressed element lies inside
-            // the slices; each task writes its own rows m0..m0+rows of dst, which does not
-            // alias the inputs.
+            // SAFETY: the caller guarantees every addressed element lies inside the buffers;
+            // each task writes its own rows m0..m0+rows of dst, which does not alias the inputs.
             unsafe {
                 sgemm(
                     ROW_MAJOR,
@@ -132,7 +139,7 @@ impl Blas {
                     rows as i32,
                     n as i32,
                     k as i32,
-                    1.0,
+                    beta_scale,
                     (lhs_ptr as *const f32).add(m0 * lhs_row_step),
                     lda as i32,
                     rhs_ptr as *const f32,
