@@ -45,22 +45,27 @@ pub fn blas() -> Option<&'static Blas> {
         if std::env::var("KIEM_BLAS").is_ok_and(|v| v == "gemm" || v == "off") {
             return None;
         }
-        ["libopenblas.so.0", "libopenblas.so"].iter().find_map(|name| {
-            // SAFETY: loading OpenBLAS runs its (well-behaved) initializers; the symbols are
-            // looked up with their documented C signatures.
-            unsafe {
-                let library = libloading::Library::new(name).ok()?;
-                let sgemm = *library.get::<SgemmFn>(b"cblas_sgemm\0").ok()?;
-                let set_threads = library.get::<SetThreadsFn>(b"openblas_set_num_threads\0").ok().map(|f| *f);
-                Some(Blas {
-                    _library: library,
-                    sgemm,
-                    set_threads,
-                    threads: AtomicUsize::new(0),
-                    name: name.to_string(),
-                })
-            }
-        })
+        ["libopenblas.so.0", "libopenblas.so"]
+            .iter()
+            .find_map(|name| {
+                // SAFETY: loading OpenBLAS runs its (well-behaved) initializers; the symbols are
+                // looked up with their documented C signatures.
+                unsafe {
+                    let library = libloading::Library::new(name).ok()?;
+                    let sgemm = *library.get::<SgemmFn>(b"cblas_sgemm\0").ok()?;
+                    let set_threads = library
+                        .get::<SetThreadsFn>(b"openblas_set_num_threads\0")
+                        .ok()
+                        .map(|f| *f);
+                    Some(Blas {
+                        _library: library,
+                        sgemm,
+                        set_threads,
+                        threads: AtomicUsize::new(0),
+                        name: name.to_string(),
+                    })
+                }
+            })
     })
     .as_ref()
 }
@@ -120,7 +125,11 @@ impl Blas {
                 unsafe { set(1) };
             }
         }
-        let tasks = if serial { 1 } else { rayon::current_num_threads().min(m.div_ceil(16)).max(1) };
+        let tasks = if serial {
+            1
+        } else {
+            rayon::current_num_threads().min(m.div_ceil(16)).max(1)
+        };
         let rows_per_task = m.div_ceil(tasks);
         let lhs_row_step = if ta == NO_TRANS { lda } else { 1 };
         let (lhs_ptr, rhs_ptr, dst_ptr) = (lhs as usize, rhs as usize, dst as usize);

@@ -186,7 +186,24 @@ fn gemm_f32(
     }
     if dst_strides.1 == 1 && k > 0 {
         if let Some(blas) = crate::blas::blas() {
-            if blas.sgemm(m, n, k, dst, dst_strides.0, accumulate, lhs, lhs_strides, rhs, rhs_strides) {
+            // SAFETY: the asserts above bound every access; dst is a distinct &mut.
+            let done = unsafe {
+                blas.sgemm_raw(
+                    false,
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    dst_strides.0,
+                    accumulate,
+                    lhs.as_ptr(),
+                    lhs_strides,
+                    rhs.as_ptr(),
+                    rhs_strides,
+                    1.0,
+                )
+            };
+            if done {
                 return;
             }
         }
@@ -240,6 +257,26 @@ unsafe fn gemm_raw(
 ) {
     if m == 0 || n == 0 {
         return;
+    }
+    if dst_strides.1 == 1 && k > 0 {
+        if let Some(blas) = crate::blas::blas() {
+            if blas.sgemm_raw(
+                true,
+                m,
+                n,
+                k,
+                dst,
+                dst_strides.0,
+                accumulate,
+                lhs,
+                lhs_strides,
+                rhs,
+                rhs_strides,
+                beta,
+            ) {
+                return;
+            }
+        }
     }
     gemm::gemm(
         m,
@@ -310,7 +347,9 @@ fn lane_max(x: &[f32]) -> f32 {
             lanes[j] = if c[j] > lanes[j] { c[j] } else { lanes[j] };
         }
     }
-    tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+    tail.iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
 }
 
 /// Sum of `f(x)` with 8 independent lanes (a fixed order, so still deterministic).
@@ -612,13 +651,9 @@ impl Kernels for Cpu {
                 for t in 0..t_len {
                     let row = &mut p[t * t_len..(t + 1) * t_len];
                     let live = &mut row[..=t];
-                    let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0f32;
-                    for x in live.iter_mut() {
-                        *x = fast_exp(*x - max);
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
+                    let max = lane_max(live);
+                    live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                    let inv = 1.0 / lane_sum(live, |e| e);
                     live.iter_mut().for_each(|x| *x *= inv);
                     row[t + 1..].fill(0.0);
                 }
@@ -813,16 +848,19 @@ impl Kernels for Cpu {
                 let target = target as usize;
                 let live = &mut row[..vocab];
                 let max = lane_max(live);
-                let sum = lane_sum(live, |x| fast_exp(x - max));
-                let log_sum = sum.ln();
-                *loss = log_sum - (live[target] - max);
-                if let Some(scale) = grad_scale {
-                    let inv = 1.0 / sum;
-                    for (i, x) in live.iter_mut().enumerate() {
-                        let p = fast_exp(*x - max) * inv;
-                        *x = (p - if i == target { 1.0 } else { 0.0 }) * scale;
+                let logit = live[target] - max;
+                match grad_scale {
+                    None => *loss = lane_sum(live, |x| fast_exp(x - max)).ln() - logit,
+                    Some(scale) => {
+                        // One exp per logit: store e^(x - max), then normalize in place.
+                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                        let sum = lane_sum(live, |e| e);
+                        *loss = sum.ln() - logit;
+                        let factor = scale / sum;
+                        live.iter_mut().for_each(|e| *e *= factor);
+                        live[target] -= scale;
+                        row[vocab..].fill(0.0);
                     }
-                    row[vocab..].fill(0.0);
                 }
             });
     }

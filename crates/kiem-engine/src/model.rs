@@ -433,7 +433,7 @@ impl<K: Kernels> Gpt<K> {
                 );
             }
             k.gelu_backward(&mut s.fch, &a.fch[row(4 * c)], &s.fch_gelu);
-                {
+            {
                 let (dw, db) = two_mut(g, lp.fc_w.clone(), lp.fc_b.clone());
                 k.matmul_backward(
                     &mut s.ln,
@@ -484,7 +484,7 @@ impl<K: Kernels> Gpt<K> {
                 &a.att[l * att_len..(l + 1) * att_len],
                 d,
             );
-                {
+            {
                 let (dw, db) = two_mut(g, lp.qkv_w.clone(), lp.qkv_b.clone());
                 k.matmul_backward(
                     &mut s.ln,
