@@ -10,3 +10,6 @@ if ! .venv/bin/python -c "import tokenizers, tiktoken" 2>/dev/null; then
 fi
 export KIEM_PYTHON="$PWD/.venv/bin/python"
 cargo test --workspace --locked "$@"
+# The engine's matmuls run on the system OpenBLAS when it is installed; check the built-in
+# `gemm` path against the same finite-difference and PyTorch tests too.
+KIEM_BLAS=gemm cargo test --locked -p kiem-engine "$@"

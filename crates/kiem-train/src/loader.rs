@@ -91,3 +91,67 @@ impl<'a> TokenLoader<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiem_data::shard::{ShardWriter, TokenWidth};
+
+    fn shards(dir: &std::path::Path, sizes: &[u32]) -> Vec<Shard> {
+        let mut writer = ShardWriter::new(dir, "train", sizes[0] as u64, TokenWidth::U16).unwrap();
+        let total: u32 = sizes.iter().sum();
+        writer.write(&(0..total).collect::<Vec<_>>()).unwrap();
+        let infos = writer.finish().unwrap();
+        infos
+            .iter()
+            .map(|i| Shard::open(&dir.join(&i.file)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn rows_cross_shards_and_wrap_around() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = shards(dir.path(), &[10, 10, 5]);
+        let mut loader = TokenLoader::new(&shards, "train", 4).unwrap();
+        assert_eq!(loader.total_tokens(), 25);
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        loader.next_batch(3, 4, &mut inputs, &mut targets);
+        assert_eq!(inputs, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        let expected: Vec<Option<u32>> = (1..=12).map(Some).collect();
+        assert_eq!(
+            targets, expected,
+            "targets are the inputs shifted by one, across shards"
+        );
+        loader.next_batch(3, 4, &mut inputs, &mut targets);
+        assert_eq!(inputs, vec![12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]);
+        assert_eq!(
+            targets.last(),
+            Some(&Some(24)),
+            "the last row ends exactly at the last token"
+        );
+        // A row at 24 would need tokens up to 28 > 25: wrap to the start, next epoch.
+        loader.next_batch(1, 4, &mut inputs, &mut targets);
+        assert_eq!(inputs, vec![0, 1, 2, 3]);
+        assert_eq!(
+            loader.cursor,
+            Cursor {
+                position: 4,
+                epoch: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_split_shorter_than_a_row_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let shards = shards(dir.path(), &[5]);
+        let err = TokenLoader::new(&shards, "train", 8)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("5 tokens") && err.contains("--context 8"),
+            "{err}"
+        );
+    }
+}

@@ -58,16 +58,43 @@ enum Command {
 /// Threads for the parallel parts of a command.
 #[derive(Args, Debug, Clone)]
 pub struct ThreadArgs {
-    /// Worker threads (default: all available cores).
+    /// Worker threads (default: the number of physical cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+}
+
+/// Physical cores (hyper-threads share one core's arithmetic units, so numeric work gains
+/// nothing from them), falling back to the logical count.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::HashSet::new();
+    let mut physical = "";
+    for line in info.lines() {
+        if let Some((key, value)) = line.split_once(':') {
+            match key.trim() {
+                "physical id" => physical = value.trim(),
+                "core id" => {
+                    cores.insert((physical.to_string(), value.trim().to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    // A container may see fewer CPUs than the machine has cores.
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
 }
 
 impl ThreadArgs {
     /// Sizes the global rayon pool; returns the thread count in use.
     pub fn install(&self) -> anyhow::Result<usize> {
-        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = self.threads.unwrap_or(available);
+        let threads = self.threads.unwrap_or_else(physical_cores);
         if threads == 0 || threads > 1024 {
             anyhow::bail!("--threads {threads} is out of range: choose 1..=1024");
         }

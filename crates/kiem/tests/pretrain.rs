@@ -189,6 +189,81 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 }
 
 #[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    let child = kiem()
+        .args([
+            "pretrain",
+            "--data",
+            "data",
+            "--out",
+            "run",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "1",
+            "--n-embd",
+            "16",
+            "--context",
+            "32",
+            "--steps",
+            "1000000",
+            "--checkpoint-every",
+            "0",
+            "--eval-every",
+            "0",
+            "--sample-every",
+            "0",
+            "--threads",
+            "1",
+        ])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = dir.join("run/metrics.jsonl");
+    let started = Instant::now();
+    while std::fs::read_to_string(&metrics)
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("interrupted after") && stdout.contains("--resume run"),
+        "{stdout}"
+    );
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.join("run/checkpoints"))
+        .unwrap()
+        .collect();
+    assert_eq!(
+        checkpoints.len(),
+        1,
+        "one checkpoint written at the interruption"
+    );
+}
+
+#[test]
 fn bad_setups_fail_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
