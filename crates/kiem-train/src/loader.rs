@@ -1,31 +1,71 @@
-//! Batches of (input, target) rows from token shards, read as one stream that wraps around.
-//! The cursor is plain data, saved in checkpoints, so a resumed run reads the same batches.
+//! Batches of (input, target) rows from token shards, read as one stream cut into rows.
+//!
+//! Training visits the rows of each epoch in a seeded pseudo-random order (a bijection on the
+//! row indices, so no permutation table is stored whatever the corpus size): batches mix the
+//! whole corpus instead of reading the first file for the first thousand steps. Evaluation reads
+//! rows in order. The cursor is plain data, saved in checkpoints, so a resumed run reads the
+//! same batches.
 
 use kiem_data::shard::Shard;
 use serde::{Deserialize, Serialize};
 
 use crate::{Result, TrainError};
 
-/// Position in the token stream of one split.
+/// Position in the row order of one split.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
-    /// Token offset into the concatenation of the split's shards.
-    pub position: u64,
+    /// Rows of the current epoch already read.
+    pub row: u64,
     /// Completed passes over the data.
     pub epoch: u64,
 }
 
-/// Reads rows of `seq + 1` consecutive tokens; row `r` of a batch starts `seq` tokens after row
-/// `r - 1` (as llm.c does), so every token is a target once per epoch.
+/// Reads rows of `seq + 1` consecutive tokens; row `r` starts at token `r · seq` (as llm.c's
+/// rows do), so every token is a target once per epoch.
 pub struct TokenLoader<'a> {
     shards: &'a [Shard],
     starts: Vec<u64>,
     total: u64,
+    seq: usize,
+    rows: u64,
+    /// `Some(seed)`: visit rows in a seeded pseudo-random order per epoch.
+    shuffle: Option<u64>,
     pub cursor: Cursor,
 }
 
+/// A pseudo-random bijection on `0..n`, different for each key: a 4-round Feistel network on
+/// the smallest even number of bits covering `n`, cycle-walking values that land outside.
+pub fn permute(index: u64, n: u64, key: u64) -> u64 {
+    debug_assert!(index < n);
+    if n <= 1 {
+        return index;
+    }
+    let bits = (64 - (n - 1).leading_zeros()).max(2).div_ceil(2);
+    let mask = (1u64 << bits) - 1;
+    let round = |x: u64, r: u64| {
+        let mut z = x ^ key.wrapping_add(r.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) & mask
+    };
+    let mut x = index;
+    loop {
+        let (mut left, mut right) = (x >> bits, x & mask);
+        for r in 0..4 {
+            let next = left ^ round(right, r);
+            left = right;
+            right = next;
+        }
+        x = (left << bits) | right;
+        if x < n {
+            return x;
+        }
+    }
+}
+
 impl<'a> TokenLoader<'a> {
-    pub fn new(shards: &'a [Shard], split: &str, seq: usize) -> Result<Self> {
+    /// `shuffle`: a seed to visit rows in pseudo-random order (training), or `None` (evaluation).
+    pub fn new(shards: &'a [Shard], split: &str, seq: usize, shuffle: Option<u64>) -> Result<Self> {
         let mut starts = Vec::with_capacity(shards.len());
         let mut total = 0u64;
         for shard in shards {
@@ -42,6 +82,9 @@ impl<'a> TokenLoader<'a> {
             shards,
             starts,
             total,
+            seq,
+            rows: (total - 1) / seq as u64,
+            shuffle,
             cursor: Cursor::default(),
         })
     }
@@ -68,26 +111,39 @@ impl<'a> TokenLoader<'a> {
         }
     }
 
+    /// Rows per epoch.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
     /// Fills `inputs` and `targets` (`batch * seq` each) and advances the cursor.
     pub fn next_batch(
         &mut self,
         batch: usize,
-        seq: usize,
         inputs: &mut Vec<u32>,
         targets: &mut Vec<Option<u32>>,
     ) {
+        let seq = self.seq;
         inputs.clear();
         targets.clear();
         let mut row = vec![0u32; seq + 1];
         for _ in 0..batch {
-            if self.cursor.position + seq as u64 + 1 > self.total {
-                self.cursor.position = 0;
+            if self.cursor.row >= self.rows {
+                self.cursor.row = 0;
                 self.cursor.epoch += 1;
             }
-            self.read(self.cursor.position, &mut row);
+            let index = match self.shuffle {
+                Some(seed) => permute(
+                    self.cursor.row,
+                    self.rows,
+                    seed ^ self.cursor.epoch.wrapping_mul(0xA24B_AED4_963E_E407),
+                ),
+                None => self.cursor.row,
+            };
+            self.read(index * seq as u64, &mut row);
             inputs.extend_from_slice(&row[..seq]);
             targets.extend(row[1..].iter().map(|&t| Some(t)));
-            self.cursor.position += seq as u64;
+            self.cursor.row += 1;
         }
     }
 }
@@ -112,17 +168,18 @@ mod tests {
     fn rows_cross_shards_and_wrap_around() {
         let dir = tempfile::tempdir().unwrap();
         let shards = shards(dir.path(), &[10, 10, 5]);
-        let mut loader = TokenLoader::new(&shards, "train", 4).unwrap();
+        let mut loader = TokenLoader::new(&shards, "train", 4, None).unwrap();
         assert_eq!(loader.total_tokens(), 25);
+        assert_eq!(loader.rows(), 6);
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-        loader.next_batch(3, 4, &mut inputs, &mut targets);
+        loader.next_batch(3, &mut inputs, &mut targets);
         assert_eq!(inputs, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         let expected: Vec<Option<u32>> = (1..=12).map(Some).collect();
         assert_eq!(
             targets, expected,
             "targets are the inputs shifted by one, across shards"
         );
-        loader.next_batch(3, 4, &mut inputs, &mut targets);
+        loader.next_batch(3, &mut inputs, &mut targets);
         assert_eq!(inputs, vec![12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]);
         assert_eq!(
             targets.last(),
@@ -130,22 +187,53 @@ mod tests {
             "the last row ends exactly at the last token"
         );
         // A row at 24 would need tokens up to 28 > 25: wrap to the start, next epoch.
-        loader.next_batch(1, 4, &mut inputs, &mut targets);
+        loader.next_batch(1, &mut inputs, &mut targets);
         assert_eq!(inputs, vec![0, 1, 2, 3]);
-        assert_eq!(
-            loader.cursor,
-            Cursor {
-                position: 4,
-                epoch: 1
+        assert_eq!(loader.cursor, Cursor { row: 1, epoch: 1 });
+    }
+
+    #[test]
+    fn shuffled_epochs_visit_every_row_once_in_a_new_order() {
+        for n in [1u64, 2, 3, 7, 64, 1000, 4097] {
+            for key in [0u64, 1, 99] {
+                let mut seen: Vec<u64> = (0..n).map(|i| permute(i, n, key)).collect();
+                seen.sort();
+                assert_eq!(seen, (0..n).collect::<Vec<_>>(), "bijection for n={n}");
             }
+        }
+        let order: Vec<u64> = (0..1000).map(|i| permute(i, 1000, 5)).collect();
+        let other: Vec<u64> = (0..1000).map(|i| permute(i, 1000, 6)).collect();
+        assert_ne!(order, other);
+        assert!(
+            order.windows(2).filter(|w| w[1] == w[0] + 1).count() < 20,
+            "not near the identity"
         );
+
+        let dir = tempfile::tempdir().unwrap();
+        let shards = shards(dir.path(), &[100, 100, 41]);
+        let mut loader = TokenLoader::new(&shards, "train", 4, Some(7)).unwrap();
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        let mut starts = Vec::new();
+        for _ in 0..loader.rows() {
+            loader.next_batch(1, &mut inputs, &mut targets);
+            assert_eq!(targets[0], Some(inputs[0] + 1));
+            starts.push(inputs[0]);
+        }
+        let mut sorted = starts.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            (0..60).map(|r| r * 4).collect::<Vec<_>>(),
+            "each row once per epoch"
+        );
+        assert_ne!(starts, sorted, "in shuffled order");
     }
 
     #[test]
     fn a_split_shorter_than_a_row_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let shards = shards(dir.path(), &[5]);
-        let err = TokenLoader::new(&shards, "train", 8)
+        let err = TokenLoader::new(&shards, "train", 8, None)
             .err()
             .unwrap()
             .to_string();

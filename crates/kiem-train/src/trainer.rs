@@ -247,9 +247,9 @@ pub fn pretrain(
         )));
     }
     let seq = config.model.context;
-    let mut train_loader = TokenLoader::new(&data.train, "train", seq)?;
+    let mut train_loader = TokenLoader::new(&data.train, "train", seq, Some(config.seed))?;
     let val_loader = if data.val.iter().map(|s| s.len()).sum::<usize>() > seq {
-        Some(TokenLoader::new(&data.val, "validation", seq)?)
+        Some(TokenLoader::new(&data.val, "validation", seq, None)?)
     } else {
         observer.note(
             "the data has no validation split large enough for one sequence: evaluation is skipped",
@@ -323,7 +323,7 @@ pub fn pretrain(
         let step = state.step;
         let lr = config.schedule.lr_at(step);
         for (inputs, targets) in batches.iter_mut() {
-            train_loader.next_batch(config.micro_batch, seq, inputs, targets);
+            train_loader.next_batch(config.micro_batch, inputs, targets);
         }
         let trained: usize = batches
             .iter()
@@ -460,11 +460,11 @@ fn evaluate(
     let seq = config.model.context;
     let per_batch = config.tokens_per_micro_batch();
     let batches = (config.eval_tokens / per_batch).max(1);
-    let mut loader = TokenLoader::new(val.shards(), "validation", seq)?;
+    let mut loader = TokenLoader::new(val.shards(), "validation", seq, None)?;
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     let (mut nats, mut count, mut bytes) = (0.0f64, 0usize, 0u64);
     for _ in 0..batches {
-        loader.next_batch(config.micro_batch, seq, &mut inputs, &mut targets);
+        loader.next_batch(config.micro_batch, &mut inputs, &mut targets);
         let (sum, n) = gpt.forward(&inputs, &targets, config.micro_batch, seq, None)?;
         nats += sum;
         count += n;
