@@ -7,7 +7,8 @@ GELU, MLP x4, tied input/output embeddings, biases, no dropout; init N(0, 0.02),
 projections N(0, 0.02/sqrt(2L)). AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on
 matrices only, gradient clipping at 1.0, constant learning rate (the schedule does not change the
 cost). Data: kiem/llm.c token shards (`train_*.bin` of a `kiem data prepare` directory), read as
-one stream in rows of context + 1 tokens exactly as kiem's loader does.
+one stream in rows of context + 1 tokens, visited in the same seeded pseudo-random row order as
+kiem's loader (`permute` below mirrors crates/kiem-train/src/loader.rs).
 
 Prints one JSON line: {"tokens_per_second", "steps", "timed_steps", "losses", "threads"}.
 """
@@ -74,6 +75,32 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
 
 
+M64 = (1 << 64) - 1
+
+
+def permute(index, n, key):
+    """kiem's row order: a 4-round Feistel bijection on range(n) with cycle walking."""
+    if n <= 1:
+        return index
+    bits = (max((n - 1).bit_length(), 2) + 1) // 2
+    mask = (1 << bits) - 1
+
+    def round_fn(x, r):
+        z = x ^ ((key + r * 0x9E3779B97F4A7C15) & M64)
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return (z ^ (z >> 31)) & mask
+
+    x = index
+    while True:
+        left, right = x >> bits, x & mask
+        for r in range(4):
+            left, right = right, left ^ round_fn(right, r)
+        x = (left << bits) | right
+        if x < n:
+            return x
+
+
 def shards(data_dir):
     tokens = []
     for path in sorted(glob.glob(os.path.join(data_dir, "train_*.bin"))):
@@ -97,6 +124,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--seed", type=int, default=1337, help="row-order seed (kiem's --seed)")
     args = ap.parse_args()
 
     torch.manual_seed(1337)
@@ -108,7 +136,8 @@ def main():
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     b, t = args.micro_batch, args.context
-    pos = 0
+    rows_per_epoch = (len(data) - 1) // t
+    row = 0
     losses = []
     start = None
     for step in range(args.steps):
@@ -116,10 +145,9 @@ def main():
             start = time.perf_counter()
         rows = []
         for _ in range(b):
-            if pos + t + 1 > len(data):
-                pos = 0
-            rows.append(data[pos: pos + t + 1])
-            pos += t
+            offset = permute(row % rows_per_epoch, rows_per_epoch, args.seed) * t  # epoch 0
+            rows.append(data[offset: offset + t + 1])
+            row += 1
         batch = torch.from_numpy(np.stack(rows))
         loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
