@@ -4,6 +4,7 @@
 
 pub mod blas;
 pub mod config;
+pub mod infer;
 pub mod io;
 pub mod kernels;
 pub mod model;

@@ -64,7 +64,7 @@ pub struct Gpt<K: Kernels = Cpu> {
     pub layout: ParamLayout,
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
-    kernels: K,
+    pub(crate) kernels: K,
     acts: Activations,
     scratch: GradScratch,
     /// Whether the last forward pass left logit gradients for a backward pass.

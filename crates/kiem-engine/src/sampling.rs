@@ -1,46 +1,113 @@
-//! Choosing the next token from logits.
+//! Choosing the next token from logits, and the generation loop over a KV cache.
 
+use serde::{Deserialize, Serialize};
+
+use crate::infer::KvCache;
+use crate::kernels::Kernels;
 use crate::rng::Rng;
+use crate::{EngineError, Gpt, Result};
+
+/// How the next token is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy).
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1 = all).
+    pub top_p: f32,
+    /// Above 1 discourages tokens already in the sequence (CTRL-style: positive logits
+    /// divided, negative multiplied); 1 = off.
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(EngineError::Config(m.to_string()));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be in (0, 1]");
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty must be a finite number > 0");
+        }
+        Ok(())
+    }
+}
 
 /// Samples from `softmax(logits / temperature)` restricted to the `top_k` largest logits
 /// (`top_k` 0 = all). Temperature 0 picks the largest logit.
 pub fn sample_top_k(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-                if x > best.1 {
-                    (i, x)
-                } else {
-                    best
-                }
-            })
-            .0 as u32
+    let params = SamplingParams {
+        temperature,
+        top_k,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed: 0,
     };
-    if temperature <= 0.0 {
-        return argmax();
+    sample(logits, &params, &[], rng)
+}
+
+/// Draws a token id from `logits` (the real vocabulary only) given the tokens so far.
+pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], rng: &mut Rng) -> u32 {
+    let mut logits = logits.to_vec();
+    if params.repetition_penalty != 1.0 {
+        for &t in history {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x = if *x > 0.0 {
+                    *x / params.repetition_penalty
+                } else {
+                    *x * params.repetition_penalty
+                };
+            }
+        }
+    }
+    if params.temperature == 0.0 {
+        return argmax(&logits);
     }
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    let k = if top_k == 0 {
-        logits.len()
-    } else {
-        top_k.min(logits.len())
-    };
-    if k < logits.len() {
-        order.select_nth_unstable_by(k - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
-        order.truncate(k);
+    order.sort_unstable_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    if params.top_k > 0 {
+        order.truncate(params.top_k.min(order.len()));
     }
-    let max = order
+    let max = logits[order[0] as usize];
+    let mut weights: Vec<f32> = order
         .iter()
-        .map(|&i| logits[i as usize])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f32> = order
-        .iter()
-        .map(|&i| ((logits[i as usize] - max) / temperature).exp())
+        .map(|&i| ((logits[i as usize] - max) / params.temperature).exp())
         .collect();
+    let total: f32 = weights.iter().sum();
+    if params.top_p < 1.0 {
+        let mut mass = 0.0;
+        let mut keep = weights.len();
+        for (i, w) in weights.iter().enumerate() {
+            mass += w / total;
+            if mass >= params.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        weights.truncate(keep);
+        order.truncate(keep);
+    }
     let total: f32 = weights.iter().sum();
     let mut r = rng.uniform() * total;
     for (&id, &w) in order.iter().zip(&weights) {
@@ -49,5 +116,132 @@ pub fn sample_top_k(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rn
         }
         r -= w;
     }
-    *order.last().unwrap_or(&argmax())
+    *order.last().expect("at least one candidate")
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+}
+
+/// Generated tokens of one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+/// What the streaming callback decides after each token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// End this sequence now (e.g. a stop string appeared), with `FinishReason::Stop`.
+    Stop,
+}
+
+impl<K: Kernels> Gpt<K> {
+    /// Generates continuations of several prompts together (one forward step advances every
+    /// unfinished sequence). `on_token(sequence, token)` sees each new token as it is drawn
+    /// (stop tokens are not emitted) and may stop that sequence. Sequence `i` draws from its own
+    /// RNG seeded with `seed + i`, so the same seed gives the same text.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize, u32) -> Control,
+    ) -> Result<Vec<Generation>> {
+        options.sampling.validate()?;
+        if prompts.iter().any(Vec::is_empty) {
+            return Err(EngineError::Shape(
+                "a prompt needs at least one token".into(),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        let vp = self.config.padded_vocab();
+        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self)).collect();
+        let mut rngs: Vec<Rng> = (0..prompts.len())
+            .map(|i| Rng::new(options.sampling.seed.wrapping_add(i as u64)))
+            .collect();
+        let mut history: Vec<Vec<u32>> = prompts.to_vec();
+        let mut out: Vec<Generation> = prompts
+            .iter()
+            .map(|_| Generation {
+                tokens: Vec::new(),
+                finish: FinishReason::Length,
+            })
+            .collect();
+        let mut done = vec![false; prompts.len()];
+        let mut pending: Vec<Vec<u32>> = prompts.to_vec();
+        for (i, p) in prompts.iter().enumerate() {
+            if p.len() > self.config.context {
+                return Err(EngineError::Shape(format!(
+                    "prompt {i} has {} tokens, more than the model's context of {}",
+                    p.len(),
+                    self.config.context
+                )));
+            }
+        }
+        loop {
+            let inputs: Vec<&[u32]> = pending.iter().map(Vec::as_slice).collect();
+            let logits = self.forward_cached(&mut caches, &inputs)?;
+            for (s, next_input) in pending.iter_mut().enumerate() {
+                if done[s] || next_input.is_empty() {
+                    next_input.clear();
+                    continue;
+                }
+                next_input.clear();
+                if out[s].tokens.len() >= options.max_tokens {
+                    done[s] = true;
+                    continue;
+                }
+                let row = &logits[s * vp..s * vp + vocab];
+                let token = sample(row, &options.sampling, &history[s], &mut rngs[s]);
+                if options.stop_ids.contains(&token) {
+                    out[s].finish = FinishReason::Stop;
+                    done[s] = true;
+                    continue;
+                }
+                out[s].tokens.push(token);
+                history[s].push(token);
+                if on_token(s, token) == Control::Stop {
+                    out[s].finish = FinishReason::Stop;
+                    done[s] = true;
+                    continue;
+                }
+                if out[s].tokens.len() >= options.max_tokens
+                    || history[s].len() >= self.config.context
+                {
+                    done[s] = true;
+                    continue;
+                }
+                next_input.push(token);
+            }
+            if pending.iter().all(Vec::is_empty) {
+                break;
+            }
+        }
+        Ok(out)
+    }
 }

@@ -211,21 +211,23 @@ fn token_bytes(tokenizer: &Tokenizer) -> Vec<u32> {
         .collect()
 }
 
-/// Samples `n` tokens after BOS (temperature 1, top-k 40) with a copy of the model.
+/// Samples `n` tokens after BOS (temperature 1, top-k 40) with the KV cache.
 fn sample_text(gpt: &Gpt, tokenizer: &Tokenizer, n: usize, rng: &mut Rng) -> Result<String> {
-    let mut infer = Gpt::new(gpt.config)?;
-    infer.params.copy_from_slice(&gpt.params);
-    let mut tokens = vec![tokenizer.bos_id()];
-    let vocab = gpt.config.vocab_size;
-    let vp = gpt.config.padded_vocab();
-    for _ in 0..n {
-        let window = &tokens[tokens.len().saturating_sub(gpt.config.context)..];
-        let targets = vec![None; window.len()];
-        infer.forward(window, &targets, 1, window.len(), None)?;
-        let logits = &infer.logits()[(window.len() - 1) * vp..(window.len() - 1) * vp + vocab];
-        tokens.push(kiem_engine::sampling::sample_top_k(logits, 1.0, 40, rng));
-    }
-    Ok(String::from_utf8_lossy(&tokenizer.decode_bytes(&tokens[1..])).into_owned())
+    let options = kiem_engine::sampling::GenerateOptions {
+        max_tokens: n,
+        sampling: kiem_engine::sampling::SamplingParams {
+            temperature: 1.0,
+            top_k: 40,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: rng.next_u64(),
+        },
+        stop_ids: Vec::new(),
+    };
+    let out = gpt.generate(&[vec![tokenizer.bos_id()]], &options, &mut |_, _| {
+        kiem_engine::sampling::Control::Continue
+    })?;
+    Ok(String::from_utf8_lossy(&tokenizer.decode_bytes(&out[0].tokens)).into_owned())
 }
 
 /// Runs (or, with `resume`, continues) a pre-training run in `run_dir`.

@@ -1,0 +1,281 @@
+//! Inference with a KV cache: prefill a prompt, then decode one token at a time, for several
+//! sequences at once (their new rows share every matmul). Layer norms, matmuls, GELU, residual
+//! adds and the embedding use the training kernels; attention reads keys and values from the
+//! cache instead of recomputing them.
+
+use rayon::prelude::*;
+
+use crate::kernels::{Kernels, WeightLayout};
+use crate::{EngineError, Gpt, Result};
+
+/// Keys and values of one sequence for every layer, up to the model's context.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// `[layer][position][channel]`
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+    capacity: usize,
+    channels: usize,
+}
+
+impl KvCache {
+    pub fn new(gpt: &Gpt<impl Kernels>) -> Self {
+        let (l, t, c) = (gpt.config.n_layer, gpt.config.context, gpt.config.n_embd);
+        Self {
+            k: vec![0.0; l * t * c],
+            v: vec![0.0; l * t * c],
+            len: 0,
+            capacity: t,
+            channels: c,
+        }
+    }
+
+    /// Tokens already in the cache (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Room left before the context is full.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.len
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    fn row(&self, layer: usize, pos: usize) -> usize {
+        (layer * self.capacity + pos) * self.channels
+    }
+}
+
+impl<K: Kernels> Gpt<K> {
+    /// Appends `new_tokens[i]` to sequence `i` (whose keys and values are in `caches[i]`) and
+    /// returns the logits after each sequence's last new token, `[sequences, padded_vocab]`.
+    /// A sequence with no new tokens is skipped (its row of logits is left zero).
+    pub fn forward_cached(
+        &self,
+        caches: &mut [KvCache],
+        new_tokens: &[&[u32]],
+    ) -> Result<Vec<f32>> {
+        if caches.len() != new_tokens.len() {
+            return Err(EngineError::Shape("one token list per cache".into()));
+        }
+        let cfg = &self.config;
+        let (c, vp) = (cfg.n_embd, cfg.padded_vocab());
+        for (cache, tokens) in caches.iter().zip(new_tokens) {
+            if tokens.len() > cache.remaining() {
+                return Err(EngineError::Shape(format!(
+                    "{} new tokens do not fit: {} of the {}-token context are used",
+                    tokens.len(),
+                    cache.len,
+                    cfg.context
+                )));
+            }
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(EngineError::Shape(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    cfg.vocab_size
+                )));
+            }
+        }
+        // Rows of this pass: (sequence, position) for every new token, sequence by sequence.
+        let starts: Vec<usize> = caches.iter().map(KvCache::len).collect();
+        let rows: Vec<(usize, usize)> = new_tokens
+            .iter()
+            .enumerate()
+            .flat_map(|(s, tokens)| (0..tokens.len()).map(move |i| (s, i)))
+            .map(|(s, i)| (s, starts[s] + i))
+            .collect();
+        let n = rows.len();
+        let mut logits = vec![0.0f32; caches.len() * vp];
+        if n == 0 {
+            return Ok(logits);
+        }
+        let k = &self.kernels;
+        let p = &self.params;
+        let lay = &self.layout;
+        let flat: Vec<u32> = new_tokens.iter().flat_map(|t| t.iter().copied()).collect();
+
+        // Embedding: token row + position row (positions differ per sequence).
+        let mut x = vec![0f32; n * c];
+        x.par_chunks_mut(c)
+            .zip(rows.par_iter())
+            .zip(flat.par_iter())
+            .for_each(|((out, &(_, pos)), &tok)| {
+                let e = &p[lay.wte.start + tok as usize * c..][..c];
+                let w = &p[lay.wpe.start + pos * c..][..c];
+                for i in 0..c {
+                    out[i] = e[i] + w[i];
+                }
+            });
+        let mut h = vec![0f32; n * c];
+        let mut qkv = vec![0f32; n * 3 * c];
+        let mut y = vec![0f32; n * c];
+        let mut proj = vec![0f32; n * c];
+        let mut fc = vec![0f32; n * 4 * c];
+        let mut fc_gelu = vec![0f32; n * 4 * c];
+        let (mut mean, mut rstd) = (vec![0f32; n], vec![0f32; n]);
+        let mut residual = vec![0f32; n * c];
+        for (l, lp) in lay.layers.iter().enumerate() {
+            k.layernorm_forward(
+                &mut h,
+                &mut mean,
+                &mut rstd,
+                &x,
+                &p[lp.ln1_w.clone()],
+                &p[lp.ln1_b.clone()],
+                c,
+            );
+            k.matmul_forward(
+                &mut qkv,
+                &h,
+                &p[lp.qkv_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.qkv_b.clone()]),
+                c,
+                3 * c,
+            );
+            for (r, &(s, pos)) in rows.iter().enumerate() {
+                let cache = &mut caches[s];
+                let at = cache.row(l, pos);
+                cache.k[at..at + c].copy_from_slice(&qkv[r * 3 * c + c..r * 3 * c + 2 * c]);
+                cache.v[at..at + c].copy_from_slice(&qkv[r * 3 * c + 2 * c..r * 3 * c + 3 * c]);
+            }
+            attention_cached(&mut y, &qkv, caches, &rows, l, cfg.n_head);
+            k.matmul_forward(
+                &mut proj,
+                &y,
+                &p[lp.attn_proj_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.attn_proj_b.clone()]),
+                c,
+                c,
+            );
+            k.add(&mut residual, &x, &proj);
+            k.layernorm_forward(
+                &mut h,
+                &mut mean,
+                &mut rstd,
+                &residual,
+                &p[lp.ln2_w.clone()],
+                &p[lp.ln2_b.clone()],
+                c,
+            );
+            k.matmul_forward(
+                &mut fc,
+                &h,
+                &p[lp.fc_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.fc_b.clone()]),
+                c,
+                4 * c,
+            );
+            k.gelu_forward(&mut fc_gelu, &fc);
+            k.matmul_forward(
+                &mut proj,
+                &fc_gelu,
+                &p[lp.fc_proj_w.clone()],
+                WeightLayout::InOut,
+                Some(&p[lp.fc_proj_b.clone()]),
+                4 * c,
+                c,
+            );
+            k.add(&mut x, &residual, &proj);
+        }
+        for (cache, tokens) in caches.iter_mut().zip(new_tokens) {
+            cache.len += tokens.len();
+        }
+        // Logits only for each sequence's last new row.
+        let last_rows: Vec<(usize, usize)> = {
+            let mut end = 0;
+            new_tokens
+                .iter()
+                .enumerate()
+                .filter_map(|(s, t)| {
+                    end += t.len();
+                    (!t.is_empty()).then_some((s, end - 1))
+                })
+                .collect()
+        };
+        let m = last_rows.len();
+        let mut last = vec![0f32; m * c];
+        for (i, &(_, r)) in last_rows.iter().enumerate() {
+            last[i * c..(i + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
+        }
+        let mut normed = vec![0f32; m * c];
+        let (mut mean, mut rstd) = (vec![0f32; m], vec![0f32; m]);
+        k.layernorm_forward(
+            &mut normed,
+            &mut mean,
+            &mut rstd,
+            &last,
+            &p[lay.lnf_w.clone()],
+            &p[lay.lnf_b.clone()],
+            c,
+        );
+        let mut out = vec![0f32; m * vp];
+        k.matmul_forward(
+            &mut out,
+            &normed,
+            &p[lay.wte.clone()],
+            WeightLayout::OutIn,
+            None,
+            c,
+            vp,
+        );
+        for (i, &(s, _)) in last_rows.iter().enumerate() {
+            logits[s * vp..(s + 1) * vp].copy_from_slice(&out[i * vp..(i + 1) * vp]);
+        }
+        Ok(logits)
+    }
+}
+
+/// Causal attention of each new row over its sequence's cached keys and values (which already
+/// include the new rows' own).
+fn attention_cached(
+    out: &mut [f32],
+    qkv: &[f32],
+    caches: &[KvCache],
+    rows: &[(usize, usize)],
+    layer: usize,
+    heads: usize,
+) {
+    let c = out.len() / rows.len();
+    let hs = c / heads;
+    let scale = 1.0 / (hs as f32).sqrt();
+    out.par_chunks_mut(c)
+        .zip(rows.par_iter())
+        .enumerate()
+        .for_each(|(r, (o, &(s, pos)))| {
+            let cache = &caches[s];
+            let mut scores = vec![0f32; pos + 1];
+            for h in 0..heads {
+                let q = &qkv[r * 3 * c + h * hs..][..hs];
+                for (t, score) in scores.iter_mut().enumerate() {
+                    let key = &cache.k[cache.row(layer, t) + h * hs..][..hs];
+                    *score = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = crate::kernels::fast_exp(*s - max);
+                    sum += *s;
+                }
+                let y = &mut o[h * hs..(h + 1) * hs];
+                y.fill(0.0);
+                for (t, &w) in scores.iter().enumerate() {
+                    let value = &cache.v[cache.row(layer, t) + h * hs..][..hs];
+                    let w = w / sum;
+                    for i in 0..hs {
+                        y[i] += w * value[i];
+                    }
+                }
+            }
+        });
+}

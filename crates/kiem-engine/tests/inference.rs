@@ -1,0 +1,239 @@
+//! KV-cache inference equals the full forward pass; sampling is seeded and does what it says.
+
+use kiem_engine::infer::KvCache;
+use kiem_engine::rng::Rng;
+use kiem_engine::sampling::{sample, Control, FinishReason, GenerateOptions, SamplingParams};
+use kiem_engine::{Gpt, ModelConfig};
+
+fn model() -> Gpt {
+    let config = ModelConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 16,
+        context: 24,
+        vocab_size: 37,
+    };
+    let mut gpt = Gpt::new(config).unwrap();
+    gpt.init_random(3);
+    let mut rng = Rng::new(4);
+    for x in gpt.params.iter_mut() {
+        *x += rng.normal() * 0.2;
+    }
+    gpt
+}
+
+/// Logits at every position by the training forward pass, `[len, vocab]`.
+fn full_logits(gpt: &mut Gpt, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let targets = vec![None; tokens.len()];
+    gpt.forward(tokens, &targets, 1, tokens.len(), None)
+        .unwrap();
+    let vp = gpt.config.padded_vocab();
+    let v = gpt.config.vocab_size;
+    gpt.logits()
+        .chunks(vp)
+        .map(|row| row[..v].to_vec())
+        .collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5, "{what}: max abs diff {diff}");
+}
+
+#[test]
+fn prefill_then_decode_matches_full_forward() {
+    let mut gpt = model();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 11 % 37) as u32).collect();
+    let reference = full_logits(&mut gpt, &tokens);
+    let (vp, v) = (gpt.config.padded_vocab(), gpt.config.vocab_size);
+    // Prefill 7 tokens, then one at a time.
+    let mut cache = [KvCache::new(&gpt)];
+    let logits = gpt.forward_cached(&mut cache, &[&tokens[..7]]).unwrap();
+    assert_close(&logits[..v], &reference[6], "after prefill");
+    for t in 7..tokens.len() {
+        let logits = gpt
+            .forward_cached(&mut cache, &[&tokens[t..t + 1]])
+            .unwrap();
+        assert_close(&logits[..v], &reference[t], &format!("decode position {t}"));
+        assert_eq!(logits.len(), vp);
+    }
+    assert_eq!(cache[0].len(), 20);
+    // Past the context: a clear error, not a panic.
+    let err = gpt
+        .forward_cached(&mut cache, &[&[1u32; 5][..]])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("do not fit"), "{err}");
+}
+
+#[test]
+fn batched_sequences_match_one_at_a_time() {
+    let mut gpt = model();
+    let a: Vec<u32> = vec![1, 2, 3, 4, 5];
+    let b: Vec<u32> = vec![9, 8, 7];
+    let ra = full_logits(&mut gpt, &a);
+    let rb = full_logits(&mut gpt, &b);
+    let v = gpt.config.vocab_size;
+    let vp = gpt.config.padded_vocab();
+    let mut caches = [KvCache::new(&gpt), KvCache::new(&gpt)];
+    let logits = gpt.forward_cached(&mut caches, &[&a[..], &b[..]]).unwrap();
+    assert_close(&logits[..v], &ra[4], "sequence a");
+    assert_close(&logits[vp..vp + v], &rb[2], "sequence b");
+    // Uneven steps: only b advances.
+    let logits = gpt.forward_cached(&mut caches, &[&[], &[6]]).unwrap();
+    let rb2 = full_logits(&mut gpt, &[9, 8, 7, 6]);
+    assert!(logits[..v].iter().all(|&x| x == 0.0));
+    assert_close(&logits[vp..vp + v], &rb2[3], "sequence b after a skip");
+}
+
+#[test]
+fn greedy_generation_follows_the_argmax_and_batches_agree() {
+    let mut gpt = model();
+    let options = GenerateOptions {
+        max_tokens: 6,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        stop_ids: vec![],
+    };
+    let prompt = vec![5u32, 6, 7];
+    let single = gpt
+        .generate(&[prompt.clone()], &options, &mut |_, _| Control::Continue)
+        .unwrap();
+    // Check against the full forward pass token by token.
+    let mut seq = prompt.clone();
+    for &tok in &single[0].tokens {
+        let logits = full_logits(&mut gpt, &seq);
+        let last = logits.last().unwrap();
+        let best = (0..last.len())
+            .max_by(|&i, &j| last[i].total_cmp(&last[j]))
+            .unwrap() as u32;
+        assert_eq!(tok, best);
+        seq.push(tok);
+    }
+    assert_eq!(single[0].finish, FinishReason::Length);
+    let batch = gpt
+        .generate(&[vec![1, 2], prompt.clone()], &options, &mut |_, _| {
+            Control::Continue
+        })
+        .unwrap();
+    assert_eq!(
+        batch[1], single[0],
+        "a prompt generates the same alone or in a batch"
+    );
+}
+
+#[test]
+fn seeds_stops_and_limits() {
+    let gpt = model();
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed: 42,
+    };
+    let options = GenerateOptions {
+        max_tokens: 10,
+        sampling,
+        stop_ids: vec![],
+    };
+    let run = |o: &GenerateOptions| {
+        gpt.generate(&[vec![1, 2, 3]], o, &mut |_, _| Control::Continue)
+            .unwrap()
+    };
+    assert_eq!(run(&options), run(&options), "same seed, same tokens");
+    let mut other = options.clone();
+    other.sampling.seed = 43;
+    assert_ne!(run(&options)[0].tokens, run(&other)[0].tokens);
+
+    // A stop id ends the sequence without being emitted.
+    let first = run(&options)[0].tokens[0];
+    let mut stopping = options.clone();
+    stopping.stop_ids = vec![first];
+    let stopped = run(&stopping);
+    assert_eq!(stopped[0].tokens, Vec::<u32>::new());
+    assert_eq!(stopped[0].finish, FinishReason::Stop);
+
+    // The callback can stop a sequence (stop strings work this way).
+    let mut seen = 0;
+    let out = gpt
+        .generate(&[vec![1]], &options, &mut |_, _| {
+            seen += 1;
+            if seen == 3 {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        (out[0].tokens.len(), out[0].finish),
+        (3, FinishReason::Stop)
+    );
+
+    // The context limit ends generation with "length".
+    let mut long = options.clone();
+    long.max_tokens = 1000;
+    let out = run(&long);
+    assert_eq!(out[0].tokens.len(), gpt.config.context - 3);
+    assert_eq!(out[0].finish, FinishReason::Length);
+    let err = gpt
+        .generate(&[vec![1; 30]], &options, &mut |_, _| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("more than the model's context"), "{err}");
+}
+
+#[test]
+fn top_k_top_p_and_repetition_penalty() {
+    let logits = [0.0f32, 3.0, 2.9, -1.0, 1.0];
+    let mut rng = Rng::new(1);
+    let mut draw = |params: SamplingParams, history: &[u32]| -> Vec<u32> {
+        let mut seen: Vec<u32> = (0..400)
+            .map(|_| sample(&logits, &params, history, &mut rng))
+            .collect();
+        seen.sort();
+        seen.dedup();
+        seen
+    };
+    let base = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        seed: 0,
+    };
+    assert_eq!(draw(SamplingParams { top_k: 2, ..base }, &[]), vec![1, 2]);
+    assert_eq!(draw(SamplingParams { top_p: 0.3, ..base }, &[]), vec![1]);
+    assert_eq!(
+        draw(
+            SamplingParams {
+                temperature: 0.0,
+                ..base
+            },
+            &[]
+        ),
+        vec![1]
+    );
+    // A strong penalty on token 1 makes token 2 the greedy choice.
+    assert_eq!(
+        draw(
+            SamplingParams {
+                temperature: 0.0,
+                repetition_penalty: 2.0,
+                ..base
+            },
+            &[1]
+        ),
+        vec![2]
+    );
+    assert!(SamplingParams { top_p: 0.0, ..base }.validate().is_err());
+    assert!(SamplingParams {
+        temperature: -1.0,
+        ..base
+    }
+    .validate()
+    .is_err());
+}
