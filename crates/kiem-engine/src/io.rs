@@ -316,3 +316,29 @@ pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, Option<SpecialIds>)> 
     };
     Ok((config, ids))
 }
+
+/// Loads a Hugging Face GPT-2 model directory (`config.json` + `model.safetensors`).
+pub fn load_model_dir(dir: &Path) -> Result<(Gpt, Option<SpecialIds>)> {
+    if !dir.is_dir() {
+        return Err(file_err(dir, "model directory does not exist"));
+    }
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(file_err(
+            dir,
+            "not a model directory: no config.json (a kiem run keeps its model in RUN_DIR/model)",
+        ));
+    }
+    let (config, ids) = read_hf_config(&config_path)?;
+    let weights = dir.join("model.safetensors");
+    if !weights.exists() {
+        return Err(file_err(
+            dir,
+            "no model.safetensors (kiem reads safetensors weights only)",
+        ));
+    }
+    let mut gpt = Gpt::new(config)?;
+    let tensors = read_tensors(&weights)?;
+    gpt.load_tensors(&weights, &tensors)?;
+    Ok((gpt, ids))
+}

@@ -99,7 +99,9 @@ fn greedy_generation_follows_the_argmax_and_batches_agree() {
     };
     let prompt = vec![5u32, 6, 7];
     let single = gpt
-        .generate(std::slice::from_ref(&prompt), &options, &mut |_, _| Control::Continue)
+        .generate(std::slice::from_ref(&prompt), &options, &mut |_, _| {
+            Control::Continue
+        })
         .unwrap();
     // Check against the full forward pass token by token.
     let mut seq = prompt.clone();

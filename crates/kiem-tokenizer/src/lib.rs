@@ -11,6 +11,7 @@
 
 mod bpe;
 mod gpt2;
+pub mod stream;
 mod train;
 
 use std::path::{Path, PathBuf};

@@ -50,6 +50,8 @@ enum Command {
     Data(cmd::data::DataCommand),
     /// Pre-train a GPT on token shards (or continue a run with --resume).
     Pretrain(Box<cmd::pretrain::PretrainArgs>),
+    /// Continue a prompt with a trained model, streaming the text to standard output.
+    Generate(Box<cmd::generate::GenerateArgs>),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -128,6 +130,7 @@ fn main() -> ExitCode {
         Command::Tokenizer(c) => cmd::tokenizer::run(c),
         Command::Data(c) => cmd::data::run(c),
         Command::Pretrain(c) => cmd::pretrain::run(*c),
+        Command::Generate(c) => cmd::generate::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     };
     match result {

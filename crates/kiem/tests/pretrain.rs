@@ -385,3 +385,81 @@ fn bad_setups_fail_clearly() {
     let lines = std::fs::read_to_string(dir.join("r7/metrics.jsonl")).unwrap();
     assert!(lines.contains("\"step\":3"), "{lines}");
 }
+
+#[test]
+fn generate_streams_seeded_text_from_a_trained_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    ok(run(
+        &[
+            "pretrain",
+            "--data",
+            "data",
+            "--out",
+            "run",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--context",
+            "64",
+            "--steps",
+            "30",
+            "--lr",
+            "3e-3",
+            "--threads",
+            "1",
+        ],
+        dir,
+    ));
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "run/model",
+            "--prompt",
+            "Line 12: the customer",
+            "--max-tokens",
+            "20",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        run(&args, dir)
+    };
+    let a = ok(gen(&["--seed", "5"]));
+    let b = ok(gen(&["--seed", "5"]));
+    assert_eq!(a, b, "same seed, same text");
+    assert!(!a.is_empty());
+    let greedy = ok(gen(&["--temperature", "0"]));
+    assert_eq!(
+        greedy,
+        ok(gen(&["--temperature", "0", "--seed", "9"])),
+        "greedy ignores the seed"
+    );
+    // A stop string cuts the output before it.
+    let first_char = a.chars().next().unwrap().to_string();
+    let stopped = ok(gen(&["--seed", "5", "--stop", &first_char]));
+    assert_eq!(stopped, "");
+
+    failed(gen(&["--top-p", "0"]), &["top_p"]);
+    failed(
+        run(&["generate", "--model", "data", "--prompt", "x"], dir),
+        &["no config.json"],
+    );
+    failed(
+        run(&["generate", "--model", "nowhere", "--prompt", "x"], dir),
+        &["nowhere", "does not exist"],
+    );
+    let long = "word ".repeat(200);
+    failed(
+        run(
+            &["generate", "--model", "run/model", "--prompt", &long],
+            dir,
+        ),
+        &["context"],
+    );
+}

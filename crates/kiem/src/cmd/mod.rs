@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod data;
+pub mod generate;
 pub mod pretrain;
 pub mod tokenizer;
 

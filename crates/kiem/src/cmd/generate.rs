@@ -1,0 +1,176 @@
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kiem_engine::io::load_model_dir;
+use kiem_engine::sampling::{Control, FinishReason, GenerateOptions, SamplingParams};
+use kiem_tokenizer::stream::StreamDecoder;
+use kiem_tokenizer::Tokenizer;
+
+use crate::ThreadArgs;
+
+/// Sampling flags shared by every command that generates text.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub max_tokens: usize,
+
+    /// Randomness: 0 always picks the most likely token, higher is more varied.
+    #[arg(long, default_value_t = 0.8, value_name = "T")]
+    pub temperature: f32,
+
+    /// Sample only among the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 50, value_name = "K")]
+    pub top_k: usize,
+
+    /// Sample only among the most likely tokens that together have probability P (1 = all).
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    pub top_p: f32,
+
+    /// Penalize tokens already present (1 = off, 1.1-1.3 is typical).
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    pub repetition_penalty: f32,
+
+    /// Random seed: the same seed, prompt and flags give the same text (default: random).
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stops: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed,
+        };
+        params.validate().map_err(|e| {
+            anyhow::anyhow!("{e} (check --temperature, --top-p, --repetition-penalty)")
+        })?;
+        Ok(params)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model directory (Hugging Face GPT-2 layout, e.g. RUN_DIR/model from `kiem pretrain`).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+
+    /// Text to continue (default: read standard input).
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+
+    /// Do not start the prompt with the beginning-of-document token.
+    #[arg(long)]
+    no_bos: bool,
+
+    #[command(flatten)]
+    sampling: SamplingArgs,
+
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+/// A model directory's network and tokenizer, checked against each other.
+pub fn load_model(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
+    let (gpt, ids) = load_model_dir(dir)?;
+    let tokenizer = Tokenizer::load(dir.to_str().context("model path is not valid UTF-8")?)
+        .with_context(|| format!("{} has no usable tokenizer.json", dir.display()))?;
+    if tokenizer.vocab_size() != gpt.config.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            gpt.config.vocab_size
+        );
+    }
+    let mut stop_ids = vec![ids.map_or(tokenizer.bos_id(), |i| i.eos)];
+    stop_ids.dedup();
+    Ok((gpt, tokenizer, stop_ids))
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    args.threads.install()?;
+    let (gpt, tokenizer, stop_ids) = load_model(&args.model)?;
+    let prompt = match args.prompt {
+        Some(p) => p,
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("standard input is not UTF-8 text")?;
+            text
+        }
+    };
+    let mut ids = if args.no_bos {
+        Vec::new()
+    } else {
+        vec![tokenizer.bos_id()]
+    };
+    ids.extend(tokenizer.encode(&prompt));
+    if ids.is_empty() {
+        bail!("the prompt is empty; give --prompt TEXT or drop --no-bos");
+    }
+    if ids.len() >= gpt.config.context {
+        bail!(
+            "the prompt has {} tokens but the model's context is {}; shorten it",
+            ids.len(),
+            gpt.config.context
+        );
+    }
+    let options = GenerateOptions {
+        max_tokens: args.sampling.max_tokens,
+        sampling: args.sampling.params()?,
+        stop_ids,
+    };
+    let mut decoder = StreamDecoder::new(&tokenizer, &args.sampling.stops);
+    let mut out = std::io::stdout().lock();
+    let mut write_error = None;
+    let result = gpt.generate(&[ids], &options, &mut |_, token| {
+        let chunk = decoder.push(token);
+        if let Err(e) = out
+            .write_all(chunk.text.as_bytes())
+            .and_then(|_| out.flush())
+        {
+            write_error = Some(e);
+            return Control::Stop;
+        }
+        if chunk.stopped {
+            Control::Stop
+        } else {
+            Control::Continue
+        }
+    })?;
+    if let Some(e) = write_error {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(e.into());
+    }
+    out.write_all(decoder.finish().as_bytes())?;
+    if std::io::stdout().is_terminal() {
+        writeln!(out)?;
+    }
+    let generation = &result[0];
+    if generation.finish == FinishReason::Length && generation.tokens.len() < options.max_tokens {
+        eprintln!(
+            "(stopped at the model's context of {} tokens)",
+            gpt.config.context
+        );
+    }
+    Ok(())
+}
