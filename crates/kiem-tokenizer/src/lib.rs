@@ -10,6 +10,7 @@
 //! chat roles) sit at fixed ids `0..SPECIAL_TOKENS.len()` whatever the vocabulary size.
 
 mod bpe;
+pub mod chat;
 mod gpt2;
 pub mod stream;
 mod train;
@@ -63,6 +64,8 @@ pub enum TokenizerError {
     UnknownId { id: u32, vocab_size: usize },
     #[error("cannot decode: {0}")]
     Decode(String),
+    #[error("{0}")]
+    Chat(String),
     #[error("tokenizer training failed: {0}")]
     Train(String),
     #[error("cannot write {path}: {source}")]

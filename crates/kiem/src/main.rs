@@ -48,6 +48,9 @@ enum Command {
     /// Turn a text corpus into token shards for training.
     #[command(subcommand)]
     Data(cmd::data::DataCommand),
+    /// Inspect how conversations are rendered for fine-tuning.
+    #[command(subcommand)]
+    ChatFormat(cmd::chat_format::ChatFormatCommand),
     /// Pre-train a GPT on token shards (or continue a run with --resume).
     Pretrain(Box<cmd::pretrain::PretrainArgs>),
     /// Continue a prompt with a trained model, streaming the text to standard output.
@@ -129,6 +132,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenizer(c) => cmd::tokenizer::run(c),
         Command::Data(c) => cmd::data::run(c),
+        Command::ChatFormat(c) => cmd::chat_format::run(c),
         Command::Pretrain(c) => cmd::pretrain::run(*c),
         Command::Generate(c) => cmd::generate::run(*c),
         Command::Bench(c) => cmd::bench::run(c),

@@ -308,6 +308,9 @@ fn every_command_explains_its_flags() {
         vec!["data", "prepare", "--help"],
         vec!["data", "inspect", "--help"],
         vec!["bench", "tokenizer", "--help"],
+        vec!["pretrain", "--help"],
+        vec!["generate", "--help"],
+        vec!["chat-format", "show", "--help"],
     ] {
         let help = ok(&kiem(&command, tmp.path()));
         // Each flag line is followed by its explanation (clap prints "--flag <V>  text").
@@ -321,4 +324,92 @@ fn every_command_explains_its_flags() {
             assert!(explained, "{command:?}: flag without explanation: {line:?}");
         }
     }
+}
+
+#[test]
+fn chat_format_show_marks_trained_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    corpus(dir);
+    ok(&kiem(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "corpus.jsonl",
+            "--vocab-size",
+            "300",
+            "--out",
+            "tok.json",
+        ],
+        dir,
+    ));
+    std::fs::write(
+        dir.join("chat.jsonl"),
+        "{\"conversations\":[{\"from\":\"human\",\"value\":\"Is the roof fixed?\"},{\"from\":\"gpt\",\"value\":\"Yes.\"}]}\n\
+         {\"instruction\":\"Say hi\",\"output\":\"hi\"}\n",
+    )
+    .unwrap();
+    let out = ok(&kiem(
+        &[
+            "chat-format",
+            "show",
+            "--data",
+            "chat.jsonl",
+            "--tokenizer",
+            "tok.json",
+        ],
+        dir,
+    ));
+    assert!(out.contains("2 conversations"), "{out}");
+    assert!(out.contains("<|user_start|>Is the roof fixed?<|user_end|><|assistant_start|>[[Yes.<|assistant_end|>]]"), "{out}");
+    assert!(out.contains("[[hi<|assistant_end|>]]"), "{out}");
+    let all = ok(&kiem(
+        &[
+            "chat-format",
+            "show",
+            "--data",
+            "chat.jsonl",
+            "--tokenizer",
+            "tok.json",
+            "--train-on",
+            "all",
+        ],
+        dir,
+    ));
+    assert!(all.contains("<|bos|>[[<|user_start|>Is the roof"), "{all}");
+
+    std::fs::write(
+        dir.join("bad.jsonl"),
+        "{\"messages\":[{\"role\":\"assistant\",\"content\":\"x\"}]}\n",
+    )
+    .unwrap();
+    failed(
+        &kiem(
+            &[
+                "chat-format",
+                "show",
+                "--data",
+                "bad.jsonl",
+                "--tokenizer",
+                "tok.json",
+            ],
+            dir,
+        ),
+        &["bad.jsonl:1", "user should speak"],
+    );
+    failed(
+        &kiem(
+            &[
+                "chat-format",
+                "show",
+                "--data",
+                "chat.jsonl",
+                "--tokenizer",
+                "gpt2",
+            ],
+            dir,
+        ),
+        &["chat.jsonl:1", "<|system_start|>"],
+    );
 }

@@ -1,0 +1,298 @@
+//! The chat format, as typed Rust (DESIGN.md decision 5): one function renders a conversation to
+//! token ids and a loss mask, for training and for prompts at inference, so the two can never
+//! disagree.
+//!
+//! ```text
+//! <|bos|> <|system_start|> … <|system_end|> <|user_start|> … <|user_end|>
+//!         <|assistant_start|> … <|assistant_end|> <|user_start|> …
+//! ```
+//!
+//! Each message's text is encoded on its own, so rendering the first k messages gives a prefix
+//! of rendering them all. Assistant text and its `<|assistant_end|>` are trained (the model must
+//! learn to end its turn); everything else is context, unless `TrainOn::All`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Tokenizer, TokenizerError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    fn markers(self) -> (&'static str, &'static str) {
+        match self {
+            Role::System => ("<|system_start|>", "<|system_end|>"),
+            Role::User => ("<|user_start|>", "<|user_end|>"),
+            Role::Assistant => ("<|assistant_start|>", "<|assistant_end|>"),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Which tokens are trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOn {
+    /// Assistant replies and their end-of-turn token.
+    #[default]
+    Assistant,
+    /// Every token after `<|bos|>`.
+    All,
+}
+
+/// A rendered conversation: `trained[i]` says whether token `i` is a training target (the loss
+/// of predicting it from the tokens before it counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub ids: Vec<u32>,
+    pub trained: Vec<bool>,
+}
+
+/// The chat special tokens of a tokenizer.
+#[derive(Debug, Clone, Copy)]
+struct ChatIds {
+    bos: u32,
+    start: [u32; 3],
+    end: [u32; 3],
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::System => 0,
+        Role::User => 1,
+        Role::Assistant => 2,
+    }
+}
+
+fn chat_ids(tokenizer: &Tokenizer) -> Result<ChatIds, TokenizerError> {
+    let id = |name: &str| {
+        tokenizer.token_to_id(name).ok_or_else(|| {
+            TokenizerError::Chat(format!(
+                "the tokenizer has no {name} token; fine-tuning adds the chat tokens to a base tokenizer"
+            ))
+        })
+    };
+    let mut start = [0; 3];
+    let mut end = [0; 3];
+    for role in [Role::System, Role::User, Role::Assistant] {
+        let (s, e) = role.markers();
+        start[role_index(role)] = id(s)?;
+        end[role_index(role)] = id(e)?;
+    }
+    Ok(ChatIds {
+        bos: tokenizer.bos_id(),
+        start,
+        end,
+    })
+}
+
+/// Checks the shape of a conversation: an optional leading system message, then user and
+/// assistant turns alternating, starting with the user.
+pub fn validate(messages: &[Message]) -> Result<(), TokenizerError> {
+    let bad = |m: String| Err(TokenizerError::Chat(m));
+    let mut expected = Role::User;
+    for (i, message) in messages.iter().enumerate() {
+        if message.role == Role::System {
+            if i != 0 {
+                return bad(format!(
+                    "message {}: a system message may only come first",
+                    i + 1
+                ));
+            }
+            continue;
+        }
+        if message.role != expected {
+            return bad(format!(
+                "message {} is from the {} but the {} should speak (turns alternate, starting with the user)",
+                i + 1,
+                message.role,
+                expected
+            ));
+        }
+        expected = if expected == Role::User {
+            Role::Assistant
+        } else {
+            Role::User
+        };
+    }
+    Ok(())
+}
+
+/// Renders a whole conversation for training.
+pub fn render(
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    train_on: TrainOn,
+) -> Result<Rendered, TokenizerError> {
+    validate(messages)?;
+    let ids = chat_ids(tokenizer)?;
+    let mut out = Rendered {
+        ids: vec![ids.bos],
+        trained: vec![false],
+    };
+    for message in messages {
+        let r = role_index(message.role);
+        let assistant = message.role == Role::Assistant;
+        let train_body = assistant || train_on == TrainOn::All;
+        out.ids.push(ids.start[r]);
+        out.trained.push(train_on == TrainOn::All);
+        let body = tokenizer.encode(&message.content);
+        out.trained
+            .extend(std::iter::repeat_n(train_body, body.len()));
+        out.ids.extend(body);
+        out.ids.push(ids.end[r]);
+        out.trained.push(train_body);
+    }
+    Ok(out)
+}
+
+/// Renders the prompt for the assistant's next reply: the conversation so far (ending with a
+/// user message) followed by `<|assistant_start|>`.
+pub fn render_prompt(
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+) -> Result<Vec<u32>, TokenizerError> {
+    if messages.last().map(|m| m.role) != Some(Role::User) {
+        return Err(TokenizerError::Chat(
+            "a prompt must end with a user message".into(),
+        ));
+    }
+    let mut ids = render(tokenizer, messages, TrainOn::Assistant)?.ids;
+    ids.push(chat_ids(tokenizer)?.start[role_index(Role::Assistant)]);
+    Ok(ids)
+}
+
+/// The token that ends an assistant turn (generation stops there).
+pub fn assistant_end(tokenizer: &Tokenizer) -> Result<u32, TokenizerError> {
+    Ok(chat_ids(tokenizer)?.end[role_index(Role::Assistant)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        crate::train(
+            ["hello there how are you doing today".to_string()].into_iter(),
+            &crate::TrainOptions {
+                vocab_size: 300,
+                min_frequency: 0,
+                show_progress: false,
+            },
+        )
+        .unwrap()
+    }
+
+    fn conversation() -> Vec<Message> {
+        vec![
+            Message::new(Role::System, "Be brief."),
+            Message::new(Role::User, "hello there"),
+            Message::new(Role::Assistant, "how are you"),
+            Message::new(Role::User, "doing today?"),
+            Message::new(Role::Assistant, "fine"),
+        ]
+    }
+
+    #[test]
+    fn assistant_turns_and_their_end_token_are_trained() {
+        let tok = tokenizer();
+        let r = render(&tok, &conversation(), TrainOn::Assistant).unwrap();
+        assert_eq!(r.ids.len(), r.trained.len());
+        let trained_text: Vec<String> = r
+            .ids
+            .iter()
+            .zip(&r.trained)
+            .filter(|(_, &t)| t)
+            .map(|(&id, _)| String::from_utf8(tok.decode_bytes(&[id])).unwrap())
+            .collect();
+        assert_eq!(
+            trained_text.concat(),
+            "how are you<|assistant_end|>fine<|assistant_end|>"
+        );
+        assert_eq!(r.ids[0], tok.bos_id());
+        let all = render(&tok, &conversation(), TrainOn::All).unwrap();
+        assert!(all.trained[1..].iter().all(|&t| t));
+        assert!(!all.trained[0]);
+    }
+
+    #[test]
+    fn rendering_is_prefix_stable_and_prompts_end_with_assistant_start() {
+        let tok = tokenizer();
+        let conv = conversation();
+        let full = render(&tok, &conv, TrainOn::Assistant).unwrap();
+        for k in 1..=conv.len() {
+            let part = render(&tok, &conv[..k], TrainOn::Assistant).unwrap();
+            assert_eq!(
+                part.ids[..],
+                full.ids[..part.ids.len()],
+                "first {k} messages"
+            );
+            assert_eq!(part.trained[..], full.trained[..part.ids.len()]);
+        }
+        let prompt = render_prompt(&tok, &conv[..4]).unwrap();
+        let upto = render(&tok, &conv[..4], TrainOn::Assistant).unwrap();
+        assert_eq!(prompt[..upto.ids.len()], upto.ids[..]);
+        assert_eq!(
+            prompt.last(),
+            tok.token_to_id("<|assistant_start|>").as_ref()
+        );
+        assert!(
+            full.ids.starts_with(&prompt),
+            "the prompt is a prefix of the trained rendering"
+        );
+    }
+
+    #[test]
+    fn malformed_conversations_and_tokenizers_without_chat_tokens_fail() {
+        let tok = tokenizer();
+        let err = render(
+            &tok,
+            &[Message::new(Role::Assistant, "hi")],
+            TrainOn::Assistant,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("message 1"), "{err}");
+        let err = validate(&[
+            Message::new(Role::User, "a"),
+            Message::new(Role::System, "b"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("system"), "{err}");
+        let gpt2 = Tokenizer::gpt2();
+        let err = render(&gpt2, &conversation(), TrainOn::Assistant).unwrap_err();
+        assert!(err.to_string().contains("<|system_start|>"), "{err}");
+        assert!(
+            render_prompt(&tok, &conversation()).is_err(),
+            "prompt must end with the user"
+        );
+    }
+}
