@@ -138,6 +138,42 @@ impl<K: Kernels> Gpt<K> {
         self.config.num_parameters()
     }
 
+    /// A copy with a larger vocabulary: existing parameters are kept and each new embedding row
+    /// starts at the mean of the existing rows (a neutral token rather than noise).
+    pub fn grow_vocab(&self, vocab_size: usize) -> Result<Gpt<Cpu>> {
+        if vocab_size < self.config.vocab_size {
+            return Err(EngineError::Config(format!(
+                "cannot shrink the vocabulary from {} to {vocab_size}",
+                self.config.vocab_size
+            )));
+        }
+        let mut config = self.config;
+        config.vocab_size = vocab_size;
+        let mut grown = Gpt::new(config)?;
+        let c = config.n_embd;
+        for (old, new) in self.layout.tensors.iter().zip(grown.layout.tensors.clone()) {
+            if old.name == "transformer.wte.weight" {
+                let live = self.config.vocab_size * c;
+                let dst = &mut grown.params[new.range.clone()];
+                dst[..live].copy_from_slice(&self.params[old.range.start..old.range.start + live]);
+                let mut mean = vec![0f64; c];
+                for row in self.params[old.range.start..old.range.start + live].chunks(c) {
+                    for (m, &x) in mean.iter_mut().zip(row) {
+                        *m += f64::from(x);
+                    }
+                }
+                for row in dst[live..vocab_size * c].chunks_mut(c) {
+                    for (x, m) in row.iter_mut().zip(&mean) {
+                        *x = (*m / self.config.vocab_size as f64) as f32;
+                    }
+                }
+            } else {
+                grown.params[new.range.clone()].copy_from_slice(&self.params[old.range.clone()]);
+            }
+        }
+        Ok(grown)
+    }
+
     fn ensure_activations(&mut self, batch: usize, seq: usize) {
         let a = &mut self.acts;
         if a.batch == batch && a.seq == seq {

@@ -314,6 +314,43 @@ impl Tokenizer {
         })
     }
 
+    /// A copy with special tokens added at the next free ids (fine-tuning adds the chat tokens
+    /// to a base tokenizer this way; the model's embeddings grow to match).
+    pub fn with_special_tokens(&self, names: &[&str]) -> Result<Tokenizer> {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&self.json).map_err(|e| TokenizerError::Load {
+                path: PathBuf::from(self.source.to_string()),
+                message: e.to_string(),
+            })?;
+        let added = json["added_tokens"]
+            .as_array_mut()
+            .ok_or_else(|| TokenizerError::Load {
+                path: PathBuf::from(self.source.to_string()),
+                message: "tokenizer.json has no added_tokens list".into(),
+            })?;
+        let mut next = self.vocab_size() as u32;
+        for name in names {
+            if self.token_to_id(name).is_some() {
+                continue;
+            }
+            added.push(serde_json::json!({"id": next, "content": name, "single_word": false, "lstrip": false,
+                                          "rstrip": false, "normalized": false, "special": true}));
+            next += 1;
+        }
+        let text = serde_json::to_string(&json).expect("json serializes");
+        // Round-trip through `tokenizers` so the stored JSON is its canonical form.
+        let hf: tokenizers::Tokenizer =
+            text.parse()
+                .map_err(|e: tokenizers::Error| TokenizerError::Load {
+                    path: PathBuf::from(self.source.to_string()),
+                    message: e.to_string(),
+                })?;
+        let canonical = hf
+            .to_string(false)
+            .map_err(|e| TokenizerError::Train(e.to_string()))?;
+        Self::from_json(canonical, self.source.clone())
+    }
+
     /// Token ids needed to store ids of this vocabulary: 2 bytes when it fits in `u16`.
     pub fn fits_u16(&self) -> bool {
         self.vocab_size() <= 1 << 16

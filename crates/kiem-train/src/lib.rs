@@ -2,6 +2,7 @@
 //! loading, schedules, evaluation, checkpoints and exact resume, metrics and plots.
 
 pub mod checkpoint;
+pub mod examples;
 pub mod loader;
 pub mod plot;
 pub mod schedule;

@@ -20,6 +20,30 @@ pub struct Cursor {
     pub epoch: u64,
 }
 
+/// A source of training or evaluation batches with a resumable cursor.
+pub trait Batches {
+    /// Length of every row.
+    fn seq(&self) -> usize;
+    /// Rows per epoch.
+    fn rows(&self) -> u64;
+    fn cursor(&self) -> Cursor;
+    fn set_cursor(&mut self, cursor: Cursor);
+    /// Fills `inputs` and `targets` (`batch * seq` each) and advances the cursor.
+    fn next_batch(&mut self, batch: usize, inputs: &mut Vec<u32>, targets: &mut Vec<Option<u32>>);
+}
+
+/// Row `row` of an epoch: shuffled with a per-epoch key, or in order.
+pub fn row_index(cursor: Cursor, rows: u64, shuffle: Option<u64>) -> u64 {
+    match shuffle {
+        Some(seed) => permute(
+            cursor.row,
+            rows,
+            seed ^ cursor.epoch.wrapping_mul(0xA24B_AED4_963E_E407),
+        ),
+        None => cursor.row,
+    }
+}
+
 /// Reads rows of `seq + 1` consecutive tokens; row `r` starts at token `r · seq` (as llm.c's
 /// rows do), so every token is a target once per epoch.
 pub struct TokenLoader<'a> {
@@ -110,19 +134,26 @@ impl<'a> TokenLoader<'a> {
             pos += n as u64;
         }
     }
+}
 
-    /// Rows per epoch.
-    pub fn rows(&self) -> u64 {
+impl Batches for TokenLoader<'_> {
+    fn seq(&self) -> usize {
+        self.seq
+    }
+
+    fn rows(&self) -> u64 {
         self.rows
     }
 
-    /// Fills `inputs` and `targets` (`batch * seq` each) and advances the cursor.
-    pub fn next_batch(
-        &mut self,
-        batch: usize,
-        inputs: &mut Vec<u32>,
-        targets: &mut Vec<Option<u32>>,
-    ) {
+    fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    fn set_cursor(&mut self, cursor: Cursor) {
+        self.cursor = cursor;
+    }
+
+    fn next_batch(&mut self, batch: usize, inputs: &mut Vec<u32>, targets: &mut Vec<Option<u32>>) {
         let seq = self.seq;
         inputs.clear();
         targets.clear();
@@ -132,14 +163,7 @@ impl<'a> TokenLoader<'a> {
                 self.cursor.row = 0;
                 self.cursor.epoch += 1;
             }
-            let index = match self.shuffle {
-                Some(seed) => permute(
-                    self.cursor.row,
-                    self.rows,
-                    seed ^ self.cursor.epoch.wrapping_mul(0xA24B_AED4_963E_E407),
-                ),
-                None => self.cursor.row,
-            };
+            let index = row_index(self.cursor, self.rows, self.shuffle);
             self.read(index * seq as u64, &mut row);
             inputs.extend_from_slice(&row[..seq]);
             targets.extend(row[1..].iter().map(|&t| Some(t)));

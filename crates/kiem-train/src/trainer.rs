@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{
     list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir, TrainerState,
 };
-use crate::loader::TokenLoader;
+use crate::examples::{load_examples, ExampleLoader, Examples, FinetuneData};
+use crate::loader::{Batches, TokenLoader};
 use crate::plot::plot_losses;
 use crate::schedule::Schedule;
 use crate::{Result, TrainError};
@@ -30,8 +31,10 @@ pub const MODEL_DIR: &str = "model";
 /// Everything that defines a run; saved as `run.json` so `--resume` continues the same run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub data_dir: PathBuf,
+    pub source: DataSource,
     pub model: ModelConfig,
+    /// Row length: the context for pre-training, the longest example for fine-tuning.
+    pub seq: usize,
     pub micro_batch: usize,
     /// Tokens per optimizer step (a multiple of micro_batch × context).
     pub batch_tokens: usize,
@@ -52,9 +55,19 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// Where the training data comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DataSource {
+    /// Token shards from `kiem data prepare`.
+    Pretrain { data_dir: PathBuf },
+    /// Conversations, starting from a trained model.
+    Finetune(FinetuneData),
+}
+
 impl TrainConfig {
     pub fn tokens_per_micro_batch(&self) -> usize {
-        self.micro_batch * self.model.context
+        self.micro_batch * self.seq
     }
 
     pub fn grad_accumulation(&self) -> usize {
@@ -68,9 +81,15 @@ impl TrainConfig {
         if self.micro_batch == 0 {
             return bad("--micro-batch must be at least 1".into());
         }
+        if self.seq == 0 || self.seq > self.model.context {
+            return bad(format!(
+                "rows of {} tokens do not fit the context of {}",
+                self.seq, self.model.context
+            ));
+        }
         if self.batch_tokens == 0 || !self.batch_tokens.is_multiple_of(per_micro) {
             return bad(format!(
-                "--batch-tokens {} must be a positive multiple of --micro-batch × --context = {per_micro}",
+                "--batch-tokens {} must be a positive multiple of --micro-batch × row length = {per_micro}",
                 self.batch_tokens
             ));
         }
@@ -141,7 +160,7 @@ pub struct Summary {
 /// Bytes of memory a run needs (parameters, gradients, two moments, activations).
 pub fn memory_estimate(config: &TrainConfig) -> usize {
     let params = kiem_engine::ParamLayout::new(&config.model).total;
-    4 * params * 4 + activation_bytes(&config.model, config.micro_batch, config.model.context)
+    4 * params * 4 + activation_bytes(&config.model, config.micro_batch, config.seq)
 }
 
 fn available_memory() -> Option<usize> {
@@ -239,7 +258,12 @@ pub fn pretrain(
     observer: &mut dyn Observer,
 ) -> Result<Summary> {
     config.validate()?;
-    let data = DataDir::open(&config.data_dir)?;
+    let DataSource::Pretrain { data_dir } = &config.source else {
+        return Err(TrainError::Config(
+            "pretrain needs token shards (--data)".into(),
+        ));
+    };
+    let data = DataDir::open(data_dir)?;
     let tokenizer = data.tokenizer()?;
     if tokenizer.vocab_size() != config.model.vocab_size {
         return Err(TrainError::Config(format!(
@@ -248,9 +272,9 @@ pub fn pretrain(
             tokenizer.vocab_size()
         )));
     }
-    let seq = config.model.context;
-    let mut train_loader = TokenLoader::new(&data.train, "train", seq, Some(config.seed))?;
-    let val_loader = if data.val.iter().map(|s| s.len()).sum::<usize>() > seq {
+    let seq = config.seq;
+    let mut train = TokenLoader::new(&data.train, "train", seq, Some(config.seed))?;
+    let mut val = if data.val.iter().map(|s| s.len()).sum::<usize>() > seq {
         Some(TokenLoader::new(&data.val, "validation", seq, None)?)
     } else {
         observer.note(
@@ -258,7 +282,127 @@ pub fn pretrain(
         );
         None
     };
+    let mut gpt = Gpt::new(config.model)?;
+    if !resume {
+        gpt.init_random(config.seed);
+    }
+    let title = format!("kiem pretrain: {}", run_dir.display());
+    run_loop(
+        run_dir,
+        config,
+        gpt,
+        &tokenizer,
+        &mut train,
+        val.as_mut().map(|v| v as &mut dyn Batches),
+        resume,
+        cancel,
+        observer,
+        &title,
+    )
+}
 
+/// A fine-tuning run's starting point: the base model and tokenizer, with the chat tokens added
+/// (and the embeddings grown) when the base tokenizer lacks them.
+pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<String>)> {
+    let (gpt, _) = kiem_engine::io::load_model_dir(&spec.base_model)?;
+    let dir = spec
+        .base_model
+        .to_str()
+        .ok_or_else(|| TrainError::Config("model path is not valid UTF-8".into()))?;
+    let tokenizer = Tokenizer::load(dir)?;
+    if tokenizer.vocab_size() != gpt.config.vocab_size {
+        return Err(TrainError::Config(format!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
+            spec.base_model.display(),
+            tokenizer.vocab_size(),
+            gpt.config.vocab_size
+        )));
+    }
+    let missing: Vec<String> = kiem_tokenizer::SPECIAL_TOKENS[1..]
+        .iter()
+        .filter(|t| tokenizer.token_to_id(t).is_none())
+        .map(|t| t.to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok((gpt, tokenizer, missing));
+    }
+    let names: Vec<&str> = missing.iter().map(String::as_str).collect();
+    let grown_tokenizer = tokenizer.with_special_tokens(&names)?;
+    let grown = gpt.grow_vocab(grown_tokenizer.vocab_size())?;
+    Ok((grown, grown_tokenizer, missing))
+}
+
+/// Runs (or continues) a fine-tuning run. Without `resume`, `start` is the prepared base model,
+/// tokenizer and examples (see [`load_finetune_base`] and [`load_examples`]).
+pub fn finetune(
+    run_dir: &Path,
+    config: &TrainConfig,
+    start: Option<(Gpt, Tokenizer, Examples)>,
+    cancel: &AtomicBool,
+    observer: &mut dyn Observer,
+) -> Result<Summary> {
+    config.validate()?;
+    let DataSource::Finetune(spec) = &config.source else {
+        return Err(TrainError::Config(
+            "finetune needs conversations (--data)".into(),
+        ));
+    };
+    let resume = start.is_none();
+    let (gpt, tokenizer, examples) = match start {
+        Some(start) => start,
+        None => {
+            let (_, dir) = list_checkpoints(run_dir).pop().ok_or_else(|| {
+                TrainError::Resume(format!(
+                    "{} has no checkpoint to resume from",
+                    run_dir.display()
+                ))
+            })?;
+            let tokenizer = Tokenizer::load(
+                dir.to_str()
+                    .ok_or_else(|| TrainError::Config("path is not valid UTF-8".into()))?,
+            )?;
+            let examples = load_examples(spec, &tokenizer, config.model.context)?;
+            (Gpt::new(config.model)?, tokenizer, examples)
+        }
+    };
+    let pad = tokenizer.bos_id();
+    let mut train = ExampleLoader::new(examples.train, config.seq, Some(config.seed), pad);
+    let mut val =
+        (!examples.val.is_empty()).then(|| ExampleLoader::new(examples.val, config.seq, None, pad));
+    if val.is_none() {
+        observer.note(
+            "no validation conversations: evaluation is skipped (use --val-data or --val-fraction)",
+        );
+    }
+    let title = format!("kiem finetune: {}", run_dir.display());
+    run_loop(
+        run_dir,
+        config,
+        gpt,
+        &tokenizer,
+        &mut train,
+        val.as_mut().map(|v| v as &mut dyn Batches),
+        resume,
+        cancel,
+        observer,
+        &title,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_loop(
+    run_dir: &Path,
+    config: &TrainConfig,
+    mut gpt: Gpt,
+    tokenizer: &Tokenizer,
+    train_loader: &mut dyn Batches,
+    mut val_loader: Option<&mut dyn Batches>,
+    resume: bool,
+    cancel: &AtomicBool,
+    observer: &mut dyn Observer,
+    plot_title: &str,
+) -> Result<Summary> {
+    let seq = train_loader.seq();
     let need = memory_estimate(config);
     if let Some(available) = available_memory() {
         if need > available {
@@ -273,7 +417,6 @@ pub fn pretrain(
     }
     std::fs::create_dir_all(run_dir)
         .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
-    let mut gpt = Gpt::new(config.model)?;
     let mut opt = AdamWState::new(config.beta1, config.beta2, config.eps);
     let mut state = TrainerState {
         step: 0,
@@ -300,10 +443,9 @@ pub fn pretrain(
                 tokenizer.hash()
             )));
         }
-        train_loader.cursor = state.cursor;
+        train_loader.set_cursor(state.cursor);
         Some(step)
     } else {
-        gpt.init_random(config.seed);
         let json = serde_json::to_string_pretty(config).expect("config serializes");
         kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;
         None
@@ -312,7 +454,16 @@ pub fn pretrain(
         Metrics::open(&run_dir.join(METRICS_FILE), Some(state.step))?;
     observer.started(resumed_from, config, gpt.num_parameters());
 
-    let bytes_of = token_bytes(&tokenizer);
+    let bytes_of = token_bytes(tokenizer);
+    // A fine-tuning run records the base model's held-out loss first, to compare against.
+    if resumed_from.is_none() && matches!(config.source, DataSource::Finetune(_)) {
+        if let Some(val) = val_loader.as_deref_mut() {
+            let report = evaluate(&mut gpt, val, config, &bytes_of, 0)?;
+            metrics.write(&report)?;
+            val_curve.push((0, report.val_loss));
+            observer.eval(&report);
+        }
+    }
     let accum = config.grad_accumulation();
     let mut batches: Vec<(Vec<u32>, Vec<Option<u32>>)> = vec![(Vec::new(), Vec::new()); accum];
     let started = Instant::now();
@@ -320,7 +471,6 @@ pub fn pretrain(
     let tokens_before = state.tokens_seen;
     let mut last_loss = f64::NAN;
     let mut interrupted = false;
-    let plot_title = format!("kiem pretrain: {}", run_dir.display());
     while state.step < config.steps {
         let step = state.step;
         let lr = config.schedule.lr_at(step);
@@ -359,7 +509,7 @@ pub fn pretrain(
         gpt.adamw_step(&mut opt, lr, config.weight_decay);
         state.step += 1;
         state.tokens_seen += (accum * config.tokens_per_micro_batch()) as u64;
-        state.cursor = train_loader.cursor;
+        state.cursor = train_loader.cursor();
         last_loss = loss;
         let session = started.elapsed().as_secs_f64();
         state.elapsed_seconds = elapsed_before + session;
@@ -379,7 +529,7 @@ pub fn pretrain(
 
         let last_step = state.step == config.steps;
         let stop = cancel.load(Ordering::Relaxed);
-        if let Some(val) = &val_loader {
+        if let Some(val) = val_loader.as_deref_mut() {
             if (config.eval_every > 0 && state.step.is_multiple_of(config.eval_every)) || last_step
             {
                 let report = evaluate(&mut gpt, val, config, &bytes_of, state.step)?;
@@ -394,12 +544,7 @@ pub fn pretrain(
         }
         if config.sample_every > 0 && (state.step.is_multiple_of(config.sample_every) || last_step)
         {
-            let text = sample_text(
-                &gpt,
-                &tokenizer,
-                config.sample_tokens,
-                &mut state.sample_rng,
-            )?;
+            let text = sample_text(&gpt, tokenizer, config.sample_tokens, &mut state.sample_rng)?;
             observer.sample(state.step, &text);
         }
         if (config.checkpoint_every > 0 && state.step.is_multiple_of(config.checkpoint_every))
@@ -411,12 +556,12 @@ pub fn pretrain(
                 &gpt,
                 &opt,
                 &state,
-                &tokenizer,
+                tokenizer,
                 config.keep_checkpoints,
             )?;
             plot_losses(
                 &run_dir.join(PLOT_FILE),
-                &plot_title,
+                plot_title,
                 &train_curve,
                 &val_curve,
             )?;
@@ -429,10 +574,10 @@ pub fn pretrain(
     }
     let model_dir = run_dir.join(MODEL_DIR);
     if !interrupted {
-        write_model_dir(&model_dir, &gpt, &tokenizer, None)?;
+        write_model_dir(&model_dir, &gpt, tokenizer, None)?;
         plot_losses(
             &run_dir.join(PLOT_FILE),
-            &plot_title,
+            plot_title,
             &train_curve,
             &val_curve,
         )?;
@@ -451,22 +596,24 @@ pub fn pretrain(
     })
 }
 
-/// Loss and bits per byte over the first `eval_tokens` of the validation split.
+/// Loss and bits per byte over the first `eval_tokens` (at most one pass) of the validation set.
 fn evaluate(
     gpt: &mut Gpt,
-    val: &TokenLoader<'_>,
+    val: &mut dyn Batches,
     config: &TrainConfig,
     bytes_of: &[u32],
     step: u64,
 ) -> Result<EvalReport> {
-    let seq = config.model.context;
-    let per_batch = config.tokens_per_micro_batch();
-    let batches = (config.eval_tokens / per_batch).max(1);
-    let mut loader = TokenLoader::new(val.shards(), "validation", seq, None)?;
+    let seq = val.seq();
+    let per_batch = config.micro_batch * seq;
+    let batches = (config.eval_tokens / per_batch)
+        .max(1)
+        .min(val.rows().div_ceil(config.micro_batch as u64).max(1) as usize);
+    val.set_cursor(Default::default());
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     let (mut nats, mut count, mut bytes) = (0.0f64, 0usize, 0u64);
     for _ in 0..batches {
-        loader.next_batch(config.micro_batch, &mut inputs, &mut targets);
+        val.next_batch(config.micro_batch, &mut inputs, &mut targets);
         let (sum, n) = gpt.forward(&inputs, &targets, config.micro_batch, seq, None)?;
         nats += sum;
         count += n;
@@ -475,9 +622,6 @@ fn evaluate(
             .flatten()
             .map(|&t| u64::from(bytes_of[t as usize]))
             .sum::<u64>();
-        if loader.cursor.epoch > 0 {
-            break;
-        }
     }
     Ok(EvalReport {
         step,

@@ -53,6 +53,8 @@ enum Command {
     ChatFormat(cmd::chat_format::ChatFormatCommand),
     /// Pre-train a GPT on token shards (or continue a run with --resume).
     Pretrain(Box<cmd::pretrain::PretrainArgs>),
+    /// Fine-tune a model on conversations or prompt/completion pairs (or continue with --resume).
+    Finetune(Box<cmd::finetune::FinetuneArgs>),
     /// Continue a prompt with a trained model, streaming the text to standard output.
     Generate(Box<cmd::generate::GenerateArgs>),
     /// Measure kiem's speed against reference implementations.
@@ -135,6 +137,7 @@ fn main() -> ExitCode {
         Command::ChatFormat(c) => cmd::chat_format::run(c),
         Command::Pretrain(c) => cmd::pretrain::run(*c),
         Command::Generate(c) => cmd::generate::run(*c),
+        Command::Finetune(c) => cmd::finetune::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     };
     match result {

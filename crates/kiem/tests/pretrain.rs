@@ -463,3 +463,117 @@ fn generate_streams_seeded_text_from_a_trained_model() {
         &["context"],
     );
 }
+
+#[test]
+fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let text: String = (0..400)
+        .map(|i| format!("Order {i} was shipped on day {}.\n\n", i % 7))
+        .collect();
+    std::fs::write(dir.join("corpus.txt"), text).unwrap();
+    ok(run(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "corpus.txt",
+            "--split-on-blank-lines",
+            "--tokenizer",
+            "gpt2",
+            "--out",
+            "data",
+            "--val-fraction",
+            "0.1",
+        ],
+        dir,
+    ));
+    ok(run(
+        &[
+            "pretrain",
+            "--data",
+            "data",
+            "--out",
+            "base",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "32",
+            "--context",
+            "48",
+            "--steps",
+            "5",
+            "--threads",
+            "2",
+        ],
+        dir,
+    ));
+    let chats: String = (0..60)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Where is order {i}?")},
+                {"role": "assistant", "content": "It has shipped."}
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("chat.jsonl"), chats).unwrap();
+    let out = run(
+        &[
+            "finetune",
+            "--model",
+            "base/model",
+            "--data",
+            "chat.jsonl",
+            "--out",
+            "ft",
+            "--epochs",
+            "8",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "0",
+            "--threads",
+            "2",
+        ],
+        dir,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(stderr.contains("added 6 chat tokens"), "{stderr}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ft/model/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["vocab_size"], 50257 + 6);
+    let info = ok(run(&["tokenizer", "info", "--tokenizer", "ft/model"], dir));
+    assert!(info.contains("50262=<|system_end|>"), "{info}");
+    // Held-out assistant-token loss: the base model's (step 0) against the fine-tuned one's.
+    let evals: Vec<f64> = std::fs::read_to_string(dir.join("ft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64())
+        .collect();
+    assert!(evals.len() >= 2, "{evals:?}");
+    assert!(
+        evals[evals.len() - 1] < evals[0] * 0.5,
+        "loss falls substantially: {evals:?}"
+    );
+    failed(
+        run(
+            &[
+                "finetune",
+                "--model",
+                "base/model",
+                "--data",
+                "corpus.txt",
+                "--out",
+                "ft2",
+            ],
+            dir,
+        ),
+        &["corpus.txt", ".jsonl"],
+    );
+}

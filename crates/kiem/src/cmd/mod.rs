@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod chat_format;
 pub mod data;
+pub mod finetune;
 pub mod generate;
 pub mod pretrain;
 pub mod tokenizer;

@@ -220,8 +220,11 @@ impl PretrainArgs {
             decay_fraction: self.decay_fraction.unwrap_or(0.2),
         };
         Ok(TrainConfig {
-            data_dir: data_dir.to_path_buf(),
+            source: kiem_train::trainer::DataSource::Pretrain {
+                data_dir: data_dir.to_path_buf(),
+            },
             model,
+            seq: context,
             micro_batch,
             batch_tokens,
             steps,
@@ -290,8 +293,13 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     };
     let mut observer = CliObserver::new(threads);
     let summary = kiem_train::pretrain(&run_dir, &config, resume, &cancel_flag(), &mut observer);
-    observer.bar.finish_and_clear();
-    let summary = summary?;
+    observer.finish();
+    print_summary(&summary?, &run_dir, "pretrain");
+    Ok(())
+}
+
+/// The closing lines of a training command.
+pub fn print_summary(summary: &kiem_train::Summary, run_dir: &Path, command: &str) {
     println!(
         "{} {} steps, {} tokens in {:.1}s ({:.0} tokens/s this session); final train loss {:.4}",
         if summary.interrupted {
@@ -310,7 +318,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     }
     if summary.interrupted {
         println!(
-            "checkpoint saved; continue with: kiem pretrain --resume {}",
+            "checkpoint saved; continue with: kiem {command} --resume {}",
             run_dir.display()
         );
     } else {
@@ -321,10 +329,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             run_dir.join("loss.png").display()
         );
     }
-    Ok(())
 }
 
-struct CliObserver {
+pub struct CliObserver {
     bar: ProgressBar,
     threads: usize,
     /// Without a terminal, a log line every this many steps.
@@ -333,7 +340,11 @@ struct CliObserver {
 }
 
 impl CliObserver {
-    fn new(threads: usize) -> Self {
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    pub fn new(threads: usize) -> Self {
         Self {
             bar: ProgressBar::hidden(),
             threads,

@@ -1,0 +1,241 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use kiem_train::examples::{load_examples, FinetuneData};
+use kiem_train::trainer::{load_finetune_base, DataSource, RUN_FILE};
+use kiem_train::{Schedule, ScheduleKind, TrainConfig};
+
+use super::cancel_flag;
+use super::chat_format::{FormatArg, TrainOnArg};
+use super::pretrain::{print_summary, CliObserver};
+use crate::ThreadArgs;
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// The model to start from (a Hugging Face GPT-2 directory, e.g. RUN_DIR/model).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+
+    /// JSONL conversations: OpenAI messages, ShareGPT, Alpaca or prompt/completion.
+    #[arg(long = "data", num_args = 1.., value_name = "FILE")]
+    data: Vec<PathBuf>,
+
+    /// Run directory for checkpoints, metrics, plot and the fine-tuned model.
+    #[arg(long, value_name = "RUN_DIR")]
+    out: Option<PathBuf>,
+
+    /// Continue the fine-tuning run in RUN_DIR from its last checkpoint (only --steps and
+    /// --threads may change).
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+
+    /// Held-out conversations for evaluation (default: --val-fraction of --data).
+    #[arg(long = "val-data", num_args = 1.., value_name = "FILE")]
+    val_data: Vec<PathBuf>,
+
+    /// Fraction of --data held out (by a hash of each conversation) when no --val-data.
+    #[arg(long, default_value_t = 0.1, value_name = "F")]
+    val_fraction: f64,
+
+    /// Record format (default: detected per record).
+    #[arg(long, value_enum, default_value = "auto")]
+    format: FormatArg,
+
+    /// Train on the assistant replies (and their end token) or on every token.
+    #[arg(long, value_enum, default_value = "assistant")]
+    train_on: TrainOnArg,
+
+    /// Skip malformed records (reporting how many) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_records: bool,
+
+    /// Passes over the training conversations (ignored with --steps).
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    epochs: u64,
+
+    /// Optimizer steps (default: from --epochs).
+    #[arg(long, value_name = "N")]
+    steps: Option<u64>,
+
+    /// Conversations per forward/backward pass (one per row, padded).
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    micro_batch: usize,
+
+    /// Micro-batches whose gradients are summed per optimizer step.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    grad_accum: usize,
+
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-4, value_name = "LR")]
+    lr: f32,
+
+    /// Final learning rate [default: lr / 10].
+    #[arg(long, value_name = "LR")]
+    min_lr: Option<f32>,
+
+    /// Steps of linear warmup [default: 5% of the steps, at least 1].
+    #[arg(long, value_name = "N")]
+    warmup_steps: Option<u64>,
+
+    /// Decoupled AdamW weight decay on matrices.
+    #[arg(long, default_value_t = 0.0, value_name = "W")]
+    weight_decay: f32,
+
+    /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = 1.0, value_name = "N")]
+    grad_clip: f32,
+
+    /// Evaluate on the held-out conversations every N steps and at the end (0 = only at the end).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    eval_every: u64,
+
+    /// Save a checkpoint every N steps (and at the end).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    checkpoint_every: u64,
+
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    keep_checkpoints: usize,
+
+    /// Seed for the order of conversations.
+    #[arg(long, default_value_t = 1337, value_name = "S")]
+    seed: u64,
+
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+pub fn run(args: FinetuneArgs) -> Result<()> {
+    let threads = args.threads.install()?;
+    let mut observer = CliObserver::new(threads);
+    let cancel = cancel_flag();
+    let (run_dir, summary) = if let Some(run_dir) = &args.resume {
+        if args.model.is_some() || !args.data.is_empty() || args.out.is_some() {
+            bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
+        }
+        let path = run_dir.join(RUN_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a kiem run directory (no {RUN_FILE})",
+                run_dir.display()
+            )
+        })?;
+        let mut config: TrainConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is malformed", path.display()))?;
+        if let Some(steps) = args.steps {
+            config.steps = steps;
+            config.schedule.total_steps = steps;
+        }
+        let summary = kiem_train::trainer::finetune(run_dir, &config, None, &cancel, &mut observer);
+        (run_dir.clone(), summary)
+    } else {
+        let Some(model) = &args.model else {
+            bail!("--model DIR is required (the model to fine-tune)")
+        };
+        let Some(out) = &args.out else {
+            bail!("--out RUN_DIR is required")
+        };
+        if args.data.is_empty() {
+            bail!("--data FILE is required (JSONL conversations)");
+        }
+        if out.join(RUN_FILE).exists() {
+            bail!(
+                "{} already holds a run; continue it with --resume {}",
+                out.display(),
+                out.display()
+            );
+        }
+        if !(0.0..1.0).contains(&args.val_fraction) {
+            bail!(
+                "--val-fraction {} is out of range: choose 0 <= F < 1",
+                args.val_fraction
+            );
+        }
+        let spec = FinetuneData {
+            base_model: model.clone(),
+            data: args.data.clone(),
+            val_data: args.val_data.clone(),
+            val_fraction: args.val_fraction,
+            format: format_name(args.format).into(),
+            train_on: args.train_on.into(),
+            skip_bad_records: args.skip_bad_records,
+        };
+        let (gpt, tokenizer, added) = load_finetune_base(&spec)?;
+        if !added.is_empty() {
+            eprintln!(
+                "added {} chat tokens to the tokenizer ({}); the vocabulary grows to {}",
+                added.len(),
+                added.join(" "),
+                tokenizer.vocab_size()
+            );
+        }
+        let examples = load_examples(&spec, &tokenizer, gpt.config.context)?;
+        super::report_bad_records(&examples.bad);
+        if examples.truncated > 0 {
+            eprintln!(
+                "note: {} conversations were cut to the model's context of {} tokens",
+                examples.truncated, gpt.config.context
+            );
+        }
+        eprintln!(
+            "{} training and {} held-out conversations",
+            examples.train.len(),
+            examples.val.len()
+        );
+        let seq = examples.longest().clamp(1, gpt.config.context);
+        let per_step = (args.micro_batch * args.grad_accum).max(1) as u64;
+        let steps = args.steps.unwrap_or_else(|| {
+            (examples.train.len() as u64).div_ceil(per_step) * args.epochs.max(1)
+        });
+        let config = TrainConfig {
+            source: DataSource::Finetune(spec),
+            model: gpt.config,
+            seq,
+            micro_batch: args.micro_batch,
+            batch_tokens: args.micro_batch * args.grad_accum * seq,
+            steps,
+            schedule: Schedule {
+                kind: ScheduleKind::Cosine,
+                lr: args.lr,
+                min_lr: args.min_lr.unwrap_or(args.lr / 10.0),
+                warmup_steps: args.warmup_steps.unwrap_or((steps / 20).max(1)),
+                total_steps: steps,
+                decay_fraction: 0.2,
+            },
+            weight_decay: args.weight_decay,
+            grad_clip: args.grad_clip,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            eval_every: args.eval_every,
+            eval_tokens: usize::MAX / 2,
+            sample_every: 0,
+            sample_tokens: 0,
+            checkpoint_every: args.checkpoint_every,
+            keep_checkpoints: args.keep_checkpoints,
+            seed: args.seed,
+        };
+        let summary = kiem_train::trainer::finetune(
+            out,
+            &config,
+            Some((gpt, tokenizer, examples)),
+            &cancel,
+            &mut observer,
+        );
+        (out.clone(), summary)
+    };
+    observer.finish();
+    print_summary(&summary?, &run_dir, "finetune");
+    Ok(())
+}
+
+fn format_name(format: FormatArg) -> &'static str {
+    match format {
+        FormatArg::Auto => "auto",
+        FormatArg::Openai => "openai",
+        FormatArg::Sharegpt => "sharegpt",
+        FormatArg::Alpaca => "alpaca",
+        FormatArg::PromptCompletion => "prompt-completion",
+    }
+}
