@@ -199,7 +199,7 @@ impl<K: Kernels> Gpt<K> {
                 .enumerate()
                 .filter_map(|(s, t)| {
                     end += t.len();
-                    (!t.is_empty()).then_some((s, end - 1))
+                    (!t.is_empty()).then(|| (s, end - 1))
                 })
                 .collect()
         };

@@ -53,7 +53,7 @@ enum Command {
     ChatFormat(cmd::chat_format::ChatFormatCommand),
     /// Pre-train a GPT on token shards (or continue a run with --resume).
     Pretrain(Box<cmd::pretrain::PretrainArgs>),
-    /// Fine-tune a model on conversations or prompt/completion pairs (or continue with --resume).
+    /// Fine-tune a model on conversations or prompt/completion pairs.
     Finetune(Box<cmd::finetune::FinetuneArgs>),
     /// Continue a prompt with a trained model, streaming the text to standard output.
     Generate(Box<cmd::generate::GenerateArgs>),

@@ -314,7 +314,18 @@ fn every_command_explains_its_flags() {
     ] {
         let help = ok(&kiem(&command, tmp.path()));
         // Each flag line is followed by its explanation (clap prints "--flag <V>  text").
-        for line in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+        let is_flag_line = |l: &&str| {
+            let l = l.trim_start();
+            let Some(rest) = l.strip_prefix("--") else {
+                return false;
+            };
+            let end = rest.find([' ', '<', '=']).unwrap_or(rest.len());
+            end > 0
+                && rest[..end]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        };
+        for line in help.lines().filter(is_flag_line) {
             let explained = line
                 .trim()
                 .split("  ")
