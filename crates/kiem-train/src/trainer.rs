@@ -70,6 +70,12 @@ impl TrainConfig {
         self.micro_batch * self.seq
     }
 
+    /// Changes the run's length (on resume), keeping the schedule's end at the last step.
+    pub fn set_steps(&mut self, steps: u64) {
+        self.steps = steps;
+        self.schedule.total_steps = steps;
+    }
+
     pub fn grad_accumulation(&self) -> usize {
         self.batch_tokens / self.tokens_per_micro_batch()
     }

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use kiem_train::examples::{load_examples, FinetuneData};
 use kiem_train::trainer::{load_finetune_base, DataSource, RUN_FILE};
@@ -8,7 +8,7 @@ use kiem_train::{Schedule, ScheduleKind, TrainConfig};
 
 use super::cancel_flag;
 use super::chat_format::{FormatArg, TrainOnArg};
-use super::pretrain::{print_summary, CliObserver};
+use super::pretrain::{print_summary, read_run_config, CliObserver};
 use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
@@ -114,18 +114,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         if args.model.is_some() || !args.data.is_empty() || args.out.is_some() {
             bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
         }
-        let path = run_dir.join(RUN_FILE);
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "{} is not a kiem run directory (no {RUN_FILE})",
-                run_dir.display()
-            )
-        })?;
-        let mut config: TrainConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is malformed", path.display()))?;
+        let mut config = read_run_config(run_dir)?;
         if let Some(steps) = args.steps {
-            config.steps = steps;
-            config.schedule.total_steps = steps;
+            config.set_steps(steps);
         }
         let summary = kiem_train::trainer::finetune(run_dir, &config, None, &cancel, &mut observer);
         (run_dir.clone(), summary)

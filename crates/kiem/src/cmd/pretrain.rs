@@ -257,18 +257,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                     given.join(", ")
                 );
             }
-            let path = run_dir.join(RUN_FILE);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "{} is not a kiem run directory (no {RUN_FILE})",
-                    run_dir.display()
-                )
-            })?;
-            let mut config: TrainConfig = serde_json::from_str(&text)
-                .with_context(|| format!("{} is malformed", path.display()))?;
+            let mut config = read_run_config(run_dir)?;
             if let Some(steps) = args.steps_for(config.batch_tokens) {
-                config.steps = steps;
-                config.schedule.total_steps = steps;
+                config.set_steps(steps);
             }
             (run_dir.clone(), config, true)
         }
@@ -296,6 +287,18 @@ pub fn run(args: PretrainArgs) -> Result<()> {
     observer.finish();
     print_summary(&summary?, &run_dir, "pretrain");
     Ok(())
+}
+
+/// The configuration a run was started with (`RUN_DIR/run.json`).
+pub fn read_run_config(run_dir: &Path) -> Result<TrainConfig> {
+    let path = run_dir.join(RUN_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a kiem run directory (no {RUN_FILE})",
+            run_dir.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
 }
 
 /// The closing lines of a training command.
