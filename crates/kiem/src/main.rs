@@ -55,6 +55,8 @@ enum Command {
     Pretrain(Box<cmd::pretrain::PretrainArgs>),
     /// Fine-tune a model on conversations or prompt/completion pairs.
     Finetune(Box<cmd::finetune::FinetuneArgs>),
+    /// Talk to a fine-tuned chat model (reads one message per line when not on a terminal).
+    Chat(Box<cmd::chat::ChatArgs>),
     /// Continue a prompt with a trained model, streaming the text to standard output.
     Generate(Box<cmd::generate::GenerateArgs>),
     /// Measure kiem's speed against reference implementations.
@@ -137,6 +139,7 @@ fn main() -> ExitCode {
         Command::ChatFormat(c) => cmd::chat_format::run(c),
         Command::Pretrain(c) => cmd::pretrain::run(*c),
         Command::Generate(c) => cmd::generate::run(*c),
+        Command::Chat(c) => cmd::chat::run(*c),
         Command::Finetune(c) => cmd::finetune::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     };

@@ -310,6 +310,8 @@ fn every_command_explains_its_flags() {
         vec!["bench", "tokenizer", "--help"],
         vec!["pretrain", "--help"],
         vec!["generate", "--help"],
+        vec!["chat", "--help"],
+        vec!["finetune", "--help"],
         vec!["chat-format", "show", "--help"],
     ] {
         let help = ok(&kiem(&command, tmp.path()));

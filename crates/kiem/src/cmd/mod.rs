@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod chat;
 pub mod chat_format;
 pub mod data;
 pub mod finetune;

@@ -1,0 +1,170 @@
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use kiem_engine::sampling::{Control, GenerateOptions};
+use kiem_tokenizer::chat::{assistant_end, render_prompt, Message, Role};
+use kiem_tokenizer::stream::StreamDecoder;
+
+use super::generate::{load_model, SamplingArgs};
+use crate::ThreadArgs;
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// A fine-tuned chat model directory (its tokenizer has the chat tokens).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+
+    /// System prompt that starts every conversation.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+
+    #[command(flatten)]
+    sampling: SamplingArgs,
+
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+const HELP: &str = "commands: /reset starts over, /system TEXT sets the system prompt (and starts over), /exit quits";
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    args.threads.install()?;
+    let (gpt, tokenizer, mut stop_ids) = load_model(&args.model)?;
+    let end = assistant_end(&tokenizer).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e}. This model was not fine-tuned for chat: run `kiem finetune` on conversations first",
+            args.model.display()
+        )
+    })?;
+    stop_ids.push(end);
+    let mut system = args.system.clone();
+    let start = |system: &Option<String>| -> Vec<Message> {
+        system
+            .iter()
+            .map(|s| Message::new(Role::System, s.clone()))
+            .collect()
+    };
+    let mut messages = start(&system);
+    let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let mut editor = if interactive {
+        eprintln!("chatting with {} ({HELP})", args.model.display());
+        Some(rustyline::DefaultEditor::new()?)
+    } else {
+        None
+    };
+    let mut lines = std::io::stdin().lock().lines();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let line = match editor.as_mut() {
+            Some(editor) => match editor.readline("you> ") {
+                Ok(line) => {
+                    let _ = editor.add_history_entry(line.as_str());
+                    line
+                }
+                Err(
+                    rustyline::error::ReadlineError::Interrupted
+                    | rustyline::error::ReadlineError::Eof,
+                ) => break,
+                Err(e) => return Err(e.into()),
+            },
+            None => match lines.next() {
+                Some(line) => line?,
+                None => break,
+            },
+        };
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line == "/exit" || line == "/quit" {
+            break;
+        }
+        if line == "/reset" {
+            messages = start(&system);
+            if interactive {
+                eprintln!("(conversation cleared)");
+            }
+            continue;
+        }
+        if let Some(text) = line.strip_prefix("/system") {
+            let text = text.trim();
+            system = (!text.is_empty()).then(|| text.to_string());
+            messages = start(&system);
+            if interactive {
+                eprintln!(
+                    "(system prompt {}; conversation cleared)",
+                    if system.is_some() { "set" } else { "removed" }
+                );
+            }
+            continue;
+        }
+        if line.starts_with('/') {
+            eprintln!("unknown command {line:?}; {HELP}");
+            continue;
+        }
+        messages.push(Message::new(Role::User, line));
+        // Drop the oldest exchanges (keeping the system prompt) until the prompt leaves room.
+        let first_turn = usize::from(system.is_some());
+        let prompt = loop {
+            let ids = render_prompt(&tokenizer, &messages)?;
+            if ids.len() + 16 <= gpt.config.context || messages.len() - first_turn <= 1 {
+                break ids;
+            }
+            messages.drain(first_turn..first_turn + 2);
+        };
+        if prompt.len() >= gpt.config.context {
+            messages.pop();
+            eprintln!(
+                "(that message is too long for the model's context of {} tokens)",
+                gpt.config.context
+            );
+            continue;
+        }
+        let options = GenerateOptions {
+            max_tokens: args.sampling.max_tokens,
+            sampling: args.sampling.params()?,
+            stop_ids: stop_ids.clone(),
+        };
+        let mut decoder = StreamDecoder::new(&tokenizer, &args.sampling.stops);
+        if interactive {
+            write!(out, "bot> ")?;
+            out.flush()?;
+        }
+        let mut reply = String::new();
+        let mut failed = None;
+        gpt.generate(&[prompt], &options, &mut |_, token| {
+            let chunk = decoder.push(token);
+            reply.push_str(&chunk.text);
+            if interactive {
+                if let Err(e) = out
+                    .write_all(chunk.text.as_bytes())
+                    .and_then(|_| out.flush())
+                {
+                    failed = Some(e);
+                    return Control::Stop;
+                }
+            }
+            if chunk.stopped {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        })?;
+        if let Some(e) = failed {
+            bail!("cannot write the reply: {e}");
+        }
+        let rest = decoder.finish();
+        reply.push_str(&rest);
+        if interactive {
+            writeln!(out, "{rest}")?;
+        } else {
+            // One reply per line, so scripts can pair questions and answers.
+            writeln!(out, "{}", reply.replace(['\r', '\n'], " ").trim())?;
+        }
+        out.flush()?;
+        messages.push(Message::new(Role::Assistant, reply.trim().to_string()));
+    }
+    Ok(())
+}
