@@ -257,7 +257,7 @@ pub fn encode_parallel(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
 }
 
 /// Deterministic document-level split: the top 53 bits of the key as a uniform [0, 1) number.
-fn is_validation(split_key: u64, val_fraction: f64) -> bool {
+pub fn is_validation(split_key: u64, val_fraction: f64) -> bool {
     ((split_key >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
 }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use kiem_data::chat::{read_conversations, ChatFormat};
 use kiem_data::corpus::{split_key, BadRecords};
+use kiem_data::prepare::is_validation;
 use kiem_tokenizer::chat::{render, Rendered, TrainOn};
 use kiem_tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -76,8 +77,7 @@ pub fn load_examples(
     let (mut train, mut val): (Vec<Rendered>, Vec<Rendered>) = (Vec::new(), Vec::new());
     if spec.val_data.is_empty() {
         for (key, r) in all {
-            let is_val = ((key >> 11) as f64 / (1u64 << 53) as f64) < spec.val_fraction;
-            if is_val {
+            if is_validation(key, spec.val_fraction) {
                 val.push(r)
             } else {
                 train.push(r)

@@ -3,11 +3,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use kiem_engine::sampling::{Control, GenerateOptions};
+use kiem_engine::sampling::GenerateOptions;
 use kiem_tokenizer::chat::{assistant_end, render_prompt, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
 
-use super::generate::{load_model, SamplingArgs};
+use super::generate::{load_model, stream_token, SamplingArgs};
 use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
@@ -135,22 +135,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let mut reply = String::new();
         let mut failed = None;
         gpt.generate(&[prompt], &options, &mut |_, token| {
-            let chunk = decoder.push(token);
-            reply.push_str(&chunk.text);
-            if interactive {
-                if let Err(e) = out
-                    .write_all(chunk.text.as_bytes())
-                    .and_then(|_| out.flush())
-                {
-                    failed = Some(e);
-                    return Control::Stop;
-                }
-            }
-            if chunk.stopped {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
+            let sink: Option<&mut dyn Write> = if interactive { Some(&mut out) } else { None };
+            let (text, control) = stream_token(&mut decoder, token, sink, &mut failed);
+            reply.push_str(&text);
+            control
         })?;
         if let Some(e) = failed {
             bail!("cannot write the reply: {e}");

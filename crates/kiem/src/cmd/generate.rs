@@ -85,6 +85,32 @@ pub struct GenerateArgs {
     threads: ThreadArgs,
 }
 
+/// Decodes one generated token and writes the new text to `out` (when given): the step that
+/// `generate` and `chat` share. A write error is kept in `error` and stops generation.
+pub fn stream_token(
+    decoder: &mut StreamDecoder<'_>,
+    token: u32,
+    out: Option<&mut dyn Write>,
+    error: &mut Option<std::io::Error>,
+) -> (String, Control) {
+    let chunk = decoder.push(token);
+    if let Some(out) = out {
+        if let Err(e) = out
+            .write_all(chunk.text.as_bytes())
+            .and_then(|_| out.flush())
+        {
+            *error = Some(e);
+            return (chunk.text, Control::Stop);
+        }
+    }
+    let control = if chunk.stopped {
+        Control::Stop
+    } else {
+        Control::Continue
+    };
+    (chunk.text, control)
+}
+
 /// A model directory's network and tokenizer, checked against each other.
 pub fn load_model(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
     let (gpt, ids) = load_model_dir(dir)?;
@@ -141,19 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut write_error = None;
     let result = gpt.generate(&[ids], &options, &mut |_, token| {
-        let chunk = decoder.push(token);
-        if let Err(e) = out
-            .write_all(chunk.text.as_bytes())
-            .and_then(|_| out.flush())
-        {
-            write_error = Some(e);
-            return Control::Stop;
-        }
-        if chunk.stopped {
-            Control::Stop
-        } else {
-            Control::Continue
-        }
+        stream_token(&mut decoder, token, Some(&mut out), &mut write_error).1
     })?;
     if let Some(e) = write_error {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
