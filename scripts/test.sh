@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The test command: Rust tests of the whole workspace, including the checks that run the Python
-# `tokenizers` package against kiem's output (installed into .venv on first use).
+# The test command: Rust tests of the whole workspace, including the checks that run Python
+# packages against kiem (`tokenizers`; the `openai` client and Selenium against `kiem serve`),
+# installed into .venv on first use. The chat page's browser test runs when Debian's chromium
+# and chromium-driver are installed (.ci/run installs them and sets KIEM_REQUIRE_BROWSER).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import tokenizers, tiktoken" 2>/dev/null; then
+if ! .venv/bin/python -c "import tokenizers, tiktoken, openai, selenium" 2>/dev/null; then
   echo "setting up .venv with requirements-dev.txt ..."
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt

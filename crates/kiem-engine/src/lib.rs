@@ -2,6 +2,7 @@
 //! buffers, fused kernels behind the [`kernels::Kernels`] trait (CPU reference implementation),
 //! AdamW, and Hugging Face model directories (safetensors) in and out.
 
+pub mod batch;
 pub mod blas;
 pub mod config;
 pub mod infer;

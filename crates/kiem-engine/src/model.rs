@@ -174,6 +174,9 @@ impl<K: Kernels> Gpt<K> {
         Ok(grown)
     }
 
+    /// Sizes the activation buffers for (batch, seq). Buffers keep their capacity, so batches
+    /// of varying length (fine-tuning pads each batch to its longest example) reuse memory
+    /// instead of reallocating; every forward pass overwrites what it reads.
     fn ensure_activations(&mut self, batch: usize, seq: usize) {
         let a = &mut self.acts;
         if a.batch == batch && a.seq == seq {
@@ -182,40 +185,45 @@ impl<K: Kernels> Gpt<K> {
         let (l, c, bt) = (self.config.n_layer, self.config.n_embd, batch * seq);
         let nh = self.config.n_head;
         let v = self.config.padded_vocab();
-        let z = |n: usize| vec![0f32; n];
-        *a = Activations {
-            batch,
-            seq,
-            tokens: vec![0; bt],
-            encoded: z(bt * c),
-            ln1: z(l * bt * c),
-            ln1_mean: z(l * bt),
-            ln1_rstd: z(l * bt),
-            qkv: z(l * bt * 3 * c),
-            atty: z(l * bt * c),
-            att: z(l * batch * nh * seq * seq),
-            residual2: z(l * bt * c),
-            ln2: z(l * bt * c),
-            ln2_mean: z(l * bt),
-            ln2_rstd: z(l * bt),
-            fch: z(l * bt * 4 * c),
-            fch_gelu: z(l * bt * 4 * c),
-            residual3: z(l * bt * c),
-            lnf: z(bt * c),
-            lnf_mean: z(bt),
-            lnf_rstd: z(bt),
-            logits: z(bt * v),
-            losses: z(bt),
-            scratch: z(bt * c),
-        };
-        self.scratch = GradScratch {
-            residual: z(bt * c),
-            ln: z(bt * c),
-            qkv: z(bt * 3 * c),
-            atty: z(bt * c),
-            fch: z(bt * 4 * c),
-            fch_gelu: z(bt * 4 * c),
-        };
+        let size = |buf: &mut Vec<f32>, n: usize| buf.resize(n, 0.0);
+        a.batch = batch;
+        a.seq = seq;
+        a.tokens.resize(bt, 0);
+        size(&mut a.encoded, bt * c);
+        for buf in [
+            &mut a.ln1,
+            &mut a.atty,
+            &mut a.residual2,
+            &mut a.ln2,
+            &mut a.residual3,
+        ] {
+            size(buf, l * bt * c);
+        }
+        for buf in [
+            &mut a.ln1_mean,
+            &mut a.ln1_rstd,
+            &mut a.ln2_mean,
+            &mut a.ln2_rstd,
+        ] {
+            size(buf, l * bt);
+        }
+        size(&mut a.qkv, l * bt * 3 * c);
+        size(&mut a.att, l * batch * nh * seq * seq);
+        size(&mut a.fch, l * bt * 4 * c);
+        size(&mut a.fch_gelu, l * bt * 4 * c);
+        size(&mut a.lnf, bt * c);
+        size(&mut a.lnf_mean, bt);
+        size(&mut a.lnf_rstd, bt);
+        size(&mut a.logits, bt * v);
+        size(&mut a.losses, bt);
+        size(&mut a.scratch, bt * c);
+        let g = &mut self.scratch;
+        for buf in [&mut g.residual, &mut g.ln, &mut g.atty] {
+            size(buf, bt * c);
+        }
+        size(&mut g.qkv, bt * 3 * c);
+        size(&mut g.fch, bt * 4 * c);
+        size(&mut g.fch_gelu, bt * 4 * c);
     }
 
     fn dims(&self) -> Dims {

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::infer::KvCache;
+use crate::batch::{Batcher, Event};
 use crate::kernels::Kernels;
 use crate::rng::Rng;
 use crate::{EngineError, Gpt, Result};
@@ -172,19 +172,14 @@ impl<K: Kernels> Gpt<K> {
         options: &GenerateOptions,
         on_token: &mut dyn FnMut(usize, u32) -> Control,
     ) -> Result<Vec<Generation>> {
-        options.sampling.validate()?;
-        if prompts.iter().any(Vec::is_empty) {
-            return Err(EngineError::Shape(
-                "a prompt needs at least one token".into(),
-            ));
+        let mut batcher = Batcher::new(self);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let mut options = options.clone();
+            options.sampling.seed = options.sampling.seed.wrapping_add(i as u64);
+            batcher
+                .add(i as u64, prompt.clone(), options)
+                .map_err(|e| EngineError::Shape(format!("prompt {i}: {e}")))?;
         }
-        let vocab = self.config.vocab_size;
-        let vp = self.config.padded_vocab();
-        let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(self)).collect();
-        let mut rngs: Vec<Rng> = (0..prompts.len())
-            .map(|i| Rng::new(options.sampling.seed.wrapping_add(i as u64)))
-            .collect();
-        let mut history: Vec<Vec<u32>> = prompts.to_vec();
         let mut out: Vec<Generation> = prompts
             .iter()
             .map(|_| Generation {
@@ -192,55 +187,18 @@ impl<K: Kernels> Gpt<K> {
                 finish: FinishReason::Length,
             })
             .collect();
-        let mut done = vec![false; prompts.len()];
-        let mut pending: Vec<Vec<u32>> = prompts.to_vec();
-        for (i, p) in prompts.iter().enumerate() {
-            if p.len() > self.config.context {
-                return Err(EngineError::Shape(format!(
-                    "prompt {i} has {} tokens, more than the model's context of {}",
-                    p.len(),
-                    self.config.context
-                )));
-            }
-        }
-        loop {
-            let inputs: Vec<&[u32]> = pending.iter().map(Vec::as_slice).collect();
-            let logits = self.forward_cached(&mut caches, &inputs)?;
-            for (s, next_input) in pending.iter_mut().enumerate() {
-                if done[s] || next_input.is_empty() {
-                    next_input.clear();
-                    continue;
+        while !batcher.is_empty() {
+            batcher.step(&mut |id, event| {
+                let generation = &mut out[id as usize];
+                match event {
+                    Event::Token(token) => {
+                        generation.tokens.push(token);
+                        return on_token(id as usize, token);
+                    }
+                    Event::Finished(reason) => generation.finish = reason,
                 }
-                next_input.clear();
-                if out[s].tokens.len() >= options.max_tokens {
-                    done[s] = true;
-                    continue;
-                }
-                let row = &logits[s * vp..s * vp + vocab];
-                let token = sample(row, &options.sampling, &history[s], &mut rngs[s]);
-                if options.stop_ids.contains(&token) {
-                    out[s].finish = FinishReason::Stop;
-                    done[s] = true;
-                    continue;
-                }
-                out[s].tokens.push(token);
-                history[s].push(token);
-                if on_token(s, token) == Control::Stop {
-                    out[s].finish = FinishReason::Stop;
-                    done[s] = true;
-                    continue;
-                }
-                if out[s].tokens.len() >= options.max_tokens
-                    || history[s].len() >= self.config.context
-                {
-                    done[s] = true;
-                    continue;
-                }
-                next_input.push(token);
-            }
-            if pending.iter().all(Vec::is_empty) {
-                break;
-            }
+                Control::Continue
+            })?;
         }
         Ok(out)
     }

@@ -239,3 +239,129 @@ fn top_k_top_p_and_repetition_penalty() {
     .validate()
     .is_err());
 }
+
+/// Buffers are reused across shapes (fine-tuning batches vary in length): a model that has run
+/// a larger and a smaller batch computes the same loss and gradients as a fresh one.
+#[test]
+fn varying_batch_shapes_reuse_buffers_without_changing_results() {
+    let run = |gpt: &mut Gpt, batch: usize, seq: usize| {
+        let tokens: Vec<u32> = (0..batch * seq).map(|i| (i * 7 % 37) as u32).collect();
+        let targets: Vec<Option<u32>> = (0..batch * seq)
+            .map(|i| (i % 3 != 0).then_some((i * 5 % 37) as u32))
+            .collect();
+        gpt.zero_grad();
+        let (loss, count) = gpt
+            .forward(&tokens, &targets, batch, seq, Some(0.1))
+            .unwrap();
+        gpt.backward().unwrap();
+        (loss, count, gpt.grads.clone(), gpt.logits().to_vec())
+    };
+    let mut fresh = model();
+    let expected = run(&mut fresh, 2, 9);
+    let mut reused = model();
+    run(&mut reused, 3, 24);
+    run(&mut reused, 1, 5);
+    let got = run(&mut reused, 2, 9);
+    assert_eq!(expected.0.to_bits(), got.0.to_bits(), "loss");
+    assert_eq!(expected.1, got.1);
+    assert_eq!(expected.2, got.2, "gradients");
+    assert_eq!(expected.3, got.3, "logits");
+}
+
+/// Continuous batching: a sequence's tokens do not depend on which others share its steps,
+/// whether they joined before it, after it, or left early.
+#[test]
+fn sequences_joining_and_leaving_a_batch_do_not_change_each_other() {
+    use kiem_engine::batch::{Batcher, Event};
+    let gpt = model();
+    let options = |seed: u64, max_tokens: usize| GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed,
+        },
+        stop_ids: Vec::new(),
+    };
+    let alone = |prompt: Vec<u32>, seed: u64, max_tokens: usize| {
+        let mut batcher = Batcher::new(&gpt);
+        batcher.add(0, prompt, options(seed, max_tokens)).unwrap();
+        let mut tokens = Vec::new();
+        while !batcher.is_empty() {
+            batcher
+                .step(&mut |_, e| {
+                    if let Event::Token(t) = e {
+                        tokens.push(t);
+                    }
+                    Control::Continue
+                })
+                .unwrap();
+        }
+        tokens
+    };
+    let (pa, pb, pc) = (vec![1, 2, 3], vec![4, 5, 6, 7, 8, 9], vec![10]);
+    let expected = [
+        alone(pa.clone(), 11, 12),
+        alone(pb.clone(), 22, 9),
+        alone(pc.clone(), 33, 4),
+    ];
+
+    let mut batcher = Batcher::new(&gpt);
+    let mut got: [Vec<u32>; 3] = Default::default();
+    let mut finished = [None; 3];
+    let mut record = |id: u64, e: Event| {
+        match e {
+            Event::Token(t) => got[id as usize].push(t),
+            Event::Finished(reason) => finished[id as usize] = Some(reason),
+        }
+        Control::Continue
+    };
+    batcher.add(0, pa, options(11, 12)).unwrap();
+    batcher.step(&mut record).unwrap();
+    batcher.step(&mut record).unwrap();
+    batcher.add(1, pb, options(22, 9)).unwrap(); // joins mid-way, prefilled with 0's decode step
+    batcher.step(&mut record).unwrap();
+    batcher.add(2, pc, options(33, 4)).unwrap();
+    assert_eq!(batcher.len(), 3);
+    while !batcher.is_empty() {
+        batcher.step(&mut record).unwrap();
+    }
+    assert_eq!(got, expected);
+    assert_eq!(finished, [Some(FinishReason::Length); 3]);
+
+    // Cancelling frees the slot at once and leaves the others untouched.
+    let mut batcher = Batcher::new(&gpt);
+    batcher.add(7, vec![1, 2, 3], options(11, 12)).unwrap();
+    batcher.add(8, vec![5, 5], options(1, 50)).unwrap();
+    let mut tokens = Vec::new();
+    batcher
+        .step(&mut |id, e| {
+            if let (7, Event::Token(t)) = (id, e) {
+                tokens.push(t);
+            }
+            Control::Continue
+        })
+        .unwrap();
+    assert!(batcher.cancel(8));
+    assert!(!batcher.cancel(8));
+    assert_eq!(batcher.len(), 1);
+    while !batcher.is_empty() {
+        batcher
+            .step(&mut |id, e| {
+                assert_eq!(id, 7);
+                if let Event::Token(t) = e {
+                    tokens.push(t);
+                }
+                Control::Continue
+            })
+            .unwrap();
+    }
+    assert_eq!(tokens, expected[0]);
+    // Bad prompts are refused before they join.
+    let mut batcher = Batcher::new(&gpt);
+    assert!(batcher.add(1, vec![], options(1, 1)).is_err());
+    assert!(batcher.add(1, vec![99], options(1, 1)).is_err());
+    assert!(batcher.add(1, vec![0; 25], options(1, 1)).is_err());
+}

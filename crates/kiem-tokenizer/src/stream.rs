@@ -39,9 +39,12 @@ impl<'a> StreamDecoder<'a> {
         &self.text
     }
 
-    /// Adds one token and returns the text that can now be shown.
+    /// Adds one token and returns the text that can now be shown. Special tokens (chat
+    /// markers, `<|bos|>`) are control signals, not text: they show nothing.
     pub fn push(&mut self, id: u32) -> Chunk {
-        self.pending.extend(self.tokenizer.decode_bytes(&[id]));
+        if !self.tokenizer.is_special(id) {
+            self.pending.extend(self.tokenizer.decode_bytes(&[id]));
+        }
         loop {
             match std::str::from_utf8(&self.pending) {
                 Ok(s) => {
@@ -78,6 +81,8 @@ impl<'a> StreamDecoder<'a> {
         {
             let chunk = fresh[..at].to_string();
             self.shown = self.text.len();
+            // Nothing after a stop string is shown, not even an unfinished character.
+            self.pending.clear();
             return Chunk {
                 text: chunk,
                 stopped: true,

@@ -10,7 +10,7 @@ use kiem_tokenizer::chat::{render, Rendered, TrainOn};
 use kiem_tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{row_index, Batches, Cursor};
+use crate::loader::{row_index, BatchShape, Batches, Cursor};
 use crate::{Result, TrainError};
 
 /// What a fine-tuning run trains on (saved in run.json).
@@ -108,7 +108,8 @@ pub fn load_examples(
     })
 }
 
-/// Batches of examples, one per row, padded to `seq` (padding is never a target).
+/// Batches of examples, one per row, each batch padded to its longest example (padding is never
+/// a target, and no example sees another: rows do not attend across each other).
 pub struct ExampleLoader {
     examples: Vec<Rendered>,
     seq: usize,
@@ -154,22 +155,35 @@ impl Batches for ExampleLoader {
         self.cursor = cursor;
     }
 
-    fn next_batch(&mut self, batch: usize, inputs: &mut Vec<u32>, targets: &mut Vec<Option<u32>>) {
+    fn next_batch(
+        &mut self,
+        batch: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<Option<u32>>,
+    ) -> BatchShape {
         inputs.clear();
         targets.clear();
+        let mut rows = Vec::with_capacity(batch);
         for _ in 0..batch {
             if self.cursor.row >= self.rows() {
                 self.cursor.row = 0;
                 self.cursor.epoch += 1;
             }
-            let example =
-                &self.examples[row_index(self.cursor, self.rows(), self.shuffle) as usize];
-            let n = (example.ids.len() - 1).min(self.seq);
-            inputs.extend_from_slice(&example.ids[..n]);
-            inputs.extend(std::iter::repeat_n(self.pad, self.seq - n));
-            targets.extend((1..=n).map(|t| example.trained[t].then_some(example.ids[t])));
-            targets.extend(std::iter::repeat_n(None, self.seq - n));
+            rows.push(row_index(self.cursor, self.rows(), self.shuffle) as usize);
             self.cursor.row += 1;
         }
+        // Inputs of an example: all its tokens but the last (which is only a target).
+        let length = |i: usize| (self.examples[i].ids.len() - 1).min(self.seq);
+        let seq = rows.iter().map(|&i| length(i)).max().unwrap_or(1).max(1);
+        let mut tokens = 0;
+        for &i in &rows {
+            let (example, n) = (&self.examples[i], length(i));
+            inputs.extend_from_slice(&example.ids[..n]);
+            inputs.extend(std::iter::repeat_n(self.pad, seq - n));
+            targets.extend((1..=n).map(|t| example.trained[t].then_some(example.ids[t])));
+            targets.extend(std::iter::repeat_n(None, seq - n));
+            tokens += n;
+        }
+        BatchShape { seq, tokens }
     }
 }

@@ -22,14 +22,27 @@ pub struct Cursor {
 
 /// A source of training or evaluation batches with a resumable cursor.
 pub trait Batches {
-    /// Length of every row.
+    /// Longest row: no batch is longer.
     fn seq(&self) -> usize;
     /// Rows per epoch.
     fn rows(&self) -> u64;
     fn cursor(&self) -> Cursor;
     fn set_cursor(&mut self, cursor: Cursor);
-    /// Fills `inputs` and `targets` (`batch * seq` each) and advances the cursor.
-    fn next_batch(&mut self, batch: usize, inputs: &mut Vec<u32>, targets: &mut Vec<Option<u32>>);
+    /// Fills `inputs` and `targets` (`batch * shape.seq` each, `shape.seq <= self.seq()`) and
+    /// advances the cursor.
+    fn next_batch(
+        &mut self,
+        batch: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<Option<u32>>,
+    ) -> BatchShape;
+}
+
+/// What a batch holds: its row length and how many of its inputs are real tokens (not padding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchShape {
+    pub seq: usize,
+    pub tokens: usize,
 }
 
 /// Row `row` of an epoch: shuffled with a per-epoch key, or in order.
@@ -153,7 +166,12 @@ impl Batches for TokenLoader<'_> {
         self.cursor = cursor;
     }
 
-    fn next_batch(&mut self, batch: usize, inputs: &mut Vec<u32>, targets: &mut Vec<Option<u32>>) {
+    fn next_batch(
+        &mut self,
+        batch: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<Option<u32>>,
+    ) -> BatchShape {
         let seq = self.seq;
         inputs.clear();
         targets.clear();
@@ -168,6 +186,10 @@ impl Batches for TokenLoader<'_> {
             inputs.extend_from_slice(&row[..seq]);
             targets.extend(row[1..].iter().map(|&t| Some(t)));
             self.cursor.row += 1;
+        }
+        BatchShape {
+            seq,
+            tokens: batch * seq,
         }
     }
 }

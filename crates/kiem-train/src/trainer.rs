@@ -408,7 +408,6 @@ fn run_loop(
     observer: &mut dyn Observer,
     plot_title: &str,
 ) -> Result<Summary> {
-    let seq = train_loader.seq();
     let need = memory_estimate(config);
     if let Some(available) = available_memory() {
         if need > available {
@@ -471,7 +470,8 @@ fn run_loop(
         }
     }
     let accum = config.grad_accumulation();
-    let mut batches: Vec<(Vec<u32>, Vec<Option<u32>>)> = vec![(Vec::new(), Vec::new()); accum];
+    let mut batches: Vec<(Vec<u32>, Vec<Option<u32>>, usize)> =
+        vec![(Vec::new(), Vec::new(), 0); accum];
     let started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
     let tokens_before = state.tokens_seen;
@@ -480,18 +480,21 @@ fn run_loop(
     while state.step < config.steps {
         let step = state.step;
         let lr = config.schedule.lr_at(step);
-        for (inputs, targets) in batches.iter_mut() {
-            train_loader.next_batch(config.micro_batch, inputs, targets);
+        let mut step_tokens = 0;
+        for (inputs, targets, seq) in batches.iter_mut() {
+            let shape = train_loader.next_batch(config.micro_batch, inputs, targets);
+            *seq = shape.seq;
+            step_tokens += shape.tokens;
         }
         let trained: usize = batches
             .iter()
-            .map(|(_, t)| t.iter().flatten().count())
+            .map(|(_, t, _)| t.iter().flatten().count())
             .sum();
         let scale = 1.0 / trained.max(1) as f32;
         gpt.zero_grad();
         let mut loss_sum = 0.0f64;
-        for (inputs, targets) in &batches {
-            let (sum, _) = gpt.forward(inputs, targets, config.micro_batch, seq, Some(scale))?;
+        for (inputs, targets, seq) in &batches {
+            let (sum, _) = gpt.forward(inputs, targets, config.micro_batch, *seq, Some(scale))?;
             loss_sum += sum;
             gpt.backward()?;
         }
@@ -514,7 +517,7 @@ fn run_loop(
         };
         gpt.adamw_step(&mut opt, lr, config.weight_decay);
         state.step += 1;
-        state.tokens_seen += (accum * config.tokens_per_micro_batch()) as u64;
+        state.tokens_seen += step_tokens as u64;
         state.cursor = train_loader.cursor();
         last_loss = loss;
         let session = started.elapsed().as_secs_f64();
@@ -610,17 +613,23 @@ fn evaluate(
     bytes_of: &[u32],
     step: u64,
 ) -> Result<EvalReport> {
-    let seq = val.seq();
-    let per_batch = config.micro_batch * seq;
+    let per_batch = config.micro_batch * val.seq();
+    let rows = val.rows();
     let batches = (config.eval_tokens / per_batch)
         .max(1)
-        .min(val.rows().div_ceil(config.micro_batch as u64).max(1) as usize);
+        .min(rows.div_ceil(config.micro_batch as u64).max(1) as usize);
     val.set_cursor(Default::default());
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     let (mut nats, mut count, mut bytes) = (0.0f64, 0usize, 0u64);
-    for _ in 0..batches {
-        val.next_batch(config.micro_batch, &mut inputs, &mut targets);
-        let (sum, n) = gpt.forward(&inputs, &targets, config.micro_batch, seq, None)?;
+    for b in 0..batches {
+        let shape = val.next_batch(config.micro_batch, &mut inputs, &mut targets);
+        // The last batch of a pass wraps around to the first rows: count each row once.
+        let first_row = b * config.micro_batch;
+        let fresh = (rows as usize).saturating_sub(first_row);
+        if fresh < config.micro_batch {
+            targets[fresh * shape.seq..].fill(None);
+        }
+        let (sum, n) = gpt.forward(&inputs, &targets, config.micro_batch, shape.seq, None)?;
         nats += sum;
         count += n;
         bytes += targets

@@ -18,7 +18,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     name = "kiem",
     version,
     about = "From raw text to a chatting, served GPT: train a tokenizer, prepare token shards, \
-             pre-train a GPT (fine-tuning, chat and serving come next).",
+             pre-train a GPT, fine-tune it on conversations, generate, chat and serve. \
+             Start with `kiem demo`.",
     after_help = "Every flag can also come from a TOML file given with --config: its keys are the \
                   flag names (`vocab-size = 4096` or `vocab_size = 4096`); flags typed on the \
                   command line win over the file."
@@ -42,6 +43,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The whole recipe on embedded data: tokenizer, pre-training, chat fine-tuning, answers.
+    Demo(Box<cmd::demo::DemoArgs>),
     /// Train, inspect and use tokenizers.
     #[command(subcommand)]
     Tokenizer(cmd::tokenizer::TokenizerCommand),
@@ -59,6 +62,8 @@ enum Command {
     Chat(Box<cmd::chat::ChatArgs>),
     /// Continue a prompt with a trained model, streaming the text to standard output.
     Generate(Box<cmd::generate::GenerateArgs>),
+    /// Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
+    Serve(Box<cmd::serve::ServeArgs>),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -101,17 +106,22 @@ pub fn physical_cores() -> usize {
 }
 
 impl ThreadArgs {
-    /// Sizes the global rayon pool; returns the thread count in use.
+    /// Sizes the global rayon pool; returns the thread count in use. The pool is built once
+    /// per process: later calls (`kiem demo` runs several commands) keep it.
     pub fn install(&self) -> anyhow::Result<usize> {
+        static INSTALLED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
         let threads = self.threads.unwrap_or_else(physical_cores);
         if threads == 0 || threads > 1024 {
             anyhow::bail!("--threads {threads} is out of range: choose 1..=1024");
+        }
+        if let Some(&installed) = INSTALLED.get() {
+            return Ok(installed);
         }
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()
             .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
-        Ok(threads)
+        Ok(*INSTALLED.get_or_init(|| threads))
     }
 }
 
@@ -133,17 +143,7 @@ fn main() -> ExitCode {
     init_logging(cli.verbose, cli.quiet);
     progress::set_quiet(cli.quiet);
     cmd::install_interrupt_handler();
-    let result = match cli.command {
-        Command::Tokenizer(c) => cmd::tokenizer::run(c),
-        Command::Data(c) => cmd::data::run(c),
-        Command::ChatFormat(c) => cmd::chat_format::run(c),
-        Command::Pretrain(c) => cmd::pretrain::run(*c),
-        Command::Generate(c) => cmd::generate::run(*c),
-        Command::Chat(c) => cmd::chat::run(*c),
-        Command::Finetune(c) => cmd::finetune::run(*c),
-        Command::Bench(c) => cmd::bench::run(c),
-    };
-    match result {
+    match run_command(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if cmd::interrupted() {
@@ -154,6 +154,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(c) => cmd::demo::run(*c),
+        Command::Tokenizer(c) => cmd::tokenizer::run(c),
+        Command::Data(c) => cmd::data::run(c),
+        Command::ChatFormat(c) => cmd::chat_format::run(c),
+        Command::Pretrain(c) => cmd::pretrain::run(*c),
+        Command::Generate(c) => cmd::generate::run(*c),
+        Command::Chat(c) => cmd::chat::run(*c),
+        Command::Serve(c) => cmd::serve::run(*c),
+        Command::Finetune(c) => cmd::finetune::run(*c),
+        Command::Bench(c) => cmd::bench::run(c),
+    }
+}
+
+/// Runs a kiem command line in this process, as if typed (`kiem demo` is made of them).
+pub(crate) fn run_command_line<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> anyhow::Result<()> {
+    let argv = std::iter::once(std::ffi::OsStr::new("kiem")).chain(args.iter().map(|a| a.as_ref()));
+    let cli = Cli::try_parse_from(argv)?;
+    run_command(cli.command)
 }
 
 fn init_logging(verbose: u8, quiet: bool) {

@@ -1,87 +1,14 @@
-//! End-to-end tests of `kiem pretrain`: a SIGKILLed and resumed run matches an uninterrupted
-//! one at every step, and bad setups fail with clear errors.
+//! End-to-end tests of training: a SIGKILLed and resumed run matches an uninterrupted one at
+//! every step, bad setups fail with clear errors, fine-tuning learns, and `kiem demo --quick`
+//! runs the whole recipe.
+
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn kiem() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_kiem"))
-}
-
-fn run(args: &[&str], dir: &Path) -> Output {
-    kiem()
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("kiem runs")
-}
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "kiem failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn failed(output: Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        !output.status.success(),
-        "expected failure; stderr: {stderr}"
-    );
-    for needle in needles {
-        assert!(
-            stderr.contains(needle),
-            "stderr {stderr:?} lacks {needle:?}"
-        );
-    }
-}
-
-/// A small corpus, a byte-level tokenizer and prepared shards in `dir/data`.
-fn prepare(dir: &Path) {
-    let text: String = (0..3000)
-        .map(|i| {
-            format!(
-                "Line {i}: the customer asked about order {} and we replied.\n\n",
-                i * 7 % 1000
-            )
-        })
-        .collect();
-    std::fs::write(dir.join("corpus.txt"), text).unwrap();
-    ok(run(
-        &[
-            "tokenizer",
-            "train",
-            "--input",
-            "corpus.txt",
-            "--vocab-size",
-            "300",
-            "--out",
-            "tok.json",
-        ],
-        dir,
-    ));
-    ok(run(
-        &[
-            "data",
-            "prepare",
-            "--input",
-            "corpus.txt",
-            "--split-on-blank-lines",
-            "--tokenizer",
-            "tok.json",
-            "--out",
-            "data",
-            "--val-fraction",
-            "0.1",
-        ],
-        dir,
-    ));
-}
+use common::{failed, kiem, ok, prepare, run};
 
 const RUN_FLAGS: &[&str] = &[
     "--data",
@@ -131,6 +58,27 @@ fn curve(run_dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Starts kiem with `args` and SIGKILLs it as soon as `checkpoint` exists.
+fn kill_at_checkpoint(dir: &Path, args: &[&str], checkpoint: &Path) {
+    let mut child = kiem()
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !checkpoint.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
 #[test]
 fn killed_and_resumed_run_matches_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -143,24 +91,7 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
 
     let mut killed = vec!["pretrain", "--out", "killed"];
     killed.extend_from_slice(RUN_FLAGS);
-    let mut child = kiem()
-        .args(&killed)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let checkpoint = dir.join("killed/checkpoints/step_00000020");
-    let started = Instant::now();
-    while !checkpoint.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_checkpoint(dir, &killed, &dir.join("killed/checkpoints/step_00000020"));
     assert!(
         !dir.join("killed/model").exists(),
         "the run was killed before it finished"
@@ -575,5 +506,168 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
             dir,
         ),
         &["corpus.txt", ".jsonl"],
+    );
+}
+
+#[test]
+fn quick_demo_runs_the_whole_recipe_and_replaces_only_its_own_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Anything that is not an earlier demo is left alone.
+    std::fs::create_dir(dir.join("mine")).unwrap();
+    std::fs::write(dir.join("mine/notes.txt"), "keep").unwrap();
+    failed(
+        run(&["demo", "--quick", "--out", "mine"], dir),
+        &["mine exists and is not an earlier kiem demo"],
+    );
+    assert!(dir.join("mine/notes.txt").exists());
+    // An earlier demo's directory is replaced.
+    std::fs::create_dir(dir.join("demo")).unwrap();
+    std::fs::write(dir.join("demo/kiem-demo.json"), "{}").unwrap();
+    std::fs::write(dir.join("demo/stale.txt"), "old").unwrap();
+    let started = Instant::now();
+    let stdout = ok(run(
+        &["demo", "--quick", "--out", "demo", "--threads", "2"],
+        dir,
+    ));
+    eprintln!("kiem demo --quick took {:?}", started.elapsed());
+    assert!(!dir.join("demo/stale.txt").exists());
+    for step in [
+        "$ kiem tokenizer train",
+        "$ kiem data prepare",
+        "$ kiem pretrain",
+        "$ kiem finetune",
+    ] {
+        assert!(stdout.contains(step), "no {step:?} in:\n{stdout}");
+    }
+    assert_eq!(stdout.matches("\ncustomer: ").count(), 3, "{stdout}");
+    assert_eq!(stdout.matches("\nFAQ says: ").count(), 3, "{stdout}");
+    let loss = |label: &str| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap();
+        line.trim_start()[label.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (base, tuned) = (loss("pre-trained base model"), loss("fine-tuned chatbot"));
+    assert!(
+        tuned < base * 0.9,
+        "fine-tuning did not lower the held-out loss: {base} -> {tuned}"
+    );
+    assert!(
+        stdout.contains("kiem chat --model demo/chat/model"),
+        "{stdout}"
+    );
+    let held_out = std::fs::read_to_string(dir.join("demo/data/faq_held_out.jsonl")).unwrap();
+    let train = std::fs::read_to_string(dir.join("demo/data/faq_train.jsonl")).unwrap();
+    assert_eq!(held_out.lines().count() + train.lines().count(), 503);
+    assert!(held_out.lines().all(|q| !train.contains(q)));
+    // The fine-tuned model answers through the chat command too.
+    let mut chat = kiem()
+        .args([
+            "chat",
+            "--model",
+            "demo/chat/model",
+            "--max-tokens",
+            "8",
+            "--seed",
+            "1",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"Do I need a building permit?\n")
+        .unwrap();
+    let reply = ok(chat.wait_with_output().unwrap());
+    assert_eq!(reply.lines().count(), 1, "{reply}");
+}
+
+#[test]
+fn killed_and_resumed_finetune_matches_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    // A briefly pre-trained base: the run flags with 4 steps.
+    let base: Vec<&str> = {
+        let mut args = vec!["pretrain", "--out", "base"];
+        let mut flags = RUN_FLAGS.iter();
+        while let Some(&flag) = flags.next() {
+            let value = *flags.next().unwrap();
+            args.extend_from_slice(&[flag, if flag == "--steps" { "4" } else { value }]);
+        }
+        args
+    };
+    ok(run(&base, dir));
+    // Conversations of varied length, so batches have varied padding.
+    let chats: String = (0..40)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Where is order {i}?{}", " please".repeat(i % 5))},
+                {"role": "assistant", "content": format!("Order {i} shipped on day {}.", i % 7)}
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("chat.jsonl"), chats).unwrap();
+    let flags = [
+        "--model",
+        "base/model",
+        "--data",
+        "chat.jsonl",
+        "--steps",
+        "18",
+        "--micro-batch",
+        "3",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "2e-3",
+        "--eval-every",
+        "6",
+        "--checkpoint-every",
+        "6",
+        "--threads",
+        "2",
+    ];
+    let whole: Vec<&str> = ["finetune", "--out", "whole"]
+        .iter()
+        .chain(&flags)
+        .copied()
+        .collect();
+    ok(run(&whole, dir));
+    let killed: Vec<&str> = ["finetune", "--out", "killed"]
+        .iter()
+        .chain(&flags)
+        .copied()
+        .collect();
+    kill_at_checkpoint(dir, &killed, &dir.join("killed/checkpoints/step_00000006"));
+    assert!(
+        !dir.join("killed/model").exists(),
+        "the run was killed before it finished"
+    );
+    ok(run(
+        &["finetune", "--resume", "killed", "--threads", "2"],
+        dir,
+    ));
+    let (a, b) = (curve(&dir.join("whole")), curve(&dir.join("killed")));
+    assert_eq!(a.len(), 18 + 4, "18 steps, the base evaluation and 3 more");
+    assert_eq!(a, b, "losses must be bit-identical at every step");
+    assert_eq!(
+        std::fs::read(dir.join("whole/model/model.safetensors")).unwrap(),
+        std::fs::read(dir.join("killed/model/model.safetensors")).unwrap(),
+        "final weights are identical"
     );
 }

@@ -1,5 +1,5 @@
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -29,16 +29,83 @@ pub struct ChatArgs {
 
 const HELP: &str = "commands: /reset starts over, /system TEXT sets the system prompt (and starts over), /exit quits";
 
+/// The ids that end an assistant reply: its end-of-turn token, and any other special token
+/// (a model that starts another turn or document has finished its reply).
+pub fn chat_stop_ids(
+    tokenizer: &kiem_tokenizer::Tokenizer,
+    mut stop_ids: Vec<u32>,
+) -> Result<Vec<u32>, kiem_tokenizer::TokenizerError> {
+    stop_ids.push(assistant_end(tokenizer)?);
+    stop_ids.extend((0..tokenizer.vocab_size() as u32).filter(|&id| tokenizer.is_special(id)));
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    Ok(stop_ids)
+}
+
+/// A fine-tuned chat model: network, tokenizer, and the ids that end a reply.
+pub struct ChatModel {
+    pub gpt: kiem_engine::Gpt,
+    pub tokenizer: kiem_tokenizer::Tokenizer,
+    pub stop_ids: Vec<u32>,
+}
+
+impl ChatModel {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let (gpt, tokenizer, stop_ids) = load_model(dir)?;
+        let stop_ids = chat_stop_ids(&tokenizer, stop_ids).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}. This model was not fine-tuned for chat: run `kiem finetune` on conversations first",
+                dir.display()
+            )
+        })?;
+        Ok(Self {
+            gpt,
+            tokenizer,
+            stop_ids,
+        })
+    }
+
+    /// Generates the assistant's next reply to `messages` (whose prompt must fit the context),
+    /// streaming its text to `sink` when given.
+    pub fn reply(
+        &self,
+        prompt: Vec<u32>,
+        sampling: &SamplingArgs,
+        mut sink: Option<&mut dyn Write>,
+    ) -> Result<String> {
+        let options = GenerateOptions {
+            max_tokens: sampling.max_tokens,
+            sampling: sampling.params()?,
+            stop_ids: self.stop_ids.clone(),
+        };
+        let mut decoder = StreamDecoder::new(&self.tokenizer, &sampling.stops);
+        let mut reply = String::new();
+        let mut failed = None;
+        self.gpt.generate(&[prompt], &options, &mut |_, token| {
+            let out: Option<&mut dyn Write> = match &mut sink {
+                Some(sink) => Some(&mut **sink),
+                None => None,
+            };
+            let (text, control) = stream_token(&mut decoder, token, out, &mut failed);
+            reply.push_str(&text);
+            control
+        })?;
+        if let Some(e) = failed {
+            bail!("cannot write the reply: {e}");
+        }
+        let rest = decoder.finish();
+        if let Some(sink) = sink {
+            sink.write_all(rest.as_bytes())?;
+        }
+        reply.push_str(&rest);
+        Ok(reply)
+    }
+}
+
 pub fn run(args: ChatArgs) -> Result<()> {
     args.threads.install()?;
-    let (gpt, tokenizer, mut stop_ids) = load_model(&args.model)?;
-    let end = assistant_end(&tokenizer).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {e}. This model was not fine-tuned for chat: run `kiem finetune` on conversations first",
-            args.model.display()
-        )
-    })?;
-    stop_ids.push(end);
+    let model = ChatModel::load(&args.model)?;
+    let (gpt, tokenizer) = (&model.gpt, &model.tokenizer);
     let mut system = args.system.clone();
     let start = |system: &Option<String>| -> Vec<Message> {
         system
@@ -108,7 +175,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         // Drop the oldest exchanges (keeping the system prompt) until the prompt leaves room.
         let first_turn = usize::from(system.is_some());
         let prompt = loop {
-            let ids = render_prompt(&tokenizer, &messages)?;
+            let ids = render_prompt(tokenizer, &messages)?;
             if ids.len() + 16 <= gpt.config.context || messages.len() - first_turn <= 1 {
                 break ids;
             }
@@ -122,31 +189,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
             );
             continue;
         }
-        let options = GenerateOptions {
-            max_tokens: args.sampling.max_tokens,
-            sampling: args.sampling.params()?,
-            stop_ids: stop_ids.clone(),
-        };
-        let mut decoder = StreamDecoder::new(&tokenizer, &args.sampling.stops);
         if interactive {
             write!(out, "bot> ")?;
             out.flush()?;
         }
-        let mut reply = String::new();
-        let mut failed = None;
-        gpt.generate(&[prompt], &options, &mut |_, token| {
-            let sink: Option<&mut dyn Write> = if interactive { Some(&mut out) } else { None };
-            let (text, control) = stream_token(&mut decoder, token, sink, &mut failed);
-            reply.push_str(&text);
-            control
-        })?;
-        if let Some(e) = failed {
-            bail!("cannot write the reply: {e}");
-        }
-        let rest = decoder.finish();
-        reply.push_str(&rest);
+        let sink: Option<&mut dyn Write> = if interactive { Some(&mut out) } else { None };
+        let reply = model.reply(prompt, &args.sampling, sink)?;
         if interactive {
-            writeln!(out, "{rest}")?;
+            writeln!(out)?;
         } else {
             // One reply per line, so scripts can pair questions and answers.
             writeln!(out, "{}", reply.replace(['\r', '\n'], " ").trim())?;

@@ -2,9 +2,11 @@ pub mod bench;
 pub mod chat;
 pub mod chat_format;
 pub mod data;
+pub mod demo;
 pub mod finetune;
 pub mod generate;
 pub mod pretrain;
+pub mod serve;
 pub mod tokenizer;
 
 use std::path::PathBuf;

@@ -373,7 +373,7 @@ impl Observer for CliObserver {
         let m = &config.model;
         self.line(&format!(
             "{} GPT: {} layers, {} heads, width {}, context {}, vocab {} = {:.2}M parameters; \
-             {} tokens/step ({} × {} × {} accumulation), {} steps, {} threads",
+             up to {} tokens/step ({} rows × {} × {} accumulation), {} steps, {} threads",
             if resumed_from.is_some() {
                 "resuming"
             } else {
@@ -387,7 +387,7 @@ impl Observer for CliObserver {
             params as f64 / 1e6,
             config.batch_tokens,
             config.micro_batch,
-            m.context,
+            config.seq,
             config.grad_accumulation(),
             config.steps,
             self.threads

@@ -1,0 +1,191 @@
+//! The generation worker: one OS thread owns the model and decodes every admitted request
+//! together (continuous batching), off the async runtime. Requests wait in a bounded queue;
+//! each streams its text back through its own channel, and a request whose channel is closed
+//! (the client went away) leaves the batch at the next step.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+
+use kiem_engine::batch::{Batcher, Event};
+use kiem_engine::sampling::{Control, FinishReason, GenerateOptions};
+use kiem_engine::Gpt;
+use kiem_tokenizer::stream::StreamDecoder;
+use kiem_tokenizer::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// One generation request.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub options: GenerateOptions,
+    /// Stop strings: generation ends before the first one, which is not returned.
+    pub stops: Vec<String>,
+    pub events: UnboundedSender<JobEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// The next piece of generated text (whole characters).
+    Text(String),
+    Done {
+        finish: FinishReason,
+        completion_tokens: usize,
+    },
+    Failed(String),
+}
+
+/// Counters the server reports at /health.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Jobs in the queue.
+    pub waiting: AtomicUsize,
+    /// Jobs being decoded.
+    pub active: AtomicUsize,
+    pub completed: AtomicU64,
+    /// Jobs dropped because their client went away.
+    pub cancelled: AtomicU64,
+}
+
+/// The sending end of the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    sender: SyncSender<Job>,
+    pub stats: Arc<Stats>,
+}
+
+impl Queue {
+    /// Queues a job, or gives it back when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        // Counted before sending, so the worker never takes a job it has not seen counted.
+        self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        match self.sender.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(job)
+            }
+        }
+    }
+}
+
+/// Starts the worker thread: at most `max_batch` sequences decode together and `queue` more
+/// wait.
+pub fn start(gpt: Gpt, tokenizer: Arc<Tokenizer>, max_batch: usize, queue: usize) -> Queue {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(queue);
+    let stats = Arc::new(Stats::default());
+    let worker_stats = stats.clone();
+    std::thread::Builder::new()
+        .name("kiem-generate".into())
+        .spawn(move || run(&gpt, &tokenizer, &receiver, max_batch, &worker_stats))
+        .expect("can start the generation thread");
+    Queue { sender, stats }
+}
+
+struct Active<'t> {
+    events: UnboundedSender<JobEvent>,
+    decoder: StreamDecoder<'t>,
+    tokens: usize,
+    /// The client stopped listening.
+    gone: bool,
+}
+
+fn run(gpt: &Gpt, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: usize, stats: &Stats) {
+    let mut batcher = Batcher::new(gpt);
+    let mut active: HashMap<u64, Active<'_>> = HashMap::new();
+    let mut next_id = 0u64;
+    loop {
+        // Admit waiting jobs into free slots; sleep on the queue only when idle.
+        while batcher.len() < max_batch {
+            let job = if batcher.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return, // the server is shutting down
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            };
+            stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            if job.events.is_closed() {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed); // its client left while it waited
+                continue;
+            }
+            let id = next_id;
+            next_id += 1;
+            match batcher.add(id, job.prompt, job.options) {
+                Ok(()) => {
+                    active.insert(
+                        id,
+                        Active {
+                            events: job.events,
+                            decoder: StreamDecoder::new(tokenizer, &job.stops),
+                            tokens: 0,
+                            gone: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let _ = job.events.send(JobEvent::Failed(e.to_string()));
+                }
+            }
+        }
+        // Free the slots of clients that disconnected.
+        active.retain(|&id, a| {
+            let open = !a.events.is_closed();
+            if !open {
+                batcher.cancel(id);
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            open
+        });
+        stats.active.store(batcher.len(), Ordering::SeqCst);
+        let result = batcher.step(&mut |id, event| {
+            let Some(a) = active.get_mut(&id) else {
+                return Control::Stop;
+            };
+            match event {
+                Event::Token(token) => {
+                    a.tokens += 1;
+                    let chunk = a.decoder.push(token);
+                    if !chunk.text.is_empty() && a.events.send(JobEvent::Text(chunk.text)).is_err()
+                    {
+                        a.gone = true;
+                        return Control::Stop;
+                    }
+                    if chunk.stopped {
+                        return Control::Stop;
+                    }
+                }
+                Event::Finished(finish) => {
+                    let mut a = active.remove(&id).expect("active job");
+                    let counter = if a.gone || a.events.is_closed() {
+                        &stats.cancelled
+                    } else {
+                        &stats.completed
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let rest = a.decoder.finish();
+                    if !rest.is_empty() {
+                        let _ = a.events.send(JobEvent::Text(rest));
+                    }
+                    let _ = a.events.send(JobEvent::Done {
+                        finish,
+                        completion_tokens: a.tokens,
+                    });
+                }
+            }
+            Control::Continue
+        });
+        if let Err(e) = result {
+            // A failed step leaves the caches unusable: fail every active job.
+            for (id, a) in active.drain() {
+                batcher.cancel(id);
+                let _ = a.events.send(JobEvent::Failed(e.to_string()));
+            }
+        }
+        stats.active.store(batcher.len(), Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,83 @@
+//! Helpers shared by the end-to-end tests: run the kiem binary and check its outcome.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub fn kiem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiem"))
+}
+
+pub fn run(args: &[&str], dir: &Path) -> Output {
+    kiem()
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("kiem runs")
+}
+
+pub fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "kiem failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+pub fn failed(output: Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "expected failure; stderr: {stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "stderr {stderr:?} lacks {needle:?}"
+        );
+    }
+}
+
+/// A small corpus, a byte-level tokenizer and prepared shards in `dir/data`.
+pub fn prepare(dir: &Path) {
+    let text: String = (0..3000)
+        .map(|i| {
+            format!(
+                "Line {i}: the customer asked about order {} and we replied.\n\n",
+                i * 7 % 1000
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("corpus.txt"), text).unwrap();
+    ok(run(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "corpus.txt",
+            "--vocab-size",
+            "300",
+            "--out",
+            "tok.json",
+        ],
+        dir,
+    ));
+    ok(run(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "corpus.txt",
+            "--split-on-blank-lines",
+            "--tokenizer",
+            "tok.json",
+            "--out",
+            "data",
+            "--val-fraction",
+            "0.1",
+        ],
+        dir,
+    ));
+}
