@@ -338,7 +338,22 @@ pub fn load_model_dir(dir: &Path) -> Result<(Gpt, Option<SpecialIds>)> {
         ));
     }
     let mut gpt = Gpt::new(config)?;
-    let tensors = read_tensors(&weights)?;
+    // `GPT2LMHeadModel` names its tensors `transformer.h.0...`; a bare `GPT2Model` (the
+    // original `gpt2` checkpoint) names them `h.0...`.
+    let tensors = read_tensors(&weights)?
+        .into_iter()
+        .map(|(name, tensor)| {
+            let bare = !name.starts_with("transformer.") && name != "lm_head.weight";
+            (
+                if bare {
+                    format!("transformer.{name}")
+                } else {
+                    name
+                },
+                tensor,
+            )
+        })
+        .collect();
     gpt.load_tensors(&weights, &tensors)?;
     Ok((gpt, ids))
 }

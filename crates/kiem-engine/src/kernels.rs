@@ -304,6 +304,237 @@ unsafe fn gemm_raw(
 /// Row blocks of the causal attention matmuls: block `[r0, r1)` only needs keys `0..r1`.
 const ATTENTION_BLOCK: usize = 32;
 
+/// Up to this many rows, `matmul_forward` reads the weights once for all rows with its own
+/// kernel: decoding (one row per sequence) is bound by reading the weights, and GEMM libraries
+/// re-pack the whole weight matrix for such thin products.
+pub const SKINNY_ROWS: usize = 16;
+
+/// `out[rows, c_out] = inp[rows, c_in] · W (+ bias)` for few rows, each weight read once. Each
+/// row's result is computed in the same order whatever the number of rows, so a sequence's
+/// logits do not depend on which others share its decoding step.
+fn matmul_skinny(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    // Column blocks: enough tasks to balance the threads, long enough to vectorize.
+    let block = (c_out / (8 * rayon::current_num_threads())).clamp(64, 512);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let (j0, j1) = (b * block, ((b + 1) * block).min(c_out));
+            let mut acc = vec![0f32; rows * (j1 - j0)];
+            if let Some(bias) = bias {
+                for row in acc.chunks_mut(j1 - j0) {
+                    row.copy_from_slice(&bias[j0..j1]);
+                }
+            }
+            skinny_block(&mut acc, inp, w, layout, c_in, c_out, j0, j1);
+            (j0, acc)
+        })
+        .collect();
+    for (j0, acc) in blocks {
+        let width = acc.len() / rows;
+        for (r, row) in acc.chunks(width).enumerate() {
+            out[r * c_out + j0..r * c_out + j0 + width].copy_from_slice(row);
+        }
+    }
+}
+
+/// Columns `j0..j1` of the skinny product, added to `acc[rows, j1 - j0]`, with AVX2/FMA code
+/// when the CPU has it.
+#[allow(clippy::too_many_arguments)]
+fn skinny_block(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features this function is compiled for.
+        unsafe { skinny_block_avx2(acc, inp, w, layout, c_in, c_out, j0, j1) };
+        return;
+    }
+    skinny_block_portable(acc, inp, w, layout, c_in, c_out, j0, j1);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn skinny_block_avx2(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let rows = acc.len() / width;
+    match layout {
+        WeightLayout::InOut => {
+            // Tiles of up to 4 rows × 16 columns live in registers while k runs; each row's
+            // sum is accumulated in k order with FMA, whatever tile it falls in.
+            let mut r0 = 0;
+            while r0 < rows {
+                match rows - r0 {
+                    1 => inout_tile_avx2::<1>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                    2 => inout_tile_avx2::<2>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                    3 => inout_tile_avx2::<3>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                    _ => inout_tile_avx2::<4>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                }
+                r0 += 4;
+            }
+        }
+        WeightLayout::OutIn => {
+            for j in j0..j1 {
+                let wj = &w[j * c_in..(j + 1) * c_in];
+                for r in 0..rows {
+                    let x = &inp[r * c_in..(r + 1) * c_in];
+                    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut k = 0;
+                    while k + 16 <= c_in {
+                        let (xp, wp) = (x.as_ptr().add(k), wj.as_ptr().add(k));
+                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(wp), s0);
+                        s1 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(xp.add(8)),
+                            _mm256_loadu_ps(wp.add(8)),
+                            s1,
+                        );
+                        k += 16;
+                    }
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1));
+                    let mut sum = lanes.iter().sum::<f32>();
+                    for k in k..c_in {
+                        sum = x[k].mul_add(wj[k], sum);
+                    }
+                    acc[r * width + j - j0] += sum;
+                }
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + R` of an `InOut` skinny block (fewer when the rows run out).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn inout_tile_avx2<const R: usize>(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+    r0: usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let rows = R.min(acc.len() / width - r0);
+    debug_assert_eq!(rows, R);
+    assert!(inp.len() >= (r0 + R) * c_in && w.len() >= (c_in - 1) * c_out + j1);
+    let mut j = j0;
+    while j + 16 <= j1 {
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        for (r, a) in a.iter_mut().enumerate() {
+            let p = acc.as_ptr().add((r0 + r) * width + j - j0);
+            *a = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+        }
+        for k in 0..c_in {
+            let wp = w.as_ptr().add(k * c_out + j);
+            let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
+            for (r, a) in a.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*inp.get_unchecked((r0 + r) * c_in + k));
+                a[0] = _mm256_fmadd_ps(x, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(x, w1, a[1]);
+            }
+        }
+        for (r, a) in a.iter().enumerate() {
+            let p = acc.as_mut_ptr().add((r0 + r) * width + j - j0);
+            _mm256_storeu_ps(p, a[0]);
+            _mm256_storeu_ps(p.add(8), a[1]);
+        }
+        j += 16;
+    }
+    for r in r0..r0 + R {
+        for jj in j..j1 {
+            let mut sum = acc[r * width + jj - j0];
+            for k in 0..c_in {
+                sum = inp[r * c_in + k].mul_add(w[k * c_out + jj], sum);
+            }
+            acc[r * width + jj - j0] = sum;
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn skinny_block_portable(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let width = j1 - j0;
+    match layout {
+        // W[k, j]: stream row k of the block once, update every output row with it.
+        WeightLayout::InOut => {
+            for k in 0..c_in {
+                let wk = &w[k * c_out + j0..k * c_out + j1];
+                for (r, out) in acc.chunks_mut(width).enumerate() {
+                    let a = inp[r * c_in + k];
+                    for (o, &x) in out.iter_mut().zip(wk) {
+                        *o += a * x;
+                    }
+                }
+            }
+        }
+        // W[j, k]: one dot product per (row, column), eight partial sums to vectorize.
+        WeightLayout::OutIn => {
+            for j in j0..j1 {
+                let wj = &w[j * c_in..(j + 1) * c_in];
+                for r in 0..acc.len() / width {
+                    let x = &inp[r * c_in..(r + 1) * c_in];
+                    let mut lanes = [0f32; 16];
+                    let (xc, wc) = (x.chunks_exact(16), wj.chunks_exact(16));
+                    let (xr, wr) = (xc.remainder(), wc.remainder());
+                    for (xs, ws) in xc.zip(wc) {
+                        let xs: &[f32; 16] = xs.try_into().expect("16 lanes");
+                        let ws: &[f32; 16] = ws.try_into().expect("16 lanes");
+                        for i in 0..16 {
+                            lanes[i] += xs[i] * ws[i];
+                        }
+                    }
+                    let mut sum = lanes.iter().sum::<f32>();
+                    for (a, b) in xr.iter().zip(wr) {
+                        sum += a * b;
+                    }
+                    acc[r * width + j - j0] += sum;
+                }
+            }
+        }
+    }
+}
+
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(ATTENTION_BLOCK))
         .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
@@ -526,6 +757,10 @@ impl Kernels for Cpu {
         c_out: usize,
     ) {
         let rows = inp.len() / c_in;
+        if rows <= SKINNY_ROWS {
+            matmul_skinny(out, inp, w, layout, bias, c_in, c_out);
+            return;
+        }
         if let Some(bias) = bias {
             out.par_chunks_mut(c_out)
                 .for_each(|o| o.copy_from_slice(bias));

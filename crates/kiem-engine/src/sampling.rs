@@ -35,6 +35,17 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Always the most likely token, no penalty.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(EngineError::Config(m.to_string()));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {

@@ -357,3 +357,48 @@ fn training_steps_are_deterministic_and_reduce_loss() {
     assert_eq!(a, b, "bit-identical runs");
     assert!(a[29] < a[0] * 0.5, "loss falls: {} -> {}", a[0], a[29]);
 }
+
+/// The forward matmul against a plain f64 product, on both sides of the thin-product threshold
+/// (`SKINNY_ROWS`), for both weight layouts and awkward widths; thin products give each row the
+/// same bits however many rows share the call.
+#[test]
+fn matmul_forward_matches_a_plain_product_for_thin_and_wide_inputs() {
+    use kiem_engine::kernels::SKINNY_ROWS;
+    let mut rng = Rng::new(21);
+    for (c_in, c_out) in [(40, 37), (64, 96), (17, 130)] {
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            let w = random(c_in * c_out, &mut rng, 0.3);
+            let bias = random(c_out, &mut rng, 0.3);
+            for rows in [1, 2, 3, 4, 5, 8, 9, SKINNY_ROWS, SKINNY_ROWS + 1, 40] {
+                let x = random(rows * c_in, &mut rng, 1.0);
+                let mut out = vec![f32::NAN; rows * c_out];
+                K.matmul_forward(&mut out, &x, &w, layout, Some(&bias), c_in, c_out);
+                for r in 0..rows {
+                    for j in 0..c_out {
+                        let mut sum = f64::from(bias[j]);
+                        for k in 0..c_in {
+                            let wkj = match layout {
+                                WeightLayout::InOut => w[k * c_out + j],
+                                WeightLayout::OutIn => w[j * c_in + k],
+                            };
+                            sum += f64::from(x[r * c_in + k]) * f64::from(wkj);
+                        }
+                        let got = f64::from(out[r * c_out + j]);
+                        assert!(
+                            (got - sum).abs() < 1e-4 * (1.0 + sum.abs()),
+                            "{layout:?} {rows}x{c_in}x{c_out} [{r},{j}]: {got} vs {sum}"
+                        );
+                    }
+                }
+                if rows <= SKINNY_ROWS {
+                    for r in 0..rows {
+                        let mut alone = vec![0f32; c_out];
+                        let row = &x[r * c_in..(r + 1) * c_in];
+                        K.matmul_forward(&mut alone, row, &w, layout, Some(&bias), c_in, c_out);
+                        assert_eq!(alone, out[r * c_out..(r + 1) * c_out], "row {r} of {rows}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -191,6 +191,12 @@ pub fn render_prompt(
     Ok(ids)
 }
 
+/// A Jinja chat template (Hugging Face `tokenizer_config.json`) that renders what [`render`] and
+/// [`render_prompt`] render: `bos_token`, then each message between its role's markers, then
+/// `<|assistant_start|>` with `add_generation_prompt`. Like [`validate`], it accepts a system
+/// message only first; `developer` is read as `system`, as `kiem serve` does.
+pub const CHAT_TEMPLATE: &str = include_str!("../assets/chat_template.jinja");
+
 /// The token that ends an assistant turn (generation stops there).
 pub fn assistant_end(tokenizer: &Tokenizer) -> Result<u32, TokenizerError> {
     Ok(chat_ids(tokenizer)?.end[role_index(Role::Assistant)])

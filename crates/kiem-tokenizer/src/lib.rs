@@ -134,7 +134,12 @@ impl Tokenizer {
         }
         let mut path = PathBuf::from(spec);
         if path.is_dir() {
-            path = path.join("tokenizer.json");
+            let dir = path;
+            path = dir.join("tokenizer.json");
+            if !path.exists() && dir.join("vocab.json").exists() && dir.join("merges.txt").exists()
+            {
+                return Self::from_vocab_and_merges(&dir);
+            }
         }
         let json = std::fs::read_to_string(&path).map_err(|e| TokenizerError::Load {
             path: path.clone(),
@@ -146,6 +151,37 @@ impl Tokenizer {
             },
         })?;
         Self::from_json(json, TokenizerSource::File(path))
+    }
+
+    /// A Hugging Face GPT-2 directory's slow-tokenizer files: `vocab.json` + `merges.txt`, and
+    /// `added_tokens.json` when present (its tokens are special).
+    fn from_vocab_and_merges(dir: &std::path::Path) -> Result<Self> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| TokenizerError::Load {
+                path,
+                message: e.to_string(),
+            })
+        };
+        let (vocab, merges) = (read("vocab.json")?, read("merges.txt")?);
+        let mut extra = Vec::new();
+        if dir.join("added_tokens.json").exists() {
+            let added: std::collections::BTreeMap<String, u32> =
+                serde_json::from_str(&read("added_tokens.json")?).map_err(|e| {
+                    TokenizerError::Load {
+                        path: dir.join("added_tokens.json"),
+                        message: format!("expected {{\"token\": id, ...}}: {e}"),
+                    }
+                })?;
+            extra.extend(added);
+        }
+        let json = gpt2::byte_level_bpe_json(&vocab, &merges, &extra).map_err(|message| {
+            TokenizerError::Load {
+                path: dir.join("vocab.json"),
+                message,
+            }
+        })?;
+        Self::from_json(json, TokenizerSource::File(dir.join("vocab.json")))
     }
 
     /// The original GPT-2 tokenizer (`r50k_base`), built from embedded files: no network.

@@ -48,9 +48,15 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
             .expect("json")
             .as_bytes(),
     )?;
+    // A chat model's reply ends at <|assistant_end|> as well as at the end of the document.
+    let chat_end = kiem_tokenizer::chat::assistant_end(tokenizer).ok();
+    let eos: serde_json::Value = match chat_end {
+        Some(end) => serde_json::json!([ids.eos, end]),
+        None => serde_json::json!(ids.eos),
+    };
     let generation = serde_json::json!({
         "bos_token_id": ids.bos,
-        "eos_token_id": ids.eos,
+        "eos_token_id": eos,
         "do_sample": true,
         "temperature": 0.8,
         "top_k": 50,
@@ -63,6 +69,25 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
     )?;
     gpt.save_safetensors(&dir.join("model.safetensors"))?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
+    let bos = tokenizer.decode(&[ids.bos])?;
+    let mut tokenizer_config = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": bos,
+        "unk_token": null,
+        "pad_token": null,
+        "model_max_length": gpt.config.context,
+        "clean_up_tokenization_spaces": false,
+    });
+    if chat_end.is_some() {
+        tokenizer_config["chat_template"] = kiem_tokenizer::chat::CHAT_TEMPLATE.into();
+    }
+    write_file_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tokenizer_config)
+            .expect("json")
+            .as_bytes(),
+    )?;
     Ok(())
 }
 

@@ -59,8 +59,13 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum DataSource {
-    /// Token shards from `kiem data prepare`.
-    Pretrain { data_dir: PathBuf },
+    /// Token shards from `kiem data prepare`, from random weights or from a model's.
+    Pretrain {
+        data_dir: PathBuf,
+        /// Start from this model directory's weights (same shape and tokenizer as the run).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        init_from: Option<PathBuf>,
+    },
     /// Conversations, starting from a trained model.
     Finetune(FinetuneData),
 }
@@ -264,7 +269,11 @@ pub fn pretrain(
     observer: &mut dyn Observer,
 ) -> Result<Summary> {
     config.validate()?;
-    let DataSource::Pretrain { data_dir } = &config.source else {
+    let DataSource::Pretrain {
+        data_dir,
+        init_from,
+    } = &config.source
+    else {
         return Err(TrainError::Config(
             "pretrain needs token shards (--data)".into(),
         ));
@@ -288,10 +297,37 @@ pub fn pretrain(
         );
         None
     };
-    let mut gpt = Gpt::new(config.model)?;
-    if !resume {
-        gpt.init_random(config.seed);
-    }
+    let gpt = match init_from {
+        Some(dir) if !resume => {
+            let (gpt, _) = kiem_engine::io::load_model_dir(dir)?;
+            if gpt.config != config.model {
+                return Err(TrainError::Config(format!(
+                    "{} has shape {:?}, but the run is configured for {:?}",
+                    dir.display(),
+                    gpt.config,
+                    config.model
+                )));
+            }
+            let model_tokenizer = Tokenizer::load(&dir.to_string_lossy())?;
+            if model_tokenizer.hash() != tokenizer.hash() {
+                return Err(TrainError::Config(format!(
+                    "the data in {} was prepared with another tokenizer than {}'s; prepare it with \
+                     --tokenizer {}",
+                    data_dir.display(),
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+            gpt
+        }
+        _ => {
+            let mut gpt = Gpt::new(config.model)?;
+            if !resume {
+                gpt.init_random(config.seed);
+            }
+            gpt
+        }
+    };
     let title = format!("kiem pretrain: {}", run_dir.display());
     run_loop(
         run_dir,

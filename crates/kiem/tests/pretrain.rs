@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{failed, kiem, ok, prepare, run};
+use common::{failed, kiem, ok, prepare, run, run_with_input, write_order_conversations};
 
 const RUN_FLAGS: &[&str] = &[
     "--data",
@@ -441,17 +441,7 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
         ],
         dir,
     ));
-    let chats: String = (0..60)
-        .map(|i| {
-            serde_json::json!({"messages": [
-                {"role": "user", "content": format!("Where is order {i}?")},
-                {"role": "assistant", "content": "It has shipped."}
-            ]})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.join("chat.jsonl"), chats).unwrap();
+    write_order_conversations(&dir.join("chat.jsonl"), 60, |_| "It has shipped.".into());
     let out = run(
         &[
             "finetune",
@@ -568,8 +558,8 @@ fn quick_demo_runs_the_whole_recipe_and_replaces_only_its_own_output() {
     assert_eq!(held_out.lines().count() + train.lines().count(), 503);
     assert!(held_out.lines().all(|q| !train.contains(q)));
     // The fine-tuned model answers through the chat command too.
-    let mut chat = kiem()
-        .args([
+    let reply = run_with_input(
+        &[
             "chat",
             "--model",
             "demo/chat/model",
@@ -577,20 +567,10 @@ fn quick_demo_runs_the_whole_recipe_and_replaces_only_its_own_output() {
             "8",
             "--seed",
             "1",
-        ])
-        .current_dir(dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    chat.stdin
-        .take()
-        .unwrap()
-        .write_all(b"Do I need a building permit?\n")
-        .unwrap();
-    let reply = ok(chat.wait_with_output().unwrap());
+        ],
+        dir,
+        "Do I need a building permit?\n",
+    );
     assert_eq!(reply.lines().count(), 1, "{reply}");
 }
 

@@ -22,6 +22,58 @@ pub enum BenchCommand {
     /// scaling with threads. The documents are the inputs split at blank lines ("\n\n"),
     /// exactly as bench/tokenizer.py splits them for tiktoken.
     Tokenizer(TokenizerBenchArgs),
+    /// Inference speed of a model: prefill tokens/s, and decode tokens/s with a KV cache at
+    /// several batch sizes (continuous batching, as `kiem serve` decodes).
+    Generate(GenerateBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateBenchArgs {
+    /// Model directory (Hugging Face GPT-2 layout).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+
+    /// Sequences decoded together, one measurement each.
+    #[arg(long, num_args = 1.., default_values_t = [1, 8], value_name = "N")]
+    batch: Vec<usize>,
+
+    /// Prompt length (tokens) of each sequence.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    prompt_tokens: usize,
+
+    /// Tokens generated per sequence.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    tokens: usize,
+
+    /// Timed repetitions; the fastest counts.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    repeat: usize,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    threads: crate::ThreadArgs,
+}
+
+#[derive(Serialize, Debug)]
+struct GenerateBench {
+    machine: String,
+    threads: usize,
+    parameters: usize,
+    prompt_tokens: usize,
+    prefill_tokens_per_second: f64,
+    decode: Vec<DecodeBench>,
+}
+
+#[derive(Serialize, Debug)]
+struct DecodeBench {
+    batch: usize,
+    tokens: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+    ms_per_step: f64,
 }
 
 #[derive(Args, Debug)]
@@ -66,7 +118,104 @@ struct TokenizerBench {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Tokenizer(args) => tokenizer(args),
+        BenchCommand::Generate(args) => generate(args),
     }
+}
+
+fn generate(args: GenerateBenchArgs) -> Result<()> {
+    use kiem_engine::batch::Batcher;
+    use kiem_engine::infer::KvCache;
+    use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
+    let threads = args.threads.install()?;
+    let (gpt, _) = kiem_engine::io::load_model_dir(&args.model)?;
+    let context = gpt.config.context;
+    if args.prompt_tokens == 0 || args.prompt_tokens + args.tokens > context {
+        bail!(
+            "--prompt-tokens {} + --tokens {} must fit the model's context of {context} (and the prompt be non-empty)",
+            args.prompt_tokens,
+            args.tokens
+        );
+    }
+    if args.batch.iter().any(|&b| b == 0 || b > 4096) {
+        bail!("--batch sizes must be in 1..=4096");
+    }
+    let vocab = gpt.config.vocab_size as u32;
+    let prompt = |seed: usize| -> Vec<u32> {
+        (0..args.prompt_tokens)
+            .map(|i| ((i * 7919 + seed * 104_729) as u32) % vocab)
+            .collect()
+    };
+    let (prefill_seconds, _) = fastest(args.repeat, || {
+        let mut cache = [KvCache::new(&gpt)];
+        gpt.forward_cached(&mut cache, &[&prompt(0)]).map(|_| ())
+    });
+    let mut decode = Vec::new();
+    for &batch in &args.batch {
+        let mut best = f64::INFINITY;
+        let mut generated = 0;
+        for _ in 0..args.repeat.max(1) {
+            let mut batcher = Batcher::new(&gpt);
+            let options = GenerateOptions {
+                max_tokens: args.tokens,
+                sampling: SamplingParams::greedy(),
+                stop_ids: Vec::new(),
+            };
+            for b in 0..batch {
+                batcher.add(b as u64, prompt(b), options.clone())?;
+            }
+            // Prefill every prompt (its step draws each sequence's first token), then time
+            // the decoding steps alone.
+            batcher.step(&mut |_, _| Control::Continue)?;
+            let mut count = 0;
+            let started = Instant::now();
+            while !batcher.is_empty() {
+                batcher.step(&mut |_, e| {
+                    if matches!(e, kiem_engine::batch::Event::Token(_)) {
+                        count += 1;
+                    }
+                    Control::Continue
+                })?;
+            }
+            best = best.min(started.elapsed().as_secs_f64());
+            generated = count;
+        }
+        let seconds = best;
+        decode.push(DecodeBench {
+            batch,
+            tokens: generated,
+            seconds,
+            tokens_per_second: generated as f64 / seconds,
+            ms_per_step: 1000.0 * seconds / ((args.tokens.max(2) - 1) as f64),
+        });
+    }
+    let report = GenerateBench {
+        machine: machine_description(),
+        threads,
+        parameters: gpt.num_parameters(),
+        prompt_tokens: args.prompt_tokens,
+        prefill_tokens_per_second: args.prompt_tokens as f64 / prefill_seconds,
+        decode,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!("machine: {}", report.machine);
+    println!(
+        "model: {:.2}M parameters, context {context}; {threads} threads",
+        report.parameters as f64 / 1e6
+    );
+    println!(
+        "prefill ({} tokens): {:.0} tokens/s",
+        args.prompt_tokens, report.prefill_tokens_per_second
+    );
+    for d in &report.decode {
+        println!(
+            "decode batch {:>3}: {:>8.0} tokens/s ({:.2} ms per step, {} tokens)",
+            d.batch, d.tokens_per_second, d.ms_per_step, d.tokens
+        );
+    }
+    Ok(())
 }
 
 /// Runs `f` `repeat` times and returns the fastest wall time in seconds.

@@ -28,6 +28,12 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
 
+    /// Start from this model's weights instead of random ones (a Hugging Face GPT-2 directory,
+    /// e.g. an imported model or RUN_DIR/model); its shape and context are used, and the data
+    /// must be prepared with its tokenizer (`--tokenizer DIR`).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["depth", "n_layer", "n_head", "n_embd", "context"])]
+    init_from: Option<PathBuf>,
+
     /// One dial for the model size: D layers, width 64·D, D heads of 64, and a learning rate
     /// scaled to the width (default when no shape flags are given: 6).
     #[arg(long, value_name = "D")]
@@ -153,6 +159,7 @@ impl PretrainArgs {
         check(self.data.is_some(), "--data");
         check(self.out.is_some(), "--out");
         check(self.depth.is_some(), "--depth");
+        check(self.init_from.is_some(), "--init-from");
         check(self.n_layer.is_some(), "--n-layer");
         check(self.n_head.is_some(), "--n-head");
         check(self.n_embd.is_some(), "--n-embd");
@@ -178,8 +185,16 @@ impl PretrainArgs {
     }
 
     fn config(&self, data_dir: &Path, vocab_size: usize) -> Result<TrainConfig> {
-        let context = self.context.unwrap_or(256);
-        let (n_layer, n_head, n_embd) = match (self.n_layer, self.n_head, self.n_embd, self.depth) {
+        let base = match &self.init_from {
+            Some(dir) => Some(kiem_engine::io::read_hf_config(&dir.join("config.json"))?.0),
+            None => None,
+        };
+        let context = base.map_or(self.context.unwrap_or(256), |b| b.context);
+        let shape = match base {
+            Some(b) => (Some(b.n_layer), Some(b.n_head), Some(b.n_embd), None),
+            None => (self.n_layer, self.n_head, self.n_embd, self.depth),
+        };
+        let (n_layer, n_head, n_embd) = match shape {
             (Some(l), Some(h), Some(c), None) => (l, h, c),
             (None, None, None, depth) => {
                 let d = depth.unwrap_or(6);
@@ -222,6 +237,7 @@ impl PretrainArgs {
         Ok(TrainConfig {
             source: kiem_train::trainer::DataSource::Pretrain {
                 data_dir: data_dir.to_path_buf(),
+                init_from: self.init_from.clone(),
             },
             model,
             seq: context,

@@ -1,8 +1,9 @@
 //! Helpers shared by the end-to-end tests: run the kiem binary and check its outcome.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 pub fn kiem() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiem"))
@@ -80,4 +81,39 @@ pub fn prepare(dir: &Path) {
         ],
         dir,
     ));
+}
+
+/// Runs `kiem ARGS` in `dir` with `input` on standard input; returns its standard output.
+pub fn run_with_input(args: &[&str], dir: &Path, input: &str) -> String {
+    let mut child = kiem()
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiem runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("kiem reads its input");
+    ok(child.wait_with_output().expect("kiem finishes"))
+}
+
+/// Writes `count` one-exchange conversations in OpenAI's format to `path`: "Where is order
+/// {i}?" answered by `answer(i)`.
+pub fn write_order_conversations(path: &Path, count: usize, answer: impl Fn(usize) -> String) {
+    let lines: String = (0..count)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Where is order {i}?")},
+                {"role": "assistant", "content": answer(i)}
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(path, lines).expect("conversations written");
 }
