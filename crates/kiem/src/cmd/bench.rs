@@ -65,6 +65,12 @@ struct GenerateBench {
     prompt_tokens: usize,
     prefill_tokens_per_second: f64,
     decode: Vec<DecodeBench>,
+    /// Measured memory read bandwidth (bytes/s, all threads).
+    read_bandwidth: f64,
+    /// Bytes a batch-1 decoding step must read: fp32 weights plus the KV cache at mid-length.
+    bytes_per_token: f64,
+    /// Tokens/s if a batch-1 step cost only reading those bytes once.
+    bandwidth_bound_tokens_per_second: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -188,6 +194,11 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
             ms_per_step: 1000.0 * seconds / ((args.tokens.max(2) - 1) as f64),
         });
     }
+    let read_bandwidth = read_bandwidth(args.repeat);
+    let c = &gpt.config;
+    let mid_length = (args.prompt_tokens + args.tokens / 2) as f64;
+    let bytes_per_token =
+        4.0 * gpt.num_parameters() as f64 + 4.0 * 2.0 * (c.n_layer * c.n_embd) as f64 * mid_length;
     let report = GenerateBench {
         machine: machine_description(),
         threads,
@@ -195,6 +206,9 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
         prompt_tokens: args.prompt_tokens,
         prefill_tokens_per_second: args.prompt_tokens as f64 / prefill_seconds,
         decode,
+        read_bandwidth,
+        bytes_per_token,
+        bandwidth_bound_tokens_per_second: read_bandwidth / bytes_per_token,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -215,7 +229,43 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
             d.batch, d.tokens_per_second, d.ms_per_step, d.tokens
         );
     }
+    println!(
+        "memory read bandwidth {:.1} GB/s; a batch-1 step reads {:.1} MB (fp32 weights + KV cache), \
+         so the bandwidth bound is {:.0} tokens/s",
+        report.read_bandwidth / 1e9,
+        report.bytes_per_token / 1e6,
+        report.bandwidth_bound_tokens_per_second
+    );
+    if let Some(d) = report.decode.iter().find(|d| d.batch == 1) {
+        println!(
+            "batch-1 decode reaches {:.0}% of the bandwidth bound",
+            100.0 * d.tokens_per_second / report.bandwidth_bound_tokens_per_second
+        );
+    }
     Ok(())
+}
+
+/// Memory read bandwidth in bytes/s: the fastest of `repeat` passes summing a 1 GiB buffer
+/// (far larger than any cache) on all threads.
+fn read_bandwidth(repeat: usize) -> f64 {
+    let buffer = vec![1.0f32; 1 << 28];
+    let (seconds, total) = fastest(repeat.max(2), || {
+        buffer
+            .par_chunks(1 << 16)
+            .map(|chunk| {
+                // Eight running sums, so the loop vectorizes.
+                let mut lanes = [0f32; 8];
+                for block in chunk.chunks_exact(8) {
+                    for (lane, &x) in lanes.iter_mut().zip(block) {
+                        *lane += x;
+                    }
+                }
+                lanes.iter().sum::<f32>()
+            })
+            .sum::<f32>()
+    });
+    std::hint::black_box(total);
+    (buffer.len() * 4) as f64 / seconds
 }
 
 /// Runs `f` `repeat` times and returns the fastest wall time in seconds.

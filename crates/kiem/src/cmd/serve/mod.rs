@@ -452,17 +452,27 @@ async fn generate(
         stops: settings.stops,
         events,
     };
-    if app.queue.submit(job).is_err() {
-        let mut error = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_exceeded",
-            format!(
-                "the server is busy ({} requests are already waiting); retry shortly",
-                app.queue_size
-            ),
-        );
-        error.code = Some("rate_limit_exceeded");
-        return Err(error);
+    match app.queue.submit(job) {
+        Ok(()) => {}
+        Err(worker::Refused::Busy) => {
+            let mut error = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                format!(
+                    "the server is busy ({} requests are already waiting); retry shortly",
+                    app.queue_size
+                ),
+            );
+            error.code = Some("rate_limit_exceeded");
+            return Err(error);
+        }
+        Err(worker::Refused::Stopped) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the generation worker has stopped; restart the server",
+            ))
+        }
     }
     let shape = Shape {
         kind,

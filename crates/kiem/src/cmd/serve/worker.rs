@@ -54,18 +54,27 @@ pub struct Queue {
     pub stats: Arc<Stats>,
 }
 
+/// Why a job was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full: try again later.
+    Busy,
+    /// The generation thread has stopped.
+    Stopped,
+}
+
 impl Queue {
-    /// Queues a job, or gives it back when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues a job, or says why it cannot.
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
         // Counted before sending, so the worker never takes a job it has not seen counted.
         self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        match self.sender.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                Err(job)
-            }
-        }
+        let refused = match self.sender.try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(_)) => Refused::Busy,
+            Err(TrySendError::Disconnected(_)) => Refused::Stopped,
+        };
+        self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+        Err(refused)
     }
 }
 
@@ -160,7 +169,9 @@ fn run(gpt: &Gpt, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: usize,
                     }
                 }
                 Event::Finished(finish) => {
-                    let mut a = active.remove(&id).expect("active job");
+                    let Some(mut a) = active.remove(&id) else {
+                        return Control::Continue;
+                    };
                     let counter = if a.gone || a.events.is_closed() {
                         &stats.cancelled
                     } else {
