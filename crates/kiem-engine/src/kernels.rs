@@ -443,34 +443,20 @@ unsafe fn inout_tile_avx2<const R: usize>(
     j1: usize,
     r0: usize,
 ) {
-    use std::arch::x86_64::*;
     let width = j1 - j0;
     let rows = R.min(acc.len() / width - r0);
     debug_assert_eq!(rows, R);
     assert!(inp.len() >= (r0 + R) * c_in && w.len() >= (c_in - 1) * c_out + j1);
+    // Strips as wide as the registers allow (R rows × V vectors of sums, at most 12), so a
+    // single decoding row streams 64 columns (four cache lines) of each weight row at a time.
     let mut j = j0;
-    while j + 16 <= j1 {
-        let mut a = [[_mm256_setzero_ps(); 2]; R];
-        for (r, a) in a.iter_mut().enumerate() {
-            let p = acc.as_ptr().add((r0 + r) * width + j - j0);
-            *a = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
-        }
-        for k in 0..c_in {
-            let wp = w.as_ptr().add(k * c_out + j);
-            let (w0, w1) = (_mm256_loadu_ps(wp), _mm256_loadu_ps(wp.add(8)));
-            for (r, a) in a.iter_mut().enumerate() {
-                let x = _mm256_set1_ps(*inp.get_unchecked((r0 + r) * c_in + k));
-                a[0] = _mm256_fmadd_ps(x, w0, a[0]);
-                a[1] = _mm256_fmadd_ps(x, w1, a[1]);
-            }
-        }
-        for (r, a) in a.iter().enumerate() {
-            let p = acc.as_mut_ptr().add((r0 + r) * width + j - j0);
-            _mm256_storeu_ps(p, a[0]);
-            _mm256_storeu_ps(p.add(8), a[1]);
-        }
-        j += 16;
+    match R {
+        1 => strip_loop::<R, 8>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+        2 => strip_loop::<R, 4>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+        3 => strip_loop::<R, 4>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+        _ => strip_loop::<R, 2>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
     }
+    strip_loop::<R, 1>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j);
     for r in r0..r0 + R {
         for jj in j..j1 {
             let mut sum = acc[r * width + jj - j0];
@@ -479,6 +465,54 @@ unsafe fn inout_tile_avx2<const R: usize>(
             }
             acc[r * width + jj - j0] = sum;
         }
+    }
+}
+
+/// Columns from `*j` in strips of `8·V` while whole strips fit, for rows `r0..r0 + R`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip_loop<const R: usize, const V: usize>(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+    r0: usize,
+    j: &mut usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    while *j + 8 * V <= j1 {
+        let mut a = [[_mm256_setzero_ps(); V]; R];
+        for (r, a) in a.iter_mut().enumerate() {
+            let p = acc.as_ptr().add((r0 + r) * width + *j - j0);
+            for (v, a) in a.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(p.add(8 * v));
+            }
+        }
+        for k in 0..c_in {
+            let wp = w.as_ptr().add(k * c_out + *j);
+            let mut wv = [_mm256_setzero_ps(); V];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(wp.add(8 * v));
+            }
+            for (r, a) in a.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*inp.get_unchecked((r0 + r) * c_in + k));
+                for (a, &wv) in a.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(x, wv, *a);
+                }
+            }
+        }
+        for (r, a) in a.iter().enumerate() {
+            let p = acc.as_mut_ptr().add((r0 + r) * width + *j - j0);
+            for (v, &a) in a.iter().enumerate() {
+                _mm256_storeu_ps(p.add(8 * v), a);
+            }
+        }
+        *j += 8 * V;
     }
 }
 
