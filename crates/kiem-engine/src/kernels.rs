@@ -429,7 +429,7 @@ unsafe fn skinny_block_avx2(
     }
 }
 
-/// Rows `r0..r0 + R` of an `InOut` skinny block (fewer when the rows run out).
+/// Rows `r0..r0 + R` of an `InOut` skinny block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -444,8 +444,7 @@ unsafe fn inout_tile_avx2<const R: usize>(
     r0: usize,
 ) {
     let width = j1 - j0;
-    let rows = R.min(acc.len() / width - r0);
-    debug_assert_eq!(rows, R);
+    assert!(acc.len() >= (r0 + R) * width);
     assert!(inp.len() >= (r0 + R) * c_in && w.len() >= (c_in - 1) * c_out + j1);
     // Strips as wide as the registers allow (R rows × V vectors of sums, at most 12), so a
     // single decoding row streams 64 columns (four cache lines) of each weight row at a time.

@@ -10,7 +10,7 @@ use kiem_tokenizer::chat::{render, Rendered, TrainOn};
 use kiem_tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{row_index, BatchShape, Batches, Cursor};
+use crate::loader::{take_row, BatchShape, Batches, Cursor};
 use crate::{Result, TrainError};
 
 /// What a fine-tuning run trains on (saved in run.json).
@@ -163,15 +163,10 @@ impl Batches for ExampleLoader {
     ) -> BatchShape {
         inputs.clear();
         targets.clear();
-        let mut rows = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            if self.cursor.row >= self.rows() {
-                self.cursor.row = 0;
-                self.cursor.epoch += 1;
-            }
-            rows.push(row_index(self.cursor, self.rows(), self.shuffle) as usize);
-            self.cursor.row += 1;
-        }
+        let count = self.rows();
+        let rows: Vec<usize> = (0..batch)
+            .map(|_| take_row(&mut self.cursor, count, self.shuffle) as usize)
+            .collect();
         // Inputs of an example: all its tokens but the last (which is only a target).
         let length = |i: usize| (self.examples[i].ids.len() - 1).min(self.seq);
         let seq = rows.iter().map(|&i| length(i)).max().unwrap_or(1).max(1);

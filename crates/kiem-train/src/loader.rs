@@ -45,6 +45,17 @@ pub struct BatchShape {
     pub tokens: usize,
 }
 
+/// The next row to read, advancing `cursor` (and starting the next epoch after the last row).
+pub fn take_row(cursor: &mut Cursor, rows: u64, shuffle: Option<u64>) -> u64 {
+    if cursor.row >= rows {
+        cursor.row = 0;
+        cursor.epoch += 1;
+    }
+    let index = row_index(*cursor, rows, shuffle);
+    cursor.row += 1;
+    index
+}
+
 /// Row `row` of an epoch: shuffled with a per-epoch key, or in order.
 pub fn row_index(cursor: Cursor, rows: u64, shuffle: Option<u64>) -> u64 {
     match shuffle {
@@ -177,15 +188,10 @@ impl Batches for TokenLoader<'_> {
         targets.clear();
         let mut row = vec![0u32; seq + 1];
         for _ in 0..batch {
-            if self.cursor.row >= self.rows {
-                self.cursor.row = 0;
-                self.cursor.epoch += 1;
-            }
-            let index = row_index(self.cursor, self.rows, self.shuffle);
+            let index = take_row(&mut self.cursor, self.rows, self.shuffle);
             self.read(index * seq as u64, &mut row);
             inputs.extend_from_slice(&row[..seq]);
             targets.extend(row[1..].iter().map(|&t| Some(t)));
-            self.cursor.row += 1;
         }
         BatchShape {
             seq,

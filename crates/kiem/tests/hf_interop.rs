@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{failed, ok, run, run_with_input, write_order_conversations};
+use common::{failed, ok, read_json, run, run_with_input, write_order_conversations};
 use kiem_engine::io::{load_model_dir, read_tensors};
 use kiem_engine::sampling::{GenerateOptions, SamplingParams};
 use kiem_tokenizer::chat::{render, render_prompt, Message, Role, TrainOn};
@@ -163,23 +163,15 @@ fn commands_take_a_transformers_model_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(stderr.contains("added 6 chat tokens"), "{stderr}");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("ft/model/config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&dir.join("ft/model/config.json"));
     assert_eq!(config["vocab_size"], 50263);
-    let tokenizer_config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("ft/model/tokenizer_config.json")).unwrap(),
-    )
-    .unwrap();
+    let tokenizer_config = read_json(&dir.join("ft/model/tokenizer_config.json"));
     assert_eq!(
         tokenizer_config["chat_template"],
         kiem_tokenizer::chat::CHAT_TEMPLATE
     );
     assert_eq!(tokenizer_config["bos_token"], "<|endoftext|>");
-    let generation: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("ft/model/generation_config.json")).unwrap(),
-    )
-    .unwrap();
+    let generation = read_json(&dir.join("ft/model/generation_config.json"));
     assert_eq!(
         generation["eos_token_id"],
         serde_json::json!([50256, 50260])
@@ -252,10 +244,7 @@ fn commands_take_a_transformers_model_directory() {
         &["model_type \"llama\" is not supported"],
     );
     std::fs::create_dir(dir.join("odd")).unwrap();
-    let mut odd: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("tiny_b").join("config.json")).unwrap(),
-    )
-    .unwrap();
+    let mut odd = read_json(&fixture("tiny_b").join("config.json"));
     odd["activation_function"] = "relu".into();
     odd["scale_attn_by_inverse_layer_idx"] = true.into();
     std::fs::write(dir.join("odd/config.json"), odd.to_string()).unwrap();

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{failed, kiem, ok, prepare, run, run_with_input, write_order_conversations};
+use common::{
+    failed, kiem, ok, prepare, read_json, run, run_with_input, write_order_conversations,
+};
 
 const RUN_FLAGS: &[&str] = &[
     "--data",
@@ -465,9 +467,7 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(stderr.contains("added 6 chat tokens"), "{stderr}");
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("ft/model/config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&dir.join("ft/model/config.json"));
     assert_eq!(config["vocab_size"], 50257 + 6);
     let info = ok(run(&["tokenizer", "info", "--tokenizer", "ft/model"], dir));
     assert!(info.contains("50262=<|system_end|>"), "{info}");

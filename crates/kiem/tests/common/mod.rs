@@ -117,3 +117,9 @@ pub fn write_order_conversations(path: &Path, count: usize, answer: impl Fn(usiz
         .collect();
     std::fs::write(path, lines).expect("conversations written");
 }
+
+/// A JSON file's contents.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}

@@ -29,6 +29,18 @@ impl ApiError {
         }
     }
 
+    /// 404 for a model id this server does not serve.
+    pub fn model_not_found(asked: &str, served: &str) -> Self {
+        let mut error = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("The model `{asked}` does not exist; this server serves `{served}`"),
+        )
+        .with_code("model_not_found");
+        error.param = Some("model");
+        error
+    }
+
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
@@ -179,15 +191,7 @@ impl Sampling {
                 ))
             }
             Some(m) if m != served_model => {
-                return Err(ApiError {
-                    status: StatusCode::NOT_FOUND,
-                    message: format!(
-                        "The model `{m}` does not exist; this server serves `{served_model}`"
-                    ),
-                    kind: "invalid_request_error",
-                    param: Some("model"),
-                    code: Some("model_not_found"),
-                })
+                return Err(ApiError::model_not_found(m, served_model));
             }
             Some(_) => {}
         }
@@ -254,7 +258,7 @@ impl Sampling {
             repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
             seed: match self.seed {
                 Some(seed) => seed as u64,
-                None => random_seed(),
+                None => random_u64(),
             },
         };
         params
@@ -277,7 +281,8 @@ impl Sampling {
     }
 }
 
-fn random_seed() -> u64 {
+/// A fresh random number (for unseeded sampling and request ids).
+pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS once per process and then varies per instance.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

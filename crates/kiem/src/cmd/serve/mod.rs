@@ -208,14 +208,7 @@ fn unix_time() -> u64 {
 }
 
 fn request_id(prefix: &str) -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    format!("{prefix}-{:016x}", h.finish())
+    format!("{prefix}-{:016x}", api::random_u64())
 }
 
 async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
@@ -227,7 +220,7 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         if given != Some(key.as_str()) {
-            let mut error = ApiError::new(
+            return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 if given.is_none() {
@@ -235,9 +228,9 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
                 } else {
                     "incorrect API key"
                 },
-            );
-            error.code = Some("invalid_api_key");
-            return error.into_response();
+            )
+            .with_code("invalid_api_key")
+            .into_response();
         }
     }
     next.run(request).await
@@ -296,13 +289,7 @@ async fn model(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if id != app.name {
-        let mut error = ApiError::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("The model `{id}` does not exist"),
-        );
-        error.code = Some("model_not_found");
-        return Err(error);
+        return Err(ApiError::model_not_found(&id, &app.name));
     }
     Ok(Json(model_object(&app)))
 }
@@ -455,16 +442,15 @@ async fn generate(
     match app.queue.submit(job) {
         Ok(()) => {}
         Err(worker::Refused::Busy) => {
-            let mut error = ApiError::new(
+            return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_exceeded",
                 format!(
                     "the server is busy ({} requests are already waiting); retry shortly",
                     app.queue_size
                 ),
-            );
-            error.code = Some("rate_limit_exceeded");
-            return Err(error);
+            )
+            .with_code("rate_limit_exceeded"));
         }
         Err(worker::Refused::Stopped) => {
             return Err(ApiError::new(
