@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seed", type=int, default=1337, help="row-order seed (kiem's --seed)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: torch.autocast on the CPU (bf16 matmuls, fp32 weights and optimizer)")
     args = ap.parse_args()
 
     torch.manual_seed(1337)
@@ -149,7 +151,8 @@ def main():
             rows.append(data[offset: offset + t + 1])
             row += 1
         batch = torch.from_numpy(np.stack(rows))
-        loss = model(batch[:, :-1], batch[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,7 +161,22 @@ def main():
     elapsed = time.perf_counter() - start
     timed = args.steps - args.warmup
     print(json.dumps({"tokens_per_second": timed * b * t / elapsed, "steps": args.steps, "timed_steps": timed,
-                      "losses": losses, "threads": args.threads, "torch": torch.__version__}))
+                      "losses": losses, "threads": args.threads, "torch": torch.__version__,
+                      "precision": args.precision, "peak_gflops": measured_peak(args.precision)}))
+
+
+def measured_peak(precision):
+    """GFLOP/s of a large square matmul at the same thread count: the machine's attainable peak."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048 ** 3 / best / 1e9
 
 
 if __name__ == "__main__":

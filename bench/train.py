@@ -5,10 +5,15 @@ Runs `kiem pretrain` and bench/pytorch_gpt.py one after the other with identical
 prints tokens/s of each (first --warmup steps excluded), their ratio, and each process's peak RSS.
 
     python bench/train.py --data runs/bench-data [--threads 2] [--steps 20]
+        [--precision fp32|bf16] [--torch-precision fp32|bf16]
         [--kiem target/release/kiem] [--min-ratio 1.0]
 
 The data directory must come from `kiem data prepare` (its tokenizer sets the vocabulary).
 Default model: the issue's benchmark config (context 256, 6 layers, 6 heads, width 384, micro-batch 8).
+--precision sets kiem's matmul operands (bf16: fp32 sums and master weights); --torch-precision
+bf16 runs the reference under torch.autocast. Achieved FLOP/s use the PaLM count per token
+(6 × matrix parameters, head included, + 12 × layers × width × context) and are set against the measured peak: the GFLOP/s of
+a 2048² torch.mm at the same thread count and precision (fp32 and bf16 both reported).
 --min-ratio makes the script exit non-zero when kiem / PyTorch tokens/s falls below it.
 """
 
@@ -34,6 +39,16 @@ def peak_rss_wrapper(cmd):
     return proc.stdout, int(rss.split()[1]) / 1024
 
 
+def measure_peaks(args):
+    """Both precisions' 2048² matmul GFLOP/s, from the reference Python at the run's threads."""
+    code = ("import sys,json,torch;sys.path.insert(0,sys.argv[1]);import pytorch_gpt as g;"
+            "torch.set_num_threads(int(sys.argv[2]));"
+            "print(json.dumps({p: g.measured_peak(p) for p in ('fp32','bf16')}))")
+    out = subprocess.run([args.python, "-c", code, os.path.join(ROOT, "bench"), str(args.threads)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -47,6 +62,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--kiem", default=os.path.join(ROOT, "target", "release", "kiem"))
     ap.add_argument("--python", default=sys.executable, help="Python with torch for the reference")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--torch-precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--min-ratio", type=float, default=None)
     args = ap.parse_args()
 
@@ -60,7 +77,7 @@ def main():
         _, kiem_rss = peak_rss_wrapper(
             [args.kiem, "--quiet", "pretrain", "--data", args.data, "--out", run_dir, *shape, "--steps", str(args.steps),
              "--lr", "1e-3", "--warmup-steps", "1", "--eval-every", "0", "--eval-tokens", "1", "--sample-every", "0",
-             "--checkpoint-every", "0", "--threads", str(args.threads)])
+             "--checkpoint-every", "0", "--threads", str(args.threads), "--precision", args.precision])
         steps = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in l]
         first, last = steps[args.warmup - 1], steps[-1]
         kiem_tps = (last["tokens"] - first["tokens"]) / (last["elapsed_seconds"] - first["elapsed_seconds"])
@@ -68,15 +85,29 @@ def main():
 
     out, torch_rss = peak_rss_wrapper(
         [args.python, os.path.join(ROOT, "bench", "pytorch_gpt.py"), "--data", args.data, "--vocab", str(vocab),
-         *shape, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)])
+         *shape, "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+         "--precision", args.torch_precision])
     ref = json.loads(out.strip().splitlines()[-1])
     ratio = kiem_tps / ref["tokens_per_second"]
+    c, layers = args.n_embd, args.n_layer
+    params = layers * 12 * c * c + vocab * c  # the weights of matrix products (the head included)
+    flops_per_token = 6 * params + 12 * layers * c * args.context
+    peak = {"fp32": ref["peak_gflops"]} if args.torch_precision == "fp32" else {}
+    if args.precision != args.torch_precision or "fp32" not in peak:
+        peak.update(measure_peaks(args))
+    kiem_gflops = kiem_tps * flops_per_token / 1e9
+    torch_gflops = ref["tokens_per_second"] * flops_per_token / 1e9
     print(f"config: vocab {vocab}, context {args.context}, {args.n_layer} layers, {args.n_head} heads, "
-          f"width {args.n_embd}, micro-batch {args.micro_batch}, fp32, {args.threads} threads, "
+          f"width {args.n_embd}, micro-batch {args.micro_batch}, {args.threads} threads, "
           f"{args.steps} steps ({args.warmup} untimed); torch {ref['torch']}")
-    print("| | kiem | PyTorch eager | kiem / PyTorch |")
+    print(f"measured peak (2048² torch.mm, {args.threads} threads): "
+          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in sorted(peak.items())))
+    print(f"| | kiem ({args.precision}) | PyTorch eager ({args.torch_precision}) | kiem / PyTorch |")
     print("|---|---|---|---|")
     print(f"| tokens/s | {kiem_tps:.0f} | {ref['tokens_per_second']:.0f} | {ratio:.2f}x |")
+    print(f"| GFLOP/s (% of {args.precision} / {args.torch_precision} peak) | {kiem_gflops:.0f} "
+          f"({100 * kiem_gflops / peak[args.precision]:.0f}%) | {torch_gflops:.0f} "
+          f"({100 * torch_gflops / peak[args.torch_precision]:.0f}%) | |")
     print(f"| peak RSS (MiB) | {kiem_rss:.0f} | {torch_rss:.0f} | {kiem_rss / torch_rss:.2f}x |")
     print(f"| loss at step 1 / {args.steps} | {kiem_losses[0]:.3f} / {kiem_losses[-1]:.3f} | "
           f"{ref['losses'][0]:.3f} / {ref['losses'][-1]:.3f} | |")

@@ -1,9 +1,9 @@
 //! Times each kernel of one training step on the benchmark shape (a quick profile).
-//! `cargo run --release -p kiem-engine --example op_profile [threads]`
+//! `cargo run --release -p kiem-engine --example op_profile [threads] [fp32|bf16]`
 
 use std::time::Instant;
 
-use kiem_engine::kernels::{Cpu, Dims, Kernels, WeightLayout};
+use kiem_engine::kernels::{Cpu, Dims, Kernels, MatmulPrecision, WeightLayout};
 
 fn time<F: FnMut()>(name: &str, flops: f64, reps: usize, mut f: F) {
     f();
@@ -30,7 +30,16 @@ fn main() {
         .unwrap();
     let (b, t, c, nh, v) = (8usize, 256usize, 384usize, 6usize, 4096usize);
     let rows = b * t;
-    let k = Cpu;
+    let precision: MatmulPrecision = std::env::args()
+        .nth(2)
+        .map(|p| p.parse().unwrap())
+        .unwrap_or_default();
+    let k = Cpu::with_precision(precision).unwrap();
+    println!(
+        "{threads} threads, {} matmuls ({})",
+        precision.name(),
+        kiem_engine::blas::backend_name()
+    );
     let x = vec![0.5f32; rows * 4 * c];
     let w = vec![0.01f32; 4 * c * v.max(4 * c)];
     let mut out = vec![0f32; rows * v];

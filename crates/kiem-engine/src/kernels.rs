@@ -141,9 +141,63 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// Number format of the operands of the big matrix products (sums are always fp32).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// fp32 operands (through OpenBLAS when installed, else the `gemm` crate).
+    #[default]
+    Fp32,
+    /// Operands rounded to bf16, fp32 sums ([`crate::bf16_gemm`]): needs AVX512-BF16.
+    Bf16,
+}
+
+impl MatmulPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::Fp32 => "fp32",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for MatmulPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fp32" | "f32" => Ok(MatmulPrecision::Fp32),
+            "bf16" => Ok(MatmulPrecision::Bf16),
+            other => Err(format!(
+                "unknown matmul precision {other:?} (expected fp32 or bf16)"
+            )),
+        }
+    }
+}
+
 /// The CPU reference kernels.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Cpu;
+pub struct Cpu {
+    /// Precision of the layers' matrix products (attention's small products stay fp32, and
+    /// so do decoding's thin ones).
+    pub matmul: MatmulPrecision,
+}
+
+impl Cpu {
+    /// fp32 everywhere.
+    pub const FP32: Cpu = Cpu {
+        matmul: MatmulPrecision::Fp32,
+    };
+
+    /// Kernels with the given matmul precision, or an error naming what this CPU lacks.
+    pub fn with_precision(matmul: MatmulPrecision) -> crate::Result<Cpu> {
+        if matmul == MatmulPrecision::Bf16 && !crate::bf16_gemm::available() {
+            return Err(crate::EngineError::Config(
+                "bf16 matmuls need a CPU with AVX512-BF16 (Intel Cooper Lake / Sapphire Rapids or newer, AMD Zen 4 or newer); use fp32".into(),
+            ));
+        }
+        Ok(Cpu { matmul })
+    }
+}
 
 /// Rows per chunk in deterministic row reductions.
 const REDUCE_ROWS: usize = 32;
@@ -160,6 +214,7 @@ fn parallelism() -> gemm::Parallelism {
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (row stride, column stride).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
+    precision: MatmulPrecision,
     m: usize,
     n: usize,
     k: usize,
@@ -182,6 +237,21 @@ fn gemm_f32(
     assert!(lhs.len() >= extent(m, k, lhs_strides), "gemm lhs too small");
     assert!(rhs.len() >= extent(k, n, rhs_strides), "gemm rhs too small");
     if m == 0 || n == 0 {
+        return;
+    }
+    if precision == MatmulPrecision::Bf16 && dst_strides.1 == 1 {
+        crate::bf16_gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.0,
+            accumulate,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+        );
         return;
     }
     if dst_strides.1 == 1 && k > 0 {
@@ -803,6 +873,7 @@ impl Kernels for Cpu {
             WeightLayout::OutIn => (1, c_in),
         };
         gemm_f32(
+            self.matmul,
             rows,
             c_out,
             c_in,
@@ -835,6 +906,7 @@ impl Kernels for Cpu {
             WeightLayout::OutIn => (c_in, 1),
         };
         gemm_f32(
+            self.matmul,
             rows,
             c_in,
             c_out,
@@ -849,6 +921,7 @@ impl Kernels for Cpu {
         match layout {
             // dW[in, out] += inpᵀ · dout
             WeightLayout::InOut => gemm_f32(
+                self.matmul,
                 c_in,
                 c_out,
                 rows,
@@ -862,6 +935,7 @@ impl Kernels for Cpu {
             ),
             // dW[out, in] += doutᵀ · inp
             WeightLayout::OutIn => gemm_f32(
+                self.matmul,
                 c_out,
                 c_in,
                 rows,
@@ -1168,13 +1242,13 @@ impl Kernels for Cpu {
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
 // SAFETY: used only where every task writes a disjoint region (see each use).
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -3,6 +3,7 @@
 //! AdamW, and Hugging Face model directories (safetensors) in and out.
 
 pub mod batch;
+pub mod bf16_gemm;
 pub mod blas;
 pub mod config;
 pub mod infer;

@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use crate::config::{ModelConfig, ParamLayout};
-use crate::kernels::{AdamW, Cpu, Dims, Kernels, WeightLayout};
+use crate::kernels::{AdamW, Cpu, Dims, Kernels, MatmulPrecision, WeightLayout};
 use crate::rng::Rng;
 use crate::{EngineError, Result};
 
@@ -80,7 +80,17 @@ fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &m
 impl Gpt<Cpu> {
     /// A model with all parameters zero (load or initialize them next).
     pub fn new(config: ModelConfig) -> Result<Self> {
-        Self::with_kernels(config, Cpu)
+        Self::with_kernels(config, Cpu::FP32)
+    }
+
+    /// Sets the precision of the layers' matrix products (fails where the CPU lacks it).
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        self.kernels = Cpu::with_precision(precision)?;
+        Ok(())
+    }
+
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.kernels.matmul
     }
 }
 

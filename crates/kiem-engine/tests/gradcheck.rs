@@ -47,7 +47,7 @@ fn check(
     eprintln!("{name}: worst relative error {worst:.2e}");
 }
 
-const K: Cpu = Cpu;
+const K: Cpu = Cpu::FP32;
 
 #[test]
 fn layernorm_backward() {
@@ -261,6 +261,60 @@ fn adamw_matches_a_double_precision_reference() {
     }
     for i in 0..100 {
         assert!((f64::from(p[i]) - p64[i]).abs() < 1e-5, "param {i}");
+    }
+}
+
+/// bf16 products (where the CPU has them) agree with fp32 to bf16's precision, forward and
+/// backward, for both weight layouts; they are exercised above the thin-product threshold.
+#[test]
+fn bf16_matmuls_agree_with_fp32_to_bf16_precision() {
+    let Ok(bf16) = Cpu::with_precision(kiem_engine::kernels::MatmulPrecision::Bf16) else {
+        assert!(!kiem_engine::bf16_gemm::available());
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    };
+    let (rows, c_in, c_out) = (45, 70, 130);
+    let mut rng = Rng::new(3);
+    let x = random(rows * c_in, &mut rng, 1.0);
+    let w = random(c_in * c_out, &mut rng, 0.5);
+    let bias = random(c_out, &mut rng, 1.0);
+    let dout = random(rows * c_out, &mut rng, 1.0);
+    let close = |name: &str, a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = a.iter().zip(b).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        // bf16 keeps 8 bits of mantissa: each product is off by up to ~2^-8 relative.
+        assert!(
+            worst <= 1e-2 * scale && worst > 0.0,
+            "{name}: worst {worst}, scale {scale}"
+        );
+    };
+    for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+        let run = |k: &Cpu| {
+            let mut out = vec![0.0; rows * c_out];
+            k.matmul_forward(&mut out, &x, &w, layout, Some(&bias), c_in, c_out);
+            let (mut dx, mut dw, mut db) = (
+                vec![0.0; rows * c_in],
+                vec![0.5; c_in * c_out],
+                vec![0.0; c_out],
+            );
+            k.matmul_backward(
+                &mut dx,
+                &mut dw,
+                Some(&mut db),
+                &dout,
+                &x,
+                &w,
+                layout,
+                c_in,
+                c_out,
+            );
+            (out, dx, dw, db)
+        };
+        let (f, b) = (run(&K), run(&bf16));
+        close(&format!("{layout:?} out"), &b.0, &f.0);
+        close(&format!("{layout:?} dx"), &b.1, &f.1);
+        close(&format!("{layout:?} dw"), &b.2, &f.2);
+        assert_eq!(b.3, f.3, "bias gradients are plain fp32 sums");
     }
 }
 

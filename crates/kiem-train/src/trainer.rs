@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kiem_data::prepare::DataDir;
+use kiem_engine::kernels::MatmulPrecision;
 use kiem_engine::model::activation_bytes;
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt, ModelConfig};
@@ -53,6 +54,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
     pub seed: u64,
+    /// Operand precision of the layers' matrix products (master weights stay fp32).
+    #[serde(default)]
+    pub precision: MatmulPrecision,
 }
 
 /// Where the training data comes from.
@@ -456,6 +460,7 @@ fn run_loop(
             )));
         }
     }
+    gpt.set_matmul_precision(config.precision)?;
     std::fs::create_dir_all(run_dir)
         .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
     let mut opt = AdamWState::new(config.beta1, config.beta2, config.eps);

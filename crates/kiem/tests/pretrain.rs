@@ -121,6 +121,71 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     assert_eq!(kept.len(), 2, "{kept:?}");
 }
 
+fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// bf16 matrix products: the run records its precision, resumes bit-identically after a
+/// SIGKILL, and learns as the fp32 run does; CPUs without AVX512-BF16 get a clear error.
+#[test]
+fn bf16_run_resumes_exactly_and_tracks_fp32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    let with = |out: &'static str, precision: &'static str| {
+        let mut args = vec!["pretrain", "--out", out, "--precision", precision];
+        args.extend_from_slice(RUN_FLAGS);
+        args
+    };
+    if !cpu_has_bf16() {
+        failed(run(&with("bf16", "bf16"), dir), &["AVX512-BF16"]);
+        return;
+    }
+    ok(run(&with("fp32", "fp32"), dir));
+    ok(run(&with("bf16", "bf16"), dir));
+    let config = read_json(&dir.join("bf16/run.json"));
+    assert_eq!(config["precision"], "bf16");
+    kill_at_checkpoint(
+        dir,
+        &with("killed", "bf16"),
+        &dir.join("killed/checkpoints/step_00000020"),
+    );
+    failed(
+        run(
+            &["pretrain", "--resume", "killed", "--precision", "fp32"],
+            dir,
+        ),
+        &["--precision"],
+    );
+    ok(run(
+        &["pretrain", "--resume", "killed", "--threads", "2"],
+        dir,
+    ));
+    let (whole, resumed) = (curve(&dir.join("bf16")), curve(&dir.join("killed")));
+    assert_eq!(whole, resumed, "bf16 losses are bit-identical after resume");
+    let last_val = |run: &str| -> f64 {
+        let line = curve(&dir.join(run)).pop().unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let (fp32, bf16) = (last_val("fp32"), last_val("bf16"));
+    assert_ne!(
+        curve(&dir.join("fp32")),
+        whole,
+        "bf16 products round differently"
+    );
+    assert!(
+        (fp32 - bf16).abs() < 0.02 * fp32,
+        "final validation loss: fp32 {fp32} vs bf16 {bf16}"
+    );
+}
+
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use kiem_engine::kernels::MatmulPrecision;
 use kiem_train::examples::{load_examples, FinetuneData};
 use kiem_train::trainer::{load_finetune_base, DataSource, RUN_FILE};
 use kiem_train::{Schedule, ScheduleKind, TrainConfig};
@@ -102,6 +103,11 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1337, value_name = "S")]
     seed: u64,
 
+    /// Operands of the layers' matrix products: fp32, or bf16 (fp32 sums and master weights;
+    /// needs AVX512-BF16) [default: fp32].
+    #[arg(long, value_name = "P")]
+    precision: Option<MatmulPrecision>,
+
     #[command(flatten)]
     threads: ThreadArgs,
 }
@@ -111,7 +117,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let mut observer = CliObserver::new(threads);
     let cancel = cancel_flag();
     let (run_dir, summary) = if let Some(run_dir) = &args.resume {
-        if args.model.is_some() || !args.data.is_empty() || args.out.is_some() {
+        if args.model.is_some()
+            || !args.data.is_empty()
+            || args.out.is_some()
+            || args.precision.is_some()
+        {
             bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
         }
         let mut config = read_run_config(run_dir)?;
@@ -206,6 +216,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             checkpoint_every: args.checkpoint_every,
             keep_checkpoints: args.keep_checkpoints,
             seed: args.seed,
+            precision: args.precision.unwrap_or_default(),
         };
         let summary = kiem_train::trainer::finetune(
             out,

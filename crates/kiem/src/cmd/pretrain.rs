@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiem_data::prepare::DataDir;
+use kiem_engine::kernels::MatmulPrecision;
 use kiem_engine::ModelConfig;
 use kiem_train::trainer::{EvalReport, Observer, StepReport, RUN_FILE};
 use kiem_train::{Schedule, ScheduleKind, TrainConfig};
@@ -137,6 +138,11 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
 
+    /// Operands of the layers' matrix products: fp32, or bf16 (fp32 sums and master weights;
+    /// about 1.7x faster products on CPUs with AVX512-BF16) [default: fp32].
+    #[arg(long, value_name = "P")]
+    precision: Option<MatmulPrecision>,
+
     #[command(flatten)]
     threads: ThreadArgs,
 }
@@ -176,6 +182,7 @@ impl PretrainArgs {
         check(self.beta1.is_some(), "--beta1");
         check(self.beta2.is_some(), "--beta2");
         check(self.seed.is_some(), "--seed");
+        check(self.precision.is_some(), "--precision");
         given
     }
 
@@ -257,6 +264,7 @@ impl PretrainArgs {
             checkpoint_every: self.checkpoint_every.unwrap_or(500),
             keep_checkpoints: self.keep_checkpoints.unwrap_or(3),
             seed: self.seed.unwrap_or(1337),
+            precision: self.precision.unwrap_or_default(),
         })
     }
 }
