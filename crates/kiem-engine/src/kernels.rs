@@ -638,6 +638,56 @@ fn skinny_block_portable(
     }
 }
 
+/// Runs `body` compiled for AVX-512 (or else AVX2 + FMA) when the CPU has it. The element-wise
+/// loops of these kernels are written to vectorize, but a portable build targets baseline
+/// x86-64 (4-lane SSE); `body` is inlined into a function compiled for the wider registers.
+#[inline(always)]
+fn wide<R>(body: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        #[derive(Clone, Copy, PartialEq)]
+        enum Level {
+            Avx512,
+            Avx2,
+            Base,
+        }
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        let level = *LEVEL.get_or_init(|| {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512dq")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma")
+            {
+                Level::Avx512
+            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            {
+                Level::Avx2
+            } else {
+                Level::Base
+            }
+        });
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        #[inline]
+        unsafe fn avx512<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        match level {
+            // SAFETY: the CPU has the features each function is compiled for.
+            Level::Avx512 => return unsafe { avx512(body) },
+            Level::Avx2 => return unsafe { avx2(body) },
+            Level::Base => {}
+        }
+    }
+    body()
+}
+
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(ATTENTION_BLOCK))
         .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
@@ -671,7 +721,7 @@ fn fast_tanh(x: f32) -> f32 {
 }
 
 /// Maximum with 8 independent lanes, so the loop vectorizes.
-#[inline]
+#[inline(always)]
 fn lane_max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -687,7 +737,7 @@ fn lane_max(x: &[f32]) -> f32 {
 }
 
 /// Sum of `f(x)` with 8 independent lanes (a fixed order, so still deterministic).
-#[inline]
+#[inline(always)]
 fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -787,15 +837,17 @@ impl Kernels for Cpu {
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .enumerate()
             .for_each(|(row, (o, (m, r)))| {
-                let x = &inp[row * c..(row + 1) * c];
-                let mu = x.iter().sum::<f32>() / c as f32;
-                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
-                let s = 1.0 / (var + LAYERNORM_EPS).sqrt();
-                for i in 0..c {
-                    o[i] = (x[i] - mu) * s * w[i] + b[i];
-                }
-                *m = mu;
-                *r = s;
+                wide(|| {
+                    let x = &inp[row * c..(row + 1) * c];
+                    let mu = x.iter().sum::<f32>() / c as f32;
+                    let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                    let s = 1.0 / (var + LAYERNORM_EPS).sqrt();
+                    for i in 0..c {
+                        o[i] = (x[i] - mu) * s * w[i] + b[i];
+                    }
+                    *m = mu;
+                    *r = s;
+                })
             });
     }
 
@@ -813,24 +865,26 @@ impl Kernels for Cpu {
     ) {
         let rows = mean.len();
         dinp.par_chunks_mut(c).enumerate().for_each(|(row, di)| {
-            let x = &inp[row * c..(row + 1) * c];
-            let g = &dout[row * c..(row + 1) * c];
-            let (mu, s) = (mean[row], rstd[row]);
-            let mut dnorm_mean = 0.0f32;
-            let mut dnorm_norm_mean = 0.0f32;
-            for i in 0..c {
-                let norm = (x[i] - mu) * s;
-                let dnorm = w[i] * g[i];
-                dnorm_mean += dnorm;
-                dnorm_norm_mean += dnorm * norm;
-            }
-            dnorm_mean /= c as f32;
-            dnorm_norm_mean /= c as f32;
-            for i in 0..c {
-                let norm = (x[i] - mu) * s;
-                let dnorm = w[i] * g[i];
-                di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
-            }
+            wide(|| {
+                let x = &inp[row * c..(row + 1) * c];
+                let g = &dout[row * c..(row + 1) * c];
+                let (mu, s) = (mean[row], rstd[row]);
+                let mut dnorm_mean = 0.0f32;
+                let mut dnorm_norm_mean = 0.0f32;
+                for i in 0..c {
+                    let norm = (x[i] - mu) * s;
+                    let dnorm = w[i] * g[i];
+                    dnorm_mean += dnorm;
+                    dnorm_norm_mean += dnorm * norm;
+                }
+                dnorm_mean /= c as f32;
+                dnorm_norm_mean /= c as f32;
+                for i in 0..c {
+                    let norm = (x[i] - mu) * s;
+                    let dnorm = w[i] * g[i];
+                    di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+                }
+            })
         });
         let mut dwb = vec![0f32; 2 * c];
         reduce_rows(rows, 2 * c, &mut dwb, |row, acc| {
@@ -990,15 +1044,17 @@ impl Kernels for Cpu {
                         );
                     }
                 }
-                for t in 0..t_len {
-                    let row = &mut p[t * t_len..(t + 1) * t_len];
-                    let live = &mut row[..=t];
-                    let max = lane_max(live);
-                    live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                    let inv = 1.0 / lane_sum(live, |e| e);
-                    live.iter_mut().for_each(|x| *x *= inv);
-                    row[t + 1..].fill(0.0);
-                }
+                wide(|| {
+                    for t in 0..t_len {
+                        let row = &mut p[t * t_len..(t + 1) * t_len];
+                        let live = &mut row[..=t];
+                        let max = lane_max(live);
+                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                        let inv = 1.0 / lane_sum(live, |e| e);
+                        live.iter_mut().for_each(|x| *x *= inv);
+                        row[t + 1..].fill(0.0);
+                    }
+                });
                 for (r0, r1) in row_blocks(t_len) {
                     // SAFETY: this task alone writes head h's columns of out for batch b.
                     unsafe {
@@ -1084,16 +1140,18 @@ impl Kernels for Cpu {
                     );
                 }
             }
-            for t in 0..t_len {
-                let pr = &p[t * t_len..t * t_len + t + 1];
-                let dr = &mut ds[t * t_len..t * t_len + t + 1];
-                let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                for (x, &pv) in dr.iter_mut().zip(pr) {
-                    *x = pv * (*x - weighted) * scale;
+            wide(|| {
+                for t in 0..t_len {
+                    let pr = &p[t * t_len..t * t_len + t + 1];
+                    let dr = &mut ds[t * t_len..t * t_len + t + 1];
+                    let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dr.iter_mut().zip(pr) {
+                        *x = pv * (*x - weighted) * scale;
+                    }
+                    // The block matmul filled dP beyond the diagonal; those keys are masked.
+                    ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
                 }
-                // The block matmul filled dP beyond the diagonal; those keys are masked.
-                ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
-            }
+            });
             for (r0, r1) in row_blocks(t_len) {
                 unsafe {
                     // dQ = dS · K
@@ -1133,10 +1191,12 @@ impl Kernels for Cpu {
         out.par_chunks_mut(ELEMENTS)
             .zip(inp.par_chunks(ELEMENTS))
             .for_each(|(o, x)| {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    let cube = 0.044715 * x * x * x;
-                    *o = 0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + cube)));
-                }
+                wide(|| {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        let cube = 0.044715 * x * x * x;
+                        *o = 0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + cube)));
+                    }
+                })
             });
     }
 
@@ -1144,15 +1204,17 @@ impl Kernels for Cpu {
         dinp.par_chunks_mut(ELEMENTS)
             .zip(inp.par_chunks(ELEMENTS).zip(dout.par_chunks(ELEMENTS)))
             .for_each(|(di, (x, g))| {
-                for ((di, &x), &g) in di.iter_mut().zip(x).zip(g) {
-                    let cube = 0.044715 * x * x * x;
-                    let arg = GELU_SCALE * (x + cube);
-                    let th = fast_tanh(arg);
-                    let sech2 = 1.0 - th * th;
-                    let local = 0.5 * (1.0 + th)
-                        + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-                    *di = local * g;
-                }
+                wide(|| {
+                    for ((di, &x), &g) in di.iter_mut().zip(x).zip(g) {
+                        let cube = 0.044715 * x * x * x;
+                        let arg = GELU_SCALE * (x + cube);
+                        let th = fast_tanh(arg);
+                        let sech2 = 1.0 - th * th;
+                        let local = 0.5 * (1.0 + th)
+                            + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+                        *di = local * g;
+                    }
+                })
             });
     }
 
@@ -1180,30 +1242,32 @@ impl Kernels for Cpu {
             .zip(losses.par_iter_mut())
             .zip(targets.par_iter())
             .for_each(|((row, loss), target)| {
-                let Some(target) = *target else {
-                    *loss = 0.0;
-                    if grad_scale.is_some() {
-                        row.fill(0.0);
+                wide(|| {
+                    let Some(target) = *target else {
+                        *loss = 0.0;
+                        if grad_scale.is_some() {
+                            row.fill(0.0);
+                        }
+                        return;
+                    };
+                    let target = target as usize;
+                    let live = &mut row[..vocab];
+                    let max = lane_max(live);
+                    let logit = live[target] - max;
+                    match grad_scale {
+                        None => *loss = lane_sum(live, |x| fast_exp(x - max)).ln() - logit,
+                        Some(scale) => {
+                            // One exp per logit: store e^(x - max), then normalize in place.
+                            live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                            let sum = lane_sum(live, |e| e);
+                            *loss = sum.ln() - logit;
+                            let factor = scale / sum;
+                            live.iter_mut().for_each(|e| *e *= factor);
+                            live[target] -= scale;
+                            row[vocab..].fill(0.0);
+                        }
                     }
-                    return;
-                };
-                let target = target as usize;
-                let live = &mut row[..vocab];
-                let max = lane_max(live);
-                let logit = live[target] - max;
-                match grad_scale {
-                    None => *loss = lane_sum(live, |x| fast_exp(x - max)).ln() - logit,
-                    Some(scale) => {
-                        // One exp per logit: store e^(x - max), then normalize in place.
-                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                        let sum = lane_sum(live, |e| e);
-                        *loss = sum.ln() - logit;
-                        let factor = scale / sum;
-                        live.iter_mut().for_each(|e| *e *= factor);
-                        live[target] -= scale;
-                        row[vocab..].fill(0.0);
-                    }
-                }
+                })
             });
     }
 
@@ -1228,14 +1292,16 @@ impl Kernels for Cpu {
             .zip(grads.par_chunks(ELEMENTS))
             .zip(m.par_chunks_mut(ELEMENTS).zip(v.par_chunks_mut(ELEMENTS)))
             .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let gi = g[i];
-                    m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
-                    v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
-                    let m_hat = m[i] / bc1;
-                    let v_hat = v[i] / bc2;
-                    p[i] -= h.lr * (m_hat / (v_hat.sqrt() + h.eps) + h.weight_decay * p[i]);
-                }
+                wide(|| {
+                    for i in 0..p.len() {
+                        let gi = g[i];
+                        m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+                        v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+                        let m_hat = m[i] / bc1;
+                        let v_hat = v[i] / bc2;
+                        p[i] -= h.lr * (m_hat / (v_hat.sqrt() + h.eps) + h.weight_decay * p[i]);
+                    }
+                })
             });
     }
 }
