@@ -117,6 +117,25 @@ fn main() {
     let mut h = vec![0f32; rows * 4 * c];
     time("gelu fwd", 0.0, 5, || k.gelu_forward(&mut h, &x));
     time("gelu bwd", 0.0, 5, || k.gelu_backward(&mut dx, &x, &h));
+    // AdamW over the benchmark model's 12.3M parameters (6 layers × 12·C² + vocab × C).
+    let n_params = 6 * 12 * c * c + v * c;
+    let (mut p, g, mut m1, mut m2) = (
+        vec![0.1f32; n_params],
+        vec![0.01f32; n_params],
+        vec![0f32; n_params],
+        vec![0f32; n_params],
+    );
+    let hyper = kiem_engine::kernels::AdamW {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 1,
+    };
+    time("adamw (all parameters)", 0.0, 5, || {
+        k.adamw(&mut p, &g, &mut m1, &mut m2, &hyper)
+    });
     let targets: Vec<Option<u32>> = (0..rows).map(|i| Some((i % v) as u32)).collect();
     let mut losses = vec![0f32; rows];
     time("cross-entropy fwd+bwd", 0.0, 3, || {

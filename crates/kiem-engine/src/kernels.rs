@@ -392,6 +392,10 @@ fn matmul_skinny(
     c_out: usize,
 ) {
     let rows = inp.len() / c_in;
+    if layout == WeightLayout::InOut && c_in >= 2 * SKINNY_K_CHUNK {
+        matmul_skinny_by_k(out, inp, w, bias, c_in, c_out);
+        return;
+    }
     // Column blocks: enough tasks to balance the threads, long enough to vectorize.
     let block = (c_out / (8 * rayon::current_num_threads())).clamp(64, 512);
     let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(block))
@@ -414,6 +418,54 @@ fn matmul_skinny(
             out[r * c_out + j0..r * c_out + j0 + width].copy_from_slice(row);
         }
     }
+}
+
+/// Weight rows per task of the thin `InOut` product.
+const SKINNY_K_CHUNK: usize = 32;
+
+/// The thin `InOut` product by chunks of weight rows: each task streams one contiguous piece
+/// of W (whole rows), which keeps memory reads sequential; the chunks' partial sums are then
+/// added in chunk order, so each row's result depends neither on the thread count nor on the
+/// other rows.
+fn matmul_skinny_by_k(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    let chunks = c_in.div_ceil(SKINNY_K_CHUNK);
+    let mut partial = vec![0f32; chunks * rows * c_out];
+    partial
+        .par_chunks_mut(rows * c_out)
+        .enumerate()
+        .for_each(|(chunk, part)| {
+            let k0 = chunk * SKINNY_K_CHUNK;
+            let k1 = (k0 + SKINNY_K_CHUNK).min(c_in);
+            let x: Vec<f32> = (0..rows)
+                .flat_map(|r| inp[r * c_in + k0..r * c_in + k1].iter().copied())
+                .collect();
+            let w = &w[k0 * c_out..k1 * c_out];
+            skinny_block(part, &x, w, WeightLayout::InOut, k1 - k0, c_out, 0, c_out);
+        });
+    out.par_chunks_mut(c_out)
+        .enumerate()
+        .take(rows)
+        .for_each(|(r, o)| {
+            match bias {
+                Some(bias) => o.copy_from_slice(bias),
+                None => o.fill(0.0),
+            }
+            wide(|| {
+                for part in partial.chunks(rows * c_out) {
+                    for (o, p) in o.iter_mut().zip(&part[r * c_out..(r + 1) * c_out]) {
+                        *o += p;
+                    }
+                }
+            })
+        });
 }
 
 /// Columns `j0..j1` of the skinny product, added to `acc[rows, j1 - j0]`, with AVX2/FMA code
@@ -474,20 +526,29 @@ unsafe fn skinny_block_avx2(
                 let wj = &w[j * c_in..(j + 1) * c_in];
                 for r in 0..rows {
                     let x = &inp[r * c_in..(r + 1) * c_in];
-                    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    // Four independent sums, so the loop streams W instead of waiting on
+                    // the FMA latency.
+                    let mut s = [_mm256_setzero_ps(); 4];
                     let mut k = 0;
-                    while k + 16 <= c_in {
+                    while k + 32 <= c_in {
                         let (xp, wp) = (x.as_ptr().add(k), wj.as_ptr().add(k));
-                        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(wp), s0);
-                        s1 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(xp.add(8)),
-                            _mm256_loadu_ps(wp.add(8)),
-                            s1,
-                        );
-                        k += 16;
+                        for (i, s) in s.iter_mut().enumerate() {
+                            let (xv, wv) = (
+                                _mm256_loadu_ps(xp.add(8 * i)),
+                                _mm256_loadu_ps(wp.add(8 * i)),
+                            );
+                            *s = _mm256_fmadd_ps(xv, wv, *s);
+                        }
+                        k += 32;
+                    }
+                    while k + 8 <= c_in {
+                        let (xp, wp) = (x.as_ptr().add(k), wj.as_ptr().add(k));
+                        s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(wp), s[0]);
+                        k += 8;
                     }
                     let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1));
+                    let total = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), total);
                     let mut sum = lanes.iter().sum::<f32>();
                     for k in k..c_in {
                         sum = x[k].mul_add(wj[k], sum);
