@@ -141,4 +141,46 @@ fn main() {
     time("cross-entropy fwd+bwd", 0.0, 3, || {
         k.cross_entropy(&mut out, &mut losses, &targets, v, v, Some(1.0))
     });
+    thin_products(&k);
+}
+
+/// Decoding's products (one row; GPT-2-124M shapes, head with its 50304-row vocabulary) with
+/// the weight-read rate each reaches: decoding is bound by reading the weights.
+fn thin_products(k: &Cpu) {
+    let (c, v) = (768usize, 50304usize);
+    let w = vec![0.01f32; c * v];
+    let x = vec![0.5f32; 4 * c];
+    let mut out = vec![0f32; v];
+    for (name, cin, cout, layout) in [
+        ("thin qkv (768x2304)", c, 3 * c, WeightLayout::InOut),
+        ("thin attn proj (768x768)", c, c, WeightLayout::InOut),
+        ("thin fc (768x3072)", c, 4 * c, WeightLayout::InOut),
+        ("thin fc proj (3072x768)", 4 * c, c, WeightLayout::InOut),
+        ("thin lm head (50304x768)", c, v, WeightLayout::OutIn),
+    ] {
+        // Cycle through copies of the weights larger than the caches, as decoding does.
+        let copies = (64 << 20) / (cin * cout * 4) + 1;
+        let ws: Vec<Vec<f32>> = (0..copies).map(|_| w[..cin * cout].to_vec()).collect();
+        let bytes = (cin * cout * 4) as f64;
+        let reps = 20;
+        k.matmul_forward(&mut out[..cout], &x[..cin], &ws[0], layout, None, cin, cout);
+        let t = Instant::now();
+        for i in 0..reps {
+            k.matmul_forward(
+                &mut out[..cout],
+                &x[..cin],
+                &ws[i % ws.len()],
+                layout,
+                None,
+                cin,
+                cout,
+            );
+        }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "{name:<34} {:8.3} ms  {:7.1} GB/s of weights",
+            s * 1e3,
+            bytes / s / 1e9
+        );
+    }
 }

@@ -447,8 +447,10 @@ fn matmul_skinny_by_k(
             let x: Vec<f32> = (0..rows)
                 .flat_map(|r| inp[r * c_in + k0..r * c_in + k1].iter().copied())
                 .collect();
-            let w = &w[k0 * c_out..k1 * c_out];
-            skinny_block(part, &x, w, WeightLayout::InOut, k1 - k0, c_out, 0, c_out);
+            wide(
+                #[inline(always)]
+                || inout_rows(part, &x, &w[k0 * c_out..k1 * c_out], k1 - k0, c_out),
+            );
         });
     out.par_chunks_mut(c_out)
         .enumerate()
@@ -458,14 +460,49 @@ fn matmul_skinny_by_k(
                 Some(bias) => o.copy_from_slice(bias),
                 None => o.fill(0.0),
             }
-            wide(|| {
-                for part in partial.chunks(rows * c_out) {
-                    for (o, p) in o.iter_mut().zip(&part[r * c_out..(r + 1) * c_out]) {
-                        *o += p;
+            wide(
+                #[inline(always)]
+                || {
+                    for part in partial.chunks(rows * c_out) {
+                        for (o, p) in o.iter_mut().zip(&part[r * c_out..(r + 1) * c_out]) {
+                            *o += p;
+                        }
                     }
-                }
-            })
+                },
+            )
         });
+}
+
+/// `part[r, :] += Σ_k x[r, k] · w[k, :]` for a chunk of `kc` weight rows, reading the weights
+/// in memory order, four rows at a time (four sequential streams, each sum kept in L1). Every
+/// element is summed in k order with fused multiply-adds, whatever `rows` or the CPU level.
+/// Inlined into [`wide`]'s callers, so the loops compile for the wide registers.
+#[inline(always)]
+fn inout_rows(part: &mut [f32], x: &[f32], w: &[f32], kc: usize, c_out: usize) {
+    let rows = part.len() / c_out;
+    let mut k = 0;
+    while k + 4 <= kc {
+        let w = &w[k * c_out..(k + 4) * c_out];
+        let (w0, rest) = w.split_at(c_out);
+        let (w1, rest) = rest.split_at(c_out);
+        let (w2, w3) = rest.split_at(c_out);
+        for (r, y) in part.chunks_mut(c_out).enumerate().take(rows) {
+            let a = &x[r * kc + k..r * kc + k + 4];
+            for ((((y, &v0), &v1), &v2), &v3) in y.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3) {
+                *y = a[3].mul_add(v3, a[2].mul_add(v2, a[1].mul_add(v1, a[0].mul_add(v0, *y))));
+            }
+        }
+        k += 4;
+    }
+    for k in k..kc {
+        let wk = &w[k * c_out..(k + 1) * c_out];
+        for (r, y) in part.chunks_mut(c_out).enumerate().take(rows) {
+            let a = x[r * kc + k];
+            for (y, &v) in y.iter_mut().zip(wk) {
+                *y = a.mul_add(v, *y);
+            }
+        }
+    }
 }
 
 /// Columns `j0..j1` of the skinny product, added to `acc[rows, j1 - j0]`, with AVX2/FMA code
@@ -898,17 +935,20 @@ impl Kernels for Cpu {
             .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
             .enumerate()
             .for_each(|(row, (o, (m, r)))| {
-                wide(|| {
-                    let x = &inp[row * c..(row + 1) * c];
-                    let mu = x.iter().sum::<f32>() / c as f32;
-                    let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
-                    let s = 1.0 / (var + LAYERNORM_EPS).sqrt();
-                    for i in 0..c {
-                        o[i] = (x[i] - mu) * s * w[i] + b[i];
-                    }
-                    *m = mu;
-                    *r = s;
-                })
+                wide(
+                    #[inline(always)]
+                    || {
+                        let x = &inp[row * c..(row + 1) * c];
+                        let mu = x.iter().sum::<f32>() / c as f32;
+                        let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+                        let s = 1.0 / (var + LAYERNORM_EPS).sqrt();
+                        for i in 0..c {
+                            o[i] = (x[i] - mu) * s * w[i] + b[i];
+                        }
+                        *m = mu;
+                        *r = s;
+                    },
+                )
             });
     }
 
@@ -926,26 +966,29 @@ impl Kernels for Cpu {
     ) {
         let rows = mean.len();
         dinp.par_chunks_mut(c).enumerate().for_each(|(row, di)| {
-            wide(|| {
-                let x = &inp[row * c..(row + 1) * c];
-                let g = &dout[row * c..(row + 1) * c];
-                let (mu, s) = (mean[row], rstd[row]);
-                let mut dnorm_mean = 0.0f32;
-                let mut dnorm_norm_mean = 0.0f32;
-                for i in 0..c {
-                    let norm = (x[i] - mu) * s;
-                    let dnorm = w[i] * g[i];
-                    dnorm_mean += dnorm;
-                    dnorm_norm_mean += dnorm * norm;
-                }
-                dnorm_mean /= c as f32;
-                dnorm_norm_mean /= c as f32;
-                for i in 0..c {
-                    let norm = (x[i] - mu) * s;
-                    let dnorm = w[i] * g[i];
-                    di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
-                }
-            })
+            wide(
+                #[inline(always)]
+                || {
+                    let x = &inp[row * c..(row + 1) * c];
+                    let g = &dout[row * c..(row + 1) * c];
+                    let (mu, s) = (mean[row], rstd[row]);
+                    let mut dnorm_mean = 0.0f32;
+                    let mut dnorm_norm_mean = 0.0f32;
+                    for i in 0..c {
+                        let norm = (x[i] - mu) * s;
+                        let dnorm = w[i] * g[i];
+                        dnorm_mean += dnorm;
+                        dnorm_norm_mean += dnorm * norm;
+                    }
+                    dnorm_mean /= c as f32;
+                    dnorm_norm_mean /= c as f32;
+                    for i in 0..c {
+                        let norm = (x[i] - mu) * s;
+                        let dnorm = w[i] * g[i];
+                        di[i] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+                    }
+                },
+            )
         });
         let mut dwb = vec![0f32; 2 * c];
         reduce_rows(rows, 2 * c, &mut dwb, |row, acc| {
@@ -1105,17 +1148,20 @@ impl Kernels for Cpu {
                         );
                     }
                 }
-                wide(|| {
-                    for t in 0..t_len {
-                        let row = &mut p[t * t_len..(t + 1) * t_len];
-                        let live = &mut row[..=t];
-                        let max = lane_max(live);
-                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                        let inv = 1.0 / lane_sum(live, |e| e);
-                        live.iter_mut().for_each(|x| *x *= inv);
-                        row[t + 1..].fill(0.0);
-                    }
-                });
+                wide(
+                    #[inline(always)]
+                    || {
+                        for t in 0..t_len {
+                            let row = &mut p[t * t_len..(t + 1) * t_len];
+                            let live = &mut row[..=t];
+                            let max = lane_max(live);
+                            live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                            let inv = 1.0 / lane_sum(live, |e| e);
+                            live.iter_mut().for_each(|x| *x *= inv);
+                            row[t + 1..].fill(0.0);
+                        }
+                    },
+                );
                 for (r0, r1) in row_blocks(t_len) {
                     // SAFETY: this task alone writes head h's columns of out for batch b.
                     unsafe {
@@ -1201,18 +1247,21 @@ impl Kernels for Cpu {
                     );
                 }
             }
-            wide(|| {
-                for t in 0..t_len {
-                    let pr = &p[t * t_len..t * t_len + t + 1];
-                    let dr = &mut ds[t * t_len..t * t_len + t + 1];
-                    let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                        *x = pv * (*x - weighted) * scale;
+            wide(
+                #[inline(always)]
+                || {
+                    for t in 0..t_len {
+                        let pr = &p[t * t_len..t * t_len + t + 1];
+                        let dr = &mut ds[t * t_len..t * t_len + t + 1];
+                        let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (x, &pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - weighted) * scale;
+                        }
+                        // The block matmul filled dP beyond the diagonal; those keys are masked.
+                        ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
                     }
-                    // The block matmul filled dP beyond the diagonal; those keys are masked.
-                    ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
-                }
-            });
+                },
+            );
             for (r0, r1) in row_blocks(t_len) {
                 unsafe {
                     // dQ = dS · K
@@ -1252,12 +1301,15 @@ impl Kernels for Cpu {
         out.par_chunks_mut(ELEMENTS)
             .zip(inp.par_chunks(ELEMENTS))
             .for_each(|(o, x)| {
-                wide(|| {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        let cube = 0.044715 * x * x * x;
-                        *o = 0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + cube)));
-                    }
-                })
+                wide(
+                    #[inline(always)]
+                    || {
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            let cube = 0.044715 * x * x * x;
+                            *o = 0.5 * x * (1.0 + fast_tanh(GELU_SCALE * (x + cube)));
+                        }
+                    },
+                )
             });
     }
 
@@ -1265,17 +1317,20 @@ impl Kernels for Cpu {
         dinp.par_chunks_mut(ELEMENTS)
             .zip(inp.par_chunks(ELEMENTS).zip(dout.par_chunks(ELEMENTS)))
             .for_each(|(di, (x, g))| {
-                wide(|| {
-                    for ((di, &x), &g) in di.iter_mut().zip(x).zip(g) {
-                        let cube = 0.044715 * x * x * x;
-                        let arg = GELU_SCALE * (x + cube);
-                        let th = fast_tanh(arg);
-                        let sech2 = 1.0 - th * th;
-                        let local = 0.5 * (1.0 + th)
-                            + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
-                        *di = local * g;
-                    }
-                })
+                wide(
+                    #[inline(always)]
+                    || {
+                        for ((di, &x), &g) in di.iter_mut().zip(x).zip(g) {
+                            let cube = 0.044715 * x * x * x;
+                            let arg = GELU_SCALE * (x + cube);
+                            let th = fast_tanh(arg);
+                            let sech2 = 1.0 - th * th;
+                            let local = 0.5 * (1.0 + th)
+                                + x * 0.5 * sech2 * GELU_SCALE * (1.0 + 3.0 * 0.044715 * x * x);
+                            *di = local * g;
+                        }
+                    },
+                )
             });
     }
 
@@ -1303,32 +1358,35 @@ impl Kernels for Cpu {
             .zip(losses.par_iter_mut())
             .zip(targets.par_iter())
             .for_each(|((row, loss), target)| {
-                wide(|| {
-                    let Some(target) = *target else {
-                        *loss = 0.0;
-                        if grad_scale.is_some() {
-                            row.fill(0.0);
+                wide(
+                    #[inline(always)]
+                    || {
+                        let Some(target) = *target else {
+                            *loss = 0.0;
+                            if grad_scale.is_some() {
+                                row.fill(0.0);
+                            }
+                            return;
+                        };
+                        let target = target as usize;
+                        let live = &mut row[..vocab];
+                        let max = lane_max(live);
+                        let logit = live[target] - max;
+                        match grad_scale {
+                            None => *loss = lane_sum(live, |x| fast_exp(x - max)).ln() - logit,
+                            Some(scale) => {
+                                // One exp per logit: store e^(x - max), then normalize in place.
+                                live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                                let sum = lane_sum(live, |e| e);
+                                *loss = sum.ln() - logit;
+                                let factor = scale / sum;
+                                live.iter_mut().for_each(|e| *e *= factor);
+                                live[target] -= scale;
+                                row[vocab..].fill(0.0);
+                            }
                         }
-                        return;
-                    };
-                    let target = target as usize;
-                    let live = &mut row[..vocab];
-                    let max = lane_max(live);
-                    let logit = live[target] - max;
-                    match grad_scale {
-                        None => *loss = lane_sum(live, |x| fast_exp(x - max)).ln() - logit,
-                        Some(scale) => {
-                            // One exp per logit: store e^(x - max), then normalize in place.
-                            live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                            let sum = lane_sum(live, |e| e);
-                            *loss = sum.ln() - logit;
-                            let factor = scale / sum;
-                            live.iter_mut().for_each(|e| *e *= factor);
-                            live[target] -= scale;
-                            row[vocab..].fill(0.0);
-                        }
-                    }
-                })
+                    },
+                )
             });
     }
 
@@ -1353,16 +1411,19 @@ impl Kernels for Cpu {
             .zip(grads.par_chunks(ELEMENTS))
             .zip(m.par_chunks_mut(ELEMENTS).zip(v.par_chunks_mut(ELEMENTS)))
             .for_each(|((p, g), (m, v))| {
-                wide(|| {
-                    for i in 0..p.len() {
-                        let gi = g[i];
-                        m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
-                        v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
-                        let m_hat = m[i] / bc1;
-                        let v_hat = v[i] / bc2;
-                        p[i] -= h.lr * (m_hat / (v_hat.sqrt() + h.eps) + h.weight_decay * p[i]);
-                    }
-                })
+                wide(
+                    #[inline(always)]
+                    || {
+                        for i in 0..p.len() {
+                            let gi = g[i];
+                            m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * gi;
+                            v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * gi * gi;
+                            let m_hat = m[i] / bc1;
+                            let v_hat = v[i] / bc2;
+                            p[i] -= h.lr * (m_hat / (v_hat.sqrt() + h.eps) + h.weight_decay * p[i]);
+                        }
+                    },
+                )
             });
     }
 }
