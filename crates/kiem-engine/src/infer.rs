@@ -249,33 +249,36 @@ fn attention_cached(
     let c = out.len() / rows.len();
     let hs = c / heads;
     let scale = 1.0 / (hs as f32).sqrt();
-    out.par_chunks_mut(c)
-        .zip(rows.par_iter())
-        .enumerate()
-        .for_each(|(r, (o, &(s, pos)))| {
-            let cache = &caches[s];
-            let mut scores = vec![0f32; pos + 1];
-            for h in 0..heads {
-                let q = &qkv[r * 3 * c + h * hs..][..hs];
-                for (t, score) in scores.iter_mut().enumerate() {
-                    let key = &cache.k[cache.row(layer, t) + h * hs..][..hs];
-                    *score = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
-                }
+    // One task per (row, head): a single decoding row still keeps every thread busy.
+    out.par_chunks_mut(hs).enumerate().for_each(|(i, y)| {
+        let (r, h) = (i / heads, i % heads);
+        let (s, pos) = rows[r];
+        let cache = &caches[s];
+        let q = &qkv[r * 3 * c + h * hs..][..hs];
+        crate::kernels::wide(
+            #[inline(always)]
+            || {
+                let mut scores: Vec<f32> = (0..=pos)
+                    .map(|t| {
+                        let key = &cache.k[cache.row(layer, t) + h * hs..][..hs];
+                        crate::kernels::lane_dot(q, key) * scale
+                    })
+                    .collect();
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for s in scores.iter_mut() {
                     *s = crate::kernels::fast_exp(*s - max);
                     sum += *s;
                 }
-                let y = &mut o[h * hs..(h + 1) * hs];
                 y.fill(0.0);
                 for (t, &w) in scores.iter().enumerate() {
                     let value = &cache.v[cache.row(layer, t) + h * hs..][..hs];
                     let w = w / sum;
-                    for i in 0..hs {
-                        y[i] += w * value[i];
+                    for (y, &v) in y.iter_mut().zip(value) {
+                        *y += w * v;
                     }
                 }
-            }
-        });
+            },
+        )
+    });
 }

@@ -740,7 +740,7 @@ fn skinny_block_portable(
 /// loops of these kernels are written to vectorize, but a portable build targets baseline
 /// x86-64 (4-lane SSE); `body` is inlined into a function compiled for the wider registers.
 #[inline(always)]
-fn wide<R>(body: impl FnOnce() -> R) -> R {
+pub(crate) fn wide<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -832,6 +832,25 @@ fn lane_max(x: &[f32]) -> f32 {
     tail.iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// Dot product with 16 independent lanes (a fixed order, so deterministic), so it vectorizes.
+#[inline(always)]
+pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for j in 0..16 {
+            lanes[j] += x[j] * y[j];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Sum of `f(x)` with 8 independent lanes (a fixed order, so still deterministic).
