@@ -853,6 +853,25 @@ pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Sum of `x` with 64 independent lanes, compiled for the widest registers: arithmetic far
+/// outruns memory, so timing it over a buffer larger than the caches measures read bandwidth.
+pub fn streaming_sum(x: &[f32]) -> f32 {
+    wide(
+        #[inline(always)]
+        || {
+            let mut lanes = [0f32; 64];
+            let chunks = x.chunks_exact(64);
+            let tail: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                for j in 0..64 {
+                    lanes[j] += c[j];
+                }
+            }
+            lanes.iter().sum::<f32>() + tail
+        },
+    )
+}
+
 /// Sum of `f(x)` with 8 independent lanes (a fixed order, so still deterministic).
 #[inline(always)]
 fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
