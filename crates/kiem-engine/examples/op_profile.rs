@@ -156,6 +156,10 @@ fn thin_products(k: &Cpu) {
         ("thin attn proj (768x768)", c, c, WeightLayout::InOut),
         ("thin fc (768x3072)", c, 4 * c, WeightLayout::InOut),
         ("thin fc proj (3072x768)", 4 * c, c, WeightLayout::InOut),
+        ("thin qkv, [out, in]", c, 3 * c, WeightLayout::OutIn),
+        ("thin attn proj, [out, in]", c, c, WeightLayout::OutIn),
+        ("thin fc, [out, in]", c, 4 * c, WeightLayout::OutIn),
+        ("thin fc proj, [out, in]", 4 * c, c, WeightLayout::OutIn),
         ("thin lm head (50304x768)", c, v, WeightLayout::OutIn),
     ] {
         // Cycle through copies of the weights larger than the caches, as decoding does.

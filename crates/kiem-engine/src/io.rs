@@ -118,7 +118,14 @@ pub fn read_tensors(path: &Path) -> Result<NamedTensors> {
 
 impl<K: Kernels> Gpt<K> {
     /// Parameters as Hugging Face tensors (padded vocabulary rows dropped).
+    ///
+    /// # Panics
+    /// For a model transposed for decoding (its matrices are not in the files' order).
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        assert!(
+            self.check_training_layout().is_ok(),
+            "hf_tensors of a model transposed for decoding"
+        );
         let live_wte = self.config.vocab_size * self.config.n_embd;
         self.layout
             .tensors
@@ -144,6 +151,7 @@ impl<K: Kernels> Gpt<K> {
 
     /// Writes `model.safetensors`.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        self.check_training_layout()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         write_tensors(path, &self.hf_tensors(), Some(metadata))
     }
@@ -154,6 +162,7 @@ impl<K: Kernels> Gpt<K> {
         path: &Path,
         tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>,
     ) -> Result<()> {
+        self.check_training_layout()?;
         let c = self.config.n_embd;
         for spec in self.layout.tensors.clone() {
             let (shape, data) = tensors

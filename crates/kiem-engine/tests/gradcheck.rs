@@ -419,7 +419,7 @@ fn training_steps_are_deterministic_and_reduce_loss() {
 fn matmul_forward_matches_a_plain_product_for_thin_and_wide_inputs() {
     use kiem_engine::kernels::SKINNY_ROWS;
     let mut rng = Rng::new(21);
-    for (c_in, c_out) in [(40, 37), (64, 96), (17, 130)] {
+    for (c_in, c_out) in [(40, 37), (64, 96), (17, 130), (70, 33), (150, 200)] {
         for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
             let w = random(c_in * c_out, &mut rng, 0.3);
             let bias = random(c_out, &mut rng, 0.3);

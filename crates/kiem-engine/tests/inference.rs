@@ -365,3 +365,44 @@ fn sequences_joining_and_leaving_a_batch_do_not_change_each_other() {
     assert!(batcher.add(1, vec![99], options(1, 1)).is_err());
     assert!(batcher.add(1, vec![0; 25], options(1, 1)).is_err());
 }
+
+/// A model transposed for decoding computes the same logits (prefill, decode and the full
+/// forward pass), and refuses what needs the files' layout: training, saving, growing.
+#[test]
+fn transposed_for_decoding_matches_and_refuses_training() {
+    let mut gpt = model();
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 5 % 37) as u32).collect();
+    let reference = full_logits(&mut gpt, &tokens);
+    let mut decoding = model();
+    decoding.transpose_for_decoding();
+    decoding.transpose_for_decoding(); // idempotent
+    let v = gpt.config.vocab_size;
+    for (t, row) in full_logits(&mut decoding, &tokens).iter().enumerate() {
+        assert_close(row, &reference[t], &format!("full forward, position {t}"));
+    }
+    let mut cache = [KvCache::new(&decoding)];
+    let logits = decoding
+        .forward_cached(&mut cache, &[&tokens[..5]])
+        .unwrap();
+    assert_close(&logits[..v], &reference[4], "after prefill");
+    for t in 5..tokens.len() {
+        let logits = decoding
+            .forward_cached(&mut cache, &[&tokens[t..t + 1]])
+            .unwrap();
+        assert_close(&logits[..v], &reference[t], &format!("decode position {t}"));
+    }
+    let targets: Vec<Option<u32>> = tokens.iter().map(|&t| Some(t)).collect();
+    decoding
+        .forward(&tokens, &targets, 1, tokens.len(), Some(1.0))
+        .unwrap();
+    let refused = |err: String| assert!(err.contains("transposed for decoding"), "{err}");
+    refused(decoding.backward().unwrap_err().to_string());
+    refused(decoding.grow_vocab(40).err().unwrap().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    refused(
+        decoding
+            .save_safetensors(&dir.path().join("m.safetensors"))
+            .unwrap_err()
+            .to_string(),
+    );
+}

@@ -133,7 +133,8 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     use kiem_engine::infer::KvCache;
     use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
     let threads = args.threads.install()?;
-    let (gpt, _) = kiem_engine::io::load_model_dir(&args.model)?;
+    let (mut gpt, _) = kiem_engine::io::load_model_dir(&args.model)?;
+    gpt.transpose_for_decoding();
     let context = gpt.config.context;
     if args.prompt_tokens == 0 || args.prompt_tokens + args.tokens > context {
         bail!(

@@ -111,9 +111,11 @@ pub fn stream_token(
     (chunk.text, control)
 }
 
-/// A model directory's network and tokenizer, checked against each other.
+/// A model directory's network (transposed for decoding: it only generates) and tokenizer,
+/// checked against each other.
 pub fn load_model(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
-    let (gpt, ids) = load_model_dir(dir)?;
+    let (mut gpt, ids) = load_model_dir(dir)?;
+    gpt.transpose_for_decoding();
     let tokenizer = Tokenizer::load(dir.to_str().context("model path is not valid UTF-8")?)
         .with_context(|| format!("{} has no usable tokenizer.json", dir.display()))?;
     if tokenizer.vocab_size() != gpt.config.vocab_size {
