@@ -15,3 +15,6 @@ cargo test --workspace --locked "$@"
 # The engine's matmuls run on the system OpenBLAS when it is installed; check the built-in
 # `gemm` path against the same finite-difference and PyTorch tests too.
 KIEM_BLAS=gemm cargo test --locked -p kiem-engine "$@"
+# Element-wise kernels run compiled for AVX-512 or AVX2 when the CPU has them; check the
+# baseline x86-64 build of them too.
+KIEM_SIMD=baseline cargo test --locked -p kiem-engine "$@"

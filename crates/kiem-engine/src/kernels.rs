@@ -739,6 +739,8 @@ fn skinny_block_portable(
 /// Runs `body` compiled for AVX-512 (or else AVX2 + FMA) when the CPU has it. The element-wise
 /// loops of these kernels are written to vectorize, but a portable build targets baseline
 /// x86-64 (4-lane SSE); `body` is inlined into a function compiled for the wider registers.
+/// Floating-point results are the same bits at every level (no reassociation; `mul_add` is
+/// fused everywhere). `KIEM_SIMD=baseline` or `KIEM_SIMD=avx2` caps the level.
 #[inline(always)]
 pub(crate) fn wide<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -752,7 +754,13 @@ pub(crate) fn wide<R>(body: impl FnOnce() -> R) -> R {
         }
         static LEVEL: OnceLock<Level> = OnceLock::new();
         let level = *LEVEL.get_or_init(|| {
-            if std::is_x86_feature_detected!("avx512f")
+            // KIEM_SIMD=baseline or avx2 caps the level, so tests can run every code path.
+            let cap = std::env::var("KIEM_SIMD").unwrap_or_default();
+            if cap == "baseline" {
+                return Level::Base;
+            }
+            if cap != "avx2"
+                && std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512dq")
                 && std::is_x86_feature_detected!("avx512vl")
