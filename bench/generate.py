@@ -3,14 +3,15 @@
 same model directory, in one run, and against the memory-bandwidth bound that kiem measures.
 
     python bench/generate.py --model DIR [--threads 2] [--prompt-tokens 64] [--tokens 128]
-        [--min-ratio R] [--min-bandwidth-fraction F]
+        [--weights fp32|bf16] [--min-ratio R] [--min-bandwidth-fraction F]
 
 kiem side: `target/release/kiem bench generate --batch 1 --json` (prefill, batch-1 decode, read
 bandwidth, bytes a decoding step reads). PyTorch side: `AutoModelForCausalLM` loads the same
 directory (kiem writes Hugging Face GPT-2 directories), float32, `torch.set_num_threads`; the
 prompt is prefilled once, then tokens are decoded one at a time greedily with
 `past_key_values`, timed after the prefill, best of --repeat. Needs torch and transformers.
-Exit code 1 when kiem/PyTorch decode tokens/s is under --min-ratio, or kiem's batch-1 decode is
+--weights bf16 makes kiem decode from bf16 weights (PyTorch stays fp32; the bound is then that
+of the bf16 bytes). Exit code 1 when kiem/PyTorch decode tokens/s is under --min-ratio, or kiem's batch-1 decode is
 under --min-bandwidth-fraction of the bandwidth bound.
 """
 import argparse
@@ -53,6 +54,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--weights", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--min-ratio", type=float)
     parser.add_argument("--min-bandwidth-fraction", type=float)
     args = parser.parse_args()
@@ -60,7 +62,7 @@ def main():
     kiem = json.loads(subprocess.run(
         [args.kiem, "bench", "generate", "--model", args.model, "--batch", "1", "--json",
          "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-         "--tokens", str(args.tokens), "--repeat", str(args.repeat)],
+         "--tokens", str(args.tokens), "--repeat", str(args.repeat), "--weights", args.weights],
         check=True, capture_output=True, text=True).stdout)
     torch_prefill, torch_decode, torch_version = pytorch_decode(
         args.model, args.threads, args.prompt_tokens, args.tokens, args.repeat)
@@ -70,12 +72,12 @@ def main():
     fraction = kiem_decode / bound
     print(f"machine: {kiem['machine']}; {args.threads} threads; model {kiem['parameters'] / 1e6:.1f}M parameters; "
           f"torch {torch_version}")
-    print(f"{'':>22} {'kiem':>10} {'PyTorch':>10} {'kiem/PyTorch':>13}")
+    print(f"{'':>22} {'kiem ' + args.weights:>10} {'PyTorch':>10} {'kiem/PyTorch':>13}")
     print(f"{'prefill tok/s':>22} {kiem['prefill_tokens_per_second']:>10.0f} {torch_prefill:>10.0f} "
           f"{kiem['prefill_tokens_per_second'] / torch_prefill:>12.2f}x")
     print(f"{'decode tok/s (batch 1)':>22} {kiem_decode:>10.1f} {torch_decode:>10.1f} {ratio:>12.2f}x")
     print(f"memory read bandwidth {kiem['read_bandwidth'] / 1e9:.1f} GB/s, {kiem['bytes_per_token'] / 1e6:.0f} MB "
-          f"per token: bound {bound:.1f} tok/s; kiem reaches {100 * fraction:.0f}%, PyTorch {100 * torch_decode / bound:.0f}%")
+          f"per token ({args.weights} weights): bound {bound:.1f} tok/s; kiem reaches {100 * fraction:.0f}%, PyTorch {100 * torch_decode / bound:.0f}%")
     print(json.dumps({"kiem": kiem, "pytorch": {"prefill_tokens_per_second": torch_prefill,
                                                 "decode_tokens_per_second": torch_decode},
                       "ratio": ratio, "bandwidth_fraction": fraction}))

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::{Kernels, WeightLayout};
+use crate::kernels::{matmul_thin_bf16, Kernels, WeightLayout, SKINNY_ROWS};
 use crate::{EngineError, Gpt, Result};
 
 /// Keys and values of one sequence for every layer, up to the model's context.
@@ -55,6 +55,30 @@ impl KvCache {
 }
 
 impl<K: Kernels> Gpt<K> {
+    /// A product with one of the parameter matrices (`weights` indexes `params`): thin ones read
+    /// the bf16 copy when the model has one ([`Gpt::use_bf16_weights`]), all others go through
+    /// the kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weights: std::ops::Range<usize>,
+        layout: WeightLayout,
+        bias: Option<&[f32]>,
+        c_in: usize,
+        c_out: usize,
+    ) {
+        if let Some(w16) = &self.params_bf16 {
+            if layout == WeightLayout::OutIn && inp.len() / c_in <= SKINNY_ROWS {
+                matmul_thin_bf16(out, inp, &w16[weights], bias, c_in, c_out);
+                return;
+            }
+        }
+        self.kernels
+            .matmul_forward(out, inp, &self.params[weights], layout, bias, c_in, c_out);
+    }
+
     /// Appends `new_tokens[i]` to sequence `i` (whose keys and values are in `caches[i]`) and
     /// returns the logits after each sequence's last new token, `[sequences, padded_vocab]`.
     /// A sequence with no new tokens is skipped (its row of logits is left zero).
@@ -132,10 +156,10 @@ impl<K: Kernels> Gpt<K> {
                 &p[lp.ln1_b.clone()],
                 c,
             );
-            k.matmul_forward(
+            self.product(
                 &mut qkv,
                 &h,
-                &p[lp.qkv_w.clone()],
+                lp.qkv_w.clone(),
                 self.matrices,
                 Some(&p[lp.qkv_b.clone()]),
                 c,
@@ -148,10 +172,10 @@ impl<K: Kernels> Gpt<K> {
                 cache.v[at..at + c].copy_from_slice(&qkv[r * 3 * c + 2 * c..r * 3 * c + 3 * c]);
             }
             attention_cached(&mut y, &qkv, caches, &rows, l, cfg.n_head);
-            k.matmul_forward(
+            self.product(
                 &mut proj,
                 &y,
-                &p[lp.attn_proj_w.clone()],
+                lp.attn_proj_w.clone(),
                 self.matrices,
                 Some(&p[lp.attn_proj_b.clone()]),
                 c,
@@ -167,20 +191,20 @@ impl<K: Kernels> Gpt<K> {
                 &p[lp.ln2_b.clone()],
                 c,
             );
-            k.matmul_forward(
+            self.product(
                 &mut fc,
                 &h,
-                &p[lp.fc_w.clone()],
+                lp.fc_w.clone(),
                 self.matrices,
                 Some(&p[lp.fc_b.clone()]),
                 c,
                 4 * c,
             );
             k.gelu_forward(&mut fc_gelu, &fc);
-            k.matmul_forward(
+            self.product(
                 &mut proj,
                 &fc_gelu,
-                &p[lp.fc_proj_w.clone()],
+                lp.fc_proj_w.clone(),
                 self.matrices,
                 Some(&p[lp.fc_proj_b.clone()]),
                 4 * c,
@@ -220,10 +244,10 @@ impl<K: Kernels> Gpt<K> {
             c,
         );
         let mut out = vec![0f32; m * vp];
-        k.matmul_forward(
+        self.product(
             &mut out,
             &normed,
-            &p[lay.wte.clone()],
+            lay.wte.clone(),
             WeightLayout::OutIn,
             None,
             c,

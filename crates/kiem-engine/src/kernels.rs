@@ -396,19 +396,33 @@ fn matmul_skinny(
         matmul_skinny_by_k(out, inp, w, bias, c_in, c_out);
         return;
     }
-    // Column blocks: enough tasks to balance the threads, long enough to vectorize.
-    let block = (c_out / (8 * rayon::current_num_threads())).clamp(64, 512);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(block))
+    by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+        skinny_block(acc, inp, w, layout, c_in, c_out, j0, j1)
+    });
+}
+
+/// A thin product split into column blocks (enough tasks to balance the threads, long enough
+/// to vectorize): `block(acc, j0, j1)` adds columns `j0..j1` into `acc[rows, j1 - j0]`, which
+/// starts at the bias.
+fn by_column_blocks(
+    out: &mut [f32],
+    rows: usize,
+    c_out: usize,
+    bias: Option<&[f32]>,
+    block: impl Fn(&mut [f32], usize, usize) + Sync,
+) {
+    let width = (c_out / (8 * rayon::current_num_threads())).clamp(64, 512);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(width))
         .into_par_iter()
         .map(|b| {
-            let (j0, j1) = (b * block, ((b + 1) * block).min(c_out));
+            let (j0, j1) = (b * width, ((b + 1) * width).min(c_out));
             let mut acc = vec![0f32; rows * (j1 - j0)];
             if let Some(bias) = bias {
                 for row in acc.chunks_mut(j1 - j0) {
                     row.copy_from_slice(&bias[j0..j1]);
                 }
             }
-            skinny_block(&mut acc, inp, w, layout, c_in, c_out, j0, j1);
+            block(&mut acc, j0, j1);
             (j0, acc)
         })
         .collect();
@@ -418,6 +432,54 @@ fn matmul_skinny(
             out[r * c_out + j0..r * c_out + j0 + width].copy_from_slice(row);
         }
     }
+}
+
+/// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for few rows, with `W[c_out, c_in]`
+/// stored as bf16 bits: decoding from bf16 weights reads half the bytes. The result is exactly
+/// that of [`Kernels::matmul_forward`] on the same weights widened to f32 (same summation
+/// order), and each row's result is independent of the others.
+pub fn matmul_thin_bf16(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[u16],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    assert!(
+        rows <= SKINNY_ROWS,
+        "matmul_thin_bf16 takes at most {SKINNY_ROWS} rows"
+    );
+    assert!(w.len() >= c_in * c_out && out.len() >= rows * c_out);
+    by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features; every W row j0..j1 holds c_in values.
+            unsafe {
+                outin_dots_avx2(
+                    acc,
+                    inp,
+                    c_in,
+                    j0,
+                    j1,
+                    #[inline(always)]
+                    |j, k| {
+                        use std::arch::x86_64::*;
+                        let halves =
+                            _mm_loadu_si128(w.as_ptr().add(j * c_in + k) as *const __m128i);
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+                    },
+                    #[inline(always)]
+                    |j, k| crate::bf16_gemm::from_bf16(w[j * c_in + k]),
+                )
+            };
+            return;
+        }
+        outin_dots_portable(acc, inp, c_in, j0, j1, |j, k| {
+            crate::bf16_gemm::from_bf16(w[j * c_in + k])
+        });
+    });
 }
 
 /// Weight rows per task of the thin `InOut` product.
@@ -558,41 +620,66 @@ unsafe fn skinny_block_avx2(
                 r0 += 4;
             }
         }
-        WeightLayout::OutIn => {
-            for j in j0..j1 {
-                let wj = &w[j * c_in..(j + 1) * c_in];
-                for r in 0..rows {
-                    let x = &inp[r * c_in..(r + 1) * c_in];
-                    // Four independent sums, so the loop streams W instead of waiting on
-                    // the FMA latency.
-                    let mut s = [_mm256_setzero_ps(); 4];
-                    let mut k = 0;
-                    while k + 32 <= c_in {
-                        let (xp, wp) = (x.as_ptr().add(k), wj.as_ptr().add(k));
-                        for (i, s) in s.iter_mut().enumerate() {
-                            let (xv, wv) = (
-                                _mm256_loadu_ps(xp.add(8 * i)),
-                                _mm256_loadu_ps(wp.add(8 * i)),
-                            );
-                            *s = _mm256_fmadd_ps(xv, wv, *s);
-                        }
-                        k += 32;
-                    }
-                    while k + 8 <= c_in {
-                        let (xp, wp) = (x.as_ptr().add(k), wj.as_ptr().add(k));
-                        s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp), _mm256_loadu_ps(wp), s[0]);
-                        k += 8;
-                    }
-                    let mut lanes = [0f32; 8];
-                    let total = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), total);
-                    let mut sum = lanes.iter().sum::<f32>();
-                    for k in k..c_in {
-                        sum = x[k].mul_add(wj[k], sum);
-                    }
-                    acc[r * width + j - j0] += sum;
+        WeightLayout::OutIn => outin_dots_avx2(
+            acc,
+            inp,
+            c_in,
+            j0,
+            j1,
+            #[inline(always)]
+            |j, k| _mm256_loadu_ps(w.as_ptr().add(j * c_in + k)),
+            #[inline(always)]
+            |j, k| w[j * c_in + k],
+        ),
+    }
+}
+
+/// Columns `j0..j1` of a thin product with `W[c_out, c_in]`, added to `acc[rows, j1 - j0]`:
+/// one dot product per (column, row), eight weights at a time from `load8(j, k)` (the
+/// scalar `at(j, k)` for the tail), so f32 and bf16 weights share every rounding step.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `load8(j, k)` is valid for `k + 8 <= c_in`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn outin_dots_avx2(
+    acc: &mut [f32],
+    inp: &[f32],
+    c_in: usize,
+    j0: usize,
+    j1: usize,
+    load8: impl Fn(usize, usize) -> std::arch::x86_64::__m256,
+    at: impl Fn(usize, usize) -> f32,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let rows = acc.len() / width;
+    for j in j0..j1 {
+        for r in 0..rows {
+            let x = &inp[r * c_in..(r + 1) * c_in];
+            // Four independent sums, so the loop streams W instead of waiting on the FMA
+            // latency.
+            let mut s = [_mm256_setzero_ps(); 4];
+            let mut k = 0;
+            while k + 32 <= c_in {
+                for (i, s) in s.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(k + 8 * i));
+                    *s = _mm256_fmadd_ps(xv, load8(j, k + 8 * i), *s);
                 }
+                k += 32;
             }
+            while k + 8 <= c_in {
+                s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(k)), load8(j, k), s[0]);
+                k += 8;
+            }
+            let mut lanes = [0f32; 8];
+            let total = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+            _mm256_storeu_ps(lanes.as_mut_ptr(), total);
+            let mut sum = lanes.iter().sum::<f32>();
+            for (k, &xk) in x.iter().enumerate().skip(k) {
+                sum = xk.mul_add(at(j, k), sum);
+            }
+            acc[r * width + j - j0] += sum;
         }
     }
 }
@@ -709,29 +796,37 @@ fn skinny_block_portable(
                 }
             }
         }
-        // W[j, k]: one dot product per (row, column), eight partial sums to vectorize.
-        WeightLayout::OutIn => {
-            for j in j0..j1 {
-                let wj = &w[j * c_in..(j + 1) * c_in];
-                for r in 0..acc.len() / width {
-                    let x = &inp[r * c_in..(r + 1) * c_in];
-                    let mut lanes = [0f32; 16];
-                    let (xc, wc) = (x.chunks_exact(16), wj.chunks_exact(16));
-                    let (xr, wr) = (xc.remainder(), wc.remainder());
-                    for (xs, ws) in xc.zip(wc) {
-                        let xs: &[f32; 16] = xs.try_into().expect("16 lanes");
-                        let ws: &[f32; 16] = ws.try_into().expect("16 lanes");
-                        for i in 0..16 {
-                            lanes[i] += xs[i] * ws[i];
-                        }
-                    }
-                    let mut sum = lanes.iter().sum::<f32>();
-                    for (a, b) in xr.iter().zip(wr) {
-                        sum += a * b;
-                    }
-                    acc[r * width + j - j0] += sum;
+        WeightLayout::OutIn => outin_dots_portable(acc, inp, c_in, j0, j1, |j, k| w[j * c_in + k]),
+    }
+}
+
+/// Portable [`outin_dots_avx2`]: one dot product per (row, column), sixteen partial sums to
+/// vectorize.
+#[inline(always)]
+fn outin_dots_portable(
+    acc: &mut [f32],
+    inp: &[f32],
+    c_in: usize,
+    j0: usize,
+    j1: usize,
+    at: impl Fn(usize, usize) -> f32,
+) {
+    let width = j1 - j0;
+    for j in j0..j1 {
+        for r in 0..acc.len() / width {
+            let x = &inp[r * c_in..(r + 1) * c_in];
+            let mut lanes = [0f32; 16];
+            let full = c_in / 16 * 16;
+            for k0 in (0..full).step_by(16) {
+                for i in 0..16 {
+                    lanes[i] += x[k0 + i] * at(j, k0 + i);
                 }
             }
+            let mut sum = lanes.iter().sum::<f32>();
+            for (k, &xk) in x.iter().enumerate().skip(full) {
+                sum += xk * at(j, k);
+            }
+            acc[r * width + j - j0] += sum;
         }
     }
 }

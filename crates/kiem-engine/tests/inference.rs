@@ -406,3 +406,62 @@ fn transposed_for_decoding_matches_and_refuses_training() {
             .to_string(),
     );
 }
+
+/// Decoding from bf16 weights gives exactly the fp32 kernels' results on the bf16-rounded
+/// weights (it only reads fewer bytes), close to the fp32 model's, in prefill and decode.
+#[test]
+fn bf16_weights_decode_exactly_as_fp32_on_the_rounded_weights() {
+    let config = ModelConfig {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 64,
+        context: 24,
+        vocab_size: 37,
+    };
+    let mut original = Gpt::new(config).unwrap();
+    original.init_random(11);
+    let mut bf16 = Gpt::new(config).unwrap();
+    bf16.params.copy_from_slice(&original.params);
+    bf16.use_bf16_weights();
+    assert_eq!(
+        bf16.decoding_weight_bytes() * 2,
+        original.decoding_weight_bytes()
+    );
+    // The same rounded values in fp32, decoded by the fp32 kernels.
+    let mut rounded = Gpt::new(config).unwrap();
+    rounded.params.copy_from_slice(&original.params);
+    rounded.transpose_for_decoding();
+    for (r, b) in rounded.params.iter_mut().zip(&bf16.params) {
+        *r = kiem_engine::bf16_gemm::from_bf16(kiem_engine::bf16_gemm::to_bf16(*r));
+        assert_eq!(r.to_bits(), b.to_bits());
+    }
+    original.transpose_for_decoding();
+    let tokens: Vec<u32> = (0..14).map(|i| (i * 7 % 37) as u32).collect();
+    let mut caches = [
+        KvCache::new(&bf16),
+        KvCache::new(&rounded),
+        KvCache::new(&original),
+    ];
+    let step = |caches: &mut [KvCache], chunk: &[u32]| -> Vec<Vec<f32>> {
+        vec![
+            bf16.forward_cached(&mut caches[0..1], &[chunk]).unwrap(),
+            rounded.forward_cached(&mut caches[1..2], &[chunk]).unwrap(),
+            original
+                .forward_cached(&mut caches[2..3], &[chunk])
+                .unwrap(),
+        ]
+    };
+    for chunk in [&tokens[..6], &tokens[6..7], &tokens[7..8], &tokens[8..9]] {
+        let [b, r, o]: [Vec<f32>; 3] = step(&mut caches, chunk).try_into().unwrap();
+        assert_eq!(b, r, "bf16 weights = fp32 kernels on rounded weights");
+        let scale = o.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = b
+            .iter()
+            .zip(&o)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff < 0.05 * scale.max(1.0),
+            "bf16 vs fp32 weights: {diff} (scale {scale})"
+        );
+    }
+}

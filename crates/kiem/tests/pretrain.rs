@@ -438,6 +438,11 @@ fn generate_streams_seeded_text_from_a_trained_model() {
         ok(gen(&["--temperature", "0", "--seed", "9"])),
         "greedy ignores the seed"
     );
+    // bf16 weights: seeded and repeatable too (the values differ from fp32 in the last bits).
+    let bf16 = ok(gen(&["--seed", "5", "--weights", "bf16"]));
+    assert!(!bf16.is_empty());
+    assert_eq!(bf16, ok(gen(&["--seed", "5", "--weights", "bf16"])));
+    failed(gen(&["--weights", "int3"]), &["--weights"]);
     // A stop string cuts the output before it.
     let first_char = a.chars().next().unwrap().to_string();
     let stopped = ok(gen(&["--seed", "5", "--stop", &first_char]));

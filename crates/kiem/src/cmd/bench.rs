@@ -54,6 +54,9 @@ pub struct GenerateBenchArgs {
     json: bool,
 
     #[command(flatten)]
+    weights: super::generate::WeightsArgs,
+
+    #[command(flatten)]
     threads: crate::ThreadArgs,
 }
 
@@ -67,7 +70,9 @@ struct GenerateBench {
     decode: Vec<DecodeBench>,
     /// Measured memory read bandwidth (bytes/s, all threads).
     read_bandwidth: f64,
-    /// Bytes a batch-1 decoding step must read: fp32 weights plus the KV cache at mid-length.
+    /// Weights decoding reads: "fp32" or "bf16".
+    weights: &'static str,
+    /// Bytes a batch-1 decoding step must read: the weights plus the KV cache at mid-length.
     bytes_per_token: f64,
     /// Tokens/s if a batch-1 step cost only reading those bytes once.
     bandwidth_bound_tokens_per_second: f64,
@@ -134,7 +139,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
     let threads = args.threads.install()?;
     let (mut gpt, _) = kiem_engine::io::load_model_dir(&args.model)?;
-    gpt.transpose_for_decoding();
+    super::generate::prepare_for_decoding(&mut gpt, args.weights);
     let context = gpt.config.context;
     if args.prompt_tokens == 0 || args.prompt_tokens + args.tokens > context {
         bail!(
@@ -199,7 +204,11 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     let c = &gpt.config;
     let mid_length = (args.prompt_tokens + args.tokens / 2) as f64;
     let bytes_per_token =
-        4.0 * gpt.num_parameters() as f64 + 4.0 * 2.0 * (c.n_layer * c.n_embd) as f64 * mid_length;
+        gpt.decoding_weight_bytes() as f64 + 4.0 * 2.0 * (c.n_layer * c.n_embd) as f64 * mid_length;
+    let weights = match args.weights.weights {
+        super::generate::WeightsArg::Fp32 => "fp32",
+        super::generate::WeightsArg::Bf16 => "bf16",
+    };
     let report = GenerateBench {
         machine: machine_description(),
         threads,
@@ -208,6 +217,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
         prefill_tokens_per_second: args.prompt_tokens as f64 / prefill_seconds,
         decode,
         read_bandwidth,
+        weights,
         bytes_per_token,
         bandwidth_bound_tokens_per_second: read_bandwidth / bytes_per_token,
     };
@@ -231,10 +241,11 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
         );
     }
     println!(
-        "memory read bandwidth {:.1} GB/s; a batch-1 step reads {:.1} MB (fp32 weights + KV cache), \
+        "memory read bandwidth {:.1} GB/s; a batch-1 step reads {:.1} MB ({} weights + KV cache), \
          so the bandwidth bound is {:.0} tokens/s",
         report.read_bandwidth / 1e9,
         report.bytes_per_token / 1e6,
+        report.weights,
         report.bandwidth_bound_tokens_per_second
     );
     if let Some(d) = report.decode.iter().find(|d| d.batch == 1) {

@@ -7,7 +7,7 @@ use kiem_engine::sampling::GenerateOptions;
 use kiem_tokenizer::chat::{assistant_end, render_prompt, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
 
-use super::generate::{load_model, stream_token, SamplingArgs};
+use super::generate::{load_model, stream_token, SamplingArgs, WeightsArgs};
 use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
@@ -22,6 +22,9 @@ pub struct ChatArgs {
 
     #[command(flatten)]
     sampling: SamplingArgs,
+
+    #[command(flatten)]
+    weights: WeightsArgs,
 
     #[command(flatten)]
     threads: ThreadArgs,
@@ -50,8 +53,8 @@ pub struct ChatModel {
 }
 
 impl ChatModel {
-    pub fn load(dir: &Path) -> Result<Self> {
-        let (gpt, tokenizer, stop_ids) = load_model(dir)?;
+    pub fn load(dir: &Path, weights: WeightsArgs) -> Result<Self> {
+        let (gpt, tokenizer, stop_ids) = load_model(dir, weights)?;
         let stop_ids = chat_stop_ids(&tokenizer, stop_ids).map_err(|e| {
             anyhow::anyhow!(
                 "{}: {e}. This model was not fine-tuned for chat: run `kiem finetune` on conversations first",
@@ -104,7 +107,7 @@ impl ChatModel {
 
 pub fn run(args: ChatArgs) -> Result<()> {
     args.threads.install()?;
-    let model = ChatModel::load(&args.model)?;
+    let model = ChatModel::load(&args.model, args.weights)?;
     let (gpt, tokenizer) = (&model.gpt, &model.tokenizer);
     let mut system = args.system.clone();
     let start = |system: &Option<String>| -> Vec<Message> {

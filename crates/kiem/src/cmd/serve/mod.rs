@@ -32,7 +32,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use self::api::{ApiError, ChatRequest, CompletionRequest, Settings};
 use self::worker::{Job, JobEvent, Queue};
 use super::chat::chat_stop_ids;
-use super::generate::load_model;
+use super::generate::{load_model, WeightsArgs};
 use crate::ThreadArgs;
 
 const PAGE: &str = include_str!("page.html");
@@ -76,6 +76,9 @@ pub struct ServeArgs {
     timeout: u64,
 
     #[command(flatten)]
+    weights: WeightsArgs,
+
+    #[command(flatten)]
     threads: ThreadArgs,
 }
 
@@ -111,7 +114,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref() == Some("") {
         bail!("--api-key (or KIEM_API_KEY) is empty");
     }
-    let (gpt, tokenizer, stop_ids) = load_model(&args.model)?;
+    let (gpt, tokenizer, stop_ids) = load_model(&args.model, args.weights)?;
     let name = args
         .model_name
         .clone()
