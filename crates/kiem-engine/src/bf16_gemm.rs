@@ -484,13 +484,15 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        // Sizes straddle the tile (6 × 64), the k block (384) and the column block (512).
+        // Sizes straddle the tile (6 × 64), the k block (384) and the column block (512), with
+        // enough rows for many panels of A.
         for &(m, n, k) in &[
             (1, 1, 1),
             (7, 65, 3),
             (13, 130, 385),
             (50, 520, 800),
             (6, 64, 2),
+            (200, 70, 391),
         ] {
             for lhs_t in [false, true] {
                 for rhs_t in [false, true] {
