@@ -168,7 +168,7 @@ impl std::str::FromStr for MatmulPrecision {
             "fp32" | "f32" => Ok(MatmulPrecision::Fp32),
             "bf16" => Ok(MatmulPrecision::Bf16),
             other => Err(format!(
-                "unknown matmul precision {other:?} (expected fp32 or bf16)"
+                "unknown precision {other:?} (expected fp32 or bf16)"
             )),
         }
     }

@@ -96,10 +96,6 @@ impl Gpt<Cpu> {
         self.kernels = Cpu::with_precision(precision)?;
         Ok(())
     }
-
-    pub fn matmul_precision(&self) -> MatmulPrecision {
-        self.kernels.matmul
-    }
 }
 
 impl<K: Kernels> Gpt<K> {

@@ -205,10 +205,6 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     let mid_length = (args.prompt_tokens + args.tokens / 2) as f64;
     let bytes_per_token =
         gpt.decoding_weight_bytes() as f64 + 4.0 * 2.0 * (c.n_layer * c.n_embd) as f64 * mid_length;
-    let weights = match args.weights.weights {
-        super::generate::WeightsArg::Fp32 => "fp32",
-        super::generate::WeightsArg::Bf16 => "bf16",
-    };
     let report = GenerateBench {
         machine: machine_description(),
         threads,
@@ -217,7 +213,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
         prefill_tokens_per_second: args.prompt_tokens as f64 / prefill_seconds,
         decode,
         read_bandwidth,
-        weights,
+        weights: args.weights.weights.name(),
         bytes_per_token,
         bandwidth_bound_tokens_per_second: read_bandwidth / bytes_per_token,
     };

@@ -179,10 +179,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     println!("\n[{total}/{total}] ask the chatbot customer questions it was not trained on");
     let model_dir = chat.join("model");
-    let fp32 = super::generate::WeightsArgs {
-        weights: super::generate::WeightsArg::Fp32,
-    };
-    let model = ChatModel::load(&model_dir, fp32)?;
+    let model = ChatModel::load(&model_dir, Default::default())?;
     let mut bad = BadRecords::default();
     let held_out = read_conversations(&files.faq_held_out, ChatFormat::ShareGpt, false, &mut bad)?;
     let sampling = SamplingArgs {

@@ -2,8 +2,9 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use kiem_engine::io::load_model_dir;
+use kiem_engine::kernels::MatmulPrecision;
 use kiem_engine::sampling::{Control, FinishReason, GenerateOptions, SamplingParams};
 use kiem_tokenizer::stream::StreamDecoder;
 use kiem_tokenizer::Tokenizer;
@@ -65,18 +66,12 @@ impl SamplingArgs {
 }
 
 /// Which copy of the weights decoding reads.
-#[derive(Args, Debug, Clone, Copy)]
+#[derive(Args, Debug, Clone, Copy, Default)]
 pub struct WeightsArgs {
     /// Weights decoding reads: fp32, or bf16 (each weight rounded to bf16, sums in fp32; half
     /// the bytes per token, so faster decoding; 1.5x the memory while loaded).
-    #[arg(long, value_enum, default_value = "fp32", value_name = "P")]
-    pub weights: WeightsArg,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum WeightsArg {
-    Fp32,
-    Bf16,
+    #[arg(long, default_value = "fp32", value_name = "P")]
+    pub weights: MatmulPrecision,
 }
 
 #[derive(Args, Debug)]
@@ -155,8 +150,8 @@ pub fn load_model(
 /// Lays a loaded model out for decoding, in the chosen weight precision.
 pub fn prepare_for_decoding(gpt: &mut kiem_engine::Gpt, weights: WeightsArgs) {
     match weights.weights {
-        WeightsArg::Fp32 => gpt.transpose_for_decoding(),
-        WeightsArg::Bf16 => gpt.use_bf16_weights(),
+        MatmulPrecision::Fp32 => gpt.transpose_for_decoding(),
+        MatmulPrecision::Bf16 => gpt.use_bf16_weights(),
     }
 }
 
