@@ -87,6 +87,14 @@ impl<K: Kernels> Gpt<K> {
         caches: &mut [KvCache],
         new_tokens: &[&[u32]],
     ) -> Result<Vec<f32>> {
+        crate::kernels::in_pool(|| self.forward_cached_in_pool(caches, new_tokens))
+    }
+
+    fn forward_cached_in_pool(
+        &self,
+        caches: &mut [KvCache],
+        new_tokens: &[&[u32]],
+    ) -> Result<Vec<f32>> {
         if caches.len() != new_tokens.len() {
             return Err(EngineError::Shape("one token list per cache".into()));
         }
@@ -282,12 +290,13 @@ fn attention_cached(
         crate::kernels::wide(
             #[inline(always)]
             || {
-                let mut scores: Vec<f32> = (0..=pos)
-                    .map(|t| {
-                        let key = &cache.k[cache.row(layer, t) + h * hs..][..hs];
-                        crate::kernels::lane_dot(q, key) * scale
-                    })
-                    .collect();
+                // A plain loop: an iterator adapter's closure would be compiled on its own, for
+                // the baseline CPU.
+                let mut scores = vec![0f32; pos + 1];
+                for (t, score) in scores.iter_mut().enumerate() {
+                    let key = &cache.k[cache.row(layer, t) + h * hs..][..hs];
+                    *score = crate::kernels::lane_dot(q, key) * scale;
+                }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for s in scores.iter_mut() {

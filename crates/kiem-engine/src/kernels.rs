@@ -204,6 +204,18 @@ const REDUCE_ROWS: usize = 32;
 /// Elements per chunk in element-wise parallel loops.
 const ELEMENTS: usize = 1 << 14;
 
+/// Runs `work` on a worker thread of the current rayon pool (directly when already on one).
+/// Its parallel loops then fork and join inside the pool, where the other workers are still
+/// spinning between loops, instead of each loop being handed to the pool from outside and
+/// waking a sleeping worker (futex round trips: decoding runs ~120 loops per step).
+pub fn in_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        work()
+    } else {
+        rayon::scope(|_| work())
+    }
+}
+
 fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -956,23 +968,38 @@ pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Sum of `x` with 64 independent lanes, compiled for the widest registers: arithmetic far
-/// outruns memory, so timing it over a buffer larger than the caches measures read bandwidth.
-pub fn streaming_sum(x: &[f32]) -> f32 {
+/// Wrapping sum of the bits of `x` with 64 independent lanes, compiled for the widest
+/// registers: integer adds far outrun memory, so timing it over a buffer larger than the caches
+/// measures read bandwidth (whatever the values: no float special cases to slow it down).
+pub fn streaming_read_f32(x: &[f32]) -> u32 {
     wide(
         #[inline(always)]
-        || {
-            let mut lanes = [0f32; 64];
-            let chunks = x.chunks_exact(64);
-            let tail: f32 = chunks.remainder().iter().sum();
-            for c in chunks {
-                for j in 0..64 {
-                    lanes[j] += c[j];
-                }
-            }
-            lanes.iter().sum::<f32>() + tail
-        },
+        || streaming_read(x, f32::to_bits),
     )
+}
+
+/// [`streaming_read_f32`] for bf16 (or any 16-bit) words.
+pub fn streaming_read_u16(x: &[u16]) -> u32 {
+    wide(
+        #[inline(always)]
+        || streaming_read(x, u32::from),
+    )
+}
+
+#[inline(always)]
+fn streaming_read<T: Copy>(x: &[T], bits: impl Fn(T) -> u32) -> u32 {
+    let mut lanes = [0u32; 64];
+    let chunks = x.chunks_exact(64);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0u32, |s, &v| s.wrapping_add(bits(v)));
+    for c in chunks {
+        for j in 0..64 {
+            lanes[j] = lanes[j].wrapping_add(bits(c[j]));
+        }
+    }
+    lanes.iter().fold(tail, |s, &v| s.wrapping_add(v))
 }
 
 /// Sum of `f(x)` with 8 independent lanes (a fixed order, so still deterministic).

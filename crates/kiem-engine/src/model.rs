@@ -209,6 +209,25 @@ impl<K: Kernels> Gpt<K> {
         self.params.len() * per_parameter
     }
 
+    /// Reads every weight a decoding step reads ([`Self::decoding_weight_bytes`] of them) once,
+    /// as fast as memory allows, on all threads: timing it measures the read bandwidth of the
+    /// very memory decoding streams, the denominator of its bandwidth bound.
+    pub fn stream_decoding_weights(&self) -> u32 {
+        const CHUNK: usize = 1 << 16;
+        let sum = |a: u32, b: u32| a.wrapping_add(b);
+        match &self.params_bf16 {
+            Some(bf16) => bf16
+                .par_chunks(CHUNK)
+                .map(crate::kernels::streaming_read_u16)
+                .reduce(|| 0, sum),
+            None => self
+                .params
+                .par_chunks(CHUNK)
+                .map(crate::kernels::streaming_read_f32)
+                .reduce(|| 0, sum),
+        }
+    }
+
     /// Fails for a model transposed for decoding.
     pub(crate) fn check_training_layout(&self) -> Result<()> {
         if self.matrices != WeightLayout::InOut {

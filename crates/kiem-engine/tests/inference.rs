@@ -465,3 +465,48 @@ fn bf16_weights_decode_exactly_as_fp32_on_the_rounded_weights() {
         );
     }
 }
+
+/// The bandwidth reference reads exactly the weights decoding reads: the wrapping sum of the
+/// bits of every fp32 parameter, or of every bf16 weight once decoding uses bf16.
+#[test]
+fn streaming_the_decoding_weights_reads_every_weight_decoding_reads() {
+    let mut gpt = model();
+    let bits = |gpt: &Gpt, shift: u32| {
+        gpt.params
+            .iter()
+            .fold(0u32, |s, x| s.wrapping_add(x.to_bits() >> shift))
+    };
+    assert_eq!(gpt.stream_decoding_weights(), bits(&gpt, 0));
+    // From outside the thread pool and from inside it, with one thread and with several.
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        assert_eq!(
+            pool.install(|| gpt.stream_decoding_weights()),
+            bits(&gpt, 0)
+        );
+    }
+    // bf16 weights are the rounded parameters' upper halves.
+    gpt.use_bf16_weights();
+    assert_eq!(gpt.stream_decoding_weights(), bits(&gpt, 16));
+}
+
+/// `in_pool` runs its work on a worker of the pool, so the parallel loops inside fork and join
+/// there; on a worker already, it runs in place.
+#[test]
+fn in_pool_runs_on_a_pool_worker() {
+    use kiem_engine::kernels::in_pool;
+    assert_eq!(rayon::current_thread_index(), None);
+    assert!(in_pool(|| rayon::current_thread_index().is_some()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let here = rayon::current_thread_index();
+        assert_eq!(in_pool(rayon::current_thread_index), here);
+    });
+    assert_eq!(in_pool(|| 7), 7);
+}

@@ -430,3 +430,86 @@ fn chat_format_show_marks_trained_tokens() {
         &["chat.jsonl:1", "<|system_start|>"],
     );
 }
+
+/// `kiem bench generate` times decoding per repetition and, between its steps, streams the
+/// weights to measure the bandwidth of the same moments; the bound and the reported fraction
+/// follow from those figures.
+#[test]
+fn bench_generate_compares_each_repetition_with_the_bandwidth_between_its_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/tiny_a");
+    let model = model.to_str().unwrap();
+    let mut bytes = Vec::new();
+    for weights in ["fp32", "bf16"] {
+        let args = [
+            "bench",
+            "generate",
+            "--model",
+            model,
+            "--batch",
+            "1",
+            "2",
+            "--prompt-tokens",
+            "4",
+            "--tokens",
+            "6",
+            "--repeat",
+            "3",
+            "--weights",
+            weights,
+            "--threads",
+            "2",
+            "--json",
+        ];
+        let report: serde_json::Value =
+            serde_json::from_str(&ok(&kiem(&args, tmp.path()))).unwrap();
+        let decode = report["decode"].as_array().unwrap();
+        assert_eq!(decode.len(), 2);
+        let bytes_per_token = report["bytes_per_token"].as_f64().unwrap();
+        let mut fractions = Vec::new();
+        let mut best_bandwidth = 0f64;
+        for (d, batch) in decode.iter().zip([1u64, 2]) {
+            assert_eq!(d["batch"], batch);
+            // The first token of each sequence comes from the prefill step; 5 are decoded.
+            assert_eq!(d["tokens"], 5 * batch);
+            let repetitions = d["repetitions"].as_array().unwrap();
+            assert_eq!(repetitions.len(), 3);
+            for r in repetitions {
+                let (rate, bandwidth) = (
+                    r["tokens_per_second"].as_f64().unwrap(),
+                    r["read_bandwidth"].as_f64().unwrap(),
+                );
+                assert!(rate > 0.0 && rate.is_finite() && bandwidth > 0.0 && bandwidth.is_finite());
+                best_bandwidth = best_bandwidth.max(bandwidth);
+                if batch == 1 {
+                    fractions.push(rate * bytes_per_token / bandwidth);
+                }
+            }
+            let fastest = repetitions
+                .iter()
+                .map(|r| r["tokens_per_second"].as_f64().unwrap())
+                .fold(0.0, f64::max);
+            assert!((d["tokens_per_second"].as_f64().unwrap() / fastest - 1.0).abs() < 1e-9);
+        }
+        assert_eq!(report["read_bandwidth"].as_f64().unwrap(), best_bandwidth);
+        let bound = report["bandwidth_bound_tokens_per_second"]
+            .as_f64()
+            .unwrap();
+        assert!((bound * bytes_per_token / best_bandwidth - 1.0).abs() < 1e-9);
+        fractions.sort_by(f64::total_cmp);
+        let median = report["bandwidth_fraction"].as_f64().unwrap();
+        assert!(
+            (median / fractions[1] - 1.0).abs() < 1e-9,
+            "{median} vs {fractions:?}"
+        );
+        assert_eq!(report["weights"], weights);
+        bytes.push(bytes_per_token);
+    }
+    // Weights (the embedding padded to 50304 rows, all of which the head reads) plus the KV
+    // cache at mid-length (4 + 6/2 positions × 2 layers × 16 channels × K and V × 4 bytes);
+    // bf16 weights are half the bytes.
+    let parameters =
+        50304.0 * 16.0 + 64.0 * 16.0 + 2.0 * (12.0 * 16.0 * 16.0 + 13.0 * 16.0) + 2.0 * 16.0;
+    let cache = 7.0 * 2.0 * 16.0 * 2.0 * 4.0;
+    assert_eq!(bytes, [4.0 * parameters + cache, 2.0 * parameters + cache]);
+}
