@@ -532,31 +532,37 @@ fn run_loop(
             .map(|(_, t, _)| t.iter().flatten().count())
             .sum();
         let scale = 1.0 / trained.max(1) as f32;
-        gpt.zero_grad();
-        let mut loss_sum = 0.0f64;
-        for (inputs, targets, seq) in &batches {
-            let (sum, _) = gpt.forward(inputs, targets, config.micro_batch, *seq, Some(scale))?;
-            loss_sum += sum;
-            gpt.backward()?;
-        }
-        let loss = loss_sum / trained.max(1) as f64;
-        if !loss.is_finite() {
-            let last = list_checkpoints(run_dir)
-                .pop()
-                .map(|(s, d)| format!("step {s} in {}", d.display()));
-            return Err(TrainError::Diverged(format!(
-                "loss is {loss} at step {}; stopped without saving this state. Last good checkpoint: {}. \
-                 Try a lower --lr or a longer --warmup-steps.",
-                step + 1,
-                last.unwrap_or_else(|| "none yet".into())
-            )));
-        }
-        let grad_norm = if config.grad_clip > 0.0 {
-            gpt.clip_grad_norm(f64::from(config.grad_clip))
-        } else {
-            gpt.grad_norm()
-        };
-        gpt.adamw_step(&mut opt, lr, config.weight_decay);
+        // The whole step on a worker of the thread pool: its many parallel loops then fork
+        // and join inside the pool instead of each being handed to it from this thread.
+        let (loss, grad_norm) = kiem_engine::kernels::in_pool(|| -> Result<(f64, f64)> {
+            gpt.zero_grad();
+            let mut loss_sum = 0.0f64;
+            for (inputs, targets, seq) in &batches {
+                let (sum, _) =
+                    gpt.forward(inputs, targets, config.micro_batch, *seq, Some(scale))?;
+                loss_sum += sum;
+                gpt.backward()?;
+            }
+            let loss = loss_sum / trained.max(1) as f64;
+            if !loss.is_finite() {
+                let last = list_checkpoints(run_dir)
+                    .pop()
+                    .map(|(s, d)| format!("step {s} in {}", d.display()));
+                return Err(TrainError::Diverged(format!(
+                    "loss is {loss} at step {}; stopped without saving this state. Last good checkpoint: {}. \
+                     Try a lower --lr or a longer --warmup-steps.",
+                    step + 1,
+                    last.unwrap_or_else(|| "none yet".into())
+                )));
+            }
+            let grad_norm = if config.grad_clip > 0.0 {
+                gpt.clip_grad_norm(f64::from(config.grad_clip))
+            } else {
+                gpt.grad_norm()
+            };
+            gpt.adamw_step(&mut opt, lr, config.weight_decay);
+            Ok((loss, grad_norm))
+        })?;
         state.step += 1;
         state.tokens_seen += step_tokens as u64;
         state.cursor = train_loader.cursor();
@@ -670,7 +676,9 @@ fn evaluate(
         if fresh < config.micro_batch {
             targets[fresh * shape.seq..].fill(None);
         }
-        let (sum, n) = gpt.forward(&inputs, &targets, config.micro_batch, shape.seq, None)?;
+        let (sum, n) = kiem_engine::kernels::in_pool(|| {
+            gpt.forward(&inputs, &targets, config.micro_batch, shape.seq, None)
+        })?;
         nats += sum;
         count += n;
         bytes += targets
