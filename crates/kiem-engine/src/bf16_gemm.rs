@@ -182,19 +182,29 @@ fn gemm_rounded(
 ) {
     let dst_ptr = SyncPtr(dst.as_mut_ptr());
     let panels_a = m.div_ceil(MR);
-    let mut a_pack = vec![0u32; panels_a * MR * KC_PAIRS];
+    // With A's rows contiguous and k even, each k pair of a row already is one word in the bf16
+    // copy, so the tiles read A in place: packing it would cost as much as a fifth of the
+    // product when n is small.
+    let a_in_place = lhs_strides.1 == 1 && k.is_multiple_of(2);
+    let mut a_pack = if a_in_place {
+        Vec::new()
+    } else {
+        vec![0u32; panels_a * MR * KC_PAIRS]
+    };
     let mut b_pack = vec![0u32; KC_PAIRS * NC];
     for pc in (0..k).step_by(2 * KC_PAIRS) {
         let kc = (k - pc).min(2 * KC_PAIRS);
         let pairs = kc.div_ceil(2);
         // All of A's rows for this k block, packed once and shared by every column block.
-        a_pack[..panels_a * MR * pairs]
-            .par_chunks_mut(MR * pairs)
-            .enumerate()
-            .for_each(|(i, panel)| {
-                let i0 = i * MR;
-                pack_a(panel, lhs, lhs_strides, i0, (m - i0).min(MR), pc, kc);
-            });
+        if !a_in_place {
+            a_pack[..panels_a * MR * pairs]
+                .par_chunks_mut(MR * pairs)
+                .enumerate()
+                .for_each(|(i, panel)| {
+                    let i0 = i * MR;
+                    pack_a(panel, lhs, lhs_strides, i0, (m - i0).min(MR), pc, kc);
+                });
+        }
         let overwrite = pc == 0 && !accumulate;
         for jc in (0..n).step_by(NC) {
             let nc = (n - jc).min(NC);
@@ -209,21 +219,33 @@ fn gemm_rounded(
             let (a_pack, b_pack) = (&a_pack, &b_pack);
             (0..m.div_ceil(MC)).into_par_iter().for_each(|block| {
                 for i0 in (block * MC..m.min((block + 1) * MC)).step_by(MR) {
-                    let a = &a_pack[i0 * pairs..(i0 + MR) * pairs];
+                    let mr = (m - i0).min(MR);
+                    // Where each of the tile's rows of A starts (rows past m repeat the last
+                    // one: read, never stored), and the step from one k pair to the next.
+                    let (a_rows, pair_step) = if a_in_place {
+                        let row =
+                            |r: usize| lhs[(i0 + r.min(mr - 1)) * lhs_strides.0 + pc..].as_ptr();
+                        (std::array::from_fn::<_, MR, _>(row), 2)
+                    } else {
+                        let panel = a_pack[i0 * pairs..].as_ptr() as *const u16;
+                        (std::array::from_fn(|r| panel.wrapping_add(2 * r)), 2 * MR)
+                    };
                     for p in 0..panels {
                         let j0 = jc + p * NR;
-                        // SAFETY: the CPU has AVX512-BF16 (asserted by `gemm`); the packed
-                        // panels hold `pairs` pairs; the tile's rows i0..i0+MR∧m and columns
-                        // j0..j0+NR∧n lie inside dst (asserted by `gemm`) and this task alone
-                        // writes the rows of its block.
+                        // SAFETY: the CPU has AVX512-BF16 (asserted by `gemm`); each row of A
+                        // holds `pairs` pairs from its start (packed, or the row's k block in
+                        // place, k even), as does the packed panel of B; the tile's rows
+                        // i0..i0+mr and columns j0..j0+NR∧n lie inside dst (asserted by `gemm`)
+                        // and this task alone writes the rows of its block.
                         unsafe {
                             tile(
                                 pairs,
-                                a.as_ptr(),
+                                a_rows,
+                                pair_step,
                                 b_pack[p * pairs * NR..].as_ptr(),
                                 dst_ptr.get().add(i0 * ldc + j0),
                                 ldc,
-                                (m - i0).min(MR),
+                                mr,
                                 (jc + nc - j0).min(NR),
                                 overwrite,
                             )
@@ -256,6 +278,17 @@ fn pack_a(
             let row = &a[(i0 + r) * rs + p0..(i0 + r) * rs + p0 + kc];
             for (q, two) in row.chunks_exact(2).enumerate() {
                 dst[q * MR + r] = u32::from(two[0]) | (u32::from(two[1]) << 16);
+            }
+        }
+    } else if rs == 1 && mr == MR && i0 + 8 <= a.len() - (p0 + kc - 1) * cs {
+        // Columns of A are contiguous (a transposed operand), and 8 values from row i0 on lie
+        // inside A for every k: interleave two k rows eight values at a time, keep six.
+        for q in 0..kc / 2 {
+            let lo = &a[(p0 + 2 * q) * cs + i0..][..8];
+            let hi = &a[(p0 + 2 * q + 1) * cs + i0..][..8];
+            let out = &mut dst[q * MR..(q + 1) * MR];
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = u32::from(lo[r]) | (u32::from(hi[r]) << 16);
             }
         }
     } else {
@@ -319,18 +352,21 @@ fn pack_b(
     }
 }
 
-/// One `mr × nr` tile of dst (at most MR × NR) from packed panels: `c = a · b` when
-/// `overwrite`, else `c += a · b`.
+/// One `mr × nr` tile of dst (at most MR × NR): `c = a · b` when `overwrite`, else
+/// `c += a · b`. Row `r` of A has its k pair `q` (two bf16, the lower k in the low half) at
+/// `a_rows[r] + q · pair_step` (in bf16 units); B is a packed panel.
 ///
 /// # Safety
-/// The CPU has AVX-512F and AVX512-BF16; `a` holds `pairs · MR` words and `b` `pairs · NR`;
-/// rows `0..mr` (stride `ldc`) and columns `0..nr` of `c` are valid for reads and writes.
+/// The CPU has AVX-512F and AVX512-BF16; each row of A holds `pairs` pairs so laid out and `b`
+/// `pairs · NR` words; rows `0..mr` (stride `ldc`) and columns `0..nr` of `c` are valid for
+/// reads and writes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     pairs: usize,
-    a: *const u32,
+    a_rows: [*const u16; MR],
+    pair_step: usize,
     b: *const u32,
     c: *mut f32,
     ldc: usize,
@@ -347,9 +383,9 @@ unsafe fn tile(
         for (v, x) in bv.iter_mut().enumerate() {
             *x = _mm512_loadu_si512(bq.add(16 * v) as *const _);
         }
-        let aq = a.add(q * MR);
         for (r, acc) in acc.iter_mut().enumerate() {
-            let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(r) as i32));
+            let pair = (a_rows[r].add(q * pair_step) as *const u32).read_unaligned();
+            let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
             for (acc, &bv) in acc.iter_mut().zip(&bv) {
                 *acc = _mm512_dpbf16_ps(*acc, ar, std::mem::transmute::<__m512i, __m512bh>(bv));
             }
@@ -387,7 +423,8 @@ unsafe fn tile(
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     _: usize,
-    _: *const u32,
+    _: [*const u16; MR],
+    _: usize,
     _: *const u32,
     _: *mut f32,
     _: usize,
@@ -485,7 +522,8 @@ mod tests {
             return;
         }
         // Sizes straddle the tile (6 × 64), the k block (384) and the column block (512), with
-        // enough rows for many panels of A.
+        // enough rows for many panels of A; even k (A read in place when its rows are
+        // contiguous) and odd k (A packed), down to a last k block of one pair.
         for &(m, n, k) in &[
             (1, 1, 1),
             (7, 65, 3),
@@ -493,6 +531,7 @@ mod tests {
             (50, 520, 800),
             (6, 64, 2),
             (200, 70, 391),
+            (14, 100, 770),
         ] {
             for lhs_t in [false, true] {
                 for rhs_t in [false, true] {
