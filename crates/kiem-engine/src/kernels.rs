@@ -153,6 +153,15 @@ pub enum MatmulPrecision {
 }
 
 impl MatmulPrecision {
+    /// The fastest precision this CPU offers: bf16 with AVX512-BF16, else fp32.
+    pub fn fastest_available() -> MatmulPrecision {
+        if crate::bf16_gemm::available() {
+            MatmulPrecision::Bf16
+        } else {
+            MatmulPrecision::Fp32
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             MatmulPrecision::Fp32 => "fp32",

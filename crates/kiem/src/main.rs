@@ -105,6 +105,19 @@ pub fn physical_cores() -> usize {
     }
 }
 
+/// `--precision` of the training commands: fp32, bf16, or auto (resolved here, so the run
+/// records the precision it used).
+pub fn parse_training_precision(
+    value: &str,
+) -> Result<kiem_engine::kernels::MatmulPrecision, String> {
+    match value {
+        "auto" => Ok(kiem_engine::kernels::MatmulPrecision::fastest_available()),
+        other => other
+            .parse()
+            .map_err(|_| format!("unknown precision {other:?} (expected fp32, bf16 or auto)")),
+    }
+}
+
 impl ThreadArgs {
     /// Sizes the global rayon pool; returns the thread count in use. The pool is built once
     /// per process: later calls (`kiem demo` runs several commands) keep it.

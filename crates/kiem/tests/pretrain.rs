@@ -133,7 +133,8 @@ fn cpu_has_bf16() -> bool {
 }
 
 /// bf16 matrix products: the run records its precision, resumes bit-identically after a
-/// SIGKILL, and learns as the fp32 run does; CPUs without AVX512-BF16 get a clear error.
+/// SIGKILL, and learns as the fp32 run does; CPUs without AVX512-BF16 get a clear error, and
+/// `--precision auto` falls back to fp32 on them.
 #[test]
 fn bf16_run_resumes_exactly_and_tracks_fp32() {
     let tmp = tempfile::tempdir().unwrap();
@@ -144,6 +145,14 @@ fn bf16_run_resumes_exactly_and_tracks_fp32() {
         args.extend_from_slice(RUN_FLAGS);
         args
     };
+    // auto takes bf16 where the CPU has it, else fp32, and records which.
+    let auto = run(&with("auto", "auto"), dir);
+    let stderr = String::from_utf8_lossy(&auto.stderr).into_owned();
+    ok(auto);
+    let resolved = if cpu_has_bf16() { "bf16" } else { "fp32" };
+    assert_eq!(read_json(&dir.join("auto/run.json"))["precision"], resolved);
+    assert!(stderr.contains(&format!("{resolved} matmuls")), "{stderr}");
+    failed(run(&with("odd", "fp16"), dir), &["fp32, bf16 or auto"]);
     if !cpu_has_bf16() {
         failed(run(&with("bf16", "bf16"), dir), &["AVX512-BF16"]);
         return;

@@ -138,9 +138,10 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
 
-    /// Operands of the layers' matrix products: fp32, or bf16 (fp32 sums and master weights;
-    /// about 1.7x faster products on CPUs with AVX512-BF16) [default: fp32].
-    #[arg(long, value_name = "P")]
+    /// Operands of the layers' matrix products: fp32; bf16 (fp32 sums and master weights;
+    /// products about 1.7x faster; needs AVX512-BF16); or auto: bf16 where the CPU has
+    /// AVX512-BF16, else fp32. The run records the one used [default: fp32].
+    #[arg(long, value_name = "P", value_parser = crate::parse_training_precision)]
     precision: Option<MatmulPrecision>,
 
     #[command(flatten)]
@@ -397,7 +398,8 @@ impl Observer for CliObserver {
         let m = &config.model;
         self.line(&format!(
             "{} GPT: {} layers, {} heads, width {}, context {}, vocab {} = {:.2}M parameters; \
-             up to {} tokens/step ({} rows × {} × {} accumulation), {} steps, {} threads",
+             up to {} tokens/step ({} rows × {} × {} accumulation), {} steps, {} threads, \
+             {} matmuls",
             if resumed_from.is_some() {
                 "resuming"
             } else {
@@ -414,7 +416,8 @@ impl Observer for CliObserver {
             config.seq,
             config.grad_accumulation(),
             config.steps,
-            self.threads
+            self.threads,
+            config.precision.name()
         ));
         if let Some(step) = resumed_from {
             self.line(&format!("resumed from the checkpoint at step {step}"));
