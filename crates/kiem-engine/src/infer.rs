@@ -11,12 +11,14 @@ use crate::{EngineError, Gpt, Result};
 /// Keys and values of one sequence for every layer, up to the model's context.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// `[layer][position][channel]`
+    /// `[layer][head][position][head channel]`: a head's keys (and values) are contiguous, so
+    /// decoding's attention streams them.
     k: Vec<f32>,
     v: Vec<f32>,
     len: usize,
     capacity: usize,
-    channels: usize,
+    heads: usize,
+    head_size: usize,
 }
 
 impl KvCache {
@@ -27,7 +29,8 @@ impl KvCache {
             v: vec![0.0; l * t * c],
             len: 0,
             capacity: t,
-            channels: c,
+            heads: gpt.config.n_head,
+            head_size: c / gpt.config.n_head,
         }
     }
 
@@ -49,8 +52,19 @@ impl KvCache {
         self.len = 0;
     }
 
-    fn row(&self, layer: usize, pos: usize) -> usize {
-        (layer * self.capacity + pos) * self.channels
+    /// Where head `head` of layer `layer` starts in `k` and `v` (position 0).
+    fn head_start(&self, layer: usize, head: usize) -> usize {
+        (layer * self.heads + head) * self.capacity * self.head_size
+    }
+
+    /// Stores the keys and values (`[channel]` each, heads side by side) of position `pos`.
+    fn store(&mut self, layer: usize, pos: usize, keys: &[f32], values: &[f32]) {
+        let hs = self.head_size;
+        for h in 0..self.heads {
+            let at = self.head_start(layer, h) + pos * hs;
+            self.k[at..at + hs].copy_from_slice(&keys[h * hs..(h + 1) * hs]);
+            self.v[at..at + hs].copy_from_slice(&values[h * hs..(h + 1) * hs]);
+        }
     }
 }
 
@@ -174,10 +188,8 @@ impl<K: Kernels> Gpt<K> {
                 3 * c,
             );
             for (r, &(s, pos)) in rows.iter().enumerate() {
-                let cache = &mut caches[s];
-                let at = cache.row(l, pos);
-                cache.k[at..at + c].copy_from_slice(&qkv[r * 3 * c + c..r * 3 * c + 2 * c]);
-                cache.v[at..at + c].copy_from_slice(&qkv[r * 3 * c + 2 * c..r * 3 * c + 3 * c]);
+                let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
+                caches[s].store(l, pos, &row[c..2 * c], &row[2 * c..]);
             }
             attention_cached(&mut y, &qkv, caches, &rows, l, cfg.n_head);
             self.product(
@@ -293,8 +305,9 @@ fn attention_cached(
                 // A plain loop: an iterator adapter's closure would be compiled on its own, for
                 // the baseline CPU.
                 let mut scores = vec![0f32; pos + 1];
-                for (t, score) in scores.iter_mut().enumerate() {
-                    let key = &cache.k[cache.row(layer, t) + h * hs..][..hs];
+                let start = cache.head_start(layer, h);
+                let keys = cache.k[start..start + (pos + 1) * hs].chunks_exact(hs);
+                for (score, key) in scores.iter_mut().zip(keys) {
                     *score = crate::kernels::lane_dot(q, key) * scale;
                 }
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -304,8 +317,8 @@ fn attention_cached(
                     sum += *s;
                 }
                 y.fill(0.0);
-                for (t, &w) in scores.iter().enumerate() {
-                    let value = &cache.v[cache.row(layer, t) + h * hs..][..hs];
+                let values = cache.v[start..start + (pos + 1) * hs].chunks_exact(hs);
+                for (&w, value) in scores.iter().zip(values) {
                     let w = w / sum;
                     for (y, &v) in y.iter_mut().zip(value) {
                         *y += w * v;
