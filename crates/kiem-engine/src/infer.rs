@@ -302,8 +302,8 @@ fn attention_cached(
         crate::kernels::wide(
             #[inline(always)]
             || {
-                // A plain loop: an iterator adapter's closure would be compiled on its own, for
-                // the baseline CPU.
+                // No closures in these loops: an iterator adapter's closure is compiled on its
+                // own, for the baseline CPU.
                 let mut scores = vec![0f32; pos + 1];
                 let start = cache.head_start(layer, h);
                 let keys = cache.k[start..start + (pos + 1) * hs].chunks_exact(hs);

@@ -214,17 +214,16 @@ impl<K: Kernels> Gpt<K> {
     /// very memory decoding streams, the denominator of its bandwidth bound.
     pub fn stream_decoding_weights(&self) -> u32 {
         const CHUNK: usize = 1 << 16;
-        let sum = |a: u32, b: u32| a.wrapping_add(b);
         match &self.params_bf16 {
             Some(bf16) => bf16
                 .par_chunks(CHUNK)
                 .map(crate::kernels::streaming_read_u16)
-                .reduce(|| 0, sum),
+                .reduce(|| 0, u32::wrapping_add),
             None => self
                 .params
                 .par_chunks(CHUNK)
                 .map(crate::kernels::streaming_read_f32)
-                .reduce(|| 0, sum),
+                .reduce(|| 0, u32::wrapping_add),
         }
     }
 
