@@ -78,12 +78,7 @@ fn main() {
             )
         });
     }
-    let d = Dims {
-        batch: b,
-        seq: t,
-        channels: c,
-        heads: nh,
-    };
+    let d = Dims::mha(b, t, c, nh);
     let qkv = vec![0.1f32; rows * 3 * c];
     let mut att = vec![0f32; b * nh * t * t];
     let mut y = vec![0f32; rows * c];

@@ -1,37 +1,52 @@
 //! Inference with a KV cache: prefill a prompt, then decode one token at a time, for several
-//! sequences at once (their new rows share every matmul). Layer norms, matmuls, GELU, residual
-//! adds and the embedding use the training kernels; attention reads keys and values from the
-//! cache instead of recomputing them.
+//! sequences at once (their new rows share every matmul). Each block runs the same
+//! `Gpt::block_forward` as training; only attention differs: it stores the new rows' keys and
+//! values in the cache and reads every earlier position from there.
 
 use rayon::prelude::*;
 
-use crate::kernels::{matmul_thin_bf16, Kernels, WeightLayout, SKINNY_ROWS};
+use crate::kernels::{Kernels, WeightLayout};
+use crate::model::BlockBuffers;
 use crate::{EngineError, Gpt, Result};
 
-/// Keys and values of one sequence for every layer, up to the model's context.
+/// Keys and values of one sequence for every layer. Only the key/value heads are stored
+/// (grouped-query attention shares them between query heads). Room grows as the sequence
+/// does, up to the model's context, so a model with a 128k context does not reserve 128k
+/// positions for every short chat.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// `[layer][head][position][head channel]`: a head's keys (and values) are contiguous, so
-    /// decoding's attention streams them.
+    /// `[layer][kv head][position][head channel]`: a head's keys (and values) are contiguous,
+    /// so decoding's attention streams them.
     k: Vec<f32>,
     v: Vec<f32>,
     len: usize,
+    /// Positions allocated per (layer, head).
     capacity: usize,
+    /// The model's context: the most positions the cache will ever hold.
+    context: usize,
+    layers: usize,
     heads: usize,
     head_size: usize,
 }
 
+/// Positions a new cache allocates room for before it first grows.
+const INITIAL_POSITIONS: usize = 256;
+
 impl KvCache {
     pub fn new(gpt: &Gpt<impl Kernels>) -> Self {
-        let (l, t, c) = (gpt.config.n_layer, gpt.config.context, gpt.config.n_embd);
-        Self {
-            k: vec![0.0; l * t * c],
-            v: vec![0.0; l * t * c],
+        let cfg = &gpt.config;
+        let mut cache = Self {
+            k: Vec::new(),
+            v: Vec::new(),
             len: 0,
-            capacity: t,
-            heads: gpt.config.n_head,
-            head_size: c / gpt.config.n_head,
-        }
+            capacity: 0,
+            context: cfg.context,
+            layers: cfg.n_layer,
+            heads: cfg.kv_heads(),
+            head_size: cfg.head_dim(),
+        };
+        cache.reserve(INITIAL_POSITIONS.min(cfg.context));
+        cache
     }
 
     /// Tokens already in the cache (the next token's position).
@@ -45,11 +60,37 @@ impl KvCache {
 
     /// Room left before the context is full.
     pub fn remaining(&self) -> usize {
-        self.capacity - self.len
+        self.context - self.len
     }
 
     pub fn clear(&mut self) {
         self.len = 0;
+    }
+
+    /// Bytes of keys and values the cache holds now.
+    pub fn allocated_bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 4
+    }
+
+    /// Makes room for `positions` positions (at most the context), keeping what is stored.
+    fn reserve(&mut self, positions: usize) {
+        let positions = positions.min(self.context);
+        if positions <= self.capacity {
+            return;
+        }
+        let capacity = positions.max(2 * self.capacity).min(self.context);
+        let (hs, old) = (self.head_size, self.capacity);
+        let slabs = self.layers * self.heads;
+        for buf in [&mut self.k, &mut self.v] {
+            let mut grown = vec![0f32; slabs * capacity * hs];
+            for slab in 0..slabs {
+                let kept = self.len * hs;
+                grown[slab * capacity * hs..][..kept]
+                    .copy_from_slice(&buf[slab * old * hs..][..kept]);
+            }
+            *buf = grown;
+        }
+        self.capacity = capacity;
     }
 
     /// Where head `head` of layer `layer` starts in `k` and `v` (position 0).
@@ -57,7 +98,7 @@ impl KvCache {
         (layer * self.heads + head) * self.capacity * self.head_size
     }
 
-    /// Stores the keys and values (`[channel]` each, heads side by side) of position `pos`.
+    /// Stores the keys and values (`[kv channel]` each, heads side by side) of position `pos`.
     fn store(&mut self, layer: usize, pos: usize, keys: &[f32], values: &[f32]) {
         let hs = self.head_size;
         for h in 0..self.heads {
@@ -69,30 +110,6 @@ impl KvCache {
 }
 
 impl<K: Kernels> Gpt<K> {
-    /// A product with one of the parameter matrices (`weights` indexes `params`): thin ones read
-    /// the bf16 copy when the model has one ([`Gpt::use_bf16_weights`]), all others go through
-    /// the kernels.
-    #[allow(clippy::too_many_arguments)]
-    fn product(
-        &self,
-        out: &mut [f32],
-        inp: &[f32],
-        weights: std::ops::Range<usize>,
-        layout: WeightLayout,
-        bias: Option<&[f32]>,
-        c_in: usize,
-        c_out: usize,
-    ) {
-        if let Some(w16) = &self.params_bf16 {
-            if layout == WeightLayout::OutIn && inp.len() / c_in <= SKINNY_ROWS {
-                matmul_thin_bf16(out, inp, &w16[weights], bias, c_in, c_out);
-                return;
-            }
-        }
-        self.kernels
-            .matmul_forward(out, inp, &self.params[weights], layout, bias, c_in, c_out);
-    }
-
     /// Appends `new_tokens[i]` to sequence `i` (whose keys and values are in `caches[i]`) and
     /// returns the logits after each sequence's last new token, `[sequences, padded_vocab]`.
     /// A sequence with no new tokens is skipped (its row of logits is left zero).
@@ -130,6 +147,9 @@ impl<K: Kernels> Gpt<K> {
                 )));
             }
         }
+        for (cache, tokens) in caches.iter_mut().zip(new_tokens) {
+            cache.reserve(cache.len + tokens.len());
+        }
         // Rows of this pass: (sequence, position) for every new token, sequence by sequence.
         let starts: Vec<usize> = caches.iter().map(KvCache::len).collect();
         let rows: Vec<(usize, usize)> = new_tokens
@@ -143,94 +163,60 @@ impl<K: Kernels> Gpt<K> {
         if n == 0 {
             return Ok(logits);
         }
-        let k = &self.kernels;
+        let positions: Vec<u32> = rows.iter().map(|&(_, pos)| pos as u32).collect();
         let p = &self.params;
         let lay = &self.layout;
         let flat: Vec<u32> = new_tokens.iter().flat_map(|t| t.iter().copied()).collect();
 
-        // Embedding: token row + position row (positions differ per sequence).
+        // Embedding: token row (+ position row; positions differ per sequence).
         let mut x = vec![0f32; n * c];
         x.par_chunks_mut(c)
             .zip(rows.par_iter())
             .zip(flat.par_iter())
             .for_each(|((out, &(_, pos)), &tok)| {
-                let e = &p[lay.wte.start + tok as usize * c..][..c];
-                let w = &p[lay.wpe.start + pos * c..][..c];
-                for i in 0..c {
-                    out[i] = e[i] + w[i];
+                out.copy_from_slice(&p[lay.wte.start + tok as usize * c..][..c]);
+                if let Some(wpe) = &lay.wpe {
+                    for (o, w) in out.iter_mut().zip(&p[wpe.start + pos * c..][..c]) {
+                        *o += w;
+                    }
                 }
             });
-        let mut h = vec![0f32; n * c];
-        let mut qkv = vec![0f32; n * 3 * c];
-        let mut y = vec![0f32; n * c];
-        let mut proj = vec![0f32; n * c];
-        let mut fc = vec![0f32; n * 4 * c];
-        let mut fc_gelu = vec![0f32; n * 4 * c];
-        let (mut mean, mut rstd) = (vec![0f32; n], vec![0f32; n]);
-        let mut residual = vec![0f32; n * c];
-        for (l, lp) in lay.layers.iter().enumerate() {
-            k.layernorm_forward(
-                &mut h,
-                &mut mean,
-                &mut rstd,
-                &x,
-                &p[lp.ln1_w.clone()],
-                &p[lp.ln1_b.clone()],
-                c,
-            );
-            self.product(
-                &mut qkv,
-                &h,
-                lp.qkv_w.clone(),
-                self.matrices,
-                Some(&p[lp.qkv_b.clone()]),
-                c,
-                3 * c,
-            );
-            for (r, &(s, pos)) in rows.iter().enumerate() {
-                let row = &qkv[r * 3 * c..(r + 1) * 3 * c];
-                caches[s].store(l, pos, &row[c..2 * c], &row[2 * c..]);
-            }
-            attention_cached(&mut y, &qkv, caches, &rows, l, cfg.n_head);
-            self.product(
-                &mut proj,
-                &y,
-                lp.attn_proj_w.clone(),
-                self.matrices,
-                Some(&p[lp.attn_proj_b.clone()]),
-                c,
-                c,
-            );
-            k.add(&mut residual, &x, &proj);
-            k.layernorm_forward(
-                &mut h,
-                &mut mean,
-                &mut rstd,
-                &residual,
-                &p[lp.ln2_w.clone()],
-                &p[lp.ln2_b.clone()],
-                c,
-            );
-            self.product(
-                &mut fc,
-                &h,
-                lp.fc_w.clone(),
-                self.matrices,
-                Some(&p[lp.fc_b.clone()]),
-                c,
-                4 * c,
-            );
-            k.gelu_forward(&mut fc_gelu, &fc);
-            self.product(
-                &mut proj,
-                &fc_gelu,
-                lp.fc_proj_w.clone(),
-                self.matrices,
-                Some(&p[lp.fc_proj_b.clone()]),
-                4 * c,
-                c,
-            );
-            k.add(&mut x, &residual, &proj);
+        let d = self.dims(1, 1);
+        let zeros = |width: usize| vec![0f32; n * width];
+        let (mut norm1, mut norm2, mut residual2) = (zeros(c), zeros(c), zeros(c));
+        let (mut mean1, mut rstd1, mut mean2, mut rstd2) = (zeros(1), zeros(1), zeros(1), zeros(1));
+        let mut qkv = zeros(cfg.qkv_width());
+        let mut atty = zeros(cfg.q_width());
+        let mut mlp_pre = zeros(cfg.mlp_in_width());
+        let mut mlp_act = zeros(cfg.mlp_hidden());
+        let (mut out, mut scratch) = (zeros(c), zeros(c));
+        for l in 0..cfg.n_layer {
+            let buffers = BlockBuffers {
+                input: &x,
+                norm1: &mut norm1,
+                mean1: &mut mean1,
+                rstd1: &mut rstd1,
+                qkv: &mut qkv,
+                atty: &mut atty,
+                residual2: &mut residual2,
+                norm2: &mut norm2,
+                mean2: &mut mean2,
+                rstd2: &mut rstd2,
+                mlp_pre: &mut mlp_pre,
+                mlp_act: &mut mlp_act,
+                output: &mut out,
+                scratch: &mut scratch,
+            };
+            self.block_forward(l, buffers, &positions, &mut |y, qkv| {
+                let (qw, kvw) = (d.q_width(), cfg.kv_width());
+                let w = d.qkv_width();
+                for (r, &(s, pos)) in rows.iter().enumerate() {
+                    let row = &qkv[r * w..(r + 1) * w];
+                    caches[s].store(l, pos, &row[qw..qw + kvw], &row[qw + kvw..]);
+                }
+                attention_cached(y, qkv, caches, &rows, l, d);
+            });
+            std::mem::swap(&mut x, &mut out);
         }
         for (cache, tokens) in caches.iter_mut().zip(new_tokens) {
             cache.len += tokens.len();
@@ -254,58 +240,56 @@ impl<K: Kernels> Gpt<K> {
         }
         let mut normed = vec![0f32; m * c];
         let (mut mean, mut rstd) = (vec![0f32; m], vec![0f32; m]);
-        k.layernorm_forward(
+        self.norm_forward(
             &mut normed,
             &mut mean,
             &mut rstd,
             &last,
-            &p[lay.lnf_w.clone()],
-            &p[lay.lnf_b.clone()],
-            c,
+            &lay.normf_w,
+            &lay.normf_b,
         );
-        let mut out = vec![0f32; m * vp];
+        let mut head_out = vec![0f32; m * vp];
         self.product(
-            &mut out,
+            &mut head_out,
             &normed,
-            lay.wte.clone(),
+            lay.head_weights(),
             WeightLayout::OutIn,
             None,
             c,
             vp,
         );
         for (i, &(s, _)) in last_rows.iter().enumerate() {
-            logits[s * vp..(s + 1) * vp].copy_from_slice(&out[i * vp..(i + 1) * vp]);
+            logits[s * vp..(s + 1) * vp].copy_from_slice(&head_out[i * vp..(i + 1) * vp]);
         }
         Ok(logits)
     }
 }
 
 /// Causal attention of each new row over its sequence's cached keys and values (which already
-/// include the new rows' own).
+/// include the new rows' own). Query head `h` reads key/value head `h / group`.
 fn attention_cached(
     out: &mut [f32],
     qkv: &[f32],
     caches: &[KvCache],
     rows: &[(usize, usize)],
     layer: usize,
-    heads: usize,
+    d: crate::kernels::Dims,
 ) {
-    let c = out.len() / rows.len();
-    let hs = c / heads;
+    let (heads, hs, w, group) = (d.heads, d.head_dim, d.qkv_width(), d.group());
     let scale = 1.0 / (hs as f32).sqrt();
     // One task per (row, head): a single decoding row still keeps every thread busy.
     out.par_chunks_mut(hs).enumerate().for_each(|(i, y)| {
         let (r, h) = (i / heads, i % heads);
         let (s, pos) = rows[r];
         let cache = &caches[s];
-        let q = &qkv[r * 3 * c + h * hs..][..hs];
+        let q = &qkv[r * w + h * hs..][..hs];
         crate::kernels::wide(
             #[inline(always)]
             || {
                 // No closures in these loops: an iterator adapter's closure is compiled on its
                 // own, for the baseline CPU.
                 let mut scores = vec![0f32; pos + 1];
-                let start = cache.head_start(layer, h);
+                let start = cache.head_start(layer, h / group);
                 let keys = cache.k[start..start + (pos + 1) * hs].chunks_exact(hs);
                 for (score, key) in scores.iter_mut().zip(keys) {
                     *score = crate::kernels::lane_dot(q, key) * scale;

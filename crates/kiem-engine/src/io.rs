@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
+use crate::config::Arch;
 use crate::kernels::{Kernels, LAYERNORM_EPS};
 use crate::{EngineError, Gpt, ModelConfig, Result};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("kiem writes little-endian safetensors by reinterpreting f32 buffers");
 
-fn file_err(path: &Path, message: impl Into<String>) -> EngineError {
+pub(crate) fn file_err(path: &Path, message: impl Into<String>) -> EngineError {
     EngineError::File {
         path: path.to_path_buf(),
         message: message.into(),
@@ -83,68 +84,171 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Tensors by name: shape and f32 values.
 pub type NamedTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// A safetensors file, memory-mapped and its header checked: tensors are read straight from
+/// the mapping, so loading a model costs its parameters, not a copy of the file besides.
+pub struct MappedTensors {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl MappedTensors {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| file_err(path, e.to_string()))?;
+        // SAFETY: the mapping is read-only; kiem never writes a weights file while reading it
+        // (checkpoints are written under a temporary name and renamed into place).
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_err(path, e.to_string()))?;
+        let mapped = MappedTensors {
+            path: path.to_path_buf(),
+            map,
+        };
+        mapped.tensors()?;
+        Ok(mapped)
+    }
+
+    /// The parsed file; the safetensors crate bounds-checks every offset against the file.
+    pub fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.map)
+            .map_err(|e| file_err(&self.path, format!("not a valid safetensors file: {e}")))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Converts one tensor's values to f32 into `dst` (whose length must match).
+fn convert_into(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    dst: &mut [f32],
+) -> Result<()> {
+    let data = view.data();
+    let width = match view.dtype() {
+        Dtype::F32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        other => {
+            return Err(file_err(
+                path,
+                format!("tensor {name} has dtype {other:?}; kiem reads F32, F16 and BF16"),
+            ))
+        }
+    };
+    if data.len() != dst.len() * width {
+        return Err(file_err(
+            path,
+            format!(
+                "tensor {name}: {} bytes for {} values",
+                data.len(),
+                dst.len()
+            ),
+        ));
+    }
+    match view.dtype() {
+        Dtype::F32 => {
+            for (d, b) in dst.iter_mut().zip(data.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::BF16 => {
+            for (d, b) in dst.iter_mut().zip(data.chunks_exact(2)) {
+                *d = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+        _ => {
+            for (d, b) in dst.iter_mut().zip(data.chunks_exact(2)) {
+                *d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads named tensors from a safetensors file as f32 (converting F16/BF16).
 pub fn read_tensors(path: &Path) -> Result<NamedTensors> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, e.to_string()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| file_err(path, format!("not a safetensors file: {e}")))?;
+    let mapped = MappedTensors::open(path)?;
+    let st = mapped.tensors()?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(file_err(
-                    path,
-                    format!("tensor {name} has dtype {other:?}; kiem reads F32, F16 and BF16"),
-                ))
-            }
-        };
+        let len = view
+            .shape()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d));
+        let len = len.ok_or_else(|| file_err(path, format!("tensor {name}: shape overflows")))?;
+        let mut values = vec![0f32; len];
+        convert_into(path, &name, &view, &mut values)?;
         out.insert(name, (view.shape().to_vec(), values));
     }
     Ok(out)
+}
+
+/// The weight files of a model directory: `model.safetensors`, or the shards that
+/// `model.safetensors.index.json` names (as large checkpoints ship).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.exists() {
+        return Err(file_err(
+            dir,
+            "no model.safetensors or model.safetensors.index.json (kiem reads safetensors weights only)",
+        ));
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| file_err(&index, e.to_string()))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| file_err(&index, format!("malformed JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| file_err(&index, "no weight_map object"))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| file_err(&index, format!("weight_map[{tensor}] is not a file name")))?;
+        // Shards live beside the index: a name with a directory part could point anywhere.
+        let plain = Path::new(file).file_name().is_some_and(|n| n == file);
+        if !plain {
+            return Err(file_err(
+                &index,
+                format!("shard name {file:?} is not a plain file name"),
+            ));
+        }
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            if !path.exists() {
+                return Err(file_err(
+                    &index,
+                    format!("names shard {file}, which is missing"),
+                ));
+            }
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 impl<K: Kernels> Gpt<K> {
     /// Parameters as Hugging Face tensors (padded vocabulary rows dropped).
     ///
     /// # Panics
-    /// For a model transposed for decoding (its matrices are not in the files' order).
+    /// For a model prepared for decoding only (its matrices may not be in the files' order).
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
         assert!(
             self.check_training_layout().is_ok(),
             "hf_tensors of a model transposed for decoding"
         );
-        let live_wte = self.config.vocab_size * self.config.n_embd;
+        let vocab = self.config.vocab_size;
         self.layout
             .tensors
             .iter()
             .map(|spec| {
-                if spec.name == "transformer.wte.weight" {
-                    let data = &self.params[spec.range.start..spec.range.start + live_wte];
-                    (
-                        spec.name.clone(),
-                        vec![self.config.vocab_size, self.config.n_embd],
-                        data,
-                    )
-                } else {
-                    (
-                        spec.name.clone(),
-                        spec.shape.clone(),
-                        &self.params[spec.range.clone()],
-                    )
-                }
+                let data = &self.params[spec.range.start..spec.range.start + spec.live_len(vocab)];
+                (spec.name.clone(), spec.file_shape(vocab), data)
             })
             .collect()
     }
@@ -156,73 +260,174 @@ impl<K: Kernels> Gpt<K> {
         write_tensors(path, &self.hf_tensors(), Some(metadata))
     }
 
-    /// Loads parameters from Hugging Face tensors; every tensor must be present with its shape.
-    pub fn load_tensors(
-        &mut self,
-        path: &Path,
-        tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>,
-    ) -> Result<()> {
+    /// The flat-buffer tensor a file's tensor name stands for (`None`: not one of ours).
+    fn spec_index(&self, name: &str) -> Option<usize> {
+        // A bare `GPT2Model` (the original `gpt2` checkpoint) names its tensors `h.0...`.
+        let name = if self.config.arch == Arch::Gpt2
+            && !name.starts_with("transformer.")
+            && name != "lm_head.weight"
+        {
+            std::borrow::Cow::Owned(format!("transformer.{name}"))
+        } else {
+            std::borrow::Cow::Borrowed(name)
+        };
+        self.layout.tensors.iter().position(|t| t.name == *name)
+    }
+
+    /// Tensors that files carry besides the parameters, which loading skips: GPT-2's causal
+    /// mask buffers, and the rotary frequencies older Llama checkpoints saved.
+    fn is_buffer(name: &str) -> bool {
+        name.ends_with(".attn.bias")
+            || name.ends_with(".attn.masked_bias")
+            || name.ends_with("rotary_emb.inv_freq")
+    }
+
+    /// Loads parameters from safetensors files, reading each tensor from its memory-mapped
+    /// file straight into the parameter buffer. Every parameter must be present exactly once
+    /// with its shape; a tied output head, if the file has one, must equal the embedding.
+    pub fn load_files(&mut self, files: &[PathBuf]) -> Result<()> {
         self.check_training_layout()?;
-        let c = self.config.n_embd;
-        for spec in self.layout.tensors.clone() {
-            let (shape, data) = tensors
-                .get(&spec.name)
-                .ok_or_else(|| file_err(path, format!("tensor {} is missing", spec.name)))?;
-            let want = if spec.name == "transformer.wte.weight" {
-                vec![self.config.vocab_size, c]
-            } else {
-                spec.shape.clone()
-            };
-            if *shape != want {
+        let vocab = self.config.vocab_size;
+        let mut seen = vec![false; self.layout.tensors.len()];
+        let mut tied_head: Option<(PathBuf, Vec<f32>)> = None;
+        for path in files {
+            let mapped = MappedTensors::open(path)?;
+            let st = mapped.tensors()?;
+            for (name, view) in st.tensors() {
+                if Self::is_buffer(&name) {
+                    continue;
+                }
+                let Some(i) = self.spec_index(&name) else {
+                    if name == "lm_head.weight" && self.config.block.tied_head {
+                        let mut head = vec![0f32; vocab * self.config.n_embd];
+                        if view.shape() != [vocab, self.config.n_embd] {
+                            return Err(file_err(
+                                path,
+                                format!("lm_head.weight has shape {:?}", view.shape()),
+                            ));
+                        }
+                        convert_into(path, &name, &view, &mut head)?;
+                        tied_head = Some((path.clone(), head));
+                        continue;
+                    }
+                    return Err(file_err(
+                        path,
+                        format!(
+                            "unexpected tensor {name}: not part of a {} model with this config",
+                            self.config.arch.name()
+                        ),
+                    ));
+                };
+                let spec = &self.layout.tensors[i];
+                if std::mem::replace(&mut seen[i], true) {
+                    return Err(file_err(path, format!("tensor {name} appears twice")));
+                }
+                let want = spec.file_shape(vocab);
+                if view.shape() != want.as_slice() {
+                    return Err(file_err(
+                        path,
+                        format!(
+                            "tensor {name} has shape {:?}, expected {want:?}",
+                            view.shape()
+                        ),
+                    ));
+                }
+                let live = spec.live_len(vocab);
+                let dst = &mut self.params[spec.range.clone()];
+                convert_into(path, &name, &view, &mut dst[..live])?;
+                dst[live..].fill(0.0);
+            }
+        }
+        if let Some(missing) = seen.iter().position(|&s| !s) {
+            let where_ = files
+                .first()
+                .map_or(PathBuf::from("(no files)"), |f| f.clone());
+            return Err(file_err(
+                &where_,
+                format!("tensor {} is missing", self.layout.tensors[missing].name),
+            ));
+        }
+        if let Some((path, head)) = tied_head {
+            let wte = &self.params[self.layout.wte.start..self.layout.wte.start + head.len()];
+            if head != wte {
+                return Err(file_err(&path, "lm_head.weight differs from the token embedding, but the config ties them (tie_word_embeddings)"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads parameters from Hugging Face tensors already in memory; every tensor must be
+    /// present with its shape.
+    pub fn load_tensors(&mut self, path: &Path, tensors: &NamedTensors) -> Result<()> {
+        self.check_training_layout()?;
+        let vocab = self.config.vocab_size;
+        let mut seen = vec![false; self.layout.tensors.len()];
+        for (name, (shape, data)) in tensors {
+            if Self::is_buffer(name) {
+                continue;
+            }
+            let Some(i) = self.spec_index(name) else {
+                if name == "lm_head.weight" && self.config.block.tied_head {
+                    let wte = &self.params[self.layout.wte.start..][..data.len()];
+                    let embedding = self.layout.tensors[0].name.clone();
+                    let (_, theirs) = tensors
+                        .get(&embedding)
+                        .ok_or_else(|| file_err(path, format!("tensor {embedding} is missing")))?;
+                    if theirs != data {
+                        let _ = wte;
+                        return Err(file_err(path, "lm_head.weight differs from the token embedding, but the config ties them (tie_word_embeddings)"));
+                    }
+                    continue;
+                }
                 return Err(file_err(
                     path,
                     format!(
-                        "tensor {} has shape {shape:?}, expected {want:?}",
-                        spec.name
+                        "unexpected tensor {name}: not part of a {} model with this config",
+                        self.config.arch.name()
                     ),
                 ));
+            };
+            let spec = &self.layout.tensors[i];
+            let want = spec.file_shape(vocab);
+            if *shape != want {
+                return Err(file_err(
+                    path,
+                    format!("tensor {name} has shape {shape:?}, expected {want:?}"),
+                ));
             }
+            seen[i] = true;
             let dst = &mut self.params[spec.range.clone()];
             dst[..data.len()].copy_from_slice(data);
             dst[data.len()..].fill(0.0);
         }
-        let known: std::collections::HashSet<&str> = self
-            .layout
-            .tensors
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect();
-        for name in tensors.keys() {
-            let buffer = name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias");
-            if known.contains(name.as_str()) || buffer {
-                continue;
-            }
-            if name == "lm_head.weight" {
-                let (_, head) = &tensors[name];
-                let (_, wte) = &tensors["transformer.wte.weight"];
-                if head != wte {
-                    return Err(file_err(path, "lm_head.weight differs from transformer.wte.weight: untied output embeddings are not supported"));
-                }
-                continue;
-            }
+        if let Some(missing) = seen.iter().position(|&s| !s) {
             return Err(file_err(
                 path,
-                format!("unexpected tensor {name}: not part of a GPT-2 model"),
+                format!("tensor {} is missing", self.layout.tensors[missing].name),
             ));
         }
         Ok(())
     }
 }
 
-/// Special token ids recorded in `config.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Special token ids a model's `config.json` records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpecialIds {
-    pub bos: u32,
-    pub eos: u32,
+    pub bos: Option<u32>,
+    /// End of sequence: one id, or several (Llama 3 lists its end-of-turn tokens too).
+    pub eos: Vec<u32>,
 }
 
-/// `config.json` for `transformers`' `GPT2LMHeadModel`.
-pub fn hf_config_json(config: &ModelConfig, ids: SpecialIds) -> Value {
+/// `config.json` for the model's `transformers` class.
+pub fn hf_config_json(config: &ModelConfig, ids: &SpecialIds) -> Value {
+    let eos = match ids.eos.as_slice() {
+        [one] => json!(one),
+        [] => Value::Null,
+        many => json!(many),
+    };
+    if config.arch.is_llama_family() {
+        return crate::hf_llama::config_json(config, ids.bos, eos);
+    }
     json!({
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -244,14 +449,28 @@ pub fn hf_config_json(config: &ModelConfig, ids: SpecialIds) -> Value {
         "resid_pdrop": 0.0,
         "initializer_range": 0.02,
         "bos_token_id": ids.bos,
-        "eos_token_id": ids.eos,
+        "eos_token_id": eos,
         "dtype": "float32",
         "use_cache": true,
     })
 }
 
-/// Reads a Hugging Face GPT-2 `config.json`, refusing options kiem does not implement.
-pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, Option<SpecialIds>)> {
+/// Reads `bos_token_id` and `eos_token_id` (a number or a list) from a config.
+pub(crate) fn special_ids(v: &Value) -> SpecialIds {
+    let id = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
+    SpecialIds {
+        bos: v.get("bos_token_id").and_then(id),
+        eos: match v.get("eos_token_id") {
+            Some(Value::Array(list)) => list.iter().filter_map(id).collect(),
+            Some(x) => id(x).into_iter().collect(),
+            None => Vec::new(),
+        },
+    }
+}
+
+/// Reads a Hugging Face `config.json` (GPT-2 or the Llama family), refusing options kiem does
+/// not implement by name.
+pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, SpecialIds)> {
     let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e.to_string()))?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| file_err(path, format!("malformed JSON: {e}")))?;
@@ -259,25 +478,39 @@ pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, Option<SpecialIds>)> 
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("(missing)");
-    if model_type != "gpt2" {
-        return Err(file_err(
+    let config = match model_type {
+        "gpt2" => read_gpt2_config(path, &v)?,
+        "llama" | "qwen2" | "mistral" => crate::hf_llama::read_config(path, &v, model_type)?,
+        other => return Err(file_err(
             path,
-            format!("model_type {model_type:?} is not supported (kiem runs gpt2)"),
-        ));
-    }
-    let num = |key: &str| -> Result<usize> {
-        v.get(key)
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .ok_or_else(|| file_err(path, format!("missing or non-integer {key}")))
+            format!(
+                "model_type {other:?} is not supported (kiem runs gpt2, llama, qwen2 and mistral)"
+            ),
+        )),
     };
-    let config = ModelConfig {
-        n_layer: num("n_layer")?,
-        n_head: num("n_head")?,
-        n_embd: num("n_embd")?,
-        context: num("n_positions")?,
-        vocab_size: num("vocab_size")?,
-    };
+    config
+        .validate()
+        .map_err(|e| file_err(path, e.to_string()))?;
+    Ok((config, special_ids(&v)))
+}
+
+/// An integer field of a config, bounded so that a lying file cannot ask for a huge model.
+pub(crate) fn config_usize(path: &Path, v: &Value, key: &str) -> Result<usize> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| file_err(path, format!("missing or non-integer {key}")))
+}
+
+fn read_gpt2_config(path: &Path, v: &Value) -> Result<ModelConfig> {
+    let num = |key: &str| config_usize(path, v, key);
+    let config = ModelConfig::gpt2(
+        num("n_layer")?,
+        num("n_head")?,
+        num("n_embd")?,
+        num("n_positions")?,
+        num("vocab_size")?,
+    );
     config
         .validate()
         .map_err(|e| file_err(path, e.to_string()))?;
@@ -318,16 +551,12 @@ pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, Option<SpecialIds>)> 
             format!("unsupported GPT-2 options: {}", unsupported.join(", ")),
         ));
     }
-    let id = |key: &str| v.get(key).and_then(Value::as_u64).map(|x| x as u32);
-    let ids = match (id("bos_token_id"), id("eos_token_id")) {
-        (Some(bos), Some(eos)) => Some(SpecialIds { bos, eos }),
-        _ => None,
-    };
-    Ok((config, ids))
+    Ok(config)
 }
 
-/// Loads a Hugging Face GPT-2 model directory (`config.json` + `model.safetensors`).
-pub fn load_model_dir(dir: &Path) -> Result<(Gpt, Option<SpecialIds>)> {
+/// Loads a Hugging Face model directory: `config.json` and `model.safetensors` (or sharded
+/// weights with `model.safetensors.index.json`), F32, F16 or BF16.
+pub fn load_model_dir(dir: &Path) -> Result<(Gpt, SpecialIds)> {
     if !dir.is_dir() {
         return Err(file_err(dir, "model directory does not exist"));
     }
@@ -339,30 +568,8 @@ pub fn load_model_dir(dir: &Path) -> Result<(Gpt, Option<SpecialIds>)> {
         ));
     }
     let (config, ids) = read_hf_config(&config_path)?;
-    let weights = dir.join("model.safetensors");
-    if !weights.exists() {
-        return Err(file_err(
-            dir,
-            "no model.safetensors (kiem reads safetensors weights only)",
-        ));
-    }
+    let files = weight_files(dir)?;
     let mut gpt = Gpt::new(config)?;
-    // `GPT2LMHeadModel` names its tensors `transformer.h.0...`; a bare `GPT2Model` (the
-    // original `gpt2` checkpoint) names them `h.0...`.
-    let tensors = read_tensors(&weights)?
-        .into_iter()
-        .map(|(name, tensor)| {
-            let bare = !name.starts_with("transformer.") && name != "lm_head.weight";
-            (
-                if bare {
-                    format!("transformer.{name}")
-                } else {
-                    name
-                },
-                tensor,
-            )
-        })
-        .collect();
-    gpt.load_tensors(&weights, &tensors)?;
+    gpt.load_files(&files)?;
     Ok((gpt, ids))
 }

@@ -8,6 +8,9 @@
 
 use rayon::prelude::*;
 
+mod llama;
+pub use llama::RopeTable;
+
 /// How a weight matrix is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightLayout {
@@ -17,18 +20,50 @@ pub enum WeightLayout {
     OutIn,
 }
 
-/// Sizes of a batch.
+/// Sizes of a batch and of attention's heads.
 #[derive(Debug, Clone, Copy)]
 pub struct Dims {
     pub batch: usize,
     pub seq: usize,
+    /// Width of the residual stream (embeddings).
     pub channels: usize,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads (a divisor of `heads`; grouped-query attention when fewer).
+    pub kv_heads: usize,
+    pub head_dim: usize,
 }
 
 impl Dims {
+    /// Multi-head attention with `channels / heads` channels per head (GPT-2).
+    pub fn mha(batch: usize, seq: usize, channels: usize, heads: usize) -> Dims {
+        Dims {
+            batch,
+            seq,
+            channels,
+            heads,
+            kv_heads: heads,
+            head_dim: channels / heads,
+        }
+    }
+
     pub fn rows(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// Width of attention's output, all query heads side by side.
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Width of one row of `qkv`: queries, then keys, then values.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Query heads that share one key/value head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
     }
 }
 
@@ -39,13 +74,20 @@ pub const LAYERNORM_EPS: f32 = 1e-5;
 /// Conventions: `d*` outputs of backward passes accumulate (`+=`) into parameter gradients and
 /// into `dinp` where noted; activations are row-major `[rows, width]`.
 pub trait Kernels: Sync {
-    /// `out[b,t] = wte[token] + wpe[t]`.
-    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], d: Dims);
+    /// `out[b,t] = wte[token] (+ wpe[t])`.
+    fn encoder_forward(
+        &self,
+        out: &mut [f32],
+        tokens: &[u32],
+        wte: &[f32],
+        wpe: Option<&[f32]>,
+        d: Dims,
+    );
     /// Accumulates into `dwte` and `dwpe`.
     fn encoder_backward(
         &self,
         dwte: &mut [f32],
-        dwpe: &mut [f32],
+        dwpe: Option<&mut [f32]>,
         dout: &[f32],
         tokens: &[u32],
         d: Dims,
@@ -101,13 +143,52 @@ pub trait Kernels: Sync {
         c_in: usize,
         c_out: usize,
     );
-    /// Causal multi-head attention over `qkv[rows, 3C]`; keeps the probabilities `att[B,H,T,T]`.
+    /// RMS norm: `out = inp / rms(inp) · w`; keeps `1 / rms` per row in `rstd`.
+    fn rmsnorm_forward(
+        &self,
+        out: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        eps: f32,
+        c: usize,
+    );
+    /// `dinp +=`, `dw +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        c: usize,
+    );
+    /// Rotates the first `heads` heads of every row of `x[rows, width]` (queries and keys sit
+    /// first in `qkv`) by their row's position, in place; `inverse` applies the transpose
+    /// (the backward pass).
+    fn rope(
+        &self,
+        x: &mut [f32],
+        width: usize,
+        heads: usize,
+        positions: &[u32],
+        table: &RopeTable,
+        inverse: bool,
+    );
+    /// Causal attention over `qkv[rows, qkv_width]` (queries, keys, values; query head `h`
+    /// reads key/value head `h / group`); keeps the probabilities `att[B,H,T,T]`.
     fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims);
     /// Overwrites `dqkv`.
     fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], d: Dims);
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
     /// Overwrites `dinp`.
     fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]);
+    /// `out[rows, h] = silu(gate) · up` where each row of `inp[rows, 2h]` is `gate | up`.
+    fn swiglu_forward(&self, out: &mut [f32], inp: &[f32], h: usize);
+    /// Overwrites `dinp[rows, 2h]`.
+    fn swiglu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], h: usize);
     fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]);
     /// Softmax cross-entropy over the first `vocab` of each row of `logits[rows, padded]`.
     /// Writes each row's loss (0 where `targets[i]` is `None`). With `grad_scale`, overwrites
@@ -1058,15 +1139,23 @@ fn reduce_rows(
 const GELU_SCALE: f32 = 0.797_884_6; // sqrt(2 / pi)
 
 impl Kernels for Cpu {
-    fn encoder_forward(&self, out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], d: Dims) {
+    fn encoder_forward(
+        &self,
+        out: &mut [f32],
+        tokens: &[u32],
+        wte: &[f32],
+        wpe: Option<&[f32]>,
+        d: Dims,
+    ) {
         let c = d.channels;
         out.par_chunks_mut(c).enumerate().for_each(|(row, o)| {
-            let t = row % d.seq;
             let tok = tokens[row] as usize;
-            let e = &wte[tok * c..(tok + 1) * c];
-            let p = &wpe[t * c..(t + 1) * c];
-            for i in 0..c {
-                o[i] = e[i] + p[i];
+            o.copy_from_slice(&wte[tok * c..(tok + 1) * c]);
+            if let Some(wpe) = wpe {
+                let t = row % d.seq;
+                for (o, p) in o.iter_mut().zip(&wpe[t * c..(t + 1) * c]) {
+                    *o += p;
+                }
             }
         });
     }
@@ -1074,7 +1163,7 @@ impl Kernels for Cpu {
     fn encoder_backward(
         &self,
         dwte: &mut [f32],
-        dwpe: &mut [f32],
+        dwpe: Option<&mut [f32]>,
         dout: &[f32],
         tokens: &[u32],
         d: Dims,
@@ -1082,17 +1171,19 @@ impl Kernels for Cpu {
         let c = d.channels;
         // Rows of dwpe are owned by position; rows of dwte are scattered, so go serially in
         // row order (cheap next to the matmuls) to stay deterministic.
-        dwpe.par_chunks_mut(c)
-            .enumerate()
-            .take(d.seq)
-            .for_each(|(t, dp)| {
-                for b in 0..d.batch {
-                    let g = &dout[(b * d.seq + t) * c..(b * d.seq + t + 1) * c];
-                    for i in 0..c {
-                        dp[i] += g[i];
+        if let Some(dwpe) = dwpe {
+            dwpe.par_chunks_mut(c)
+                .enumerate()
+                .take(d.seq)
+                .for_each(|(t, dp)| {
+                    for b in 0..d.batch {
+                        let g = &dout[(b * d.seq + t) * c..(b * d.seq + t + 1) * c];
+                        for i in 0..c {
+                            dp[i] += g[i];
+                        }
                     }
-                }
-            });
+                });
+        }
         for (row, &tok) in tokens.iter().enumerate().take(d.rows()) {
             let g = &dout[row * c..(row + 1) * c];
             let dw = &mut dwte[tok as usize * c..(tok as usize + 1) * c];
@@ -1297,10 +1388,17 @@ impl Kernels for Cpu {
     }
 
     fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims) {
-        let (t_len, c, nh) = (d.seq, d.channels, d.heads);
-        let hs = c / nh;
+        let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
+        let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
+        let group = d.group();
         let scale = 1.0 / (hs as f32).sqrt();
-        assert!(qkv.len() >= d.rows() * 3 * c && out.len() >= d.rows() * c);
+        assert!(
+            nh % d.kv_heads == 0
+                && qkv.len() >= d.rows() * w
+                && out.len() >= d.rows() * qw
+                && att.len() >= d.batch * nh * t_len * t_len,
+            "attention_forward: buffers too small for {d:?}"
+        );
         let out_ptr = SyncPtr(out.as_mut_ptr());
         // One task per (batch, head): it owns att[b, h] and the head's columns of out.
         att.par_chunks_mut(t_len * t_len)
@@ -1308,11 +1406,13 @@ impl Kernels for Cpu {
             .take(d.batch * nh)
             .for_each(|(bh, p)| {
                 let (b, h) = (bh / nh, bh % nh);
-                let q = qkv[(b * t_len) * 3 * c + h * hs..].as_ptr();
-                let k = q.wrapping_add(c);
-                let v = q.wrapping_add(2 * c);
+                let base = qkv[(b * t_len) * w..].as_ptr();
+                let q = base.wrapping_add(h * hs);
+                let k = base.wrapping_add(qw + (h / group) * hs);
+                let v = base.wrapping_add(qw + kvw + (h / group) * hs);
                 for (r0, r1) in row_blocks(t_len) {
-                    // SAFETY: rows r0..r1 of Q and 0..r1 of K lie inside qkv; the block of p is ours.
+                    // SAFETY: rows r0..r1 of Q and 0..r1 of K lie inside qkv (asserted above);
+                    // the block of p is this task's.
                     unsafe {
                         gemm_raw(
                             r1 - r0,
@@ -1321,10 +1421,10 @@ impl Kernels for Cpu {
                             p[r0 * t_len..].as_mut_ptr(),
                             (t_len, 1),
                             false,
-                            q.add(r0 * 3 * c),
-                            (3 * c, 1),
+                            q.add(r0 * w),
+                            (w, 1),
                             k,
-                            (1, 3 * c),
+                            (1, w),
                             scale,
                         );
                     }
@@ -1346,18 +1446,18 @@ impl Kernels for Cpu {
                 for (r0, r1) in row_blocks(t_len) {
                     // SAFETY: this task alone writes head h's columns of out for batch b.
                     unsafe {
-                        let y = out_ptr.get().add((b * t_len + r0) * c + h * hs);
+                        let y = out_ptr.get().add((b * t_len + r0) * qw + h * hs);
                         gemm_raw(
                             r1 - r0,
                             hs,
                             r1,
                             y,
-                            (c, 1),
+                            (qw, 1),
                             false,
                             p[r0 * t_len..].as_ptr(),
                             (t_len, 1),
                             v,
-                            (3 * c, 1),
+                            (w, 1),
                             1.0,
                         );
                     }
@@ -1373,106 +1473,118 @@ impl Kernels for Cpu {
         att: &[f32],
         d: Dims,
     ) {
-        let (t_len, c, nh) = (d.seq, d.channels, d.heads);
-        let hs = c / nh;
+        let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
+        let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
+        let group = d.group();
         let scale = 1.0 / (hs as f32).sqrt();
         assert!(
-            qkv.len() >= d.rows() * 3 * c
-                && dqkv.len() >= d.rows() * 3 * c
-                && dout.len() >= d.rows() * c
+            nh % d.kv_heads == 0
+                && qkv.len() >= d.rows() * w
+                && dqkv.len() >= d.rows() * w
+                && dout.len() >= d.rows() * qw
+                && att.len() >= d.batch * nh * t_len * t_len,
+            "attention_backward: buffers too small for {d:?}"
         );
         dqkv.par_chunks_mut(ELEMENTS).for_each(|x| x.fill(0.0));
         let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
-        (0..d.batch * nh).into_par_iter().for_each(|bh| {
-            let (b, h) = (bh / nh, bh % nh);
-            let p = &att[bh * t_len * t_len..(bh + 1) * t_len * t_len];
-            let q = qkv[(b * t_len) * 3 * c + h * hs..].as_ptr();
-            let k = q.wrapping_add(c);
-            let v = q.wrapping_add(2 * c);
-            let dy = dout[(b * t_len) * c + h * hs..].as_ptr();
-            // SAFETY (all blocks below): this task alone writes batch b's head-h columns of
-            // dq, dk and dv; every row addressed is < t_len, every column < hs.
-            let dq = unsafe { dqkv_ptr.get().add((b * t_len) * 3 * c + h * hs) };
-            let dk = dq.wrapping_add(c);
-            let dv = dq.wrapping_add(2 * c);
+        // One task per (batch, key/value head): the query heads of a group add into the same
+        // dK and dV columns, so they run one after another inside the task.
+        (0..d.batch * d.kv_heads).into_par_iter().for_each(|bkv| {
+            let (b, kvh) = (bkv / d.kv_heads, bkv % d.kv_heads);
+            let base = qkv[(b * t_len) * w..].as_ptr();
+            let k = base.wrapping_add(qw + kvh * hs);
+            let v = base.wrapping_add(qw + kvw + kvh * hs);
+            // SAFETY (all blocks below): this task alone writes batch b's columns of the query
+            // heads of group kvh and of key/value head kvh in dqkv; every row addressed is
+            // < t_len, every column < hs (the buffers' sizes are asserted above).
+            let dbase = unsafe { dqkv_ptr.get().add((b * t_len) * w) };
+            let dk = dbase.wrapping_add(qw + kvh * hs);
+            let dv = dbase.wrapping_add(qw + kvw + kvh * hs);
             let mut ds = vec![0f32; t_len * t_len];
-            for (r0, r1) in row_blocks(t_len) {
-                unsafe {
-                    // dP = dY · Vᵀ
-                    gemm_raw(
-                        r1 - r0,
-                        r1,
-                        hs,
-                        ds[r0 * t_len..].as_mut_ptr(),
-                        (t_len, 1),
-                        false,
-                        dy.add(r0 * c),
-                        (c, 1),
-                        v,
-                        (1, 3 * c),
-                        1.0,
-                    );
-                    // dV += Pᵀ · dY
-                    gemm_raw(
-                        r1,
-                        hs,
-                        r1 - r0,
-                        dv,
-                        (3 * c, 1),
-                        true,
-                        p[r0 * t_len..].as_ptr(),
-                        (1, t_len),
-                        dy.add(r0 * c),
-                        (c, 1),
-                        1.0,
-                    );
-                }
-            }
-            wide(
-                #[inline(always)]
-                || {
-                    for t in 0..t_len {
-                        let pr = &p[t * t_len..t * t_len + t + 1];
-                        let dr = &mut ds[t * t_len..t * t_len + t + 1];
-                        let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (x, &pv) in dr.iter_mut().zip(pr) {
-                            *x = pv * (*x - weighted) * scale;
-                        }
-                        // The block matmul filled dP beyond the diagonal; those keys are masked.
-                        ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
+            for h in kvh * group..(kvh + 1) * group {
+                let bh = b * nh + h;
+                let p = &att[bh * t_len * t_len..(bh + 1) * t_len * t_len];
+                let q = base.wrapping_add(h * hs);
+                let dq = dbase.wrapping_add(h * hs);
+                let dy = dout[(b * t_len) * qw + h * hs..].as_ptr();
+                for (r0, r1) in row_blocks(t_len) {
+                    unsafe {
+                        // dP = dY · Vᵀ
+                        gemm_raw(
+                            r1 - r0,
+                            r1,
+                            hs,
+                            ds[r0 * t_len..].as_mut_ptr(),
+                            (t_len, 1),
+                            false,
+                            dy.add(r0 * qw),
+                            (qw, 1),
+                            v,
+                            (1, w),
+                            1.0,
+                        );
+                        // dV += Pᵀ · dY
+                        gemm_raw(
+                            r1,
+                            hs,
+                            r1 - r0,
+                            dv,
+                            (w, 1),
+                            true,
+                            p[r0 * t_len..].as_ptr(),
+                            (1, t_len),
+                            dy.add(r0 * qw),
+                            (qw, 1),
+                            1.0,
+                        );
                     }
-                },
-            );
-            for (r0, r1) in row_blocks(t_len) {
-                unsafe {
-                    // dQ = dS · K
-                    gemm_raw(
-                        r1 - r0,
-                        hs,
-                        r1,
-                        dq.add(r0 * 3 * c),
-                        (3 * c, 1),
-                        true,
-                        ds[r0 * t_len..].as_ptr(),
-                        (t_len, 1),
-                        k,
-                        (3 * c, 1),
-                        1.0,
-                    );
-                    // dK += dSᵀ · Q
-                    gemm_raw(
-                        r1,
-                        hs,
-                        r1 - r0,
-                        dk,
-                        (3 * c, 1),
-                        true,
-                        ds[r0 * t_len..].as_ptr(),
-                        (1, t_len),
-                        q.add(r0 * 3 * c),
-                        (3 * c, 1),
-                        1.0,
-                    );
+                }
+                wide(
+                    #[inline(always)]
+                    || {
+                        for t in 0..t_len {
+                            let pr = &p[t * t_len..t * t_len + t + 1];
+                            let dr = &mut ds[t * t_len..t * t_len + t + 1];
+                            let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                            for (x, &pv) in dr.iter_mut().zip(pr) {
+                                *x = pv * (*x - weighted) * scale;
+                            }
+                            // The block matmul filled dP beyond the diagonal; those keys are masked.
+                            ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
+                        }
+                    },
+                );
+                for (r0, r1) in row_blocks(t_len) {
+                    unsafe {
+                        // dQ = dS · K
+                        gemm_raw(
+                            r1 - r0,
+                            hs,
+                            r1,
+                            dq.add(r0 * w),
+                            (w, 1),
+                            true,
+                            ds[r0 * t_len..].as_ptr(),
+                            (t_len, 1),
+                            k,
+                            (w, 1),
+                            1.0,
+                        );
+                        // dK += dSᵀ · Q
+                        gemm_raw(
+                            r1,
+                            hs,
+                            r1 - r0,
+                            dk,
+                            (w, 1),
+                            true,
+                            ds[r0 * t_len..].as_ptr(),
+                            (1, t_len),
+                            q.add(r0 * w),
+                            (w, 1),
+                            1.0,
+                        );
+                    }
                 }
             }
         });
@@ -1513,6 +1625,51 @@ impl Kernels for Cpu {
                     },
                 )
             });
+    }
+
+    fn swiglu_forward(&self, out: &mut [f32], inp: &[f32], h: usize) {
+        llama::swiglu_forward(out, inp, h);
+    }
+
+    fn swiglu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32], h: usize) {
+        llama::swiglu_backward(dinp, inp, dout, h);
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &[f32],
+        eps: f32,
+        c: usize,
+    ) {
+        llama::rmsnorm_forward(out, rstd, inp, w, eps, c);
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        c: usize,
+    ) {
+        llama::rmsnorm_backward(dinp, dw, dout, inp, w, rstd, c);
+    }
+
+    fn rope(
+        &self,
+        x: &mut [f32],
+        width: usize,
+        heads: usize,
+        positions: &[u32],
+        table: &RopeTable,
+        inverse: bool,
+    ) {
+        llama::rope(x, width, heads, positions, table, inverse);
     }
 
     fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {

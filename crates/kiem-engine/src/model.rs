@@ -6,34 +6,43 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::bf16_gemm::{from_bf16, to_bf16};
-use crate::config::{ModelConfig, ParamLayout};
-use crate::kernels::{AdamW, Cpu, Dims, Kernels, MatmulPrecision, WeightLayout};
+use crate::config::{Init, Mlp, ModelConfig, Norm, ParamLayout, Positions};
+use crate::kernels::{
+    matmul_thin_bf16, AdamW, Cpu, Dims, Kernels, MatmulPrecision, RopeTable, WeightLayout,
+    SKINNY_ROWS,
+};
 use crate::rng::Rng;
 use crate::{EngineError, Result};
 
 /// Activations kept from the forward pass for the backward pass, sized for (batch, seq).
+/// Per-layer buffers hold every layer side by side, `[layer][row][width]`.
 #[derive(Debug, Default)]
 struct Activations {
     batch: usize,
     seq: usize,
     tokens: Vec<u32>,
+    /// Position of every row (`row % seq`).
+    positions: Vec<u32>,
     encoded: Vec<f32>,
-    ln1: Vec<f32>,
-    ln1_mean: Vec<f32>,
-    ln1_rstd: Vec<f32>,
+    norm1: Vec<f32>,
+    norm1_mean: Vec<f32>,
+    norm1_rstd: Vec<f32>,
+    /// Queries, keys and values after rotary positions.
     qkv: Vec<f32>,
     atty: Vec<f32>,
     att: Vec<f32>,
     residual2: Vec<f32>,
-    ln2: Vec<f32>,
-    ln2_mean: Vec<f32>,
-    ln2_rstd: Vec<f32>,
-    fch: Vec<f32>,
-    fch_gelu: Vec<f32>,
+    norm2: Vec<f32>,
+    norm2_mean: Vec<f32>,
+    norm2_rstd: Vec<f32>,
+    /// The MLP's first product (GELU's input, or SwiGLU's gate | up).
+    mlp_pre: Vec<f32>,
+    /// The MLP's activation, the input of its output projection.
+    mlp_act: Vec<f32>,
     residual3: Vec<f32>,
-    lnf: Vec<f32>,
-    lnf_mean: Vec<f32>,
-    lnf_rstd: Vec<f32>,
+    normf: Vec<f32>,
+    normf_mean: Vec<f32>,
+    normf_rstd: Vec<f32>,
     /// Logits; after a training forward pass, their gradients.
     logits: Vec<f32>,
     losses: Vec<f32>,
@@ -45,21 +54,75 @@ struct Activations {
 #[derive(Debug, Default)]
 struct GradScratch {
     residual: Vec<f32>,
-    ln: Vec<f32>,
+    norm: Vec<f32>,
     qkv: Vec<f32>,
     atty: Vec<f32>,
-    fch: Vec<f32>,
-    fch_gelu: Vec<f32>,
+    mlp_pre: Vec<f32>,
+    mlp_act: Vec<f32>,
+}
+
+/// Widths of the per-row buffers of one block.
+#[derive(Debug, Clone, Copy)]
+struct Widths {
+    c: usize,
+    qkv: usize,
+    q: usize,
+    mlp_in: usize,
+    hidden: usize,
+}
+
+impl Widths {
+    fn of(config: &ModelConfig) -> Widths {
+        Widths {
+            c: config.n_embd,
+            qkv: config.qkv_width(),
+            q: config.q_width(),
+            mlp_in: config.mlp_in_width(),
+            hidden: config.mlp_hidden(),
+        }
+    }
+
+    /// Floats of one row's saved activations in one layer (norm statistics included).
+    fn per_row(&self) -> usize {
+        let Widths {
+            c,
+            qkv,
+            q,
+            mlp_in,
+            hidden,
+        } = *self;
+        c + 2 + qkv + q + c + c + 2 + mlp_in + hidden + c
+    }
 }
 
 /// Bytes of activation memory for (batch, seq), for estimating before allocating.
 pub fn activation_bytes(config: &ModelConfig, batch: usize, seq: usize) -> usize {
-    let (l, c, bt) = (config.n_layer, config.n_embd, batch * seq);
-    let per_layer = bt * (c + 2 + 3 * c + c + c + c + 2 + 4 * c + 4 * c + c)
-        + batch * config.n_head * seq * seq;
-    let floats = bt * c + l * per_layer + bt * (c + 2) + bt * config.padded_vocab() + bt + bt * c;
-    let scratch = bt * (c + c + 3 * c + c + 4 * c + 4 * c);
+    let (l, bt) = (config.n_layer, batch * seq);
+    let w = Widths::of(config);
+    let per_layer = bt * w.per_row() + batch * config.n_head * seq * seq;
+    let floats =
+        bt * w.c + l * per_layer + bt * (w.c + 2) + bt * config.padded_vocab() + bt + bt * w.c;
+    let scratch = bt * (w.c + w.c + w.qkv + w.q + w.mlp_in + w.hidden);
     (floats + scratch) * 4
+}
+
+/// The buffers one block's forward pass reads and writes, for some number of rows. Training
+/// passes slices of its saved activations; decoding passes short-lived buffers.
+pub(crate) struct BlockBuffers<'a> {
+    pub input: &'a [f32],
+    pub norm1: &'a mut [f32],
+    pub mean1: &'a mut [f32],
+    pub rstd1: &'a mut [f32],
+    pub qkv: &'a mut [f32],
+    pub atty: &'a mut [f32],
+    pub residual2: &'a mut [f32],
+    pub norm2: &'a mut [f32],
+    pub mean2: &'a mut [f32],
+    pub rstd2: &'a mut [f32],
+    pub mlp_pre: &'a mut [f32],
+    pub mlp_act: &'a mut [f32],
+    pub output: &'a mut [f32],
+    pub scratch: &'a mut [f32],
 }
 
 pub struct Gpt<K: Kernels = Cpu> {
@@ -68,11 +131,15 @@ pub struct Gpt<K: Kernels = Cpu> {
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
     pub(crate) kernels: K,
-    /// How the layers' four matrices are stored: `InOut` as in Hugging Face files (training),
-    /// or `OutIn` after [`Gpt::transpose_for_decoding`].
+    /// How the layers' matrices are stored now: as in the model's files (`InOut` for GPT-2,
+    /// `OutIn` for the Llama family), or `OutIn` after [`Gpt::transpose_for_decoding`].
     pub(crate) matrices: WeightLayout,
     /// bf16 copy of `params` (same indices) that decoding's thin products read, when chosen.
     pub(crate) params_bf16: Option<Vec<u16>>,
+    /// Rotary cosines and sines for every position of the context (rotary models only).
+    pub(crate) rope: Option<RopeTable>,
+    /// Set by [`Gpt::transpose_for_decoding`]: the model only generates from now on.
+    decoding_only: bool,
     acts: Activations,
     scratch: GradScratch,
     /// Whether the last forward pass left logit gradients for a backward pass.
@@ -83,6 +150,30 @@ fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &m
     assert!(a.end <= b.start, "ranges must be ordered and disjoint");
     let (left, right) = buf.split_at_mut(b.start);
     (&mut left[a], &mut right[..b.end - b.start])
+}
+
+/// A weight's gradient and its bias's (which lies after it in the buffer), both mutable.
+fn weight_and_bias(
+    buf: &mut [f32],
+    w: Range<usize>,
+    b: Option<Range<usize>>,
+) -> (&mut [f32], Option<&mut [f32]>) {
+    match b {
+        Some(b) => {
+            let (w, b) = two_mut(buf, w, b);
+            (w, Some(b))
+        }
+        None => (&mut buf[w], None),
+    }
+}
+
+/// `buf[i·len..(i+1)·len]`.
+fn nth(buf: &[f32], i: usize, len: usize) -> &[f32] {
+    &buf[i * len..(i + 1) * len]
+}
+
+fn nth_mut(buf: &mut [f32], i: usize, len: usize) -> &mut [f32] {
+    &mut buf[i * len..(i + 1) * len]
 }
 
 impl Gpt<Cpu> {
@@ -102,50 +193,43 @@ impl<K: Kernels> Gpt<K> {
     pub fn with_kernels(config: ModelConfig, kernels: K) -> Result<Self> {
         config.validate()?;
         let layout = ParamLayout::new(&config);
+        let rope = match config.block.positions {
+            Positions::Rope(rope) => Some(RopeTable::new(&rope, config.head_dim(), config.context)),
+            Positions::Learned => None,
+        };
         Ok(Self {
             params: vec![0.0; layout.total],
             grads: Vec::new(),
+            matrices: layout.matrices,
             layout,
             config,
             kernels,
             acts: Activations::default(),
             scratch: GradScratch::default(),
             ready_for_backward: false,
-            matrices: WeightLayout::InOut,
             params_bf16: None,
+            rope,
+            decoding_only: false,
         })
     }
 
-    /// GPT-2's initialization: matrices N(0, 0.02), residual projections N(0, 0.02/√(2L)),
-    /// biases 0, layer-norm weights 1; padded vocabulary rows stay 0.
+    /// Initialization for pre-training from scratch: matrices N(0, 0.02), residual
+    /// projections N(0, 0.02/√(2L)), biases 0, norm weights 1; padded vocabulary rows stay 0.
     pub fn init_random(&mut self, seed: u64) {
         let mut rng = Rng::new(seed);
-        let residual_std = 0.02 / (2.0 * self.config.n_layer as f32).sqrt();
-        let c = self.config.n_embd;
+        let vocab = self.config.vocab_size;
         for spec in &self.layout.tensors {
             let data = &mut self.params[spec.range.clone()];
-            if spec.name.ends_with("ln_1.weight")
-                || spec.name.ends_with("ln_2.weight")
-                || spec.name.ends_with("ln_f.weight")
-            {
-                data.fill(1.0);
-            } else if spec.decay {
-                let std = if spec.name.ends_with("c_proj.weight") {
-                    residual_std
-                } else {
-                    0.02
-                };
-                let live = if spec.name == "transformer.wte.weight" {
-                    self.config.vocab_size * c
-                } else {
-                    data.len()
-                };
-                for x in &mut data[..live] {
-                    *x = rng.normal() * std;
+            let live = spec.live_len(vocab);
+            match spec.init {
+                Init::Zeros => data.fill(0.0),
+                Init::Ones => data.fill(1.0),
+                Init::Normal { std } => {
+                    for x in &mut data[..live] {
+                        *x = rng.normal() * std;
+                    }
+                    data[live..].fill(0.0);
                 }
-                data[live..].fill(0.0);
-            } else {
-                data.fill(0.0);
             }
         }
     }
@@ -153,24 +237,19 @@ impl<K: Kernels> Gpt<K> {
     /// Stores the layers' matrices as `[out, in]`, so decoding reads every weight matrix with
     /// contiguous dot products (its fastest access; the `[in, out]` files' order reads at about
     /// two thirds of the rate). For models that only generate: training, saving and growing the
-    /// vocabulary refuse a transposed model. Idempotent.
+    /// vocabulary refuse a transposed model. Idempotent; Llama-family matrices are `[out, in]`
+    /// already.
     pub fn transpose_for_decoding(&mut self) {
+        self.decoding_only = true;
         if self.matrices == WeightLayout::OutIn {
             return;
         }
-        let c = self.config.n_embd;
         let matrices: Vec<(Range<usize>, usize, usize)> = self
             .layout
-            .layers
+            .tensors
             .iter()
-            .flat_map(|lp| {
-                [
-                    (lp.qkv_w.clone(), c, 3 * c),
-                    (lp.attn_proj_w.clone(), c, c),
-                    (lp.fc_w.clone(), c, 4 * c),
-                    (lp.fc_proj_w.clone(), 4 * c, c),
-                ]
-            })
+            .filter(|spec| spec.matrix == Some(WeightLayout::InOut))
+            .map(|spec| (spec.range.clone(), spec.shape[0], spec.shape[1]))
             .collect();
         for (range, rows, cols) in matrices {
             let original = self.params[range.clone()].to_vec();
@@ -209,6 +288,11 @@ impl<K: Kernels> Gpt<K> {
         self.params.len() * per_parameter
     }
 
+    /// Whether the model was prepared for decoding only ([`Gpt::transpose_for_decoding`]).
+    pub fn is_decoding_only(&self) -> bool {
+        self.decoding_only
+    }
+
     /// Reads every weight a decoding step reads ([`Self::decoding_weight_bytes`] of them) once,
     /// as fast as memory allows, on all threads: timing it measures the read bandwidth of the
     /// very memory decoding streams, the denominator of its bandwidth bound.
@@ -227,9 +311,9 @@ impl<K: Kernels> Gpt<K> {
         }
     }
 
-    /// Fails for a model transposed for decoding.
+    /// Fails for a model prepared for decoding only.
     pub(crate) fn check_training_layout(&self) -> Result<()> {
-        if self.matrices != WeightLayout::InOut {
+        if self.decoding_only {
             return Err(EngineError::Config(
                 "this model was transposed for decoding; load it again to train, save or grow it"
                     .into(),
@@ -242,8 +326,9 @@ impl<K: Kernels> Gpt<K> {
         self.config.num_parameters()
     }
 
-    /// A copy with a larger vocabulary: existing parameters are kept and each new embedding row
-    /// starts at the mean of the existing rows (a neutral token rather than noise).
+    /// A copy with a larger vocabulary: existing parameters are kept and each new embedding
+    /// (and output head) row starts at the mean of the existing rows (a neutral token rather
+    /// than noise).
     pub fn grow_vocab(&self, vocab_size: usize) -> Result<Gpt<Cpu>> {
         self.check_training_layout()?;
         if vocab_size < self.config.vocab_size {
@@ -257,12 +342,13 @@ impl<K: Kernels> Gpt<K> {
         let mut grown = Gpt::new(config)?;
         let c = config.n_embd;
         for (old, new) in self.layout.tensors.iter().zip(grown.layout.tensors.clone()) {
-            if old.name == "transformer.wte.weight" {
+            if old.vocab_rows {
                 let live = self.config.vocab_size * c;
+                let src = &self.params[old.range.start..old.range.start + live];
                 let dst = &mut grown.params[new.range.clone()];
-                dst[..live].copy_from_slice(&self.params[old.range.start..old.range.start + live]);
+                dst[..live].copy_from_slice(src);
                 let mut mean = vec![0f64; c];
-                for row in self.params[old.range.start..old.range.start + live].chunks(c) {
+                for row in src.chunks(c) {
                     for (m, &x) in mean.iter_mut().zip(row) {
                         *m += f64::from(x);
                     }
@@ -287,57 +373,195 @@ impl<K: Kernels> Gpt<K> {
         if a.batch == batch && a.seq == seq {
             return;
         }
-        let (l, c, bt) = (self.config.n_layer, self.config.n_embd, batch * seq);
+        let (l, bt) = (self.config.n_layer, batch * seq);
+        let w = Widths::of(&self.config);
         let nh = self.config.n_head;
         let v = self.config.padded_vocab();
         let size = |buf: &mut Vec<f32>, n: usize| buf.resize(n, 0.0);
         a.batch = batch;
         a.seq = seq;
         a.tokens.resize(bt, 0);
-        size(&mut a.encoded, bt * c);
+        a.positions = (0..bt).map(|r| (r % seq) as u32).collect();
+        size(&mut a.encoded, bt * w.c);
         for buf in [
-            &mut a.ln1,
-            &mut a.atty,
+            &mut a.norm1,
             &mut a.residual2,
-            &mut a.ln2,
+            &mut a.norm2,
             &mut a.residual3,
         ] {
-            size(buf, l * bt * c);
+            size(buf, l * bt * w.c);
         }
         for buf in [
-            &mut a.ln1_mean,
-            &mut a.ln1_rstd,
-            &mut a.ln2_mean,
-            &mut a.ln2_rstd,
+            &mut a.norm1_mean,
+            &mut a.norm1_rstd,
+            &mut a.norm2_mean,
+            &mut a.norm2_rstd,
         ] {
             size(buf, l * bt);
         }
-        size(&mut a.qkv, l * bt * 3 * c);
+        size(&mut a.qkv, l * bt * w.qkv);
+        size(&mut a.atty, l * bt * w.q);
         size(&mut a.att, l * batch * nh * seq * seq);
-        size(&mut a.fch, l * bt * 4 * c);
-        size(&mut a.fch_gelu, l * bt * 4 * c);
-        size(&mut a.lnf, bt * c);
-        size(&mut a.lnf_mean, bt);
-        size(&mut a.lnf_rstd, bt);
+        size(&mut a.mlp_pre, l * bt * w.mlp_in);
+        size(&mut a.mlp_act, l * bt * w.hidden);
+        size(&mut a.normf, bt * w.c);
+        size(&mut a.normf_mean, bt);
+        size(&mut a.normf_rstd, bt);
         size(&mut a.logits, bt * v);
         size(&mut a.losses, bt);
-        size(&mut a.scratch, bt * c);
+        size(&mut a.scratch, bt * w.c);
         let g = &mut self.scratch;
-        for buf in [&mut g.residual, &mut g.ln, &mut g.atty] {
-            size(buf, bt * c);
-        }
-        size(&mut g.qkv, bt * 3 * c);
-        size(&mut g.fch, bt * 4 * c);
-        size(&mut g.fch_gelu, bt * 4 * c);
+        size(&mut g.residual, bt * w.c);
+        size(&mut g.norm, bt * w.c);
+        size(&mut g.qkv, bt * w.qkv);
+        size(&mut g.atty, bt * w.q);
+        size(&mut g.mlp_pre, bt * w.mlp_in);
+        size(&mut g.mlp_act, bt * w.hidden);
     }
 
-    fn dims(&self) -> Dims {
+    pub(crate) fn dims(&self, batch: usize, seq: usize) -> Dims {
         Dims {
-            batch: self.acts.batch,
-            seq: self.acts.seq,
+            batch,
+            seq,
             channels: self.config.n_embd,
             heads: self.config.n_head,
+            kv_heads: self.config.kv_heads(),
+            head_dim: self.config.head_dim(),
         }
+    }
+
+    /// A product with one of the parameter matrices (`weights` indexes `params`): thin ones read
+    /// the bf16 copy when the model has one ([`Gpt::use_bf16_weights`]), all others go through
+    /// the kernels.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn product(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weights: Range<usize>,
+        layout: WeightLayout,
+        bias: Option<Range<usize>>,
+        c_in: usize,
+        c_out: usize,
+    ) {
+        let bias = bias.map(|b| &self.params[b]);
+        if let Some(w16) = &self.params_bf16 {
+            if layout == WeightLayout::OutIn && inp.len() / c_in <= SKINNY_ROWS {
+                matmul_thin_bf16(out, inp, &w16[weights], bias, c_in, c_out);
+                return;
+            }
+        }
+        self.kernels
+            .matmul_forward(out, inp, &self.params[weights], layout, bias, c_in, c_out);
+    }
+
+    /// The block's norm (layer or RMS) with the weights at `w` (and bias `b`).
+    pub(crate) fn norm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        w: &Range<usize>,
+        b: &Option<Range<usize>>,
+    ) {
+        let (p, c) = (&self.params, self.config.n_embd);
+        match self.config.block.norm {
+            Norm::Layer => {
+                let b = b.as_ref().expect("layer norm has a bias");
+                self.kernels.layernorm_forward(
+                    out,
+                    mean,
+                    rstd,
+                    inp,
+                    &p[w.clone()],
+                    &p[b.clone()],
+                    c,
+                )
+            }
+            Norm::Rms { eps } => {
+                self.kernels
+                    .rmsnorm_forward(out, rstd, inp, &p[w.clone()], eps, c)
+            }
+        }
+    }
+
+    /// One transformer block on `positions.len()` rows, as its description says. `attend`
+    /// turns the rows' queries, keys and values (rotated already) into attention's output:
+    /// over the batch itself in training, over the KV cache in decoding.
+    pub(crate) fn block_forward(
+        &self,
+        l: usize,
+        buf: BlockBuffers<'_>,
+        positions: &[u32],
+        attend: &mut dyn FnMut(&mut [f32], &[f32]),
+    ) {
+        let k = &self.kernels;
+        let lp = &self.layout.layers[l];
+        let w = Widths::of(&self.config);
+        self.norm_forward(
+            buf.norm1,
+            buf.mean1,
+            buf.rstd1,
+            buf.input,
+            &lp.norm1_w,
+            &lp.norm1_b,
+        );
+        self.product(
+            buf.qkv,
+            buf.norm1,
+            lp.qkv_w.clone(),
+            self.matrices,
+            lp.qkv_b.clone(),
+            w.c,
+            w.qkv,
+        );
+        if let Some(table) = &self.rope {
+            let heads = self.config.n_head + self.config.kv_heads();
+            k.rope(buf.qkv, w.qkv, heads, positions, table, false);
+        }
+        attend(buf.atty, buf.qkv);
+        self.product(
+            buf.scratch,
+            buf.atty,
+            lp.attn_out_w.clone(),
+            self.matrices,
+            lp.attn_out_b.clone(),
+            w.q,
+            w.c,
+        );
+        k.add(buf.residual2, buf.input, buf.scratch);
+        self.norm_forward(
+            buf.norm2,
+            buf.mean2,
+            buf.rstd2,
+            buf.residual2,
+            &lp.norm2_w,
+            &lp.norm2_b,
+        );
+        self.product(
+            buf.mlp_pre,
+            buf.norm2,
+            lp.mlp_in_w.clone(),
+            self.matrices,
+            lp.mlp_in_b.clone(),
+            w.c,
+            w.mlp_in,
+        );
+        match self.config.block.mlp {
+            Mlp::Gelu => k.gelu_forward(buf.mlp_act, buf.mlp_pre),
+            Mlp::SwiGlu => k.swiglu_forward(buf.mlp_act, buf.mlp_pre, w.hidden),
+        }
+        self.product(
+            buf.scratch,
+            buf.mlp_act,
+            lp.mlp_out_w.clone(),
+            self.matrices,
+            lp.mlp_out_b.clone(),
+            w.hidden,
+            w.c,
+        );
+        k.add(buf.output, buf.residual2, buf.scratch);
     }
 
     /// Runs the model on `tokens[batch, seq]` and returns the summed loss over positions whose
@@ -377,117 +601,73 @@ impl<K: Kernels> Gpt<K> {
             )));
         }
         self.ensure_activations(batch, seq);
-        let d = self.dims();
-        let (c, bt, vp) = (d.channels, d.rows(), self.config.padded_vocab());
+        let mut a = std::mem::take(&mut self.acts);
+        let d = self.dims(batch, seq);
+        let (bt, vp) = (d.rows(), self.config.padded_vocab());
+        let w = Widths::of(&self.config);
         let k = &self.kernels;
         let p = &self.params;
         let lay = &self.layout;
-        let a = &mut self.acts;
         a.tokens.copy_from_slice(tokens);
         k.encoder_forward(
             &mut a.encoded,
             tokens,
             &p[lay.wte.clone()],
-            &p[lay.wpe.clone()],
+            lay.wpe.clone().map(|r| &p[r]),
             d,
         );
-        for (l, lp) in lay.layers.iter().enumerate() {
-            let row = |w: usize| l * bt * w..(l + 1) * bt * w;
-            let stat = l * bt..(l + 1) * bt;
-            let residual: &[f32] = if l == 0 {
+        let att_len = d.batch * d.heads * d.seq * d.seq;
+        for l in 0..self.config.n_layer {
+            let (done, rest) = a.residual3.split_at_mut(l * bt * w.c);
+            let input: &[f32] = if l == 0 {
                 &a.encoded
             } else {
-                &a.residual3[(l - 1) * bt * c..l * bt * c]
+                nth(done, l - 1, bt * w.c)
             };
-            k.layernorm_forward(
-                &mut a.ln1[row(c)],
-                &mut a.ln1_mean[stat.clone()],
-                &mut a.ln1_rstd[stat.clone()],
-                residual,
-                &p[lp.ln1_w.clone()],
-                &p[lp.ln1_b.clone()],
-                c,
-            );
-            k.matmul_forward(
-                &mut a.qkv[row(3 * c)],
-                &a.ln1[row(c)],
-                &p[lp.qkv_w.clone()],
-                self.matrices,
-                Some(&p[lp.qkv_b.clone()]),
-                c,
-                3 * c,
-            );
-            let att_len = d.batch * d.heads * d.seq * d.seq;
-            k.attention_forward(
-                &mut a.atty[row(c)],
-                &mut a.att[l * att_len..(l + 1) * att_len],
-                &a.qkv[row(3 * c)],
-                d,
-            );
-            k.matmul_forward(
-                &mut a.scratch,
-                &a.atty[row(c)],
-                &p[lp.attn_proj_w.clone()],
-                self.matrices,
-                Some(&p[lp.attn_proj_b.clone()]),
-                c,
-                c,
-            );
-            k.add(&mut a.residual2[row(c)], residual, &a.scratch);
-            k.layernorm_forward(
-                &mut a.ln2[row(c)],
-                &mut a.ln2_mean[stat.clone()],
-                &mut a.ln2_rstd[stat.clone()],
-                &a.residual2[row(c)],
-                &p[lp.ln2_w.clone()],
-                &p[lp.ln2_b.clone()],
-                c,
-            );
-            k.matmul_forward(
-                &mut a.fch[row(4 * c)],
-                &a.ln2[row(c)],
-                &p[lp.fc_w.clone()],
-                self.matrices,
-                Some(&p[lp.fc_b.clone()]),
-                c,
-                4 * c,
-            );
-            k.gelu_forward(&mut a.fch_gelu[row(4 * c)], &a.fch[row(4 * c)]);
-            k.matmul_forward(
-                &mut a.scratch,
-                &a.fch_gelu[row(4 * c)],
-                &p[lp.fc_proj_w.clone()],
-                self.matrices,
-                Some(&p[lp.fc_proj_b.clone()]),
-                4 * c,
-                c,
-            );
-            let (r2, r3) = (&a.residual2[row(c)], &mut a.residual3[row(c)]);
-            k.add(r3, r2, &a.scratch);
+            let att = nth_mut(&mut a.att, l, att_len);
+            let buffers = BlockBuffers {
+                input,
+                norm1: nth_mut(&mut a.norm1, l, bt * w.c),
+                mean1: nth_mut(&mut a.norm1_mean, l, bt),
+                rstd1: nth_mut(&mut a.norm1_rstd, l, bt),
+                qkv: nth_mut(&mut a.qkv, l, bt * w.qkv),
+                atty: nth_mut(&mut a.atty, l, bt * w.q),
+                residual2: nth_mut(&mut a.residual2, l, bt * w.c),
+                norm2: nth_mut(&mut a.norm2, l, bt * w.c),
+                mean2: nth_mut(&mut a.norm2_mean, l, bt),
+                rstd2: nth_mut(&mut a.norm2_rstd, l, bt),
+                mlp_pre: nth_mut(&mut a.mlp_pre, l, bt * w.mlp_in),
+                mlp_act: nth_mut(&mut a.mlp_act, l, bt * w.hidden),
+                output: &mut rest[..bt * w.c],
+                scratch: &mut a.scratch,
+            };
+            self.block_forward(l, buffers, &a.positions, &mut |y, qkv| {
+                k.attention_forward(y, att, qkv, d)
+            });
         }
-        let last = (self.config.n_layer - 1) * bt * c..self.config.n_layer * bt * c;
-        k.layernorm_forward(
-            &mut a.lnf,
-            &mut a.lnf_mean,
-            &mut a.lnf_rstd,
-            &a.residual3[last],
-            &p[lay.lnf_w.clone()],
-            &p[lay.lnf_b.clone()],
-            c,
+        let last = nth(&a.residual3, self.config.n_layer - 1, bt * w.c);
+        self.norm_forward(
+            &mut a.normf,
+            &mut a.normf_mean,
+            &mut a.normf_rstd,
+            last,
+            &lay.normf_w,
+            &lay.normf_b,
         );
         k.matmul_forward(
             &mut a.logits,
-            &a.lnf,
-            &p[lay.wte.clone()],
+            &a.normf,
+            &p[lay.head_weights()],
             WeightLayout::OutIn,
             None,
-            c,
+            w.c,
             vp,
         );
         k.cross_entropy(&mut a.logits, &mut a.losses, targets, vocab, vp, grad_scale);
-        self.ready_for_backward = grad_scale.is_some();
         let count = targets.iter().filter(|t| t.is_some()).count();
         let sum: f64 = a.losses.iter().map(|&x| f64::from(x)).sum();
+        self.acts = a;
+        self.ready_for_backward = grad_scale.is_some();
         Ok((sum, count))
     }
 
@@ -510,7 +690,8 @@ impl<K: Kernels> Gpt<K> {
         }
     }
 
-    /// Accumulates the gradients of the last training forward pass into `grads`.
+    /// Accumulates the gradients of the last training forward pass into `grads`: the forward
+    /// pass's description walked in reverse.
     pub fn backward(&mut self) -> Result<()> {
         if !self.ready_for_backward {
             return Err(EngineError::Shape(
@@ -522,149 +703,173 @@ impl<K: Kernels> Gpt<K> {
             self.zero_grad();
         }
         self.ready_for_backward = false;
-        let d = self.dims();
-        let (c, bt, vp) = (d.channels, d.rows(), self.config.padded_vocab());
+        let d = self.dims(self.acts.batch, self.acts.seq);
+        let (bt, vp) = (d.rows(), self.config.padded_vocab());
+        let w = Widths::of(&self.config);
         let k = &self.kernels;
         let p = &self.params;
         let g = &mut self.grads;
         let lay = &self.layout;
         let a = &self.acts;
         let s = &mut self.scratch;
+        let norm = self.config.block.norm;
+        let c = w.c;
+        // dinp += norm'(dout) for the norm with weights `nw` (and bias `nb`).
+        let norm_backward = |g: &mut [f32],
+                             dinp: &mut [f32],
+                             dout: &[f32],
+                             inp: &[f32],
+                             nw: &Range<usize>,
+                             nb: &Option<Range<usize>>,
+                             mean: &[f32],
+                             rstd: &[f32]| match norm {
+            Norm::Layer => {
+                let nb = nb.clone().expect("layer norm has a bias");
+                let (dw, db) = two_mut(g, nw.clone(), nb);
+                k.layernorm_backward(dinp, dw, db, dout, inp, &p[nw.clone()], mean, rstd, c);
+            }
+            Norm::Rms { .. } => {
+                k.rmsnorm_backward(dinp, &mut g[nw.clone()], dout, inp, &p[nw.clone()], rstd, c)
+            }
+        };
 
-        // Output head (tied to wte) and final layer norm.
+        // Output head and final norm.
+        let head = lay.head_weights();
         k.matmul_backward(
-            &mut s.ln,
-            &mut g[lay.wte.clone()],
+            &mut s.norm,
+            &mut g[head.clone()],
             None,
             &a.logits,
-            &a.lnf,
-            &p[lay.wte.clone()],
+            &a.normf,
+            &p[head],
             WeightLayout::OutIn,
             c,
             vp,
         );
         s.residual.fill(0.0);
-        let last = (self.config.n_layer - 1) * bt * c..self.config.n_layer * bt * c;
-        {
-            let (dw, db) = two_mut(g, lay.lnf_w.clone(), lay.lnf_b.clone());
-            k.layernorm_backward(
-                &mut s.residual,
-                dw,
-                db,
-                &s.ln,
-                &a.residual3[last],
-                &p[lay.lnf_w.clone()],
-                &a.lnf_mean,
-                &a.lnf_rstd,
-                c,
-            );
-        }
+        let last = nth(&a.residual3, self.config.n_layer - 1, bt * c);
+        norm_backward(
+            g,
+            &mut s.residual,
+            &s.norm,
+            last,
+            &lay.normf_w,
+            &lay.normf_b,
+            &a.normf_mean,
+            &a.normf_rstd,
+        );
+        let att_len = d.batch * d.heads * d.seq * d.seq;
+        let matrices = self.matrices;
         for (l, lp) in lay.layers.iter().enumerate().rev() {
-            let row = |w: usize| l * bt * w..(l + 1) * bt * w;
+            let rows = |width: usize| l * bt * width..(l + 1) * bt * width;
             let stat = l * bt..(l + 1) * bt;
             let residual_in: &[f32] = if l == 0 {
                 &a.encoded
             } else {
-                &a.residual3[(l - 1) * bt * c..l * bt * c]
+                nth(&a.residual3, l - 1, bt * c)
             };
-            // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2)))).
+            // MLP: residual3 = residual2 + out(act(in(norm2(residual2)))).
             {
-                let (dw, db) = two_mut(g, lp.fc_proj_w.clone(), lp.fc_proj_b.clone());
+                let (dw, db) = weight_and_bias(g, lp.mlp_out_w.clone(), lp.mlp_out_b.clone());
                 k.matmul_backward(
-                    &mut s.fch_gelu,
-                    dw,
-                    Some(db),
-                    &s.residual,
-                    &a.fch_gelu[row(4 * c)],
-                    &p[lp.fc_proj_w.clone()],
-                    WeightLayout::InOut,
-                    4 * c,
-                    c,
-                );
-            }
-            k.gelu_backward(&mut s.fch, &a.fch[row(4 * c)], &s.fch_gelu);
-            {
-                let (dw, db) = two_mut(g, lp.fc_w.clone(), lp.fc_b.clone());
-                k.matmul_backward(
-                    &mut s.ln,
-                    dw,
-                    Some(db),
-                    &s.fch,
-                    &a.ln2[row(c)],
-                    &p[lp.fc_w.clone()],
-                    WeightLayout::InOut,
-                    c,
-                    4 * c,
-                );
-            }
-            {
-                let (dw, db) = two_mut(g, lp.ln2_w.clone(), lp.ln2_b.clone());
-                k.layernorm_backward(
-                    &mut s.residual,
+                    &mut s.mlp_act,
                     dw,
                     db,
-                    &s.ln,
-                    &a.residual2[row(c)],
-                    &p[lp.ln2_w.clone()],
-                    &a.ln2_mean[stat.clone()],
-                    &a.ln2_rstd[stat.clone()],
+                    &s.residual,
+                    &a.mlp_act[rows(w.hidden)],
+                    &p[lp.mlp_out_w.clone()],
+                    matrices,
+                    w.hidden,
                     c,
                 );
             }
-            // Attention: residual2 = residual_in + attn_proj(attention(qkv(ln1(residual_in)))).
+            let mlp_pre = &a.mlp_pre[rows(w.mlp_in)];
+            match self.config.block.mlp {
+                Mlp::Gelu => k.gelu_backward(&mut s.mlp_pre, mlp_pre, &s.mlp_act),
+                Mlp::SwiGlu => k.swiglu_backward(&mut s.mlp_pre, mlp_pre, &s.mlp_act, w.hidden),
+            }
             {
-                let (dw, db) = two_mut(g, lp.attn_proj_w.clone(), lp.attn_proj_b.clone());
+                let (dw, db) = weight_and_bias(g, lp.mlp_in_w.clone(), lp.mlp_in_b.clone());
+                k.matmul_backward(
+                    &mut s.norm,
+                    dw,
+                    db,
+                    &s.mlp_pre,
+                    &a.norm2[rows(c)],
+                    &p[lp.mlp_in_w.clone()],
+                    matrices,
+                    c,
+                    w.mlp_in,
+                );
+            }
+            norm_backward(
+                g,
+                &mut s.residual,
+                &s.norm,
+                &a.residual2[rows(c)],
+                &lp.norm2_w,
+                &lp.norm2_b,
+                &a.norm2_mean[stat.clone()],
+                &a.norm2_rstd[stat.clone()],
+            );
+            // Attention: residual2 = residual_in + out(attention(rope(qkv(norm1(residual_in))))).
+            {
+                let (dw, db) = weight_and_bias(g, lp.attn_out_w.clone(), lp.attn_out_b.clone());
                 k.matmul_backward(
                     &mut s.atty,
                     dw,
-                    Some(db),
+                    db,
                     &s.residual,
-                    &a.atty[row(c)],
-                    &p[lp.attn_proj_w.clone()],
-                    WeightLayout::InOut,
-                    c,
+                    &a.atty[rows(w.q)],
+                    &p[lp.attn_out_w.clone()],
+                    matrices,
+                    w.q,
                     c,
                 );
             }
-            let att_len = d.batch * d.heads * d.seq * d.seq;
             k.attention_backward(
                 &mut s.qkv,
                 &s.atty,
-                &a.qkv[row(3 * c)],
-                &a.att[l * att_len..(l + 1) * att_len],
+                &a.qkv[rows(w.qkv)],
+                nth(&a.att, l, att_len),
                 d,
             );
-            {
-                let (dw, db) = two_mut(g, lp.qkv_w.clone(), lp.qkv_b.clone());
-                k.matmul_backward(
-                    &mut s.ln,
-                    dw,
-                    Some(db),
-                    &s.qkv,
-                    &a.ln1[row(c)],
-                    &p[lp.qkv_w.clone()],
-                    WeightLayout::InOut,
-                    c,
-                    3 * c,
-                );
+            if let Some(table) = &self.rope {
+                let heads = self.config.n_head + self.config.kv_heads();
+                k.rope(&mut s.qkv, w.qkv, heads, &a.positions, table, true);
             }
             {
-                let (dw, db) = two_mut(g, lp.ln1_w.clone(), lp.ln1_b.clone());
-                k.layernorm_backward(
-                    &mut s.residual,
+                let (dw, db) = weight_and_bias(g, lp.qkv_w.clone(), lp.qkv_b.clone());
+                k.matmul_backward(
+                    &mut s.norm,
                     dw,
                     db,
-                    &s.ln,
-                    residual_in,
-                    &p[lp.ln1_w.clone()],
-                    &a.ln1_mean[stat.clone()],
-                    &a.ln1_rstd[stat],
+                    &s.qkv,
+                    &a.norm1[rows(c)],
+                    &p[lp.qkv_w.clone()],
+                    matrices,
                     c,
+                    w.qkv,
                 );
             }
+            norm_backward(
+                g,
+                &mut s.residual,
+                &s.norm,
+                residual_in,
+                &lp.norm1_w,
+                &lp.norm1_b,
+                &a.norm1_mean[stat.clone()],
+                &a.norm1_rstd[stat],
+            );
         }
-        let (dwte, dwpe) = two_mut(g, lay.wte.clone(), lay.wpe.clone());
-        k.encoder_backward(dwte, dwpe, &s.residual, &a.tokens, d);
+        match lay.wpe.clone() {
+            Some(wpe) => {
+                let (dwte, dwpe) = two_mut(g, lay.wte.clone(), wpe);
+                k.encoder_backward(dwte, Some(dwpe), &s.residual, &a.tokens, d);
+            }
+            None => k.encoder_backward(&mut g[lay.wte.clone()], None, &s.residual, &a.tokens, d),
+        }
         Ok(())
     }
 

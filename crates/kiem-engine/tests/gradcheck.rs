@@ -125,12 +125,7 @@ fn matmul_backward_both_layouts() {
 
 #[test]
 fn attention_backward() {
-    let d = Dims {
-        batch: 2,
-        seq: 5,
-        channels: 8,
-        heads: 2,
-    };
+    let d = Dims::mha(2, 5, 8, 2);
     let mut rng = Rng::new(3);
     let qkv = random(d.rows() * 3 * d.channels, &mut rng, 1.0);
     let r = random(d.rows() * d.channels, &mut rng, 1.0);
@@ -209,12 +204,7 @@ fn cross_entropy_backward_ignores_padding_and_masked_rows() {
 
 #[test]
 fn encoder_backward() {
-    let d = Dims {
-        batch: 2,
-        seq: 3,
-        channels: 4,
-        heads: 1,
-    };
+    let d = Dims::mha(2, 3, 4, 1);
     let mut rng = Rng::new(6);
     let (vocab, context) = (5, 4);
     let wte = random(vocab * d.channels, &mut rng, 1.0);
@@ -223,11 +213,11 @@ fn encoder_backward() {
     let r = random(d.rows() * d.channels, &mut rng, 1.0);
     let forward = |wte: &[f32], wpe: &[f32]| {
         let mut out = vec![0.0; d.rows() * d.channels];
-        K.encoder_forward(&mut out, &tokens, wte, wpe, d);
+        K.encoder_forward(&mut out, &tokens, wte, Some(wpe), d);
         weighted_sum(&out, &r)
     };
     let (mut dwte, mut dwpe) = (vec![0.0; wte.len()], vec![0.0; wpe.len()]);
-    K.encoder_backward(&mut dwte, &mut dwpe, &r, &tokens, d);
+    K.encoder_backward(&mut dwte, Some(&mut dwpe), &r, &tokens, d);
     check("encoder dwte", &wte, &dwte, 20, 1e-2, |w| forward(w, &wpe));
     check("encoder dwpe", &wpe, &dwpe, 16, 1e-2, |w| forward(&wte, w));
 }
@@ -319,13 +309,7 @@ fn bf16_matmuls_agree_with_fp32_to_bf16_precision() {
 }
 
 fn tiny_config() -> ModelConfig {
-    ModelConfig {
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 8,
-        context: 6,
-        vocab_size: 11,
-    }
+    ModelConfig::gpt2(2, 2, 8, 6, 11)
 }
 
 #[test]

@@ -6,13 +6,7 @@ use kiem_engine::sampling::{sample, Control, FinishReason, GenerateOptions, Samp
 use kiem_engine::{Gpt, ModelConfig};
 
 fn model() -> Gpt {
-    let config = ModelConfig {
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 16,
-        context: 24,
-        vocab_size: 37,
-    };
+    let config = ModelConfig::gpt2(2, 2, 16, 24, 37);
     let mut gpt = Gpt::new(config).unwrap();
     gpt.init_random(3);
     let mut rng = Rng::new(4);
@@ -411,13 +405,7 @@ fn transposed_for_decoding_matches_and_refuses_training() {
 /// weights (it only reads fewer bytes), close to the fp32 model's, in prefill and decode.
 #[test]
 fn bf16_weights_decode_exactly_as_fp32_on_the_rounded_weights() {
-    let config = ModelConfig {
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 64,
-        context: 24,
-        vocab_size: 37,
-    };
+    let config = ModelConfig::gpt2(2, 2, 64, 24, 37);
     let mut original = Gpt::new(config).unwrap();
     original.init_random(11);
     let mut bf16 = Gpt::new(config).unwrap();

@@ -8,13 +8,7 @@ use std::path::Path;
 use kiem_engine::io::{read_tensors, NamedTensors};
 use kiem_engine::{AdamWState, Gpt, ModelConfig};
 
-const CONFIG: ModelConfig = ModelConfig {
-    n_layer: 2,
-    n_head: 2,
-    n_embd: 16,
-    context: 16,
-    vocab_size: 67,
-};
+const CONFIG: ModelConfig = ModelConfig::gpt2(2, 2, 16, 16, 67);
 const B: usize = 2;
 const T: usize = 12;
 

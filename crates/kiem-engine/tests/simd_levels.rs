@@ -53,12 +53,7 @@ fn digest() -> u64 {
     k.adamw(&mut p, &g, &mut m, &mut v, &h);
     keep(&p);
 
-    let d = Dims {
-        batch: 2,
-        seq: 9,
-        channels: 16,
-        heads: 2,
-    };
+    let d = Dims::mha(2, 9, 16, 2);
     let qkv = random(d.rows() * 3 * d.channels);
     let (mut y, mut att) = (vec![0f32; d.rows() * d.channels], vec![0f32; 2 * 2 * 9 * 9]);
     k.attention_forward(&mut y, &mut att, &qkv, d);
@@ -73,13 +68,7 @@ fn digest() -> u64 {
         k.matmul_forward(&mut thin, &row, &wm, layout, None, c_in, c_out);
         keep(&thin);
     }
-    let config = ModelConfig {
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 64,
-        context: 16,
-        vocab_size: 50,
-    };
+    let config = ModelConfig::gpt2(2, 2, 64, 16, 50);
     let mut gpt = Gpt::new(config).unwrap();
     gpt.init_random(8);
     gpt.transpose_for_decoding();

@@ -1,0 +1,256 @@
+//! The Llama block's own operations: RMS norm, rotary position embeddings and the SwiGLU
+//! activation, forward and backward. Same conventions as the rest of the kernels: parallel
+//! loops write disjoint outputs, reductions across rows go through `reduce_rows` in a fixed
+//! order, and element-wise loops compile for the widest SIMD level (`wide`).
+
+use rayon::prelude::*;
+
+use super::{fast_exp, reduce_rows, wide};
+use crate::config::{Rope, RopeScaling};
+
+/// Cosines and sines of every (position, frequency) pair, `[positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    pub half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// The table for `positions` positions, computed as `transformers` computes it: inverse
+    /// frequencies `1 / theta^(2i/d)` rounded to f32 (then scaled), each angle a single f32
+    /// product `position · inv_freq`, and its cosine and sine rounded to f32.
+    pub fn new(rope: &Rope, head_dim: usize, positions: usize) -> RopeTable {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / head_dim as f32;
+                let base = rope.theta.powf(f64::from(exponent)) as f32;
+                scale_frequency(1.0 / base, &rope.scaling)
+            })
+            .collect();
+        let mut cos = vec![0f32; positions * half];
+        let mut sin = vec![0f32; positions * half];
+        cos.par_chunks_mut(half)
+            .zip(sin.par_chunks_mut(half))
+            .enumerate()
+            .for_each(|(pos, (c, s))| {
+                for i in 0..half {
+                    let angle = f64::from(pos as f32 * inv_freq[i]);
+                    c[i] = angle.cos() as f32;
+                    s[i] = angle.sin() as f32;
+                }
+            });
+        RopeTable { half, cos, sin }
+    }
+
+    /// Positions the table covers.
+    pub fn len(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cos.is_empty()
+    }
+}
+
+/// Applies a `rope_scaling` rule to one inverse frequency.
+fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
+    match *scaling {
+        RopeScaling::Default => inv_freq,
+        RopeScaling::Linear { factor } => (f64::from(inv_freq) / factor) as f32,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            // Long wavelengths are slowed down by `factor`, short ones kept, and the band
+            // between interpolated smoothly (Llama 3.1).
+            let old = original_max_position_embeddings as f64;
+            let f = f64::from(inv_freq);
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let low_freq_wavelen = old / low_freq_factor;
+            let high_freq_wavelen = old / high_freq_factor;
+            let scaled = if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                f
+            };
+            let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+            let out = if medium {
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * scaled / factor + smooth * scaled
+            } else {
+                scaled
+            };
+            out as f32
+        }
+    }
+}
+
+pub(super) fn rope(
+    x: &mut [f32],
+    width: usize,
+    heads: usize,
+    positions: &[u32],
+    table: &RopeTable,
+    inverse: bool,
+) {
+    let half = table.half;
+    let hd = 2 * half;
+    assert!(
+        heads * hd <= width && x.len() == positions.len() * width,
+        "rope: {} values for {} rows of width {width}, {heads} heads of {hd}",
+        x.len(),
+        positions.len()
+    );
+    assert!(
+        positions.iter().all(|&p| (p as usize) < table.len()),
+        "rope: a position is past the table's {} positions",
+        table.len()
+    );
+    let sign = if inverse { -1.0f32 } else { 1.0 };
+    x.par_chunks_mut(width)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            let at = pos as usize * half;
+            let (cos, sin) = (&table.cos[at..at + half], &table.sin[at..at + half]);
+            wide(
+                #[inline(always)]
+                || {
+                    for head in row[..heads * hd].chunks_exact_mut(hd) {
+                        let (a, b) = head.split_at_mut(half);
+                        for i in 0..half {
+                            let (x1, x2, s) = (a[i], b[i], sign * sin[i]);
+                            a[i] = x1 * cos[i] - x2 * s;
+                            b[i] = x2 * cos[i] + x1 * s;
+                        }
+                    }
+                },
+            )
+        });
+}
+
+pub(super) fn rmsnorm_forward(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    eps: f32,
+    c: usize,
+) {
+    out.par_chunks_mut(c)
+        .zip(rstd.par_iter_mut())
+        .enumerate()
+        .for_each(|(row, (o, r))| {
+            wide(
+                #[inline(always)]
+                || {
+                    let x = &inp[row * c..(row + 1) * c];
+                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
+                    let s = 1.0 / (ms + eps).sqrt();
+                    for i in 0..c {
+                        o[i] = x[i] * s * w[i];
+                    }
+                    *r = s;
+                },
+            )
+        });
+}
+
+/// With `y = w · x · s`, `s = (mean(x²) + eps)^-1/2`:
+/// `dx = s · (w·g − x · s² · mean(w·g·x))`, `dw = Σ_rows g · x · s`.
+pub(super) fn rmsnorm_backward(
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
+    let rows = rstd.len();
+    dinp.par_chunks_mut(c).enumerate().for_each(|(row, di)| {
+        wide(
+            #[inline(always)]
+            || {
+                let x = &inp[row * c..(row + 1) * c];
+                let g = &dout[row * c..(row + 1) * c];
+                let s = rstd[row];
+                let mut dot = 0.0f32;
+                for i in 0..c {
+                    dot += w[i] * g[i] * x[i];
+                }
+                let k = s * s * dot / c as f32;
+                for i in 0..c {
+                    di[i] += s * (w[i] * g[i] - x[i] * k);
+                }
+            },
+        )
+    });
+    let mut acc = vec![0f32; c];
+    reduce_rows(rows, c, &mut acc, |row, part| {
+        let x = &inp[row * c..(row + 1) * c];
+        let g = &dout[row * c..(row + 1) * c];
+        let s = rstd[row];
+        for i in 0..c {
+            part[i] += g[i] * x[i] * s;
+        }
+    });
+    for (d, a) in dw.iter_mut().zip(&acc) {
+        *d += a;
+    }
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
+}
+
+pub(super) fn swiglu_forward(out: &mut [f32], inp: &[f32], h: usize) {
+    assert!(
+        h > 0 && inp.len() == 2 * out.len() && out.len().is_multiple_of(h),
+        "swiglu_forward: rows of gate | up"
+    );
+    out.par_chunks_mut(h)
+        .zip(inp.par_chunks(2 * h))
+        .for_each(|(o, x)| {
+            wide(
+                #[inline(always)]
+                || {
+                    let (gate, up) = x.split_at(h);
+                    for i in 0..h {
+                        o[i] = gate[i] * sigmoid(gate[i]) * up[i];
+                    }
+                },
+            )
+        });
+}
+
+pub(super) fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], h: usize) {
+    assert!(
+        h > 0
+            && dinp.len() == inp.len()
+            && inp.len() == 2 * dout.len()
+            && dout.len().is_multiple_of(h),
+        "swiglu_backward: rows of gate | up"
+    );
+    dinp.par_chunks_mut(2 * h)
+        .zip(inp.par_chunks(2 * h).zip(dout.par_chunks(h)))
+        .for_each(|(di, (x, g))| {
+            wide(
+                #[inline(always)]
+                || {
+                    let (gate, up) = x.split_at(h);
+                    let (dgate, dup) = di.split_at_mut(h);
+                    for i in 0..h {
+                        let sg = sigmoid(gate[i]);
+                        dup[i] = g[i] * gate[i] * sg;
+                        dgate[i] = g[i] * up[i] * sg * (1.0 + gate[i] * (1.0 - sg));
+                    }
+                },
+            )
+        });
+}
