@@ -486,7 +486,7 @@ impl LayoutBuilder {
 }
 
 fn span(first: &Range<usize>, last: &Range<usize>) -> Range<usize> {
-    debug_assert_eq!(first.start <= last.start, true);
+    debug_assert!(first.start <= last.start);
     first.start..last.end
 }
 

@@ -481,12 +481,14 @@ pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, SpecialIds)> {
     let config = match model_type {
         "gpt2" => read_gpt2_config(path, &v)?,
         "llama" | "qwen2" | "mistral" => crate::hf_llama::read_config(path, &v, model_type)?,
-        other => return Err(file_err(
-            path,
-            format!(
+        other => {
+            return Err(file_err(
+                path,
+                format!(
                 "model_type {other:?} is not supported (kiem runs gpt2, llama, qwen2 and mistral)"
             ),
-        )),
+            ))
+        }
     };
     config
         .validate()

@@ -3,6 +3,8 @@
 //! Each check builds a scalar `L = Σ out ⊙ R` with fixed random `R`, perturbs one input element
 //! at a time by ±eps and compares (L(x+eps) − L(x−eps)) / 2eps with the analytic gradient.
 
+use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
+use kiem_engine::kernels::RopeTable;
 use kiem_engine::kernels::{AdamW, Cpu, Dims, Kernels, WeightLayout};
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt, ModelConfig};
@@ -147,6 +149,134 @@ fn attention_backward() {
     later[3 * d.channels + d.channels] += 1.0; // key of t = 1
     let (out1, _) = forward(&later);
     assert_eq!(out0[..d.channels], out1[..d.channels]);
+}
+
+/// Grouped-query (2 query heads per key/value head) and multi-query attention.
+#[test]
+fn grouped_query_attention_backward() {
+    for kv_heads in [2, 1] {
+        let d = Dims {
+            batch: 2,
+            seq: 5,
+            channels: 8,
+            heads: 4,
+            kv_heads,
+            head_dim: 3,
+        };
+        let mut rng = Rng::new(13);
+        let qkv = random(d.rows() * d.qkv_width(), &mut rng, 1.0);
+        let r = random(d.rows() * d.q_width(), &mut rng, 1.0);
+        let forward = |qkv: &[f32]| {
+            let mut out = vec![0.0; d.rows() * d.q_width()];
+            let mut att = vec![0.0; d.batch * d.heads * d.seq * d.seq];
+            K.attention_forward(&mut out, &mut att, qkv, d);
+            (out, att)
+        };
+        let (out, att) = forward(&qkv);
+        let mut dqkv = vec![0.0; qkv.len()];
+        K.attention_backward(&mut dqkv, &r, &qkv, &att, d);
+        check(
+            &format!("attention dqkv, {kv_heads} kv heads"),
+            &qkv,
+            &dqkv,
+            150,
+            1e-2,
+            |q| weighted_sum(&forward(q).0, &r),
+        );
+        // Query heads of one group read the same keys and values: with equal queries they
+        // give equal outputs.
+        let mut same = qkv.clone();
+        for row in same.chunks_mut(d.qkv_width()) {
+            let first: Vec<f32> = row[..d.head_dim].to_vec();
+            row[d.head_dim..2 * d.head_dim].copy_from_slice(&first);
+        }
+        let (o, _) = forward(&same);
+        for row in o.chunks(d.q_width()) {
+            assert_eq!(row[..d.head_dim], row[d.head_dim..2 * d.head_dim]);
+        }
+        assert_eq!(out.len(), d.rows() * d.q_width());
+    }
+}
+
+#[test]
+fn rmsnorm_backward() {
+    let (rows, c) = (6, 16);
+    let mut rng = Rng::new(14);
+    let x = random(rows * c, &mut rng, 1.0);
+    let w = random(c, &mut rng, 1.0);
+    let r = random(rows * c, &mut rng, 1.0);
+    let forward = |x: &[f32], w: &[f32]| {
+        let (mut out, mut rstd) = (vec![0.0; rows * c], vec![0.0; rows]);
+        K.rmsnorm_forward(&mut out, &mut rstd, x, w, 1e-5, c);
+        (out, rstd)
+    };
+    let (_, rstd) = forward(&x, &w);
+    let (mut dx, mut dw) = (vec![0.0; rows * c], vec![0.0; c]);
+    K.rmsnorm_backward(&mut dx, &mut dw, &r, &x, &w, &rstd, c);
+    check("rmsnorm dx", &x, &dx, 40, 1e-2, |x| {
+        weighted_sum(&forward(x, &w).0, &r)
+    });
+    check("rmsnorm dw", &w, &dw, 16, 1e-2, |w| {
+        weighted_sum(&forward(&x, w).0, &r)
+    });
+}
+
+/// Rotary embeddings: the backward (inverse rotation) against finite differences, the
+/// rotation keeps norms, and positions far apart rotate differently.
+#[test]
+fn rope_backward() {
+    let rope = Rope {
+        theta: 10_000.0,
+        scaling: RopeScaling::Linear { factor: 2.0 },
+    };
+    let (hd, heads, width) = (8, 3, 30);
+    let table = RopeTable::new(&rope, hd, 16);
+    let positions: Vec<u32> = vec![0, 3, 7, 15];
+    let mut rng = Rng::new(15);
+    let x = random(positions.len() * width, &mut rng, 1.0);
+    let r = random(x.len(), &mut rng, 1.0);
+    let forward = |x: &[f32]| {
+        let mut y = x.to_vec();
+        K.rope(&mut y, width, heads, &positions, &table, false);
+        y
+    };
+    let mut dx = r.clone();
+    K.rope(&mut dx, width, heads, &positions, &table, true);
+    // Columns past the rotated heads pass through unchanged.
+    check("rope dx", &x, &dx, 120, 1e-2, |x| {
+        weighted_sum(&forward(x), &r)
+    });
+    let y = forward(&x);
+    let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+    for (xr, yr) in x.chunks(width).zip(y.chunks(width)) {
+        for (a, b) in xr[..heads * hd].chunks(hd).zip(yr[..heads * hd].chunks(hd)) {
+            assert!((norm(a) - norm(b)).abs() < 1e-4 * norm(a).max(1.0));
+        }
+    }
+    assert_eq!(x[..width], y[..width], "position 0 is not rotated");
+    assert_eq!(x[width - 6..width], y[width - 6..width]);
+}
+
+#[test]
+fn swiglu_backward() {
+    let (rows, h) = (3, 7);
+    let mut rng = Rng::new(16);
+    let x = random(rows * 2 * h, &mut rng, 2.0);
+    let r = random(rows * h, &mut rng, 1.0);
+    let forward = |x: &[f32]| {
+        let mut out = vec![0.0; rows * h];
+        K.swiglu_forward(&mut out, x, h);
+        weighted_sum(&out, &r)
+    };
+    let mut dx = vec![0.0; x.len()];
+    K.swiglu_backward(&mut dx, &x, &r, h);
+    check("swiglu dx", &x, &dx, 42, 1e-2, forward);
+    // silu(gate) · up against its definition.
+    let mut out = vec![0.0; rows * h];
+    K.swiglu_forward(&mut out, &x, h);
+    let (gate, up) = (x[0], x[h]);
+    let expected = gate / (1.0 + (-gate).exp()) * up;
+    assert!((out[0] - expected).abs() < 1e-5);
 }
 
 #[test]
@@ -314,7 +444,50 @@ fn tiny_config() -> ModelConfig {
 
 #[test]
 fn whole_model_backward() {
-    let config = tiny_config();
+    whole_model_matches_finite_differences(tiny_config());
+}
+
+/// A small Llama: grouped-query attention (4 query heads, 2 key/value heads) with an explicit
+/// head size, rotary positions with llama3 scaling, SwiGLU, biases on every projection, untied
+/// head.
+fn tiny_llama() -> ModelConfig {
+    let rope = Rope {
+        theta: 10_000.0,
+        scaling: RopeScaling::Llama3 {
+            factor: 4.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 4,
+        },
+    };
+    let mut block = Block::llama(1e-5, rope);
+    block.qkv_bias = true;
+    block.attn_out_bias = true;
+    block.mlp_bias = true;
+    ModelConfig {
+        arch: Arch::Llama,
+        block,
+        n_kv_head: Some(2),
+        head_dim: Some(4),
+        mlp_hidden: Some(12),
+        ..ModelConfig::gpt2(2, 4, 8, 6, 11)
+    }
+}
+
+#[test]
+fn whole_llama_model_backward() {
+    whole_model_matches_finite_differences(tiny_llama());
+    // Multi-query attention, tied head, no biases.
+    let mut mqa = tiny_llama();
+    mqa.n_kv_head = Some(1);
+    mqa.block.qkv_bias = false;
+    mqa.block.attn_out_bias = false;
+    mqa.block.mlp_bias = false;
+    mqa.block.tied_head = true;
+    whole_model_matches_finite_differences(mqa);
+}
+
+fn whole_model_matches_finite_differences(config: ModelConfig) {
     let mut gpt = Gpt::new(config).unwrap();
     gpt.init_random(42);
     // Larger weights than GPT-2's init make every path matter numerically.
@@ -341,11 +514,11 @@ fn whole_model_backward() {
     gpt.backward().unwrap();
     let analytic = gpt.grads.clone();
     let params = gpt.params.clone();
-    let live_wte = config.vocab_size * config.n_embd;
     // Padded vocabulary rows never get gradient.
-    assert!(analytic[live_wte..gpt.layout.wte.end]
-        .iter()
-        .all(|&g| g == 0.0));
+    for spec in gpt.layout.tensors.iter().filter(|s| s.vocab_rows) {
+        let live = spec.range.start + spec.live_len(config.vocab_size);
+        assert!(analytic[live..spec.range.end].iter().all(|&g| g == 0.0));
+    }
     let loss = |p: &[f32]| {
         let mut m = Gpt::new(config).unwrap();
         m.params.copy_from_slice(p);
@@ -353,12 +526,7 @@ fn whole_model_backward() {
         sum / n as f64
     };
     for spec in gpt.layout.tensors.clone() {
-        let r = spec.range.clone();
-        let r = if spec.name == "transformer.wte.weight" {
-            r.start..r.start + live_wte
-        } else {
-            r
-        };
+        let r = spec.range.start..spec.range.start + spec.live_len(config.vocab_size);
         let slice: Vec<f32> = params[r.clone()].to_vec();
         check(&spec.name, &slice, &analytic[r.clone()], 12, 1e-2, |x| {
             let mut p = params.clone();

@@ -1,12 +1,40 @@
 //! KV-cache inference equals the full forward pass; sampling is seeded and does what it says.
 
+use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
 use kiem_engine::infer::KvCache;
 use kiem_engine::rng::Rng;
 use kiem_engine::sampling::{sample, Control, FinishReason, GenerateOptions, SamplingParams};
 use kiem_engine::{Gpt, ModelConfig};
 
 fn model() -> Gpt {
-    let config = ModelConfig::gpt2(2, 2, 16, 24, 37);
+    model_of(ModelConfig::gpt2(2, 2, 16, 24, 37))
+}
+
+/// A Llama with grouped-query attention (4 query heads sharing 2 key/value heads), an explicit
+/// head size, q/k/v biases and an untied head.
+fn llama_config(n_embd: usize, context: usize) -> ModelConfig {
+    let rope = Rope {
+        theta: 10_000.0,
+        scaling: RopeScaling::Default,
+    };
+    let mut block = Block::llama(1e-5, rope);
+    block.qkv_bias = true;
+    ModelConfig {
+        arch: Arch::Qwen2,
+        block,
+        n_kv_head: Some(2),
+        head_dim: Some(n_embd / 2),
+        mlp_hidden: Some(3 * n_embd),
+        ..ModelConfig::gpt2(2, 4, n_embd, context, 37)
+    }
+}
+
+/// The models every inference test runs on: GPT-2 and a Llama-family block.
+fn models() -> [Gpt; 2] {
+    [model(), model_of(llama_config(16, 24))]
+}
+
+fn model_of(config: ModelConfig) -> Gpt {
     let mut gpt = Gpt::new(config).unwrap();
     gpt.init_random(3);
     let mut rng = Rng::new(4);
@@ -36,7 +64,12 @@ fn assert_close(a: &[f32], b: &[f32], what: &str) {
 
 #[test]
 fn prefill_then_decode_matches_full_forward() {
-    let mut gpt = model();
+    for gpt in models() {
+        prefill_then_decode_matches_full_forward_for(gpt);
+    }
+}
+
+fn prefill_then_decode_matches_full_forward_for(mut gpt: Gpt) {
     let tokens: Vec<u32> = (0..20).map(|i| (i * 11 % 37) as u32).collect();
     let reference = full_logits(&mut gpt, &tokens);
     let (vp, v) = (gpt.config.padded_vocab(), gpt.config.vocab_size);
@@ -62,7 +95,12 @@ fn prefill_then_decode_matches_full_forward() {
 
 #[test]
 fn batched_sequences_match_one_at_a_time() {
-    let mut gpt = model();
+    for gpt in models() {
+        batched_sequences_match_one_at_a_time_for(gpt);
+    }
+}
+
+fn batched_sequences_match_one_at_a_time_for(mut gpt: Gpt) {
     let a: Vec<u32> = vec![1, 2, 3, 4, 5];
     let b: Vec<u32> = vec![9, 8, 7];
     let ra = full_logits(&mut gpt, &a);
@@ -364,10 +402,16 @@ fn sequences_joining_and_leaving_a_batch_do_not_change_each_other() {
 /// forward pass), and refuses what needs the files' layout: training, saving, growing.
 #[test]
 fn transposed_for_decoding_matches_and_refuses_training() {
-    let mut gpt = model();
+    for config in [model().config, llama_config(16, 24)] {
+        transposed_for_decoding_matches_and_refuses_training_for(config);
+    }
+}
+
+fn transposed_for_decoding_matches_and_refuses_training_for(config: ModelConfig) {
+    let mut gpt = model_of(config);
     let tokens: Vec<u32> = (0..12).map(|i| (i * 5 % 37) as u32).collect();
     let reference = full_logits(&mut gpt, &tokens);
-    let mut decoding = model();
+    let mut decoding = model_of(config);
     decoding.transpose_for_decoding();
     decoding.transpose_for_decoding(); // idempotent
     let v = gpt.config.vocab_size;
@@ -405,7 +449,12 @@ fn transposed_for_decoding_matches_and_refuses_training() {
 /// weights (it only reads fewer bytes), close to the fp32 model's, in prefill and decode.
 #[test]
 fn bf16_weights_decode_exactly_as_fp32_on_the_rounded_weights() {
-    let config = ModelConfig::gpt2(2, 2, 64, 24, 37);
+    for config in [ModelConfig::gpt2(2, 2, 64, 24, 37), llama_config(64, 24)] {
+        bf16_weights_decode_exactly_for(config);
+    }
+}
+
+fn bf16_weights_decode_exactly_for(config: ModelConfig) {
     let mut original = Gpt::new(config).unwrap();
     original.init_random(11);
     let mut bf16 = Gpt::new(config).unwrap();
@@ -497,4 +546,29 @@ fn in_pool_runs_on_a_pool_worker() {
         assert_eq!(in_pool(rayon::current_thread_index), here);
     });
     assert_eq!(in_pool(|| 7), 7);
+}
+
+/// The cache starts small and grows as a sequence does; what it held stays put.
+#[test]
+fn kv_cache_grows_past_its_first_allocation() {
+    let mut gpt = model_of(llama_config(16, 600));
+    let tokens: Vec<u32> = (0..520).map(|i| (i * 13 % 37) as u32).collect();
+    let reference = full_logits(&mut gpt, &tokens);
+    let v = gpt.config.vocab_size;
+    let mut cache = [KvCache::new(&gpt)];
+    let first = cache[0].allocated_bytes();
+    let logits = gpt.forward_cached(&mut cache, &[&tokens[..200]]).unwrap();
+    assert_close(&logits[..v], &reference[199], "after prefill");
+    for t in 200..tokens.len() {
+        let logits = gpt
+            .forward_cached(&mut cache, &[&tokens[t..t + 1]])
+            .unwrap();
+        if t % 50 == 0 || t + 1 == tokens.len() {
+            assert_close(&logits[..v], &reference[t], &format!("position {t}"));
+        }
+    }
+    assert!(cache[0].allocated_bytes() > first, "the cache grew");
+    // Keys and values of 2 key/value heads of 8 channels, not of 4 query heads.
+    let per_position = 2 * 2 * 2 * 8 * 4;
+    assert!(cache[0].allocated_bytes() <= 600 * per_position);
 }

@@ -37,11 +37,12 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 /// Writes `config.json`, `generation_config.json`, `model.safetensors` and `tokenizer.json`.
 pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let bos = tokenizer.bos_id();
     let ids = SpecialIds {
-        bos: tokenizer.bos_id(),
-        eos: tokenizer.bos_id(),
+        bos: Some(bos),
+        eos: vec![bos],
     };
-    let config = hf_config_json(&gpt.config, ids);
+    let config = hf_config_json(&gpt.config, &ids);
     write_file_atomic(
         &dir.join("config.json"),
         serde_json::to_string_pretty(&config)
@@ -51,11 +52,11 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
     // A chat model's reply ends at <|assistant_end|> as well as at the end of the document.
     let chat_end = kiem_tokenizer::chat::assistant_end(tokenizer).ok();
     let eos: serde_json::Value = match chat_end {
-        Some(end) => serde_json::json!([ids.eos, end]),
-        None => serde_json::json!(ids.eos),
+        Some(end) => serde_json::json!([bos, end]),
+        None => serde_json::json!(bos),
     };
     let generation = serde_json::json!({
-        "bos_token_id": ids.bos,
+        "bos_token_id": bos,
         "eos_token_id": eos,
         "do_sample": true,
         "temperature": 0.8,
@@ -69,7 +70,7 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
     )?;
     gpt.save_safetensors(&dir.join("model.safetensors"))?;
     tokenizer.save(&dir.join("tokenizer.json"))?;
-    let bos = tokenizer.decode(&[ids.bos])?;
+    let bos = tokenizer.decode(&[bos])?;
     let mut tokenizer_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos,

@@ -77,7 +77,8 @@ fn scale_frequency(inv_freq: f32, scaling: &RopeScaling) -> f32 {
             } else {
                 f
             };
-            let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+            // Wavelengths are finite and positive, so this is `high <= wavelen <= low`.
+            let medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
             let out = if medium {
                 let smooth =
                     (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);

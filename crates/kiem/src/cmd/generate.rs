@@ -142,7 +142,12 @@ pub fn load_model(
             gpt.config.vocab_size
         );
     }
-    let mut stop_ids = vec![ids.map_or(tokenizer.bos_id(), |i| i.eos)];
+    let mut stop_ids = if ids.eos.is_empty() {
+        vec![tokenizer.bos_id()]
+    } else {
+        ids.eos
+    };
+    stop_ids.sort_unstable();
     stop_ids.dedup();
     Ok((gpt, tokenizer, stop_ids))
 }

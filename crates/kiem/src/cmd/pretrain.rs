@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiem_data::prepare::DataDir;
+use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
 use kiem_engine::kernels::MatmulPrecision;
 use kiem_engine::ModelConfig;
 use kiem_train::trainer::{EvalReport, Observer, StepReport, RUN_FILE};
@@ -34,6 +35,18 @@ pub struct PretrainArgs {
     /// must be prepared with its tokenizer (`--tokenizer DIR`).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["depth", "n_layer", "n_head", "n_embd", "context"])]
     init_from: Option<PathBuf>,
+
+    /// Architecture of a new model: gpt2 (layer norm, learned positions, GELU MLP, biases,
+    /// tied head) or llama (RMS norm, rotary positions with theta 10000, SwiGLU MLP of width
+    /// 8/3·n_embd rounded up to 64, grouped-query attention with n_head/2 key/value heads, no
+    /// biases, tied head, as small modern models such as SmolLM2) [default: gpt2].
+    #[arg(long, value_enum, value_name = "ARCH", conflicts_with = "init_from")]
+    arch: Option<ArchArg>,
+
+    /// Key/value heads for --arch llama (a divisor of the heads; 1 = multi-query attention)
+    /// [default: n_head / 2 when even, else n_head].
+    #[arg(long, value_name = "N", requires = "arch")]
+    n_kv_head: Option<usize>,
 
     /// One dial for the model size: D layers, width 64·D, D heads of 64, and a learning rate
     /// scaled to the width (default when no shape flags are given: 6).
@@ -148,6 +161,12 @@ pub struct PretrainArgs {
     threads: ThreadArgs,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ArchArg {
+    Gpt2,
+    Llama,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ScheduleArg {
     Cosine,
@@ -166,6 +185,8 @@ impl PretrainArgs {
         check(self.data.is_some(), "--data");
         check(self.out.is_some(), "--out");
         check(self.depth.is_some(), "--depth");
+        check(self.arch.is_some(), "--arch");
+        check(self.n_kv_head.is_some(), "--n-kv-head");
         check(self.init_from.is_some(), "--init-from");
         check(self.n_layer.is_some(), "--n-layer");
         check(self.n_head.is_some(), "--n-head");
@@ -216,13 +237,29 @@ impl PretrainArgs {
             }
             _ => bail!("give --n-layer, --n-head and --n-embd together (or use --depth)"),
         };
-        let model = ModelConfig {
-            n_layer,
-            n_head,
-            n_embd,
-            context,
-            vocab_size,
+        let model = match (base, self.arch) {
+            (Some(base), _) => ModelConfig { vocab_size, ..base },
+            (None, Some(ArchArg::Llama)) => {
+                let kv =
+                    self.n_kv_head
+                        .unwrap_or(if n_head % 2 == 0 { n_head / 2 } else { n_head });
+                let rope = Rope {
+                    theta: 10_000.0,
+                    scaling: RopeScaling::Default,
+                };
+                let mut block = Block::llama(1e-5, rope);
+                block.tied_head = true;
+                ModelConfig {
+                    arch: Arch::Llama,
+                    block,
+                    n_kv_head: Some(kv),
+                    mlp_hidden: Some((8 * n_embd).div_ceil(3 * 64) * 64),
+                    ..ModelConfig::gpt2(n_layer, n_head, n_embd, context, vocab_size)
+                }
+            }
+            (None, _) => ModelConfig::gpt2(n_layer, n_head, n_embd, context, vocab_size),
         };
+        model.validate()?;
         let micro_batch = self.micro_batch.unwrap_or(8);
         let batch_tokens = self.batch_tokens.unwrap_or(micro_batch * context);
         let Some(steps) = self.steps_for(batch_tokens) else {
@@ -397,7 +434,7 @@ impl Observer for CliObserver {
     fn started(&mut self, resumed_from: Option<u64>, config: &TrainConfig, params: usize) {
         let m = &config.model;
         self.line(&format!(
-            "{} GPT: {} layers, {} heads, width {}, context {}, vocab {} = {:.2}M parameters; \
+            "{} {}: {} layers, {} heads ({} key/value), width {}, context {}, vocab {} = {:.2}M parameters; \
              up to {} tokens/step ({} rows × {} × {} accumulation), {} steps, {} threads, \
              {} matmuls",
             if resumed_from.is_some() {
@@ -405,8 +442,10 @@ impl Observer for CliObserver {
             } else {
                 "training"
             },
+            m.arch.name(),
             m.n_layer,
             m.n_head,
+            m.kv_heads(),
             m.n_embd,
             m.context,
             m.vocab_size,
