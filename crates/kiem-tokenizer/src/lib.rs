@@ -112,6 +112,81 @@ pub struct Tokenizer {
     id_bytes: Option<Vec<Vec<u8>>>,
     /// Whether each id is a special (added) token.
     special: Vec<bool>,
+    /// Ids a prompt starts with, as the model's tokenizer rules say ([`Tokenizer::prompt_prefix`]).
+    prompt_prefix: Vec<u32>,
+}
+
+/// The settings of a model directory's `tokenizer_config.json` that decide how text starts.
+#[derive(Debug, Default, Clone)]
+struct TokenizerConfig {
+    bos_token: Option<String>,
+    add_bos_token: Option<bool>,
+}
+
+impl TokenizerConfig {
+    /// Reads `tokenizer_config.json` in `dir`, if there is one.
+    fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => {
+                return Err(TokenizerError::Load {
+                    path,
+                    message: e.to_string(),
+                })
+            }
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TokenizerError::Load {
+                path: path.clone(),
+                message: format!("malformed JSON: {e}"),
+            })?;
+        // A token is a string, or (older files) an AddedToken object with its `content`.
+        let token = |key: &str| match v.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(Self {
+            bos_token: token("bos_token"),
+            add_bos_token: v.get("add_bos_token").and_then(serde_json::Value::as_bool),
+        })
+    }
+}
+
+/// The special tokens a `tokenizer.json` post-processor puts before a single text
+/// (`TemplateProcessing`, possibly inside a `Sequence`): what `transformers` adds to a prompt.
+fn template_prefix(json: &serde_json::Value) -> Vec<String> {
+    let Some(post) = json.get("post_processor") else {
+        return Vec::new();
+    };
+    let processors: Vec<&serde_json::Value> = match post.get("processors") {
+        Some(serde_json::Value::Array(list)) => list.iter().collect(),
+        _ => vec![post],
+    };
+    let Some(template) = processors
+        .into_iter()
+        .find(|p| p.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing"))
+    else {
+        return Vec::new();
+    };
+    let mut prefix = Vec::new();
+    for piece in template
+        .get("single")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+    {
+        match piece.get("SpecialToken").and_then(|t| t.get("id")) {
+            Some(serde_json::Value::String(id)) => prefix.push(id.clone()),
+            _ => break,
+        }
+    }
+    prefix
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -138,9 +213,14 @@ impl Tokenizer {
             path = dir.join("tokenizer.json");
             if !path.exists() && dir.join("vocab.json").exists() && dir.join("merges.txt").exists()
             {
-                return Self::from_vocab_and_merges(&dir);
+                let config = TokenizerConfig::read(&dir)?;
+                return Self::from_vocab_and_merges(&dir, &config);
             }
         }
+        let config = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => TokenizerConfig::read(dir)?,
+            _ => TokenizerConfig::read(Path::new("."))?,
+        };
         let json = std::fs::read_to_string(&path).map_err(|e| TokenizerError::Load {
             path: path.clone(),
             message: if e.kind() == std::io::ErrorKind::NotFound {
@@ -150,12 +230,12 @@ impl Tokenizer {
                 e.to_string()
             },
         })?;
-        Self::from_json(json, TokenizerSource::File(path))
+        Self::from_json_with(json, TokenizerSource::File(path), &config)
     }
 
     /// A Hugging Face GPT-2 directory's slow-tokenizer files: `vocab.json` + `merges.txt`, and
     /// `added_tokens.json` when present (its tokens are special).
-    fn from_vocab_and_merges(dir: &std::path::Path) -> Result<Self> {
+    fn from_vocab_and_merges(dir: &std::path::Path, config: &TokenizerConfig) -> Result<Self> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|e| TokenizerError::Load {
@@ -181,7 +261,7 @@ impl Tokenizer {
                 message,
             }
         })?;
-        Self::from_json(json, TokenizerSource::File(dir.join("vocab.json")))
+        Self::from_json_with(json, TokenizerSource::File(dir.join("vocab.json")), config)
     }
 
     /// The original GPT-2 tokenizer (`r50k_base`), built from embedded files: no network.
@@ -192,6 +272,23 @@ impl Tokenizer {
     }
 
     pub(crate) fn from_json(json: String, source: TokenizerSource) -> Result<Self> {
+        Self::from_json_with(json, source, &TokenizerConfig::default())
+    }
+
+    /// A tokenizer from its `tokenizer.json` text and its model directory's
+    /// `tokenizer_config.json` settings.
+    ///
+    /// The document token ([`Tokenizer::bos_id`]) is kiem's `<|bos|>`, else GPT-2's
+    /// `<|endoftext|>`, else the config's `bos_token`, else the token the post-processor starts
+    /// texts with (Llama 3's `<|begin_of_text|>`). Prompts start the way `transformers` starts
+    /// them: with `bos_token` when the config says `add_bos_token`, with what the post-processor
+    /// adds otherwise (nothing for GPT-2, Qwen2 or SmolLM2), and with `<|bos|>` for kiem's own
+    /// tokenizers, whose every document starts with it.
+    fn from_json_with(
+        json: String,
+        source: TokenizerSource,
+        config: &TokenizerConfig,
+    ) -> Result<Self> {
         let path = match &source {
             TokenizerSource::File(p) => p.clone(),
             other => PathBuf::from(other.to_string()),
@@ -204,10 +301,27 @@ impl Tokenizer {
                 })?;
         // Text is data: a document that spells `<|bos|>` must not inject a control token.
         hf.set_encode_special_tokens(true);
-        let bos_id = hf
-            .token_to_id(BOS)
+        let value: Option<serde_json::Value> = serde_json::from_str(&json).ok();
+        let template: Vec<u32> = value
+            .as_ref()
+            .map(template_prefix)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|t| hf.token_to_id(t))
+            .collect();
+        let config_bos = config.bos_token.as_deref().and_then(|t| hf.token_to_id(t));
+        let kiem_bos = hf.token_to_id(BOS);
+        let bos_id = kiem_bos
             .or_else(|| hf.token_to_id(GPT2_ENDOFTEXT))
+            .or(config_bos)
+            .or_else(|| template.first().copied())
             .ok_or(TokenizerError::NoBos { path })?;
+        let prompt_prefix = match config.add_bos_token {
+            Some(true) => vec![config_bos.unwrap_or(bos_id)],
+            Some(false) => Vec::new(),
+            None if !template.is_empty() => template,
+            None => kiem_bos.into_iter().collect(),
+        };
         let hash = format!("sha256:{}", hex(&Sha256::digest(json.as_bytes())));
         let vocab_size = hf.get_vocab_size(true);
         let added = hf.get_added_tokens_decoder();
@@ -232,9 +346,7 @@ impl Tokenizer {
                 })
                 .collect()
         });
-        let fast = serde_json::from_str(&json)
-            .ok()
-            .and_then(|value| bpe::FastBpe::from_json(&value));
+        let fast = value.as_ref().and_then(bpe::FastBpe::from_json);
         Ok(Self {
             hf,
             fast,
@@ -244,6 +356,7 @@ impl Tokenizer {
             hash,
             id_bytes,
             special,
+            prompt_prefix,
         })
     }
 
@@ -309,6 +422,107 @@ impl Tokenizer {
     /// The id that starts every document.
     pub fn bos_id(&self) -> u32 {
         self.bos_id
+    }
+
+    /// The ids a prompt starts with, following the model's tokenizer rules (see
+    /// `from_json_with`): `[bos]` or nothing.
+    pub fn prompt_prefix(&self) -> &[u32] {
+        &self.prompt_prefix
+    }
+
+    /// `prompt_prefix` followed by the text's ids: a prompt as the model expects it.
+    pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        let mut ids = self.prompt_prefix.clone();
+        ids.extend(self.encode(text));
+        ids
+    }
+
+    /// This tokenizer for a model kiem pre-trains: its documents start with the document
+    /// token, so its prompts do too. The rule is written into the tokenizer's post-processor
+    /// (as Llama 3's tokenizer carries it), so `transformers` starts prompts the same way;
+    /// text encodes to the same ids as before ([`Tokenizer::encoding_hash`] is unchanged).
+    pub fn with_bos_prompts(self) -> Result<Tokenizer> {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&self.json).map_err(|e| self.load_error(e.to_string()))?;
+        if template_prefix(&json)
+            .iter()
+            .map(|t| self.token_to_id(t))
+            .collect::<Vec<_>>()
+            == [Some(self.bos_id)]
+        {
+            return Ok(self);
+        }
+        let bos = bos_text(&self)?;
+        let special =
+            |type_id: u32| serde_json::json!({"SpecialToken": {"id": bos, "type_id": type_id}});
+        let sequence = |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+        let template = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [special(0), sequence("A", 0)],
+            "pair": [special(0), sequence("A", 0), special(1), sequence("B", 1)],
+            "special_tokens": {bos.clone(): {"id": bos, "ids": [self.bos_id], "tokens": [bos]}},
+        });
+        let post = match json.get("post_processor") {
+            None | Some(serde_json::Value::Null) => template,
+            // Keep what the tokenizer did after encoding (ByteLevel's offsets) and add BOS.
+            Some(existing) if existing.get("type").and_then(|t| t.as_str()) == Some("Sequence") => {
+                let mut seq = existing.clone();
+                let list = seq["processors"].as_array_mut().ok_or_else(|| {
+                    self.load_error("post_processor Sequence has no processors".into())
+                })?;
+                list.retain(|p| {
+                    p.get("type").and_then(|t| t.as_str()) != Some("TemplateProcessing")
+                });
+                list.push(template);
+                seq
+            }
+            Some(existing)
+                if existing.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing") =>
+            {
+                template
+            }
+            Some(existing) => {
+                serde_json::json!({"type": "Sequence", "processors": [existing, template]})
+            }
+        };
+        json["post_processor"] = post;
+        let text = serde_json::to_string(&json).expect("json serializes");
+        let hf: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e: tokenizers::Error| self.load_error(e.to_string()))?;
+        let canonical = hf
+            .to_string(false)
+            .map_err(|e| TokenizerError::Train(e.to_string()))?;
+        let config = TokenizerConfig {
+            bos_token: Some(bos),
+            add_bos_token: None,
+        };
+        let mut with = Self::from_json_with(canonical, self.source.clone(), &config)?;
+        with.bos_id = self.bos_id;
+        with.prompt_prefix = vec![self.bos_id];
+        Ok(with)
+    }
+
+    /// `sha256:` of what decides how text encodes: the tokenizer's JSON without its
+    /// post-processor (which only adds special tokens around a prompt). Two tokenizers with the
+    /// same encoding hash turn every text into the same ids.
+    pub fn encoding_hash(&self) -> String {
+        let mut json: serde_json::Value = match serde_json::from_str(&self.json) {
+            Ok(v) => v,
+            Err(_) => return self.hash.clone(),
+        };
+        if let Some(obj) = json.as_object_mut() {
+            obj.remove("post_processor");
+        }
+        let text = serde_json::to_string(&json).expect("json serializes");
+        format!("sha256:{}", hex(&Sha256::digest(text.as_bytes())))
+    }
+
+    fn load_error(&self, message: String) -> TokenizerError {
+        TokenizerError::Load {
+            path: PathBuf::from(self.source.to_string()),
+            message,
+        }
     }
 
     /// The id of a token given by its text (special or not).
@@ -384,13 +598,28 @@ impl Tokenizer {
         let canonical = hf
             .to_string(false)
             .map_err(|e| TokenizerError::Train(e.to_string()))?;
-        Self::from_json(canonical, self.source.clone())
+        // Same document token and prompt rule as before: only ids were added.
+        let config = TokenizerConfig {
+            bos_token: self.id_to_token(self.bos_id),
+            add_bos_token: None,
+        };
+        let mut grown = Self::from_json_with(canonical, self.source.clone(), &config)?;
+        grown.bos_id = self.bos_id;
+        grown.prompt_prefix = self.prompt_prefix.clone();
+        Ok(grown)
     }
 
     /// Token ids needed to store ids of this vocabulary: 2 bytes when it fits in `u16`.
     pub fn fits_u16(&self) -> bool {
         self.vocab_size() <= 1 << 16
     }
+}
+
+/// The text of a tokenizer's document token.
+fn bos_text(tokenizer: &Tokenizer) -> Result<String> {
+    tokenizer
+        .id_to_token(tokenizer.bos_id)
+        .ok_or_else(|| tokenizer.load_error("the document token has no text".into()))
 }
 
 /// Writes a file atomically: a temp file beside it, fsync, rename over the target.

@@ -79,6 +79,8 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
         "pad_token": null,
         "model_max_length": gpt.config.context,
         "clean_up_tokenization_spaces": false,
+        // Whether prompts start with bos_token: kiem's and transformers' rule for this model.
+        "add_bos_token": !tokenizer.prompt_prefix().is_empty(),
     });
     if chat_end.is_some() {
         tokenizer_config["chat_template"] = kiem_tokenizer::chat::CHAT_TEMPLATE.into();

@@ -313,7 +313,7 @@ pub fn pretrain(
                 )));
             }
             let model_tokenizer = Tokenizer::load(&dir.to_string_lossy())?;
-            if model_tokenizer.hash() != tokenizer.hash() {
+            if model_tokenizer.encoding_hash() != tokenizer.encoding_hash() {
                 return Err(TrainError::Config(format!(
                     "the data in {} was prepared with another tokenizer than {}'s; prepare it with \
                      --tokenizer {}",
@@ -332,6 +332,8 @@ pub fn pretrain(
             gpt
         }
     };
+    // Every document of the data starts with the document token, so the model's prompts do.
+    let tokenizer = tokenizer.with_bos_prompts()?;
     let title = format!("kiem pretrain: {}", run_dir.display());
     run_loop(
         run_dir,

@@ -121,6 +121,106 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
     assert_eq!(kept.len(), 2, "{kept:?}");
 }
 
+/// The Llama block runs the same training loop, checkpoints and exact resume as GPT-2; the
+/// model it writes is a `LlamaForCausalLM` directory that kiem generates from and fine-tunes,
+/// and whose prompts start with the document token its data started with.
+#[test]
+fn llama_run_resumes_exactly_generates_and_fine_tunes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    let with = |out: &'static str| {
+        let mut args = vec!["pretrain", "--out", out, "--arch", "llama"];
+        args.extend_from_slice(RUN_FLAGS);
+        let heads = args.iter().position(|&a| a == "--n-head").unwrap() + 1;
+        args[heads] = "4";
+        args
+    };
+    let whole = run(&with("whole"), dir);
+    let stderr = String::from_utf8_lossy(&whole.stderr).into_owned();
+    ok(whole);
+    assert!(
+        stderr.contains("llama: 2 layers, 4 heads (2 key/value)"),
+        "{stderr}"
+    );
+    kill_at_checkpoint(
+        dir,
+        &with("killed"),
+        &dir.join("killed/checkpoints/step_00000020"),
+    );
+    ok(run(
+        &["pretrain", "--resume", "killed", "--threads", "2"],
+        dir,
+    ));
+    let (a, b) = (curve(&dir.join("whole")), curve(&dir.join("killed")));
+    assert_eq!(a, b, "losses must be bit-identical at every step");
+    let first_loss =
+        |line: &str| -> f64 { line.split_whitespace().nth(2).unwrap().parse().unwrap() };
+    assert!(
+        first_loss(&a[a.len() - 2]) < first_loss(&a[0]) * 0.7,
+        "it learns: {a:?}"
+    );
+    let config = read_json(&dir.join("whole/model/config.json"));
+    assert_eq!(config["model_type"], "llama");
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(config["num_key_value_heads"], 2);
+    assert_eq!(config["tie_word_embeddings"], true);
+    let tokenizer_config = read_json(&dir.join("whole/model/tokenizer_config.json"));
+    assert_eq!(tokenizer_config["add_bos_token"], true);
+    let text = ok(run(
+        &[
+            "generate",
+            "--model",
+            "whole/model",
+            "--prompt",
+            "Line 4: the customer",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--threads",
+            "2",
+        ],
+        dir,
+    ));
+    assert!(!text.is_empty());
+    write_order_conversations(&dir.join("chat.jsonl"), 12, |_| "It has shipped.".into());
+    ok(run(
+        &[
+            "finetune",
+            "--model",
+            "whole/model",
+            "--data",
+            "chat.jsonl",
+            "--out",
+            "ft",
+            "--steps",
+            "3",
+            "--val-fraction",
+            "0",
+            "--threads",
+            "2",
+        ],
+        dir,
+    ));
+    let reply = run_with_input(
+        &[
+            "chat",
+            "--model",
+            "ft/model",
+            "--max-tokens",
+            "3",
+            "--weights",
+            "bf16",
+            "--threads",
+            "2",
+        ],
+        dir,
+        "Where is order 3?\n",
+    );
+    assert_eq!(reply.lines().count(), 1, "{reply}");
+}
+
 fn cpu_has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -84,7 +84,8 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "TEXT")]
     prompt: Option<String>,
 
-    /// Do not start the prompt with the beginning-of-document token.
+    /// Do not start the prompt with the beginning-of-text token that the model's tokenizer adds
+    /// (kiem's own models, Llama 3 ...; GPT-2, Qwen2 and SmolLM2 add none).
     #[arg(long)]
     no_bos: bool,
 
@@ -173,14 +174,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             text
         }
     };
-    let mut ids = if args.no_bos {
-        Vec::new()
+    let ids = if args.no_bos {
+        tokenizer.encode(&prompt)
     } else {
-        vec![tokenizer.bos_id()]
+        tokenizer.encode_prompt(&prompt)
     };
-    ids.extend(tokenizer.encode(&prompt));
     if ids.is_empty() {
-        bail!("the prompt is empty; give --prompt TEXT or drop --no-bos");
+        bail!("the prompt is empty; give --prompt TEXT");
     }
     if ids.len() >= gpt.config.context {
         bail!(

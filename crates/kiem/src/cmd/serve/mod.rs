@@ -335,9 +335,8 @@ async fn completions(
     let request: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
     let settings = request.sampling.settings(&app.name)?;
     let text = api::prompt_text(&request.prompt)?;
-    // Like `kiem generate`: a prompt starts a document.
-    let mut prompt = vec![app.tokenizer.bos_id()];
-    prompt.extend(app.tokenizer.encode(text));
+    // Like `kiem generate`: the prompt starts as the model's tokenizer rules say.
+    let prompt = app.tokenizer.encode_prompt(text);
     let stop_ids = app.stop_ids.clone();
     generate(app, prompt, stop_ids, settings, Kind::Text).await
 }
