@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""PyTorch reference trainer for kiem's benchmarks: the same GPT-2 model, initialization, data
-order and AdamW as `kiem pretrain`, in fp32 eager PyTorch.
+"""PyTorch reference trainer for kiem's benchmarks: the same model (GPT-2 or Llama),
+initialization, data order and AdamW as `kiem pretrain`, in fp32 eager PyTorch.
 
-Model: learned positions, pre-LayerNorm, causal multi-head attention (scaled dot product), tanh
-GELU, MLP x4, tied input/output embeddings, biases, no dropout; init N(0, 0.02), residual
-projections N(0, 0.02/sqrt(2L)). AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on
+Model (--arch gpt2): learned positions, pre-LayerNorm, causal multi-head attention (scaled dot
+product), tanh GELU, MLP x4, tied input/output embeddings, biases, no dropout. Model (--arch
+llama, kiem's `pretrain --arch llama`): pre-RMSNorm (eps 1e-5, weight only), rotary positions
+(theta 10000, Hugging Face rotate-half layout), grouped-query attention with --n-kv-head
+key/value heads (default n_head/2 when even, else n_head), SwiGLU MLP of width
+ceil(8·n_embd/3/64)·64, no biases, tied input/output embeddings, final RMSNorm. Both: init
+N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), norm weights 1. AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on
 matrices only, gradient clipping at 1.0, constant learning rate (the schedule does not change the
 cost). Data: kiem/llm.c token shards (`train_*.bin` of a `kiem data prepare` directory), read as
 one stream in rows of context + 1 tokens, visited in the same seeded pseudo-random row order as
@@ -75,6 +79,81 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
 
 
+class LlamaBlock(nn.Module):
+    def __init__(self, c, nh, nkv, hidden):
+        super().__init__()
+        self.nh, self.nkv, self.hd = nh, nkv, c // nh
+        self.norm_1 = nn.RMSNorm(c, eps=1e-5)
+        self.q_proj = nn.Linear(c, c, bias=False)
+        self.k_proj = nn.Linear(c, nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(c, nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(c, c, bias=False)
+        self.norm_2 = nn.RMSNorm(c, eps=1e-5)
+        self.gate_proj = nn.Linear(c, hidden, bias=False)
+        self.up_proj = nn.Linear(c, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, c, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, t, c = x.shape
+        h = self.norm_1(x)
+        q = self.q_proj(h).view(b, t, self.nh, self.hd).transpose(1, 2)
+        k = self.k_proj(h).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.nkv != self.nh)
+        x = x + self.o_proj(y.transpose(1, 2).reshape(b, t, c))
+        h = self.norm_2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def rope(x, cos, sin):
+    """Hugging Face rotate-half: x·cos + cat(-x2, x1)·sin over the two halves of each head."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def llama_mlp_hidden(width):
+    return (8 * width + 3 * 64 - 1) // (3 * 64) * 64
+
+
+def default_kv_heads(heads):
+    return heads // 2 if heads % 2 == 0 else heads
+
+
+class Llama(nn.Module):
+    def __init__(self, vocab, ctx, layers, heads, width, kv_heads, theta=10000.0):
+        super().__init__()
+        padded = (vocab + 63) // 64 * 64  # kiem pads the vocabulary the same way
+        self.vocab = vocab
+        self.wte = nn.Embedding(padded, width)
+        hidden = llama_mlp_hidden(width)
+        self.h = nn.ModuleList(LlamaBlock(width, heads, kv_heads, hidden) for _ in range(layers))
+        self.norm_f = nn.RMSNorm(width, eps=1e-5)
+        hd = width // heads
+        inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        freqs = torch.outer(torch.arange(ctx, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.ones_(p)  # RMSNorm weights, the only vectors
+        with torch.no_grad():
+            self.wte.weight[vocab:].zero_()
+
+    def forward(self, idx, targets):
+        t = idx.shape[1]
+        x = self.wte(idx)
+        cos, sin = self.cos[:t], self.sin[:t]
+        for block in self.h:
+            x = block(x, cos, sin)
+        logits = self.norm_f(x) @ self.wte.weight[: self.vocab].t()
+        return F.cross_entropy(logits.reshape(-1, self.vocab), targets.reshape(-1))
+
+
 M64 = (1 << 64) - 1
 
 
@@ -115,6 +194,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--vocab", type=int, required=True)
+    ap.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
+    ap.add_argument("--n-kv-head", type=int, default=None,
+                    help="key/value heads for --arch llama [default: n_head/2 when even, else n_head]")
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-head", type=int, default=6)
@@ -132,7 +214,11 @@ def main():
     torch.manual_seed(1337)
     torch.set_num_threads(args.threads)
     data = shards(args.data)
-    model = GPT(args.vocab, args.context, args.n_layer, args.n_head, args.n_embd)
+    if args.arch == "llama":
+        kv = args.n_kv_head if args.n_kv_head is not None else default_kv_heads(args.n_head)
+        model = Llama(args.vocab, args.context, args.n_layer, args.n_head, args.n_embd, kv)
+    else:
+        model = GPT(args.vocab, args.context, args.n_layer, args.n_head, args.n_embd)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

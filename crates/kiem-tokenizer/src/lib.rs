@@ -507,7 +507,12 @@ impl Tokenizer {
     /// post-processor (which only adds special tokens around a prompt). Two tokenizers with the
     /// same encoding hash turn every text into the same ids.
     pub fn encoding_hash(&self) -> String {
-        let mut json: serde_json::Value = match serde_json::from_str(&self.json) {
+        // The canonical form `tokenizers` writes, so formatting and defaulted fields don't count.
+        let canonical = self
+            .hf
+            .to_string(false)
+            .unwrap_or_else(|_| self.json.clone());
+        let mut json: serde_json::Value = match serde_json::from_str(&canonical) {
             Ok(v) => v,
             Err(_) => return self.hash.clone(),
         };

@@ -58,9 +58,13 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with(model_dir(), args, env)
+    }
+
+    fn start_with(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = kiem()
             .args(["serve", "--model"])
-            .arg(model_dir())
+            .arg(model)
             .args(["--port", "0", "--threads", "2"])
             .args(args)
             .env_remove("KIEM_API_KEY")
@@ -315,6 +319,69 @@ fn openai_shapes_plain_and_streamed() {
         let cut = v["choices"][0]["text"].as_str().unwrap();
         assert_eq!(cut, &text[..text.find(stop).unwrap()]);
     }
+}
+
+/// A Llama-architecture model (grouped-query attention, rotary positions) serves through the
+/// same batcher: concurrent completions, a streamed chat reply, bf16 weights.
+#[test]
+fn a_llama_model_serves_batched_and_streamed() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    prepare(&dir);
+    ok(run(
+        &[
+            "pretrain",
+            "--data",
+            "data",
+            "--out",
+            "run",
+            "--arch",
+            "llama",
+            "--n-layer",
+            "2",
+            "--n-head",
+            "4",
+            "--n-embd",
+            "64",
+            "--context",
+            "256",
+            "--micro-batch",
+            "2",
+            "--steps",
+            "2",
+            "--sample-every",
+            "0",
+            "--threads",
+            "2",
+        ],
+        &dir,
+    ));
+    let server = Server::start_with(&dir.join("run/model"), &["--weights", "bf16"], &[]);
+    let answers: Vec<Response> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let server = &server;
+                scope.spawn(move || {
+                    server.post(
+                        "/v1/completions",
+                        &json!({"model": "run", "prompt": format!("Line {i}: the customer"),
+                                "max_tokens": 6, "temperature": 0}),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.json()["choices"][0]["finish_reason"], "length");
+    }
+    let streamed = server.post(
+        "/v1/chat/completions",
+        &chat_body(json!({"stream": true, "max_tokens": 5, "seed": 3})),
+    );
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    assert_eq!(streamed.events().last().unwrap(), "[DONE]");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

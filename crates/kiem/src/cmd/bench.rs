@@ -176,8 +176,8 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     });
     let c = &gpt.config;
     let mid_length = (args.prompt_tokens + args.tokens / 2) as f64;
-    let bytes_per_token =
-        gpt.decoding_weight_bytes() as f64 + 4.0 * 2.0 * (c.n_layer * c.n_embd) as f64 * mid_length;
+    let bytes_per_token = gpt.decoding_weight_bytes() as f64
+        + 4.0 * 2.0 * (c.n_layer * c.kv_width()) as f64 * mid_length;
     let mut best_bandwidth = 0f64;
     let mut decode = Vec::new();
     for &batch in &args.batch {

@@ -1,11 +1,9 @@
-//! The Llama block's own operations: RMS norm, rotary position embeddings and the SwiGLU
-//! activation, forward and backward. Same conventions as the rest of the kernels: parallel
-//! loops write disjoint outputs, reductions across rows go through `reduce_rows` in a fixed
-//! order, and element-wise loops compile for the widest SIMD level (`wide`).
+//! Rotary position embeddings in Hugging Face's rotate-half layout: the table of cosines and
+//! sines (with `rope_scaling` applied to the frequencies) and the rotation, forward and backward.
 
 use rayon::prelude::*;
 
-use super::{fast_exp, reduce_rows, wide};
+use super::wide;
 use crate::config::{Rope, RopeScaling};
 
 /// Cosines and sines of every (position, frequency) pair, `[positions, head_dim / 2]`.
@@ -128,128 +126,6 @@ pub(super) fn rope(
                             a[i] = x1 * cos[i] - x2 * s;
                             b[i] = x2 * cos[i] + x1 * s;
                         }
-                    }
-                },
-            )
-        });
-}
-
-pub(super) fn rmsnorm_forward(
-    out: &mut [f32],
-    rstd: &mut [f32],
-    inp: &[f32],
-    w: &[f32],
-    eps: f32,
-    c: usize,
-) {
-    out.par_chunks_mut(c)
-        .zip(rstd.par_iter_mut())
-        .enumerate()
-        .for_each(|(row, (o, r))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let x = &inp[row * c..(row + 1) * c];
-                    let ms = x.iter().map(|v| v * v).sum::<f32>() / c as f32;
-                    let s = 1.0 / (ms + eps).sqrt();
-                    for i in 0..c {
-                        o[i] = x[i] * s * w[i];
-                    }
-                    *r = s;
-                },
-            )
-        });
-}
-
-/// With `y = w · x · s`, `s = (mean(x²) + eps)^-1/2`:
-/// `dx = s · (w·g − x · s² · mean(w·g·x))`, `dw = Σ_rows g · x · s`.
-pub(super) fn rmsnorm_backward(
-    dinp: &mut [f32],
-    dw: &mut [f32],
-    dout: &[f32],
-    inp: &[f32],
-    w: &[f32],
-    rstd: &[f32],
-    c: usize,
-) {
-    let rows = rstd.len();
-    dinp.par_chunks_mut(c).enumerate().for_each(|(row, di)| {
-        wide(
-            #[inline(always)]
-            || {
-                let x = &inp[row * c..(row + 1) * c];
-                let g = &dout[row * c..(row + 1) * c];
-                let s = rstd[row];
-                let mut dot = 0.0f32;
-                for i in 0..c {
-                    dot += w[i] * g[i] * x[i];
-                }
-                let k = s * s * dot / c as f32;
-                for i in 0..c {
-                    di[i] += s * (w[i] * g[i] - x[i] * k);
-                }
-            },
-        )
-    });
-    let mut acc = vec![0f32; c];
-    reduce_rows(rows, c, &mut acc, |row, part| {
-        let x = &inp[row * c..(row + 1) * c];
-        let g = &dout[row * c..(row + 1) * c];
-        let s = rstd[row];
-        for i in 0..c {
-            part[i] += g[i] * x[i] * s;
-        }
-    });
-    for (d, a) in dw.iter_mut().zip(&acc) {
-        *d += a;
-    }
-}
-
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + fast_exp(-x))
-}
-
-pub(super) fn swiglu_forward(out: &mut [f32], inp: &[f32], h: usize) {
-    assert!(
-        h > 0 && inp.len() == 2 * out.len() && out.len().is_multiple_of(h),
-        "swiglu_forward: rows of gate | up"
-    );
-    out.par_chunks_mut(h)
-        .zip(inp.par_chunks(2 * h))
-        .for_each(|(o, x)| {
-            wide(
-                #[inline(always)]
-                || {
-                    let (gate, up) = x.split_at(h);
-                    for i in 0..h {
-                        o[i] = gate[i] * sigmoid(gate[i]) * up[i];
-                    }
-                },
-            )
-        });
-}
-
-pub(super) fn swiglu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32], h: usize) {
-    assert!(
-        h > 0
-            && dinp.len() == inp.len()
-            && inp.len() == 2 * dout.len()
-            && dout.len().is_multiple_of(h),
-        "swiglu_backward: rows of gate | up"
-    );
-    dinp.par_chunks_mut(2 * h)
-        .zip(inp.par_chunks(2 * h).zip(dout.par_chunks(h)))
-        .for_each(|(di, (x, g))| {
-            wide(
-                #[inline(always)]
-                || {
-                    let (gate, up) = x.split_at(h);
-                    let (dgate, dup) = di.split_at_mut(h);
-                    for i in 0..h {
-                        let sg = sigmoid(gate[i]);
-                        dup[i] = g[i] * gate[i] * sg;
-                        dgate[i] = g[i] * up[i] * sg * (1.0 + gate[i] * (1.0 - sg));
                     }
                 },
             )

@@ -1,0 +1,740 @@
+//! Matrix products: the GEMM paths (OpenBLAS when installed, else the `gemm` crate; bf16
+//! operands through [`crate::bf16_gemm`]) and the thin products decoding reads weights with.
+
+use rayon::prelude::*;
+
+use super::{reduce_rows, wide, MatmulPrecision, WeightLayout};
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (row stride, column stride).
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    precision: MatmulPrecision,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    let extent = |rows: usize, cols: usize, (rs, cs): (usize, usize)| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= extent(m, n, dst_strides), "gemm dst too small");
+    assert!(lhs.len() >= extent(m, k, lhs_strides), "gemm lhs too small");
+    assert!(rhs.len() >= extent(k, n, rhs_strides), "gemm rhs too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if precision == MatmulPrecision::Bf16 && dst_strides.1 == 1 {
+        crate::bf16_gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_strides.0,
+            accumulate,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+        );
+        return;
+    }
+    if dst_strides.1 == 1 && k > 0 {
+        if let Some(blas) = crate::blas::blas() {
+            // SAFETY: the asserts above bound every access; dst is a distinct &mut.
+            let done = unsafe {
+                blas.sgemm_raw(
+                    false,
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    dst_strides.0,
+                    accumulate,
+                    lhs.as_ptr(),
+                    lhs_strides,
+                    rhs.as_ptr(),
+                    rhs_strides,
+                    1.0,
+                )
+            };
+            if done {
+                return;
+            }
+        }
+    }
+    // SAFETY: the asserts above keep every access inside the slices; dst does not alias the
+    // inputs (it is a distinct &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_strides.1 as isize,
+            dst_strides.0 as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+}
+
+/// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]` on raw pointers, single-threaded (for use
+/// inside parallel tasks that own disjoint parts of `dst`).
+///
+/// # Safety
+/// Every (row, col) addressed through the strides must lie inside the pointed-to buffers, and
+/// no other thread may write the addressed part of `dst` concurrently.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (usize, usize),
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if dst_strides.1 == 1 && k > 0 {
+        if let Some(blas) = crate::blas::blas() {
+            if blas.sgemm_raw(
+                true,
+                m,
+                n,
+                k,
+                dst,
+                dst_strides.0,
+                accumulate,
+                lhs,
+                lhs_strides,
+                rhs,
+                rhs_strides,
+                beta,
+            ) {
+                return;
+            }
+        }
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_strides.1 as isize,
+        dst_strides.0 as isize,
+        accumulate,
+        lhs,
+        lhs_strides.1 as isize,
+        lhs_strides.0 as isize,
+        rhs,
+        rhs_strides.1 as isize,
+        rhs_strides.0 as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Up to this many rows, `matmul_forward` reads the weights once for all rows with its own
+/// kernel: decoding (one row per sequence) is bound by reading the weights, and GEMM libraries
+/// re-pack the whole weight matrix for such thin products.
+pub const SKINNY_ROWS: usize = 16;
+
+/// `out[rows, c_out] = inp[rows, c_in] · W (+ bias)` for few rows, each weight read once. Each
+/// row's result is computed in the same order whatever the number of rows, so a sequence's
+/// logits do not depend on which others share its decoding step.
+fn matmul_skinny(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    if layout == WeightLayout::InOut && c_in >= 2 * SKINNY_K_CHUNK {
+        matmul_skinny_by_k(out, inp, w, bias, c_in, c_out);
+        return;
+    }
+    by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+        skinny_block(acc, inp, w, layout, c_in, c_out, j0, j1)
+    });
+}
+
+/// A thin product split into column blocks (enough tasks to balance the threads, long enough
+/// to vectorize): `block(acc, j0, j1)` adds columns `j0..j1` into `acc[rows, j1 - j0]`, which
+/// starts at the bias.
+fn by_column_blocks(
+    out: &mut [f32],
+    rows: usize,
+    c_out: usize,
+    bias: Option<&[f32]>,
+    block: impl Fn(&mut [f32], usize, usize) + Sync,
+) {
+    let width = (c_out / (8 * rayon::current_num_threads())).clamp(64, 512);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(width))
+        .into_par_iter()
+        .map(|b| {
+            let (j0, j1) = (b * width, ((b + 1) * width).min(c_out));
+            let mut acc = vec![0f32; rows * (j1 - j0)];
+            if let Some(bias) = bias {
+                for row in acc.chunks_mut(j1 - j0) {
+                    row.copy_from_slice(&bias[j0..j1]);
+                }
+            }
+            block(&mut acc, j0, j1);
+            (j0, acc)
+        })
+        .collect();
+    for (j0, acc) in blocks {
+        let width = acc.len() / rows;
+        for (r, row) in acc.chunks(width).enumerate() {
+            out[r * c_out + j0..r * c_out + j0 + width].copy_from_slice(row);
+        }
+    }
+}
+
+/// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for few rows, with `W[c_out, c_in]`
+/// stored as bf16 bits: decoding from bf16 weights reads half the bytes. The result is exactly
+/// that of [`Kernels::matmul_forward`] on the same weights widened to f32 (same summation
+/// order), and each row's result is independent of the others.
+pub fn matmul_thin_bf16(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[u16],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    assert!(
+        rows <= SKINNY_ROWS,
+        "matmul_thin_bf16 takes at most {SKINNY_ROWS} rows"
+    );
+    assert!(w.len() >= c_in * c_out && out.len() >= rows * c_out);
+    by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features; every W row j0..j1 holds c_in values.
+            unsafe {
+                outin_dots_avx2(
+                    acc,
+                    inp,
+                    c_in,
+                    j0,
+                    j1,
+                    #[inline(always)]
+                    |j, k| {
+                        use std::arch::x86_64::*;
+                        let halves =
+                            _mm_loadu_si128(w.as_ptr().add(j * c_in + k) as *const __m128i);
+                        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16))
+                    },
+                    #[inline(always)]
+                    |j, k| crate::bf16_gemm::from_bf16(w[j * c_in + k]),
+                )
+            };
+            return;
+        }
+        outin_dots_portable(acc, inp, c_in, j0, j1, |j, k| {
+            crate::bf16_gemm::from_bf16(w[j * c_in + k])
+        });
+    });
+}
+
+/// Weight rows per task of the thin `InOut` product.
+const SKINNY_K_CHUNK: usize = 32;
+
+/// The thin `InOut` product by chunks of weight rows: each task streams one contiguous piece
+/// of W (whole rows), which keeps memory reads sequential; the chunks' partial sums are then
+/// added in chunk order, so each row's result depends neither on the thread count nor on the
+/// other rows.
+fn matmul_skinny_by_k(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    let chunks = c_in.div_ceil(SKINNY_K_CHUNK);
+    let mut partial = vec![0f32; chunks * rows * c_out];
+    partial
+        .par_chunks_mut(rows * c_out)
+        .enumerate()
+        .for_each(|(chunk, part)| {
+            let k0 = chunk * SKINNY_K_CHUNK;
+            let k1 = (k0 + SKINNY_K_CHUNK).min(c_in);
+            let x: Vec<f32> = (0..rows)
+                .flat_map(|r| inp[r * c_in + k0..r * c_in + k1].iter().copied())
+                .collect();
+            wide(
+                #[inline(always)]
+                || inout_rows(part, &x, &w[k0 * c_out..k1 * c_out], k1 - k0, c_out),
+            );
+        });
+    out.par_chunks_mut(c_out)
+        .enumerate()
+        .take(rows)
+        .for_each(|(r, o)| {
+            match bias {
+                Some(bias) => o.copy_from_slice(bias),
+                None => o.fill(0.0),
+            }
+            wide(
+                #[inline(always)]
+                || {
+                    for part in partial.chunks(rows * c_out) {
+                        for (o, p) in o.iter_mut().zip(&part[r * c_out..(r + 1) * c_out]) {
+                            *o += p;
+                        }
+                    }
+                },
+            )
+        });
+}
+
+/// `part[r, :] += Σ_k x[r, k] · w[k, :]` for a chunk of `kc` weight rows, reading the weights
+/// in memory order, four rows at a time (four sequential streams, each sum kept in L1). Every
+/// element is summed in k order with fused multiply-adds, whatever `rows` or the CPU level.
+/// Inlined into [`wide`]'s callers, so the loops compile for the wide registers.
+#[inline(always)]
+fn inout_rows(part: &mut [f32], x: &[f32], w: &[f32], kc: usize, c_out: usize) {
+    let rows = part.len() / c_out;
+    let mut k = 0;
+    while k + 4 <= kc {
+        let w = &w[k * c_out..(k + 4) * c_out];
+        let (w0, rest) = w.split_at(c_out);
+        let (w1, rest) = rest.split_at(c_out);
+        let (w2, w3) = rest.split_at(c_out);
+        for (r, y) in part.chunks_mut(c_out).enumerate().take(rows) {
+            let a = &x[r * kc + k..r * kc + k + 4];
+            for ((((y, &v0), &v1), &v2), &v3) in y.iter_mut().zip(w0).zip(w1).zip(w2).zip(w3) {
+                *y = a[3].mul_add(v3, a[2].mul_add(v2, a[1].mul_add(v1, a[0].mul_add(v0, *y))));
+            }
+        }
+        k += 4;
+    }
+    for k in k..kc {
+        let wk = &w[k * c_out..(k + 1) * c_out];
+        for (r, y) in part.chunks_mut(c_out).enumerate().take(rows) {
+            let a = x[r * kc + k];
+            for (y, &v) in y.iter_mut().zip(wk) {
+                *y = a.mul_add(v, *y);
+            }
+        }
+    }
+}
+
+/// Columns `j0..j1` of the skinny product, added to `acc[rows, j1 - j0]`, with AVX2/FMA code
+/// when the CPU has it.
+#[allow(clippy::too_many_arguments)]
+fn skinny_block(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features this function is compiled for.
+        unsafe { skinny_block_avx2(acc, inp, w, layout, c_in, c_out, j0, j1) };
+        return;
+    }
+    skinny_block_portable(acc, inp, w, layout, c_in, c_out, j0, j1);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn skinny_block_avx2(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let rows = acc.len() / width;
+    match layout {
+        WeightLayout::InOut => {
+            // Tiles of up to 4 rows × 16 columns live in registers while k runs; each row's
+            // sum is accumulated in k order with FMA, whatever tile it falls in.
+            let mut r0 = 0;
+            while r0 < rows {
+                match rows - r0 {
+                    1 => inout_tile_avx2::<1>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                    2 => inout_tile_avx2::<2>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                    3 => inout_tile_avx2::<3>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                    _ => inout_tile_avx2::<4>(acc, inp, w, c_in, c_out, j0, j1, r0),
+                }
+                r0 += 4;
+            }
+        }
+        WeightLayout::OutIn => outin_dots_avx2(
+            acc,
+            inp,
+            c_in,
+            j0,
+            j1,
+            #[inline(always)]
+            |j, k| _mm256_loadu_ps(w.as_ptr().add(j * c_in + k)),
+            #[inline(always)]
+            |j, k| w[j * c_in + k],
+        ),
+    }
+}
+
+/// Columns `j0..j1` of a thin product with `W[c_out, c_in]`, added to `acc[rows, j1 - j0]`:
+/// one dot product per (column, row), eight weights at a time from `load8(j, k)` (the
+/// scalar `at(j, k)` for the tail), so f32 and bf16 weights share every rounding step.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `load8(j, k)` is valid for `k + 8 <= c_in`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn outin_dots_avx2(
+    acc: &mut [f32],
+    inp: &[f32],
+    c_in: usize,
+    j0: usize,
+    j1: usize,
+    load8: impl Fn(usize, usize) -> std::arch::x86_64::__m256,
+    at: impl Fn(usize, usize) -> f32,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let rows = acc.len() / width;
+    for j in j0..j1 {
+        for r in 0..rows {
+            let x = &inp[r * c_in..(r + 1) * c_in];
+            // Four independent sums, so the loop streams W instead of waiting on the FMA
+            // latency.
+            let mut s = [_mm256_setzero_ps(); 4];
+            let mut k = 0;
+            while k + 32 <= c_in {
+                for (i, s) in s.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(k + 8 * i));
+                    *s = _mm256_fmadd_ps(xv, load8(j, k + 8 * i), *s);
+                }
+                k += 32;
+            }
+            while k + 8 <= c_in {
+                s[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x.as_ptr().add(k)), load8(j, k), s[0]);
+                k += 8;
+            }
+            let mut lanes = [0f32; 8];
+            let total = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+            _mm256_storeu_ps(lanes.as_mut_ptr(), total);
+            let mut sum = lanes.iter().sum::<f32>();
+            for (k, &xk) in x.iter().enumerate().skip(k) {
+                sum = xk.mul_add(at(j, k), sum);
+            }
+            acc[r * width + j - j0] += sum;
+        }
+    }
+}
+
+/// Rows `r0..r0 + R` of an `InOut` skinny block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn inout_tile_avx2<const R: usize>(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+    r0: usize,
+) {
+    let width = j1 - j0;
+    assert!(acc.len() >= (r0 + R) * width);
+    assert!(inp.len() >= (r0 + R) * c_in && w.len() >= (c_in - 1) * c_out + j1);
+    // Strips as wide as the registers allow (R rows × V vectors of sums, at most 12), so a
+    // single decoding row streams 64 columns (four cache lines) of each weight row at a time.
+    let mut j = j0;
+    match R {
+        1 => strip_loop::<R, 8>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+        2 => strip_loop::<R, 4>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+        3 => strip_loop::<R, 4>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+        _ => strip_loop::<R, 2>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j),
+    }
+    strip_loop::<R, 1>(acc, inp, w, c_in, c_out, j0, j1, r0, &mut j);
+    for r in r0..r0 + R {
+        for jj in j..j1 {
+            let mut sum = acc[r * width + jj - j0];
+            for k in 0..c_in {
+                sum = inp[r * c_in + k].mul_add(w[k * c_out + jj], sum);
+            }
+            acc[r * width + jj - j0] = sum;
+        }
+    }
+}
+
+/// Columns from `*j` in strips of `8·V` while whole strips fit, for rows `r0..r0 + R`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip_loop<const R: usize, const V: usize>(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+    r0: usize,
+    j: &mut usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    while *j + 8 * V <= j1 {
+        let mut a = [[_mm256_setzero_ps(); V]; R];
+        for (r, a) in a.iter_mut().enumerate() {
+            let p = acc.as_ptr().add((r0 + r) * width + *j - j0);
+            for (v, a) in a.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(p.add(8 * v));
+            }
+        }
+        for k in 0..c_in {
+            let wp = w.as_ptr().add(k * c_out + *j);
+            let mut wv = [_mm256_setzero_ps(); V];
+            for (v, x) in wv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(wp.add(8 * v));
+            }
+            for (r, a) in a.iter_mut().enumerate() {
+                let x = _mm256_set1_ps(*inp.get_unchecked((r0 + r) * c_in + k));
+                for (a, &wv) in a.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(x, wv, *a);
+                }
+            }
+        }
+        for (r, a) in a.iter().enumerate() {
+            let p = acc.as_mut_ptr().add((r0 + r) * width + *j - j0);
+            for (v, &a) in a.iter().enumerate() {
+                _mm256_storeu_ps(p.add(8 * v), a);
+            }
+        }
+        *j += 8 * V;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn skinny_block_portable(
+    acc: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let width = j1 - j0;
+    match layout {
+        // W[k, j]: stream row k of the block once, update every output row with it.
+        WeightLayout::InOut => {
+            for k in 0..c_in {
+                let wk = &w[k * c_out + j0..k * c_out + j1];
+                for (r, out) in acc.chunks_mut(width).enumerate() {
+                    let a = inp[r * c_in + k];
+                    for (o, &x) in out.iter_mut().zip(wk) {
+                        *o += a * x;
+                    }
+                }
+            }
+        }
+        WeightLayout::OutIn => outin_dots_portable(acc, inp, c_in, j0, j1, |j, k| w[j * c_in + k]),
+    }
+}
+
+/// Portable [`outin_dots_avx2`]: one dot product per (row, column), sixteen partial sums to
+/// vectorize.
+#[inline(always)]
+fn outin_dots_portable(
+    acc: &mut [f32],
+    inp: &[f32],
+    c_in: usize,
+    j0: usize,
+    j1: usize,
+    at: impl Fn(usize, usize) -> f32,
+) {
+    let width = j1 - j0;
+    for j in j0..j1 {
+        for r in 0..acc.len() / width {
+            let x = &inp[r * c_in..(r + 1) * c_in];
+            let mut lanes = [0f32; 16];
+            let full = c_in / 16 * 16;
+            for k0 in (0..full).step_by(16) {
+                for i in 0..16 {
+                    lanes[i] += x[k0 + i] * at(j, k0 + i);
+                }
+            }
+            let mut sum = lanes.iter().sum::<f32>();
+            for (k, &xk) in x.iter().enumerate().skip(full) {
+                sum += xk * at(j, k);
+            }
+            acc[r * width + j - j0] += sum;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_forward(
+    precision: MatmulPrecision,
+    out: &mut [f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    if rows <= SKINNY_ROWS {
+        matmul_skinny(out, inp, w, layout, bias, c_in, c_out);
+        return;
+    }
+    if let Some(bias) = bias {
+        out.par_chunks_mut(c_out)
+            .for_each(|o| o.copy_from_slice(bias));
+    }
+    let w_strides = match layout {
+        WeightLayout::InOut => (c_out, 1),
+        WeightLayout::OutIn => (1, c_in),
+    };
+    gemm_f32(
+        precision,
+        rows,
+        c_out,
+        c_in,
+        out,
+        (c_out, 1),
+        bias.is_some(),
+        inp,
+        (c_in, 1),
+        w,
+        w_strides,
+    );
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_backward(
+    precision: MatmulPrecision,
+    dinp: &mut [f32],
+    dw: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    // dinp[rows, in] = dout[rows, out] · Wᵀ
+    let wt_strides = match layout {
+        WeightLayout::InOut => (1, c_out),
+        WeightLayout::OutIn => (c_in, 1),
+    };
+    gemm_f32(
+        precision,
+        rows,
+        c_in,
+        c_out,
+        dinp,
+        (c_in, 1),
+        false,
+        dout,
+        (c_out, 1),
+        w,
+        wt_strides,
+    );
+    match layout {
+        // dW[in, out] += inpᵀ · dout
+        WeightLayout::InOut => gemm_f32(
+            precision,
+            c_in,
+            c_out,
+            rows,
+            dw,
+            (c_out, 1),
+            true,
+            inp,
+            (1, c_in),
+            dout,
+            (c_out, 1),
+        ),
+        // dW[out, in] += doutᵀ · inp
+        WeightLayout::OutIn => gemm_f32(
+            precision,
+            c_out,
+            c_in,
+            rows,
+            dw,
+            (c_in, 1),
+            true,
+            dout,
+            (1, c_out),
+            inp,
+            (c_in, 1),
+        ),
+    }
+    if let Some(dbias) = dbias {
+        reduce_rows(rows, c_out, dbias, |row, acc| {
+            for (a, g) in acc.iter_mut().zip(&dout[row * c_out..(row + 1) * c_out]) {
+                *a += g;
+            }
+        });
+    }
+}
