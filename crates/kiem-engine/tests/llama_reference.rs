@@ -183,6 +183,96 @@ fn llama_multi_query_with_every_bias_matches_transformers() {
 }
 
 #[test]
+fn mistral_without_sliding_window_matches_transformers() {
+    check_against_transformers("mistral_gqa");
+}
+
+/// kiem writes each family back as a directory that loads in kiem unchanged, and (with
+/// KIEM_TORCH_PYTHON set to a Python with torch and transformers) that `transformers` builds as
+/// the same class with the fixture's logits.
+#[test]
+fn written_directories_load_back_in_kiem_and_transformers() {
+    let python = std::env::var_os("KIEM_TORCH_PYTHON");
+    if python.is_none() {
+        eprintln!("transformers side SKIPPED: set KIEM_TORCH_PYTHON to a Python with torch and transformers");
+    }
+    for (name, class) in [
+        ("llama_gqa", "LlamaForCausalLM"),
+        ("qwen2_tied", "Qwen2ForCausalLM"),
+        ("llama_mqa_bias", "LlamaForCausalLM"),
+        ("mistral_gqa", "MistralForCausalLM"),
+    ] {
+        let dir = fixture(name);
+        let (gpt, ids) = load_model_dir(&dir).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let config = kiem_engine::io::hf_config_json(&gpt.config, &ids);
+        std::fs::write(out.path().join("config.json"), config.to_string()).unwrap();
+        gpt.save_safetensors(&out.path().join("model.safetensors"))
+            .unwrap();
+        let (again, again_ids) = load_model_dir(out.path()).unwrap();
+        assert_eq!(again.config, gpt.config, "{name}: config round trip");
+        assert_eq!(again_ids, ids, "{name}: special ids");
+        assert_eq!(again.params, gpt.params, "{name}: weights round trip");
+        if let Some(python) = &python {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/transformers_logits.py");
+            let output = std::process::Command::new(python)
+                .arg(script)
+                .arg(out.path())
+                .arg(dir.join("reference.safetensors"))
+                .arg(class)
+                .env("HF_HUB_OFFLINE", "1")
+                .output()
+                .unwrap();
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            eprintln!("{report}");
+            assert!(output.status.success(), "{name}: {report}");
+        }
+    }
+}
+
+/// bf16 matrix products (AVX512-BF16) train the Llama block too: loss and gradients stay within
+/// bf16 rounding of transformers' fp32 ones.
+#[test]
+fn bf16_products_track_fp32_on_a_llama() {
+    let dir = fixture("llama_gqa");
+    let reference = read_tensors(&dir.join("reference.safetensors")).unwrap();
+    let (mut gpt, _) = load_model_dir(&dir).unwrap();
+    if let Err(e) = gpt.set_matmul_precision(kiem_engine::kernels::MatmulPrecision::Bf16) {
+        eprintln!("SKIPPED (this CPU has no bf16 products): {e}");
+        return;
+    }
+    let tokens = ids(&reference, "tokens");
+    let targets: Vec<Option<u32>> = reference["targets"]
+        .1
+        .iter()
+        .map(|&t| (t >= 0.0).then_some(t as u32))
+        .collect();
+    let count = targets.iter().flatten().count();
+    gpt.zero_grad();
+    let (sum, n) = gpt
+        .forward(&tokens, &targets, B, T, Some(1.0 / count as f32))
+        .unwrap();
+    let loss = (sum / n as f64) as f32;
+    let expected = reference["loss"].1[0];
+    assert!(
+        (loss - expected).abs() < 0.01 * expected,
+        "loss {loss} vs {expected}"
+    );
+    gpt.backward().unwrap();
+    let norm = gpt.grad_norm() as f32;
+    let expected = reference["grad_norm"].1[0];
+    assert!(
+        (norm - expected).abs() < 0.03 * expected,
+        "gradient norm {norm} vs {expected}"
+    );
+}
+
+#[test]
 fn sharded_bf16_checkpoint_loads_and_matches_transformers() {
     let dir = fixture("llama_gqa_bf16_sharded");
     let reference = read_tensors(&dir.join("reference.safetensors")).unwrap();
