@@ -132,7 +132,7 @@ impl<'g, K: Kernels> Batcher<'g, K> {
             .collect();
         let logits = self.gpt.forward_cached(&mut self.caches, &inputs)?;
         let (vocab, vp, context) = (
-            self.gpt.config.vocab_size,
+            self.gpt.sampling_vocab(),
             self.gpt.config.padded_vocab(),
             self.gpt.config.context,
         );

@@ -468,6 +468,20 @@ pub(crate) fn special_ids(v: &Value) -> SpecialIds {
     }
 }
 
+/// The end-of-sequence ids of a model directory's `generation_config.json` (Llama 3 Instruct
+/// lists its end-of-turn token there); empty when the file is absent.
+pub fn generation_eos(dir: &Path) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file_err(&path, e.to_string())),
+    };
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| file_err(&path, format!("malformed JSON: {e}")))?;
+    Ok(special_ids(&v).eos)
+}
+
 /// Reads a Hugging Face `config.json` (GPT-2 or the Llama family), refusing options kiem does
 /// not implement by name.
 pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, SpecialIds)> {

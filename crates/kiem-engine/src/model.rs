@@ -140,6 +140,9 @@ pub struct Gpt<K: Kernels = Cpu> {
     pub(crate) rope: Option<RopeTable>,
     /// Set by [`Gpt::transpose_for_decoding`]: the model only generates from now on.
     decoding_only: bool,
+    /// Ids generation may pick: the tokenizer's vocabulary, which can be smaller than the
+    /// embedding (Qwen2.5 pads its embedding beyond its tokenizer).
+    sampling_vocab: usize,
     acts: Activations,
     scratch: GradScratch,
     /// Whether the last forward pass left logit gradients for a backward pass.
@@ -210,6 +213,7 @@ impl<K: Kernels> Gpt<K> {
             params_bf16: None,
             rope,
             decoding_only: false,
+            sampling_vocab: config.vocab_size,
         })
     }
 
@@ -286,6 +290,24 @@ impl<K: Kernels> Gpt<K> {
     pub fn decoding_weight_bytes(&self) -> usize {
         let per_parameter = if self.params_bf16.is_some() { 2 } else { 4 };
         self.params.len() * per_parameter
+    }
+
+    /// Generation picks only ids below `vocab` (a tokenizer smaller than the embedding: its
+    /// extra rows are never generated). Fails outside `1..=vocab_size`.
+    pub fn limit_sampling_to(&mut self, vocab: usize) -> Result<()> {
+        if vocab == 0 || vocab > self.config.vocab_size {
+            return Err(EngineError::Config(format!(
+                "cannot sample from {vocab} ids: the model's vocabulary is {}",
+                self.config.vocab_size
+            )));
+        }
+        self.sampling_vocab = vocab;
+        Ok(())
+    }
+
+    /// Ids generation may pick (`0..sampling_vocab`).
+    pub fn sampling_vocab(&self) -> usize {
+        self.sampling_vocab
     }
 
     /// Whether the model was prepared for decoding only ([`Gpt::transpose_for_decoding`]).

@@ -572,3 +572,34 @@ fn kv_cache_grows_past_its_first_allocation() {
     let per_position = 2 * 2 * 2 * 8 * 4;
     assert!(cache[0].allocated_bytes() <= 600 * per_position);
 }
+
+/// Ids beyond the tokenizer (an embedding padded past it) are never generated, even when their
+/// logits are the largest.
+#[test]
+fn generation_stays_inside_the_sampling_vocabulary() {
+    let mut gpt = model_of(llama_config(16, 24));
+    let c = gpt.config.n_embd;
+    let head = gpt.layout.head_weights();
+    // Make ids 30..37 dominate every logit.
+    for row in 30..37 {
+        for x in &mut gpt.params[head.start + row * c..head.start + (row + 1) * c] {
+            *x = 50.0;
+        }
+    }
+    let options = GenerateOptions {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
+    let free = gpt
+        .generate(&[vec![1, 2, 3]], &options, &mut |_, _| Control::Continue)
+        .unwrap();
+    assert!(free[0].tokens.iter().any(|&t| t >= 30));
+    assert!(gpt.limit_sampling_to(38).is_err());
+    gpt.limit_sampling_to(30).unwrap();
+    let limited = gpt
+        .generate(&[vec![1, 2, 3]], &options, &mut |_, _| Control::Continue)
+        .unwrap();
+    assert_eq!(limited[0].tokens.len(), 8);
+    assert!(limited[0].tokens.iter().all(|&t| t < 30), "{limited:?}");
+}

@@ -287,3 +287,34 @@ fn sharded_bf16_checkpoint_loads_and_matches_transformers() {
     );
     assert_close("bf16 sharded logits", &logits, &reference["logits"].1);
 }
+
+/// End-of-sequence ids come from `generation_config.json` too; a malformed one is an error
+/// naming the file.
+#[test]
+fn generation_config_names_end_ids() {
+    assert_eq!(
+        kiem_engine::io::generation_eos(&fixture("llama_gqa")).unwrap(),
+        vec![2]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    assert!(kiem_engine::io::generation_eos(dir.path())
+        .unwrap()
+        .is_empty());
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [128001, 128009]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        kiem_engine::io::generation_eos(dir.path()).unwrap(),
+        vec![128001, 128009]
+    );
+    std::fs::write(dir.path().join("generation_config.json"), "{oops").unwrap();
+    let err = kiem_engine::io::generation_eos(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("generation_config.json") && err.contains("malformed"),
+        "{err}"
+    );
+}

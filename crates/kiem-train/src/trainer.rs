@@ -284,11 +284,12 @@ pub fn pretrain(
     };
     let data = DataDir::open(data_dir)?;
     let tokenizer = data.tokenizer()?;
-    if tokenizer.vocab_size() != config.model.vocab_size {
+    // A model's embedding may have rows beyond its tokenizer (Qwen2.5 pads it), never fewer.
+    if tokenizer.vocab_size() > config.model.vocab_size {
         return Err(TrainError::Config(format!(
-            "the model's vocabulary ({}) differs from the data's tokenizer ({})",
-            config.model.vocab_size,
-            tokenizer.vocab_size()
+            "the data's tokenizer has {} ids but the model's vocabulary is only {}",
+            tokenizer.vocab_size(),
+            config.model.vocab_size
         )));
     }
     let seq = config.seq;
@@ -358,9 +359,9 @@ pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<St
         .to_str()
         .ok_or_else(|| TrainError::Config("model path is not valid UTF-8".into()))?;
     let tokenizer = Tokenizer::load(dir)?;
-    if tokenizer.vocab_size() != gpt.config.vocab_size {
+    if tokenizer.vocab_size() > gpt.config.vocab_size {
         return Err(TrainError::Config(format!(
-            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
+            "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
             spec.base_model.display(),
             tokenizer.vocab_size(),
             gpt.config.vocab_size
@@ -376,7 +377,8 @@ pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<St
     }
     let names: Vec<&str> = missing.iter().map(String::as_str).collect();
     let grown_tokenizer = tokenizer.with_special_tokens(&names)?;
-    let grown = gpt.grow_vocab(grown_tokenizer.vocab_size())?;
+    // New ids land in the embedding's spare rows where it has them, else the embedding grows.
+    let grown = gpt.grow_vocab(grown_tokenizer.vocab_size().max(gpt.config.vocab_size))?;
     Ok((grown, grown_tokenizer, missing))
 }
 
@@ -463,6 +465,9 @@ fn run_loop(
         }
     }
     gpt.set_matmul_precision(config.precision)?;
+    if tokenizer.vocab_size() < gpt.config.vocab_size {
+        gpt.limit_sampling_to(tokenizer.vocab_size())?;
+    }
     std::fs::create_dir_all(run_dir)
         .map_err(|e| TrainError::Io(format!("{}: {e}", run_dir.display())))?;
     let mut opt = AdamWState::new(config.beta1, config.beta2, config.eps);

@@ -219,6 +219,67 @@ fn llama_run_resumes_exactly_generates_and_fine_tunes() {
         "Where is order 3?\n",
     );
     assert_eq!(reply.lines().count(), 1, "{reply}");
+
+    // An embedding with rows beyond the tokenizer (as Qwen2.5 ships): kiem generates only the
+    // tokenizer's ids and fine-tunes it without growing it.
+    let (model, ids) = kiem_engine::io::load_model_dir(&dir.join("whole/model")).unwrap();
+    let padded = model.grow_vocab(model.config.vocab_size + 40).unwrap();
+    std::fs::create_dir(dir.join("padded")).unwrap();
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(
+            dir.join("whole/model").join(file),
+            dir.join("padded").join(file),
+        )
+        .unwrap();
+    }
+    let config = kiem_engine::io::hf_config_json(&padded.config, &ids);
+    std::fs::write(dir.join("padded/config.json"), config.to_string()).unwrap();
+    padded
+        .save_safetensors(&dir.join("padded/model.safetensors"))
+        .unwrap();
+    let text = ok(run(
+        &[
+            "generate",
+            "--model",
+            "padded",
+            "--prompt",
+            "Line 4:",
+            "--max-tokens",
+            "40",
+            "--temperature",
+            "2",
+            "--seed",
+            "1",
+            "--threads",
+            "2",
+        ],
+        dir,
+    ));
+    assert!(!text.is_empty());
+    ok(run(
+        &[
+            "finetune",
+            "--model",
+            "padded",
+            "--data",
+            "chat.jsonl",
+            "--out",
+            "ft-padded",
+            "--steps",
+            "2",
+            "--val-fraction",
+            "0",
+            "--threads",
+            "2",
+        ],
+        dir,
+    ));
+    let written = read_json(&dir.join("ft-padded/model/config.json"));
+    assert_eq!(written["vocab_size"], padded.config.vocab_size);
 }
 
 fn cpu_has_bf16() -> bool {

@@ -135,19 +135,24 @@ pub fn load_model(
     prepare_for_decoding(&mut gpt, weights);
     let tokenizer = Tokenizer::load(dir.to_str().context("model path is not valid UTF-8")?)
         .with_context(|| format!("{} has no usable tokenizer.json", dir.display()))?;
-    if tokenizer.vocab_size() != gpt.config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model's vocabulary is {}",
+    match tokenizer.vocab_size().cmp(&gpt.config.vocab_size) {
+        std::cmp::Ordering::Greater => bail!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
             dir.display(),
             tokenizer.vocab_size(),
             gpt.config.vocab_size
-        );
+        ),
+        // An embedding padded beyond the tokenizer (Qwen2.5): never generate the extra rows.
+        std::cmp::Ordering::Less => gpt.limit_sampling_to(tokenizer.vocab_size())?,
+        std::cmp::Ordering::Equal => {}
     }
-    let mut stop_ids = if ids.eos.is_empty() {
-        vec![tokenizer.bos_id()]
-    } else {
-        ids.eos
-    };
+    // Generation ends at any end-of-sequence id the model names, in config.json or
+    // generation_config.json; kiem's own models end documents with the document token.
+    let mut stop_ids = ids.eos;
+    stop_ids.extend(kiem_engine::io::generation_eos(dir)?);
+    if stop_ids.is_empty() {
+        stop_ids.push(tokenizer.bos_id());
+    }
     stop_ids.sort_unstable();
     stop_ids.dedup();
     Ok((gpt, tokenizer, stop_ids))

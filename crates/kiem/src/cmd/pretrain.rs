@@ -238,7 +238,8 @@ impl PretrainArgs {
             _ => bail!("give --n-layer, --n-head and --n-embd together (or use --depth)"),
         };
         let model = match (base, self.arch) {
-            (Some(base), _) => ModelConfig { vocab_size, ..base },
+            // The base's own vocabulary (its embedding may have rows beyond the tokenizer).
+            (Some(base), _) => base,
             (None, Some(ArchArg::Llama)) => {
                 let kv =
                     self.n_kv_head
