@@ -209,7 +209,15 @@ fn by_column_blocks(
     bias: Option<&[f32]>,
     block: impl Fn(&mut [f32], usize, usize) + Sync,
 ) {
-    let width = (c_out / (8 * rayon::current_num_threads())).clamp(64, 512);
+    // About 8 blocks a thread, at least 64 columns; where that count does not divide among
+    // the threads (9 blocks of a 576-wide output on 2), the widest multiple of 16 that does.
+    let threads = rayon::current_num_threads().max(1);
+    let target = (c_out / (8 * threads)).clamp(64, 512);
+    let width = (2..=target / 16)
+        .rev()
+        .map(|k| 16 * k)
+        .find(|&w| c_out.div_ceil(w).is_multiple_of(threads))
+        .unwrap_or(target);
     let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(width))
         .into_par_iter()
         .map(|b| {
