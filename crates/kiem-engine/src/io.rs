@@ -286,125 +286,114 @@ impl<K: Kernels> Gpt<K> {
     /// file straight into the parameter buffer. Every parameter must be present exactly once
     /// with its shape; a tied output head, if the file has one, must equal the embedding.
     pub fn load_files(&mut self, files: &[PathBuf]) -> Result<()> {
-        self.check_training_layout()?;
-        let vocab = self.config.vocab_size;
-        let mut seen = vec![false; self.layout.tensors.len()];
-        let mut tied_head: Option<(PathBuf, Vec<f32>)> = None;
+        let mut loading = Loading::new(self)?;
         for path in files {
             let mapped = MappedTensors::open(path)?;
             let st = mapped.tensors()?;
             for (name, view) in st.tensors() {
-                if Self::is_buffer(&name) {
-                    continue;
-                }
-                let Some(i) = self.spec_index(&name) else {
-                    if name == "lm_head.weight" && self.config.block.tied_head {
-                        let mut head = vec![0f32; vocab * self.config.n_embd];
-                        if view.shape() != [vocab, self.config.n_embd] {
-                            return Err(file_err(
-                                path,
-                                format!("lm_head.weight has shape {:?}", view.shape()),
-                            ));
-                        }
-                        convert_into(path, &name, &view, &mut head)?;
-                        tied_head = Some((path.clone(), head));
-                        continue;
-                    }
-                    return Err(file_err(
-                        path,
-                        format!(
-                            "unexpected tensor {name}: not part of a {} model with this config",
-                            self.config.arch.name()
-                        ),
-                    ));
-                };
-                let spec = &self.layout.tensors[i];
-                if std::mem::replace(&mut seen[i], true) {
-                    return Err(file_err(path, format!("tensor {name} appears twice")));
-                }
-                let want = spec.file_shape(vocab);
-                if view.shape() != want.as_slice() {
-                    return Err(file_err(
-                        path,
-                        format!(
-                            "tensor {name} has shape {:?}, expected {want:?}",
-                            view.shape()
-                        ),
-                    ));
-                }
-                let live = spec.live_len(vocab);
-                let dst = &mut self.params[spec.range.clone()];
-                convert_into(path, &name, &view, &mut dst[..live])?;
-                dst[live..].fill(0.0);
+                loading.place(self, path, &name, view.shape(), &mut |dst| {
+                    convert_into(path, &name, &view, dst)
+                })?;
             }
         }
-        if let Some(missing) = seen.iter().position(|&s| !s) {
-            let where_ = files
-                .first()
-                .map_or(PathBuf::from("(no files)"), |f| f.clone());
+        let first = files.first().cloned().unwrap_or_default();
+        loading.finish(self, &first)
+    }
+
+    /// Loads parameters from Hugging Face tensors already in memory, with the checks of
+    /// [`Gpt::load_files`].
+    pub fn load_tensors(&mut self, path: &Path, tensors: &NamedTensors) -> Result<()> {
+        let mut loading = Loading::new(self)?;
+        for (name, (shape, data)) in tensors {
+            loading.place(self, path, name, shape, &mut |dst| {
+                dst.copy_from_slice(data);
+                Ok(())
+            })?;
+        }
+        loading.finish(self, path)
+    }
+}
+
+/// What a load has placed so far: which parameter tensors, and a tied head the file carried.
+struct Loading {
+    seen: Vec<bool>,
+    tied_head: Option<(PathBuf, Vec<f32>)>,
+}
+
+impl Loading {
+    fn new<K: Kernels>(gpt: &Gpt<K>) -> Result<Self> {
+        gpt.check_training_layout()?;
+        Ok(Loading {
+            seen: vec![false; gpt.layout.tensors.len()],
+            tied_head: None,
+        })
+    }
+
+    /// Checks a file tensor's name and shape and lets `fill` write its values where they go.
+    fn place<K: Kernels>(
+        &mut self,
+        gpt: &mut Gpt<K>,
+        path: &Path,
+        name: &str,
+        shape: &[usize],
+        fill: &mut dyn FnMut(&mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        if Gpt::<K>::is_buffer(name) {
+            return Ok(());
+        }
+        let (vocab, c) = (gpt.config.vocab_size, gpt.config.n_embd);
+        let Some(i) = gpt.spec_index(name) else {
+            if name == "lm_head.weight" && gpt.config.block.tied_head {
+                if shape != [vocab, c] {
+                    return Err(file_err(
+                        path,
+                        format!("lm_head.weight has shape {shape:?}"),
+                    ));
+                }
+                let mut head = vec![0f32; vocab * c];
+                fill(&mut head)?;
+                self.tied_head = Some((path.to_path_buf(), head));
+                return Ok(());
+            }
             return Err(file_err(
-                &where_,
-                format!("tensor {} is missing", self.layout.tensors[missing].name),
+                path,
+                format!(
+                    "unexpected tensor {name}: not part of a {} model with this config",
+                    gpt.config.arch.name()
+                ),
+            ));
+        };
+        let spec = &gpt.layout.tensors[i];
+        if std::mem::replace(&mut self.seen[i], true) {
+            return Err(file_err(path, format!("tensor {name} appears twice")));
+        }
+        let want = spec.file_shape(vocab);
+        if shape != want.as_slice() {
+            return Err(file_err(
+                path,
+                format!("tensor {name} has shape {shape:?}, expected {want:?}"),
             ));
         }
-        if let Some((path, head)) = tied_head {
-            let wte = &self.params[self.layout.wte.start..self.layout.wte.start + head.len()];
-            if head != wte {
-                return Err(file_err(&path, "lm_head.weight differs from the token embedding, but the config ties them (tie_word_embeddings)"));
-            }
-        }
+        let live = spec.live_len(vocab);
+        let dst = &mut gpt.params[spec.range.clone()];
+        fill(&mut dst[..live])?;
+        dst[live..].fill(0.0);
         Ok(())
     }
 
-    /// Loads parameters from Hugging Face tensors already in memory; every tensor must be
-    /// present with its shape.
-    pub fn load_tensors(&mut self, path: &Path, tensors: &NamedTensors) -> Result<()> {
-        self.check_training_layout()?;
-        let vocab = self.config.vocab_size;
-        let mut seen = vec![false; self.layout.tensors.len()];
-        for (name, (shape, data)) in tensors {
-            if Self::is_buffer(name) {
-                continue;
-            }
-            let Some(i) = self.spec_index(name) else {
-                if name == "lm_head.weight" && self.config.block.tied_head {
-                    let wte = &self.params[self.layout.wte.start..][..data.len()];
-                    let embedding = self.layout.tensors[0].name.clone();
-                    let (_, theirs) = tensors
-                        .get(&embedding)
-                        .ok_or_else(|| file_err(path, format!("tensor {embedding} is missing")))?;
-                    if theirs != data {
-                        let _ = wte;
-                        return Err(file_err(path, "lm_head.weight differs from the token embedding, but the config ties them (tie_word_embeddings)"));
-                    }
-                    continue;
-                }
-                return Err(file_err(
-                    path,
-                    format!(
-                        "unexpected tensor {name}: not part of a {} model with this config",
-                        self.config.arch.name()
-                    ),
-                ));
-            };
-            let spec = &self.layout.tensors[i];
-            let want = spec.file_shape(vocab);
-            if *shape != want {
-                return Err(file_err(
-                    path,
-                    format!("tensor {name} has shape {shape:?}, expected {want:?}"),
-                ));
-            }
-            seen[i] = true;
-            let dst = &mut self.params[spec.range.clone()];
-            dst[..data.len()].copy_from_slice(data);
-            dst[data.len()..].fill(0.0);
-        }
-        if let Some(missing) = seen.iter().position(|&s| !s) {
+    /// Every parameter present; a tied head equal to the embedding.
+    fn finish<K: Kernels>(self, gpt: &Gpt<K>, path: &Path) -> Result<()> {
+        if let Some(missing) = self.seen.iter().position(|&s| !s) {
             return Err(file_err(
                 path,
-                format!("tensor {} is missing", self.layout.tensors[missing].name),
+                format!("tensor {} is missing", gpt.layout.tensors[missing].name),
             ));
+        }
+        if let Some((path, head)) = self.tied_head {
+            let wte = &gpt.params[gpt.layout.wte.start..gpt.layout.wte.start + head.len()];
+            if head != wte {
+                return Err(file_err(&path, "lm_head.weight differs from the token embedding, but the config ties them (tie_word_embeddings)"));
+            }
         }
         Ok(())
     }

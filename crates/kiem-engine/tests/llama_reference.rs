@@ -318,3 +318,100 @@ fn generation_config_names_end_ids() {
         "{err}"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn load_error(dir: &Path) -> String {
+    match load_model_dir(dir) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Broken or unsupported directories fail with an error naming the file and what is wrong.
+#[test]
+fn bad_directories_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let edit_config = |dir: &Path, edit: &dyn Fn(&mut serde_json::Value)| {
+        let path = dir.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    let case = |name: &str, from: &str| {
+        let dir = tmp.path().join(name);
+        copy_dir(&fixture(from), &dir);
+        dir
+    };
+    let expect = |dir: &Path, needles: &[&str]| {
+        let err = load_error(dir);
+        for needle in needles {
+            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    };
+
+    let dir = case("missing_shard", "llama_gqa_bf16_sharded");
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    expect(
+        &dir,
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00002.safetensors",
+            "missing",
+        ],
+    );
+
+    let dir = case("escaping_shard", "llama_gqa_bf16_sharded");
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    std::fs::write(&index, text.replacen("model-00001", "../model-00001", 1)).unwrap();
+    expect(&dir, &["not a plain file name"]);
+
+    let dir = case("truncated", "llama_gqa");
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap();
+    expect(&dir, &["model.safetensors", "not a valid safetensors file"]);
+
+    let dir = case("yarn", "llama_gqa");
+    edit_config(
+        &dir,
+        &|v| {
+            v["rope_parameters"] =
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+        },
+    );
+    expect(
+        &dir,
+        &["config.json", "rope scaling type \"yarn\" is not supported"],
+    );
+
+    let dir = case("window", "mistral_gqa");
+    edit_config(&dir, &|v| v["sliding_window"] = 16.into());
+    expect(&dir, &["sliding_window 16", "sliding-window attention"]);
+
+    let dir = case("gelu", "llama_gqa");
+    edit_config(&dir, &|v| {
+        v["hidden_act"] = "gelu".into();
+        v["pretraining_tp"] = 2.into();
+    });
+    expect(&dir, &["hidden_act \"gelu\"", "pretraining_tp"]);
+
+    let dir = case("heads", "llama_gqa");
+    edit_config(&dir, &|v| v["num_key_value_heads"] = 3.into());
+    expect(&dir, &["multiple of the number of key/value heads"]);
+
+    let dir = case("huge", "llama_gqa");
+    edit_config(&dir, &|v| v["hidden_size"] = (1u64 << 40).into());
+    expect(&dir, &["config.json", "implausibly large"]);
+
+    let dir = case("tied_but_different", "llama_gqa");
+    edit_config(&dir, &|v| v["tie_word_embeddings"] = true.into());
+    expect(&dir, &["lm_head.weight differs from the token embedding"]);
+}
