@@ -574,6 +574,22 @@ pub fn load_model_dir(dir: &Path) -> Result<(Gpt, SpecialIds)> {
     }
     let (config, ids) = read_hf_config(&config_path)?;
     let files = weight_files(dir)?;
+    // Before allocating: the files must hold at least 2 bytes for every parameter the config
+    // describes (a lying or mistyped config must not make kiem allocate a huge buffer).
+    let file_bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()
+        .map_err(|e| file_err(dir, e.to_string()))?;
+    let parameters = config.num_parameters() as u64;
+    if parameters.saturating_mul(2) > file_bytes {
+        return Err(file_err(
+            &config_path,
+            format!(
+                "describes {parameters} parameters, but the weight files hold only {file_bytes} bytes"
+            ),
+        ));
+    }
     let mut gpt = Gpt::new(config)?;
     gpt.load_files(&files)?;
     Ok((gpt, ids))

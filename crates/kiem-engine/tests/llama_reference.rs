@@ -411,6 +411,13 @@ fn bad_directories_fail_clearly() {
     edit_config(&dir, &|v| v["hidden_size"] = (1u64 << 40).into());
     expect(&dir, &["config.json", "implausibly large"]);
 
+    let dir = case("bigger_than_its_files", "llama_gqa");
+    edit_config(&dir, &|v| v["num_hidden_layers"] = 4000.into());
+    expect(
+        &dir,
+        &["config.json", "parameters, but the weight files hold only"],
+    );
+
     let dir = case("tied_but_different", "llama_gqa");
     edit_config(&dir, &|v| v["tie_word_embeddings"] = true.into());
     expect(&dir, &["lm_head.weight differs from the token embedding"]);
