@@ -217,7 +217,12 @@ impl Tokenizer {
                 return Self::from_vocab_and_merges(&dir, &config);
             }
         }
+        // A model directory's `tokenizer.json` comes with its `tokenizer_config.json`; a
+        // tokenizer file under another name stands alone.
         let config = match path.parent() {
+            _ if path.file_name() != Some(std::ffi::OsStr::new("tokenizer.json")) => {
+                TokenizerConfig::default()
+            }
             Some(dir) if !dir.as_os_str().is_empty() => TokenizerConfig::read(dir)?,
             _ => TokenizerConfig::read(Path::new("."))?,
         };

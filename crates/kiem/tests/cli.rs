@@ -66,7 +66,9 @@ fn train_encode_decode_round_trip() {
     assert!(out.contains("400-token tokenizer"), "{out}");
     let info = ok(&kiem(&["tokenizer", "info", "--tokenizer", "tok"], dir));
     assert!(
-        info.contains("vocab size:  400") && info.contains("0=<|bos|>"),
+        info.contains("vocab size:  400")
+            && info.contains("0=<|bos|>")
+            && info.contains("prompts:     start with 0=<|bos|>"),
         "{info}"
     );
 

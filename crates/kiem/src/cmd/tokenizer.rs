@@ -271,6 +271,19 @@ fn info(args: InfoArgs) -> Result<()> {
     println!("source:      {}", tokenizer.source());
     println!("vocab size:  {}", tokenizer.vocab_size());
     println!("bos id:      {}", tokenizer.bos_id());
+    let prefix: Vec<String> = tokenizer
+        .prompt_prefix()
+        .iter()
+        .map(|&id| format!("{id}={}", tokenizer.id_to_token(id).unwrap_or_default()))
+        .collect();
+    println!(
+        "prompts:     {}",
+        if prefix.is_empty() {
+            "start with the text (no BOS)".to_string()
+        } else {
+            format!("start with {}", prefix.join(" "))
+        }
+    );
     let specials: Vec<String> = (0..tokenizer.vocab_size() as u32)
         .filter(|&id| tokenizer.is_special(id))
         .map(|id| format!("{id}={}", tokenizer.id_to_token(id).unwrap_or_default()))
