@@ -217,6 +217,21 @@ impl ModelConfig {
         if dims.iter().any(|&d| d > MAX_DIM) || self.n_layer > 4096 {
             return bad(format!("a dimension is implausibly large: {self:?}"));
         }
+        // Products of sizes, in u128 so that nothing wraps: at most 2^40 parameters.
+        let (c, hd, l) = (
+            self.n_embd as u128,
+            self.head_dim() as u128,
+            self.n_layer as u128,
+        );
+        let heads = (self.n_head + 2 * self.kv_heads()) as u128;
+        let per_layer =
+            c * heads * hd + self.n_head as u128 * hd * c + 3 * c * self.mlp_hidden() as u128;
+        let total = l * per_layer + 2 * (self.padded_vocab() as u128 + self.context as u128) * c;
+        if total > 1 << 40 {
+            return bad(format!(
+                "the model would have about {total} parameters: {self:?}"
+            ));
+        }
         if self.head_dim.is_none() && !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_embd {} must be a multiple of n_head {} (or give head_dim)",

@@ -156,16 +156,23 @@ pub(crate) fn read_config(path: &Path, v: &Value, model_type: &str) -> Result<Mo
     }
     let context = num("max_position_embeddings")?;
     match arch {
-        Arch::Qwen2 if flag("use_sliding_window", false)? => {
+        // Qwen2 slides only in the layers from max_window_layers on (transformers' rule).
+        Arch::Qwen2
+            if flag("use_sliding_window", false)?
+                && optional("max_window_layers")?.unwrap_or(28) < num("num_hidden_layers")? =>
+        {
             unsupported.push("use_sliding_window (sliding-window attention)".into())
         }
         Arch::Mistral => {
-            if let Some(window) = optional("sliding_window")? {
-                if window < context {
-                    unsupported.push(format!(
-                        "sliding_window {window} below max_position_embeddings {context} (sliding-window attention)"
-                    ));
-                }
+            // MistralConfig's default window is 4096; only an explicit null turns it off.
+            let window = match v.get("sliding_window") {
+                None => Some(4096),
+                Some(_) => optional("sliding_window")?,
+            };
+            if let Some(window) = window.filter(|&w| w < context) {
+                unsupported.push(format!(
+                    "sliding_window {window} below max_position_embeddings {context} (sliding-window attention)"
+                ));
             }
         }
         _ => {}
@@ -189,6 +196,8 @@ pub(crate) fn read_config(path: &Path, v: &Value, model_type: &str) -> Result<Mo
     let mut block = Block::llama(eps, rope);
     match arch {
         Arch::Qwen2 => block.qkv_bias = true,
+        // MistralForCausalLM has no biases, whatever attention_bias / mlp_bias say.
+        Arch::Mistral => {}
         _ => {
             let bias = flag("attention_bias", false)?;
             block.qkv_bias = bias;
@@ -199,7 +208,9 @@ pub(crate) fn read_config(path: &Path, v: &Value, model_type: &str) -> Result<Mo
     block.tied_head = flag("tie_word_embeddings", false)?;
     let n_head = num("num_attention_heads")?;
     let n_embd = num("hidden_size")?;
-    let head_dim = optional("head_dim")?.filter(|&d| n_head == 0 || d * n_head != n_embd || d == 0);
+    // Kept only when it differs from hidden_size / heads (checked product: sizes are not yet
+    // validated here).
+    let head_dim = optional("head_dim")?.filter(|&d| d.checked_mul(n_head) != Some(n_embd));
     let config = ModelConfig {
         n_layer: num("num_hidden_layers")?,
         n_head,

@@ -2,6 +2,7 @@
 //! allocation; forward and backward call the [`Kernels`].
 
 use std::ops::Range;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use rayon::prelude::*;
 
@@ -95,6 +96,9 @@ impl Widths {
     }
 }
 
+/// Positions of the rotary table a model starts with (it grows when a sequence goes further).
+const ROPE_POSITIONS: usize = 4096;
+
 /// Bytes of activation memory for (batch, seq), for estimating before allocating.
 pub fn activation_bytes(config: &ModelConfig, batch: usize, seq: usize) -> usize {
     let (l, bt) = (config.n_layer, batch * seq);
@@ -136,8 +140,10 @@ pub struct Gpt<K: Kernels = Cpu> {
     pub(crate) matrices: WeightLayout,
     /// bf16 copy of `params` (same indices) that decoding's thin products read, when chosen.
     pub(crate) params_bf16: Option<Vec<u16>>,
-    /// Rotary cosines and sines for every position of the context (rotary models only).
-    pub(crate) rope: Option<RopeTable>,
+    /// Rotary cosines and sines (rotary models only), for the positions used so far: grown on
+    /// demand up to the context, so a 128k-position model does not build a 128k table to
+    /// answer a short prompt.
+    rope: Option<RwLock<RopeTable>>,
     /// Set by [`Gpt::transpose_for_decoding`]: the model only generates from now on.
     decoding_only: bool,
     /// Ids generation may pick: the tokenizer's vocabulary, which can be smaller than the
@@ -170,6 +176,29 @@ fn weight_and_bias(
     }
 }
 
+/// A model's rotary table, grown first (to the next power of two, at most the context) when
+/// `positions` go past it; `None` for models without rotary positions. A function of the
+/// fields, not of the model, so the backward pass can hold it beside its mutable gradients.
+fn rope_table<'a>(
+    lock: &'a Option<RwLock<RopeTable>>,
+    config: &ModelConfig,
+    positions: &[u32],
+) -> Option<RwLockReadGuard<'a, RopeTable>> {
+    let lock = lock.as_ref()?;
+    let needed = positions.iter().max().map_or(0, |&p| p as usize + 1);
+    if lock.read().unwrap_or_else(|e| e.into_inner()).len() < needed {
+        let Positions::Rope(rope) = config.block.positions else {
+            unreachable!("a rotary table belongs to a rotary model")
+        };
+        let mut table = lock.write().unwrap_or_else(|e| e.into_inner());
+        if table.len() < needed {
+            let positions = needed.next_power_of_two().min(config.context).max(needed);
+            *table = RopeTable::new(&rope, config.head_dim(), positions);
+        }
+    }
+    Some(lock.read().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// `buf[i·len..(i+1)·len]`.
 fn nth(buf: &[f32], i: usize, len: usize) -> &[f32] {
     &buf[i * len..(i + 1) * len]
@@ -197,7 +226,11 @@ impl<K: Kernels> Gpt<K> {
         config.validate()?;
         let layout = ParamLayout::new(&config);
         let rope = match config.block.positions {
-            Positions::Rope(rope) => Some(RopeTable::new(&rope, config.head_dim(), config.context)),
+            Positions::Rope(rope) => Some(RwLock::new(RopeTable::new(
+                &rope,
+                config.head_dim(),
+                config.context.min(ROPE_POSITIONS),
+            ))),
             Positions::Learned => None,
         };
         Ok(Self {
@@ -477,6 +510,11 @@ impl<K: Kernels> Gpt<K> {
             .matmul_forward(out, inp, &self.params[weights], layout, bias, c_in, c_out);
     }
 
+    /// The rotary table for `positions` (see [`rope_table`]).
+    fn rope_table(&self, positions: &[u32]) -> Option<RwLockReadGuard<'_, RopeTable>> {
+        rope_table(&self.rope, &self.config, positions)
+    }
+
     /// The block's norm (layer or RMS) with the weights at `w` (and bias `b`).
     pub(crate) fn norm_forward(
         &self,
@@ -538,9 +576,9 @@ impl<K: Kernels> Gpt<K> {
             w.c,
             w.qkv,
         );
-        if let Some(table) = &self.rope {
+        if let Some(table) = self.rope_table(positions) {
             let heads = self.config.n_head + self.config.kv_heads();
-            k.rope(buf.qkv, w.qkv, heads, positions, table, false);
+            k.rope(buf.qkv, w.qkv, heads, positions, &table, false);
         }
         attend(buf.atty, buf.qkv);
         self.product(
@@ -736,6 +774,7 @@ impl<K: Kernels> Gpt<K> {
         let s = &mut self.scratch;
         let norm = self.config.block.norm;
         let c = w.c;
+        let rope = rope_table(&self.rope, &self.config, &a.positions);
         // dinp += norm'(dout) for the norm with weights `nw` (and bias `nb`).
         let norm_backward = |g: &mut [f32],
                              dinp: &mut [f32],
@@ -856,7 +895,7 @@ impl<K: Kernels> Gpt<K> {
                 nth(&a.att, l, att_len),
                 d,
             );
-            if let Some(table) = &self.rope {
+            if let Some(table) = rope.as_ref() {
                 let heads = self.config.n_head + self.config.kv_heads();
                 k.rope(&mut s.qkv, w.qkv, heads, &a.positions, table, true);
             }

@@ -608,3 +608,19 @@ fn matmul_forward_matches_a_plain_product_for_thin_and_wide_inputs() {
         }
     }
 }
+
+/// Sizes that overflow or do not match the buffers are refused before any pointer is formed.
+#[test]
+#[should_panic(expected = "buffers too small")]
+fn attention_refuses_sizes_that_overflow() {
+    let d = Dims {
+        batch: usize::MAX / 2,
+        seq: 4,
+        channels: 8,
+        heads: 2,
+        kv_heads: 1,
+        head_dim: 4,
+    };
+    let (mut out, mut att) = (vec![0.0; 64], vec![0.0; 64]);
+    K.attention_forward(&mut out, &mut att, &[0.0; 64], d);
+}

@@ -603,3 +603,17 @@ fn generation_stays_inside_the_sampling_vocabulary() {
     assert_eq!(limited[0].tokens.len(), 8);
     assert!(limited[0].tokens.iter().all(|&t| t < 30), "{limited:?}");
 }
+
+/// The rotary table starts at 4096 positions and grows when a sequence goes further (a
+/// position past the table would fail the rope kernel's bounds check).
+#[test]
+fn rotary_positions_past_the_first_table() {
+    let gpt = model_of(llama_config(16, 5000));
+    let mut cache = [KvCache::new(&gpt)];
+    let chunk: Vec<u32> = (0..1050).map(|i| (i * 7 % 37) as u32).collect();
+    for _ in 0..4 {
+        let logits = gpt.forward_cached(&mut cache, &[&chunk]).unwrap();
+        assert!(logits.iter().all(|x| x.is_finite()));
+    }
+    assert_eq!(cache[0].len(), 4200);
+}

@@ -396,6 +396,30 @@ fn bad_directories_fail_clearly() {
     edit_config(&dir, &|v| v["sliding_window"] = 16.into());
     expect(&dir, &["sliding_window 16", "sliding-window attention"]);
 
+    // MistralConfig's default window (4096) applies when the key is absent.
+    let dir = case("default_window", "mistral_gqa");
+    edit_config(&dir, &|v| {
+        v.as_object_mut().unwrap().remove("sliding_window");
+        v["max_position_embeddings"] = 8192.into();
+    });
+    expect(
+        &dir,
+        &["sliding_window 4096 below max_position_embeddings 8192"],
+    );
+    // Keys Mistral ignores are ignored; a Qwen2 window that no layer reaches changes nothing.
+    let dir = case("mistral_bias_keys", "mistral_gqa");
+    edit_config(&dir, &|v| v["attention_bias"] = true.into());
+    load_model_dir(&dir).unwrap();
+    let dir = case("qwen_window_unused", "qwen2_tied");
+    edit_config(&dir, &|v| {
+        v["use_sliding_window"] = true.into();
+        v["sliding_window"] = 8.into();
+        v["max_window_layers"] = 2.into();
+    });
+    load_model_dir(&dir).unwrap();
+    edit_config(&dir, &|v| v["max_window_layers"] = 1.into());
+    expect(&dir, &["use_sliding_window"]);
+
     let dir = case("gelu", "llama_gqa");
     edit_config(&dir, &|v| {
         v["hidden_act"] = "gelu".into();

@@ -114,12 +114,18 @@ pub struct Tokenizer {
     special: Vec<bool>,
     /// Ids a prompt starts with, as the model's tokenizer rules say ([`Tokenizer::prompt_prefix`]).
     prompt_prefix: Vec<u32>,
+    /// The end-of-sequence token its `tokenizer_config.json` names (`eos_token`), if any.
+    eos_id: Option<u32>,
+    /// [`Tokenizer::hash`] of the tokenizer this one was made from by
+    /// [`Tokenizer::with_bos_prompts`] (same ids for every text).
+    before_bos_rule: Option<String>,
 }
 
 /// The settings of a model directory's `tokenizer_config.json` that decide how text starts.
 #[derive(Debug, Default, Clone)]
 struct TokenizerConfig {
     bos_token: Option<String>,
+    eos_token: Option<String>,
     add_bos_token: Option<bool>,
 }
 
@@ -153,6 +159,7 @@ impl TokenizerConfig {
         };
         Ok(Self {
             bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
             add_bos_token: v.get("add_bos_token").and_then(serde_json::Value::as_bool),
         })
     }
@@ -315,6 +322,7 @@ impl Tokenizer {
             .filter_map(|t| hf.token_to_id(t))
             .collect();
         let config_bos = config.bos_token.as_deref().and_then(|t| hf.token_to_id(t));
+        let eos_id = config.eos_token.as_deref().and_then(|t| hf.token_to_id(t));
         let kiem_bos = hf.token_to_id(BOS);
         let bos_id = kiem_bos
             .or_else(|| hf.token_to_id(GPT2_ENDOFTEXT))
@@ -362,6 +370,8 @@ impl Tokenizer {
             id_bytes,
             special,
             prompt_prefix,
+            eos_id,
+            before_bos_rule: None,
         })
     }
 
@@ -500,11 +510,14 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Train(e.to_string()))?;
         let config = TokenizerConfig {
             bos_token: Some(bos),
+            eos_token: None,
             add_bos_token: None,
         };
         let mut with = Self::from_json_with(canonical, self.source.clone(), &config)?;
         with.bos_id = self.bos_id;
         with.prompt_prefix = vec![self.bos_id];
+        with.eos_id = self.eos_id;
+        with.before_bos_rule = Some(self.hash.clone());
         Ok(with)
     }
 
@@ -526,6 +539,18 @@ impl Tokenizer {
         }
         let text = serde_json::to_string(&json).expect("json serializes");
         format!("sha256:{}", hex(&Sha256::digest(text.as_bytes())))
+    }
+
+    /// Whether `hash` names this tokenizer: its own [`Tokenizer::hash`], or that of the tokenizer
+    /// it was made from by [`Tokenizer::with_bos_prompts`] (a run checkpointed before the BOS
+    /// rule was recorded resumes with it).
+    pub fn matches_hash(&self, hash: &str) -> bool {
+        hash == self.hash || self.before_bos_rule.as_deref() == Some(hash)
+    }
+
+    /// The end-of-sequence id `tokenizer_config.json` names (`eos_token`), if any.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
     }
 
     fn load_error(&self, message: String) -> TokenizerError {
@@ -611,11 +636,13 @@ impl Tokenizer {
         // Same document token and prompt rule as before: only ids were added.
         let config = TokenizerConfig {
             bos_token: self.id_to_token(self.bos_id),
+            eos_token: None,
             add_bos_token: None,
         };
         let mut grown = Self::from_json_with(canonical, self.source.clone(), &config)?;
         grown.bos_id = self.bos_id;
         grown.prompt_prefix = self.prompt_prefix.clone();
+        grown.eos_id = self.eos_id;
         Ok(grown)
     }
 

@@ -77,6 +77,9 @@ fn check(family: &str, bos: &str, prompt_prefix: &[&str]) -> usize {
 #[test]
 fn llama3_split_regex_with_ignore_merges_and_a_bos_template() {
     assert!(check("llama3", "<|begin_of_text|>", &["<|begin_of_text|>"]) >= 10);
+    // Its tokenizer_config.json names the end-of-turn token as eos_token.
+    let tokenizer = Tokenizer::load(fixture("llama3").to_str().unwrap()).unwrap();
+    assert_eq!(tokenizer.eos_id(), tokenizer.token_to_id("<|eot_id|>"));
 }
 
 #[test]
@@ -108,6 +111,9 @@ fn bos_prompts_are_written_into_the_post_processor() {
     assert_eq!(with.encoding_hash(), plain.encoding_hash());
     assert_ne!(with.hash(), plain.hash());
     assert_eq!(with.prompt_prefix(), [plain.bos_id()]);
+    // A run checkpointed with the tokenizer before the rule resumes with it.
+    assert!(with.matches_hash(plain.hash()) && with.matches_hash(with.hash()));
+    assert!(!plain.matches_hash(with.hash()));
     let dir = tempfile::tempdir().unwrap();
     with.save(&dir.path().join("tokenizer.json")).unwrap();
     let again = Tokenizer::load(dir.path().to_str().unwrap()).unwrap();

@@ -38,9 +38,13 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let bos = tokenizer.bos_id();
+    // Documents end at the document token; a base model's own end token (its
+    // tokenizer_config.json's eos_token, e.g. Llama 3's <|end_of_text|>) still ends text too.
+    let mut eos = vec![bos];
+    eos.extend(tokenizer.eos_id().filter(|&id| id != bos));
     let ids = SpecialIds {
         bos: Some(bos),
-        eos: vec![bos],
+        eos: eos.clone(),
     };
     let config = hf_config_json(&gpt.config, &ids);
     write_file_atomic(
@@ -51,9 +55,10 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
     )?;
     // A chat model's reply ends at <|assistant_end|> as well as at the end of the document.
     let chat_end = kiem_tokenizer::chat::assistant_end(tokenizer).ok();
-    let eos: serde_json::Value = match chat_end {
-        Some(end) => serde_json::json!([bos, end]),
-        None => serde_json::json!(bos),
+    eos.extend(chat_end.filter(|end| !eos.contains(end)));
+    let eos: serde_json::Value = match eos.as_slice() {
+        [one] => serde_json::json!(one),
+        many => serde_json::json!(many),
     };
     let generation = serde_json::json!({
         "bos_token_id": bos,

@@ -489,7 +489,7 @@ fn run_loop(
             ))
         })?;
         state = load_checkpoint(&dir, &mut gpt, &mut opt)?;
-        if state.tokenizer_hash != tokenizer.hash() {
+        if !tokenizer.matches_hash(&state.tokenizer_hash) {
             return Err(TrainError::Resume(format!(
                 "the checkpoint was trained with tokenizer {} but the data uses {}",
                 state.tokenizer_hash,

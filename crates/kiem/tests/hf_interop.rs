@@ -260,6 +260,26 @@ fn commands_take_a_transformers_model_directory() {
         ],
         dir,
     ));
+    // Training rows shorter than the base's context; longer ones are refused.
+    failed(
+        run(
+            &[
+                "pretrain",
+                "--data",
+                "data",
+                "--init-from",
+                model,
+                "--out",
+                "long",
+                "--steps",
+                "1",
+                "--context",
+                "64",
+            ],
+            dir,
+        ),
+        &["--context 64 is longer than the base model's context of 32"],
+    );
     let (more, _) = load_model_dir(&dir.join("more/model")).unwrap();
     assert_eq!(more.config.n_layer, 3);
     assert_eq!(more.config.context, 32);

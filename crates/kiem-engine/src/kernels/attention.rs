@@ -14,16 +14,36 @@ fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
 }
 
+/// Elements of `qkv`, of attention's output and of the probabilities that `d` needs, or `None`
+/// when the head counts do not divide or a size overflows (checked before any raw pointer
+/// is formed from them).
+fn buffer_sizes(d: &Dims) -> Option<(usize, usize, usize)> {
+    if d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) {
+        return None;
+    }
+    let rows = d.batch.checked_mul(d.seq)?;
+    let width = d
+        .kv_heads
+        .checked_mul(2)?
+        .checked_add(d.heads)?
+        .checked_mul(d.head_dim)?;
+    let qkv = rows.checked_mul(width)?;
+    let out = rows.checked_mul(d.heads.checked_mul(d.head_dim)?)?;
+    let att = d
+        .batch
+        .checked_mul(d.heads)?
+        .checked_mul(d.seq.checked_mul(d.seq)?)?;
+    Some((qkv, out, att))
+}
+
 pub(super) fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims) {
     let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
     let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
     let group = d.group();
     let scale = 1.0 / (hs as f32).sqrt();
+    let sizes = buffer_sizes(&d);
     assert!(
-        nh % d.kv_heads == 0
-            && qkv.len() >= d.rows() * w
-            && out.len() >= d.rows() * qw
-            && att.len() >= d.batch * nh * t_len * t_len,
+        sizes.is_some_and(|(q, o, a)| qkv.len() >= q && out.len() >= o && att.len() >= a),
         "attention_forward: buffers too small for {d:?}"
     );
     let out_ptr = SyncPtr(out.as_mut_ptr());
@@ -103,12 +123,11 @@ pub(super) fn attention_backward(
     let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
     let group = d.group();
     let scale = 1.0 / (hs as f32).sqrt();
+    let sizes = buffer_sizes(&d);
     assert!(
-        nh % d.kv_heads == 0
-            && qkv.len() >= d.rows() * w
-            && dqkv.len() >= d.rows() * w
-            && dout.len() >= d.rows() * qw
-            && att.len() >= d.batch * nh * t_len * t_len,
+        sizes.is_some_and(|(q, o, a)| {
+            qkv.len() >= q && dqkv.len() >= q && dout.len() >= o && att.len() >= a
+        }),
         "attention_backward: buffers too small for {d:?}"
     );
     dqkv.par_chunks_mut(ELEMENTS).for_each(|x| x.fill(0.0));

@@ -30,10 +30,10 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
 
-    /// Start from this model's weights instead of random ones (a Hugging Face GPT-2 directory,
-    /// e.g. an imported model or RUN_DIR/model); its shape and context are used, and the data
-    /// must be prepared with its tokenizer (`--tokenizer DIR`).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["depth", "n_layer", "n_head", "n_embd", "context"])]
+    /// Start from this model's weights instead of random ones (a Hugging Face GPT-2, Llama,
+    /// Qwen2 or Mistral directory, e.g. an imported model or RUN_DIR/model); its architecture
+    /// and shape are used, and the data must be prepared with its tokenizer (`--tokenizer DIR`).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["depth", "n_layer", "n_head", "n_embd"])]
     init_from: Option<PathBuf>,
 
     /// Architecture of a new model: gpt2 (layer norm, learned positions, GELU MLP, biases,
@@ -65,7 +65,9 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "N")]
     n_embd: Option<usize>,
 
-    /// Context length in tokens (learned positions) [default: 256].
+    /// Context length in tokens [default: 256]. With --init-from: the length of the training
+    /// rows, at most the base's context (which the model keeps) [default: the base's context,
+    /// at most 2048].
     #[arg(long, value_name = "T")]
     context: Option<usize>,
 
@@ -218,7 +220,29 @@ impl PretrainArgs {
             Some(dir) => Some(kiem_engine::io::read_hf_config(&dir.join("config.json"))?.0),
             None => None,
         };
-        let context = base.map_or(self.context.unwrap_or(256), |b| b.context);
+        if self.n_kv_head.is_some() && self.arch != Some(ArchArg::Llama) {
+            bail!(
+                "--n-kv-head applies to --arch llama (GPT-2 has one key/value head per query head)"
+            );
+        }
+        // Tokens per training row: --context, up to the base's context with --init-from (whose
+        // model keeps its own context: 128k-position bases train on shorter rows).
+        let (context, seq) = match base {
+            Some(b) => {
+                let seq = self.context.unwrap_or(b.context.min(2048));
+                if seq > b.context {
+                    bail!(
+                        "--context {seq} is longer than the base model's context of {}",
+                        b.context
+                    );
+                }
+                (b.context, seq)
+            }
+            None => {
+                let c = self.context.unwrap_or(256);
+                (c, c)
+            }
+        };
         let shape = match base {
             Some(b) => (Some(b.n_layer), Some(b.n_head), Some(b.n_embd), None),
             None => (self.n_layer, self.n_head, self.n_embd, self.depth),
@@ -262,7 +286,7 @@ impl PretrainArgs {
         };
         model.validate()?;
         let micro_batch = self.micro_batch.unwrap_or(8);
-        let batch_tokens = self.batch_tokens.unwrap_or(micro_batch * context);
+        let batch_tokens = self.batch_tokens.unwrap_or(micro_batch * seq);
         let Some(steps) = self.steps_for(batch_tokens) else {
             bail!("say how long to train: --steps N or --tokens N");
         };
@@ -286,7 +310,7 @@ impl PretrainArgs {
                 init_from: self.init_from.clone(),
             },
             model,
-            seq: context,
+            seq,
             micro_batch,
             batch_tokens,
             steps,
