@@ -445,15 +445,10 @@ impl Tokenizer {
         &self.prompt_prefix
     }
 
-    /// `prompt_prefix` followed by the text's ids: a prompt as the model expects it. An empty
-    /// prompt of a model without a prefix is the document token alone (generation from nothing
-    /// starts a document).
+    /// `prompt_prefix` followed by the text's ids: a prompt as the model expects it.
     pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
         let mut ids = self.prompt_prefix.clone();
         ids.extend(self.encode(text));
-        if ids.is_empty() {
-            ids.push(self.bos_id);
-        }
         ids
     }
 

@@ -335,8 +335,12 @@ async fn completions(
     let request: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
     let settings = request.sampling.settings(&app.name)?;
     let text = api::prompt_text(&request.prompt)?;
-    // Like `kiem generate`: the prompt starts as the model's tokenizer rules say.
-    let prompt = app.tokenizer.encode_prompt(text);
+    // Like `kiem generate`: the prompt starts as the model's tokenizer rules say. An empty
+    // prompt starts a document (as OpenAI's completions start one from <|endoftext|>).
+    let mut prompt = app.tokenizer.encode_prompt(text);
+    if prompt.is_empty() {
+        prompt.push(app.tokenizer.bos_id());
+    }
     let stop_ids = app.stop_ids.clone();
     generate(app, prompt, stop_ids, settings, Kind::Text).await
 }
