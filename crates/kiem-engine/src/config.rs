@@ -327,11 +327,6 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.n_embd / self.n_head.max(1))
     }
 
-    /// Kept for callers that think in GPT-2 terms: the size of one head.
-    pub fn head_size(&self) -> usize {
-        self.head_dim()
-    }
-
     pub fn kv_heads(&self) -> usize {
         self.n_kv_head.unwrap_or(self.n_head)
     }

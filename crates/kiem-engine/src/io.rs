@@ -84,8 +84,9 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Tensors by name: shape and f32 values.
 pub type NamedTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// A safetensors file, memory-mapped and its header checked: tensors are read straight from
-/// the mapping, so loading a model costs its parameters, not a copy of the file besides.
+/// A safetensors file, memory-mapped: tensors are read straight from the mapping, so loading a
+/// model costs its parameters, not a copy of the file besides. [`MappedTensors::tensors`]
+/// checks the header.
 pub struct MappedTensors {
     path: PathBuf,
     map: memmap2::Mmap,
@@ -98,12 +99,10 @@ impl MappedTensors {
         // (checkpoints are written under a temporary name and renamed into place).
         let map =
             unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_err(path, e.to_string()))?;
-        let mapped = MappedTensors {
+        Ok(MappedTensors {
             path: path.to_path_buf(),
             map,
-        };
-        mapped.tensors()?;
-        Ok(mapped)
+        })
     }
 
     /// The parsed file; the safetensors crate bounds-checks every offset against the file.

@@ -343,11 +343,6 @@ impl<K: Kernels> Gpt<K> {
         self.sampling_vocab
     }
 
-    /// Whether the model was prepared for decoding only ([`Gpt::transpose_for_decoding`]).
-    pub fn is_decoding_only(&self) -> bool {
-        self.decoding_only
-    }
-
     /// Reads every weight a decoding step reads ([`Self::decoding_weight_bytes`] of them) once,
     /// as fast as memory allows, on all threads: timing it measures the read bandwidth of the
     /// very memory decoding streams, the denominator of its bandwidth bound.

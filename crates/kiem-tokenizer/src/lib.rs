@@ -501,7 +501,16 @@ impl Tokenizer {
             }
         };
         json["post_processor"] = post;
-        let text = serde_json::to_string(&json).expect("json serializes");
+        let mut with = self.rebuilt(&json)?;
+        with.prompt_prefix = vec![self.bos_id];
+        with.before_bos_rule = Some(self.hash.clone());
+        Ok(with)
+    }
+
+    /// A tokenizer from an edited copy of this one's JSON, in `tokenizers`' canonical form, with
+    /// the same document token, prompt rule and end token.
+    fn rebuilt(&self, json: &serde_json::Value) -> Result<Tokenizer> {
+        let text = serde_json::to_string(json).expect("json serializes");
         let hf: tokenizers::Tokenizer = text
             .parse()
             .map_err(|e: tokenizers::Error| self.load_error(e.to_string()))?;
@@ -509,16 +518,15 @@ impl Tokenizer {
             .to_string(false)
             .map_err(|e| TokenizerError::Train(e.to_string()))?;
         let config = TokenizerConfig {
-            bos_token: Some(bos),
+            bos_token: self.id_to_token(self.bos_id),
             eos_token: None,
             add_bos_token: None,
         };
-        let mut with = Self::from_json_with(canonical, self.source.clone(), &config)?;
-        with.bos_id = self.bos_id;
-        with.prompt_prefix = vec![self.bos_id];
-        with.eos_id = self.eos_id;
-        with.before_bos_rule = Some(self.hash.clone());
-        Ok(with)
+        let mut rebuilt = Self::from_json_with(canonical, self.source.clone(), &config)?;
+        rebuilt.bos_id = self.bos_id;
+        rebuilt.prompt_prefix = self.prompt_prefix.clone();
+        rebuilt.eos_id = self.eos_id;
+        Ok(rebuilt)
     }
 
     /// `sha256:` of what decides how text encodes: the tokenizer's JSON without its
@@ -603,16 +611,10 @@ impl Tokenizer {
     /// to a base tokenizer this way; the model's embeddings grow to match).
     pub fn with_special_tokens(&self, names: &[&str]) -> Result<Tokenizer> {
         let mut json: serde_json::Value =
-            serde_json::from_str(&self.json).map_err(|e| TokenizerError::Load {
-                path: PathBuf::from(self.source.to_string()),
-                message: e.to_string(),
-            })?;
+            serde_json::from_str(&self.json).map_err(|e| self.load_error(e.to_string()))?;
         let added = json["added_tokens"]
             .as_array_mut()
-            .ok_or_else(|| TokenizerError::Load {
-                path: PathBuf::from(self.source.to_string()),
-                message: "tokenizer.json has no added_tokens list".into(),
-            })?;
+            .ok_or_else(|| self.load_error("tokenizer.json has no added_tokens list".into()))?;
         let mut next = self.vocab_size() as u32;
         for name in names {
             if self.token_to_id(name).is_some() {
@@ -622,28 +624,8 @@ impl Tokenizer {
                                           "rstrip": false, "normalized": false, "special": true}));
             next += 1;
         }
-        let text = serde_json::to_string(&json).expect("json serializes");
-        // Round-trip through `tokenizers` so the stored JSON is its canonical form.
-        let hf: tokenizers::Tokenizer =
-            text.parse()
-                .map_err(|e: tokenizers::Error| TokenizerError::Load {
-                    path: PathBuf::from(self.source.to_string()),
-                    message: e.to_string(),
-                })?;
-        let canonical = hf
-            .to_string(false)
-            .map_err(|e| TokenizerError::Train(e.to_string()))?;
-        // Same document token and prompt rule as before: only ids were added.
-        let config = TokenizerConfig {
-            bos_token: self.id_to_token(self.bos_id),
-            eos_token: None,
-            add_bos_token: None,
-        };
-        let mut grown = Self::from_json_with(canonical, self.source.clone(), &config)?;
-        grown.bos_id = self.bos_id;
-        grown.prompt_prefix = self.prompt_prefix.clone();
-        grown.eos_id = self.eos_id;
-        Ok(grown)
+        // Only ids were added: same document token and prompt rule.
+        self.rebuilt(&json)
     }
 
     /// Token ids needed to store ids of this vocabulary: 2 bytes when it fits in `u16`.
