@@ -119,14 +119,45 @@ pub struct Tokenizer {
     /// [`Tokenizer::hash`] of the tokenizer this one was made from by
     /// [`Tokenizer::with_bos_prompts`] (same ids for every text).
     before_bos_rule: Option<String>,
+    /// `bos_token`, `eos_token` … as the model's `tokenizer_config.json` spells them.
+    token_texts: Vec<(String, String)>,
+    /// The model's Hugging Face chat template, if it has one.
+    chat_template: Option<ChatTemplateText>,
+    /// The compiled template, made on first use (`None`: kiem's typed chat format applies).
+    compiled_template: std::sync::OnceLock<Result<Option<chat::jinja::JinjaTemplate>, String>>,
+    /// `hf` with special-token texts recognised, for rendered chats (made on first use).
+    hf_chat: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
-/// The settings of a model directory's `tokenizer_config.json` that decide how text starts.
+/// The settings of a model directory's `tokenizer_config.json` that decide how text starts and
+/// how chats are written.
 #[derive(Debug, Default, Clone)]
 struct TokenizerConfig {
     bos_token: Option<String>,
     eos_token: Option<String>,
     add_bos_token: Option<bool>,
+    /// `bos_token`, `eos_token`, `unk_token` … as written (what chat templates see).
+    token_texts: Vec<(String, String)>,
+    chat_template: Option<ChatTemplateText>,
+}
+
+/// The special-token keys of `tokenizer_config.json` that `transformers` passes to a chat
+/// template (its `special_tokens_map`).
+const TEMPLATE_TOKEN_KEYS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+/// A model's Hugging Face chat template (Jinja source) and the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTemplateText {
+    pub source: String,
+    pub origin: PathBuf,
 }
 
 impl TokenizerConfig {
@@ -157,10 +188,61 @@ impl TokenizerConfig {
                 .map(str::to_string),
             _ => None,
         };
+        let token_texts = TEMPLATE_TOKEN_KEYS
+            .iter()
+            .filter_map(|key| token(key).map(|t| (key.to_string(), t)))
+            .collect();
+        // As in `transformers`: a `chat_template.jinja` file wins over the config's entry, which
+        // is a string or a list of named templates (the one named "default" is used).
+        let file = dir.join("chat_template.jinja");
+        let chat_template = match std::fs::read_to_string(&file) {
+            Ok(source) => Some(ChatTemplateText {
+                source,
+                origin: file,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let source = match v.get("chat_template") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(serde_json::Value::Array(list)) => {
+                        let named = |name: &str| {
+                            list.iter()
+                                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+                                .and_then(|t| t.get("template"))
+                                .and_then(|t| t.as_str())
+                                .map(str::to_string)
+                        };
+                        Some(named("default").ok_or_else(|| TokenizerError::Load {
+                            path: path.clone(),
+                            message: "chat_template lists named templates but none is named \"default\"".into(),
+                        })?)
+                    }
+                    Some(_) => {
+                        return Err(TokenizerError::Load {
+                            path,
+                            message: "chat_template must be a string or a list of {name, template}"
+                                .into(),
+                        })
+                    }
+                };
+                source.map(|source| ChatTemplateText {
+                    source,
+                    origin: path.clone(),
+                })
+            }
+            Err(e) => {
+                return Err(TokenizerError::Load {
+                    path: file,
+                    message: e.to_string(),
+                })
+            }
+        };
         Ok(Self {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
             add_bos_token: v.get("add_bos_token").and_then(serde_json::Value::as_bool),
+            token_texts,
+            chat_template,
         })
     }
 }
@@ -372,6 +454,10 @@ impl Tokenizer {
             prompt_prefix,
             eos_id,
             before_bos_rule: None,
+            token_texts: config.token_texts.clone(),
+            chat_template: config.chat_template.clone(),
+            compiled_template: std::sync::OnceLock::new(),
+            hf_chat: std::sync::OnceLock::new(),
         })
     }
 
@@ -521,6 +607,8 @@ impl Tokenizer {
             bos_token: self.id_to_token(self.bos_id),
             eos_token: None,
             add_bos_token: None,
+            token_texts: self.token_texts.clone(),
+            chat_template: self.chat_template.clone(),
         };
         let mut rebuilt = Self::from_json_with(canonical, self.source.clone(), &config)?;
         rebuilt.bos_id = self.bos_id;
@@ -559,6 +647,57 @@ impl Tokenizer {
     /// The end-of-sequence id `tokenizer_config.json` names (`eos_token`), if any.
     pub fn eos_id(&self) -> Option<u32> {
         self.eos_id
+    }
+
+    /// `bos_token`, `eos_token` … as the model's `tokenizer_config.json` spells them (empty for
+    /// tokenizers without one).
+    pub fn token_texts(&self) -> &[(String, String)] {
+        &self.token_texts
+    }
+
+    /// The model's Hugging Face chat template, if its directory has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplateText> {
+        self.chat_template.as_ref()
+    }
+
+    /// The compiled Jinja chat template: `None` when the model has none or has kiem's own
+    /// (whose typed renderer gives the same ids).
+    pub(crate) fn jinja_template(&self) -> Result<Option<&chat::jinja::JinjaTemplate>> {
+        let compiled = self.compiled_template.get_or_init(|| {
+            let Some(template) = &self.chat_template else {
+                return Ok(None);
+            };
+            if template.source.trim() == chat::CHAT_TEMPLATE.trim() {
+                return Ok(None);
+            }
+            chat::jinja::JinjaTemplate::compile(&template.source, self.token_texts.clone())
+                .map(Some)
+                .map_err(|e| {
+                    format!(
+                        "the chat template in {} does not compile: {e:#}",
+                        template.origin.display()
+                    )
+                })
+        });
+        compiled
+            .as_ref()
+            .map(Option::as_ref)
+            .map_err(|e| TokenizerError::Chat(e.clone()))
+    }
+
+    /// Encodes a rendered chat as `transformers` does: special-token texts (written by the
+    /// template) become their ids, and no special tokens are added. Also returns each token's
+    /// byte range in `text`.
+    pub fn encode_chat(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let hf = self.hf_chat.get_or_init(|| {
+            let mut hf = self.hf.clone();
+            hf.set_encode_special_tokens(false);
+            hf
+        });
+        let encoding = hf
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Chat(format!("cannot encode the rendered chat: {e}")))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     fn load_error(&self, message: String) -> TokenizerError {

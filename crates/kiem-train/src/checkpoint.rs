@@ -54,7 +54,7 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
             .as_bytes(),
     )?;
     // A chat model's reply ends at <|assistant_end|> as well as at the end of the document.
-    let chat_end = kiem_tokenizer::chat::assistant_end(tokenizer).ok();
+    let chat_end = kiem_tokenizer::chat::end_of_turn(tokenizer).ok();
     eos.extend(chat_end.filter(|end| !eos.contains(end)));
     let eos: serde_json::Value = match eos.as_slice() {
         [one] => serde_json::json!(one),

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::Args;
 use kiem_engine::sampling::GenerateOptions;
-use kiem_tokenizer::chat::{assistant_end, render_prompt, Message, Role};
+use kiem_tokenizer::chat::{end_of_turn, render_prompt, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
 
 use super::generate::{load_model, stream_token, SamplingArgs, WeightsArgs};
@@ -38,7 +38,7 @@ pub fn chat_stop_ids(
     tokenizer: &kiem_tokenizer::Tokenizer,
     mut stop_ids: Vec<u32>,
 ) -> Result<Vec<u32>, kiem_tokenizer::TokenizerError> {
-    stop_ids.push(assistant_end(tokenizer)?);
+    stop_ids.push(end_of_turn(tokenizer)?);
     stop_ids.extend((0..tokenizer.vocab_size() as u32).filter(|&id| tokenizer.is_special(id)));
     stop_ids.sort_unstable();
     stop_ids.dedup();

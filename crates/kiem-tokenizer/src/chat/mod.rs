@@ -1,6 +1,7 @@
-//! The chat format, as typed Rust (DESIGN.md decision 5): one function renders a conversation to
-//! token ids and a loss mask, for training and for prompts at inference, so the two can never
-//! disagree.
+//! Chat formats: one function renders a conversation to token ids and a loss mask, for training
+//! and for prompts at inference, so the two can never disagree. A model with a Hugging Face chat
+//! template (an imported instruct model) is rendered with it (see [`jinja`]); models kiem creates
+//! use kiem's typed format (DESIGN.md decision 5):
 //!
 //! ```text
 //! <|bos|> <|system_start|> … <|system_end|> <|user_start|> … <|user_end|>
@@ -11,9 +12,14 @@
 //! of rendering them all. Assistant text and its `<|assistant_end|>` are trained (the model must
 //! learn to end its turn); everything else is context, unless `TrainOn::All`.
 
+pub(crate) mod jinja;
+
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{Tokenizer, TokenizerError};
+use jinja::JinjaTemplate;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,13 +153,17 @@ pub fn validate(messages: &[Message]) -> Result<(), TokenizerError> {
     Ok(())
 }
 
-/// Renders a whole conversation for training.
+/// Renders a whole conversation for training: with the model's Hugging Face chat template when
+/// it has one, else in kiem's typed format.
 pub fn render(
     tokenizer: &Tokenizer,
     messages: &[Message],
     train_on: TrainOn,
 ) -> Result<Rendered, TokenizerError> {
     validate(messages)?;
+    if let Some(template) = tokenizer.jinja_template()? {
+        return render_with_template(tokenizer, template, messages, train_on);
+    }
     let ids = chat_ids(tokenizer)?;
     let mut out = Rendered {
         ids: vec![ids.bos],
@@ -176,7 +186,8 @@ pub fn render(
 }
 
 /// Renders the prompt for the assistant's next reply: the conversation so far (ending with a
-/// user message) followed by `<|assistant_start|>`.
+/// user message) and the start of an assistant turn (the template's generation prompt, or
+/// `<|assistant_start|>`).
 pub fn render_prompt(
     tokenizer: &Tokenizer,
     messages: &[Message],
@@ -185,6 +196,11 @@ pub fn render_prompt(
         return Err(TokenizerError::Chat(
             "a prompt must end with a user message".into(),
         ));
+    }
+    if let Some(template) = tokenizer.jinja_template()? {
+        validate(messages)?;
+        let text = render_text(tokenizer, template, messages, true)?.0;
+        return Ok(tokenizer.encode_chat(&text)?.0);
     }
     let mut ids = render(tokenizer, messages, TrainOn::Assistant)?.ids;
     ids.push(chat_ids(tokenizer)?.start[role_index(Role::Assistant)]);
@@ -195,11 +211,151 @@ pub fn render_prompt(
 /// [`render_prompt`] render: `bos_token`, then each message between its role's markers, then
 /// `<|assistant_start|>` with `add_generation_prompt`. Like [`validate`], it accepts a system
 /// message only first; `developer` is read as `system`, as `kiem serve` does.
-pub const CHAT_TEMPLATE: &str = include_str!("../assets/chat_template.jinja");
+pub const CHAT_TEMPLATE: &str = include_str!("../../assets/chat_template.jinja");
 
-/// The token that ends an assistant turn (generation stops there).
-pub fn assistant_end(tokenizer: &Tokenizer) -> Result<u32, TokenizerError> {
-    Ok(chat_ids(tokenizer)?.end[role_index(Role::Assistant)])
+/// The token that ends an assistant turn (generation stops there): `<|assistant_end|>` in
+/// kiem's format; with a Hugging Face template, the first special token the template writes after
+/// an assistant reply (`<|im_end|>`, `<|eot_id|>`, `</s>` …), else the model's `eos_token`.
+pub fn end_of_turn(tokenizer: &Tokenizer) -> Result<u32, TokenizerError> {
+    let Some(template) = tokenizer.jinja_template()? else {
+        return Ok(chat_ids(tokenizer)?.end[role_index(Role::Assistant)]);
+    };
+    template
+        .end_of_turn
+        .get_or_init(|| probe_end_of_turn(tokenizer, template))
+        .or(tokenizer.eos_id())
+        .ok_or_else(|| {
+            TokenizerError::Chat(format!(
+                "{}: cannot tell which token ends an assistant turn (the template writes no special \
+                 token after a reply and the tokenizer names no eos_token)",
+                template_origin(tokenizer)
+            ))
+        })
+}
+
+/// Whether chats with this tokenizer use kiem's typed format (rather than a Hugging Face
+/// template): then fine-tuning adds kiem's chat tokens to a base tokenizer.
+pub fn uses_typed_format(tokenizer: &Tokenizer) -> Result<bool, TokenizerError> {
+    Ok(tokenizer.jinja_template()?.is_none())
+}
+
+fn template_origin(tokenizer: &Tokenizer) -> String {
+    tokenizer
+        .chat_template()
+        .map(|t| format!("chat template {}", t.origin.display()))
+        .unwrap_or_else(|| "chat template".into())
+}
+
+/// Renders with the template; a failure names the first message whose rendering fails.
+fn render_text(
+    tokenizer: &Tokenizer,
+    template: &JinjaTemplate,
+    messages: &[Message],
+    add_generation_prompt: bool,
+) -> Result<(String, Vec<Range<usize>>), TokenizerError> {
+    if let Some(i) = messages
+        .iter()
+        .position(|m| jinja::has_span_markers(&m.content))
+    {
+        return Err(TokenizerError::Chat(format!(
+            "message {}: contains U+FDD0 or U+FDD1, which are not text",
+            i + 1
+        )));
+    }
+    template
+        .render(messages, add_generation_prompt)
+        .map_err(|error| {
+            let failing = (1..=messages.len())
+                .find(|&k| template.render(&messages[..k], false).is_err());
+            let place = match failing {
+                Some(k) => format!("message {} ({})", k, messages[k - 1].role),
+                None if add_generation_prompt => "the generation prompt".into(),
+                None => "the conversation".into(),
+            };
+            TokenizerError::Chat(format!(
+                "{} cannot render {place}: {error}",
+                template_origin(tokenizer)
+            ))
+        })
+}
+
+/// A conversation rendered with a Hugging Face template. The trained tokens are those that
+/// overlap an assistant span (as `transformers`' assistant mask marks them): the template's
+/// `{% generation %}` blocks, or else each reply from the end of the generation prompt to its
+/// end-of-turn token, found by rendering prefixes of the conversation.
+fn render_with_template(
+    tokenizer: &Tokenizer,
+    template: &JinjaTemplate,
+    messages: &[Message],
+    train_on: TrainOn,
+) -> Result<Rendered, TokenizerError> {
+    let (text, marked) = render_text(tokenizer, template, messages, false)?;
+    let spans = match train_on {
+        TrainOn::All => Vec::new(),
+        TrainOn::Assistant if template.has_generation => marked,
+        TrainOn::Assistant => spans_by_prefix(tokenizer, template, messages, &text)?,
+    };
+    let (ids, offsets) = tokenizer.encode_chat(&text)?;
+    let trained = offsets
+        .iter()
+        .enumerate()
+        .map(|(i, &(start, end))| match train_on {
+            TrainOn::All => i > 0,
+            TrainOn::Assistant => spans.iter().any(|s| start < s.end && s.start < end),
+        })
+        .collect();
+    Ok(Rendered { ids, trained })
+}
+
+fn spans_by_prefix(
+    tokenizer: &Tokenizer,
+    template: &JinjaTemplate,
+    messages: &[Message],
+    full: &str,
+) -> Result<Vec<Range<usize>>, TokenizerError> {
+    let end_text = end_of_turn(tokenizer)
+        .ok()
+        .and_then(|id| tokenizer.id_to_token(id));
+    let mut spans = Vec::new();
+    for (i, message) in messages.iter().enumerate() {
+        if message.role != Role::Assistant {
+            continue;
+        }
+        let before = render_text(tokenizer, template, &messages[..i], true)?.0;
+        let after = render_text(tokenizer, template, &messages[..=i], false)?.0;
+        if !after.starts_with(&before) || !full.starts_with(&after) {
+            return Err(TokenizerError::Chat(format!(
+                "{} is not prefix-stable at message {}: rendering the conversation up to it does \
+                 not begin the same way as rendering it whole (the template rewrites earlier turns \
+                 or writes a different generation prompt), so kiem cannot tell which tokens are the \
+                 assistant's. Add {{% generation %}} markers to the template, or train with \
+                 --train-on all",
+                template_origin(tokenizer),
+                i + 1
+            )));
+        }
+        let reply = &after[before.len()..];
+        let end = end_text
+            .as_deref()
+            .and_then(|t| reply.rfind(t).map(|at| at + t.len()))
+            .unwrap_or(reply.len());
+        spans.push(before.len()..before.len() + end);
+    }
+    Ok(spans)
+}
+
+/// Renders a user turn and an assistant reply, and takes the first special token written after
+/// the reply.
+fn probe_end_of_turn(tokenizer: &Tokenizer, template: &JinjaTemplate) -> Option<u32> {
+    const PROBE: &str = "kiem probe reply";
+    let conversation = [
+        Message::new(Role::User, "Hello"),
+        Message::new(Role::Assistant, PROBE),
+    ];
+    let (text, _) = template.render(&conversation, false).ok()?;
+    let tail = &text[text.rfind(PROBE)? + PROBE.len()..];
+    let (ids, _) = tokenizer.encode_chat(tail).ok()?;
+    ids.into_iter().find(|&id| tokenizer.is_special(id))
 }
 
 #[cfg(test)]
