@@ -153,6 +153,13 @@ const TEMPLATE_TOKEN_KEYS: [&str; 7] = [
     "mask_token",
 ];
 
+/// A rendered chat's ids, and each token's byte range in the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatEncoding {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
 /// A model's Hugging Face chat template (Jinja source) and the file it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatTemplateText {
@@ -688,7 +695,7 @@ impl Tokenizer {
     /// Encodes a rendered chat as `transformers` does: special-token texts (written by the
     /// template) become their ids, and no special tokens are added. Also returns each token's
     /// byte range in `text`.
-    pub fn encode_chat(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_chat(&self, text: &str) -> Result<ChatEncoding> {
         let hf = self.hf_chat.get_or_init(|| {
             let mut hf = self.hf.clone();
             hf.set_encode_special_tokens(false);
@@ -697,7 +704,10 @@ impl Tokenizer {
         let encoding = hf
             .encode(text, false)
             .map_err(|e| TokenizerError::Chat(format!("cannot encode the rendered chat: {e}")))?;
-        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+        Ok(ChatEncoding {
+            ids: encoding.get_ids().to_vec(),
+            offsets: encoding.get_offsets().to_vec(),
+        })
     }
 
     fn load_error(&self, message: String) -> TokenizerError {

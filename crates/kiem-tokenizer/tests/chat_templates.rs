@@ -35,7 +35,11 @@ fn ids_and_assistant_masks_equal_transformers() {
         let messages = messages(case);
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         if case["add_generation_prompt"].as_bool().unwrap() {
-            assert_eq!(render_prompt(&tok, &messages).unwrap(), ids, "{name} prompt");
+            assert_eq!(
+                render_prompt(&tok, &messages).unwrap(),
+                ids,
+                "{name} prompt"
+            );
             continue;
         }
         let rendered = render(&tok, &messages, TrainOn::Assistant).unwrap();
@@ -49,12 +53,18 @@ fn ids_and_assistant_masks_equal_transformers() {
         assert_eq!(rendered.trained, mask, "{name}: trained tokens");
         // Each reply's last trained token is the end-of-turn token.
         let end = end_of_turn(&tok).unwrap();
-        let replies = messages.iter().filter(|m| m.role == Role::Assistant).count();
+        let replies = messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
         let ends = (0..ids.len())
             .filter(|&i| mask[i] && !mask.get(i + 1).copied().unwrap_or(false))
             .filter(|&i| ids[i] == end)
             .count();
-        assert_eq!(ends, replies, "{name}: every reply ends with its end-of-turn token");
+        assert_eq!(
+            ends, replies,
+            "{name}: every reply ends with its end-of-turn token"
+        );
         let all = render(&tok, &messages, TrainOn::All).unwrap();
         assert_eq!(all.ids, ids);
         assert!(!all.trained[0] && all.trained[1..].iter().all(|&t| t));
@@ -104,16 +114,16 @@ fn a_template_that_raises_names_itself_and_the_message() {
 fn with_template(template: &str) -> (tempfile::TempDir, Tokenizer) {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("chatml_default_system");
-    std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        src.join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer_config.json")).unwrap())
             .unwrap();
     config["chat_template"] = template.into();
-    std::fs::write(
-        dir.path().join("tokenizer_config.json"),
-        config.to_string(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     let tok = Tokenizer::load(dir.path().to_str().unwrap()).unwrap();
     (dir, tok)
 }
@@ -128,7 +138,9 @@ fn templates_that_rewrite_earlier_turns_are_refused_unless_marked() {
         Message::new(Role::User, "bye"),
         Message::new(Role::Assistant, "goodbye"),
     ];
-    let plain = rewriting.replace("{% GEN %}", "").replace("{% ENDGEN %}", "");
+    let plain = rewriting
+        .replace("{% GEN %}", "")
+        .replace("{% ENDGEN %}", "");
     let (_dir, tok) = with_template(&plain);
     let err = render(&tok, &conversation, TrainOn::Assistant)
         .unwrap_err()
@@ -159,10 +171,20 @@ fn templates_that_rewrite_earlier_turns_are_refused_unless_marked() {
 #[test]
 fn broken_templates_and_marker_characters_fail_clearly() {
     let (_dir, tok) = with_template("{% for m in messages %}{{ m.content }");
-    let err = render(&tok, &[Message::new(Role::User, "x"), Message::new(Role::Assistant, "y")], TrainOn::Assistant)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("does not compile") && err.contains("tokenizer_config.json"), "{err}");
+    let err = render(
+        &tok,
+        &[
+            Message::new(Role::User, "x"),
+            Message::new(Role::Assistant, "y"),
+        ],
+        TrainOn::Assistant,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("does not compile") && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
     let tok = tokenizer("chatml_default_system");
     let err = render_prompt(&tok, &[Message::new(Role::User, "a\u{FDD0}b")])
         .unwrap_err()

@@ -87,8 +87,21 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
         // Whether prompts start with bos_token: kiem's and transformers' rule for this model.
         "add_bos_token": !tokenizer.prompt_prefix().is_empty(),
     });
-    if chat_end.is_some() {
-        tokenizer_config["chat_template"] = kiem_tokenizer::chat::CHAT_TEMPLATE.into();
+    let uses_typed_chat = kiem_tokenizer::chat::uses_typed_format(tokenizer)?;
+    if !uses_typed_chat {
+        // An imported chat model keeps its template and the token texts it renders with.
+        for (key, text) in tokenizer.token_texts() {
+            tokenizer_config[key] = text.as_str().into();
+        }
+    }
+    match tokenizer.chat_template() {
+        Some(template) if !uses_typed_chat => {
+            tokenizer_config["chat_template"] = template.source.as_str().into()
+        }
+        _ if chat_end.is_some() => {
+            tokenizer_config["chat_template"] = kiem_tokenizer::chat::CHAT_TEMPLATE.into()
+        }
+        _ => {}
     }
     write_file_atomic(
         &dir.join("tokenizer_config.json"),

@@ -367,19 +367,13 @@ pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<St
             gpt.config.vocab_size
         )));
     }
-    let missing: Vec<String> = kiem_tokenizer::SPECIAL_TOKENS[1..]
-        .iter()
-        .filter(|t| tokenizer.token_to_id(t).is_none())
-        .map(|t| t.to_string())
-        .collect();
-    if missing.is_empty() {
-        return Ok((gpt, tokenizer, missing));
+    let (tokenizer, added) = kiem_tokenizer::chat::for_fine_tuning(tokenizer)?;
+    if added.is_empty() {
+        return Ok((gpt, tokenizer, added));
     }
-    let names: Vec<&str> = missing.iter().map(String::as_str).collect();
-    let grown_tokenizer = tokenizer.with_special_tokens(&names)?;
     // New ids land in the embedding's spare rows where it has them, else the embedding grows.
-    let grown = gpt.grow_vocab(grown_tokenizer.vocab_size().max(gpt.config.vocab_size))?;
-    Ok((grown, grown_tokenizer, missing))
+    let grown = gpt.grow_vocab(tokenizer.vocab_size().max(gpt.config.vocab_size))?;
+    Ok((grown, tokenizer, added))
 }
 
 /// Runs (or continues) a fine-tuning run. Without `resume`, `start` is the prepared base model,

@@ -643,3 +643,158 @@ fn the_openai_python_client_and_the_chat_page_in_chromium() {
         "Python client tests failed:\n{report}"
     );
 }
+
+/// A random-weight Llama model with a ChatML chat template (the Qwen2-style fixture tokenizer
+/// and template), fine-tuned by kiem in its own template to answer every order question the same
+/// way; made once per test binary.
+fn chatml_model() -> &'static (PathBuf, &'static str) {
+    static MODEL: OnceLock<(PathBuf, &'static str)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
+        let answer = "It ships today.";
+        let dir = tempfile::tempdir().unwrap().keep();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../kiem-tokenizer/tests/fixtures/chat_templates/chatml_default_system");
+        let tokenizer = kiem_tokenizer::Tokenizer::load(fixture.to_str().unwrap()).unwrap();
+        let mut block = Block::llama(
+            1e-5,
+            Rope {
+                theta: 10_000.0,
+                scaling: RopeScaling::Default,
+            },
+        );
+        block.tied_head = true;
+        let config = kiem_engine::ModelConfig {
+            arch: Arch::Llama,
+            block,
+            n_kv_head: Some(2),
+            mlp_hidden: Some(192),
+            ..kiem_engine::ModelConfig::gpt2(2, 4, 64, 256, tokenizer.vocab_size())
+        };
+        let mut gpt = kiem_engine::Gpt::new(config).unwrap();
+        gpt.init_random(7);
+        kiem_train::checkpoint::write_model_files(&dir.join("base"), &gpt, &tokenizer).unwrap();
+        common::write_order_conversations(&dir.join("orders.jsonl"), 64, |_| answer.to_string());
+        ok(run(
+            &[
+                "finetune",
+                "--model",
+                "base",
+                "--data",
+                "orders.jsonl",
+                "--out",
+                "ft",
+                "--steps",
+                "80",
+                "--lr",
+                "3e-3",
+                "--micro-batch",
+                "8",
+                "--eval-every",
+                "0",
+                "--threads",
+                "2",
+            ],
+            &dir,
+        ));
+        (dir.join("ft/model"), answer)
+    })
+}
+
+#[test]
+fn a_model_with_its_own_chat_template_fine_tunes_chats_and_serves_in_it() {
+    let (model, answer) = chatml_model();
+    let dir = model.parent().unwrap().parent().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../kiem-tokenizer/tests/fixtures/chat_templates/chatml_default_system");
+    let template =
+        common::read_json(&fixture.join("tokenizer_config.json"))["chat_template"].clone();
+    // The fine-tuned model keeps its template, its token texts and its vocabulary.
+    let config = common::read_json(&model.join("tokenizer_config.json"));
+    assert_eq!(config["chat_template"], template);
+    assert_eq!(config["eos_token"], "<|im_end|>");
+    let im_end = 704;
+    let generation = common::read_json(&model.join("generation_config.json"));
+    assert!(
+        generation["eos_token_id"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(im_end)),
+        "{generation}"
+    );
+    assert_eq!(
+        common::read_json(&model.join("config.json"))["vocab_size"],
+        724
+    );
+    // The trained tokens are the reply and its <|im_end|>, nothing else.
+    let shown = ok(run(
+        &[
+            "chat-format",
+            "show",
+            "--tokenizer",
+            "ft/model",
+            "--data",
+            "orders.jsonl",
+            "--limit",
+            "1",
+        ],
+        dir,
+    ));
+    assert!(shown.contains("with the model's chat template"), "{shown}");
+    assert!(
+        shown.contains(&format!("[[{answer}<|im_end|>]]\n")),
+        "{shown}"
+    );
+    assert_eq!(
+        shown.matches("[[").count(),
+        2,
+        "the legend and one reply: {shown}"
+    );
+    // generate --chat and chat answer in the template and stop at <|im_end|>, unseen.
+    let reply = ok(run(
+        &[
+            "generate",
+            "--model",
+            "ft/model",
+            "--chat",
+            "--prompt",
+            "Where is order 9?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ],
+        dir,
+    ));
+    assert_eq!(reply.trim_end(), *answer);
+    let replies = common::run_with_input(
+        &[
+            "chat",
+            "--model",
+            "ft/model",
+            "--system",
+            "Be kind.",
+            "--temperature",
+            "0",
+        ],
+        dir,
+        "Where is order 1?\nWhere is order 2?\n",
+    );
+    assert_eq!(replies, format!("{answer}\n{answer}\n"));
+    // And through the official OpenAI client.
+    let Some(python) = python() else { return };
+    let server = Server::start_with(model, &[], &[]);
+    let output = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/chat_template_client.py"))
+        .env("KIEM_URL", format!("http://127.0.0.1:{}", server.port))
+        .env("KIEM_MODEL", "ft")
+        .env("KIEM_ANSWER", answer)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

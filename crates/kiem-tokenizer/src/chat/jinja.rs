@@ -174,8 +174,12 @@ fn strftime_now(format: String) -> Result<String, Error> {
         ));
     }
     let mut out = String::new();
-    write!(out, "{}", chrono::Local::now().format_with_items(items.iter()))
-        .map_err(|_| Error::new(ErrorKind::InvalidOperation, "strftime_now: cannot format"))?;
+    write!(
+        out,
+        "{}",
+        chrono::Local::now().format_with_items(items.iter())
+    )
+    .map_err(|_| Error::new(ErrorKind::InvalidOperation, "strftime_now: cannot format"))?;
     Ok(out)
 }
 
@@ -193,7 +197,12 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
         Some(v) => Some(match (v.as_i64(), v.as_str()) {
             (Some(n), _) => " ".repeat(n.max(0) as usize),
             (_, Some(s)) => s.to_string(),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a number or a string")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be a number or a string",
+                ))
+            }
         }),
     };
     let (item, key) = match separators {
@@ -261,7 +270,7 @@ impl JsonStyle {
             ValueKind::Map => {
                 let mut keys: Vec<Value> = value.try_iter()?.collect();
                 if self.sort_keys {
-                    keys.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                    keys.sort_by_key(|k| k.to_string());
                 }
                 if keys.is_empty() {
                     out.push_str("{}");
@@ -387,7 +396,10 @@ mod tests {
     fn generation_blocks_become_spans_and_whitespace_control_is_kept() {
         let (s, found) = generation_as_filter("a{%- generation -%}b{% endgeneration %}{% if x %}");
         assert!(found);
-        assert_eq!(s, "a{%- filter kiem_generation -%}b{% endfilter %}{% if x %}");
+        assert_eq!(
+            s,
+            "a{%- filter kiem_generation -%}b{% endfilter %}{% if x %}"
+        );
         let t = "{% for m in messages %}[{{ m.role }}]{% if m.role == 'assistant' %}{% generation %}{{ m.content }}</t>{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}";
         let messages = [
             Message::new(Role::User, "hi"),
@@ -397,7 +409,10 @@ mod tests {
             .unwrap()
             .render(&messages, false)
             .unwrap();
-        assert_eq!(text, "[user]hi[assistant]yo</t>", "trim_blocks eats the newline after a tag");
+        assert_eq!(
+            text, "[user]hi[assistant]yo</t>",
+            "trim_blocks eats the newline after a tag"
+        );
         assert_eq!(spans.len(), 1);
         assert_eq!(&text[spans[0].clone()], "yo</t>");
     }
@@ -418,8 +433,11 @@ mod tests {
         assert!(err.to_string().contains("need a system turn"), "{err}");
         assert!(render("{{ strftime_now('%Y') }}", &messages, false).len() == 4);
         assert!(
-            render("{% if tools is none and documents is none %}ok{% endif %}", &messages, true)
-                == "ok"
+            render(
+                "{% if tools is none and documents is none %}ok{% endif %}",
+                &messages,
+                true
+            ) == "ok"
         );
     }
 

@@ -200,7 +200,7 @@ pub fn render_prompt(
     if let Some(template) = tokenizer.jinja_template()? {
         validate(messages)?;
         let text = render_text(tokenizer, template, messages, true)?.0;
-        return Ok(tokenizer.encode_chat(&text)?.0);
+        return Ok(tokenizer.encode_chat(&text)?.ids);
     }
     let mut ids = render(tokenizer, messages, TrainOn::Assistant)?.ids;
     ids.push(chat_ids(tokenizer)?.start[role_index(Role::Assistant)]);
@@ -239,6 +239,25 @@ pub fn uses_typed_format(tokenizer: &Tokenizer) -> Result<bool, TokenizerError> 
     Ok(tokenizer.jinja_template()?.is_none())
 }
 
+/// The tokenizer fine-tuning renders conversations with: the model's own when it has a chat
+/// template (an imported instruct model keeps its format), else a copy with kiem's chat tokens
+/// added where missing (their names are returned; the model's embedding must grow to match).
+pub fn for_fine_tuning(tokenizer: Tokenizer) -> Result<(Tokenizer, Vec<String>), TokenizerError> {
+    if !uses_typed_format(&tokenizer)? {
+        return Ok((tokenizer, Vec::new()));
+    }
+    let missing: Vec<&str> = crate::SPECIAL_TOKENS[1..]
+        .iter()
+        .copied()
+        .filter(|t| tokenizer.token_to_id(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok((tokenizer, Vec::new()));
+    }
+    let grown = tokenizer.with_special_tokens(&missing)?;
+    Ok((grown, missing.iter().map(|t| t.to_string()).collect()))
+}
+
 fn template_origin(tokenizer: &Tokenizer) -> String {
     tokenizer
         .chat_template()
@@ -265,8 +284,8 @@ fn render_text(
     template
         .render(messages, add_generation_prompt)
         .map_err(|error| {
-            let failing = (1..=messages.len())
-                .find(|&k| template.render(&messages[..k], false).is_err());
+            let failing =
+                (1..=messages.len()).find(|&k| template.render(&messages[..k], false).is_err());
             let place = match failing {
                 Some(k) => format!("message {} ({})", k, messages[k - 1].role),
                 None if add_generation_prompt => "the generation prompt".into(),
@@ -295,7 +314,7 @@ fn render_with_template(
         TrainOn::Assistant if template.has_generation => marked,
         TrainOn::Assistant => spans_by_prefix(tokenizer, template, messages, &text)?,
     };
-    let (ids, offsets) = tokenizer.encode_chat(&text)?;
+    let crate::ChatEncoding { ids, offsets } = tokenizer.encode_chat(&text)?;
     let trained = offsets
         .iter()
         .enumerate()
@@ -354,8 +373,11 @@ fn probe_end_of_turn(tokenizer: &Tokenizer, template: &JinjaTemplate) -> Option<
     ];
     let (text, _) = template.render(&conversation, false).ok()?;
     let tail = &text[text.rfind(PROBE)? + PROBE.len()..];
-    let (ids, _) = tokenizer.encode_chat(tail).ok()?;
-    ids.into_iter().find(|&id| tokenizer.is_special(id))
+    let encoding = tokenizer.encode_chat(tail).ok()?;
+    encoding
+        .ids
+        .into_iter()
+        .find(|&id| tokenizer.is_special(id))
 }
 
 #[cfg(test)]

@@ -6,13 +6,15 @@ use clap::Args;
 use kiem_engine::sampling::GenerateOptions;
 use kiem_tokenizer::chat::{end_of_turn, render_prompt, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
+use kiem_tokenizer::Tokenizer;
 
 use super::generate::{load_model, stream_token, SamplingArgs, WeightsArgs};
 use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// A fine-tuned chat model directory (its tokenizer has the chat tokens).
+    /// A chat model directory: one with a chat template (an instruct model), or one kiem
+    /// fine-tuned for chat.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
 
@@ -45,7 +47,22 @@ pub fn chat_stop_ids(
     Ok(stop_ids)
 }
 
-/// A fine-tuned chat model: network, tokenizer, and the ids that end a reply.
+/// The error for a model that cannot chat: no chat template and no chat tokens (or a broken
+/// template, which `error` names).
+pub fn not_a_chat_model(dir: &Path, error: kiem_tokenizer::TokenizerError) -> anyhow::Error {
+    let hint = if Tokenizer::load(&dir.to_string_lossy())
+        .ok()
+        .is_some_and(|t| t.chat_template().is_some())
+    {
+        ""
+    } else {
+        ". It has no chat template and was not fine-tuned for chat: run `kiem finetune` on \
+         conversations first"
+    };
+    anyhow::anyhow!("{}: {error}{hint}", dir.display())
+}
+
+/// A chat model: network, tokenizer, and the ids that end a reply.
 pub struct ChatModel {
     pub gpt: kiem_engine::Gpt,
     pub tokenizer: kiem_tokenizer::Tokenizer,
@@ -55,12 +72,7 @@ pub struct ChatModel {
 impl ChatModel {
     pub fn load(dir: &Path, weights: WeightsArgs) -> Result<Self> {
         let (gpt, tokenizer, stop_ids) = load_model(dir, weights)?;
-        let stop_ids = chat_stop_ids(&tokenizer, stop_ids).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: {e}. This model was not fine-tuned for chat: run `kiem finetune` on conversations first",
-                dir.display()
-            )
-        })?;
+        let stop_ids = chat_stop_ids(&tokenizer, stop_ids).map_err(|e| not_a_chat_model(dir, e))?;
         Ok(Self {
             gpt,
             tokenizer,

@@ -12,7 +12,8 @@ use super::tokenizer::TokenizerArg;
 
 #[derive(Subcommand, Debug)]
 pub enum ChatFormatCommand {
-    /// Print conversations as the model will see them, with the trained tokens marked.
+    /// Print conversations as the model will see them (its chat template, or kiem's chat format),
+    /// with the trained tokens marked.
     Show(ShowArgs),
 }
 
@@ -85,7 +86,18 @@ pub fn run(command: ChatFormatCommand) -> Result<()> {
 }
 
 fn show(args: ShowArgs) -> Result<()> {
-    let tokenizer = args.tokenizer.load()?;
+    let (tokenizer, added) = kiem_tokenizer::chat::for_fine_tuning(args.tokenizer.load()?)?;
+    match tokenizer.chat_template() {
+        Some(template) if !kiem_tokenizer::chat::uses_typed_format(&tokenizer)? => println!(
+            "rendered with the model's chat template ({})",
+            template.origin.display()
+        ),
+        _ if added.is_empty() => println!("rendered in kiem's chat format"),
+        _ => println!(
+            "rendered in kiem's chat format, with the chat tokens fine-tuning adds ({})",
+            added.join(" ")
+        ),
+    }
     let mut bad = BadRecords::default();
     let mut examples = Vec::new();
     for path in &args.data {

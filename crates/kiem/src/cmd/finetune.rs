@@ -14,7 +14,9 @@ use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {
-    /// The model to start from (a Hugging Face GPT-2 directory, e.g. RUN_DIR/model).
+    /// The model to start from: a kiem model (e.g. RUN_DIR/model) or a Hugging Face GPT-2,
+    /// Llama, Qwen2 or Mistral directory. A model with a chat template is fine-tuned in its own
+    /// format; others learn kiem's chat format (its tokens are added).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
 
@@ -171,6 +173,17 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
                 added.join(" "),
                 tokenizer.vocab_size()
             );
+        }
+        if let Some(template) = tokenizer.chat_template() {
+            if !kiem_tokenizer::chat::uses_typed_format(&tokenizer)? {
+                eprintln!(
+                    "conversations are written with the model's chat template ({}); the reply ends at {}",
+                    template.origin.display(),
+                    tokenizer
+                        .id_to_token(kiem_tokenizer::chat::end_of_turn(&tokenizer)?)
+                        .unwrap_or_default()
+                );
+            }
         }
         let examples = load_examples(&spec, &tokenizer, gpt.config.context)?;
         super::report_bad_records(&examples.bad);

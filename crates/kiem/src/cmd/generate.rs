@@ -6,6 +6,7 @@ use clap::Args;
 use kiem_engine::io::load_model_dir;
 use kiem_engine::kernels::MatmulPrecision;
 use kiem_engine::sampling::{Control, FinishReason, GenerateOptions, SamplingParams};
+use kiem_tokenizer::chat::{render_prompt, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
 use kiem_tokenizer::Tokenizer;
 
@@ -86,8 +87,18 @@ pub struct GenerateArgs {
 
     /// Do not start the prompt with the beginning-of-text token that the model's tokenizer adds
     /// (kiem's own models, Llama 3 ...; GPT-2, Qwen2 and SmolLM2 add none).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "chat")]
     no_bos: bool,
+
+    /// Take the prompt as a user message and answer it as the chat model: the prompt is written
+    /// with the model's chat template (or kiem's chat format), and the reply ends at its
+    /// end-of-turn token.
+    #[arg(long)]
+    chat: bool,
+
+    /// System prompt for --chat.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    system: Option<String>,
 
     #[command(flatten)]
     sampling: SamplingArgs,
@@ -179,10 +190,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             text
         }
     };
-    let ids = if args.no_bos {
-        tokenizer.encode(&prompt)
+    let (ids, stop_ids) = if args.chat {
+        let stop_ids = super::chat::chat_stop_ids(&tokenizer, stop_ids)
+            .map_err(|e| super::chat::not_a_chat_model(&args.model, e))?;
+        let mut messages: Vec<Message> = args
+            .system
+            .iter()
+            .map(|s| Message::new(Role::System, s.clone()))
+            .collect();
+        messages.push(Message::new(
+            Role::User,
+            prompt.trim_end_matches(['\r', '\n']),
+        ));
+        (render_prompt(&tokenizer, &messages)?, stop_ids)
+    } else if args.no_bos {
+        (tokenizer.encode(&prompt), stop_ids)
     } else {
-        tokenizer.encode_prompt(&prompt)
+        (tokenizer.encode_prompt(&prompt), stop_ids)
     };
     if ids.is_empty() {
         bail!("the prompt is empty; give --prompt TEXT");

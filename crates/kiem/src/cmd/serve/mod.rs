@@ -120,7 +120,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_model_name(&args.model));
     let context = gpt.config.context;
-    let chat_stop_ids = chat_stop_ids(&tokenizer, stop_ids.clone()).ok();
+    let chat_stop_ids = chat_stop_ids(&tokenizer, stop_ids.clone());
+    if let Err(e) = &chat_stop_ids {
+        eprintln!("note: this model cannot chat ({e}): /v1/chat/completions answers 400; use /v1/completions");
+    }
+    let chat_stop_ids = chat_stop_ids.ok();
     let tokenizer = Arc::new(tokenizer);
     let queue = worker::start(gpt, tokenizer.clone(), args.max_batch, args.queue);
     let app = Arc::new(App {
@@ -163,9 +167,6 @@ async fn serve(app: Arc<App>, args: ServeArgs, threads: usize) -> Result<()> {
         args.max_batch,
         threads
     );
-    if app.chat_stop_ids.is_none() {
-        eprintln!("note: this model has no chat tokens: /v1/chat/completions answers 400; use /v1/completions");
-    }
     eprintln!("listening on http://{local}/ (chat page at /, API at /v1; Ctrl-C stops)");
 
     let v1 = Router::new()
@@ -318,7 +319,7 @@ async fn chat_completions(
     let settings = request.sampling.settings(&app.name)?;
     let Some(stop_ids) = app.chat_stop_ids.clone() else {
         return Err(ApiError::invalid(
-            "this model was not fine-tuned for chat (it has no chat tokens): use /v1/completions",
+            "this model cannot chat (it has no chat template and was not fine-tuned for chat): use /v1/completions",
             Some("model"),
         ));
     };
