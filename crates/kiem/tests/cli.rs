@@ -417,19 +417,23 @@ fn chat_format_show_marks_trained_tokens() {
         ),
         &["bad.jsonl:1", "user should speak"],
     );
-    failed(
-        &kiem(
-            &[
-                "chat-format",
-                "show",
-                "--data",
-                "chat.jsonl",
-                "--tokenizer",
-                "gpt2",
-            ],
-            dir,
-        ),
-        &["chat.jsonl:1", "<|system_start|>"],
+    // A base tokenizer without chat tokens or template: shown as fine-tuning will train it.
+    let base = ok(&kiem(
+        &[
+            "chat-format",
+            "show",
+            "--data",
+            "chat.jsonl",
+            "--tokenizer",
+            "gpt2",
+        ],
+        dir,
+    ));
+    assert!(
+        base.contains("with the chat tokens fine-tuning adds (<|user_start|>")
+            && base.contains("<|endoftext|><|user_start|>Is the roof fixed?")
+            && base.contains("[[Yes.<|assistant_end|>]]"),
+        "{base}"
     );
 }
 
