@@ -289,6 +289,26 @@ fn info(args: InfoArgs) -> Result<()> {
         .map(|id| format!("{id}={}", tokenizer.id_to_token(id).unwrap_or_default()))
         .collect();
     println!("specials:    {}", specials.join(" "));
+    let typed = kiem_tokenizer::chat::uses_typed_format(&tokenizer);
+    let chat = match (tokenizer.chat_template(), &typed) {
+        (_, Err(e)) => format!("broken: {e}"),
+        (Some(template), Ok(false)) => {
+            format!("the model's template ({})", template.origin.display())
+        }
+        _ => "kiem's chat format".to_string(),
+    };
+    let end = kiem_tokenizer::chat::end_of_turn(&tokenizer)
+        .map(|id| {
+            format!(
+                "; replies end at {id}={}",
+                tokenizer.id_to_token(id).unwrap_or_default()
+            )
+        })
+        .unwrap_or_else(|_| "; no chat tokens yet (fine-tuning adds them)".into());
+    println!(
+        "chat:        {chat}{}",
+        if typed.is_ok() { end } else { String::new() }
+    );
     println!("hash:        {}", tokenizer.hash());
     Ok(())
 }
