@@ -6,7 +6,7 @@ repository, on the inputs split at blank lines ("\n\n"), single-threaded and wit
 then runs `kiem bench tokenizer --json` on the same inputs (which splits them the same way) and
 prints both with their ratios. Token counts must agree, or the comparison is void.
 
-    python3 bench/tokenizer.py --input ../shared/data/corpora/austen.txt [--threads N]
+    python3 bench/tokenizer.py --input data/books.txt [--threads N]   (after `kiem demo --write-data data`)
         [--kiem target/release/kiem] [--min-ratio 1.0]
 
 --min-ratio makes the script exit non-zero when kiem's single-threaded GPT-2 encoding is slower

@@ -3,18 +3,46 @@
 # packages against kiem (`tokenizers`; the `openai` client and Selenium against `kiem serve`),
 # installed into .venv on first use. The chat page's browser test runs when Debian's chromium
 # and chromium-driver are installed (.ci/run installs them and sets KIEM_REQUIRE_BROWSER).
-set -euo pipefail
+# Every step runs even when an earlier one fails; a summary at the end says what failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 if ! .venv/bin/python -c "import tokenizers, tiktoken, openai, selenium" 2>/dev/null; then
   echo "setting up .venv with requirements-dev.txt ..."
   python3 -m venv .venv
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt \
+    || { echo "cannot install requirements-dev.txt into .venv"; exit 1; }
 fi
 export KIEM_PYTHON="$PWD/.venv/bin/python"
-cargo test --workspace --locked "$@"
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+failed_steps=()
+step() {
+  local name=$1
+  shift
+  echo "==> $name: $*"
+  "$@" 2>&1 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=("$name")
+}
+
+step "workspace" cargo test --workspace --locked --no-fail-fast "$@"
 # The engine's matmuls run on the system OpenBLAS when it is installed; check the built-in
 # `gemm` path against the same finite-difference and PyTorch tests too.
-KIEM_BLAS=gemm cargo test --locked -p kiem-engine "$@"
+step "engine, gemm crate" env KIEM_BLAS=gemm cargo test --locked --no-fail-fast -p kiem-engine "$@"
 # Element-wise kernels run compiled for AVX-512 or AVX2 when the CPU has them; check the
 # baseline x86-64 build of them too.
-KIEM_SIMD=baseline cargo test --locked -p kiem-engine "$@"
+step "engine, baseline SIMD" env KIEM_SIMD=baseline cargo test --locked --no-fail-fast -p kiem-engine "$@"
+
+echo
+echo "==> summary"
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "%d tests passed, %d failed, %d ignored\n", passed, failed, ignored }' "$log"
+if [ ${#failed_steps[@]} -eq 0 ]; then
+  echo "all steps passed"
+  exit 0
+fi
+echo "failed steps: ${failed_steps[*]}"
+echo "failed tests:"
+grep -E '^test .* \.\.\. FAILED$' "$log" | sed 's/^test /  /; s/ \.\.\. FAILED$//' | sort -u
+grep -E '^error: (could not compile|test failed|[0-9]+ targets? failed)' "$log" | sort -u | sed 's/^/  /'
+exit 1

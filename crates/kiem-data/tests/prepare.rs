@@ -252,13 +252,14 @@ fn long_documents_read_in_pieces_give_the_same_tokens() {
 
 #[test]
 fn parallel_segments_tokenize_exactly_on_real_text() {
-    let austen =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/corpora/austen.txt");
-    let text = match std::fs::read_to_string(&austen) {
-        Ok(t) => t[..1_500_000].to_string(),
-        // The shared data sits beside the repository in CI and on developer machines.
-        Err(e) => panic!("{}: {e}", austen.display()),
-    };
+    // The demo's books (Austen, State of the Union addresses), which ship in the repository.
+    let books = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kiem/demo/books.txt.zst");
+    let bytes = zstd::decode_all(std::fs::File::open(&books).unwrap()).unwrap();
+    let mut end = 1_500_000;
+    while bytes[end] & 0xC0 == 0x80 {
+        end -= 1; // not inside a UTF-8 sequence
+    }
+    let text = String::from_utf8(bytes[..end].to_vec()).unwrap();
     let trained = kiem_tokenizer::train(
         text.split("\n\n").map(str::to_string).take(2000),
         &kiem_tokenizer::TrainOptions {

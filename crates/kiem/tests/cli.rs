@@ -519,3 +519,68 @@ fn bench_generate_compares_each_repetition_with_the_bandwidth_between_its_steps(
     let cache = 7.0 * 2.0 * 16.0 * 2.0 * 4.0;
     assert_eq!(bytes, [4.0 * parameters + cache, 2.0 * parameters + cache]);
 }
+
+/// `kiem demo --write-data` gives the README's examples their data: the files are written (and
+/// rewritten harmlessly), a different file is never overwritten, and the commands the README
+/// runs on them work.
+#[test]
+fn demo_data_written_out_feeds_the_readme_examples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for _ in 0..2 {
+        let out = ok(&kiem(&["demo", "--write-data", "data"], dir));
+        assert!(out.contains("CC-BY-4.0"), "{out}");
+    }
+    let readme = std::fs::read_to_string(dir.join("data/README.md")).unwrap();
+    assert!(readme.contains("Zaragoza AB") && readme.contains("public-domain"));
+    std::fs::write(dir.join("data/README.md"), "mine").unwrap();
+    failed(
+        &kiem(&["demo", "--write-data", "data"], dir),
+        &["data/README.md exists with other contents", "nothing was overwritten"],
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("data/README.md")).unwrap(), "mine");
+    ok(&kiem(
+        &[
+            "tokenizer",
+            "train",
+            "--input",
+            "data/books.txt",
+            "--split-on-blank-lines",
+            "--vocab-size",
+            "400",
+            "--out",
+            "tok/tokenizer.json",
+        ],
+        dir,
+    ));
+    ok(&kiem(
+        &[
+            "data",
+            "prepare",
+            "--input",
+            "data/books.txt",
+            "--split-on-blank-lines",
+            "--tokenizer",
+            "tok/tokenizer.json",
+            "--out",
+            "shards",
+            "--val-fraction",
+            "0.01",
+        ],
+        dir,
+    ));
+    let shown = ok(&kiem(
+        &[
+            "chat-format",
+            "show",
+            "--data",
+            "data/construction_company_faq_en.sharegpt.jsonl",
+            "--tokenizer",
+            "tok/tokenizer.json",
+            "--limit",
+            "1",
+        ],
+        dir,
+    ));
+    assert!(shown.contains("503 conversations"), "{shown}");
+}

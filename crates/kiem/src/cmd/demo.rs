@@ -35,6 +35,11 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo", value_name = "DIR")]
     out: PathBuf,
 
+    /// Only write the demo's data files (books, customer FAQ, their licenses) to DIR, for the
+    /// README's examples and your own experiments; nothing is trained.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["quick", "questions"])]
+    write_data: Option<PathBuf>,
+
     /// Held-out customer questions to ask the fine-tuned model [default: 5, 3 with --quick].
     #[arg(long, value_name = "N")]
     questions: Option<usize>,
@@ -75,6 +80,9 @@ const QUICK: Plan = Plan {
 };
 
 pub fn run(args: DemoArgs) -> Result<()> {
+    if let Some(dir) = &args.write_data {
+        return write_data(dir);
+    }
     let threads = args.threads.install()?;
     let plan = if args.quick { QUICK } else { FULL };
     let questions = args.questions.unwrap_or(plan.questions);
@@ -249,6 +257,42 @@ struct DemoFiles {
 
 /// Prepares `out` (replacing an earlier demo, refusing anything else) and writes the embedded
 /// data into it.
+/// The demo data's sources and licenses.
+const DATA_README: &str = include_str!("../../demo/README.md");
+
+/// Writes the embedded data files to `dir`; an existing file with other contents is kept and
+/// reported, never overwritten.
+fn write_data(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let books = zstd::decode_all(BOOKS).context("the embedded books are corrupt")?;
+    let files: [(&str, &[u8]); 3] = [
+        ("books.txt", &books),
+        ("construction_company_faq_en.sharegpt.jsonl", FAQ.as_bytes()),
+        ("README.md", DATA_README.as_bytes()),
+    ];
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        match std::fs::read(&path) {
+            Ok(existing) if existing == bytes => {}
+            Ok(_) => bail!(
+                "{} exists with other contents: choose another directory (nothing was overwritten)",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                kiem_tokenizer::write_atomic(&path, bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+        println!("{}", path.display());
+    }
+    println!(
+        "books.txt: public-domain books, one paragraph a line, blank-line-separated; the FAQ is \
+         CC-BY-4.0 by Zaragoza AB (see README.md there)"
+    );
+    Ok(())
+}
+
 fn unpack(out: &Path) -> Result<DemoFiles> {
     if out.exists() {
         let is_empty_dir = std::fs::read_dir(out)
