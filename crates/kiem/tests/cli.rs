@@ -536,9 +536,15 @@ fn demo_data_written_out_feeds_the_readme_examples() {
     std::fs::write(dir.join("data/README.md"), "mine").unwrap();
     failed(
         &kiem(&["demo", "--write-data", "data"], dir),
-        &["data/README.md exists with other contents", "nothing was overwritten"],
+        &[
+            "data/README.md exists with other contents",
+            "nothing was overwritten",
+        ],
     );
-    assert_eq!(std::fs::read_to_string(dir.join("data/README.md")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("data/README.md")).unwrap(),
+        "mine"
+    );
     ok(&kiem(
         &[
             "tokenizer",
