@@ -419,6 +419,10 @@ unsafe fn tile(
     }
 }
 
+/// Never called: `gemm` refuses to run without AVX512-BF16.
+///
+/// # Safety
+/// None needed; it only panics.
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(

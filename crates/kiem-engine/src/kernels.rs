@@ -24,7 +24,7 @@ mod simd;
 
 pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
 pub use rope::RopeTable;
-pub(crate) use simd::{fast_exp, lane_dot, wide};
+pub(crate) use simd::{fast_exp, lane_dot, level, wide, Level};
 use simd::{lane_max, lane_sum};
 pub use simd::{streaming_read_f32, streaming_read_u16};
 

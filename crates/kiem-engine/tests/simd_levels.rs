@@ -6,7 +6,8 @@ use kiem_engine::kernels::{AdamW, Cpu, Dims, Kernels, WeightLayout};
 use kiem_engine::rng::Rng;
 use kiem_engine::{Gpt, ModelConfig};
 
-/// A digest of every element-wise kernel's output (and a decoding step's logits) on fixed inputs.
+/// A digest of every element-wise kernel's output, the thin products decoding uses (hand-written
+/// AVX2 code or its portable twin) and a decoding step's logits, on fixed inputs.
 fn digest() -> u64 {
     let k = Cpu::FP32;
     let mut rng = Rng::new(5);
@@ -60,12 +61,19 @@ fn digest() -> u64 {
     keep(&y);
 
     // Thin products (one decoding row) in both layouts, and a cached decoding step.
-    let (c_in, c_out) = (96, 50);
-    let wm = random(c_in * c_out);
-    let row = random(c_in);
-    let mut thin = vec![0f32; c_out];
-    for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
-        k.matmul_forward(&mut thin, &row, &wm, layout, None, c_in, c_out);
+    // Widths with and without the 32- and 8-wide tails, 1 and 3 rows, with a bias; InOut below
+    // 64 inputs takes the per-block kernel, above it the by-k one; and bf16 weights.
+    for (c_in, c_out, rows) in [(96, 50, 1), (77, 50, 3), (40, 33, 3), (13, 20, 2)] {
+        let wm = random(c_in * c_out);
+        let inp = random(rows * c_in);
+        let bias = random(c_out);
+        let mut thin = vec![0f32; rows * c_out];
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            k.matmul_forward(&mut thin, &inp, &wm, layout, Some(&bias), c_in, c_out);
+            keep(&thin);
+        }
+        let halves: Vec<u16> = wm.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+        kiem_engine::kernels::matmul_thin_bf16(&mut thin, &inp, &halves, None, c_in, c_out);
         keep(&thin);
     }
     let config = ModelConfig::gpt2(2, 2, 64, 16, 50);

@@ -153,6 +153,7 @@ pub(super) fn attention_backward(
             let dq = dbase.wrapping_add(h * hs);
             let dy = dout[(b * t_len) * qw + h * hs..].as_ptr();
             for (r0, r1) in row_blocks(t_len) {
+                // SAFETY: as stated for this task above; rows r0..r1 < t_len.
                 unsafe {
                     // dP = dY · Vᵀ
                     gemm_raw(
@@ -200,6 +201,7 @@ pub(super) fn attention_backward(
                 },
             );
             for (r0, r1) in row_blocks(t_len) {
+                // SAFETY: as stated for this task above; rows r0..r1 < t_len.
                 unsafe {
                     // dQ = dS · K
                     gemm_raw(

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::{reduce_rows, wide, MatmulPrecision, WeightLayout};
+use super::{level, reduce_rows, wide, Level, MatmulPrecision, WeightLayout};
 
 fn parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
@@ -260,8 +260,9 @@ pub fn matmul_thin_bf16(
     assert!(w.len() >= c_in * c_out && out.len() >= rows * c_out);
     by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features; every W row j0..j1 holds c_in values.
+        if level() != Level::Base {
+            // SAFETY: the CPU has AVX2 and FMA (`level`); the assert above makes every W row
+            // j0..j1 < c_out hold c_in values, so each 8-wide load at k + 8 <= c_in is in bounds.
             unsafe {
                 outin_dots_avx2(
                     acc,
@@ -374,7 +375,7 @@ fn inout_rows(part: &mut [f32], x: &[f32], w: &[f32], kc: usize, c_out: usize) {
 }
 
 /// Columns `j0..j1` of the skinny product, added to `acc[rows, j1 - j0]`, with AVX2/FMA code
-/// when the CPU has it.
+/// when the SIMD level allows it; the portable code gives the same bits.
 #[allow(clippy::too_many_arguments)]
 fn skinny_block(
     acc: &mut [f32],
@@ -387,14 +388,18 @@ fn skinny_block(
     j1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features this function is compiled for.
+    if level() != Level::Base {
+        // SAFETY: the CPU has AVX2 and FMA (`level`), and `matmul_forward` checked that `w`
+        // holds c_in × c_out values and `inp` whole rows of c_in, which bounds every load.
         unsafe { skinny_block_avx2(acc, inp, w, layout, c_in, c_out, j0, j1) };
         return;
     }
     skinny_block_portable(acc, inp, w, layout, c_in, c_out, j0, j1);
 }
 
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` holds a `c_in × c_out` matrix in `layout`, `inp` whole rows of
+/// `c_in`, `acc` those rows × `j1 - j0`, and `j0 < j1 <= c_out` (checked by `matmul_forward`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -491,6 +496,9 @@ unsafe fn outin_dots_avx2(
 }
 
 /// Rows `r0..r0 + R` of an `InOut` skinny block.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (the slice bounds are asserted here).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -529,6 +537,10 @@ unsafe fn inout_tile_avx2<const R: usize>(
 }
 
 /// Columns from `*j` in strips of `8·V` while whole strips fit, for rows `r0..r0 + R`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA, and the bounds `inout_tile_avx2` asserts hold: every row touched
+/// lies in `acc` and `inp`, and every weight read (`k < c_in`, column `< j1 <= c_out`) in `w`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -597,7 +609,7 @@ fn skinny_block_portable(
                 for (r, out) in acc.chunks_mut(width).enumerate() {
                     let a = inp[r * c_in + k];
                     for (o, &x) in out.iter_mut().zip(wk) {
-                        *o += a * x;
+                        *o = a.mul_add(x, *o);
                     }
                 }
             }
@@ -606,8 +618,10 @@ fn skinny_block_portable(
     }
 }
 
-/// Portable [`outin_dots_avx2`]: one dot product per (row, column), sixteen partial sums to
-/// vectorize.
+/// Portable [`outin_dots_avx2`], with its exact arithmetic (so every SIMD level gives the same
+/// bits): per (row, column), four sums of eight lanes fed 32 weights at a time with fused
+/// multiply-adds, then eight at a time into the first, the four added pairwise, the lanes in
+/// order, and the tail with fused multiply-adds.
 #[inline(always)]
 fn outin_dots_portable(
     acc: &mut [f32],
@@ -621,20 +635,64 @@ fn outin_dots_portable(
     for j in j0..j1 {
         for r in 0..acc.len() / width {
             let x = &inp[r * c_in..(r + 1) * c_in];
-            let mut lanes = [0f32; 16];
-            let full = c_in / 16 * 16;
-            for k0 in (0..full).step_by(16) {
-                for i in 0..16 {
-                    lanes[i] += x[k0 + i] * at(j, k0 + i);
+            let mut s = [[0f32; 8]; 4];
+            let mut k = 0;
+            while k + 32 <= c_in {
+                for (i, s) in s.iter_mut().enumerate() {
+                    for (l, s) in s.iter_mut().enumerate() {
+                        let kk = k + 8 * i + l;
+                        *s = x[kk].mul_add(at(j, kk), *s);
+                    }
                 }
+                k += 32;
             }
+            while k + 8 <= c_in {
+                for (l, s) in s[0].iter_mut().enumerate() {
+                    *s = x[k + l].mul_add(at(j, k + l), *s);
+                }
+                k += 8;
+            }
+            let lanes: [f32; 8] =
+                std::array::from_fn(|l| (s[0][l] + s[1][l]) + (s[2][l] + s[3][l]));
             let mut sum = lanes.iter().sum::<f32>();
-            for (k, &xk) in x.iter().enumerate().skip(full) {
-                sum += xk * at(j, k);
+            for (k, &xk) in x.iter().enumerate().skip(k) {
+                sum = xk.mul_add(at(j, k), sum);
             }
             acc[r * width + j - j0] += sum;
         }
     }
+}
+
+/// Checks the shapes of a product at the safe boundary: the thin and GEMM kernels behind it
+/// read through raw pointers and rely on these bounds.
+fn check_product(
+    what: &str,
+    inp: usize,
+    w: usize,
+    out: usize,
+    bias: Option<usize>,
+    c_in: usize,
+    c_out: usize,
+) -> usize {
+    assert!(
+        c_in > 0 && inp.is_multiple_of(c_in),
+        "{what}: the input ({inp} values) is not whole rows of {c_in}"
+    );
+    let rows = inp / c_in;
+    let needed = c_in.checked_mul(c_out).expect("matrix size overflows");
+    assert!(
+        w >= needed,
+        "{what}: the weights hold {w} values, a {c_in}x{c_out} matrix needs {needed}"
+    );
+    let out_needed = rows.checked_mul(c_out).expect("output size overflows");
+    assert!(
+        out >= out_needed,
+        "{what}: the output holds {out} values, {rows} rows of {c_out} need {out_needed}"
+    );
+    if let Some(bias) = bias {
+        assert!(bias >= c_out, "{what}: the bias holds {bias} values, needs {c_out}");
+    }
+    rows
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -648,7 +706,15 @@ pub(super) fn matmul_forward(
     c_in: usize,
     c_out: usize,
 ) {
-    let rows = inp.len() / c_in;
+    let rows = check_product(
+        "matmul_forward",
+        inp.len(),
+        w.len(),
+        out.len(),
+        bias.map(<[f32]>::len),
+        c_in,
+        c_out,
+    );
     if rows <= SKINNY_ROWS {
         matmul_skinny(out, inp, w, layout, bias, c_in, c_out);
         return;
@@ -689,7 +755,19 @@ pub(super) fn matmul_backward(
     c_in: usize,
     c_out: usize,
 ) {
-    let rows = inp.len() / c_in;
+    let rows = check_product(
+        "matmul_backward",
+        inp.len(),
+        w.len(),
+        dout.len(),
+        dbias.as_deref().map(<[f32]>::len),
+        c_in,
+        c_out,
+    );
+    assert!(
+        dw.len() >= c_in * c_out && dinp.len() >= rows * c_in,
+        "matmul_backward: gradient buffers too small"
+    );
     // dinp[rows, in] = dout[rows, out] · Wᵀ
     let wt_strides = match layout {
         WeightLayout::InOut => (1, c_out),
@@ -744,5 +822,61 @@ pub(super) fn matmul_backward(
                 *a += g;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(inp: usize, w: usize, out: usize, bias: Option<usize>, c_in: usize, c_out: usize) {
+        let bias = bias.map(|n| vec![0f32; n]);
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            matmul_forward(
+                MatmulPrecision::Fp32,
+                &mut vec![0f32; out],
+                &vec![1f32; inp],
+                &vec![1f32; w],
+                layout,
+                bias.as_deref(),
+                c_in,
+                c_out,
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "the weights hold 127 values, a 16x8 matrix needs 128")]
+    fn a_short_weight_slice_is_refused_on_the_thin_path() {
+        forward(16, 127, 8, None, 16, 8);
+    }
+
+    #[test]
+    #[should_panic(expected = "the weights hold 127 values")]
+    fn a_short_weight_slice_is_refused_on_the_gemm_path() {
+        forward(16 * 40, 127, 8 * 40, None, 16, 8);
+    }
+
+    #[test]
+    #[should_panic(expected = "not whole rows of 16")]
+    fn a_ragged_input_is_refused() {
+        forward(17, 128, 8, None, 16, 8);
+    }
+
+    #[test]
+    #[should_panic(expected = "the output holds 15 values")]
+    fn a_short_output_is_refused() {
+        forward(32, 128, 15, None, 16, 8);
+    }
+
+    #[test]
+    #[should_panic(expected = "the bias holds 7 values")]
+    fn a_short_bias_is_refused() {
+        forward(16, 128, 8, Some(7), 16, 8);
+    }
+
+    #[test]
+    fn exact_shapes_pass() {
+        forward(48, 128, 24, Some(8), 16, 8);
     }
 }

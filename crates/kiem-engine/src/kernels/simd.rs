@@ -10,16 +10,48 @@
 pub(crate) fn wide<R>(body: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        #[derive(Clone, Copy, PartialEq)]
-        enum Level {
-            Avx512,
-            Avx2,
-            Base,
+        /// # Safety
+        /// The CPU has the features this function is compiled for.
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        #[inline]
+        unsafe fn avx512<R>(body: impl FnOnce() -> R) -> R {
+            body()
         }
-        static LEVEL: OnceLock<Level> = OnceLock::new();
-        let level = *LEVEL.get_or_init(|| {
-            // KIEM_SIMD=baseline or avx2 caps the level, so tests can run every code path.
+        /// # Safety
+        /// The CPU has the features this function is compiled for.
+        #[target_feature(enable = "avx2,fma")]
+        #[inline]
+        unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
+            body()
+        }
+        match level() {
+            // SAFETY: `level` reports only features the CPU has.
+            Level::Avx512 => return unsafe { avx512(body) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { avx2(body) },
+            Level::Base => {}
+        }
+    }
+    body()
+}
+
+/// The instruction sets kernels may use, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    Avx512,
+    Avx2,
+    Base,
+}
+
+/// The SIMD level of this process: the best the CPU has, capped by `KIEM_SIMD=baseline` or
+/// `KIEM_SIMD=avx2` (so tests can run every code path on any x86 machine). Hand-written
+/// intrinsics kernels dispatch on it too.
+pub(crate) fn level() -> Level {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
             let cap = std::env::var("KIEM_SIMD").unwrap_or_default();
             if cap == "baseline" {
                 return Level::Base;
@@ -31,32 +63,14 @@ pub(crate) fn wide<R>(body: impl FnOnce() -> R) -> R {
                 && std::is_x86_feature_detected!("avx512vl")
                 && std::is_x86_feature_detected!("fma")
             {
-                Level::Avx512
-            } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-            {
-                Level::Avx2
-            } else {
-                Level::Base
+                return Level::Avx512;
             }
-        });
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-        #[inline]
-        unsafe fn avx512<R>(body: impl FnOnce() -> R) -> R {
-            body()
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Level::Avx2;
+            }
         }
-        #[target_feature(enable = "avx2,fma")]
-        #[inline]
-        unsafe fn avx2<R>(body: impl FnOnce() -> R) -> R {
-            body()
-        }
-        match level {
-            // SAFETY: the CPU has the features each function is compiled for.
-            Level::Avx512 => return unsafe { avx512(body) },
-            Level::Avx2 => return unsafe { avx2(body) },
-            Level::Base => {}
-        }
-    }
-    body()
+        Level::Base
+    })
 }
 
 /// `e^x` to about 2e-7 relative error, written so loops over it vectorize (the libm call does
