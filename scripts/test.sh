@@ -29,9 +29,11 @@ step "workspace" cargo test --workspace --locked --no-fail-fast "$@"
 # The engine's matmuls run on the system OpenBLAS when it is installed; check the built-in
 # `gemm` path against the same finite-difference and PyTorch tests too.
 step "engine, gemm crate" env KIEM_BLAS=gemm cargo test --locked --no-fail-fast -p kiem-engine "$@"
-# Element-wise kernels run compiled for AVX-512 or AVX2 when the CPU has them; check the
-# baseline x86-64 build of them too.
-step "engine, baseline SIMD" env KIEM_SIMD=baseline cargo test --locked --no-fail-fast -p kiem-engine "$@"
+# Kernels run compiled for AVX-512 or AVX2 when the CPU has them; check their baseline x86-64
+# code too, and the bf16 products through their scalar emulation (so the bf16 path is tested
+# on CPUs without AVX512-BF16, and the emulation against the model tests on CPUs with it).
+step "engine, baseline SIMD, emulated bf16" env KIEM_SIMD=baseline KIEM_BF16=emulate \
+  cargo test --locked --no-fail-fast -p kiem-engine "$@"
 
 echo
 echo "==> summary"

@@ -24,8 +24,8 @@ const NC: usize = 512;
 /// Rows per parallel task.
 const MC: usize = 8 * MR;
 
-/// Whether this CPU runs the bf16 kernel (AVX-512F with AVX512-BF16).
-pub fn available() -> bool {
+/// Whether this CPU has the bf16 instructions (AVX-512F with AVX512-BF16).
+pub fn native() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
@@ -34,6 +34,36 @@ pub fn available() -> bool {
     {
         false
     }
+}
+
+/// What computes the bf16 products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU's `vcvtneps2bf16` and `vdpbf16ps`.
+    Native,
+    /// Scalar code with exactly the arithmetic Intel documents for those instructions (inputs
+    /// rounded to nearest-even bf16; each pair added to the fp32 sum by two fused steps with
+    /// subnormals read and written as zero). Many times slower: for testing the bf16 path on
+    /// CPUs without the instructions (`KIEM_BF16=emulate`).
+    Emulated,
+}
+
+/// The backend of this process: emulated when `KIEM_BF16=emulate`, else native where the CPU
+/// has the instructions, else none.
+pub fn backend() -> Option<Backend> {
+    static BACKEND: std::sync::OnceLock<Option<Backend>> = std::sync::OnceLock::new();
+    *BACKEND.get_or_init(|| {
+        if std::env::var("KIEM_BF16").is_ok_and(|v| v == "emulate") {
+            Some(Backend::Emulated)
+        } else {
+            native().then_some(Backend::Native)
+        }
+    })
+}
+
+/// Whether bf16 products can run in this process (see [`backend`]).
+pub fn available() -> bool {
+    backend().is_some()
 }
 
 /// The bits of the bf16 nearest to `x` (ties to even), exactly as `vcvtneps2bf16` rounds:
@@ -57,19 +87,18 @@ pub fn from_bf16(h: u16) -> f32 {
 }
 
 /// Rounds `src` to bf16 into `dst` (same length), in parallel.
-fn convert(src: &[f32], dst: &mut [u16]) {
+fn convert(backend: Backend, src: &[f32], dst: &mut [u16]) {
     const CHUNK: usize = 1 << 14;
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| {
+        .for_each(|(d, s)| match backend {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: callers reach here only after `available()` said the CPU has AVX512-BF16.
-            unsafe {
-                convert_avx512(s, d)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = to_bf16(s);
+            // SAFETY: the native backend is chosen only where the CPU has AVX512-BF16.
+            Backend::Native => unsafe { convert_avx512(s, d) },
+            _ => {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = to_bf16(s);
+                }
             }
         });
 }
@@ -109,7 +138,7 @@ thread_local! {
 /// row-major with row stride `ldc`, each operand is given by (row stride, column stride).
 ///
 /// # Panics
-/// When the CPU lacks AVX512-BF16 (check [`available`]) or a slice is too small.
+/// When no backend is available (check [`available`]) or a slice is too small.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(
     m: usize,
@@ -123,7 +152,44 @@ pub fn gemm(
     rhs: &[f32],
     rhs_strides: (usize, usize),
 ) {
-    assert!(available(), "bf16 matmul needs a CPU with AVX512-BF16");
+    let backend = backend().expect("bf16 matmul needs a CPU with AVX512-BF16");
+    gemm_with(
+        backend,
+        m,
+        n,
+        k,
+        dst,
+        ldc,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+    )
+}
+
+/// [`gemm`] on a given backend.
+///
+/// # Panics
+/// When `backend` is native and the CPU lacks AVX512-BF16, or a slice is too small.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    backend: Backend,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+) {
+    assert!(
+        backend == Backend::Emulated || native(),
+        "bf16 matmul needs a CPU with AVX512-BF16"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -150,9 +216,10 @@ pub fn gemm(
         };
         a16.resize(lhs_len, 0);
         b16.resize(rhs_len, 0);
-        convert(&lhs[..lhs_len], a16);
-        convert(&rhs[..rhs_len], b16);
+        convert(backend, &lhs[..lhs_len], a16);
+        convert(backend, &rhs[..rhs_len], b16);
         gemm_rounded(
+            backend,
             m,
             n,
             k,
@@ -169,6 +236,7 @@ pub fn gemm(
 
 #[allow(clippy::too_many_arguments)]
 fn gemm_rounded(
+    backend: Backend,
     m: usize,
     n: usize,
     k: usize,
@@ -232,11 +300,16 @@ fn gemm_rounded(
                     };
                     for p in 0..panels {
                         let j0 = jc + p * NR;
-                        // SAFETY: the CPU has AVX512-BF16 (asserted by `gemm`); each row of A
-                        // holds `pairs` pairs from its start (packed, or the row's k block in
-                        // place, k even), as does the packed panel of B; the tile's rows
-                        // i0..i0+mr and columns j0..j0+NR∧n lie inside dst (asserted by `gemm`)
-                        // and this task alone writes the rows of its block.
+                        // SAFETY: the native backend runs only where the CPU has AVX512-BF16
+                        // (asserted by `gemm_with`); each row of A holds `pairs` pairs from its
+                        // start (packed, or the row's k block in place, k even), as does the
+                        // packed panel of B; the tile's rows i0..i0+mr and columns j0..j0+NR∧n
+                        // lie inside dst (asserted by `gemm_with`) and this task alone writes
+                        // the rows of its block.
+                        let tile = match backend {
+                            Backend::Native => tile,
+                            Backend::Emulated => tile_emulated,
+                        };
                         unsafe {
                             tile(
                                 pairs,
@@ -419,7 +492,62 @@ unsafe fn tile(
     }
 }
 
-/// Never called: `gemm` refuses to run without AVX512-BF16.
+/// One step of `vdpbf16ps` on one lane, as Intel documents it: the odd (high) pair member
+/// first, then the even one, each a fused multiply-add with subnormal inputs read as zero, the
+/// result rounded to nearest-even and a subnormal result flushed to zero.
+#[inline(always)]
+fn dot_pair_step(sum: f32, a: u32, b: u32) -> f32 {
+    let zero_subnormal = |x: f32| {
+        if x.is_subnormal() {
+            0f32.copysign(x)
+        } else {
+            x
+        }
+    };
+    let half = |word: u32, high: bool| {
+        zero_subnormal(from_bf16((word >> if high { 16 } else { 0 }) as u16))
+    };
+    let step = |sum: f32, high: bool| {
+        zero_subnormal(half(a, high).mul_add(half(b, high), zero_subnormal(sum)))
+    };
+    step(step(sum, true), false)
+}
+
+/// The scalar twin of [`tile`]: the same sums in the same order, one lane at a time.
+///
+/// # Safety
+/// As for [`tile`], except that any CPU runs it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_emulated(
+    pairs: usize,
+    a_rows: [*const u16; MR],
+    pair_step: usize,
+    b: *const u32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+) {
+    let mut acc = [[0f32; NR]; MR];
+    for q in 0..pairs {
+        let bq = std::slice::from_raw_parts(b.add(q * NR), NR);
+        for (r, acc) in acc.iter_mut().enumerate().take(mr) {
+            let pair = (a_rows[r].add(q * pair_step) as *const u32).read_unaligned();
+            for (acc, &bw) in acc.iter_mut().zip(bq) {
+                *acc = dot_pair_step(*acc, pair, bw);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate().take(mr) {
+        let row = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
+        for (out, &acc) in row.iter_mut().zip(acc) {
+            *out = if overwrite { acc } else { *out + acc };
+        }
+    }
+}
+
+/// Never called: `gemm_with` refuses the native backend without AVX512-BF16.
 ///
 /// # Safety
 /// None needed; it only panics.
@@ -471,7 +599,8 @@ mod tests {
 
     #[test]
     fn vector_rounding_matches_scalar() {
-        if !available() {
+        if !native() {
+            eprintln!("skipped: this CPU has no AVX512-BF16 (the emulation rounds with to_bf16)");
             return;
         }
         let mut src: Vec<f32> = values(1000, 3).iter().map(|v| v * 1e3).collect();
@@ -490,7 +619,7 @@ mod tests {
             f32::from_bits(0x0080_8000),
         ]);
         let mut dst = vec![0u16; src.len()];
-        convert(&src, &mut dst);
+        convert(Backend::Native, &src, &mut dst);
         for (x, h) in src.iter().zip(&dst) {
             assert_eq!(*h, to_bf16(*x), "{:08x}", x.to_bits());
         }
@@ -521,10 +650,15 @@ mod tests {
 
     #[test]
     fn matches_the_rounded_product_for_every_layout_and_edge() {
-        if !available() {
-            eprintln!("skipped: this CPU has no AVX512-BF16");
-            return;
-        }
+        let backends: &[Backend] = if native() {
+            eprintln!("bf16 GEMM checked natively and with its scalar emulation");
+            &[Backend::Native, Backend::Emulated]
+        } else {
+            eprintln!(
+                "bf16 GEMM checked with its scalar emulation only: this CPU has no AVX512-BF16"
+            );
+            &[Backend::Emulated]
+        };
         // Sizes straddle the tile (6 × 64), the k block (384) and the column block (512), with
         // enough rows for many panels of A; even k (A read in place when its rows are
         // contiguous) and odd k (A packed), down to a last k block of one pair.
@@ -545,9 +679,13 @@ mod tests {
                     let rs = if rhs_t { (1, k) } else { (n, 1) };
                     let want = reference(m, n, k, &lhs, ls, &rhs, rs);
                     let start = values(m * n, 7);
-                    for accumulate in [false, true] {
+                    for (&backend, accumulate) in
+                        backends.iter().flat_map(|b| [(b, false), (b, true)])
+                    {
                         let mut dst = start.clone();
-                        gemm(m, n, k, &mut dst, n, accumulate, &lhs, ls, &rhs, rs);
+                        gemm_with(
+                            backend, m, n, k, &mut dst, n, accumulate, &lhs, ls, &rhs, rs,
+                        );
                         for i in 0..m * n {
                             let base = if accumulate { f64::from(start[i]) } else { 0.0 };
                             let err = (f64::from(dst[i]) - base - want[i]).abs();
@@ -565,9 +703,7 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        if !available() {
-            return;
-        }
+        let backend = backend().unwrap_or(Backend::Emulated);
         let (m, n, k) = (100, 300, 500);
         let (lhs, rhs) = (values(m * k, 1), values(k * n, 2));
         let run = |threads: usize| {
@@ -576,9 +712,71 @@ mod tests {
                 .build()
                 .unwrap();
             let mut dst = vec![0f32; m * n];
-            pool.install(|| gemm(m, n, k, &mut dst, n, false, &lhs, (k, 1), &rhs, (n, 1)));
+            pool.install(|| {
+                gemm_with(
+                    backend,
+                    m,
+                    n,
+                    k,
+                    &mut dst,
+                    n,
+                    false,
+                    &lhs,
+                    (k, 1),
+                    &rhs,
+                    (n, 1),
+                )
+            });
             dst
         };
         assert_eq!(run(1), run(3));
+    }
+
+    /// The emulation is the instruction's arithmetic, bit for bit, on ordinary values and on
+    /// the edges (subnormal inputs and sums, cancellation, huge values).
+    #[test]
+    fn the_emulation_matches_the_instructions_bit_for_bit() {
+        if !native() {
+            eprintln!("skipped: this CPU has no AVX512-BF16 to compare the emulation with");
+            return;
+        }
+        let (m, n, k) = (13, 70, 101);
+        let mut lhs = values(m * k, 11);
+        let mut rhs = values(k * n, 12);
+        for (i, x) in lhs.iter_mut().enumerate().step_by(7) {
+            *x = [1e-39, -3e38, 1e30, 2e-38, 0.0][i % 5];
+        }
+        for (i, x) in rhs.iter_mut().enumerate().step_by(5) {
+            *x = [1e-38, 3e38, -1e-30, 1.5e-38][i % 4];
+        }
+        for accumulate in [false, true] {
+            let start: Vec<f32> = values(m * n, 3).iter().map(|v| v * 1e-38).collect();
+            let mut native_out = start.clone();
+            let mut emulated_out = start.clone();
+            for (backend, out) in [
+                (Backend::Native, &mut native_out),
+                (Backend::Emulated, &mut emulated_out),
+            ] {
+                gemm_with(
+                    backend,
+                    m,
+                    n,
+                    k,
+                    out,
+                    n,
+                    accumulate,
+                    &lhs,
+                    (k, 1),
+                    &rhs,
+                    (n, 1),
+                );
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&native_out),
+                bits(&emulated_out),
+                "accumulate {accumulate}"
+            );
+        }
     }
 }

@@ -253,7 +253,7 @@ pub enum MatmulPrecision {
 impl MatmulPrecision {
     /// The fastest precision this CPU offers: bf16 with AVX512-BF16, else fp32.
     pub fn fastest_available() -> MatmulPrecision {
-        if crate::bf16_gemm::available() {
+        if crate::bf16_gemm::native() {
             MatmulPrecision::Bf16
         } else {
             MatmulPrecision::Fp32

@@ -690,7 +690,10 @@ fn check_product(
         "{what}: the output holds {out} values, {rows} rows of {c_out} need {out_needed}"
     );
     if let Some(bias) = bias {
-        assert!(bias >= c_out, "{what}: the bias holds {bias} values, needs {c_out}");
+        assert!(
+            bias >= c_out,
+            "{what}: the bias holds {bias} values, needs {c_out}"
+        );
     }
     rows
 }
