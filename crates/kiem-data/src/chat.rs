@@ -11,7 +11,10 @@ use std::path::Path;
 use kiem_tokenizer::chat::{validate, Message, Role};
 use serde_json::Value;
 
-use crate::corpus::{detect_format, BadRecords, Compression, InputFormat};
+use crate::corpus::{
+    detect_format, next_line, too_long, BadRecords, Compression, InputFormat, Line,
+    MAX_RECORD_BYTES,
+};
 use crate::{DataError, Location, Position, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -164,6 +167,17 @@ pub fn read_conversations(
     skip_bad_records: bool,
     bad: &mut BadRecords,
 ) -> Result<Vec<Example>> {
+    read_conversations_bounded(path, format, skip_bad_records, bad, MAX_RECORD_BYTES)
+}
+
+/// [`read_conversations`] with lines of at most `limit` bytes.
+fn read_conversations_bounded(
+    path: &Path,
+    format: ChatFormat,
+    skip_bad_records: bool,
+    bad: &mut BadRecords,
+    limit: usize,
+) -> Result<Vec<Example>> {
     let compression = match detect_format(path) {
         Some((InputFormat::Jsonl, c)) => c,
         _ => {
@@ -174,7 +188,7 @@ pub fn read_conversations(
         }
     };
     let file = std::fs::File::open(path).map_err(DataError::io(path))?;
-    let reader: Box<dyn BufRead> = match compression {
+    let mut reader: Box<dyn BufRead> = match compression {
         Compression::None => Box::new(std::io::BufReader::new(file)),
         Compression::Gzip => Box::new(std::io::BufReader::new(flate2::read::MultiGzDecoder::new(
             file,
@@ -185,17 +199,25 @@ pub fn read_conversations(
     };
     let name: std::sync::Arc<Path> = std::sync::Arc::from(path);
     let mut out = Vec::new();
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let line = line.map_err(DataError::io(path))?;
-        if line.iter().all(u8::is_ascii_whitespace) {
+    let mut line = Vec::new();
+    for i in 0.. {
+        let read = next_line(&mut *reader, &mut line, limit).map_err(DataError::io(path))?;
+        if read == Line::End {
+            break;
+        }
+        if read == Line::Read && line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let location = Location {
             file: name.clone(),
             position: Position::Line(i as u64 + 1),
         };
-        let parsed = std::str::from_utf8(&line)
-            .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1))
+        let text = match read {
+            Line::TooLong => Err(too_long(limit)),
+            _ => std::str::from_utf8(&line)
+                .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1)),
+        };
+        let parsed = text
             .and_then(|text| {
                 serde_json::from_str::<Value>(text).map_err(|e| format!("malformed JSON: {e}"))
             })
@@ -297,5 +319,52 @@ mod tests {
             examples[1].location.to_string(),
             format!("{}:4", path.display())
         );
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+
+    #[test]
+    fn a_line_over_the_limit_names_its_line_and_can_be_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.jsonl");
+        let long = format!(
+            "{{\"prompt\":\"{}\",\"completion\":\"b\"}}",
+            "a".repeat(300)
+        );
+        std::fs::write(&path, format!("{{\"prompt\":\"a\",\"completion\":\"b\"}}\n{long}\n{{\"prompt\":\"c\",\"completion\":\"d\"}}")).unwrap();
+        let mut bad = BadRecords::default();
+        let err = read_conversations_bounded(&path, ChatFormat::Auto, false, &mut bad, 100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("chat.jsonl:2") && err.contains("longer than 100 bytes"),
+            "{err}"
+        );
+        let kept =
+            read_conversations_bounded(&path, ChatFormat::Auto, true, &mut bad, 100).unwrap();
+        assert_eq!(kept.len(), 2);
+        assert_eq!(
+            kept[1].location.to_string(),
+            format!("{}:3", path.display())
+        );
+    }
+
+    #[test]
+    fn next_line_keeps_lines_up_to_the_limit() {
+        let text = b"12345\nabcdef\r\n123456789\nlast-no-newline-long";
+        let mut reader = std::io::BufReader::with_capacity(4, &text[..]);
+        let mut line = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            match next_line(&mut reader, &mut line, 6).unwrap() {
+                Line::End => break,
+                Line::TooLong => got.push("<too long>".to_string()),
+                Line::Read => got.push(String::from_utf8(line.clone()).unwrap()),
+            }
+        }
+        assert_eq!(got, ["12345\n", "abcdef\r\n", "<too long>", "<too long>"]);
     }
 }

@@ -25,6 +25,9 @@ pub const BATCH_RECORDS: usize = 4096;
 pub const QUEUED_BATCHES: usize = 2;
 /// Plain-text documents larger than this are read in pieces.
 pub const PIECE_BYTES: usize = 8 << 20;
+/// The most bytes one record may have (a JSONL line, a blank-line-separated block): memory
+/// stays bounded whatever the input; a longer record is a bad record naming file and line.
+pub const MAX_RECORD_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputFormat {
@@ -152,6 +155,8 @@ pub struct CorpusOptions {
     pub split_on_blank_lines: bool,
     /// Plain-text documents longer than this are read in pieces ([`PIECE_BYTES`] by default).
     pub piece_bytes: usize,
+    /// The most bytes of one JSONL line or blank-line block ([`MAX_RECORD_BYTES`] by default).
+    pub max_record_bytes: usize,
 }
 
 impl Default for CorpusOptions {
@@ -160,6 +165,7 @@ impl Default for CorpusOptions {
             text_field: "text".into(),
             split_on_blank_lines: false,
             piece_bytes: PIECE_BYTES,
+            max_record_bytes: MAX_RECORD_BYTES,
         }
     }
 }
@@ -437,11 +443,11 @@ fn read_file(
         InputFormat::Parquet => crate::corpus::parquet::read(file, name, options, progress, out),
         InputFormat::Jsonl => {
             let reader = open_decompressed(file, progress)?;
-            read_jsonl(reader, name, out)
+            read_jsonl(reader, name, options.max_record_bytes, out)
         }
         InputFormat::Text if options.split_on_blank_lines => {
             let reader = open_decompressed(file, progress)?;
-            read_blocks(reader, name, out)
+            read_blocks(reader, name, options.max_record_bytes, out)
         }
         InputFormat::Text => {
             let reader = open_decompressed(file, progress)?;
@@ -457,33 +463,101 @@ fn line_error(name: &Arc<Path>, line: u64, e: std::io::Error) -> ReadStop {
     ))
 }
 
+/// What [`next_line`] read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A line (with its newline, if it had one) is in the buffer.
+    Read,
+    /// The line was longer than the limit: it was consumed and dropped.
+    TooLong,
+    /// The end of the input.
+    End,
+}
+
+/// Reads the next line into `line` (cleared first) keeping at most `limit` bytes of it
+/// besides the newline; a longer line is read to its end and dropped, so memory stays bounded.
+pub fn next_line(
+    reader: &mut dyn BufRead,
+    line: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<Line> {
+    line.clear();
+    let n = std::io::Read::take(&mut *reader, limit as u64 + 2).read_until(b'\n', line)?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    let content =
+        line.len() - usize::from(line.ends_with(b"\n")) - usize::from(line.ends_with(b"\r\n"));
+    if content <= limit {
+        return Ok(Line::Read);
+    }
+    if !line.ends_with(b"\n") {
+        loop {
+            let buf = reader.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(p) => {
+                    reader.consume(p + 1);
+                    break;
+                }
+                None => {
+                    let all = buf.len();
+                    reader.consume(all);
+                }
+            }
+        }
+    }
+    line.clear();
+    Ok(Line::TooLong)
+}
+
+/// The bad-record message of a record over the limit.
+pub fn too_long(limit: usize) -> String {
+    format!(
+        "record longer than {} (the limit for one JSONL line or blank-line block): split it",
+        human_bytes(limit)
+    )
+}
+
+fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
 fn read_jsonl(
     mut reader: Box<dyn BufRead>,
     name: Arc<Path>,
+    limit: usize,
     out: &mut Batcher,
 ) -> Result<(), ReadStop> {
     let mut line_no = 0u64;
     loop {
         let mut line = Vec::new();
-        let n = reader
-            .read_until(b'\n', &mut line)
+        let read = next_line(&mut *reader, &mut line, limit)
             .map_err(|e| line_error(&name, line_no + 1, e))?;
-        if n == 0 {
+        if read == Line::End {
             return Ok(());
         }
         line_no += 1;
         while matches!(line.last(), Some(b'\n' | b'\r')) {
             line.pop();
         }
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
+        let payload = match read {
+            Line::TooLong => Payload::Bad(too_long(limit)),
+            _ if line.iter().all(u8::is_ascii_whitespace) => continue,
+            _ => Payload::Json(line),
+        };
         out.push(RawRecord {
             location: Location {
                 file: name.clone(),
                 position: Position::Line(line_no),
             },
-            payload: Payload::Json(line),
+            payload,
             split_key: None,
             starts_document: true,
         })?;
@@ -515,16 +589,27 @@ fn text_payload(bytes: Vec<u8>, first_line: u64) -> (Payload, u64) {
 fn read_blocks(
     mut reader: Box<dyn BufRead>,
     name: Arc<Path>,
+    limit: usize,
     out: &mut Batcher,
 ) -> Result<(), ReadStop> {
     let mut line_no = 0u64;
     let mut block: Vec<u8> = Vec::new();
     let mut block_start = 1u64;
-    let emit = |block: &mut Vec<u8>, start: u64, out: &mut Batcher| -> Result<(), ReadStop> {
-        if block.is_empty() {
+    // A block over the limit is dropped as it is read, and reported once it ends.
+    let mut oversized = false;
+    let emit = |block: &mut Vec<u8>,
+                oversized: &mut bool,
+                start: u64,
+                out: &mut Batcher|
+     -> Result<(), ReadStop> {
+        let (payload, line) = if std::mem::take(oversized) {
+            block.clear();
+            (Payload::Bad(too_long(limit)), start)
+        } else if block.is_empty() {
             return Ok(());
-        }
-        let (payload, line) = text_payload(std::mem::take(block), start);
+        } else {
+            text_payload(std::mem::take(block), start)
+        };
         out.push(RawRecord {
             location: Location {
                 file: name.clone(),
@@ -535,19 +620,21 @@ fn read_blocks(
             starts_document: true,
         })
     };
+    let mut line = Vec::new();
     loop {
-        let mut line = Vec::new();
-        let n = reader
-            .read_until(b'\n', &mut line)
+        let read = next_line(&mut *reader, &mut line, limit)
             .map_err(|e| line_error(&name, line_no + 1, e))?;
-        if n == 0 {
-            return emit(&mut block, block_start, out);
+        if read == Line::End {
+            return emit(&mut block, &mut oversized, block_start, out);
         }
         line_no += 1;
-        if line.iter().all(u8::is_ascii_whitespace) {
-            emit(&mut block, block_start, out)?;
+        if read == Line::Read && line.iter().all(u8::is_ascii_whitespace) {
+            emit(&mut block, &mut oversized, block_start, out)?;
             block_start = line_no + 1;
-        } else {
+        } else if read == Line::TooLong || block.len() + line.len() > limit {
+            oversized = true;
+            block.clear();
+        } else if !oversized {
             block.extend_from_slice(&line);
         }
     }

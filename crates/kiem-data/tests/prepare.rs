@@ -422,3 +422,46 @@ fn data_dir_detects_tampering() {
     let err = DataDir::open(tmp.path()).unwrap_err().to_string();
     assert!(err.contains("no manifest.json"), "{err}");
 }
+
+/// A JSONL line or blank-line block over the record limit is a bad record naming its file and
+/// line (memory stays bounded: the record is never held whole), or skipped and counted.
+#[test]
+fn records_over_the_size_limit_are_bad_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = tmp.path().join("big.jsonl");
+    let long = format!("{{\"text\":\"{}\"}}", "x".repeat(500));
+    std::fs::write(
+        &jsonl,
+        format!("{{\"text\":\"a\"}}\n{long}\n{{\"text\":\"b\"}}\n"),
+    )
+    .unwrap();
+    let txt = tmp.path().join("big.txt");
+    let block = "word ".repeat(30) + "\n";
+    std::fs::write(
+        &txt,
+        format!(
+            "short\n\n{}\nnext\n\n{}tail\n",
+            block.repeat(3),
+            "y".repeat(400)
+        ),
+    )
+    .unwrap();
+    for (input, line, kept) in [
+        (jsonl, 2, vec!["a", "b"]),
+        (txt, 3, vec!["short\n", "next\n"]),
+    ] {
+        let mut opts = options(vec![input.clone()], tmp.path().join("out"));
+        opts.corpus.split_on_blank_lines = true;
+        opts.corpus.max_record_bytes = 200;
+        let name = input.file_name().unwrap().to_string_lossy().into_owned();
+        expect_error(
+            &opts,
+            &[&format!("{name}:{line}"), "record longer than 200 bytes"],
+        );
+        opts.skip_bad_records = true;
+        let report = run(gpt2(), &opts).unwrap();
+        assert!(report.bad.count >= 1, "{name}");
+        assert_eq!(documents(&opts.out, "train"), kept, "{name}");
+        std::fs::remove_dir_all(&opts.out).unwrap();
+    }
+}

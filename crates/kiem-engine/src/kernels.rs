@@ -250,6 +250,23 @@ pub enum MatmulPrecision {
     Bf16,
 }
 
+/// What computes this process's matrix products at `precision`: the library or kernel and the
+/// SIMD level. Results are reproducible bit for bit only on the same path (and thread count).
+pub fn matmul_path(precision: MatmulPrecision) -> String {
+    let level = match level() {
+        Level::Avx512 => "AVX-512",
+        Level::Avx2 => "AVX2",
+        Level::Base => "baseline x86-64",
+    };
+    match (precision, crate::bf16_gemm::backend()) {
+        (MatmulPrecision::Bf16, Some(crate::bf16_gemm::Backend::Emulated)) => {
+            format!("bf16 kernel (emulated), {level}")
+        }
+        (MatmulPrecision::Bf16, _) => format!("bf16 kernel (AVX512-BF16), {level}"),
+        (MatmulPrecision::Fp32, _) => format!("{}, {level}", crate::blas::backend_name()),
+    }
+}
+
 impl MatmulPrecision {
     /// The fastest precision this CPU offers: bf16 with AVX512-BF16, else fp32.
     pub fn fastest_available() -> MatmulPrecision {

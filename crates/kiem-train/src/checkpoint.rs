@@ -28,6 +28,10 @@ pub struct TrainerState {
     pub elapsed_seconds: f64,
     /// `sha256:` of the tokenizer the model was trained with.
     pub tokenizer_hash: String,
+    /// What computed the matrix products ([`kiem_engine::kernels::matmul_path`]); absent in
+    /// checkpoints written before it was recorded.
+    #[serde(default)]
+    pub matmul_path: Option<String>,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {

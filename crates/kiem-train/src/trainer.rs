@@ -178,6 +178,24 @@ pub fn memory_estimate(config: &TrainConfig) -> usize {
     4 * params * 4 + activation_bytes(&config.model, config.micro_batch, config.seq)
 }
 
+/// Refuses a run whose parameters, gradients, moments and activations cannot fit in the memory
+/// available now: checked before the run allocates its model (a fine-tuning run's base model
+/// is already loaded by then, its parameters counted in the estimate).
+fn check_memory(config: &TrainConfig, already_allocated: usize) -> Result<()> {
+    let need = memory_estimate(config).saturating_sub(already_allocated);
+    match available_memory() {
+        Some(available) if need > available => Err(TrainError::Config(format!(
+            "the model needs about {:.1} GiB (parameters, gradients, AdamW moments, activations \
+             for --micro-batch {}) but only {:.1} GiB is available; lower --micro-batch, \
+             --context or the model size",
+            need as f64 / (1u64 << 30) as f64,
+            config.micro_batch,
+            available as f64 / (1u64 << 30) as f64
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -273,6 +291,7 @@ pub fn pretrain(
     observer: &mut dyn Observer,
 ) -> Result<Summary> {
     config.validate()?;
+    check_memory(config, 0)?;
     let DataSource::Pretrain {
         data_dir,
         init_from,
@@ -386,6 +405,11 @@ pub fn finetune(
     observer: &mut dyn Observer,
 ) -> Result<Summary> {
     config.validate()?;
+    // A fresh run's base model is loaded already: its parameters are in use.
+    let loaded = start
+        .as_ref()
+        .map_or(0, |(gpt, _, _)| 4 * gpt.num_parameters());
+    check_memory(config, loaded)?;
     let DataSource::Finetune(spec) = &config.source else {
         return Err(TrainError::Config(
             "finetune needs conversations (--data)".into(),
@@ -446,18 +470,6 @@ fn run_loop(
     observer: &mut dyn Observer,
     plot_title: &str,
 ) -> Result<Summary> {
-    let need = memory_estimate(config);
-    if let Some(available) = available_memory() {
-        if need > available {
-            return Err(TrainError::Config(format!(
-                "the model needs about {:.1} GiB (parameters, gradients, AdamW moments, activations for \
-                 --micro-batch {}) but only {:.1} GiB is available; lower --micro-batch, --context or the model size",
-                need as f64 / (1u64 << 30) as f64,
-                config.micro_batch,
-                available as f64 / (1u64 << 30) as f64
-            )));
-        }
-    }
     gpt.set_matmul_precision(config.precision)?;
     if tokenizer.vocab_size() < gpt.config.vocab_size {
         gpt.limit_sampling_to(tokenizer.vocab_size())?;
@@ -474,6 +486,7 @@ fn run_loop(
         best_val_bpb: None,
         elapsed_seconds: 0.0,
         tokenizer_hash: tokenizer.hash().to_string(),
+        matmul_path: Some(kiem_engine::kernels::matmul_path(config.precision)),
     };
     let resumed_from = if resume {
         let (step, dir) = list_checkpoints(run_dir).pop().ok_or_else(|| {
@@ -491,6 +504,15 @@ fn run_loop(
             )));
         }
         train_loader.set_cursor(state.cursor);
+        // Exact resume needs the same arithmetic: the same matmul path and thread count.
+        let now = kiem_engine::kernels::matmul_path(config.precision);
+        match state.matmul_path.replace(now.clone()) {
+            Some(then) if then != now => observer.note(&format!(
+                "the checkpoint was trained with matrix products on {then}, this process uses \
+                 {now}: the losses may differ in their last bits from an uninterrupted run"
+            )),
+            _ => {}
+        }
         Some(step)
     } else {
         let json = serde_json::to_string_pretty(config).expect("config serializes");

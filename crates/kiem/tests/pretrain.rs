@@ -891,3 +891,67 @@ fn killed_and_resumed_finetune_matches_uninterrupted_run() {
         "final weights are identical"
     );
 }
+
+/// A checkpoint records what computed its matrix products; resuming on another path (here the
+/// baseline-SIMD build's, as a run moved to another machine would) warns that the losses may
+/// differ in their last bits.
+#[test]
+fn resuming_on_another_matmul_path_warns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    let tiny = [
+        "--data",
+        "data",
+        "--out",
+        "run",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "1",
+        "--n-embd",
+        "16",
+        "--context",
+        "32",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--threads",
+        "1",
+    ];
+    let first = kiem()
+        .arg("pretrain")
+        .args(tiny)
+        .args(["--steps", "2"])
+        .env("KIEM_SIMD", "baseline")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    ok(first);
+    let checkpoints = dir.join("run/checkpoints");
+    let latest = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let state = read_json(&latest.join("trainer_state/state.json"));
+    let recorded = state["trainer"]["matmul_path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(recorded.ends_with("baseline x86-64"), "{recorded}");
+    let resumed = kiem()
+        .args(["pretrain", "--resume", "run", "--steps", "3"])
+        .env_remove("KIEM_SIMD")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr).into_owned();
+    ok(resumed);
+    assert!(
+        stderr.contains(&format!("trained with matrix products on {recorded}"))
+            && stderr.contains("last bits"),
+        "{stderr}"
+    );
+}
