@@ -114,6 +114,33 @@ impl MappedTensors {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// One tensor's values as f32, checked to hold `len` values: converted straight from the
+    /// mapping (one copy of the data, not two).
+    pub fn read_f32(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let st = self.tensors()?;
+        let view = st
+            .tensor(name)
+            .map_err(|_| file_err(&self.path, format!("no tensor {name}")))?;
+        let count: usize = view.shape().iter().product();
+        if count != len {
+            return Err(file_err(
+                &self.path,
+                format!("tensor {name} has {count} values, expected {len}"),
+            ));
+        }
+        let mut out = vec![0f32; len];
+        convert_into(&self.path, name, &view, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Memory the system can give this process now (`MemAvailable`), where the OS tells it.
+pub fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 /// Converts one tensor's values to f32 into `dst` (whose length must match).
@@ -588,6 +615,20 @@ pub fn load_model_dir(dir: &Path) -> Result<(Gpt, SpecialIds)> {
                 "describes {parameters} parameters, but the weight files hold only {file_bytes} bytes"
             ),
         ));
+    }
+    let needed = parameters.saturating_mul(4);
+    if let Some(available) = available_memory() {
+        if needed > available as u64 {
+            return Err(file_err(
+                dir,
+                format!(
+                    "the model's {parameters} parameters need {:.1} GiB as fp32, but only {:.1} GiB \
+                     of memory is available",
+                    needed as f64 / (1u64 << 30) as f64,
+                    available as f64 / (1u64 << 30) as f64
+                ),
+            ));
+        }
     }
     let mut gpt = Gpt::new(config)?;
     gpt.load_files(&files)?;

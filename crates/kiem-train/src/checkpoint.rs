@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiem_engine::io::{hf_config_json, read_tensors, write_file_atomic, write_tensors, SpecialIds};
+use kiem_engine::io::{hf_config_json, write_file_atomic, write_tensors, MappedTensors, SpecialIds};
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt};
 use kiem_tokenizer::Tokenizer;
@@ -213,24 +213,14 @@ pub fn save_checkpoint(
 
 /// Loads parameters, optimizer moments and trainer state from a checkpoint directory.
 pub fn load_checkpoint(dir: &Path, gpt: &mut Gpt, opt: &mut AdamWState) -> Result<TrainerState> {
-    let model = dir.join("model.safetensors");
-    let tensors = read_tensors(&model)?;
-    gpt.load_tensors(&model, &tensors)?;
+    // Parameters and moments are converted straight from the mapped files into their buffers.
+    gpt.load_files(&[dir.join("model.safetensors")])?;
     let sdir = dir.join(STATE_DIR);
-    let moments = read_tensors(&sdir.join("optimizer.safetensors"))?;
+    let moments = MappedTensors::open(&sdir.join("optimizer.safetensors"))?;
     let take = |name: &str| -> Result<Vec<f32>> {
-        let (_, v) = moments.get(name).ok_or_else(|| {
-            TrainError::Resume(format!("{}: no optimizer tensor {name}", sdir.display()))
-        })?;
-        if v.len() != gpt.params.len() {
-            return Err(TrainError::Resume(format!(
-                "{}: optimizer state has {} values for a model of {} parameters",
-                sdir.display(),
-                v.len(),
-                gpt.params.len()
-            )));
-        }
-        Ok(v.clone())
+        moments
+            .read_f32(name, gpt.params.len())
+            .map_err(|e| TrainError::Resume(e.to_string()))
     };
     opt.m = take("m")?;
     opt.v = take("v")?;

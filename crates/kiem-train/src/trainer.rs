@@ -183,7 +183,7 @@ pub fn memory_estimate(config: &TrainConfig) -> usize {
 /// is already loaded by then, its parameters counted in the estimate).
 fn check_memory(config: &TrainConfig, already_allocated: usize) -> Result<()> {
     let need = memory_estimate(config).saturating_sub(already_allocated);
-    match available_memory() {
+    match kiem_engine::io::available_memory() {
         Some(available) if need > available => Err(TrainError::Config(format!(
             "the model needs about {:.1} GiB (parameters, gradients, AdamW moments, activations \
              for --micro-batch {}) but only {:.1} GiB is available; lower --micro-batch, \
@@ -194,13 +194,6 @@ fn check_memory(config: &TrainConfig, already_allocated: usize) -> Result<()> {
         ))),
         _ => Ok(()),
     }
-}
-
-fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 struct Metrics {
@@ -291,7 +284,6 @@ pub fn pretrain(
     observer: &mut dyn Observer,
 ) -> Result<Summary> {
     config.validate()?;
-    check_memory(config, 0)?;
     let DataSource::Pretrain {
         data_dir,
         init_from,
@@ -321,6 +313,8 @@ pub fn pretrain(
         );
         None
     };
+    // The data fits the run; now the memory, before the model is allocated.
+    check_memory(config, 0)?;
     let gpt = match init_from {
         Some(dir) if !resume => {
             let (gpt, _) = kiem_engine::io::load_model_dir(dir)?;
