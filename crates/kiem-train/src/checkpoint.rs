@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use kiem_engine::io::{hf_config_json, write_file_atomic, write_tensors, MappedTensors, SpecialIds};
+use kiem_engine::io::{
+    hf_config_json, write_file_atomic, write_tensors, MappedTensors, SpecialIds,
+};
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt};
 use kiem_tokenizer::Tokenizer;
