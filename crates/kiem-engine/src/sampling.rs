@@ -91,22 +91,32 @@ pub fn sample(logits: &[f32], params: &SamplingParams, history: &[u32], rng: &mu
     if params.temperature == 0.0 {
         return argmax(&logits);
     }
+    // Candidates largest first (ties by id), but only as many as the filters need: all of
+    // them in id order when neither top-k nor top-p restricts (no sort), the k largest when
+    // top-k does (a selection, then a sort of k).
+    let descending = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-    order.sort_unstable_by(|&a, &b| {
-        logits[b as usize]
-            .total_cmp(&logits[a as usize])
-            .then(a.cmp(&b))
-    });
-    if params.top_k > 0 {
-        order.truncate(params.top_k.min(order.len()));
+    if params.top_k > 0 && params.top_k < order.len() {
+        order.select_nth_unstable_by(params.top_k - 1, descending);
+        order.truncate(params.top_k);
+        order.sort_unstable_by(descending);
+    } else if params.top_p < 1.0 {
+        order.sort_unstable_by(descending);
     }
-    let max = logits[order[0] as usize];
+    let max = order
+        .iter()
+        .map(|&i| logits[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
     let mut weights: Vec<f32> = order
         .iter()
         .map(|&i| ((logits[i as usize] - max) / params.temperature).exp())
         .collect();
-    let total: f32 = weights.iter().sum();
     if params.top_p < 1.0 {
+        let total: f32 = weights.iter().sum();
         let mut mass = 0.0;
         let mut keep = weights.len();
         for (i, w) in weights.iter().enumerate() {
@@ -212,5 +222,60 @@ impl<K: Kernels> Gpt<K> {
             })?;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+
+    /// How often each id is drawn in `n` samples.
+    fn counts(logits: &[f32], p: &SamplingParams, n: usize) -> Vec<usize> {
+        let mut rng = Rng::new(11);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..n {
+            counts[sample(logits, p, &[], &mut rng) as usize] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn draws_follow_the_softmax_and_the_filters() {
+        let logits = [1.0f32, 3.0, 0.0, 2.0, 3.0, -1.0];
+        // Plain temperature sampling (no sort): frequencies match softmax(logits / T).
+        let n = 60_000;
+        let t = 0.7;
+        let z: f64 = logits.iter().map(|&l| (f64::from(l) / t).exp()).sum();
+        let got = counts(&logits, &params(t as f32, 0, 1.0), n);
+        for (i, &l) in logits.iter().enumerate() {
+            let want = (f64::from(l) / t).exp() / z;
+            let freq = got[i] as f64 / n as f64;
+            assert!((freq - want).abs() < 0.01, "id {i}: {freq} vs {want}");
+        }
+        // top-k 2 keeps the two largest (ids 1 and 4, tied), each about half the time.
+        let got = counts(&logits, &params(1.0, 2, 1.0), 10_000);
+        assert_eq!(got[0] + got[2] + got[3] + got[5], 0);
+        assert!(got[1].abs_diff(got[4]) < 600, "{got:?}");
+        // top-k 3 adds id 3; top-p 0.3 keeps only the first of the tied pair (id 1).
+        let got = counts(&logits, &params(1.0, 3, 1.0), 10_000);
+        assert!(got[3] > 0 && got[0] + got[2] + got[5] == 0, "{got:?}");
+        let got = counts(&logits, &params(1.0, 0, 0.3), 1_000);
+        assert_eq!(got[1], 1_000, "{got:?}");
+        // Temperature 0 is the argmax; the same seed gives the same draws.
+        assert_eq!(counts(&logits, &params(0.0, 0, 1.0), 10)[1], 10);
+        assert_eq!(
+            counts(&logits, &params(0.9, 4, 0.95), 500),
+            counts(&logits, &params(0.9, 4, 0.95), 500)
+        );
     }
 }

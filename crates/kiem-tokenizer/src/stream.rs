@@ -11,7 +11,62 @@ pub struct StreamDecoder<'a> {
     text: String,
     /// Bytes of `text` already returned.
     shown: usize,
-    stops: Vec<String>,
+    /// Bytes of `text` the stop matchers have seen.
+    scanned: usize,
+    stops: Vec<StopMatcher>,
+}
+
+/// A stop string with its Knuth–Morris–Pratt table and how much of it the text so far ends
+/// with, so each decoded byte is looked at once (amortized) whatever the stop's length.
+struct StopMatcher {
+    pattern: Vec<u8>,
+    /// `fallback[i]`: the longest proper prefix of `pattern[..=i]` that is also its suffix.
+    fallback: Vec<usize>,
+    /// Bytes at the end of the text scanned so far that begin the pattern.
+    matched: usize,
+}
+
+impl StopMatcher {
+    fn new(stop: &str) -> Self {
+        let pattern = stop.as_bytes().to_vec();
+        let mut fallback = vec![0; pattern.len()];
+        let mut k = 0;
+        for i in 1..pattern.len() {
+            while k > 0 && pattern[i] != pattern[k] {
+                k = fallback[k - 1];
+            }
+            if pattern[i] == pattern[k] {
+                k += 1;
+            }
+            fallback[i] = k;
+        }
+        Self {
+            pattern,
+            fallback,
+            matched: 0,
+        }
+    }
+
+    /// Continues over `more` text: the offset in `more` where the stop string ends, if it
+    /// completes there (the text and the stop are UTF-8, so where it starts is a character
+    /// boundary, as is where a held-back start begins).
+    fn feed(&mut self, more: &[u8]) -> Option<usize> {
+        let mut k = self.matched;
+        for (i, &b) in more.iter().enumerate() {
+            while k > 0 && b != self.pattern[k] {
+                k = self.fallback[k - 1];
+            }
+            if b == self.pattern[k] {
+                k += 1;
+            }
+            if k == self.pattern.len() {
+                self.matched = k;
+                return Some(i + 1);
+            }
+        }
+        self.matched = k;
+        None
+    }
 }
 
 /// What [`StreamDecoder::push`] found.
@@ -30,7 +85,12 @@ impl<'a> StreamDecoder<'a> {
             pending: Vec::new(),
             text: String::new(),
             shown: 0,
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            scanned: 0,
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| StopMatcher::new(s))
+                .collect(),
         }
     }
 
@@ -72,14 +132,20 @@ impl<'a> StreamDecoder<'a> {
                 }
             }
         }
-        let fresh = &self.text[self.shown..];
-        if let Some(at) = self
+        // Each stop matcher continues over this token's new text only.
+        let new = &self.text.as_bytes()[self.scanned..];
+        let first_stop = self
             .stops
-            .iter()
-            .filter_map(|s| fresh.find(s.as_str()))
-            .min()
-        {
-            let chunk = fresh[..at].to_string();
+            .iter_mut()
+            .filter_map(|s| {
+                let len = s.pattern.len();
+                s.feed(new).map(|end| self.scanned + end - len)
+            })
+            .min();
+        self.scanned = self.text.len();
+        if let Some(at) = first_stop {
+            let fresh = &self.text[self.shown..];
+            let chunk = fresh[..at.saturating_sub(self.shown)].to_string();
             self.shown = self.text.len();
             // Nothing after a stop string is shown, not even an unfinished character.
             self.pending.clear();
@@ -89,17 +155,8 @@ impl<'a> StreamDecoder<'a> {
             };
         }
         // Hold back the longest tail that is the start of a stop string.
-        let mut safe = self.text.len();
-        for stop in &self.stops {
-            let longest = stop.len().min(fresh.len());
-            for len in (1..=longest).rev() {
-                let tail = self.text.len() - len;
-                if self.text.is_char_boundary(tail) && stop.starts_with(&self.text[tail..]) {
-                    safe = safe.min(tail);
-                    break;
-                }
-            }
-        }
+        let held = self.stops.iter().map(|s| s.matched).max().unwrap_or(0);
+        let safe = (self.text.len() - held).max(self.shown);
         let chunk = self.text[self.shown..safe].to_string();
         self.shown = safe;
         Chunk {
@@ -146,10 +203,12 @@ mod tests {
         let (chunks, stopped, rest) = stream(text, &[]);
         assert!(!stopped);
         assert_eq!(chunks.concat() + &rest, text);
-        // GPT-2 splits the crab into byte tokens: no chunk holds half a character.
-        assert!(chunks
-            .iter()
-            .all(|c| std::str::from_utf8(c.as_bytes()).is_ok()));
+        // GPT-2 splits the crab into byte tokens: the first ones show nothing (half a
+        // character is held back), the last shows it whole, and no byte is lost or replaced.
+        assert!(Tokenizer::gpt2().encode("🦀").len() > 1);
+        assert!(chunks.iter().any(String::is_empty));
+        assert!(chunks.iter().any(|c| c.contains('🦀')));
+        assert!(!chunks.concat().contains(char::REPLACEMENT_CHARACTER));
     }
 
     #[test]
@@ -165,5 +224,34 @@ mod tests {
             "the possible start of a stop string waits"
         );
         assert_eq!(rest, "\nUs", "and is released at the end");
+    }
+
+    #[test]
+    fn self_overlapping_stops_and_tails_are_found() {
+        // "aab" inside "aaab" (the naive restart would miss it); the tail "aa" of "xaa" may
+        // start "aab" and waits.
+        let (chunks, stopped, _) = stream("xaaab tail", &["aab"]);
+        assert!(stopped);
+        assert_eq!(chunks.concat(), "xa");
+        let (chunks, stopped, rest) = stream("xaa", &["aab", "q"]);
+        assert!(!stopped);
+        assert_eq!((chunks.concat().as_str(), rest.as_str()), ("x", "aa"));
+    }
+
+    #[test]
+    fn long_stop_strings_cost_linear_time() {
+        // A 100 kB stop string that the text keeps almost matching: the former hold-back check
+        // was quadratic in its length on every token.
+        let stop = "ab".repeat(50_000) + "!";
+        let text = "ab".repeat(20_000);
+        // (No timing assertion: a quadratic regression shows as this test hanging.)
+        let (chunks, stopped, rest) = stream(&text, &[&stop]);
+        assert!(!stopped);
+        assert_eq!(chunks.concat() + &rest, text);
+        assert_eq!(
+            chunks.concat(),
+            "",
+            "all of it may still start the stop string"
+        );
     }
 }

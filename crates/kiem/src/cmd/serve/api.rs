@@ -155,18 +155,25 @@ pub struct CompletionRequest {
     pub sampling: Sampling,
 }
 
-/// Parses a JSON body into `T`, answering malformed JSON and wrong types with a 400.
+/// The longest stop sequence accepted (held-back text is at most this long).
+pub const MAX_STOP_BYTES: usize = 1024;
+
+/// Parses a JSON body into `T` in one pass, answering malformed JSON, a body that is not an
+/// object and wrong types with a 400.
 pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}"), None))?;
-    if !value.is_object() {
-        return Err(ApiError::invalid(
-            "the request body must be a JSON object",
-            None,
-        ));
-    }
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::invalid(format!("invalid request: {e}"), None))
+    serde_json::from_slice(body).map_err(|e| {
+        let starts_object = body
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'{');
+        if e.is_syntax() || e.is_eof() {
+            ApiError::invalid(format!("the request body is not valid JSON: {e}"), None)
+        } else if !starts_object {
+            ApiError::invalid("the request body must be a JSON object", None)
+        } else {
+            ApiError::invalid(format!("invalid request: {e}"), None)
+        }
+    })
 }
 
 /// Checked generation settings of one request.
@@ -243,6 +250,15 @@ impl Sampling {
         };
         if stops.len() > 4 {
             return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+        }
+        if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::invalid(
+                format!(
+                    "a stop sequence of {} bytes is too long: at most {MAX_STOP_BYTES}",
+                    long.len()
+                ),
+                Some("stop"),
+            ));
         }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if max_tokens == Some(0) {
@@ -366,4 +382,121 @@ pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON values of the kinds clients send, nested a little.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            ".{0,40}".prop_map(Value::from),
+            Just(Value::from("x".repeat(5000))),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("role".to_string()),
+                        Just("content".to_string()),
+                        Just("type".to_string()),
+                        Just("text".to_string()),
+                        ".{0,8}",
+                    ],
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const FIELDS: [&str; 14] = [
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "repetition_penalty",
+        "ignore_eos",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Whatever the body, a request is either accepted or answered with a 400 in OpenAI's
+        /// shape: never a panic, never another status.
+        #[test]
+        fn any_body_is_accepted_or_a_400(
+            fields in proptest::collection::vec((0..FIELDS.len(), value()), 0..8),
+            raw in proptest::collection::vec(any::<u8>(), 0..64),
+            use_raw in any::<bool>(),
+            right_model in any::<bool>(),
+        ) {
+            let body: Vec<u8> = if use_raw {
+                raw
+            } else {
+                let mut object: serde_json::Map<String, Value> =
+                    fields.into_iter().map(|(i, v)| (FIELDS[i].to_string(), v)).collect();
+                if right_model {
+                    // Past the model check, so the other fields are examined too.
+                    object.insert("model".into(), Value::from("m"));
+                }
+                serde_json::to_vec(&object).unwrap()
+            };
+            let check = |r: Result<(), ApiError>| match r {
+                Ok(()) => Ok(()),
+                Err(e) if e.status == StatusCode::BAD_REQUEST || e.status == StatusCode::NOT_FOUND => Ok(()),
+                Err(e) => Err(TestCaseError::fail(format!("status {}", e.status))),
+            };
+            check(parse_body::<ChatRequest>(&body).and_then(|r| {
+                r.sampling.settings("m")?;
+                messages(&r).map(|_| ())
+            }))?;
+            check(parse_body::<CompletionRequest>(&body).and_then(|r| {
+                r.sampling.settings("m")?;
+                prompt_text(&r.prompt).map(|_| ())
+            }))?;
+        }
+    }
+
+    #[test]
+    fn api_keys_compare_whole() {
+        use super::super::same_secret;
+        assert!(same_secret(b"k3y", b"k3y"));
+        assert!(!same_secret(b"k3", b"k3y"));
+        assert!(!same_secret(b"k3yy", b"k3y"));
+        assert!(!same_secret(b"k3x", b"k3y"));
+        assert!(!same_secret(b"", b"k3y"));
+    }
+
+    #[test]
+    fn stop_sequences_are_bounded_in_number_and_length() {
+        let settings = |stop: Value| {
+            let body = serde_json::json!({"model": "m", "prompt": "x", "stop": stop});
+            parse_body::<CompletionRequest>(body.to_string().as_bytes())
+                .unwrap()
+                .sampling
+                .settings("m")
+        };
+        assert!(settings(serde_json::json!(["a", "b", "c", "d"])).is_ok());
+        assert!(settings(serde_json::json!(["a", "b", "c", "d", "e"])).is_err());
+        assert!(settings(serde_json::json!("s".repeat(MAX_STOP_BYTES))).is_ok());
+        let err = settings(serde_json::json!("s".repeat(MAX_STOP_BYTES + 1))).unwrap_err();
+        assert!(err.message.contains("too long"), "{}", err.message);
+    }
 }

@@ -169,6 +169,7 @@ async fn serve(app: Arc<App>, args: ServeArgs, threads: usize) -> Result<()> {
     );
     eprintln!("listening on http://{local}/ (chat page at /, API at /v1; Ctrl-C stops)");
 
+    let app_stats = app.queue.stats.clone();
     let v1 = Router::new()
         .route("/models", get(models))
         .route("/models/{id}", get(model))
@@ -183,14 +184,26 @@ async fn serve(app: Arc<App>, args: ServeArgs, threads: usize) -> Result<()> {
         .layer(middleware::from_fn_with_state(app.clone(), time_limit))
         .layer(DefaultBodyLimit::max(args.max_body_bytes))
         .with_state(app);
+    let stats = app_stats;
     axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            while !super::interrupted() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        .with_graceful_shutdown({
+            let stats = stats.clone();
+            async move {
+                while !super::interrupted() && stats.failure.get().is_none() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if let Some(failure) = stats.failure.get() {
+                    // Answer 503 at /health for a moment (monitors see why), then stop.
+                    eprintln!("error: the generation worker failed ({failure}); stopping");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
             }
         })
         .await
         .context("the server failed")?;
+    if let Some(failure) = stats.failure.get() {
+        bail!("the generation worker failed ({failure}); the server stopped");
+    }
     eprintln!("kiem serve: stopped");
     Ok(())
 }
@@ -223,7 +236,7 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
-        if given != Some(key.as_str()) {
+        if !given.is_some_and(|given| same_secret(given.as_bytes(), key.as_bytes())) {
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -238,6 +251,17 @@ async fn authorize(State(app): State<Arc<App>>, request: Request, next: Next) ->
         }
     }
     next.run(request).await
+}
+
+/// Compares a presented key with the real one in time that depends only on the presented
+/// key's length, so response times reveal nothing about the real key's bytes.
+fn same_secret(given: &[u8], key: &[u8]) -> bool {
+    let mut differ = given.len() ^ key.len();
+    for (i, &g) in given.iter().enumerate() {
+        let k = key.get(i).copied().unwrap_or(!g);
+        differ |= usize::from(std::hint::black_box(g ^ k));
+    }
+    differ == 0
 }
 
 /// Bounds the time to a response (reading the body included); streams bound themselves.
@@ -268,8 +292,12 @@ async fn not_found(request: Request) -> ApiError {
     )
 }
 
-async fn health(State(app): State<Arc<App>>) -> Json<Value> {
+async fn health(State(app): State<Arc<App>>) -> Response {
     let stats = &app.queue.stats;
+    if let Some(failure) = stats.failure.get() {
+        let body = json!({"status": "error", "model": app.name, "error": format!("the generation worker failed: {failure}")});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     Json(json!({
         "status": "ok",
         "model": app.name,
@@ -277,7 +305,9 @@ async fn health(State(app): State<Arc<App>>) -> Json<Value> {
         "waiting": stats.waiting.load(Ordering::SeqCst),
         "completed": stats.completed.load(Ordering::Relaxed),
         "cancelled": stats.cancelled.load(Ordering::Relaxed),
+        "peak_active": stats.peak_active.load(Ordering::SeqCst),
     }))
+    .into_response()
 }
 
 fn model_object(app: &App) -> Value {
@@ -311,21 +341,42 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Runs a request's CPU work (parsing up to the body limit, rendering, tokenizing) on the
+/// blocking pool, so the few async threads keep serving every other connection.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("preparing the request failed: {e}"),
+        )
+    })?
+}
+
 async fn chat_completions(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: ChatRequest = api::parse_body(&body_bytes(body)?)?;
-    let settings = request.sampling.settings(&app.name)?;
-    let Some(stop_ids) = app.chat_stop_ids.clone() else {
-        return Err(ApiError::invalid(
-            "this model cannot chat (it has no chat template and was not fine-tuned for chat): use /v1/completions",
-            Some("model"),
-        ));
-    };
-    let messages = api::messages(&request)?;
-    let prompt = render_prompt(&app.tokenizer, &messages)
-        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let body = body_bytes(body)?;
+    let prepare = app.clone();
+    let (prompt, stop_ids, settings) = off_runtime(move || {
+        let app = prepare;
+        let request: ChatRequest = api::parse_body(&body)?;
+        let settings = request.sampling.settings(&app.name)?;
+        let Some(stop_ids) = app.chat_stop_ids.clone() else {
+            return Err(ApiError::invalid(
+                "this model cannot chat (it has no chat template and was not fine-tuned for chat): use /v1/completions",
+                Some("model"),
+            ));
+        };
+        let messages = api::messages(&request)?;
+        let prompt = render_prompt(&app.tokenizer, &messages)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        Ok((prompt, stop_ids, settings))
+    })
+    .await?;
     generate(app, prompt, stop_ids, settings, Kind::Chat).await
 }
 
@@ -333,15 +384,22 @@ async fn completions(
     State(app): State<Arc<App>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let request: CompletionRequest = api::parse_body(&body_bytes(body)?)?;
-    let settings = request.sampling.settings(&app.name)?;
-    let text = api::prompt_text(&request.prompt)?;
-    // Like `kiem generate`: the prompt starts as the model's tokenizer rules say. An empty
-    // prompt starts a document (as OpenAI's completions start one from <|endoftext|>).
-    let mut prompt = app.tokenizer.encode_prompt(text);
-    if prompt.is_empty() {
-        prompt.push(app.tokenizer.bos_id());
-    }
+    let body = body_bytes(body)?;
+    let prepare = app.clone();
+    let (prompt, settings) = off_runtime(move || {
+        let app = prepare;
+        let request: CompletionRequest = api::parse_body(&body)?;
+        let settings = request.sampling.settings(&app.name)?;
+        let text = api::prompt_text(&request.prompt)?;
+        // Like `kiem generate`: the prompt starts as the model's tokenizer rules say. An empty
+        // prompt starts a document (as OpenAI's completions start one from <|endoftext|>).
+        let mut prompt = app.tokenizer.encode_prompt(text);
+        if prompt.is_empty() {
+            prompt.push(app.tokenizer.bos_id());
+        }
+        Ok((prompt, settings))
+    })
+    .await?;
     let stop_ids = app.stop_ids.clone();
     generate(app, prompt, stop_ids, settings, Kind::Text).await
 }

@@ -42,9 +42,13 @@ pub struct Stats {
     pub waiting: AtomicUsize,
     /// Jobs being decoded.
     pub active: AtomicUsize,
+    /// The most jobs ever decoded together.
+    pub peak_active: AtomicUsize,
     pub completed: AtomicU64,
     /// Jobs dropped because their client went away.
     pub cancelled: AtomicU64,
+    /// Why the generation thread died, if it did (a panic): the server reports it and stops.
+    pub failure: std::sync::OnceLock<String>,
 }
 
 /// The sending end of the queue; cheap to clone.
@@ -86,7 +90,21 @@ pub fn start(gpt: Gpt, tokenizer: Arc<Tokenizer>, max_batch: usize, queue: usize
     let worker_stats = stats.clone();
     std::thread::Builder::new()
         .name("kiem-generate".into())
-        .spawn(move || run(&gpt, &tokenizer, &receiver, max_batch, &worker_stats))
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&gpt, &tokenizer, &receiver, max_batch, &worker_stats)
+            }));
+            if let Err(payload) = result {
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".into());
+                let _ = worker_stats.failure.set(message);
+            }
+            // Dropping the queue's receiver here makes every later submit say Stopped, and
+            // dropping the jobs' senders ends their responses with an error.
+        })
         .expect("can start the generation thread");
     Queue { sender, stats }
 }
@@ -100,6 +118,11 @@ struct Active<'t> {
 }
 
 fn run(gpt: &Gpt, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: usize, stats: &Stats) {
+    // Test hook: fail (panic) at this decoding step, to check how the server reports it.
+    let fail_at: Option<u64> = std::env::var("KIEM_TEST_WORKER_PANIC_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut steps = 0u64;
     let mut batcher = Batcher::new(gpt);
     let mut active: HashMap<u64, Active<'_>> = HashMap::new();
     let mut next_id = 0u64;
@@ -151,6 +174,11 @@ fn run(gpt: &Gpt, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: usize,
             open
         });
         stats.active.store(batcher.len(), Ordering::SeqCst);
+        stats.peak_active.fetch_max(batcher.len(), Ordering::SeqCst);
+        steps += 1;
+        if fail_at == Some(steps) {
+            panic!("KIEM_TEST_WORKER_PANIC_AT_STEP reached");
+        }
         let result = batcher.step(&mut |id, event| {
             let Some(a) = active.get_mut(&id) else {
                 return Control::Stop;
