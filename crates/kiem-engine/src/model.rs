@@ -132,7 +132,10 @@ pub(crate) struct BlockBuffers<'a> {
 pub struct Gpt<K: Kernels = Cpu> {
     pub config: ModelConfig,
     pub layout: ParamLayout,
-    pub params: Vec<f32>,
+    /// In the model files' layout until [`Gpt::transpose_for_decoding`]; read it through
+    /// [`Gpt::params`] (which refuses a model laid out for decoding) or
+    /// [`Gpt::decoding_weights`].
+    pub(crate) params: Vec<f32>,
     pub grads: Vec<f32>,
     pub(crate) kernels: K,
     /// How the layers' matrices are stored now: as in the model's files (`InOut` for GPT-2,
@@ -153,6 +156,9 @@ pub struct Gpt<K: Kernels = Cpu> {
     scratch: GradScratch,
     /// Whether the last forward pass left logit gradients for a backward pass.
     ready_for_backward: bool,
+    /// What the logits buffer holds after the last forward pass: logits, or (a training pass)
+    /// their gradients, written in place.
+    logits_are_gradients: bool,
 }
 
 fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &mut [f32]) {
@@ -243,6 +249,7 @@ impl<K: Kernels> Gpt<K> {
             acts: Activations::default(),
             scratch: GradScratch::default(),
             ready_for_backward: false,
+            logits_are_gradients: false,
             params_bf16: None,
             rope,
             decoding_only: false,
@@ -723,6 +730,7 @@ impl<K: Kernels> Gpt<K> {
         let sum: f64 = a.losses.iter().map(|&x| f64::from(x)).sum();
         self.acts = a;
         self.ready_for_backward = grad_scale.is_some();
+        self.logits_are_gradients = grad_scale.is_some();
         Ok((sum, count))
     }
 
@@ -731,9 +739,59 @@ impl<K: Kernels> Gpt<K> {
         &self.acts.losses
     }
 
-    /// Logits of the last forward pass without `grad_scale`, `[batch·seq, padded_vocab]`.
-    pub fn logits(&self) -> &[f32] {
-        &self.acts.logits
+    /// Logits of the last forward pass, `[batch·seq, padded_vocab]`: only after a pass without
+    /// `grad_scale` (a training pass overwrites them with their gradients).
+    pub fn logits(&self) -> Result<&[f32]> {
+        if self.logits_are_gradients {
+            return Err(EngineError::Shape(
+                "the last forward pass trained (grad_scale): its logits were replaced by their \
+                 gradients; run forward without grad_scale to read logits"
+                    .into(),
+            ));
+        }
+        Ok(&self.acts.logits)
+    }
+
+    /// Gradients of the loss with respect to the logits, after a forward pass with
+    /// `grad_scale`.
+    pub fn logit_gradients(&self) -> Result<&[f32]> {
+        if !self.logits_are_gradients {
+            return Err(EngineError::Shape(
+                "no logit gradients: the last forward pass ran without grad_scale".into(),
+            ));
+        }
+        Ok(&self.acts.logits)
+    }
+
+    /// The parameters in the model files' layout (the tensors of [`Gpt::layout`]). Refused
+    /// once [`Gpt::transpose_for_decoding`] or [`Gpt::use_bf16_weights`] has laid the model out
+    /// for decoding, where matrices may be stored transposed.
+    pub fn params(&self) -> Result<&[f32]> {
+        self.files_layout()?;
+        Ok(&self.params)
+    }
+
+    /// Mutable [`Gpt::params`].
+    pub fn params_mut(&mut self) -> Result<&mut [f32]> {
+        self.files_layout()?;
+        Ok(&mut self.params)
+    }
+
+    /// The fp32 weights as decoding reads them (matrices `[out, in]` once laid out for
+    /// decoding); for measuring and checking decoding, not for reading tensors by name.
+    pub fn decoding_weights(&self) -> &[f32] {
+        &self.params
+    }
+
+    fn files_layout(&self) -> Result<()> {
+        if self.decoding_only {
+            return Err(EngineError::Shape(
+                "the model is laid out for decoding (matrices transposed): its parameters no \
+                 longer follow the files' layout"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Sets all gradients to zero (allocating them on first use).

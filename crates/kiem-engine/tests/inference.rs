@@ -38,7 +38,7 @@ fn model_of(config: ModelConfig) -> Gpt {
     let mut gpt = Gpt::new(config).unwrap();
     gpt.init_random(3);
     let mut rng = Rng::new(4);
-    for x in gpt.params.iter_mut() {
+    for x in gpt.params_mut().unwrap().iter_mut() {
         *x += rng.normal() * 0.2;
     }
     gpt
@@ -52,6 +52,7 @@ fn full_logits(gpt: &mut Gpt, tokens: &[u32]) -> Vec<Vec<f32>> {
     let vp = gpt.config.padded_vocab();
     let v = gpt.config.vocab_size;
     gpt.logits()
+        .unwrap()
         .chunks(vp)
         .map(|row| row[..v].to_vec())
         .collect()
@@ -286,7 +287,12 @@ fn varying_batch_shapes_reuse_buffers_without_changing_results() {
             .forward(&tokens, &targets, batch, seq, Some(0.1))
             .unwrap();
         gpt.backward().unwrap();
-        (loss, count, gpt.grads.clone(), gpt.logits().to_vec())
+        (
+            loss,
+            count,
+            gpt.grads.clone(),
+            gpt.logit_gradients().unwrap().to_vec(),
+        )
     };
     let mut fresh = model();
     let expected = run(&mut fresh, 2, 9);
@@ -297,7 +303,7 @@ fn varying_batch_shapes_reuse_buffers_without_changing_results() {
     assert_eq!(expected.0.to_bits(), got.0.to_bits(), "loss");
     assert_eq!(expected.1, got.1);
     assert_eq!(expected.2, got.2, "gradients");
-    assert_eq!(expected.3, got.3, "logits");
+    assert_eq!(expected.3, got.3, "logit gradients");
 }
 
 /// Continuous batching: a sequence's tokens do not depend on which others share its steps,
@@ -458,7 +464,9 @@ fn bf16_weights_decode_exactly_for(config: ModelConfig) {
     let mut original = Gpt::new(config).unwrap();
     original.init_random(11);
     let mut bf16 = Gpt::new(config).unwrap();
-    bf16.params.copy_from_slice(&original.params);
+    bf16.params_mut()
+        .unwrap()
+        .copy_from_slice(original.params().unwrap());
     bf16.use_bf16_weights();
     assert_eq!(
         bf16.decoding_weight_bytes() * 2,
@@ -466,10 +474,20 @@ fn bf16_weights_decode_exactly_for(config: ModelConfig) {
     );
     // The same rounded values in fp32, decoded by the fp32 kernels.
     let mut rounded = Gpt::new(config).unwrap();
-    rounded.params.copy_from_slice(&original.params);
+    for (r, &x) in rounded
+        .params_mut()
+        .unwrap()
+        .iter_mut()
+        .zip(original.params().unwrap())
+    {
+        *r = kiem_engine::bf16_gemm::from_bf16(kiem_engine::bf16_gemm::to_bf16(x));
+    }
     rounded.transpose_for_decoding();
-    for (r, b) in rounded.params.iter_mut().zip(&bf16.params) {
-        *r = kiem_engine::bf16_gemm::from_bf16(kiem_engine::bf16_gemm::to_bf16(*r));
+    for (r, b) in rounded
+        .decoding_weights()
+        .iter()
+        .zip(bf16.decoding_weights())
+    {
         assert_eq!(r.to_bits(), b.to_bits());
     }
     original.transpose_for_decoding();
@@ -509,7 +527,7 @@ fn bf16_weights_decode_exactly_for(config: ModelConfig) {
 fn streaming_the_decoding_weights_reads_every_weight_decoding_reads() {
     let mut gpt = model();
     let bits = |gpt: &Gpt, shift: u32| {
-        gpt.params
+        gpt.decoding_weights()
             .iter()
             .fold(0u32, |s, x| s.wrapping_add(x.to_bits() >> shift))
     };
@@ -582,7 +600,7 @@ fn generation_stays_inside_the_sampling_vocabulary() {
     let head = gpt.layout.head_weights();
     // Make ids 30..37 dominate every logit.
     for row in 30..37 {
-        for x in &mut gpt.params[head.start + row * c..head.start + (row + 1) * c] {
+        for x in &mut gpt.params_mut().unwrap()[head.start + row * c..head.start + (row + 1) * c] {
             *x = 50.0;
         }
     }
@@ -616,4 +634,34 @@ fn rotary_positions_past_the_first_table() {
         assert!(logits.iter().all(|x| x.is_finite()));
     }
     assert_eq!(cache[0].len(), 4200);
+}
+
+/// The API says what a buffer holds: logits only after an inference pass (a training pass
+/// replaces them with their gradients), parameters by name only in the files' layout.
+#[test]
+fn misuse_of_logits_and_parameters_is_refused() {
+    let mut gpt = model();
+    let tokens = [1u32, 2, 3];
+    gpt.forward(&tokens, &[Some(2), Some(3), Some(4)], 1, 3, Some(1.0))
+        .unwrap();
+    assert!(gpt.logits().unwrap_err().to_string().contains("gradients"));
+    assert!(gpt.logit_gradients().is_ok());
+    gpt.forward(&tokens, &[None, None, None], 1, 3, None)
+        .unwrap();
+    assert!(gpt.logits().is_ok());
+    assert!(gpt.logit_gradients().is_err());
+    let files = gpt.params().unwrap().to_vec();
+    gpt.transpose_for_decoding();
+    assert!(gpt
+        .params()
+        .unwrap_err()
+        .to_string()
+        .contains("laid out for decoding"));
+    assert!(gpt.params_mut().is_err());
+    assert_eq!(gpt.decoding_weights().len(), files.len());
+    assert_ne!(
+        gpt.decoding_weights(),
+        &files[..],
+        "GPT-2 matrices are transposed"
+    );
 }

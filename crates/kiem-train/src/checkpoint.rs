@@ -221,7 +221,7 @@ pub fn load_checkpoint(dir: &Path, gpt: &mut Gpt, opt: &mut AdamWState) -> Resul
     let moments = MappedTensors::open(&sdir.join("optimizer.safetensors"))?;
     let take = |name: &str| -> Result<Vec<f32>> {
         moments
-            .read_f32(name, gpt.params.len())
+            .read_f32(name, gpt.num_parameters())
             .map_err(|e| TrainError::Resume(e.to_string()))
     };
     opt.m = take("m")?;

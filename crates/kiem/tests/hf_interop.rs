@@ -46,7 +46,7 @@ fn transformers_models_give_the_same_tokens_logits_and_greedy_text() {
         let (shape, expected) = &reference["logits"];
         assert_eq!(shape, &vec![tokens.len(), v]);
         let mut worst = 0f32;
-        for (t, row) in gpt.logits().chunks(vp).enumerate() {
+        for (t, row) in gpt.logits().unwrap().chunks(vp).enumerate() {
             for (got, want) in row[..v].iter().zip(&expected[t * v..(t + 1) * v]) {
                 worst = worst.max((got - want).abs());
             }
@@ -413,7 +413,12 @@ fn check_fine_tuned_in_transformers(python: &std::ffi::OsStr, dir: &Path, base: 
     gpt.forward(&tokens, &vec![None; tokens.len()], 1, tokens.len(), None)
         .unwrap();
     let (v, vp) = (gpt.config.vocab_size, gpt.config.padded_vocab());
-    let logits: Vec<Vec<f32>> = gpt.logits().chunks(vp).map(|r| r[..v].to_vec()).collect();
+    let logits: Vec<Vec<f32>> = gpt
+        .logits()
+        .unwrap()
+        .chunks(vp)
+        .map(|r| r[..v].to_vec())
+        .collect();
     let conversation = vec![
         Message::new(Role::System, "You answer customers."),
         Message::new(Role::User, "Do I need a permit? Ünïcödé 🏗️"),
