@@ -10,6 +10,12 @@ It starts `target/release/kiem serve` on a free port (or uses --url), sends stre
 completions with `ignore_eos` so every request generates exactly --max-tokens tokens, and prints
 one table row per concurrency level. With --min-ratio R it exits 1 when the throughput at the
 highest concurrency is under R times that of the lowest.
+
+Hostile load: `--stop-bytes N` gives every stream four stop strings of N bytes that never match
+(the decoder checks them at every token), and `--hostile K` runs each level a second time while
+K more clients keep sending 1 MB prompts to /v1/completions (tokenized, then refused as longer
+than the context): the table then shows each level without and with that load, and the ratio
+of their latencies (1.0 = the other streams do not notice).
 """
 import argparse
 import http.client
@@ -31,9 +37,14 @@ QUESTIONS = [
 ]
 
 
-def stream_chat(host, port, model, question, max_tokens, seed, key):
+def never_matching_stops(n):
+    """Four stop strings of n bytes that generated text will not contain."""
+    return [("\u00a7" + chr(0x2460 + i) * n)[:n // 3 or 1] for i in range(4)] if n else None
+
+
+def stream_chat(host, port, model, question, max_tokens, seed, key, stops=None):
     """One streaming request: (seconds to first token, total seconds, completion tokens)."""
-    body = json.dumps({
+    request = {
         "model": model,
         "messages": [{"role": "user", "content": question}],
         "max_tokens": max_tokens,
@@ -42,7 +53,10 @@ def stream_chat(host, port, model, question, max_tokens, seed, key):
         "seed": seed,
         "stream": True,
         "stream_options": {"include_usage": True},
-    })
+    }
+    if stops:
+        request["stop"] = stops
+    body = json.dumps(request)
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = "Bearer " + key
@@ -76,8 +90,33 @@ def percentile(values, p):
     return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
 
 
-def run_level(host, port, model, concurrency, requests, max_tokens, time_limit, key):
+def hostile_client(host, port, model, key, stop_event, counts):
+    """Sends 1 MB prompts until told to stop; each is tokenized by the server and refused."""
+    prompt = ("The customer wrote a very long complaint about the roof. " * 17_000)[:1_000_000]
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 4})
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = "Bearer " + key
+    while not stop_event.is_set():
+        conn = http.client.HTTPConnection(host, port, timeout=600)
+        conn.request("POST", "/v1/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        counts[response.status] = counts.get(response.status, 0) + 1
+
+
+def run_level(host, port, model, concurrency, requests, max_tokens, time_limit, key,
+              stops=None, hostile=0):
     results, errors = [], []
+    stop_event = threading.Event()
+    hostile_counts = {}
+    hostile_threads = [
+        threading.Thread(target=hostile_client, args=(host, port, model, key, stop_event, hostile_counts))
+        for _ in range(hostile)
+    ]
+    for t in hostile_threads:
+        t.start()
     lock = threading.Lock()
     next_index = [0]
     deadline = time.perf_counter() + time_limit
@@ -90,7 +129,7 @@ def run_level(host, port, model, concurrency, requests, max_tokens, time_limit, 
                     return
                 next_index[0] += 1
             try:
-                r = stream_chat(host, port, model, QUESTIONS[i % len(QUESTIONS)], max_tokens, i, key)
+                r = stream_chat(host, port, model, QUESTIONS[i % len(QUESTIONS)], max_tokens, i, key, stops)
                 with lock:
                     results.append(r)
             except Exception as e:  # noqa: BLE001 - reported below
@@ -104,6 +143,9 @@ def run_level(host, port, model, concurrency, requests, max_tokens, time_limit, 
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    stop_event.set()
+    for t in hostile_threads:
+        t.join()
     if errors:
         raise SystemExit(f"{len(errors)} requests failed, e.g. {errors[0]}")
     tokens = sum(r[2] for r in results)
@@ -118,6 +160,8 @@ def run_level(host, port, model, concurrency, requests, max_tokens, time_limit, 
         "latency_p50_s": percentile([r[1] for r in results], 50),
         "latency_p99_s": percentile([r[1] for r in results], 99),
         "per_stream_tokens_per_second": statistics.mean(r[2] / r[1] for r in results),
+        "hostile_clients": hostile,
+        "hostile_responses": {str(k): v for k, v in hostile_counts.items()},
     }
 
 
@@ -133,6 +177,8 @@ def main():
     parser.add_argument("--time-limit", type=float, default=120, help="seconds per level at most")
     parser.add_argument("--threads", type=int, help="kiem serve --threads")
     parser.add_argument("--min-ratio", type=float, help="fail when highest/lowest concurrency throughput is below this")
+    parser.add_argument("--stop-bytes", type=int, default=0, help="four never-matching stop strings of this many bytes per stream")
+    parser.add_argument("--hostile", type=int, default=0, help="run each level again beside this many clients sending 1 MB prompts")
     args = parser.parse_args()
 
     server = None
@@ -166,17 +212,34 @@ def main():
               f"{platform.machine()} with {os.cpu_count()} CPUs")
         print(f"{'streams':>7} {'requests':>8} {'tok/s':>9} {'per stream':>10} {'TTFT p50':>9} "
               f"{'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
-        rows = []
-        for c in args.concurrency:
-            row = run_level(host, port, model, c, args.requests, args.max_tokens, args.time_limit, args.api_key)
-            rows.append(row)
-            print(f"{c:>7} {row['requests']:>8} {row['tokens_per_second']:>9.0f} "
+        rows, loaded_rows = [], []
+        stops = never_matching_stops(args.stop_bytes)
+
+        def show(label, row):
+            print(f"{label:>7} {row['requests']:>8} {row['tokens_per_second']:>9.0f} "
                   f"{row['per_stream_tokens_per_second']:>10.0f} {row['ttft_p50_ms']:>7.0f}ms "
                   f"{row['ttft_p99_ms']:>7.0f}ms {row['latency_p50_s']:>7.2f}s {row['latency_p99_s']:>7.2f}s",
                   flush=True)
+
+        for c in args.concurrency:
+            row = run_level(host, port, model, c, args.requests, args.max_tokens, args.time_limit,
+                            args.api_key, stops)
+            rows.append(row)
+            show(str(c), row)
+            if args.hostile:
+                loaded = run_level(host, port, model, c, args.requests, args.max_tokens, args.time_limit,
+                                   args.api_key, stops, args.hostile)
+                loaded_rows.append(loaded)
+                show(f"{c}+{args.hostile}h", loaded)
+                print(f"  with {args.hostile} clients sending 1 MB prompts "
+                      f"(answers {loaded['hostile_responses']}): latency p50 "
+                      f"{loaded['latency_p50_s'] / row['latency_p50_s']:.2f}x, p99 "
+                      f"{loaded['latency_p99_s'] / row['latency_p99_s']:.2f}x, TTFT p50 "
+                      f"{loaded['ttft_p50_ms'] / max(row['ttft_p50_ms'], 1e-9):.2f}x", flush=True)
         ratio = rows[-1]["tokens_per_second"] / rows[0]["tokens_per_second"]
         print(f"throughput ratio {rows[-1]['concurrency']} vs {rows[0]['concurrency']} streams: {ratio:.2f}x")
-        print(json.dumps({"rows": rows, "ratio": ratio}))
+        print(json.dumps({"rows": rows, "hostile_rows": loaded_rows, "ratio": ratio,
+                          "stop_bytes": args.stop_bytes}))
         if args.min_ratio is not None and ratio < args.min_ratio:
             print(f"FAIL: ratio {ratio:.2f} is under --min-ratio {args.min_ratio}", file=sys.stderr)
             return 1
