@@ -368,3 +368,41 @@ mod bounded_tests {
         assert_eq!(got, ["12345\n", "abcdef\r\n", "<too long>", "<too long>"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any line of a conversation file, JSON or not, is a conversation or a bad record
+        /// naming its line: never a panic, and skipping keeps the good ones in order.
+        #[test]
+        fn any_lines_parse_or_are_counted(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    Just(r#"{"prompt":"q","completion":"a"}"#.to_string()),
+                    Just(r#"{"messages":[{"role":"user","content":"q"},{"role":"assistant","content":"a"}]}"#.to_string()),
+                    r#"\{"(messages|conversations|prompt|instruction)":[^\n]{0,30}"#,
+                    "[^\n]{0,40}",
+                ],
+                0..12,
+            )
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.jsonl");
+            std::fs::write(&path, lines.join("\n")).unwrap();
+            let mut bad = BadRecords::default();
+            let kept = read_conversations(&path, ChatFormat::Auto, true, &mut bad).unwrap();
+            let blank = lines.iter().filter(|l| l.trim().is_empty()).count();
+            prop_assert_eq!(kept.len() + bad.count as usize + blank, lines.len());
+            let mut fresh = BadRecords::default();
+            match read_conversations(&path, ChatFormat::Auto, false, &mut fresh) {
+                Ok(all) => prop_assert_eq!(all.len(), kept.len()),
+                Err(e) => prop_assert!(e.to_string().contains("c.jsonl:"), "{}", e),
+            }
+        }
+    }
+}

@@ -255,3 +255,61 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever the text and stop strings, generation stops at the first token after which
+        /// the text holds a stop string, and shows the text before the earliest such
+        /// occurrence (all of it when none occurs), exactly as a plain search says.
+        #[test]
+        fn output_is_the_text_before_the_first_stop(
+            text in "[ab é\n]{0,60}",
+            stops in proptest::collection::vec("[ab é]{1,5}", 0..4),
+        ) {
+            static GPT2: std::sync::OnceLock<Tokenizer> = std::sync::OnceLock::new();
+            let tok = GPT2.get_or_init(Tokenizer::gpt2);
+            let mut dec = StreamDecoder::new(tok, &stops);
+            let mut shown = String::new();
+            let mut stopped = false;
+            for id in tok.encode(&text) {
+                let chunk = dec.push(id);
+                shown.push_str(&chunk.text);
+                if chunk.stopped {
+                    stopped = true;
+                    break;
+                }
+            }
+            if !stopped {
+                shown.push_str(&dec.finish());
+            }
+            let mut so_far = Vec::new();
+            let mut first = None;
+            for id in tok.encode(&text) {
+                so_far.extend(tok.decode_bytes(&[id]));
+                first = stops
+                    .iter()
+                    .filter_map(|s| so_far.windows(s.len()).position(|w| w == s.as_bytes()))
+                    .min();
+                if first.is_some() {
+                    break;
+                }
+            }
+            match first {
+                Some(at) => {
+                    prop_assert!(stopped);
+                    prop_assert_eq!(shown, &text[..at]);
+                }
+                None => {
+                    prop_assert!(!stopped);
+                    prop_assert_eq!(shown, text);
+                }
+            }
+        }
+    }
+}

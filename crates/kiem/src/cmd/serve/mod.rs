@@ -95,6 +95,9 @@ struct App {
     queue_size: usize,
     timeout: Duration,
     created: u64,
+    /// Large requests being prepared (parsed, rendered, tokenized) at once: half the threads,
+    /// so floods of huge prompts cannot take the cores decoding needs.
+    preparing: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -138,6 +141,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         queue_size: args.queue,
         timeout: Duration::from_secs(args.timeout),
         created: unix_time(),
+        preparing: Arc::new(tokio::sync::Semaphore::new((threads / 2).max(1))),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -341,12 +345,35 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Bodies up to this size are prepared at once; larger ones take turns (`App::preparing`).
+const SMALL_BODY: usize = 64 << 10;
+
 /// Runs a request's CPU work (parsing up to the body limit, rendering, tokenizing) on the
-/// blocking pool, so the few async threads keep serving every other connection.
+/// blocking pool, so the few async threads keep serving every other connection. Large bodies
+/// (costly to tokenize) are prepared at most `App::preparing` at once, so a flood of huge
+/// prompts neither takes the cores decoding needs nor delays small requests.
 async fn off_runtime<T: Send + 'static>(
+    app: &App,
+    body_len: usize,
     work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| {
+    let permit = if body_len > SMALL_BODY {
+        Some(app.preparing.clone().acquire_owned().await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("preparing the request failed: {e}"),
+            )
+        })?)
+    } else {
+        None
+    };
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work()
+    })
+    .await
+    .map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -361,7 +388,7 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let prepare = app.clone();
-    let (prompt, stop_ids, settings) = off_runtime(move || {
+    let (prompt, stop_ids, settings) = off_runtime(&app, body.len(), move || {
         let app = prepare;
         let request: ChatRequest = api::parse_body(&body)?;
         let settings = request.sampling.settings(&app.name)?;
@@ -386,7 +413,7 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let prepare = app.clone();
-    let (prompt, settings) = off_runtime(move || {
+    let (prompt, settings) = off_runtime(&app, body.len(), move || {
         let app = prepare;
         let request: CompletionRequest = api::parse_body(&body)?;
         let settings = request.sampling.settings(&app.name)?;
