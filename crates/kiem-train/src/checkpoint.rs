@@ -219,9 +219,11 @@ pub fn load_checkpoint(dir: &Path, gpt: &mut Gpt, opt: &mut AdamWState) -> Resul
     gpt.load_files(&[dir.join("model.safetensors")])?;
     let sdir = dir.join(STATE_DIR);
     let moments = MappedTensors::open(&sdir.join("optimizer.safetensors"))?;
+    // The moments match the parameter buffer, padded vocabulary rows included.
+    let len = gpt.params()?.len();
     let take = |name: &str| -> Result<Vec<f32>> {
         moments
-            .read_f32(name, gpt.num_parameters())
+            .read_f32(name, len)
             .map_err(|e| TrainError::Resume(e.to_string()))
     };
     opt.m = take("m")?;
