@@ -64,6 +64,8 @@ enum Command {
     Generate(Box<cmd::generate::GenerateArgs>),
     /// Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
     Serve(Box<cmd::serve::ServeArgs>),
+    /// Score a model on multiple-choice benchmark tasks, as lm-evaluation-harness does.
+    Eval(Box<cmd::eval::EvalArgs>),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -179,6 +181,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Generate(c) => cmd::generate::run(*c),
         Command::Chat(c) => cmd::chat::run(*c),
         Command::Serve(c) => cmd::serve::run(*c),
+        Command::Eval(c) => cmd::eval::run(*c),
         Command::Finetune(c) => cmd::finetune::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     }

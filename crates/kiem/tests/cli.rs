@@ -590,3 +590,63 @@ fn demo_data_written_out_feeds_the_readme_examples() {
     ));
     assert!(shown.contains("503 conversations"), "{shown}");
 }
+
+/// `kiem eval` scores task files of every format on a model directory: a table on stdout, a
+/// JSON report with each metric's standard error, and bad task files refused by file and line
+/// before the model is loaded.
+#[test]
+fn eval_scores_tasks_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = root.join("kiem/tests/fixtures/hf/tiny_a");
+    let fixtures = root.join("kiem-eval/tests/fixtures");
+    let task = |name: &str| fixtures.join(name).display().to_string();
+    let model_arg = model.display().to_string();
+    let out = ok(&kiem(
+        &[
+            "eval",
+            "--model",
+            &model_arg,
+            "--task",
+            &task("arc_fixture.jsonl"),
+            &task("bigbench_fixture.json"),
+            "--limit",
+            "2",
+            "--out",
+            "report.json",
+        ],
+        dir,
+    ));
+    assert!(
+        out.contains("arc_fixture") && out.contains("bigbench") && out.contains("±"),
+        "{out}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let tasks = report["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2);
+    assert_eq!(tasks[0]["examples"], 2);
+    assert!(tasks[0]["acc"]["stderr"].as_f64().is_some());
+    assert_eq!(
+        tasks[1]["questions"][0]["scores"].as_array().unwrap().len(),
+        3
+    );
+    std::fs::write(
+        dir.join("bad.jsonl"),
+        "{\"context\": \"c\", \"choices\": [\"a\"], \"label\": 0}\n",
+    )
+    .unwrap();
+    failed(
+        &kiem(&["eval", "--model", "nowhere", "--task", "bad.jsonl"], dir),
+        &["bad.jsonl:1", "at least two choices"],
+    );
+    std::fs::write(dir.join("empty.jsonl"), "\n").unwrap();
+    failed(
+        &kiem(
+            &["eval", "--model", &model_arg, "--task", "empty.jsonl"],
+            dir,
+        ),
+        &["empty.jsonl", "no questions"],
+    );
+}

@@ -1,0 +1,220 @@
+//! Scoring multiple-choice questions as lm-evaluation-harness does for causal models: each
+//! choice is the continuation `" " + choice` of the context; context and continuation are
+//! encoded together and split after the context's own token count (trailing whitespace of the
+//! context moves into the continuation); the score is the sum of the continuation tokens' log
+//! probabilities. `acc` takes the best score, `acc_norm` the best score per character of the
+//! choice, `acc_bytes` per UTF-8 byte.
+
+use kiem_engine::Gpt;
+use kiem_tokenizer::Tokenizer;
+use serde::Serialize;
+
+use crate::tasks::{Question, Task};
+use crate::Result;
+
+/// The delimiter between context and choice (the harness' `target_delimiter`).
+pub const TARGET_DELIMITER: &str = " ";
+
+/// Context and continuation tokens of one request, split as the harness splits them.
+pub fn encode_pair(
+    tokenizer: &Tokenizer,
+    context: &str,
+    continuation: &str,
+) -> (Vec<u32>, Vec<u32>) {
+    // Python's rstrip(): trailing whitespace moves from the context into the continuation.
+    let kept = context.trim_end().len();
+    let (context, moved) = context.split_at(kept);
+    let continuation = format!("{moved}{continuation}");
+    if context.is_empty() {
+        // An empty context is the prefix token (BOS where the model has one).
+        let prefix = tokenizer
+            .prompt_prefix()
+            .first()
+            .copied()
+            .unwrap_or_else(|| tokenizer.eos_id().unwrap_or(tokenizer.bos_id()));
+        return (vec![prefix], tokenizer.encode(&continuation));
+    }
+    let whole = tokenizer.encode_prompt(&format!("{context}{continuation}"));
+    let context_ids = tokenizer.encode_prompt(context);
+    let split = context_ids.len().min(whole.len());
+    (context_ids, whole[split..].to_vec())
+}
+
+/// One choice's score: the summed log probability of its tokens, and whether greedy decoding
+/// would have produced them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ChoiceScore {
+    pub loglikelihood: f64,
+    pub greedy: bool,
+}
+
+/// Scores continuations after their contexts, all in one forward pass: each row is the last
+/// `context + 1` tokens of context and continuation, without its last token.
+pub fn loglikelihoods(
+    gpt: &mut Gpt,
+    requests: &[(Vec<u32>, Vec<u32>)],
+) -> Result<Vec<ChoiceScore>> {
+    let window = gpt.config.context;
+    let rows: Vec<(Vec<u32>, usize)> = requests
+        .iter()
+        .map(|(context, continuation)| {
+            let whole: Vec<u32> = context.iter().chain(continuation).copied().collect();
+            let kept = &whole[whole.len().saturating_sub(window + 1)..];
+            let input = kept[..kept.len().saturating_sub(1)].to_vec();
+            (input, continuation.len().min(kept.len().saturating_sub(1)))
+        })
+        .collect();
+    let seq = rows
+        .iter()
+        .map(|(input, _)| input.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut tokens = Vec::with_capacity(rows.len() * seq);
+    let mut targets = Vec::with_capacity(rows.len() * seq);
+    for ((input, scored), (context, continuation)) in rows.iter().zip(requests) {
+        let whole: Vec<u32> = context.iter().chain(continuation).copied().collect();
+        let next = &whole[whole.len() - input.len()..];
+        tokens.extend_from_slice(input);
+        tokens.extend(std::iter::repeat_n(0, seq - input.len()));
+        // Position p predicts the token after it; only the continuation's are scored.
+        targets.extend((0..input.len()).map(|p| (p + scored >= input.len()).then(|| next[p])));
+        targets.extend(std::iter::repeat_n(None, seq - input.len()));
+    }
+    gpt.forward(&tokens, &targets, rows.len(), seq, None)?;
+    let (losses, logits) = (gpt.losses(), gpt.logits()?);
+    let (vp, vocab) = (gpt.config.padded_vocab(), gpt.config.vocab_size);
+    Ok((0..rows.len())
+        .map(|r| {
+            let mut score = ChoiceScore {
+                loglikelihood: 0.0,
+                greedy: true,
+            };
+            for p in r * seq..(r + 1) * seq {
+                if let Some(target) = targets[p] {
+                    score.loglikelihood -= f64::from(losses[p]);
+                    let row = &logits[p * vp..p * vp + vocab];
+                    let best = row
+                        .iter()
+                        .enumerate()
+                        .fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+                    score.greedy &= best == target as usize;
+                }
+            }
+            score
+        })
+        .collect())
+}
+
+/// One question's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scored {
+    pub line: usize,
+    pub gold: usize,
+    pub scores: Vec<ChoiceScore>,
+    pub pred: usize,
+    pub pred_norm: usize,
+    pub pred_bytes: usize,
+}
+
+/// The first index of the largest value (numpy's argmax).
+fn argmax(values: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, v) in values.enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0
+}
+
+/// Scores one question (all its choices in one pass).
+pub fn score_question(gpt: &mut Gpt, tokenizer: &Tokenizer, question: &Question) -> Result<Scored> {
+    let requests: Vec<(Vec<u32>, Vec<u32>)> = question
+        .choices
+        .iter()
+        .map(|c| {
+            encode_pair(
+                tokenizer,
+                &question.context,
+                &format!("{TARGET_DELIMITER}{c}"),
+            )
+        })
+        .collect();
+    let scores = loglikelihoods(gpt, &requests)?;
+    let ll = || scores.iter().map(|s| s.loglikelihood);
+    let chars = question.choices.iter().map(|c| c.chars().count() as f64);
+    let bytes = question.choices.iter().map(|c| c.len() as f64);
+    Ok(Scored {
+        line: question.line,
+        gold: question.gold,
+        pred: argmax(ll()),
+        pred_norm: argmax(ll().zip(chars).map(|(l, n)| l / n)),
+        pred_bytes: argmax(ll().zip(bytes).map(|(l, n)| l / n)),
+        scores,
+    })
+}
+
+/// A metric's mean over the questions and its standard error (the sample standard deviation
+/// over √n, as the harness reports it).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Mean {
+    pub value: f64,
+    pub stderr: f64,
+}
+
+impl Mean {
+    pub fn of(values: &[f64]) -> Mean {
+        let n = values.len() as f64;
+        let value = values.iter().sum::<f64>() / n.max(1.0);
+        let stderr = if values.len() > 1 {
+            (values.iter().map(|v| (v - value).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
+        } else {
+            0.0
+        };
+        Mean { value, stderr }
+    }
+}
+
+/// A task's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskReport {
+    pub task: String,
+    pub format: &'static str,
+    pub examples: usize,
+    pub acc: Mean,
+    pub acc_norm: Mean,
+    pub acc_bytes: Mean,
+    pub questions: Vec<Scored>,
+}
+
+/// Scores the first `limit` questions of a task, calling `progress(done, total)` after each.
+pub fn evaluate(
+    gpt: &mut Gpt,
+    tokenizer: &Tokenizer,
+    task: &Task,
+    limit: Option<usize>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<TaskReport> {
+    let total = limit.map_or(task.questions.len(), |l| l.min(task.questions.len()));
+    let mut questions = Vec::with_capacity(total);
+    for (i, question) in task.questions[..total].iter().enumerate() {
+        questions.push(score_question(gpt, tokenizer, question)?);
+        progress(i + 1, total);
+    }
+    let hits = |pick: fn(&Scored) -> usize| -> Vec<f64> {
+        questions
+            .iter()
+            .map(|q| f64::from(u8::from(pick(q) == q.gold)))
+            .collect()
+    };
+    Ok(TaskReport {
+        task: task.name.clone(),
+        format: task.format.name(),
+        examples: total,
+        acc: Mean::of(&hits(|q| q.pred)),
+        acc_norm: Mean::of(&hits(|q| q.pred_norm)),
+        acc_bytes: Mean::of(&hits(|q| q.pred_bytes)),
+        questions,
+    })
+}
