@@ -1,7 +1,8 @@
 //! Evaluation: benchmark tasks read from the files people have (HellaSwag and ARC JSONL,
 //! BIG-bench JSON, plain `{"context", "choices", "label"}` JSONL) and scored exactly as
-//! lm-evaluation-harness scores them.
+//! lm-evaluation-harness scores them; and the loss, perplexity and bits per byte of texts.
 
+pub mod lm;
 pub mod score;
 pub mod tasks;
 

@@ -14,6 +14,48 @@ use crate::Result;
 
 /// The delimiter between context and choice (the harness' `target_delimiter`).
 pub const TARGET_DELIMITER: &str = " ";
+/// The delimiter between few-shot examples and the question (the harness' `fewshot_delimiter`).
+pub const FEWSHOT_DELIMITER: &str = "\n\n";
+
+/// How questions are asked: with how many solved examples of the same task before each.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shots {
+    pub count: usize,
+    /// Seeds the draw of the examples (each question's draw depends on it and the question's
+    /// index only, so results do not depend on --limit or the order of evaluation).
+    pub seed: u64,
+}
+
+/// `question` preceded by `shots.count` other questions of the task, each with its answer.
+pub fn with_examples(task: &Task, index: usize, shots: Shots) -> Question {
+    let question = &task.questions[index];
+    let others = task.questions.len() - 1;
+    let count = shots.count.min(others);
+    if count == 0 {
+        return question.clone();
+    }
+    let mut rng =
+        kiem_engine::rng::Rng::new(shots.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    // A partial Fisher-Yates shuffle of the other questions' indices.
+    let mut pool: Vec<usize> = (0..task.questions.len()).filter(|&i| i != index).collect();
+    for i in 0..count {
+        let j = i + (rng.next_u64() % (pool.len() - i) as u64) as usize;
+        pool.swap(i, j);
+    }
+    let mut context = String::new();
+    for &i in &pool[..count] {
+        let example = &task.questions[i];
+        context.push_str(&example.context);
+        context.push_str(TARGET_DELIMITER);
+        context.push_str(&example.choices[example.gold]);
+        context.push_str(FEWSHOT_DELIMITER);
+    }
+    context.push_str(&question.context);
+    Question {
+        context,
+        ..question.clone()
+    }
+}
 
 /// Context and continuation tokens of one request, split as the harness splits them.
 pub fn encode_pair(
@@ -182,24 +224,28 @@ pub struct TaskReport {
     pub task: String,
     pub format: &'static str,
     pub examples: usize,
+    pub shots: usize,
     pub acc: Mean,
     pub acc_norm: Mean,
     pub acc_bytes: Mean,
     pub questions: Vec<Scored>,
 }
 
-/// Scores the first `limit` questions of a task, calling `progress(done, total)` after each.
+/// Scores the first `limit` questions of a task, each after `shots` solved examples, calling
+/// `progress(done, total)` after each.
 pub fn evaluate(
     gpt: &mut Gpt,
     tokenizer: &Tokenizer,
     task: &Task,
     limit: Option<usize>,
+    shots: Shots,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TaskReport> {
     let total = limit.map_or(task.questions.len(), |l| l.min(task.questions.len()));
     let mut questions = Vec::with_capacity(total);
-    for (i, question) in task.questions[..total].iter().enumerate() {
-        questions.push(score_question(gpt, tokenizer, question)?);
+    for i in 0..total {
+        let question = with_examples(task, i, shots);
+        questions.push(score_question(gpt, tokenizer, &question)?);
         progress(i + 1, total);
     }
     let hits = |pick: fn(&Scored) -> usize| -> Vec<f64> {
@@ -212,9 +258,58 @@ pub fn evaluate(
         task: task.name.clone(),
         format: task.format.name(),
         examples: total,
+        shots: shots.count,
         acc: Mean::of(&hits(|q| q.pred)),
         acc_norm: Mean::of(&hits(|q| q.pred_norm)),
         acc_bytes: Mean::of(&hits(|q| q.pred_bytes)),
         questions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::TaskFormat;
+
+    fn task() -> Task {
+        let q = |c: &str, a: &str| Question {
+            context: c.into(),
+            choices: vec!["x".into(), a.into()],
+            gold: 1,
+            line: 0,
+        };
+        Task {
+            name: "t".into(),
+            format: TaskFormat::Plain,
+            questions: vec![q("Q0", "A0"), q("Q1", "A1"), q("Q2", "A2"), q("Q3", "A3")],
+        }
+    }
+
+    #[test]
+    fn few_shot_examples_are_other_solved_questions_drawn_reproducibly() {
+        let t = task();
+        let shots = Shots { count: 2, seed: 7 };
+        let q = with_examples(&t, 1, shots);
+        assert!(q.context.ends_with("\n\nQ1"), "{:?}", q.context);
+        let examples: Vec<&str> = q.context.split("\n\n").collect();
+        assert_eq!(examples.len(), 3);
+        for e in &examples[..2] {
+            let n = &e[1..2];
+            assert_ne!(n, "1", "never the question itself");
+            assert_eq!(*e, format!("Q{n} A{n}"), "question, delimiter, gold answer");
+        }
+        assert_eq!(
+            with_examples(&t, 1, shots).context,
+            q.context,
+            "reproducible"
+        );
+        assert_eq!(
+            with_examples(&t, 1, Shots { count: 9, seed: 7 })
+                .context
+                .matches("\n\n")
+                .count(),
+            3
+        );
+        assert_eq!(with_examples(&t, 2, Shots::default()).context, "Q2");
+    }
 }

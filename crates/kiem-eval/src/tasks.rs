@@ -4,8 +4,10 @@
 //!   `hellaswag` preprocessing (`[title]` artefacts, bracketed text, double spaces).
 //! - ARC-style JSONL (`question`, `choices.text`/`choices.label`, `answerKey`): context
 //!   `"Question: {question}\nAnswer:"`.
-//! - BIG-bench JSON tasks (`examples` with `input` and `target_scores`): the input as written,
-//!   the choices in file order, the answer the first of the highest score.
+//! - BIG-bench JSON tasks (`examples` with `input` and `target_scores`): the task's
+//!   `task_prefix` (if any) and the input as written (BIG-bench's own Q:/A: and choice-list
+//!   formatting is not applied), the choices in file order, the answer the first of the highest
+//!   score.
 //! - Plain JSONL `{"context", "choices", "label"}`.
 //!
 //! The format is detected per file. A bad record is an error naming its file and line.
@@ -347,8 +349,12 @@ fn bigbench(task: &Map<String, Value>, order: &ScoreOrder) -> Parsed<Vec<Questio
             choices.push(choice.clone());
         }
         let input = string(object, "input").map_err(at)?;
-        let question =
-            checked(input.to_string(), choices, best.map_or(0, |(j, _)| j)).map_err(at)?;
+        // The task's instruction, when it has one, comes first (as BIG-bench prompts do).
+        let context = match task.get("task_prefix").and_then(Value::as_str) {
+            Some(prefix) => format!("{prefix}{input}"),
+            None => input.to_string(),
+        };
+        let question = checked(context, choices, best.map_or(0, |(j, _)| j)).map_err(at)?;
         questions.push(Question {
             line: i + 1,
             ..question

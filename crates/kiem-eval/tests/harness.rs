@@ -38,7 +38,15 @@ fn loglikelihoods_and_accuracies_equal_the_harness() {
             assert_eq!(q.choices, choices, "{name}: choices");
             assert_eq!(q.gold as u64, w["gold"].as_u64().unwrap(), "{name}: gold");
         }
-        let report = evaluate(&mut gpt, &tokenizer, &task, None, &mut |_, _| {}).unwrap();
+        let report = evaluate(
+            &mut gpt,
+            &tokenizer,
+            &task,
+            None,
+            Default::default(),
+            &mut |_, _| {},
+        )
+        .unwrap();
         for (got, w) in report.questions.iter().zip(questions) {
             for (i, score) in got.scores.iter().enumerate() {
                 let ll = w["loglikelihoods"][i].as_f64().unwrap();
@@ -77,4 +85,50 @@ fn loglikelihoods_and_accuracies_equal_the_harness() {
             );
         }
     }
+}
+
+/// Perplexity: a text inside the context equals one forward pass; a longer one is scored in
+/// windows that score every token after the first exactly once, whatever the stride.
+#[test]
+fn texts_are_scored_token_by_token_in_windows() {
+    let model = here().join("../kiem/tests/fixtures/hf/tiny_a");
+    let (mut gpt, _) = kiem_engine::io::load_model_dir(&model).unwrap();
+    let tokenizer = Tokenizer::load(model.to_str().unwrap()).unwrap();
+    let short = "The roof was repaired on Monday.";
+    let report =
+        kiem_eval::lm::evaluate_text(&mut gpt, &tokenizer, "short", short, None, &mut |_, _| {})
+            .unwrap();
+    let ids = tokenizer.encode_prompt(short);
+    let targets: Vec<Option<u32>> = ids[1..].iter().map(|&t| Some(t)).collect();
+    let (sum, count) = gpt
+        .forward(&ids[..ids.len() - 1], &targets, 1, ids.len() - 1, None)
+        .unwrap();
+    assert_eq!(report.tokens, count);
+    assert!((report.loss - sum / count as f64).abs() < 1e-12);
+    assert!(
+        (report.bits_per_byte - sum / std::f64::consts::LN_2 / short.len() as f64).abs() < 1e-12
+    );
+    let long = "Customers asked about roofs, gutters, permits and paint. ".repeat(12);
+    let n = tokenizer.encode_prompt(&long).len();
+    assert!(n > 2 * gpt.config.context);
+    let mut losses = Vec::new();
+    for stride in [64, 40, 1] {
+        let r = kiem_eval::lm::evaluate_text(
+            &mut gpt,
+            &tokenizer,
+            "long",
+            &long,
+            Some(stride),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(r.tokens, n - 1, "stride {stride}");
+        losses.push(r.loss);
+    }
+    // More context per token changes the loss (the model attends to it).
+    assert_ne!(losses[0], losses[2]);
+    let err =
+        kiem_eval::lm::evaluate_text(&mut gpt, &tokenizer, "x", &long, Some(65), &mut |_, _| {})
+            .unwrap_err();
+    assert!(err.to_string().contains("--stride 65"), "{err}");
 }

@@ -1,4 +1,5 @@
-//! `kiem eval`: multiple-choice benchmark tasks scored as lm-evaluation-harness scores them.
+//! `kiem eval`: multiple-choice benchmark tasks scored as lm-evaluation-harness scores them,
+//! and the loss, perplexity and bits per byte of texts.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,8 +22,26 @@ pub struct EvalArgs {
 
     /// Multiple-choice task files: HellaSwag or ARC JSONL, BIG-bench JSON, or JSONL with
     /// `context`, `choices` and `label` (detected per file).
-    #[arg(long = "task", required = true, num_args = 1.., value_name = "FILE")]
+    #[arg(long = "task", num_args = 1.., value_name = "FILE")]
     tasks: Vec<PathBuf>,
+
+    /// Text files (UTF-8) to measure the loss, perplexity and bits per byte of.
+    #[arg(long = "text", num_args = 1.., value_name = "FILE")]
+    texts: Vec<PathBuf>,
+
+    /// Texts longer than the context are scored in context-long windows starting every N
+    /// tokens; each token is scored once, with the window's earlier tokens as context
+    /// [default: the context length: windows do not overlap].
+    #[arg(long, value_name = "N")]
+    stride: Option<usize>,
+
+    /// Solved examples of the same task before each question, drawn with --seed.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    shots: usize,
+
+    /// Seed of the few-shot draw.
+    #[arg(long, default_value_t = 1234, value_name = "S")]
+    seed: u64,
 
     /// Score only the first N questions of each task.
     #[arg(long, value_name = "N")]
@@ -42,6 +61,18 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
+    if args.tasks.is_empty() && args.texts.is_empty() {
+        bail!("give --task FILE... (multiple choice) and/or --text FILE... (perplexity)");
+    }
+    let texts = args
+        .texts
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {} (UTF-8 text expected)", p.display()))
+                .map(|t| (p.display().to_string(), t))
+        })
+        .collect::<Result<Vec<_>>>()?;
     // Read every task first: a bad file fails before the model is loaded.
     let tasks = args
         .tasks
@@ -80,11 +111,62 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
         bar.set_message(task.name.clone());
         bar.enable_steady_tick(Duration::from_millis(200));
-        let report = evaluate(&mut gpt, &tokenizer, task, args.limit, &mut |done, _| {
-            bar.set_position(done as u64)
-        })?;
+        let shots = kiem_eval::score::Shots {
+            count: args.shots,
+            seed: args.seed,
+        };
+        let report = evaluate(
+            &mut gpt,
+            &tokenizer,
+            task,
+            args.limit,
+            shots,
+            &mut |done, _| bar.set_position(done as u64),
+        )?;
         bar.finish_and_clear();
         reports.push(report);
+    }
+    let mut text_reports = Vec::new();
+    for (name, text) in &texts {
+        let bar = if crate::progress::quiet() {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} tokens, ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        let report = kiem_eval::lm::evaluate_text(
+            &mut gpt,
+            &tokenizer,
+            name,
+            text,
+            args.stride,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64)
+            },
+        )?;
+        bar.finish_and_clear();
+        text_reports.push(report);
+    }
+    if !text_reports.is_empty() {
+        println!(
+            "{:<40} {:>9} {:>8} {:>11} {:>8}",
+            "text", "tokens", "loss", "perplexity", "bpb"
+        );
+        for r in &text_reports {
+            println!(
+                "{:<40} {:>9} {:>8.4} {:>11.3} {:>8.4}",
+                r.text, r.tokens, r.loss, r.perplexity, r.bits_per_byte
+            );
+        }
+    }
+    if reports.is_empty() {
+        return write_report(&args, &tokenizer, &reports, &text_reports);
     }
     println!(
         "{:<24} {:<9} {:>6}  {:<15} {:<15} {:<15}",
@@ -102,17 +184,28 @@ pub fn run(args: EvalArgs) -> Result<()> {
             m(r.acc_bytes)
         );
     }
-    if let Some(out) = &args.out {
-        let report = serde_json::json!({
-            "model": args.model.display().to_string(),
-            "tokenizer": tokenizer.hash(),
-            "command": std::env::args().collect::<Vec<_>>(),
-            "scoring": "lm-evaluation-harness multiple choice: target delimiter \" \", continuation = encode(context + continuation) after the context's tokens; acc_norm per character, acc_bytes per UTF-8 byte; stderr = sample standard deviation / sqrt(n)",
-            "tasks": reports,
-        });
-        kiem_tokenizer::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
-            .with_context(|| format!("cannot write {}", out.display()))?;
-        eprintln!("report: {}", out.display());
-    }
+    write_report(&args, &tokenizer, &reports, &text_reports)
+}
+
+fn write_report(
+    args: &EvalArgs,
+    tokenizer: &Tokenizer,
+    reports: &[TaskReport],
+    texts: &[kiem_eval::lm::TextReport],
+) -> Result<()> {
+    let Some(out) = &args.out else {
+        return Ok(());
+    };
+    let report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "tokenizer": tokenizer.hash(),
+        "command": std::env::args().collect::<Vec<_>>(),
+        "scoring": "lm-evaluation-harness multiple choice: target delimiter \" \", few-shot delimiter \"\\n\\n\", continuation = encode(context + continuation) after the context's tokens; acc_norm per character, acc_bytes per UTF-8 byte; stderr = sample standard deviation / sqrt(n)",
+        "tasks": reports,
+        "texts": texts,
+    });
+    kiem_tokenizer::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!("report: {}", out.display());
     Ok(())
 }
