@@ -2,6 +2,7 @@
 //! BIG-bench JSON, plain `{"context", "choices", "label"}` JSONL) and scored exactly as
 //! lm-evaluation-harness scores them; and the loss, perplexity and bits per byte of texts.
 
+pub mod chat;
 pub mod lm;
 pub mod score;
 pub mod tasks;

@@ -665,9 +665,12 @@ fn chatml_model() -> &'static (PathBuf, &'static str) {
         gpt.init_random(7);
         kiem_train::checkpoint::write_model_files(&dir.join("base"), &gpt, &tokenizer).unwrap();
         common::write_order_conversations(&dir.join("orders.jsonl"), 64, |_| answer.to_string());
+        common::write_order_conversations(&dir.join("held_out.jsonl"), 6, |_| answer.to_string());
         ok(run(
             &[
                 "finetune",
+                "--val-data",
+                "held_out.jsonl",
                 "--model",
                 "base",
                 "--data",
@@ -771,6 +774,33 @@ fn a_model_with_its_own_chat_template_fine_tunes_chats_and_serves_in_it() {
         "Where is order 1?\nWhere is order 2?\n",
     );
     assert_eq!(replies, format!("{answer}\n{answer}\n"));
+    // kiem eval's held-out chat loss is finetune's own validation loss of the final model.
+    let report = ok(run(
+        &[
+            "eval",
+            "--model",
+            "ft/model",
+            "--chat",
+            "held_out.jsonl",
+            "--out",
+            "eval.json",
+        ],
+        dir,
+    ));
+    assert!(report.contains("held_out.jsonl"), "{report}");
+    let loss = common::read_json(&dir.join("eval.json"))["chat"][0]["loss"]
+        .as_f64()
+        .unwrap();
+    let last_val = std::fs::read_to_string(dir.join("ft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["val_loss"].as_f64())
+        .last()
+        .unwrap();
+    assert!(
+        (loss - last_val).abs() < 1e-4 * last_val.max(1.0),
+        "{loss} vs finetune's {last_val}"
+    );
     // And through the official OpenAI client.
     let Some(python) = python() else { return };
     let server = Server::start_with(model, &[], &[]);

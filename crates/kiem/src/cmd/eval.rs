@@ -29,6 +29,11 @@ pub struct EvalArgs {
     #[arg(long = "text", num_args = 1.., value_name = "FILE")]
     texts: Vec<PathBuf>,
 
+    /// Conversations (JSONL: OpenAI, ShareGPT, Alpaca or prompt/completion) to measure the
+    /// held-out loss on the assistant's tokens of, in the model's chat format.
+    #[arg(long = "chat", num_args = 1.., value_name = "FILE")]
+    chats: Vec<PathBuf>,
+
     /// Texts longer than the context are scored in context-long windows starting every N
     /// tokens; each token is scored once, with the window's earlier tokens as context
     /// [default: the context length: windows do not overlap].
@@ -61,8 +66,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    if args.tasks.is_empty() && args.texts.is_empty() {
-        bail!("give --task FILE... (multiple choice) and/or --text FILE... (perplexity)");
+    if args.tasks.is_empty() && args.texts.is_empty() && args.chats.is_empty() {
+        bail!(
+            "give --task FILE... (multiple choice), --text FILE... (perplexity) and/or --chat \
+             FILE... (assistant-token loss)"
+        );
     }
     let texts = args
         .texts
@@ -153,6 +161,46 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bar.finish_and_clear();
         text_reports.push(report);
     }
+    let mut chat_reports = Vec::new();
+    for path in &args.chats {
+        let bar = if crate::progress::quiet() {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>12} [{bar:30}] {pos}/{len} conversations, ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        let report = kiem_eval::chat::evaluate_chat(
+            &mut gpt,
+            &tokenizer,
+            path,
+            args.limit,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64)
+            },
+        )?;
+        bar.finish_and_clear();
+        chat_reports.push(report);
+    }
+    if !chat_reports.is_empty() {
+        println!(
+            "{:<40} {:>13} {:>9} {:>8} {:>11}",
+            "conversations", "conversations", "tokens", "loss", "perplexity"
+        );
+        for r in &chat_reports {
+            println!(
+                "{:<40} {:>13} {:>9} {:>8.4} {:>11.3}",
+                r.file, r.conversations, r.tokens, r.loss, r.perplexity
+            );
+        }
+    }
     if !text_reports.is_empty() {
         println!(
             "{:<40} {:>9} {:>8} {:>11} {:>8}",
@@ -166,7 +214,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     if reports.is_empty() {
-        return write_report(&args, &tokenizer, &reports, &text_reports);
+        return write_report(&args, &tokenizer, &reports, &text_reports, &chat_reports);
     }
     println!(
         "{:<24} {:<9} {:>6}  {:<15} {:<15} {:<15}",
@@ -184,7 +232,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             m(r.acc_bytes)
         );
     }
-    write_report(&args, &tokenizer, &reports, &text_reports)
+    write_report(&args, &tokenizer, &reports, &text_reports, &chat_reports)
 }
 
 fn write_report(
@@ -192,6 +240,7 @@ fn write_report(
     tokenizer: &Tokenizer,
     reports: &[TaskReport],
     texts: &[kiem_eval::lm::TextReport],
+    chats: &[kiem_eval::chat::ChatReport],
 ) -> Result<()> {
     let Some(out) = &args.out else {
         return Ok(());
@@ -203,6 +252,7 @@ fn write_report(
         "scoring": "lm-evaluation-harness multiple choice: target delimiter \" \", few-shot delimiter \"\\n\\n\", continuation = encode(context + continuation) after the context's tokens; acc_norm per character, acc_bytes per UTF-8 byte; stderr = sample standard deviation / sqrt(n)",
         "tasks": reports,
         "texts": texts,
+        "chat": chats,
     });
     kiem_tokenizer::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("cannot write {}", out.display()))?;
