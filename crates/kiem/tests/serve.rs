@@ -795,7 +795,7 @@ fn a_model_with_its_own_chat_template_fine_tunes_chats_and_serves_in_it() {
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["val_loss"].as_f64())
-        .last()
+        .next_back()
         .unwrap();
     assert!(
         (loss - last_val).abs() < 1e-4 * last_val.max(1.0),
