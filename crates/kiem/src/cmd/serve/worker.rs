@@ -91,8 +91,19 @@ pub fn start(gpt: Gpt, tokenizer: Arc<Tokenizer>, max_batch: usize, queue: usize
     std::thread::Builder::new()
         .name("kiem-generate".into())
         .spawn(move || {
+            // The active jobs live outside the unwinding code: a panic is recorded first, and
+            // only then are their channels closed (their clients then see the failure).
+            let mut batcher = Batcher::new(&gpt);
+            let mut active = HashMap::new();
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(&gpt, &tokenizer, &receiver, max_batch, &worker_stats)
+                run(
+                    &tokenizer,
+                    &receiver,
+                    max_batch,
+                    &worker_stats,
+                    &mut batcher,
+                    &mut active,
+                )
             }));
             if let Err(payload) = result {
                 let message = payload
@@ -102,8 +113,10 @@ pub fn start(gpt: Gpt, tokenizer: Arc<Tokenizer>, max_batch: usize, queue: usize
                     .unwrap_or_else(|| "a panic without a message".into());
                 let _ = worker_stats.failure.set(message);
             }
-            // Dropping the queue's receiver here makes every later submit say Stopped, and
-            // dropping the jobs' senders ends their responses with an error.
+            // Dropping the jobs' senders ends their responses with an error, and dropping the
+            // queue's receiver makes every later submit say Stopped.
+            drop(active);
+            drop(receiver);
         })
         .expect("can start the generation thread");
     Queue { sender, stats }
@@ -117,14 +130,19 @@ struct Active<'t> {
     gone: bool,
 }
 
-fn run(gpt: &Gpt, tokenizer: &Tokenizer, jobs: &Receiver<Job>, max_batch: usize, stats: &Stats) {
+fn run<'t>(
+    tokenizer: &'t Tokenizer,
+    jobs: &Receiver<Job>,
+    max_batch: usize,
+    stats: &Stats,
+    batcher: &mut Batcher<'_, kiem_engine::kernels::Cpu>,
+    active: &mut HashMap<u64, Active<'t>>,
+) {
     // Test hook: fail (panic) at this decoding step, to check how the server reports it.
     let fail_at: Option<u64> = std::env::var("KIEM_TEST_WORKER_PANIC_AT_STEP")
         .ok()
         .and_then(|v| v.parse().ok());
     let mut steps = 0u64;
-    let mut batcher = Batcher::new(gpt);
-    let mut active: HashMap<u64, Active<'_>> = HashMap::new();
     let mut next_id = 0u64;
     loop {
         // Admit waiting jobs into free slots; sleep on the queue only when idle.
