@@ -48,7 +48,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1234, value_name = "S")]
     seed: u64,
 
-    /// Score only the first N questions of each task.
+    /// Score only the first N questions of each task (and conversations of each --chat file).
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
 
