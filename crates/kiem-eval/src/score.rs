@@ -172,29 +172,41 @@ fn argmax(values: impl Iterator<Item = f64>) -> usize {
 
 /// Scores one question (all its choices in one pass).
 pub fn score_question(gpt: &mut Gpt, tokenizer: &Tokenizer, question: &Question) -> Result<Scored> {
-    let requests: Vec<(Vec<u32>, Vec<u32>)> = question
-        .choices
+    Ok(score_questions(gpt, tokenizer, std::slice::from_ref(question))?.remove(0))
+}
+
+/// Scores questions together: every choice of every question is a row of one forward pass.
+pub fn score_questions(
+    gpt: &mut Gpt,
+    tokenizer: &Tokenizer,
+    questions: &[Question],
+) -> Result<Vec<Scored>> {
+    let requests: Vec<(Vec<u32>, Vec<u32>)> = questions
         .iter()
-        .map(|c| {
-            encode_pair(
-                tokenizer,
-                &question.context,
-                &format!("{TARGET_DELIMITER}{c}"),
-            )
+        .flat_map(|q| {
+            q.choices
+                .iter()
+                .map(move |c| encode_pair(tokenizer, &q.context, &format!("{TARGET_DELIMITER}{c}")))
         })
         .collect();
-    let scores = loglikelihoods(gpt, &requests)?;
-    let ll = || scores.iter().map(|s| s.loglikelihood);
-    let chars = question.choices.iter().map(|c| c.chars().count() as f64);
-    let bytes = question.choices.iter().map(|c| c.len() as f64);
-    Ok(Scored {
-        line: question.line,
-        gold: question.gold,
-        pred: argmax(ll()),
-        pred_norm: argmax(ll().zip(chars).map(|(l, n)| l / n)),
-        pred_bytes: argmax(ll().zip(bytes).map(|(l, n)| l / n)),
-        scores,
-    })
+    let mut scores = loglikelihoods(gpt, &requests)?.into_iter();
+    Ok(questions
+        .iter()
+        .map(|question| {
+            let scores: Vec<ChoiceScore> = scores.by_ref().take(question.choices.len()).collect();
+            let ll = || scores.iter().map(|s| s.loglikelihood);
+            let chars = question.choices.iter().map(|c| c.chars().count() as f64);
+            let bytes = question.choices.iter().map(|c| c.len() as f64);
+            Scored {
+                line: question.line,
+                gold: question.gold,
+                pred: argmax(ll()),
+                pred_norm: argmax(ll().zip(chars).map(|(l, n)| l / n)),
+                pred_bytes: argmax(ll().zip(bytes).map(|(l, n)| l / n)),
+                scores,
+            }
+        })
+        .collect())
 }
 
 /// A metric's mean over the questions and its standard error (the sample standard deviation
@@ -231,22 +243,47 @@ pub struct TaskReport {
     pub questions: Vec<Scored>,
 }
 
-/// Scores the first `limit` questions of a task, each after `shots` solved examples, calling
-/// `progress(done, total)` after each.
+/// How a task is evaluated.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalOptions {
+    /// Score only the first this many questions.
+    pub limit: Option<usize>,
+    pub shots: Shots,
+    /// Questions scored together in one forward pass.
+    pub batch: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            shots: Shots::default(),
+            batch: 1,
+        }
+    }
+}
+
+/// Scores the first `limit` questions of a task, each after `shots` solved examples, `batch`
+/// at a time, calling `progress(done, total)` after each batch.
 pub fn evaluate(
     gpt: &mut Gpt,
     tokenizer: &Tokenizer,
     task: &Task,
-    limit: Option<usize>,
-    shots: Shots,
+    options: EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TaskReport> {
-    let total = limit.map_or(task.questions.len(), |l| l.min(task.questions.len()));
+    let shots = options.shots;
+    let total = options
+        .limit
+        .map_or(task.questions.len(), |l| l.min(task.questions.len()));
     let mut questions = Vec::with_capacity(total);
-    for i in 0..total {
-        let question = with_examples(task, i, shots);
-        questions.push(score_question(gpt, tokenizer, &question)?);
-        progress(i + 1, total);
+    for start in (0..total).step_by(options.batch.max(1)) {
+        let end = (start + options.batch.max(1)).min(total);
+        let batch: Vec<Question> = (start..end)
+            .map(|i| with_examples(task, i, shots))
+            .collect();
+        questions.extend(score_questions(gpt, tokenizer, &batch)?);
+        progress(end, total);
     }
     let hits = |pick: fn(&Scored) -> usize| -> Vec<f64> {
         questions

@@ -42,11 +42,30 @@ fn loglikelihoods_and_accuracies_equal_the_harness() {
             &mut gpt,
             &tokenizer,
             &task,
-            None,
             Default::default(),
             &mut |_, _| {},
         )
         .unwrap();
+        // Questions scored together in one pass give the same scores.
+        let batched = evaluate(
+            &mut gpt,
+            &tokenizer,
+            &task,
+            kiem_eval::score::EvalOptions {
+                batch: 4,
+                ..Default::default()
+            },
+            &mut |_, _| {},
+        )
+        .unwrap();
+        for (a, b) in report.questions.iter().zip(&batched.questions) {
+            for (x, y) in a.scores.iter().zip(&b.scores) {
+                assert!(
+                    (x.loglikelihood - y.loglikelihood).abs() < 1e-5,
+                    "{name}: batched"
+                );
+            }
+        }
         for (got, w) in report.questions.iter().zip(questions) {
             for (i, score) in got.scores.iter().enumerate() {
                 let ll = w["loglikelihoods"][i].as_f64().unwrap();

@@ -44,6 +44,10 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0, value_name = "K")]
     shots: usize,
 
+    /// Questions scored together in one forward pass (each choice is a row).
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    batch: usize,
+
     /// Seed of the few-shot draw.
     #[arg(long, default_value_t = 1234, value_name = "S")]
     seed: u64,
@@ -65,6 +69,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     args.threads.install()?;
     if args.limit == Some(0) {
         bail!("--limit must be at least 1");
+    }
+    if args.batch == 0 || args.batch > 4096 {
+        bail!("--batch {} is out of range: choose 1..=4096", args.batch);
     }
     if args.tasks.is_empty() && args.texts.is_empty() && args.chats.is_empty() {
         bail!(
@@ -123,14 +130,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
             count: args.shots,
             seed: args.seed,
         };
-        let report = evaluate(
-            &mut gpt,
-            &tokenizer,
-            task,
-            args.limit,
+        let options = kiem_eval::score::EvalOptions {
+            limit: args.limit,
             shots,
-            &mut |done, _| bar.set_position(done as u64),
-        )?;
+            batch: args.batch,
+        };
+        let report = evaluate(&mut gpt, &tokenizer, task, options, &mut |done, _| {
+            bar.set_position(done as u64)
+        })?;
         bar.finish_and_clear();
         reports.push(report);
     }
