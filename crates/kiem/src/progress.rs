@@ -32,6 +32,25 @@ pub fn bytes_bar(total: u64, label: &str) -> ProgressBar {
     bar
 }
 
+/// A bar over counted items (`unit`: "questions", "tokens" …) labelled `label`, with ETA; its
+/// length may be set later.
+pub fn items_bar(total: u64, unit: &str, label: &str) -> ProgressBar {
+    if quiet() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}, ETA {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 /// Human-readable count: 1234567 → "1.23M".
 pub fn count(n: u64) -> String {
     match n {

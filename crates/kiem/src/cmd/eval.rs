@@ -2,15 +2,14 @@
 //! and the loss, perplexity and bits per byte of texts.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use kiem_eval::score::{evaluate, TaskReport};
 use kiem_eval::tasks::load_task;
 use kiem_tokenizer::Tokenizer;
 
+use crate::progress::items_bar;
 use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
@@ -94,38 +93,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| load_task(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let (mut gpt, _) = kiem_engine::io::load_model_dir(&args.model)?;
-    let tokenizer = Tokenizer::load(
-        args.model
-            .to_str()
-            .context("model path is not valid UTF-8")?,
-    )
-    .with_context(|| format!("{} has no usable tokenizer", args.model.display()))?;
-    if tokenizer.vocab_size() > gpt.config.vocab_size {
-        bail!(
-            "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
-            args.model.display(),
-            tokenizer.vocab_size(),
-            gpt.config.vocab_size
-        );
-    }
+    let (mut gpt, tokenizer, _) = super::generate::load_checked(&args.model)?;
     let mut reports: Vec<TaskReport> = Vec::new();
     for task in &tasks {
         let total = args
             .limit
             .map_or(task.questions.len(), |l| l.min(task.questions.len()));
-        let bar = if crate::progress::quiet() {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(total as u64)
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} questions, ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(task.name.clone());
-        bar.enable_steady_tick(Duration::from_millis(200));
+        let bar = items_bar(total as u64, "questions", &task.name);
         let shots = kiem_eval::score::Shots {
             count: args.shots,
             seed: args.seed,
@@ -143,17 +117,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let mut text_reports = Vec::new();
     for (name, text) in &texts {
-        let bar = if crate::progress::quiet() {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(0)
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} tokens, ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
+        let bar = items_bar(0, "tokens", "text");
         let report = kiem_eval::lm::evaluate_text(
             &mut gpt,
             &tokenizer,
@@ -170,19 +134,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let mut chat_reports = Vec::new();
     for path in &args.chats {
-        let bar = if crate::progress::quiet() {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(0)
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{msg:>12} [{bar:30}] {pos}/{len} conversations, ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.enable_steady_tick(Duration::from_millis(200));
+        let bar = items_bar(0, "conversations", "chat");
         let report = kiem_eval::chat::evaluate_chat(
             &mut gpt,
             &tokenizer,

@@ -142,8 +142,15 @@ pub fn load_model(
     dir: &std::path::Path,
     weights: WeightsArgs,
 ) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
-    let (mut gpt, ids) = load_model_dir(dir)?;
+    let (mut gpt, tokenizer, stop_ids) = load_checked(dir)?;
     prepare_for_decoding(&mut gpt, weights);
+    Ok((gpt, tokenizer, stop_ids))
+}
+
+/// A model directory's network (in its files' layout) and tokenizer, checked against each
+/// other, and the ids that end its text.
+pub fn load_checked(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
+    let (mut gpt, ids) = load_model_dir(dir)?;
     let tokenizer = Tokenizer::load(dir.to_str().context("model path is not valid UTF-8")?)
         .with_context(|| format!("{} has no usable tokenizer.json", dir.display()))?;
     match tokenizer.vocab_size().cmp(&gpt.config.vocab_size) {
