@@ -118,13 +118,27 @@ impl<K: Kernels> Gpt<K> {
         caches: &mut [KvCache],
         new_tokens: &[&[u32]],
     ) -> Result<Vec<f32>> {
-        crate::kernels::in_pool(|| self.forward_cached_in_pool(caches, new_tokens))
+        crate::kernels::in_pool(|| self.forward_cached_in_pool(caches, new_tokens, LogitRows::Last))
+    }
+
+    /// As `forward_cached`, but returns the logits after every new token, `[new tokens,
+    /// padded_vocab]`, sequence by sequence (scoring continuations after a shared, cached
+    /// context needs them all).
+    pub fn forward_cached_every(
+        &self,
+        caches: &mut [KvCache],
+        new_tokens: &[&[u32]],
+    ) -> Result<Vec<f32>> {
+        crate::kernels::in_pool(|| {
+            self.forward_cached_in_pool(caches, new_tokens, LogitRows::Every)
+        })
     }
 
     fn forward_cached_in_pool(
         &self,
         caches: &mut [KvCache],
         new_tokens: &[&[u32]],
+        which: LogitRows,
     ) -> Result<Vec<f32>> {
         if caches.len() != new_tokens.len() {
             return Err(EngineError::Shape("one token list per cache".into()));
@@ -159,9 +173,11 @@ impl<K: Kernels> Gpt<K> {
             .map(|(s, i)| (s, starts[s] + i))
             .collect();
         let n = rows.len();
-        let mut logits = vec![0.0f32; caches.len() * vp];
         if n == 0 {
-            return Ok(logits);
+            return Ok(match which {
+                LogitRows::Last => vec![0f32; caches.len() * vp],
+                LogitRows::Every => Vec::new(),
+            });
         }
         let positions: Vec<u32> = rows.iter().map(|&(_, pos)| pos as u32).collect();
         let p = &self.params;
@@ -221,22 +237,24 @@ impl<K: Kernels> Gpt<K> {
         for (cache, tokens) in caches.iter_mut().zip(new_tokens) {
             cache.len += tokens.len();
         }
-        // Logits only for each sequence's last new row.
-        let last_rows: Vec<(usize, usize)> = {
-            let mut end = 0;
-            new_tokens
-                .iter()
-                .enumerate()
-                .filter_map(|(s, t)| {
-                    end += t.len();
-                    (!t.is_empty()).then(|| (s, end - 1))
-                })
-                .collect()
+        // Logits for each sequence's last new row, or for every row.
+        let head_rows: Vec<usize> = match which {
+            LogitRows::Every => (0..n).collect(),
+            LogitRows::Last => {
+                let mut end = 0;
+                new_tokens
+                    .iter()
+                    .filter_map(|t| {
+                        end += t.len();
+                        (!t.is_empty()).then(|| end - 1)
+                    })
+                    .collect()
+            }
         };
-        let m = last_rows.len();
-        let mut last = vec![0f32; m * c];
-        for (i, &(_, r)) in last_rows.iter().enumerate() {
-            last[i * c..(i + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
+        let m = head_rows.len();
+        let mut picked = vec![0f32; m * c];
+        for (i, &r) in head_rows.iter().enumerate() {
+            picked[i * c..(i + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
         }
         let mut normed = vec![0f32; m * c];
         let (mut mean, mut rstd) = (vec![0f32; m], vec![0f32; m]);
@@ -244,7 +262,7 @@ impl<K: Kernels> Gpt<K> {
             &mut normed,
             &mut mean,
             &mut rstd,
-            &last,
+            &picked,
             &lay.normf_w,
             &lay.normf_b,
         );
@@ -258,11 +276,23 @@ impl<K: Kernels> Gpt<K> {
             c,
             vp,
         );
-        for (i, &(s, _)) in last_rows.iter().enumerate() {
+        if which == LogitRows::Every {
+            return Ok(head_out);
+        }
+        let mut logits = vec![0.0f32; caches.len() * vp];
+        let with_tokens = new_tokens.iter().enumerate().filter(|(_, t)| !t.is_empty());
+        for (i, (s, _)) in with_tokens.enumerate() {
             logits[s * vp..(s + 1) * vp].copy_from_slice(&head_out[i * vp..(i + 1) * vp]);
         }
         Ok(logits)
     }
+}
+
+/// Which new rows of a cached pass get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogitRows {
+    Last,
+    Every,
 }
 
 /// Causal attention of each new row over its sequence's cached keys and values (which already

@@ -120,6 +120,50 @@ fn batched_sequences_match_one_at_a_time_for(mut gpt: Gpt) {
 }
 
 #[test]
+fn every_rows_logits_after_a_shared_cached_context() {
+    for gpt in models() {
+        every_rows_logits_after_a_shared_cached_context_for(gpt);
+    }
+}
+
+/// A context cached once, cloned, and continued two ways gives every position's logits as a
+/// full forward pass of context + continuation does.
+fn every_rows_logits_after_a_shared_cached_context_for(mut gpt: Gpt) {
+    let context: Vec<u32> = vec![3, 1, 4, 1, 5];
+    let (a, b): (Vec<u32>, Vec<u32>) = (vec![9, 2, 6], vec![5, 3]);
+    let (v, vp) = (gpt.config.vocab_size, gpt.config.padded_vocab());
+    let mut shared = [KvCache::new(&gpt)];
+    let last = gpt
+        .forward_cached_every(&mut shared, &[&context[..]])
+        .unwrap();
+    assert_eq!(last.len(), context.len() * vp);
+    let mut caches = [shared[0].clone(), shared[0].clone()];
+    let logits = gpt
+        .forward_cached_every(&mut caches, &[&a[..], &b[..]])
+        .unwrap();
+    assert_eq!(logits.len(), (a.len() + b.len()) * vp);
+    for (k, (cont, offset)) in [(&a, 0), (&b, a.len())].into_iter().enumerate() {
+        let whole: Vec<u32> = context.iter().chain(cont.iter()).copied().collect();
+        let reference = full_logits(&mut gpt, &whole);
+        for i in 0..context.len() {
+            assert_close(&last[i * vp..i * vp + v], &reference[i], "context row");
+        }
+        for i in 0..cont.len() {
+            let row = &logits[(offset + i) * vp..][..v];
+            assert_close(
+                row,
+                &reference[context.len() + i],
+                &format!("continuation {k} row {i}"),
+            );
+        }
+    }
+    assert!(gpt
+        .forward_cached_every(&mut caches, &[&[], &[]])
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
 fn greedy_generation_follows_the_argmax_and_batches_agree() {
     let mut gpt = model();
     let options = GenerateOptions {

@@ -5,6 +5,7 @@
 //! probabilities. `acc` takes the best score, `acc_norm` the best score per character of the
 //! choice, `acc_bytes` per UTF-8 byte.
 
+use kiem_engine::infer::KvCache;
 use kiem_engine::Gpt;
 use kiem_tokenizer::Tokenizer;
 use serde::Serialize;
@@ -26,24 +27,34 @@ pub struct Shots {
     pub seed: u64,
 }
 
-/// `question` preceded by `shots.count` other questions of the task, each with its answer.
-pub fn with_examples(task: &Task, index: usize, shots: Shots) -> Question {
-    let question = &task.questions[index];
-    let others = task.questions.len() - 1;
-    let count = shots.count.min(others);
+/// The indices of the solved examples shown before item `index` of a task of `len` items:
+/// `shots.count` others (at most all of them), drawn from `shots.seed` and `index` alone.
+pub fn draw_examples(len: usize, index: usize, shots: Shots) -> Vec<usize> {
+    let count = shots.count.min(len.saturating_sub(1));
     if count == 0 {
-        return question.clone();
+        return Vec::new();
     }
     let mut rng =
         kiem_engine::rng::Rng::new(shots.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    // A partial Fisher-Yates shuffle of the other questions' indices.
-    let mut pool: Vec<usize> = (0..task.questions.len()).filter(|&i| i != index).collect();
+    // A partial Fisher-Yates shuffle of the other items' indices.
+    let mut pool: Vec<usize> = (0..len).filter(|&i| i != index).collect();
     for i in 0..count {
         let j = i + (rng.next_u64() % (pool.len() - i) as u64) as usize;
         pool.swap(i, j);
     }
+    pool.truncate(count);
+    pool
+}
+
+/// `question` preceded by `shots.count` other questions of the task, each with its answer.
+pub fn with_examples(task: &Task, index: usize, shots: Shots) -> Question {
+    let question = &task.questions[index];
+    let drawn = draw_examples(task.questions.len(), index, shots);
+    if drawn.is_empty() {
+        return question.clone();
+    }
     let mut context = String::new();
-    for &i in &pool[..count] {
+    for i in drawn {
         let example = &task.questions[i];
         context.push_str(&example.context);
         context.push_str(TARGET_DELIMITER);
@@ -90,9 +101,113 @@ pub struct ChoiceScore {
     pub greedy: bool,
 }
 
+/// Scores continuations after their contexts. Requests that share a context (a question's
+/// choices, consecutive in `requests`) compute it once: the context is run into a KV cache, and
+/// each continuation continues from a copy of it, all sequences of a call in one pass. A
+/// request longer than the model's context is scored as the harness does, on its last
+/// `context + 1` tokens, in a full forward pass.
+pub fn loglikelihoods(
+    gpt: &mut Gpt,
+    requests: &[(Vec<u32>, Vec<u32>)],
+) -> Result<Vec<ChoiceScore>> {
+    let window = gpt.config.context;
+    let fits = |(context, continuation): &(Vec<u32>, Vec<u32>)| {
+        !continuation.is_empty() && context.len() + continuation.len() <= window + 1
+    };
+    let (cached, windowed): (Vec<usize>, Vec<usize>) =
+        (0..requests.len()).partition(|&i| fits(&requests[i]));
+    let mut scores = vec![None; requests.len()];
+    let pick = |indices: &[usize]| -> Vec<(Vec<u32>, Vec<u32>)> {
+        indices.iter().map(|&i| requests[i].clone()).collect()
+    };
+    if !cached.is_empty() {
+        let got = loglikelihoods_cached(gpt, &pick(&cached))?;
+        for (&i, score) in cached.iter().zip(got) {
+            scores[i] = Some(score);
+        }
+    }
+    if !windowed.is_empty() {
+        let got = loglikelihoods_windowed(gpt, &pick(&windowed))?;
+        for (&i, score) in windowed.iter().zip(got) {
+            scores[i] = Some(score);
+        }
+    }
+    Ok(scores
+        .into_iter()
+        .map(|s| s.expect("every request scored"))
+        .collect())
+}
+
+/// The log probability of `target` under a row of logits, and whether it is the row's first
+/// largest logit (the harness' greedy check).
+fn score_token(row: &[f32], target: u32) -> (f64, bool) {
+    let (mut best, mut max) = (0, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > max {
+            (best, max) = (i, x);
+        }
+    }
+    let sum: f64 = row.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let logprob = f64::from(row[target as usize] - max) - sum.ln();
+    (logprob, best == target as usize)
+}
+
+/// Continuations that fit the model's context whole, each after a KV cache of its context.
+fn loglikelihoods_cached(
+    gpt: &mut Gpt,
+    requests: &[(Vec<u32>, Vec<u32>)],
+) -> Result<Vec<ChoiceScore>> {
+    let (vp, vocab) = (gpt.config.padded_vocab(), gpt.config.vocab_size);
+    // Runs of requests with the same context: (context, first request, requests).
+    let mut groups: Vec<(&[u32], usize, usize)> = Vec::new();
+    for (i, (context, _)) in requests.iter().enumerate() {
+        match groups.last_mut() {
+            Some((shared, _, count)) if *shared == context.as_slice() => *count += 1,
+            _ => groups.push((context, i, 1)),
+        }
+    }
+    let mut shared: Vec<KvCache> = groups.iter().map(|_| KvCache::new(gpt)).collect();
+    let contexts: Vec<&[u32]> = groups.iter().map(|g| g.0).collect();
+    // The logits after each context predict each of its continuations' first token.
+    let after_context = gpt.forward_cached(&mut shared, &contexts)?;
+    let mut caches = Vec::with_capacity(requests.len());
+    for (g, &(_, _, count)) in groups.iter().enumerate() {
+        caches.extend(std::iter::repeat_n(&shared[g], count).cloned());
+    }
+    drop(shared);
+    let inputs: Vec<&[u32]> = requests
+        .iter()
+        .map(|(_, continuation)| &continuation[..continuation.len() - 1])
+        .collect();
+    let rows = gpt.forward_cached_every(&mut caches, &inputs)?;
+    let mut scores = Vec::with_capacity(requests.len());
+    let mut row = 0;
+    for (g, &(_, first, count)) in groups.iter().enumerate() {
+        for (_, continuation) in &requests[first..first + count] {
+            let mut score = ChoiceScore {
+                loglikelihood: 0.0,
+                greedy: true,
+            };
+            for (j, &target) in continuation.iter().enumerate() {
+                let logits = if j == 0 {
+                    &after_context[g * vp..][..vocab]
+                } else {
+                    row += 1;
+                    &rows[(row - 1) * vp..][..vocab]
+                };
+                let (logprob, greedy) = score_token(logits, target);
+                score.loglikelihood += logprob;
+                score.greedy &= greedy;
+            }
+            scores.push(score);
+        }
+    }
+    Ok(scores)
+}
+
 /// Scores continuations after their contexts, all in one forward pass: each row is the last
 /// `context + 1` tokens of context and continuation, without its last token.
-pub fn loglikelihoods(
+fn loglikelihoods_windowed(
     gpt: &mut Gpt,
     requests: &[(Vec<u32>, Vec<u32>)],
 ) -> Result<Vec<ChoiceScore>> {
@@ -124,7 +239,7 @@ pub fn loglikelihoods(
         targets.extend(std::iter::repeat_n(None, seq - input.len()));
     }
     gpt.forward(&tokens, &targets, rows.len(), seq, None)?;
-    let (losses, logits) = (gpt.losses(), gpt.logits()?);
+    let logits = gpt.logits()?;
     let (vp, vocab) = (gpt.config.padded_vocab(), gpt.config.vocab_size);
     Ok((0..rows.len())
         .map(|r| {
@@ -134,13 +249,9 @@ pub fn loglikelihoods(
             };
             for p in r * seq..(r + 1) * seq {
                 if let Some(target) = targets[p] {
-                    score.loglikelihood -= f64::from(losses[p]);
-                    let row = &logits[p * vp..p * vp + vocab];
-                    let best = row
-                        .iter()
-                        .enumerate()
-                        .fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
-                    score.greedy &= best == target as usize;
+                    let (logprob, greedy) = score_token(&logits[p * vp..][..vocab], target);
+                    score.loglikelihood += logprob;
+                    score.greedy &= greedy;
                 }
             }
             score
