@@ -10,6 +10,12 @@
 //!   score.
 //! - Plain JSONL `{"context", "choices", "label"}`.
 //!
+//! and generation tasks (a prompt and reference answers, scored on the greedy reply):
+//!
+//! - JSONL with `prompt` (or `input`) and `reference` (a string) or `references` (a list).
+//! - BIG-bench JSON tasks whose examples have `target` (a string or a list) instead of
+//!   `target_scores`.
+//!
 //! The format is detected per file. A bad record is an error naming its file and line.
 
 use std::path::Path;
@@ -34,6 +40,10 @@ pub enum TaskFormat {
     Arc,
     BigBench,
     Plain,
+    /// Prompt/reference JSONL.
+    Generation,
+    /// A BIG-bench JSON task with `target` answers.
+    BigBenchGeneration,
 }
 
 impl TaskFormat {
@@ -43,6 +53,8 @@ impl TaskFormat {
             TaskFormat::Arc => "arc",
             TaskFormat::BigBench => "bigbench",
             TaskFormat::Plain => "plain",
+            TaskFormat::Generation => "generation",
+            TaskFormat::BigBenchGeneration => "bigbench-generation",
         }
     }
 }
@@ -56,8 +68,65 @@ pub struct Task {
     pub questions: Vec<Question>,
 }
 
-/// Reads a task file, detecting its format.
+/// One generation example: the prompt and the answers a reply is scored against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub prompt: String,
+    pub references: Vec<String>,
+    /// Line of the record in its file (1-based; the example's index + 1 for BIG-bench JSON).
+    pub line: usize,
+}
+
+/// A generation task read from one file.
+#[derive(Debug, Clone)]
+pub struct GenerationTask {
+    /// The file's name without extension.
+    pub name: String,
+    pub format: TaskFormat,
+    pub examples: Vec<Example>,
+}
+
+/// A task file of either kind.
+#[derive(Debug, Clone)]
+pub enum LoadedTask {
+    MultipleChoice(Task),
+    Generation(GenerationTask),
+}
+
+impl LoadedTask {
+    pub fn name(&self) -> &str {
+        match self {
+            LoadedTask::MultipleChoice(t) => &t.name,
+            LoadedTask::Generation(t) => &t.name,
+        }
+    }
+
+    /// Questions or examples in the task.
+    pub fn len(&self) -> usize {
+        match self {
+            LoadedTask::MultipleChoice(t) => t.questions.len(),
+            LoadedTask::Generation(t) => t.examples.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads a multiple-choice task file, detecting its format.
 pub fn load_task(path: &Path) -> Result<Task> {
+    match load(path)? {
+        LoadedTask::MultipleChoice(task) => Ok(task),
+        LoadedTask::Generation(_) => Err(EvalError::Task(format!(
+            "{}: a generation task (prompt and references), not multiple choice",
+            path.display()
+        ))),
+    }
+}
+
+/// Reads a task file of either kind, detecting its format.
+pub fn load(path: &Path) -> Result<LoadedTask> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
         path: file.clone(),
@@ -73,64 +142,124 @@ pub fn load_task(path: &Path) -> Result<Task> {
         message,
     };
     let whole: Option<Value> = serde_json::from_str(&text).ok();
-    let (format, questions) = match whole {
+    let parsed = match whole {
         Some(Value::Object(task)) if task.contains_key("examples") => {
             let order: ScoreOrder = serde_json::from_str(&text).unwrap_or_default();
-            (
-                TaskFormat::BigBench,
-                bigbench(&task, &order).map_err(|(i, m)| bad(i, m))?,
-            )
+            bigbench(&task, &order).map_err(|(i, m)| bad(i, m))?
         }
         _ => jsonl(&text).map_err(|(i, m)| bad(i, m))?,
     };
-    if questions.is_empty() {
+    if parsed.is_empty() {
         return Err(EvalError::Task(format!(
             "{file}: the task has no questions"
         )));
     }
-    Ok(Task {
-        name,
-        format,
-        questions,
+    Ok(match parsed {
+        Parsed::Questions(format, questions) => LoadedTask::MultipleChoice(Task {
+            name,
+            format,
+            questions,
+        }),
+        Parsed::Examples(format, examples) => LoadedTask::Generation(GenerationTask {
+            name,
+            format,
+            examples,
+        }),
     })
 }
 
-type Parsed<T> = std::result::Result<T, (usize, String)>;
+/// What a task file holds.
+enum Parsed {
+    Questions(TaskFormat, Vec<Question>),
+    Examples(TaskFormat, Vec<Example>),
+}
 
-fn jsonl(text: &str) -> Parsed<(TaskFormat, Vec<Question>)> {
-    let mut format = None;
-    let mut questions = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if line.trim().is_empty() {
-            continue;
+impl Parsed {
+    fn is_empty(&self) -> bool {
+        match self {
+            Parsed::Questions(_, q) => q.is_empty(),
+            Parsed::Examples(_, e) => e.is_empty(),
         }
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| (line_no, format!("malformed JSON: {e}")))?;
-        let object = value
-            .as_object()
-            .ok_or((line_no, "expected a JSON object".to_string()))?;
-        let this = match format {
-            Some(f) => f,
-            None => {
-                let detected = detect(object).map_err(|m| (line_no, m))?;
-                format = Some(detected);
-                detected
-            }
-        };
-        let question = match this {
-            TaskFormat::HellaSwag => hellaswag(object),
-            TaskFormat::Arc => arc(object),
-            TaskFormat::Plain => plain(object),
-            TaskFormat::BigBench => unreachable!("BIG-bench tasks are one JSON document"),
-        }
-        .map_err(|m| (line_no, m))?;
-        questions.push(Question {
-            line: line_no,
-            ..question
-        });
     }
-    Ok((format.unwrap_or(TaskFormat::Plain), questions))
+}
+
+/// A record's error: its line and the message.
+type AtLine<T> = std::result::Result<T, (usize, String)>;
+
+/// The JSON objects of a JSONL text with their line numbers (blank lines skipped).
+fn objects(text: &str) -> impl Iterator<Item = AtLine<(usize, Map<String, Value>)>> + '_ {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(object)) => Ok((i + 1, object)),
+            Ok(_) => Err((i + 1, "expected a JSON object".to_string())),
+            Err(e) => Err((i + 1, format!("malformed JSON: {e}"))),
+        })
+}
+
+fn jsonl(text: &str) -> AtLine<Parsed> {
+    let mut records = objects(text).peekable();
+    let format = match records.peek() {
+        None => return Ok(Parsed::Questions(TaskFormat::Plain, Vec::new())),
+        Some(Err(e)) => return Err(e.clone()),
+        Some(Ok((line, object))) => detect(object).map_err(|m| (*line, m))?,
+    };
+    if format == TaskFormat::Generation {
+        let examples = records
+            .map(|record| {
+                let (line, object) = record?;
+                example(&object)
+                    .map(|e| Example { line, ..e })
+                    .map_err(|m| (line, m))
+            })
+            .collect::<AtLine<Vec<_>>>()?;
+        return Ok(Parsed::Examples(format, examples));
+    }
+    let questions = records
+        .map(|record| {
+            let (line, object) = record?;
+            match format {
+                TaskFormat::HellaSwag => hellaswag(&object),
+                TaskFormat::Arc => arc(&object),
+                _ => plain(&object),
+            }
+            .map(|q| Question { line, ..q })
+            .map_err(|m| (line, m))
+        })
+        .collect::<AtLine<Vec<_>>>()?;
+    Ok(Parsed::Questions(format, questions))
+}
+
+/// The first of `keys` the record has.
+fn first_key<'a>(object: &Map<String, Value>, keys: &[&'a str]) -> Option<&'a str> {
+    keys.iter().copied().find(|k| object.contains_key(*k))
+}
+
+const PROMPT_KEYS: [&str; 2] = ["prompt", "input"];
+const REFERENCE_KEYS: [&str; 2] = ["reference", "references"];
+
+/// References: a string or a non-empty list of strings.
+fn references(value: Option<&Value>, key: &str) -> std::result::Result<Vec<String>, String> {
+    let list = match value {
+        Some(Value::String(s)) => vec![s.clone()],
+        other => strings(other, key)?,
+    };
+    if list.is_empty() {
+        return Err(format!("`{key}` has no reference"));
+    }
+    Ok(list)
+}
+
+fn example(object: &Map<String, Value>) -> std::result::Result<Example, String> {
+    let prompt_key = first_key(object, &PROMPT_KEYS).ok_or("missing field `prompt`")?;
+    let reference_key =
+        first_key(object, &REFERENCE_KEYS).ok_or("missing field `reference` (or `references`)")?;
+    Ok(Example {
+        prompt: string(object, prompt_key)?.to_string(),
+        references: references(object.get(reference_key), reference_key)?,
+        line: 0,
+    })
 }
 
 fn detect(object: &Map<String, Value>) -> std::result::Result<TaskFormat, String> {
@@ -141,13 +270,17 @@ fn detect(object: &Map<String, Value>) -> std::result::Result<TaskFormat, String
         Ok(TaskFormat::Arc)
     } else if has("context") && has("choices") && has("label") {
         Ok(TaskFormat::Plain)
+    } else if first_key(object, &PROMPT_KEYS).is_some()
+        && first_key(object, &REFERENCE_KEYS).is_some()
+    {
+        Ok(TaskFormat::Generation)
     } else {
         let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
         keys.sort_unstable();
         Err(format!(
             "unsupported task format (fields: {}): expected HellaSwag (ctx_a, endings, label), \
-             ARC (question, choices, answerKey), plain (context, choices, label), or a BIG-bench \
-             JSON task (examples)",
+             ARC (question, choices, answerKey), plain (context, choices, label), generation \
+             (prompt, reference or references), or a BIG-bench JSON task (examples)",
             keys.join(", ")
         ))
     }
@@ -315,11 +448,38 @@ impl<'de> serde::Deserialize<'de> for KeysInOrder {
     }
 }
 
-fn bigbench(task: &Map<String, Value>, order: &ScoreOrder) -> Parsed<Vec<Question>> {
+fn bigbench(task: &Map<String, Value>, order: &ScoreOrder) -> AtLine<Parsed> {
     let examples = task
         .get("examples")
         .and_then(Value::as_array)
         .ok_or((0, "`examples` must be a list".to_string()))?;
+    // The task's instruction, when it has one, comes first (as BIG-bench prompts do).
+    let prefix = task
+        .get("task_prefix")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let generative = examples
+        .first()
+        .and_then(Value::as_object)
+        .is_some_and(|e| !e.contains_key("target_scores") && e.contains_key("target"));
+    if generative {
+        let examples = examples
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let at = |m: String| (i + 1, format!("example {}: {m}", i + 1));
+                let object = e
+                    .as_object()
+                    .ok_or_else(|| at("expected an object".into()))?;
+                Ok(Example {
+                    prompt: format!("{prefix}{}", string(object, "input").map_err(at)?),
+                    references: references(object.get("target"), "target").map_err(at)?,
+                    line: i + 1,
+                })
+            })
+            .collect::<AtLine<Vec<_>>>()?;
+        return Ok(Parsed::Examples(TaskFormat::BigBenchGeneration, examples));
+    }
     let mut questions = Vec::new();
     for (i, example) in examples.iter().enumerate() {
         let at = |m: String| (i + 1, format!("example {}: {m}", i + 1));
@@ -327,9 +487,8 @@ fn bigbench(task: &Map<String, Value>, order: &ScoreOrder) -> Parsed<Vec<Questio
             .as_object()
             .ok_or_else(|| at("expected an object".into()))?;
         let Some(scores) = object.get("target_scores").and_then(Value::as_object) else {
-            // Generation examples (`target` only) are not multiple choice.
             return Err(at(
-                "no `target_scores`: only multiple-choice BIG-bench tasks are supported".into(),
+                "no `target_scores`: every example of a multiple-choice task needs them".into(),
             ));
         };
         let keys: Vec<&String> = match order.examples.get(i).and_then(|e| e.target_scores.as_ref())
@@ -349,18 +508,14 @@ fn bigbench(task: &Map<String, Value>, order: &ScoreOrder) -> Parsed<Vec<Questio
             choices.push(choice.clone());
         }
         let input = string(object, "input").map_err(at)?;
-        // The task's instruction, when it has one, comes first (as BIG-bench prompts do).
-        let context = match task.get("task_prefix").and_then(Value::as_str) {
-            Some(prefix) => format!("{prefix}{input}"),
-            None => input.to_string(),
-        };
+        let context = format!("{prefix}{input}");
         let question = checked(context, choices, best.map_or(0, |(j, _)| j)).map_err(at)?;
         questions.push(Question {
             line: i + 1,
             ..question
         });
     }
-    Ok(questions)
+    Ok(Parsed::Questions(TaskFormat::BigBench, questions))
 }
 
 #[cfg(test)]
@@ -445,10 +600,69 @@ mod tests {
         let e = err("t.jsonl", "\n\n");
         assert!(e.contains("no questions"), "{e}");
         let e = err("t.json", r#"{"examples": [{"input": "q", "target": "a"}]}"#);
+        assert!(e.contains("a generation task"), "{e}");
+        let e = err(
+            "t.json",
+            r#"{"examples": [{"input": "q", "target_scores": {"a": 1, "b": 0}}, {"input": "r", "target": "a"}]}"#,
+        );
+        assert!(e.contains("t.json:2") && e.contains("target_scores"), "{e}");
+        let gen_err = |text: &str| {
+            let (_d, p) = write("g.jsonl", text);
+            load(&p).unwrap_err().to_string()
+        };
+        let e = gen_err(
+            "{\"prompt\": \"p\", \"reference\": \"r\"}\n{\"prompt\": 3, \"reference\": \"r\"}\n",
+        );
         assert!(
-            e.contains("t.json:1") && e.contains("only multiple-choice"),
+            e.contains("g.jsonl:2") && e.contains("`prompt` must be a string"),
             "{e}"
         );
+        let e = gen_err("{\"prompt\": \"p\", \"references\": []}\n");
+        assert!(e.contains("g.jsonl:1") && e.contains("no reference"), "{e}");
+        let e = gen_err("{\"prompt\": \"p\", \"reference\": \"r\"}\n{\"prompt\": \"p\"}\n");
+        assert!(
+            e.contains("g.jsonl:2") && e.contains("missing field `reference`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn generation_tasks_read_prompts_and_references() {
+        let generation = |name: &str, text: &str| {
+            let (_d, p) = write(name, text);
+            match load(&p).unwrap() {
+                LoadedTask::Generation(t) => t,
+                other => panic!("{other:?}"),
+            }
+        };
+        let t = generation(
+            "faq.jsonl",
+            "{\"prompt\": \"Q: hours?\\nA:\", \"reference\": \"9 to 5\"}\n\n{\"input\": \"Q: where?\", \"references\": [\"Lund\", \"in Lund\"]}\n",
+        );
+        assert_eq!((t.format, t.name.as_str()), (TaskFormat::Generation, "faq"));
+        assert_eq!(
+            t.examples,
+            [
+                Example {
+                    prompt: "Q: hours?\nA:".into(),
+                    references: vec!["9 to 5".into()],
+                    line: 1
+                },
+                Example {
+                    prompt: "Q: where?".into(),
+                    references: vec!["Lund".into(), "in Lund".into()],
+                    line: 3
+                }
+            ]
+        );
+        let t = generation(
+            "bbg.json",
+            r#"{"task_prefix": "Answer. ", "examples": [{"input": "2+2?", "target": ["4", "four"]}, {"input": "3+3?", "target": "6"}]}"#,
+        );
+        assert_eq!(t.format, TaskFormat::BigBenchGeneration);
+        assert_eq!(t.examples[0].prompt, "Answer. 2+2?");
+        assert_eq!(t.examples[0].references, ["4", "four"]);
+        assert_eq!((t.examples[1].references.len(), t.examples[1].line), (1, 2));
     }
 
     #[test]

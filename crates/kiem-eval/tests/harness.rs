@@ -151,3 +151,99 @@ fn texts_are_scored_token_by_token_in_windows() {
             .unwrap_err();
     assert!(err.to_string().contains("--stride 65"), "{err}");
 }
+
+fn generation_expected() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(here().join("tests/fixtures/generation_expected.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn close(got: f64, want: &Value, what: &str) {
+    let want = want.as_f64().unwrap();
+    assert!((got - want).abs() < 1e-9, "{what}: {got} vs {want}");
+}
+
+#[test]
+fn text_metrics_equal_sacrebleu_and_rouge_score() {
+    use kiem_eval::metrics::*;
+    let expected = generation_expected();
+    let cases = &expected["metric_cases"];
+    let (mut chrf_all, mut bleu_all) = (Vec::new(), Vec::new());
+    for case in cases["cases"].as_array().unwrap() {
+        let p = case["prediction"].as_str().unwrap();
+        let refs: Vec<String> = serde_json::from_value(case["references"].clone()).unwrap();
+        close(
+            exact_match(p, &refs),
+            &case["exact_match"],
+            &format!("{p:?}: exact match"),
+        );
+        close(
+            rouge_l(p, &refs),
+            &case["rouge_l"],
+            &format!("{p:?}: ROUGE-L"),
+        );
+        let c = chrf_stats(p, &refs);
+        close(chrf(&[c]), &case["chrf"], &format!("{p:?}: chrF"));
+        chrf_all.push(c);
+        bleu_all.push(bleu_stats(p, &refs));
+    }
+    close(chrf(&chrf_all), &cases["chrf"], "corpus chrF");
+    close(bleu(&bleu_all), &cases["bleu"], "corpus BLEU");
+    // The bootstrap is reproducible and near zero only for a constant metric.
+    let a = bootstrap_stderr(&bleu_all, bleu, 200, 1);
+    assert_eq!(a, bootstrap_stderr(&bleu_all, bleu, 200, 1));
+    assert!(a > 1.0 && a < 50.0, "{a}");
+}
+
+#[test]
+fn greedy_replies_and_their_scores_equal_the_harness() {
+    use kiem_eval::generation::{evaluate_generation, GenerationOptions, PromptFormat};
+    let expected = generation_expected();
+    let want = &expected["generation"];
+    let model = here().join("../kiem/tests/fixtures/hf/tiny_a");
+    let (gpt, ids) = kiem_engine::io::load_model_dir(&model).unwrap();
+    let tokenizer = Tokenizer::load(model.to_str().unwrap()).unwrap();
+    let task = match kiem_eval::tasks::load(&here().join("tests/fixtures/generation_fixture.jsonl"))
+        .unwrap()
+    {
+        kiem_eval::tasks::LoadedTask::Generation(t) => t,
+        other => panic!("not a generation task: {other:?}"),
+    };
+    let options = GenerationOptions {
+        limit: None,
+        shots: Default::default(),
+        batch: 2,
+        max_new_tokens: 16,
+        stops: vec!["\n\n".into()],
+        format: PromptFormat::Plain,
+        stop_ids: ids.eos.clone(),
+        bootstrap: 100,
+        seed: 1,
+    };
+    let report = evaluate_generation(&gpt, &tokenizer, &task, &options, &mut |_, _| {}).unwrap();
+    let answers = want["answers"].as_array().unwrap();
+    assert_eq!(report.answers.len(), answers.len());
+    for (got, w) in report.answers.iter().zip(answers) {
+        assert_eq!(
+            got.prediction,
+            w["prediction"].as_str().unwrap(),
+            "line {}",
+            got.line
+        );
+        close(got.rouge_l, &w["rouge_l"], "ROUGE-L");
+        close(got.chrf, &w["chrf"], "chrF");
+        close(got.exact_match, &w["exact_match"], "exact match");
+    }
+    close(report.chrf.value, &want["chrf"], "corpus chrF");
+    close(report.bleu.value, &want["bleu"], "corpus BLEU");
+    // One at a time, the replies are the same.
+    let single = GenerationOptions {
+        batch: 1,
+        ..options
+    };
+    let again = evaluate_generation(&gpt, &tokenizer, &task, &single, &mut |_, _| {}).unwrap();
+    for (a, b) in report.answers.iter().zip(&again.answers) {
+        assert_eq!(a.prediction, b.prediction);
+    }
+}

@@ -17,12 +17,14 @@ fn register_font() {
     });
 }
 
-/// Draws train loss (per step) and validation loss (per evaluation) against steps.
+/// Draws train loss (per step) and validation loss (per evaluation) against steps, and below
+/// them, when the run scores benchmark tasks, each task's score (0..1) at each evaluation.
 pub fn plot_losses(
     path: &Path,
     title: &str,
     train: &[(u64, f64)],
     val: &[(u64, f64)],
+    tasks: &crate::trainer::TaskCurves,
 ) -> Result<()> {
     if train.is_empty() {
         return Ok(());
@@ -30,11 +32,14 @@ pub fn plot_losses(
     register_font();
     let tmp = path.with_extension("partial.png");
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(&tmp, (960, 540)).into_drawing_area();
-        root.fill(&WHITE)?;
+        let height = if tasks.is_empty() { 540 } else { 860 };
+        let whole = BitMapBackend::new(&tmp, (960, height)).into_drawing_area();
+        whole.fill(&WHITE)?;
+        let (root, below) = whole.split_vertically(540);
         let max_step = train
             .iter()
             .chain(val)
+            .chain(tasks.values().flatten())
             .map(|p| p.0)
             .max()
             .unwrap_or(1)
@@ -75,7 +80,35 @@ pub fn plot_losses(
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()?;
-        root.present()?;
+        if !tasks.is_empty() {
+            let mut chart = ChartBuilder::on(&below)
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0u64..max_step, 0f64..1f64)?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc("task score")
+                .draw()?;
+            for (i, (name, curve)) in tasks.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(
+                        curve.iter().copied(),
+                        color.stroke_width(2),
+                    ))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                chart.draw_series(curve.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+        whole.present()?;
         Ok(())
     };
     draw().map_err(|e| TrainError::Io(format!("cannot draw {}: {e}", path.display())))?;

@@ -49,6 +49,12 @@ pub struct TrainConfig {
     pub eps: f32,
     pub eval_every: u64,
     pub eval_tokens: usize,
+    /// Benchmark task files (`kiem eval`'s formats) scored at each evaluation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval_tasks: Vec<PathBuf>,
+    /// Questions (or examples) of each task scored per evaluation (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_task_limit: Option<usize>,
     pub sample_every: u64,
     pub sample_tokens: usize,
     pub checkpoint_every: u64,
@@ -149,11 +155,38 @@ pub struct EvalReport {
     pub tokens: usize,
 }
 
+/// The benchmark tasks' scores at one evaluation (a line of metrics.jsonl:
+/// `{"step": N, "tasks": {"name": {"examples": n, "acc_norm": x, ...}}}`).
+#[derive(Debug, Clone)]
+pub struct TaskScores {
+    pub step: u64,
+    pub tasks: Vec<kiem_eval::Brief>,
+}
+
+impl Serialize for TaskScores {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let tasks: serde_json::Map<String, serde_json::Value> = self
+            .tasks
+            .iter()
+            .map(|b| {
+                let mut m = serde_json::Map::new();
+                m.insert("examples".into(), b.examples.into());
+                for &(name, value) in &b.metrics {
+                    m.insert(name.into(), value.into());
+                }
+                (b.task.clone(), m.into())
+            })
+            .collect();
+        serde_json::json!({"step": self.step, "tasks": tasks}).serialize(s)
+    }
+}
+
 /// What a caller (the CLI) shows while training runs.
 pub trait Observer {
     fn started(&mut self, _resumed_from: Option<u64>, _config: &TrainConfig, _params: usize) {}
     fn step(&mut self, _report: &StepReport) {}
     fn eval(&mut self, _report: &EvalReport) {}
+    fn tasks(&mut self, _scores: &TaskScores) {}
     fn sample(&mut self, _step: u64, _text: &str) {}
     fn checkpoint(&mut self, _step: u64, _dir: &Path) {}
     fn note(&mut self, _message: &str) {}
@@ -203,12 +236,16 @@ struct Metrics {
 /// (step, loss) points of a curve.
 type Curve = Vec<(u64, f64)>;
 
+/// Each benchmark task's plotted score by step, by task name.
+pub type TaskCurves = std::collections::BTreeMap<String, Curve>;
+
 impl Metrics {
     /// Opens `metrics.jsonl`, dropping lines of steps after `keep_through` (they are redone on
     /// resume).
-    fn open(path: &Path, keep_through: Option<u64>) -> Result<(Self, Curve, Curve)> {
+    fn open(path: &Path, keep_through: Option<u64>) -> Result<(Self, Curve, Curve, TaskCurves)> {
         let mut train = Vec::new();
         let mut val = Vec::new();
+        let mut tasks = TaskCurves::new();
         let mut kept = String::new();
         if let (Some(limit), Ok(text)) = (keep_through, std::fs::read_to_string(path)) {
             for line in text.lines() {
@@ -225,6 +262,12 @@ impl Metrics {
                 if let Some(loss) = v["val_loss"].as_f64() {
                     val.push((step, loss));
                 }
+                for (task, scores) in v["tasks"].as_object().into_iter().flatten() {
+                    if let Some(score) = scores.get(plotted_metric(scores)).and_then(|x| x.as_f64())
+                    {
+                        tasks.entry(task.clone()).or_default().push((step, score));
+                    }
+                }
                 kept.push_str(line);
                 kept.push('\n');
             }
@@ -234,13 +277,55 @@ impl Metrics {
             .append(true)
             .open(path)
             .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-        Ok((Self { file }, train, val))
+        Ok((Self { file }, train, val, tasks))
     }
 
     fn write(&mut self, value: &impl Serialize) -> Result<()> {
         let line = serde_json::to_string(value).expect("metrics serialize");
         writeln!(self.file, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))
     }
+}
+
+/// The metric a task's curve shows: the first a brief names (accuracy or ROUGE-L).
+fn plotted_metric(scores: &serde_json::Value) -> &'static str {
+    if scores.get("acc_norm").is_some() {
+        "acc_norm"
+    } else {
+        "rouge_l"
+    }
+}
+
+/// Reads the run's benchmark task files (before training starts: a bad file fails at once).
+fn load_eval_tasks(config: &TrainConfig) -> Result<Vec<kiem_eval::tasks::LoadedTask>> {
+    config
+        .eval_tasks
+        .iter()
+        .map(|path| {
+            kiem_eval::tasks::load(path)
+                .map_err(|e| TrainError::Config(format!("--eval-tasks: {e}")))
+        })
+        .collect()
+}
+
+/// Scores every benchmark task of the run on the model as it is now.
+fn score_tasks(
+    gpt: &mut Gpt,
+    tokenizer: &Tokenizer,
+    tasks: &[kiem_eval::tasks::LoadedTask],
+    config: &TrainConfig,
+    step: u64,
+) -> Result<TaskScores> {
+    let eos = [tokenizer.eos_id().unwrap_or(tokenizer.bos_id())];
+    let tasks = tasks
+        .iter()
+        .map(|task| {
+            kiem_engine::kernels::in_pool(|| {
+                kiem_eval::brief(gpt, tokenizer, task, config.eval_task_limit, &eos)
+            })
+            .map_err(|e| TrainError::Config(format!("evaluating {}: {e}", task.name())))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TaskScores { step, tasks })
 }
 
 /// Token byte lengths for bits per byte (special tokens count 0 bytes).
@@ -513,12 +598,36 @@ fn run_loop(
         kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;
         None
     };
-    let (mut metrics, mut train_curve, mut val_curve) =
+    let (mut metrics, mut train_curve, mut val_curve, mut task_curves) =
         Metrics::open(&run_dir.join(METRICS_FILE), Some(state.step))?;
+    let eval_tasks = load_eval_tasks(config)?;
+    let record_tasks = |gpt: &mut Gpt,
+                        metrics: &mut Metrics,
+                        curves: &mut TaskCurves,
+                        observer: &mut dyn Observer,
+                        step: u64|
+     -> Result<()> {
+        if eval_tasks.is_empty() {
+            return Ok(());
+        }
+        let scores = score_tasks(gpt, tokenizer, &eval_tasks, config, step)?;
+        metrics.write(&scores)?;
+        for brief in &scores.tasks {
+            if let Some(&(_, value)) = brief.metrics.first() {
+                curves
+                    .entry(brief.task.clone())
+                    .or_default()
+                    .push((step, value));
+            }
+        }
+        observer.tasks(&scores);
+        Ok(())
+    };
     observer.started(resumed_from, config, gpt.num_parameters());
 
     let bytes_of = token_bytes(tokenizer);
-    // A fine-tuning run records the base model's held-out loss first, to compare against.
+    // A fine-tuning run records the base model's held-out loss (and task scores) first, to
+    // compare against.
     if resumed_from.is_none() && matches!(config.source, DataSource::Finetune(_)) {
         if let Some(val) = val_loader.as_deref_mut() {
             let report = evaluate(&mut gpt, val, config, &bytes_of, 0)?;
@@ -526,6 +635,7 @@ fn run_loop(
             val_curve.push((0, report.val_loss));
             observer.eval(&report);
         }
+        record_tasks(&mut gpt, &mut metrics, &mut task_curves, observer, 0)?;
     }
     let accum = config.grad_accumulation();
     let mut batches: Vec<(Vec<u32>, Vec<Option<u32>>, usize)> =
@@ -602,18 +712,26 @@ fn run_loop(
 
         let last_step = state.step == config.steps;
         let stop = cancel.load(Ordering::Relaxed);
-        if let Some(val) = val_loader.as_deref_mut() {
-            if (config.eval_every > 0 && state.step.is_multiple_of(config.eval_every)) || last_step
-            {
-                let report = evaluate(&mut gpt, val, config, &bytes_of, state.step)?;
-                if state.best_val_loss.is_none_or(|b| report.val_loss < b) {
-                    state.best_val_loss = Some(report.val_loss);
-                    state.best_val_bpb = Some(report.val_bpb);
-                }
-                metrics.write(&report)?;
-                val_curve.push((state.step, report.val_loss));
-                observer.eval(&report);
+        let evaluate_now =
+            (config.eval_every > 0 && state.step.is_multiple_of(config.eval_every)) || last_step;
+        if let (true, Some(val)) = (evaluate_now, val_loader.as_deref_mut()) {
+            let report = evaluate(&mut gpt, val, config, &bytes_of, state.step)?;
+            if state.best_val_loss.is_none_or(|b| report.val_loss < b) {
+                state.best_val_loss = Some(report.val_loss);
+                state.best_val_bpb = Some(report.val_bpb);
             }
+            metrics.write(&report)?;
+            val_curve.push((state.step, report.val_loss));
+            observer.eval(&report);
+        }
+        if evaluate_now {
+            record_tasks(
+                &mut gpt,
+                &mut metrics,
+                &mut task_curves,
+                observer,
+                state.step,
+            )?;
         }
         if config.sample_every > 0 && (state.step.is_multiple_of(config.sample_every) || last_step)
         {
@@ -637,6 +755,7 @@ fn run_loop(
                 plot_title,
                 &train_curve,
                 &val_curve,
+                &task_curves,
             )?;
             observer.checkpoint(state.step, &dir);
         }
@@ -653,6 +772,7 @@ fn run_loop(
             plot_title,
             &train_curve,
             &val_curve,
+            &task_curves,
         )?;
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -611,8 +611,11 @@ fn eval_scores_tasks_and_reports() {
             "--task",
             &task("arc_fixture.jsonl"),
             &task("bigbench_fixture.json"),
+            &task("generation_fixture.jsonl"),
             "--limit",
             "2",
+            "--max-new-tokens",
+            "8",
             "--out",
             "report.json",
         ],
@@ -620,6 +623,10 @@ fn eval_scores_tasks_and_reports() {
     ));
     assert!(
         out.contains("arc_fixture") && out.contains("bigbench") && out.contains("±"),
+        "{out}"
+    );
+    assert!(
+        out.contains("generation_fixture") && out.contains("chrF"),
         "{out}"
     );
     let report: serde_json::Value =
@@ -632,6 +639,10 @@ fn eval_scores_tasks_and_reports() {
         tasks[1]["questions"][0]["scores"].as_array().unwrap().len(),
         3
     );
+    let generation = &report["generation"][0];
+    assert_eq!(generation["prompt_format"], "plain", "a base model");
+    assert_eq!(generation["answers"].as_array().unwrap().len(), 2);
+    assert!(generation["bleu"]["stderr"].as_f64().is_some());
     std::fs::write(
         dir.join("bad.jsonl"),
         "{\"context\": \"c\", \"choices\": [\"a\"], \"label\": 0}\n",

@@ -661,7 +661,20 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
         ],
         dir,
     ));
-    ok(run(
+    // Benchmark tasks scored during training: one multiple choice, one generation (FAQ-style
+    // questions the fine-tune below teaches the answer to).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let choice_task = root.join("kiem-eval/tests/fixtures/plain_fixture.jsonl");
+    let faq: String = (100..106)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("Where is order {i}?"), "reference": "It has shipped."})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("faq.jsonl"), faq).unwrap();
+    let choice_arg = choice_task.display().to_string();
+    let out = run(
         &[
             "pretrain",
             "--data",
@@ -678,11 +691,73 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
             "48",
             "--steps",
             "5",
+            "--eval-every",
+            "2",
+            "--eval-tasks",
+            &choice_arg,
+            "faq.jsonl",
+            "--eval-task-limit",
+            "3",
             "--threads",
             "2",
         ],
         dir,
+    );
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        log.contains("plain_fixture (3 examples): acc_norm"),
+        "{log}"
+    );
+    let task_lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.join("base/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("tasks").is_some())
+            .collect();
+    let steps: Vec<u64> = task_lines
+        .iter()
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 5], "scored at each evaluation and the end");
+    let last = &task_lines[2]["tasks"];
+    assert_eq!(last["plain_fixture"]["examples"], 3);
+    assert!((0.0..=1.0).contains(&last["plain_fixture"]["acc"].as_f64().unwrap()));
+    assert!(last["faq"]["rouge_l"].as_f64().is_some() && last["faq"]["bleu"].as_f64().is_some());
+    // The plot grows a panel for the task scores.
+    let png = std::fs::read(dir.join("base/loss.png")).unwrap();
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!(height, 860, "loss.png with the task panel");
+    // `kiem eval --text` on the prepared data directory: its validation split, as training
+    // measured it.
+    let out = ok(run(
+        &[
+            "eval",
+            "--model",
+            "base/model",
+            "--text",
+            "data",
+            "--out",
+            "lm.json",
+        ],
+        dir,
     ));
+    assert!(out.contains("bpb"), "{out}");
+    let lm = read_json(&dir.join("lm.json"));
+    let val_bytes = read_json(&dir.join("data/manifest.json"))["val"]["bytes"].clone();
+    assert_eq!(lm["texts"][0]["bytes"], val_bytes);
+    let final_val = std::fs::read_to_string(dir.join("base/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64())
+        .next_back()
+        .unwrap();
+    let measured = lm["texts"][0]["loss"].as_f64().unwrap();
+    assert!(
+        (measured - final_val).abs() < 0.05 * final_val,
+        "eval --text DIR {measured} vs training's validation loss {final_val}"
+    );
     write_order_conversations(&dir.join("chat.jsonl"), 60, |_| "It has shipped.".into());
     let out = run(
         &[
@@ -694,11 +769,13 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
             "--out",
             "ft",
             "--epochs",
-            "8",
+            "20",
             "--lr",
-            "3e-3",
+            "1e-2",
             "--eval-every",
             "0",
+            "--eval-tasks",
+            "faq.jsonl",
             "--threads",
             "2",
         ],
@@ -722,6 +799,18 @@ fn finetune_a_gpt2_tokenizer_model_grows_chat_tokens_and_learns() {
         evals[evals.len() - 1] < evals[0] * 0.5,
         "loss falls substantially: {evals:?}"
     );
+    // The FAQ task, answered in the chat format: the base model (step 0) does not give the
+    // answer, the fine-tuned one does.
+    let faq_scores: Vec<f64> = std::fs::read_to_string(dir.join("ft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["tasks"]["faq"]["exact_match"]
+                .as_f64()
+        })
+        .collect();
+    assert_eq!(faq_scores.len(), 2, "{faq_scores:?}");
+    assert!(faq_scores[0] < 0.5 && faq_scores[1] > 0.5, "{faq_scores:?}");
     failed(
         run(
             &[

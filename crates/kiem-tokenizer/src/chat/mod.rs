@@ -233,6 +233,20 @@ pub fn end_of_turn(tokenizer: &Tokenizer) -> Result<u32, TokenizerError> {
         })
 }
 
+/// The ids that end an assistant reply: the model's own end ids (`eos_ids`), its end-of-turn
+/// token, and any other special token (a model that starts another turn or document has
+/// finished its reply).
+pub fn reply_stop_ids(
+    tokenizer: &Tokenizer,
+    mut eos_ids: Vec<u32>,
+) -> Result<Vec<u32>, TokenizerError> {
+    eos_ids.push(end_of_turn(tokenizer)?);
+    eos_ids.extend((0..tokenizer.vocab_size() as u32).filter(|&id| tokenizer.is_special(id)));
+    eos_ids.sort_unstable();
+    eos_ids.dedup();
+    Ok(eos_ids)
+}
+
 /// Whether chats with this tokenizer use kiem's typed format (rather than a Hugging Face
 /// template): then fine-tuning adds kiem's chat tokens to a base tokenizer.
 pub fn uses_typed_format(tokenizer: &Tokenizer) -> Result<bool, TokenizerError> {

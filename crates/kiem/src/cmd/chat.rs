@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::Args;
 use kiem_engine::sampling::GenerateOptions;
-use kiem_tokenizer::chat::{end_of_turn, render_prompt, Message, Role};
+use kiem_tokenizer::chat::{render_prompt, reply_stop_ids, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
 use kiem_tokenizer::Tokenizer;
 
@@ -34,19 +34,6 @@ pub struct ChatArgs {
 
 const HELP: &str = "commands: /reset starts over, /system TEXT sets the system prompt (and starts over), /exit quits";
 
-/// The ids that end an assistant reply: its end-of-turn token, and any other special token
-/// (a model that starts another turn or document has finished its reply).
-pub fn chat_stop_ids(
-    tokenizer: &kiem_tokenizer::Tokenizer,
-    mut stop_ids: Vec<u32>,
-) -> Result<Vec<u32>, kiem_tokenizer::TokenizerError> {
-    stop_ids.push(end_of_turn(tokenizer)?);
-    stop_ids.extend((0..tokenizer.vocab_size() as u32).filter(|&id| tokenizer.is_special(id)));
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
-    Ok(stop_ids)
-}
-
 /// The error for a model that cannot chat: no chat template and no chat tokens (or a broken
 /// template, which `error` names).
 pub fn not_a_chat_model(dir: &Path, error: kiem_tokenizer::TokenizerError) -> anyhow::Error {
@@ -72,7 +59,8 @@ pub struct ChatModel {
 impl ChatModel {
     pub fn load(dir: &Path, weights: WeightsArgs) -> Result<Self> {
         let (gpt, tokenizer, stop_ids) = load_model(dir, weights)?;
-        let stop_ids = chat_stop_ids(&tokenizer, stop_ids).map_err(|e| not_a_chat_model(dir, e))?;
+        let stop_ids =
+            reply_stop_ids(&tokenizer, stop_ids).map_err(|e| not_a_chat_model(dir, e))?;
         Ok(Self {
             gpt,
             tokenizer,

@@ -1,12 +1,16 @@
 //! `kiem eval`: multiple-choice benchmark tasks scored as lm-evaluation-harness scores them,
-//! and the loss, perplexity and bits per byte of texts.
+//! generation tasks scored against their references, the loss, perplexity and bits per byte of
+//! texts, and the held-out loss of conversations.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kiem_eval::score::{evaluate, TaskReport};
-use kiem_eval::tasks::load_task;
+use kiem_eval::generation::{
+    evaluate_generation, GenerationOptions, GenerationReport, PromptFormat,
+};
+use kiem_eval::score::{evaluate, Mean, TaskReport};
+use kiem_eval::tasks::LoadedTask;
 use kiem_tokenizer::Tokenizer;
 
 use crate::progress::items_bar;
@@ -19,13 +23,15 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
 
-    /// Multiple-choice task files: HellaSwag or ARC JSONL, BIG-bench JSON, or JSONL with
-    /// `context`, `choices` and `label` (detected per file).
+    /// Task files, detected per file. Multiple choice: HellaSwag or ARC JSONL, BIG-bench JSON,
+    /// or JSONL with `context`, `choices` and `label`. Generation: JSONL with `prompt` and
+    /// `reference` (or `references`), or BIG-bench JSON with `target` answers.
     #[arg(long = "task", num_args = 1.., value_name = "FILE")]
     tasks: Vec<PathBuf>,
 
-    /// Text files (UTF-8) to measure the loss, perplexity and bits per byte of.
-    #[arg(long = "text", num_args = 1.., value_name = "FILE")]
+    /// Text files (UTF-8) to measure the loss, perplexity and bits per byte of, or data
+    /// directories made by `kiem data prepare` (their validation split is measured).
+    #[arg(long = "text", num_args = 1.., value_name = "FILE|DIR")]
     texts: Vec<PathBuf>,
 
     /// Conversations (JSONL: OpenAI, ShareGPT, Alpaca or prompt/completion) to measure the
@@ -51,6 +57,25 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1234, value_name = "S")]
     seed: u64,
 
+    /// Generation tasks: most tokens of each reply.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_new_tokens: usize,
+
+    /// Generation tasks: a reply ends before this text (repeatable) [default: "\n\n" for
+    /// plain prompts, none for chat prompts, which end at the end-of-turn token].
+    #[arg(long = "stop", value_name = "TEXT")]
+    stops: Vec<String>,
+
+    /// Generation tasks: how prompts are written. `chat`: as a user message in the model's
+    /// chat template; `plain`: as text; `auto`: chat when the model has a chat template or
+    /// was fine-tuned for chat.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "chat"], value_name = "F")]
+    prompt_format: String,
+
+    /// Generation tasks: bootstrap resamples for the standard error of chrF and BLEU.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    bootstrap: usize,
+
     /// Score only the first N questions of each task (and conversations of each --chat file).
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
@@ -74,27 +99,48 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     if args.tasks.is_empty() && args.texts.is_empty() && args.chats.is_empty() {
         bail!(
-            "give --task FILE... (multiple choice), --text FILE... (perplexity) and/or --chat \
-             FILE... (assistant-token loss)"
+            "give --task FILE... (multiple choice or generation), --text FILE... (perplexity) \
+             and/or --chat FILE... (assistant-token loss)"
         );
     }
+    // A text file is read now (a bad one fails before the model loads); a data directory
+    // when it is scored.
     let texts = args
         .texts
         .iter()
         .map(|p| {
+            if p.is_dir() {
+                return Ok((p.clone(), None));
+            }
             std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {} (UTF-8 text expected)", p.display()))
-                .map(|t| (p.display().to_string(), t))
+                .map(|t| (p.clone(), Some(t)))
         })
         .collect::<Result<Vec<_>>>()?;
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if args.bootstrap > 100_000 {
+        bail!(
+            "--bootstrap {} is out of range: choose 0..=100000",
+            args.bootstrap
+        );
+    }
     // Read every task first: a bad file fails before the model is loaded.
-    let tasks = args
+    let loaded = args
         .tasks
         .iter()
-        .map(|p| load_task(p))
+        .map(|p| kiem_eval::tasks::load(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let (mut gpt, tokenizer, _) = super::generate::load_checked(&args.model)?;
+    let (mut gpt, tokenizer, stop_ids) = super::generate::load_checked(&args.model)?;
     let mut reports: Vec<TaskReport> = Vec::new();
+    let (mut tasks, mut generation_tasks) = (Vec::new(), Vec::new());
+    for task in loaded {
+        match task {
+            LoadedTask::MultipleChoice(t) => tasks.push(t),
+            LoadedTask::Generation(t) => generation_tasks.push(t),
+        }
+    }
     for task in &tasks {
         let total = args
             .limit
@@ -116,19 +162,29 @@ pub fn run(args: EvalArgs) -> Result<()> {
         reports.push(report);
     }
     let mut text_reports = Vec::new();
-    for (name, text) in &texts {
+    for (path, text) in &texts {
         let bar = items_bar(0, "tokens", "text");
-        let report = kiem_eval::lm::evaluate_text(
-            &mut gpt,
-            &tokenizer,
-            name,
-            text,
-            args.stride,
-            &mut |done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64)
-            },
-        )?;
+        let mut progress = |done: usize, total: usize| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64)
+        };
+        let report = match text {
+            Some(text) => kiem_eval::lm::evaluate_text(
+                &mut gpt,
+                &tokenizer,
+                &path.display().to_string(),
+                text,
+                args.stride,
+                &mut progress,
+            )?,
+            None => kiem_eval::lm::evaluate_data_dir(
+                &mut gpt,
+                &tokenizer,
+                path,
+                args.stride,
+                &mut progress,
+            )?,
+        };
         bar.finish_and_clear();
         text_reports.push(report);
     }
@@ -147,6 +203,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
         )?;
         bar.finish_and_clear();
         chat_reports.push(report);
+    }
+    let mut generation_reports = Vec::new();
+    if !generation_tasks.is_empty() {
+        let options = generation_options(&args, &tokenizer, stop_ids)?;
+        // Generation only decodes from here on: lay the weights out for it.
+        gpt.transpose_for_decoding();
+        for task in &generation_tasks {
+            let total = args
+                .limit
+                .map_or(task.examples.len(), |l| l.min(task.examples.len()));
+            let bar = items_bar(total as u64, "examples", &task.name);
+            let report = evaluate_generation(&gpt, &tokenizer, task, &options, &mut |done, _| {
+                bar.set_position(done as u64)
+            })?;
+            bar.finish_and_clear();
+            generation_reports.push(report);
+        }
     }
     if !chat_reports.is_empty() {
         println!(
@@ -172,15 +245,42 @@ pub fn run(args: EvalArgs) -> Result<()> {
             );
         }
     }
+    if !generation_reports.is_empty() {
+        println!(
+            "{:<24} {:<6} {:>6}  {:<15} {:<15} {:<13} {:<13}",
+            "generation task", "prompt", "n", "exact_match", "rouge_l", "chrF", "BLEU"
+        );
+        for r in &generation_reports {
+            println!(
+                "{:<24} {:<6} {:>6}  {:<15} {:<15} {:<13} {:<13}",
+                r.task,
+                match r.prompt_format {
+                    PromptFormat::Plain => "plain",
+                    PromptFormat::Chat => "chat",
+                },
+                r.examples,
+                fraction(r.exact_match),
+                fraction(r.rouge_l),
+                percent(r.chrf),
+                percent(r.bleu)
+            );
+        }
+    }
+    let outputs = Outputs {
+        tasks: &reports,
+        generation: &generation_reports,
+        texts: &text_reports,
+        chats: &chat_reports,
+    };
     if reports.is_empty() {
-        return write_report(&args, &tokenizer, &reports, &text_reports, &chat_reports);
+        return write_report(&args, &tokenizer, &outputs);
     }
     println!(
         "{:<24} {:<9} {:>6}  {:<15} {:<15} {:<15}",
         "task", "format", "n", "acc", "acc_norm", "acc_bytes"
     );
     for r in &reports {
-        let m = |m: kiem_eval::score::Mean| format!("{:.4} ± {:.4}", m.value, m.stderr);
+        let m = fraction;
         println!(
             "{:<24} {:<9} {:>6}  {:<15} {:<15} {:<15}",
             r.task,
@@ -191,16 +291,72 @@ pub fn run(args: EvalArgs) -> Result<()> {
             m(r.acc_bytes)
         );
     }
-    write_report(&args, &tokenizer, &reports, &text_reports, &chat_reports)
+    write_report(&args, &tokenizer, &outputs)
 }
 
-fn write_report(
+/// A 0..=1 metric with its standard error.
+fn fraction(m: Mean) -> String {
+    format!("{:.4} ± {:.4}", m.value, m.stderr)
+}
+
+/// A 0..=100 metric with its standard error.
+fn percent(m: Mean) -> String {
+    format!("{:.2} ± {:.2}", m.value, m.stderr)
+}
+
+/// How generation tasks are run, from the flags and what the model is.
+fn generation_options(
     args: &EvalArgs,
     tokenizer: &Tokenizer,
-    reports: &[TaskReport],
-    texts: &[kiem_eval::lm::TextReport],
-    chats: &[kiem_eval::chat::ChatReport],
-) -> Result<()> {
+    stop_ids: Vec<u32>,
+) -> Result<GenerationOptions> {
+    let chat_stops = kiem_tokenizer::chat::reply_stop_ids(tokenizer, stop_ids.clone());
+    let format = match (args.prompt_format.as_str(), &chat_stops) {
+        ("plain", _) | ("auto", Err(_)) => PromptFormat::Plain,
+        (_, Ok(_)) => PromptFormat::Chat,
+        (_, Err(e)) => bail!(
+            "--prompt-format chat: {}: {e}; the model has no chat template and was not \
+             fine-tuned for chat",
+            args.model.display()
+        ),
+    };
+    let (stop_ids, default_stops) = match format {
+        PromptFormat::Chat => (chat_stops?, Vec::new()),
+        // The harness' default `until` is the few-shot delimiter.
+        PromptFormat::Plain => (
+            stop_ids,
+            vec![kiem_eval::score::FEWSHOT_DELIMITER.to_string()],
+        ),
+    };
+    Ok(GenerationOptions {
+        limit: args.limit,
+        shots: kiem_eval::score::Shots {
+            count: args.shots,
+            seed: args.seed,
+        },
+        batch: args.batch,
+        max_new_tokens: args.max_new_tokens,
+        stops: if args.stops.is_empty() {
+            default_stops
+        } else {
+            args.stops.clone()
+        },
+        format,
+        stop_ids,
+        bootstrap: args.bootstrap,
+        seed: args.seed,
+    })
+}
+
+/// Every report of one run.
+struct Outputs<'a> {
+    tasks: &'a [TaskReport],
+    generation: &'a [GenerationReport],
+    texts: &'a [kiem_eval::lm::TextReport],
+    chats: &'a [kiem_eval::chat::ChatReport],
+}
+
+fn write_report(args: &EvalArgs, tokenizer: &Tokenizer, outputs: &Outputs) -> Result<()> {
     let Some(out) = &args.out else {
         return Ok(());
     };
@@ -209,9 +365,11 @@ fn write_report(
         "tokenizer": tokenizer.hash(),
         "command": std::env::args().collect::<Vec<_>>(),
         "scoring": "lm-evaluation-harness multiple choice: target delimiter \" \", few-shot delimiter \"\\n\\n\", continuation = encode(context + continuation) after the context's tokens; acc_norm per character, acc_bytes per UTF-8 byte; stderr = sample standard deviation / sqrt(n)",
-        "tasks": reports,
-        "texts": texts,
-        "chat": chats,
+        "generation_scoring": "greedy decoding until a stop string or end token; exact_match: equal after stripping surrounding whitespace; rouge_l: rouge_score ROUGE-L F1 (no stemming), best reference; chrf: sacrebleu CHRF() corpus score; bleu: sacrebleu BLEU() corpus score (13a, exp smoothing); stderr of chrf and bleu: bootstrap over examples",
+        "tasks": outputs.tasks,
+        "generation": outputs.generation,
+        "texts": outputs.texts,
+        "chat": outputs.chats,
     });
     kiem_tokenizer::write_atomic(out, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("cannot write {}", out.display()))?;

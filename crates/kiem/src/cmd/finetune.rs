@@ -93,6 +93,9 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 50, value_name = "N")]
     eval_every: u64,
 
+    #[command(flatten)]
+    eval_tasks: super::pretrain::EvalTaskArgs,
+
     /// Save a checkpoint every N steps (and at the end).
     #[arg(long, default_value_t = 200, value_name = "N")]
     checkpoint_every: u64,
@@ -117,6 +120,7 @@ pub struct FinetuneArgs {
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let threads = args.threads.install()?;
+    args.eval_tasks.check()?;
     let mut observer = CliObserver::new(threads);
     let cancel = cancel_flag();
     let (run_dir, summary) = if let Some(run_dir) = &args.resume {
@@ -124,6 +128,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             || !args.data.is_empty()
             || args.out.is_some()
             || args.precision.is_some()
+            || !args.eval_tasks.tasks.is_empty()
         {
             bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
         }
@@ -225,6 +230,8 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             eps: 1e-8,
             eval_every: args.eval_every,
             eval_tokens: usize::MAX / 2,
+            eval_tasks: args.eval_tasks.tasks.clone(),
+            eval_task_limit: args.eval_tasks.limit,
             sample_every: 0,
             sample_tokens: 0,
             checkpoint_every: args.checkpoint_every,

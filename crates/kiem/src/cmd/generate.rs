@@ -198,7 +198,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     let (ids, stop_ids) = if args.chat {
-        let stop_ids = super::chat::chat_stop_ids(&tokenizer, stop_ids)
+        let stop_ids = kiem_tokenizer::chat::reply_stop_ids(&tokenizer, stop_ids)
             .map_err(|e| super::chat::not_a_chat_model(&args.model, e))?;
         let mut messages: Vec<Message> = args
             .system

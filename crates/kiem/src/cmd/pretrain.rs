@@ -133,6 +133,9 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "N")]
     eval_tokens: Option<usize>,
 
+    #[command(flatten)]
+    eval_tasks: EvalTaskArgs,
+
     /// Print a generated text sample every N steps (0 = never) [default: 500].
     #[arg(long, value_name = "N")]
     sample_every: Option<u64>,
@@ -175,6 +178,33 @@ enum ScheduleArg {
     Wsd,
 }
 
+/// Benchmark tasks a training run scores at each evaluation.
+#[derive(Args, Debug, Clone, Default)]
+pub struct EvalTaskArgs {
+    /// Benchmark task files (the formats `kiem eval --task` reads: multiple choice or
+    /// generation) scored at each evaluation; the scores go to metrics.jsonl and are plotted
+    /// below the loss in loss.png.
+    #[arg(long = "eval-tasks", num_args = 1.., value_name = "FILE")]
+    pub tasks: Vec<PathBuf>,
+
+    /// Questions (or examples) of each --eval-tasks file scored per evaluation [default: all].
+    #[arg(long = "eval-task-limit", value_name = "N", requires = "tasks")]
+    pub limit: Option<usize>,
+}
+
+impl EvalTaskArgs {
+    pub fn check(&self) -> Result<()> {
+        if self.limit == Some(0) {
+            bail!("--eval-task-limit must be at least 1");
+        }
+        // A bad task file fails before any training.
+        for path in &self.tasks {
+            kiem_eval::tasks::load(path)?;
+        }
+        Ok(())
+    }
+}
+
 impl PretrainArgs {
     /// Flags that define the run and so cannot change on --resume.
     fn run_defining_flags(&self) -> Vec<&'static str> {
@@ -207,6 +237,8 @@ impl PretrainArgs {
         check(self.beta2.is_some(), "--beta2");
         check(self.seed.is_some(), "--seed");
         check(self.precision.is_some(), "--precision");
+        check(!self.eval_tasks.tasks.is_empty(), "--eval-tasks");
+        check(self.eval_tasks.limit.is_some(), "--eval-task-limit");
         given
     }
 
@@ -322,6 +354,8 @@ impl PretrainArgs {
             eps: 1e-8,
             eval_every: self.eval_every.unwrap_or(250),
             eval_tokens: self.eval_tokens.unwrap_or(65536),
+            eval_tasks: self.eval_tasks.tasks.clone(),
+            eval_task_limit: self.eval_tasks.limit,
             sample_every: self.sample_every.unwrap_or(500),
             sample_tokens: self.sample_tokens.unwrap_or(64),
             checkpoint_every: self.checkpoint_every.unwrap_or(500),
@@ -334,6 +368,7 @@ impl PretrainArgs {
 
 pub fn run(args: PretrainArgs) -> Result<()> {
     let threads = args.threads.install()?;
+    args.eval_tasks.check()?;
     let (run_dir, config, resume) = match &args.resume {
         Some(run_dir) => {
             let given = args.run_defining_flags();
@@ -516,6 +551,23 @@ impl Observer for CliObserver {
             "step {}: validation loss {:.4}, {:.4} bits per byte ({} tokens)",
             r.step, r.val_loss, r.val_bpb, r.tokens
         ));
+    }
+
+    fn tasks(&mut self, scores: &kiem_train::trainer::TaskScores) {
+        for brief in &scores.tasks {
+            let metrics: Vec<String> = brief
+                .metrics
+                .iter()
+                .map(|(name, value)| format!("{name} {value:.4}"))
+                .collect();
+            self.line(&format!(
+                "step {}: {} ({} examples): {}",
+                scores.step,
+                brief.task,
+                brief.examples,
+                metrics.join(", ")
+            ));
+        }
     }
 
     fn sample(&mut self, step: u64, text: &str) {

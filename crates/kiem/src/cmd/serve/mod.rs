@@ -31,9 +31,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use self::api::{ApiError, ChatRequest, CompletionRequest, Settings};
 use self::worker::{Job, JobEvent, Queue};
-use super::chat::chat_stop_ids;
 use super::generate::{load_model, WeightsArgs};
 use crate::ThreadArgs;
+use kiem_tokenizer::chat::reply_stop_ids;
 
 const PAGE: &str = include_str!("page.html");
 
@@ -123,7 +123,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_model_name(&args.model));
     let context = gpt.config.context;
-    let chat_stop_ids = chat_stop_ids(&tokenizer, stop_ids.clone());
+    let chat_stop_ids = reply_stop_ids(&tokenizer, stop_ids.clone());
     if let Err(e) = &chat_stop_ids {
         eprintln!("note: this model cannot chat ({e}): /v1/chat/completions answers 400; use /v1/completions");
     }
