@@ -245,14 +245,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
             );
         }
     }
+    // Task names as wide as the longest.
+    let w = reports
+        .iter()
+        .map(|r| r.task.len())
+        .chain(generation_reports.iter().map(|r| r.task.len()))
+        .chain([24])
+        .max()
+        .unwrap_or(24);
     if !generation_reports.is_empty() {
         println!(
-            "{:<24} {:<6} {:>6}  {:<15} {:<15} {:<13} {:<13}",
+            "{:<w$} {:<6} {:>6}  {:<15} {:<15} {:<13} {:<13}",
             "generation task", "prompt", "n", "exact_match", "rouge_l", "chrF", "BLEU"
         );
         for r in &generation_reports {
             println!(
-                "{:<24} {:<6} {:>6}  {:<15} {:<15} {:<13} {:<13}",
+                "{:<w$} {:<6} {:>6}  {:<15} {:<15} {:<13} {:<13}",
                 r.task,
                 match r.prompt_format {
                     PromptFormat::Plain => "plain",
@@ -276,13 +284,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return write_report(&args, &tokenizer, &outputs);
     }
     println!(
-        "{:<24} {:<9} {:>6}  {:<15} {:<15} {:<15}",
+        "{:<w$} {:<9} {:>6}  {:<15} {:<15} {:<15}",
         "task", "format", "n", "acc", "acc_norm", "acc_bytes"
     );
     for r in &reports {
         let m = fraction;
         println!(
-            "{:<24} {:<9} {:>6}  {:<15} {:<15} {:<15}",
+            "{:<w$} {:<9} {:>6}  {:<15} {:<15} {:<15}",
             r.task,
             r.format,
             r.examples,
