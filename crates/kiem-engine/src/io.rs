@@ -341,13 +341,13 @@ impl<K: Kernels> Gpt<K> {
 }
 
 /// What a load has placed so far: which parameter tensors, and a tied head the file carried.
-struct Loading {
+pub(crate) struct Loading {
     seen: Vec<bool>,
     tied_head: Option<(PathBuf, Vec<f32>)>,
 }
 
 impl Loading {
-    fn new<K: Kernels>(gpt: &Gpt<K>) -> Result<Self> {
+    pub(crate) fn new<K: Kernels>(gpt: &Gpt<K>) -> Result<Self> {
         gpt.check_training_layout()?;
         Ok(Loading {
             seen: vec![false; gpt.layout.tensors.len()],
@@ -356,7 +356,7 @@ impl Loading {
     }
 
     /// Checks a file tensor's name and shape and lets `fill` write its values where they go.
-    fn place<K: Kernels>(
+    pub(crate) fn place<K: Kernels>(
         &mut self,
         gpt: &mut Gpt<K>,
         path: &Path,
@@ -408,7 +408,7 @@ impl Loading {
     }
 
     /// Every parameter present; a tied head equal to the embedding.
-    fn finish<K: Kernels>(self, gpt: &Gpt<K>, path: &Path) -> Result<()> {
+    pub(crate) fn finish<K: Kernels>(self, gpt: &Gpt<K>, path: &Path) -> Result<()> {
         if let Some(missing) = self.seen.iter().position(|&s| !s) {
             return Err(file_err(
                 path,
@@ -503,6 +503,12 @@ pub fn read_hf_config(path: &Path) -> Result<(ModelConfig, SpecialIds)> {
     let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e.to_string()))?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| file_err(path, format!("malformed JSON: {e}")))?;
+    hf_config_from_json(path, &v)
+}
+
+/// A `config.json`'s contents (read from `path`, named in errors) as kiem's model description.
+pub(crate) fn hf_config_from_json(path: &Path, v: &Value) -> Result<(ModelConfig, SpecialIds)> {
+    let v = v.clone();
     let model_type = v
         .get("model_type")
         .and_then(Value::as_str)

@@ -11,6 +11,7 @@
 
 mod bpe;
 pub mod chat;
+pub mod gguf_vocab;
 mod gpt2;
 pub mod stream;
 mod train;

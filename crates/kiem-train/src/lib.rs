@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod examples;
 pub mod loader;
+pub mod model_source;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;

@@ -402,7 +402,7 @@ pub fn pretrain(
     check_memory(config, 0)?;
     let gpt = match init_from {
         Some(dir) if !resume => {
-            let (gpt, _) = kiem_engine::io::load_model_dir(dir)?;
+            let (gpt, model_tokenizer, _) = crate::model_source::load_model(dir)?;
             if gpt.config != config.model {
                 return Err(TrainError::Config(format!(
                     "{} has shape {:?}, but the run is configured for {:?}",
@@ -411,7 +411,6 @@ pub fn pretrain(
                     config.model
                 )));
             }
-            let model_tokenizer = Tokenizer::load(&dir.to_string_lossy())?;
             if model_tokenizer.encoding_hash() != tokenizer.encoding_hash() {
                 return Err(TrainError::Config(format!(
                     "the data in {} was prepared with another tokenizer than {}'s; prepare it with \
@@ -451,12 +450,7 @@ pub fn pretrain(
 /// A fine-tuning run's starting point: the base model and tokenizer, with the chat tokens added
 /// (and the embeddings grown) when the base tokenizer lacks them.
 pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<String>)> {
-    let (gpt, _) = kiem_engine::io::load_model_dir(&spec.base_model)?;
-    let dir = spec
-        .base_model
-        .to_str()
-        .ok_or_else(|| TrainError::Config("model path is not valid UTF-8".into()))?;
-    let tokenizer = Tokenizer::load(dir)?;
+    let (gpt, tokenizer, _) = crate::model_source::load_model(&spec.base_model)?;
     if tokenizer.vocab_size() > gpt.config.vocab_size {
         return Err(TrainError::Config(format!(
             "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",

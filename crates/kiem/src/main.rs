@@ -64,8 +64,10 @@ enum Command {
     Generate(Box<cmd::generate::GenerateArgs>),
     /// Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
     Serve(Box<cmd::serve::ServeArgs>),
-    /// Score a model on multiple-choice benchmark tasks, as lm-evaluation-harness does.
+    /// Score a model on benchmark tasks (as lm-evaluation-harness does), texts and chats.
     Eval(Box<cmd::eval::EvalArgs>),
+    /// Write a model for other tools: GGUF for llama.cpp.
+    Export(Box<cmd::export::ExportArgs>),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -182,6 +184,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Chat(c) => cmd::chat::run(*c),
         Command::Serve(c) => cmd::serve::run(*c),
         Command::Eval(c) => cmd::eval::run(*c),
+        Command::Export(c) => cmd::export::run(*c),
         Command::Finetune(c) => cmd::finetune::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     }

@@ -29,8 +29,8 @@ pub enum BenchCommand {
 
 #[derive(Args, Debug)]
 pub struct GenerateBenchArgs {
-    /// Model directory (Hugging Face GPT-2 layout).
-    #[arg(long, value_name = "DIR")]
+    /// Model directory (Hugging Face GPT-2 or Llama family) or GGUF file.
+    #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
 
     /// Sequences decoded together, one measurement each.
@@ -151,7 +151,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     use kiem_engine::infer::KvCache;
     use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
     let threads = args.threads.install()?;
-    let (mut gpt, _) = kiem_engine::io::load_model_dir(&args.model)?;
+    let (mut gpt, _, _) = kiem_train::model_source::load_model(&args.model)?;
     super::generate::prepare_for_decoding(&mut gpt, args.weights);
     let context = gpt.config.context;
     if args.prompt_tokens == 0 || args.prompt_tokens + args.tokens > context {

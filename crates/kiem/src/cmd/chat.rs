@@ -13,9 +13,9 @@ use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
-    /// A chat model directory: one with a chat template (an instruct model), or one kiem
-    /// fine-tuned for chat.
-    #[arg(long, value_name = "DIR")]
+    /// A chat model directory or GGUF file: one with a chat template (an instruct model), or
+    /// one kiem fine-tuned for chat.
+    #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
 
     /// System prompt that starts every conversation.

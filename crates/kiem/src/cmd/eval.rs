@@ -18,9 +18,9 @@ use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// The model to evaluate (a kiem run's model, or a Hugging Face GPT-2 or Llama-family
-    /// directory).
-    #[arg(long, value_name = "DIR")]
+    /// The model to evaluate (a kiem run's model, a Hugging Face GPT-2 or Llama-family
+    /// directory, or a GGUF file).
+    #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
 
     /// Task files, detected per file. Multiple choice: HellaSwag or ARC JSONL, BIG-bench JSON,

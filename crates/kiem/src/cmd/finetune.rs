@@ -15,9 +15,10 @@ use crate::ThreadArgs;
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {
     /// The model to start from: a kiem model (e.g. RUN_DIR/model) or a Hugging Face GPT-2,
-    /// Llama, Qwen2 or Mistral directory. A model with a chat template is fine-tuned in its own
-    /// format; others learn kiem's chat format (its tokens are added).
-    #[arg(long, value_name = "DIR")]
+    /// Llama, Qwen2 or Mistral directory, or a GGUF file (dequantized to fp32 weights). A model
+    /// with a chat template is fine-tuned in its own format; others learn kiem's chat format
+    /// (its tokens are added).
+    #[arg(long, value_name = "DIR|FILE")]
     model: Option<PathBuf>,
 
     /// JSONL conversations: OpenAI messages, ShareGPT, Alpaca or prompt/completion.

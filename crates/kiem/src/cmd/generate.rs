@@ -3,7 +3,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kiem_engine::io::load_model_dir;
 use kiem_engine::kernels::MatmulPrecision;
 use kiem_engine::sampling::{Control, FinishReason, GenerateOptions, SamplingParams};
 use kiem_tokenizer::chat::{render_prompt, Message, Role};
@@ -77,8 +76,9 @@ pub struct WeightsArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory (Hugging Face GPT-2 layout, e.g. RUN_DIR/model from `kiem pretrain`).
-    #[arg(long, value_name = "DIR")]
+    /// Model directory (Hugging Face GPT-2 or Llama family, e.g. RUN_DIR/model from `kiem
+    /// pretrain`) or GGUF file.
+    #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
 
     /// Text to continue (default: read standard input).
@@ -150,9 +150,7 @@ pub fn load_model(
 /// A model directory's network (in its files' layout) and tokenizer, checked against each
 /// other, and the ids that end its text.
 pub fn load_checked(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
-    let (mut gpt, ids) = load_model_dir(dir)?;
-    let tokenizer = Tokenizer::load(dir.to_str().context("model path is not valid UTF-8")?)
-        .with_context(|| format!("{} has no usable tokenizer.json", dir.display()))?;
+    let (mut gpt, tokenizer, ids) = kiem_train::model_source::load_model(dir)?;
     match tokenizer.vocab_size().cmp(&gpt.config.vocab_size) {
         std::cmp::Ordering::Greater => bail!(
             "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
@@ -167,7 +165,9 @@ pub fn load_checked(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenize
     // Generation ends at any end-of-sequence id the model names, in config.json or
     // generation_config.json; kiem's own models end documents with the document token.
     let mut stop_ids = ids.eos;
-    stop_ids.extend(kiem_engine::io::generation_eos(dir)?);
+    if dir.is_dir() {
+        stop_ids.extend(kiem_engine::io::generation_eos(dir)?);
+    }
     if stop_ids.is_empty() {
         stop_ids.push(tokenizer.bos_id());
     }

@@ -4,6 +4,7 @@ pub mod chat_format;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod generate;
 pub mod pretrain;

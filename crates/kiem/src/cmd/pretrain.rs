@@ -31,9 +31,10 @@ pub struct PretrainArgs {
     resume: Option<PathBuf>,
 
     /// Start from this model's weights instead of random ones (a Hugging Face GPT-2, Llama,
-    /// Qwen2 or Mistral directory, e.g. an imported model or RUN_DIR/model); its architecture
-    /// and shape are used, and the data must be prepared with its tokenizer (`--tokenizer DIR`).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["depth", "n_layer", "n_head", "n_embd"])]
+    /// Qwen2 or Mistral directory, e.g. an imported model or RUN_DIR/model, or a GGUF file);
+    /// its architecture and shape are used, and the data must be prepared with its tokenizer
+    /// (`--tokenizer DIR|FILE.gguf`).
+    #[arg(long, value_name = "DIR|FILE", conflicts_with_all = ["depth", "n_layer", "n_head", "n_embd"])]
     init_from: Option<PathBuf>,
 
     /// Architecture of a new model: gpt2 (layer norm, learned positions, GELU MLP, biases,
@@ -249,7 +250,7 @@ impl PretrainArgs {
 
     fn config(&self, data_dir: &Path, vocab_size: usize) -> Result<TrainConfig> {
         let base = match &self.init_from {
-            Some(dir) => Some(kiem_engine::io::read_hf_config(&dir.join("config.json"))?.0),
+            Some(dir) => Some(kiem_train::model_source::read_config(dir)?.0),
             None => None,
         };
         if self.n_kv_head.is_some() && self.arch != Some(ArchArg::Llama) {

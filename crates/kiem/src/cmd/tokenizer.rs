@@ -65,6 +65,10 @@ pub struct TokenizerArg {
 
 impl TokenizerArg {
     pub fn load(&self) -> Result<Tokenizer> {
+        let path = std::path::Path::new(&self.tokenizer);
+        if kiem_engine::gguf::is_gguf(path) {
+            return Ok(kiem_train::model_source::load_gguf_tokenizer(path)?);
+        }
         Ok(Tokenizer::load(&self.tokenizer)?)
     }
 }

@@ -39,8 +39,9 @@ const PAGE: &str = include_str!("page.html");
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Model directory (Hugging Face GPT-2 layout); a chat model for /v1/chat/completions.
-    #[arg(long, value_name = "DIR")]
+    /// Model directory (Hugging Face GPT-2 or Llama family) or GGUF file; a chat model for
+    /// /v1/chat/completions.
+    #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
 
     /// Address to listen on (loopback by default; 0.0.0.0 exposes the server to the network).

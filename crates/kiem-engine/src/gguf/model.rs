@@ -1,0 +1,293 @@
+//! A model from a GGUF file: its metadata read into the `config.json` that `transformers`
+//! would build from it (as `transformers`' GGUF loader maps the keys), then each tensor
+//! dequantized to f32 and placed under its Hugging Face name, with llama.cpp's conventions
+//! undone: llama q/k rows permuted back from interleaved RoPE pairs, GPT-2's linear weights
+//! transposed back to `Conv1D`'s `[in, out]`.
+
+use serde_json::{json, Value};
+
+use super::{GgufFile, MetaValue, TensorInfo};
+use crate::config::Arch;
+use crate::io::{hf_config_from_json, Loading, SpecialIds};
+use crate::{Gpt, Result};
+
+impl GgufFile {
+    fn u64_of(&self, key: &str) -> Result<u64> {
+        self.get(key)
+            .and_then(MetaValue::as_u64)
+            .ok_or_else(|| self.error(format!("missing or non-integer metadata {key}")))
+    }
+
+    fn f64_of(&self, key: &str) -> Option<f64> {
+        self.get(key).and_then(MetaValue::as_f64)
+    }
+
+    /// An id-valued metadata entry (`tokenizer.ggml.bos_token_id` ...).
+    pub fn id_of(&self, key: &str) -> Option<u32> {
+        self.get(key)
+            .and_then(MetaValue::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<&str> {
+        self.get("general.architecture")
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| self.error("no general.architecture"))
+    }
+
+    /// The `config.json` `transformers` builds from this file's metadata.
+    fn hf_config(&self, arch: &str, vocab_size: usize) -> Result<Value> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let n = |k: &str| self.u64_of(&key(k));
+        let ids = (
+            self.id_of("tokenizer.ggml.bos_token_id"),
+            self.id_of("tokenizer.ggml.eos_token_id"),
+        );
+        Ok(match arch {
+            "llama" => {
+                let heads = n("attention.head_count")?;
+                let embd = n("embedding_length")?;
+                let mut v = json!({
+                    "model_type": "llama",
+                    "num_hidden_layers": n("block_count")?,
+                    "hidden_size": embd,
+                    "intermediate_size": n("feed_forward_length")?,
+                    "num_attention_heads": heads,
+                    "num_key_value_heads": self.u64_of(&key("attention.head_count_kv")).unwrap_or(heads),
+                    "max_position_embeddings": n("context_length")?,
+                    "rms_norm_eps": self.f64_of(&key("attention.layer_norm_rms_epsilon"))
+                        .ok_or_else(|| self.error(format!("no {}", key("attention.layer_norm_rms_epsilon"))))?,
+                    "rope_theta": self.f64_of(&key("rope.freq_base")).unwrap_or(10_000.0),
+                    "vocab_size": vocab_size,
+                    "tie_word_embeddings": self.tensor("output.weight").is_none(),
+                    "attention_bias": self.tensor("blk.0.attn_q.bias").is_some(),
+                    "mlp_bias": self.tensor("blk.0.ffn_up.bias").is_some(),
+                    "bos_token_id": ids.0,
+                    "eos_token_id": ids.1,
+                });
+                if let Ok(dim) = n("rope.dimension_count") {
+                    v["head_dim"] = json!(dim);
+                }
+                if let Some(kind) = self
+                    .get(&key("rope.scaling.type"))
+                    .and_then(MetaValue::as_str)
+                {
+                    let factor = self.f64_of(&key("rope.scaling.factor")).unwrap_or(1.0);
+                    match kind {
+                        "none" => {}
+                        "linear" => v["rope_scaling"] = json!({"rope_type": "linear", "factor": factor}),
+                        other => {
+                            return Err(self.error(format!(
+                                "rope scaling {other:?} in a GGUF file is not supported (kiem reads none and linear)"
+                            )))
+                        }
+                    }
+                }
+                if self.tensor("rope_freqs.weight").is_some() {
+                    return Err(self.error(
+                        "rope_freqs.weight (Llama 3.1 rope scaling as a tensor) is not supported yet",
+                    ));
+                }
+                v
+            }
+            "gpt2" => {
+                let eps = self
+                    .f64_of(&key("attention.layer_norm_epsilon"))
+                    .unwrap_or(1e-5);
+                json!({
+                    "model_type": "gpt2",
+                    "n_layer": n("block_count")?,
+                    "n_embd": n("embedding_length")?,
+                    "n_head": n("attention.head_count")?,
+                    "n_positions": n("context_length")?,
+                    "n_inner": self.u64_of(&key("feed_forward_length")).ok(),
+                    "vocab_size": vocab_size,
+                    "layer_norm_epsilon": (eps as f32) as f64,
+                    "bos_token_id": ids.0,
+                    "eos_token_id": ids.1,
+                })
+            }
+            other => {
+                return Err(self.error(format!(
+                    "architecture {other:?} is not supported (kiem reads GGUF files of \
+                     architecture llama and gpt2)"
+                )))
+            }
+        })
+    }
+}
+
+/// The Hugging Face name of a GGUF tensor (`None`: not a tensor kiem knows).
+fn hf_name(arch: Arch, name: &str) -> Option<String> {
+    let gpt2 = arch == Arch::Gpt2;
+    let global = match name {
+        "token_embd.weight" if gpt2 => Some("transformer.wte.weight"),
+        "position_embd.weight" if gpt2 => Some("transformer.wpe.weight"),
+        "output_norm.weight" if gpt2 => Some("transformer.ln_f.weight"),
+        "output_norm.bias" if gpt2 => Some("transformer.ln_f.bias"),
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(g) = global {
+        return Some(g.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, tensor) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, suffix) = tensor.rsplit_once('.')?;
+    let hf = if gpt2 {
+        match part {
+            "attn_norm" => "ln_1",
+            "attn_qkv" => "attn.c_attn",
+            "attn_output" => "attn.c_proj",
+            "ffn_norm" => "ln_2",
+            "ffn_up" => "mlp.c_fc",
+            "ffn_down" => "mlp.c_proj",
+            _ => return None,
+        }
+    } else {
+        match part {
+            "attn_norm" => "input_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_norm" => "post_attention_layernorm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        }
+    };
+    Some(if gpt2 {
+        format!("transformer.h.{layer}.{hf}.{suffix}")
+    } else {
+        format!("model.layers.{layer}.{hf}.{suffix}")
+    })
+}
+
+/// llama.cpp's q/k row order undone: within each head of `head_dim` rows, file row `2i` is
+/// Hugging Face row `i` and file row `2i + 1` is row `i + head_dim / 2`.
+pub(crate) fn unpermute_rows(data: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
+    permute_rows(data, heads, row_len, false)
+}
+
+/// The order llama.cpp writes (`forward`) or its inverse.
+pub(crate) fn permute_rows(data: &[f32], heads: usize, row_len: usize, forward: bool) -> Vec<f32> {
+    let rows = data.len() / row_len;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for (file, hf) in [(2 * i, i), (2 * i + 1, i + half)] {
+                let (src, dst) = if forward { (hf, file) } else { (file, hf) };
+                let (src, dst) = (h * head_dim + src, h * head_dim + dst);
+                out[dst * row_len..(dst + 1) * row_len]
+                    .copy_from_slice(&data[src * row_len..(src + 1) * row_len]);
+            }
+        }
+    }
+    out
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+impl GgufFile {
+    /// The model this file describes, and its special ids.
+    pub fn model_config(&self) -> Result<(crate::ModelConfig, SpecialIds)> {
+        let arch_name = self.architecture()?.to_string();
+        let vocab_size = match self
+            .get(&format!("{arch_name}.vocab_size"))
+            .and_then(MetaValue::as_u64)
+        {
+            Some(v) => v as usize,
+            None => self
+                .tensor("token_embd.weight")
+                .and_then(|t| t.dims.get(1))
+                .map(|&v| v as usize)
+                .ok_or_else(|| self.error("no token_embd.weight"))?,
+        };
+        let config_json = self.hf_config(&arch_name, vocab_size)?;
+        hf_config_from_json(self.path(), &config_json)
+    }
+}
+
+/// Loads the network of a GGUF file (weights dequantized to f32) and its special ids.
+pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
+    let arch_name = file.architecture()?.to_string();
+    let (config, ids) = file.model_config()?;
+    // Before allocating: the file must hold at least half a byte for every parameter.
+    let parameters = config.num_parameters() as u64;
+    let file_bytes = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
+    if parameters / 2 > file_bytes {
+        return Err(file.error(format!(
+            "describes {parameters} parameters, but the file holds only {file_bytes} bytes"
+        )));
+    }
+    let mut gpt = Gpt::new(config)?;
+    let mut loading = Loading::new(&gpt)?;
+    let (heads, kv_heads) = (config.n_head, config.kv_heads());
+    for info in &file.tensors {
+        let Some(name) = hf_name(config.arch, &info.name) else {
+            return Err(file.error(format!(
+                "unexpected tensor {} for architecture {arch_name}",
+                info.name
+            )));
+        };
+        place(&mut gpt, &mut loading, file, info, &name, heads, kv_heads)?;
+    }
+    loading.finish(&gpt, file.path())?;
+    Ok((gpt, ids))
+}
+
+fn place(
+    gpt: &mut Gpt,
+    loading: &mut Loading,
+    file: &GgufFile,
+    info: &TensorInfo,
+    name: &str,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<()> {
+    let mut shape = info.torch_shape();
+    let mut values = file.read_f32(info);
+    let gpt2 = gpt.config.arch == Arch::Gpt2;
+    let conv1d = [
+        ".attn.c_attn.weight",
+        ".attn.c_proj.weight",
+        ".mlp.c_fc.weight",
+        ".mlp.c_proj.weight",
+    ];
+    if gpt2 && shape.len() == 2 && conv1d.iter().any(|s| name.ends_with(s)) {
+        values = transpose(&values, shape[0], shape[1]);
+        shape.swap(0, 1);
+    }
+    if !gpt2 {
+        let row_len = if shape.len() == 2 { shape[1] } else { 1 };
+        if name.contains(".self_attn.q_proj.") {
+            values = unpermute_rows(&values, heads, row_len);
+        } else if name.contains(".self_attn.k_proj.") {
+            values = unpermute_rows(&values, kv_heads, row_len);
+        }
+    }
+    loading.place(gpt, file.path(), name, &shape, &mut |dst| {
+        if dst.len() != values.len() {
+            return Err(file.error(format!("tensor {}: size mismatch", info.name)));
+        }
+        dst.copy_from_slice(&values);
+        Ok(())
+    })
+}
