@@ -6,7 +6,7 @@
 # Every step runs even when an earlier one fails; a summary at the end says what failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if ! .venv/bin/python -c "import tokenizers, tiktoken, openai, selenium" 2>/dev/null; then
+if ! .venv/bin/python -c "import tokenizers, tiktoken, openai, selenium, gguf" 2>/dev/null; then
   echo "setting up .venv with requirements-dev.txt ..."
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt \

@@ -449,7 +449,7 @@ pub fn print_summary(summary: &kiem_train::Summary, run_dir: &Path, command: &st
         );
     } else {
         println!(
-            "model: {} (Hugging Face GPT-2 layout); metrics: {}; plot: {}",
+            "model: {} (a Hugging Face model directory); metrics: {}; plot: {}",
             summary.model_dir.display(),
             run_dir.join("metrics.jsonl").display(),
             run_dir.join("loss.png").display()
