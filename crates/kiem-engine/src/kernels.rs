@@ -22,7 +22,7 @@ mod optimizer;
 mod rope;
 mod simd;
 
-pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
+pub use matmul::{matmul_thin_bf16, matmul_thin_quant, QuantKind, QuantMatrix, SKINNY_ROWS};
 pub use rope::RopeTable;
 pub(crate) use simd::{fast_exp, lane_dot, level, wide, Level};
 use simd::{lane_max, lane_sum};
@@ -281,6 +281,44 @@ impl MatmulPrecision {
         match self {
             MatmulPrecision::Fp32 => "fp32",
             MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Which copy of the weights decoding reads: fp32, bf16 (half the bytes), or quantized
+/// matrices (Q8_0 about a quarter, Q4_0 about a seventh of fp32's bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[allow(non_camel_case_types)]
+pub enum DecodingWeights {
+    #[default]
+    Fp32,
+    Bf16,
+    Q8_0,
+    Q4_0,
+}
+
+impl DecodingWeights {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecodingWeights::Fp32 => "fp32",
+            DecodingWeights::Bf16 => "bf16",
+            DecodingWeights::Q8_0 => "q8_0",
+            DecodingWeights::Q4_0 => "q4_0",
+        }
+    }
+}
+
+impl std::str::FromStr for DecodingWeights {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Ok(DecodingWeights::Fp32),
+            "bf16" => Ok(DecodingWeights::Bf16),
+            "q8_0" => Ok(DecodingWeights::Q8_0),
+            "q4_0" => Ok(DecodingWeights::Q4_0),
+            other => Err(format!(
+                "unknown weights {other:?} (expected fp32, bf16, q8_0 or q4_0)"
+            )),
         }
     }
 }

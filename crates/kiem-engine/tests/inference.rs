@@ -565,6 +565,110 @@ fn bf16_weights_decode_exactly_for(config: ModelConfig) {
     }
 }
 
+/// The quantized thin product equals the fp32 one on the dequantized weights, bit for bit,
+/// for each row alone or with others; quantized decoding equals fp32 decoding of a model
+/// holding the dequantized weights; and it reads about a quarter (Q8_0) or a seventh (Q4_0)
+/// of the bytes.
+#[test]
+fn quantized_weights_decode_exactly_as_fp32_on_the_dequantized_weights() {
+    use kiem_engine::kernels::{
+        matmul_thin_quant, Cpu, Kernels, QuantKind, QuantMatrix, WeightLayout,
+    };
+    let random = |n: usize, seed: u64| -> Vec<f32> {
+        let mut rng = kiem_engine::rng::Rng::new(seed);
+        (0..n).map(|_| rng.normal()).collect()
+    };
+    for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+        let (c_in, c_out) = (128, 40);
+        let q = QuantMatrix::quantize(kind, &random(c_in * c_out, 1), c_in, c_out).unwrap();
+        assert!(
+            QuantMatrix::quantize(kind, &random(40, 1), 20, 2).is_none(),
+            "partial blocks"
+        );
+        let w = q.dequantize();
+        let inp = random(5 * c_in, 2);
+        let bias = random(c_out, 3);
+        let mut want = vec![0f32; 5 * c_out];
+        Cpu::FP32.matmul_forward(
+            &mut want,
+            &inp,
+            &w,
+            WeightLayout::OutIn,
+            Some(&bias),
+            c_in,
+            c_out,
+        );
+        let mut got = vec![0f32; 5 * c_out];
+        matmul_thin_quant(&mut got, &inp, &q, Some(&bias), c_in, c_out);
+        assert_eq!(got, want, "{kind:?}: all rows");
+        let mut one = vec![0f32; c_out];
+        matmul_thin_quant(
+            &mut one,
+            &inp[2 * c_in..3 * c_in],
+            &q,
+            Some(&bias),
+            c_in,
+            c_out,
+        );
+        assert_eq!(one, want[2 * c_out..3 * c_out], "{kind:?}: a row alone");
+        // Within the quantization step of the original weights.
+        let original = random(c_in * c_out, 1);
+        let worst = w
+            .iter()
+            .zip(&original)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let limit = if kind == QuantKind::Q8_0 { 0.03 } else { 0.6 };
+        assert!(worst < limit, "{kind:?}: {worst}");
+    }
+    for config in [ModelConfig::gpt2(2, 2, 64, 24, 37), llama_config(64, 24)] {
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+            let mut original = Gpt::new(config).unwrap();
+            original.init_random(11);
+            let fp32_bytes = original.decoding_weight_bytes();
+            let mut quant = Gpt::new(config).unwrap();
+            quant
+                .params_mut()
+                .unwrap()
+                .copy_from_slice(original.params().unwrap());
+            quant.use_quantized_weights(kind);
+            let ratio = quant.decoding_weight_bytes() as f64 / fp32_bytes as f64;
+            assert!(ratio < 0.6, "{kind:?}: reads {ratio} of fp32's bytes");
+            // A model holding the dequantized weights (put back in the files' layout), decoded
+            // by the fp32 kernels.
+            let values = quant.decoding_weights().to_vec();
+            let mut plain = Gpt::new(config).unwrap();
+            let specs = plain.layout.tensors.clone();
+            let p = plain.params_mut().unwrap();
+            p.copy_from_slice(&values);
+            for spec in specs
+                .iter()
+                .filter(|s| s.matrix == Some(WeightLayout::InOut))
+            {
+                let (rows, cols) = (spec.shape[0], spec.shape[1]);
+                let dec = &values[spec.range.clone()];
+                let files = &mut p[spec.range.clone()];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        files[i * cols + j] = dec[j * rows + i];
+                    }
+                }
+            }
+            plain.transpose_for_decoding();
+            assert_eq!(plain.decoding_weights(), &values[..]);
+            let tokens: Vec<u32> = (0..10).map(|i| (i * 5 % 37) as u32).collect();
+            let mut caches = [KvCache::new(&quant), KvCache::new(&plain)];
+            for chunk in [&tokens[..6], &tokens[6..7], &tokens[7..8]] {
+                let a = quant.forward_cached(&mut caches[0..1], &[chunk]).unwrap();
+                let b = plain.forward_cached(&mut caches[1..2], &[chunk]).unwrap();
+                assert_eq!(
+                    a, b,
+                    "{kind:?}: quantized decoding = fp32 on dequantized weights"
+                );
+            }
+        }
+    }
+}
+
 /// The bandwidth reference reads exactly the weights decoding reads: the wrapping sum of the
 /// bits of every fp32 parameter, or of every bf16 weight once decoding uses bf16.
 #[test]

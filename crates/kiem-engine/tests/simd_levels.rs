@@ -2,6 +2,7 @@
 //! chosen once per process, so the test runs itself again with `KIEM_SIMD` capped.
 
 use kiem_engine::infer::KvCache;
+use kiem_engine::kernels::{matmul_thin_quant, QuantKind, QuantMatrix};
 use kiem_engine::kernels::{AdamW, Cpu, Dims, Kernels, WeightLayout};
 use kiem_engine::rng::Rng;
 use kiem_engine::{Gpt, ModelConfig};
@@ -74,6 +75,15 @@ fn digest() -> u64 {
         }
         let halves: Vec<u16> = wm.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
         kiem_engine::kernels::matmul_thin_bf16(&mut thin, &inp, &halves, None, c_in, c_out);
+        keep(&thin);
+    }
+    // Quantized weights: rows of whole 32-weight blocks.
+    for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+        let (c_in, c_out, rows) = (96, 50, 3);
+        let q = QuantMatrix::quantize(kind, &random(c_in * c_out), c_in, c_out).unwrap();
+        let inp = random(rows * c_in);
+        let mut thin = vec![0f32; rows * c_out];
+        matmul_thin_quant(&mut thin, &inp, &q, Some(&random(c_out)), c_in, c_out);
         keep(&thin);
     }
     let config = ModelConfig::gpt2(2, 2, 64, 16, 50);

@@ -883,3 +883,211 @@ mod tests {
         forward(48, 128, 24, Some(8), 16, 8);
     }
 }
+
+/// How a [`QuantMatrix`] stores its weights: ggml's Q8_0 or Q4_0 blocks of 32 weights along
+/// each row, quantized by ggml's reference quantizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum QuantKind {
+    Q8_0,
+    Q4_0,
+}
+
+impl QuantKind {
+    fn ggml(self) -> crate::gguf::GgmlType {
+        match self {
+            QuantKind::Q8_0 => crate::gguf::GgmlType::Q8_0,
+            QuantKind::Q4_0 => crate::gguf::GgmlType::Q4_0,
+        }
+    }
+}
+
+/// Weights per quantization block.
+pub const QUANT_BLOCK: usize = 32;
+
+/// A matrix `W[c_out, c_in]` quantized for decoding, in a layout the thin product streams:
+/// each block's scale as f32 (ggml's fp16 scale, widened once), and its weights in order:
+/// Q8_0 one signed byte each, Q4_0 two a byte (even index in the low nibble).
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    pub kind: QuantKind,
+    pub c_in: usize,
+    pub c_out: usize,
+    scales: Vec<f32>,
+    q: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// Quantizes `w[c_out, c_in]` as ggml's reference quantizer does; `None` when rows are
+    /// not whole blocks.
+    pub fn quantize(kind: QuantKind, w: &[f32], c_in: usize, c_out: usize) -> Option<Self> {
+        if c_in == 0 || !c_in.is_multiple_of(QUANT_BLOCK) || w.len() < c_in * c_out {
+            return None;
+        }
+        let blocks = c_in * c_out / QUANT_BLOCK;
+        let per_byte = if kind == QuantKind::Q8_0 { 1 } else { 2 };
+        let mut scales = vec![0f32; blocks];
+        let mut q = vec![0u8; c_in * c_out / per_byte];
+        scales
+            .par_iter_mut()
+            .zip(q.par_chunks_mut(QUANT_BLOCK / per_byte))
+            .zip(w[..c_in * c_out].par_chunks(QUANT_BLOCK))
+            .for_each(|((scale, q), x)| {
+                let bytes = crate::gguf::quants::quantize(kind.ggml(), x);
+                *scale = half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+                match kind {
+                    QuantKind::Q8_0 => q.copy_from_slice(&bytes[2..34]),
+                    QuantKind::Q4_0 => {
+                        // ggml packs weights j and j + 16 in byte j; here 2i and 2i + 1 share
+                        // byte i, so 8 consecutive weights are 4 consecutive bytes.
+                        let nibble = |j: usize| {
+                            if j < 16 {
+                                bytes[2 + j] & 0xF
+                            } else {
+                                bytes[2 + j - 16] >> 4
+                            }
+                        };
+                        for (i, byte) in q.iter_mut().enumerate() {
+                            *byte = nibble(2 * i) | (nibble(2 * i + 1) << 4);
+                        }
+                    }
+                }
+            });
+        Some(Self {
+            kind,
+            c_in,
+            c_out,
+            scales,
+            q,
+        })
+    }
+
+    /// Weight `(j, k)` as the thin product uses it: the quantized value times its scale.
+    #[inline(always)]
+    fn at(&self, j: usize, k: usize) -> f32 {
+        let i = j * self.c_in + k;
+        let scale = self.scales[i / QUANT_BLOCK];
+        match self.kind {
+            QuantKind::Q8_0 => f32::from(self.q[i] as i8) * scale,
+            QuantKind::Q4_0 => {
+                let byte = self.q[i / 2];
+                let nibble = if i.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
+                (i32::from(nibble) - 8) as f32 * scale
+            }
+        }
+    }
+
+    /// Every weight as the thin product uses it, `[c_out, c_in]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.c_out * self.c_in)
+            .map(|i| self.at(i / self.c_in, i % self.c_in))
+            .collect()
+    }
+
+    /// Bytes a product reads: the weights and their scales.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * self.scales.len()
+    }
+
+    /// Reads every byte a product reads once, on all threads (for the bandwidth bound).
+    pub fn stream(&self) -> u32 {
+        let weights = self
+            .q
+            .par_chunks(1 << 16)
+            .map(|chunk| {
+                // SAFETY: every bit pattern is a valid u64, so viewing the aligned middle of
+                // the bytes as u64 words is sound.
+                let (head, words, tail) = unsafe { chunk.align_to::<u64>() };
+                let bytes = head.iter().chain(tail).map(|&b| u64::from(b)).sum::<u64>();
+                words.iter().fold(bytes, |s, &w| s.wrapping_add(w)) as u32
+            })
+            .reduce(|| 0, u32::wrapping_add);
+        let scales = self
+            .scales
+            .par_chunks(1 << 16)
+            .map(super::streaming_read_f32)
+            .reduce(|| 0, u32::wrapping_add);
+        weights.wrapping_add(scales)
+    }
+}
+
+/// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for few rows with a quantized `W`:
+/// decoding reads about a byte (Q8_0) or half a byte (Q4_0) per weight. The result is exactly
+/// that of [`Kernels::matmul_forward`] on [`QuantMatrix::dequantize`]'s weights (same values,
+/// same summation order), and each row's result is independent of the others.
+pub fn matmul_thin_quant(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    assert!(
+        rows <= SKINNY_ROWS,
+        "matmul_thin_quant takes at most {SKINNY_ROWS} rows"
+    );
+    assert!(
+        w.c_in == c_in && w.c_out >= c_out && out.len() >= rows * c_out,
+        "matmul_thin_quant: shapes"
+    );
+    by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+        #[cfg(target_arch = "x86_64")]
+        if level() != Level::Base {
+            use std::arch::x86_64::*;
+            let (q, scales) = (w.q.as_ptr(), w.scales.as_ptr());
+            // SAFETY: the CPU has AVX2 and FMA (`level`). Rows j < c_out <= w.c_out hold c_in
+            // weights (w.q holds c_out·c_in bytes for Q8_0, half that for Q4_0, and one scale
+            // per 32 weights), and the product reads 8 weights at k + 8 <= c_in, which never
+            // straddle a block (k is a multiple of 8 and c_in of 32).
+            unsafe {
+                match w.kind {
+                    QuantKind::Q8_0 => outin_dots_avx2(
+                        acc,
+                        inp,
+                        c_in,
+                        j0,
+                        j1,
+                        #[inline(always)]
+                        |j, k| {
+                            let i = j * c_in + k;
+                            let bytes = _mm_loadl_epi64(q.add(i) as *const __m128i);
+                            let values = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+                            _mm256_mul_ps(values, _mm256_set1_ps(*scales.add(i / QUANT_BLOCK)))
+                        },
+                        #[inline(always)]
+                        |j, k| w.at(j, k),
+                    ),
+                    QuantKind::Q4_0 => outin_dots_avx2(
+                        acc,
+                        inp,
+                        c_in,
+                        j0,
+                        j1,
+                        #[inline(always)]
+                        |j, k| {
+                            let i = j * c_in + k;
+                            let packed = (q.add(i / 2) as *const u32).read_unaligned() as i32;
+                            let low = _mm_cvtsi32_si128(packed & 0x0F0F_0F0F);
+                            let high = _mm_cvtsi32_si128((packed >> 4) & 0x0F0F_0F0F);
+                            let nibbles = _mm_unpacklo_epi8(low, high);
+                            let ints = _mm256_sub_epi32(
+                                _mm256_cvtepu8_epi32(nibbles),
+                                _mm256_set1_epi32(8),
+                            );
+                            _mm256_mul_ps(
+                                _mm256_cvtepi32_ps(ints),
+                                _mm256_set1_ps(*scales.add(i / QUANT_BLOCK)),
+                            )
+                        },
+                        #[inline(always)]
+                        |j, k| w.at(j, k),
+                    ),
+                }
+            };
+            return;
+        }
+        outin_dots_portable(acc, inp, c_in, j0, j1, |j, k| w.at(j, k));
+    });
+}

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use kiem_engine::kernels::MatmulPrecision;
+use kiem_engine::kernels::DecodingWeights;
 use kiem_engine::sampling::{Control, FinishReason, GenerateOptions, SamplingParams};
 use kiem_tokenizer::chat::{render_prompt, Message, Role};
 use kiem_tokenizer::stream::StreamDecoder;
@@ -68,10 +68,12 @@ impl SamplingArgs {
 /// Which copy of the weights decoding reads.
 #[derive(Args, Debug, Clone, Copy, Default)]
 pub struct WeightsArgs {
-    /// Weights decoding reads: fp32, or bf16 (each weight rounded to bf16, sums in fp32; half
-    /// the bytes per token, so faster decoding; 1.5x the memory while loaded).
-    #[arg(long, default_value = "fp32", value_name = "P")]
-    pub weights: MatmulPrecision,
+    /// Weights decoding reads: fp32; bf16 (each weight rounded to bf16, sums in fp32; half the
+    /// bytes per token; 1.5x the memory while loaded); q8_0 or q4_0 (layer matrices and the
+    /// output head quantized as ggml does, about 1.1 or 0.6 bytes a weight per token; prefill
+    /// uses the same dequantized values; the fp32 copy stays in memory for now).
+    #[arg(long, default_value = "fp32", value_name = "W")]
+    pub weights: DecodingWeights,
 }
 
 #[derive(Args, Debug)]
@@ -178,10 +180,7 @@ pub fn load_checked(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenize
 
 /// Lays a loaded model out for decoding, in the chosen weight precision.
 pub fn prepare_for_decoding(gpt: &mut kiem_engine::Gpt, weights: WeightsArgs) {
-    match weights.weights {
-        MatmulPrecision::Fp32 => gpt.transpose_for_decoding(),
-        MatmulPrecision::Bf16 => gpt.use_bf16_weights(),
-    }
+    gpt.prepare_for_decoding(weights.weights);
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
