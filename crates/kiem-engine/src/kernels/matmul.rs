@@ -971,7 +971,11 @@ impl QuantMatrix {
             QuantKind::Q8_0 => f32::from(self.q[i] as i8) * scale,
             QuantKind::Q4_0 => {
                 let byte = self.q[i / 2];
-                let nibble = if i.is_multiple_of(2) { byte & 0xF } else { byte >> 4 };
+                let nibble = if i.is_multiple_of(2) {
+                    byte & 0xF
+                } else {
+                    byte >> 4
+                };
                 (i32::from(nibble) - 8) as f32 * scale
             }
         }
