@@ -565,12 +565,13 @@ fn bf16_weights_decode_exactly_for(config: ModelConfig) {
     }
 }
 
-/// The quantized thin product equals the fp32 one on the dequantized weights, bit for bit,
-/// for each row alone or with others; quantized decoding equals fp32 decoding of a model
-/// holding the dequantized weights; and it reads about a quarter (Q8_0) or a seventh (Q4_0)
-/// of the bytes.
+/// The quantized thin product (inputs quantized to Q8_0, integer block dot products) stays
+/// within the inputs' quantization error of the fp32 product on the dequantized weights, and
+/// gives each row the same bits alone or with others; quantized decoding stays close to fp32
+/// decoding of a model holding the dequantized weights; and it reads about a quarter (Q8_0) or
+/// a seventh (Q4_0) of the bytes.
 #[test]
-fn quantized_weights_decode_exactly_as_fp32_on_the_dequantized_weights() {
+fn quantized_weights_decode_close_to_fp32_on_the_dequantized_weights() {
     use kiem_engine::kernels::{
         matmul_thin_quant, Cpu, Kernels, QuantKind, QuantMatrix, WeightLayout,
     };
@@ -600,7 +601,15 @@ fn quantized_weights_decode_exactly_as_fp32_on_the_dequantized_weights() {
         );
         let mut got = vec![0f32; 5 * c_out];
         matmul_thin_quant(&mut got, &inp, &q, Some(&bias), c_in, c_out);
-        assert_eq!(got, want, "{kind:?}: all rows");
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff < 0.02 * scale,
+            "{kind:?}: {diff} (outputs up to {scale})"
+        );
         let mut one = vec![0f32; c_out];
         matmul_thin_quant(
             &mut one,
@@ -610,7 +619,7 @@ fn quantized_weights_decode_exactly_as_fp32_on_the_dequantized_weights() {
             c_in,
             c_out,
         );
-        assert_eq!(one, want[2 * c_out..3 * c_out], "{kind:?}: a row alone");
+        assert_eq!(one, got[2 * c_out..3 * c_out], "{kind:?}: a row alone");
         // Within the quantization step of the original weights.
         let original = random(c_in * c_out, 1);
         let worst = w
@@ -660,9 +669,14 @@ fn quantized_weights_decode_exactly_as_fp32_on_the_dequantized_weights() {
             for chunk in [&tokens[..6], &tokens[6..7], &tokens[7..8]] {
                 let a = quant.forward_cached(&mut caches[0..1], &[chunk]).unwrap();
                 let b = plain.forward_cached(&mut caches[1..2], &[chunk]).unwrap();
-                assert_eq!(
-                    a, b,
-                    "{kind:?}: quantized decoding = fp32 on dequantized weights"
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff < 0.05 * scale.max(1.0),
+                    "{kind:?}: quantized vs fp32 decoding of the same weights: {diff} ({scale})"
                 );
             }
         }
