@@ -205,7 +205,9 @@ fn read_conversations_bounded(
         if read == Line::End {
             break;
         }
-        if read == Line::Read && line.iter().all(u8::is_ascii_whitespace) {
+        // Blank: nothing but white space (Unicode's, as `str::trim` has it: a line holding only
+        // a vertical tab or a no-break space is blank too).
+        if read == Line::Read && std::str::from_utf8(&line).is_ok_and(|t| t.trim().is_empty()) {
             continue;
         }
         let location = Location {
@@ -297,6 +299,17 @@ mod tests {
             ChatFormat::Auto,
         );
         assert!(e.contains("alternate"), "{e}");
+    }
+
+    #[test]
+    fn lines_of_any_white_space_are_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.jsonl");
+        let good = r#"{"prompt":"q","completion":"a"}"#;
+        std::fs::write(&path, format!("\u{b}\n{good}\n\u{a0} \t\n\u{2028}\n{good}")).unwrap();
+        let mut bad = BadRecords::default();
+        let kept = read_conversations(&path, ChatFormat::Auto, false, &mut bad).unwrap();
+        assert_eq!((kept.len(), bad.count), (2, 0));
     }
 
     #[test]
