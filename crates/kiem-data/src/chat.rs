@@ -205,9 +205,7 @@ fn read_conversations_bounded(
         if read == Line::End {
             break;
         }
-        // Blank: nothing but white space (Unicode's, as `str::trim` has it: a line holding only
-        // a vertical tab or a no-break space is blank too).
-        if read == Line::Read && std::str::from_utf8(&line).is_ok_and(|t| t.trim().is_empty()) {
+        if read == Line::Read && crate::corpus::is_blank_record(&line) {
             continue;
         }
         let location = Location {

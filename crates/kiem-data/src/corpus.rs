@@ -463,6 +463,12 @@ fn line_error(name: &Arc<Path>, line: u64, e: std::io::Error) -> ReadStop {
     ))
 }
 
+/// Whether a JSONL line holds no record: nothing but white space (Unicode's, as `str::trim`
+/// has it, so a vertical tab or a no-break space alone is blank too).
+pub fn is_blank_record(line: &[u8]) -> bool {
+    std::str::from_utf8(line).is_ok_and(|t| t.trim().is_empty())
+}
+
 /// What [`next_line`] read.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
@@ -549,7 +555,7 @@ fn read_jsonl(
         }
         let payload = match read {
             Line::TooLong => Payload::Bad(too_long(limit)),
-            _ if line.iter().all(u8::is_ascii_whitespace) => continue,
+            _ if is_blank_record(&line) => continue,
             _ => Payload::Json(line),
         };
         out.push(RawRecord {
