@@ -118,65 +118,128 @@ impl GgufFile {
     }
 }
 
+/// Tensors outside the blocks: (GGUF name, GPT-2's Hugging Face name, the Llama family's).
+const GLOBAL_NAMES: [(&str, Option<&str>, Option<&str>); 5] = [
+    (
+        "token_embd.weight",
+        Some("transformer.wte.weight"),
+        Some("model.embed_tokens.weight"),
+    ),
+    ("position_embd.weight", Some("transformer.wpe.weight"), None),
+    (
+        "output_norm.weight",
+        Some("transformer.ln_f.weight"),
+        Some("model.norm.weight"),
+    ),
+    ("output_norm.bias", Some("transformer.ln_f.bias"), None),
+    (
+        "output.weight",
+        Some("lm_head.weight"),
+        Some("lm_head.weight"),
+    ),
+];
+
+/// Block tensors: (GGUF part of `blk.N.PART.SUFFIX`, GPT-2's part of
+/// `transformer.h.N.PART.SUFFIX`, the Llama family's part of `model.layers.N.PART.SUFFIX`).
+const BLOCK_NAMES: [(&str, Option<&str>, Option<&str>); 10] = [
+    ("attn_norm", Some("ln_1"), Some("input_layernorm")),
+    ("attn_qkv", Some("attn.c_attn"), None),
+    ("attn_q", None, Some("self_attn.q_proj")),
+    ("attn_k", None, Some("self_attn.k_proj")),
+    ("attn_v", None, Some("self_attn.v_proj")),
+    ("attn_output", Some("attn.c_proj"), Some("self_attn.o_proj")),
+    ("ffn_norm", Some("ln_2"), Some("post_attention_layernorm")),
+    ("ffn_gate", None, Some("mlp.gate_proj")),
+    ("ffn_up", Some("mlp.c_fc"), Some("mlp.up_proj")),
+    ("ffn_down", Some("mlp.c_proj"), Some("mlp.down_proj")),
+];
+
+/// The Hugging Face side of a name-table entry for `arch`.
+fn hf_side<'a>(arch: Arch, entry: &(&'a str, Option<&'a str>, Option<&'a str>)) -> Option<&'a str> {
+    if arch == Arch::Gpt2 {
+        entry.1
+    } else {
+        entry.2
+    }
+}
+
+/// Where a block's tensors live in Hugging Face names.
+fn block_prefix(arch: Arch) -> &'static str {
+    if arch == Arch::Gpt2 {
+        "transformer.h."
+    } else {
+        "model.layers."
+    }
+}
+
 /// The Hugging Face name of a GGUF tensor (`None`: not a tensor kiem knows).
 fn hf_name(arch: Arch, name: &str) -> Option<String> {
-    let gpt2 = arch == Arch::Gpt2;
-    let global = match name {
-        "token_embd.weight" if gpt2 => Some("transformer.wte.weight"),
-        "position_embd.weight" if gpt2 => Some("transformer.wpe.weight"),
-        "output_norm.weight" if gpt2 => Some("transformer.ln_f.weight"),
-        "output_norm.bias" if gpt2 => Some("transformer.ln_f.bias"),
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(g) = global {
-        return Some(g.to_string());
+    if let Some(entry) = GLOBAL_NAMES.iter().find(|e| e.0 == name) {
+        return hf_side(arch, entry).map(str::to_string);
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, tensor) = rest.split_once('.')?;
+    let (layer, tensor) = name.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, suffix) = tensor.rsplit_once('.')?;
-    let hf = if gpt2 {
-        match part {
-            "attn_norm" => "ln_1",
-            "attn_qkv" => "attn.c_attn",
-            "attn_output" => "attn.c_proj",
-            "ffn_norm" => "ln_2",
-            "ffn_up" => "mlp.c_fc",
-            "ffn_down" => "mlp.c_proj",
-            _ => return None,
+    let hf = BLOCK_NAMES
+        .iter()
+        .find(|e| e.0 == part)
+        .and_then(|e| hf_side(arch, e))?;
+    Some(format!("{}{layer}.{hf}.{suffix}", block_prefix(arch)))
+}
+
+/// The GGUF name of a Hugging Face tensor name of kiem's layout (`None`: no GGUF name).
+pub(crate) fn gguf_name(arch: Arch, name: &str) -> Option<String> {
+    if let Some(entry) = GLOBAL_NAMES.iter().find(|e| hf_side(arch, e) == Some(name)) {
+        return Some(entry.0.to_string());
+    }
+    let (layer, tensor) = name.strip_prefix(block_prefix(arch))?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (part, suffix) = tensor.rsplit_once('.')?;
+    let g = BLOCK_NAMES
+        .iter()
+        .find(|e| hf_side(arch, e) == Some(part))?
+        .0;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// A tensor's values between kiem's (Hugging Face) layout and llama.cpp's, in the direction
+/// `to_file`: GPT-2's `Conv1D` weights are transposed (`[in, out]` ↔ `[out, in]`, `shape`
+/// swapped), Llama q/k rows (and biases) permuted to or from llama.cpp's RoPE pair order.
+pub(crate) fn convert_layout(
+    config: &crate::ModelConfig,
+    hf: &str,
+    values: Vec<f32>,
+    shape: &mut [usize],
+    to_file: bool,
+) -> Vec<f32> {
+    if config.arch == Arch::Gpt2 {
+        let conv1d = [
+            ".attn.c_attn.weight",
+            ".attn.c_proj.weight",
+            ".mlp.c_fc.weight",
+            ".mlp.c_proj.weight",
+        ];
+        if shape.len() == 2 && conv1d.iter().any(|s| hf.ends_with(s)) {
+            let transposed = transpose(&values, shape[0], shape[1]);
+            shape.swap(0, 1);
+            return transposed;
         }
+        return values;
+    }
+    let row_len = if shape.len() == 2 { shape[1] } else { 1 };
+    let heads = if hf.contains(".self_attn.q_proj.") {
+        config.n_head
+    } else if hf.contains(".self_attn.k_proj.") {
+        config.kv_heads()
     } else {
-        match part {
-            "attn_norm" => "input_layernorm",
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "ffn_norm" => "post_attention_layernorm",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            _ => return None,
-        }
+        return values;
     };
-    Some(if gpt2 {
-        format!("transformer.h.{layer}.{hf}.{suffix}")
-    } else {
-        format!("model.layers.{layer}.{hf}.{suffix}")
-    })
+    permute_rows(&values, heads, row_len, to_file)
 }
 
-/// llama.cpp's q/k row order undone: within each head of `head_dim` rows, file row `2i` is
-/// Hugging Face row `i` and file row `2i + 1` is row `i + head_dim / 2`.
-pub(crate) fn unpermute_rows(data: &[f32], heads: usize, row_len: usize) -> Vec<f32> {
-    permute_rows(data, heads, row_len, false)
-}
-
-/// The order llama.cpp writes (`forward`) or its inverse.
-pub(crate) fn permute_rows(data: &[f32], heads: usize, row_len: usize, forward: bool) -> Vec<f32> {
+/// llama.cpp's q/k row order (`forward`) or its inverse: within each head of `head_dim` rows,
+/// file row `2i` is Hugging Face row `i` and file row `2i + 1` is row `i + head_dim / 2`.
+fn permute_rows(data: &[f32], heads: usize, row_len: usize, forward: bool) -> Vec<f32> {
     let rows = data.len() / row_len;
     let head_dim = rows / heads;
     let half = head_dim / 2;
@@ -195,7 +258,7 @@ pub(crate) fn permute_rows(data: &[f32], heads: usize, row_len: usize, forward: 
 }
 
 /// `[rows, cols]` → `[cols, rows]`.
-pub(crate) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; data.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -239,7 +302,6 @@ pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
     }
     let mut gpt = Gpt::new(config)?;
     let mut loading = Loading::new(&gpt)?;
-    let (heads, kv_heads) = (config.n_head, config.kv_heads());
     for info in &file.tensors {
         let Some(name) = hf_name(config.arch, &info.name) else {
             return Err(file.error(format!(
@@ -247,7 +309,7 @@ pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
                 info.name
             )));
         };
-        place(&mut gpt, &mut loading, file, info, &name, heads, kv_heads)?;
+        place(&mut gpt, &mut loading, file, info, &name)?;
     }
     loading.finish(&gpt, file.path())?;
     Ok((gpt, ids))
@@ -259,30 +321,9 @@ fn place(
     file: &GgufFile,
     info: &TensorInfo,
     name: &str,
-    heads: usize,
-    kv_heads: usize,
 ) -> Result<()> {
     let mut shape = info.torch_shape();
-    let mut values = file.read_f32(info);
-    let gpt2 = gpt.config.arch == Arch::Gpt2;
-    let conv1d = [
-        ".attn.c_attn.weight",
-        ".attn.c_proj.weight",
-        ".mlp.c_fc.weight",
-        ".mlp.c_proj.weight",
-    ];
-    if gpt2 && shape.len() == 2 && conv1d.iter().any(|s| name.ends_with(s)) {
-        values = transpose(&values, shape[0], shape[1]);
-        shape.swap(0, 1);
-    }
-    if !gpt2 {
-        let row_len = if shape.len() == 2 { shape[1] } else { 1 };
-        if name.contains(".self_attn.q_proj.") {
-            values = unpermute_rows(&values, heads, row_len);
-        } else if name.contains(".self_attn.k_proj.") {
-            values = unpermute_rows(&values, kv_heads, row_len);
-        }
-    }
+    let values = convert_layout(&gpt.config, name, file.read_f32(info), &mut shape, false);
     loading.place(gpt, file.path(), name, &shape, &mut |dst| {
         if dst.len() != values.len() {
             return Err(file.error(format!("tensor {}: size mismatch", info.name)));

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::model::{permute_rows, transpose};
+use super::model::{convert_layout, gguf_name};
 use super::quants::{quantize, GgmlType};
 use super::{MetaValue, DEFAULT_ALIGNMENT};
 use crate::config::{Arch, Norm, Positions, RopeScaling};
@@ -104,42 +104,6 @@ fn write_value(out: &mut Vec<u8>, v: &MetaValue) {
     }
 }
 
-/// The GGUF name of a Hugging Face tensor name of kiem's layout.
-fn gguf_name(arch: Arch, name: &str) -> Option<String> {
-    let name = name.strip_prefix("transformer.").unwrap_or(name);
-    let name = name.strip_prefix("model.").unwrap_or(name);
-    let global = match (arch == Arch::Gpt2, name) {
-        (true, "wte.weight") | (false, "embed_tokens.weight") => Some("token_embd.weight"),
-        (true, "wpe.weight") => Some("position_embd.weight"),
-        (true, "ln_f.weight") | (false, "norm.weight") => Some("output_norm.weight"),
-        (true, "ln_f.bias") => Some("output_norm.bias"),
-        (_, "lm_head.weight") => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(g) = global {
-        return Some(g.to_string());
-    }
-    let rest = name
-        .strip_prefix("h.")
-        .or_else(|| name.strip_prefix("layers."))?;
-    let (layer, tensor) = rest.split_once('.')?;
-    let (part, suffix) = tensor.rsplit_once('.')?;
-    let g = match part {
-        "ln_1" | "input_layernorm" => "attn_norm",
-        "attn.c_attn" => "attn_qkv",
-        "attn.c_proj" | "self_attn.o_proj" => "attn_output",
-        "ln_2" | "post_attention_layernorm" => "ffn_norm",
-        "mlp.c_fc" | "mlp.up_proj" => "ffn_up",
-        "mlp.c_proj" | "mlp.down_proj" => "ffn_down",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "mlp.gate_proj" => "ffn_gate",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
-}
-
 /// Writes `gpt` (in its files' layout) as a GGUF v3 file, with `extra` metadata after the
 /// model's own (the tokenizer's `tokenizer.*` entries). Returns the tensors kept in F32 because
 /// their rows are not whole quantization blocks.
@@ -208,30 +172,8 @@ pub fn write_gguf(
         let Some(g) = gguf_name(config.arch, &hf) else {
             return Err(EngineError::Config(format!("no GGUF name for tensor {hf}")));
         };
-        let mut values = data.to_vec();
         let mut torch_shape = shape.clone();
-        let conv1d = config.arch == Arch::Gpt2
-            && shape.len() == 2
-            && [
-                ".attn.c_attn.weight",
-                ".attn.c_proj.weight",
-                ".mlp.c_fc.weight",
-                ".mlp.c_proj.weight",
-            ]
-            .iter()
-            .any(|s| hf.ends_with(s));
-        if conv1d {
-            values = transpose(&values, shape[0], shape[1]);
-            torch_shape.swap(0, 1);
-        }
-        if config.arch != Arch::Gpt2 {
-            let row_len = if shape.len() == 2 { shape[1] } else { 1 };
-            if hf.contains(".self_attn.q_proj.") {
-                values = permute_rows(&values, config.n_head, row_len, true);
-            } else if hf.contains(".self_attn.k_proj.") {
-                values = permute_rows(&values, config.kv_heads(), row_len, true);
-            }
-        }
+        let values = convert_layout(config, &hf, data.to_vec(), &mut torch_shape, true);
         let dims: Vec<u64> = torch_shape.iter().rev().map(|&d| d as u64).collect();
         let is_matrix = dims.len() == 2 && g.ends_with(".weight") && g != "position_embd.weight";
         let mut t = if is_matrix {

@@ -962,30 +962,18 @@ impl QuantMatrix {
         })
     }
 
-    /// Weight `(j, k)` as the thin product uses it: the quantized value times its scale.
-    #[inline(always)]
-    fn at(&self, j: usize, k: usize) -> f32 {
-        let i = j * self.c_in + k;
-        let scale = self.scales[i / QUANT_BLOCK];
-        match self.kind {
-            QuantKind::Q8_0 => f32::from(self.q[i] as i8) * scale,
-            QuantKind::Q4_0 => {
-                let byte = self.q[i / 2];
-                let nibble = if i.is_multiple_of(2) {
-                    byte & 0xF
-                } else {
-                    byte >> 4
-                };
-                (i32::from(nibble) - 8) as f32 * scale
+    /// Every weight as the thin product uses it, `[c_out, c_in]`: the quantized value times
+    /// its block's scale.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let blocks = self.c_in / QUANT_BLOCK;
+        let mut out = vec![0f32; self.c_out * self.c_in];
+        for (i, block) in out.chunks_exact_mut(QUANT_BLOCK).enumerate() {
+            let q = weight_block(self, i / blocks, i % blocks);
+            for (w, &q) in block.iter_mut().zip(&q) {
+                *w = f32::from(q) * self.scales[i];
             }
         }
-    }
-
-    /// Every weight as the thin product uses it, `[c_out, c_in]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        (0..self.c_out * self.c_in)
-            .map(|i| self.at(i / self.c_in, i % self.c_in))
-            .collect()
+        out
     }
 
     /// Bytes a product reads: the weights and their scales.
