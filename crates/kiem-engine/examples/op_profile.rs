@@ -67,7 +67,7 @@ fn main() {
         time(&format!("{name} bwd"), 2.0 * f, 3, || {
             k.matmul_backward(
                 &mut dx[..rows * cin],
-                &mut dw[..cin * cout],
+                Some(&mut dw[..cin * cout]),
                 None,
                 &out[..rows * cout],
                 &x[..rows * cin],

@@ -223,7 +223,8 @@ impl<K: Kernels> Gpt<K> {
                 output: &mut out,
                 scratch: &mut scratch,
             };
-            self.block_forward(l, buffers, &positions, &mut |y, qkv| {
+            let no_dropout = crate::lora::LoraPass { dropout_seed: None };
+            self.block_forward(l, buffers, &positions, no_dropout, &mut |y, qkv| {
                 let (qw, kvw) = (d.q_width(), cfg.kv_width());
                 let w = d.qkv_width();
                 for (r, &(s, pos)) in rows.iter().enumerate() {

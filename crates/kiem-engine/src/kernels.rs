@@ -146,12 +146,12 @@ pub trait Kernels: Sync {
         c_in: usize,
         c_out: usize,
     );
-    /// `dinp =` (overwritten), `dw +=`, `dbias +=`.
+    /// `dinp =` (overwritten), `dw +=` (unless the weight is frozen), `dbias +=`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
         dinp: &mut [f32],
-        dw: &mut [f32],
+        dw: Option<&mut [f32]>,
         dbias: Option<&mut [f32]>,
         dout: &[f32],
         inp: &[f32],
@@ -471,7 +471,7 @@ impl Kernels for Cpu {
     fn matmul_backward(
         &self,
         dinp: &mut [f32],
-        dw: &mut [f32],
+        dw: Option<&mut [f32]>,
         dbias: Option<&mut [f32]>,
         dout: &[f32],
         inp: &[f32],

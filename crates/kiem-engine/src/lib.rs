@@ -11,6 +11,7 @@ pub mod hf_llama;
 pub mod infer;
 pub mod io;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod rng;
 pub mod sampling;

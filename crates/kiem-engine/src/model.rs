@@ -12,6 +12,7 @@ use crate::kernels::{
     matmul_thin_bf16, AdamW, Cpu, Dims, Kernels, MatmulPrecision, RopeTable, WeightLayout,
     SKINNY_ROWS,
 };
+use crate::lora::{Lora, LoraPass, Site};
 use crate::rng::Rng;
 use crate::{EngineError, Result};
 
@@ -46,6 +47,8 @@ struct Activations {
     normf_rstd: Vec<f32>,
     /// Logits; after a training forward pass, their gradients.
     logits: Vec<f32>,
+    /// How the adapters ran in the last forward pass (their dropout masks).
+    lora_pass: Option<LoraPass>,
     losses: Vec<f32>,
     /// Matmul output before it is added to the residual stream.
     scratch: Vec<f32>,
@@ -157,6 +160,11 @@ pub struct Gpt<K: Kernels = Cpu> {
     sampling_vocab: usize,
     acts: Activations,
     scratch: GradScratch,
+    /// LoRA adapters on the layers' products: while set, the base is frozen (no gradients
+    /// for it) and training updates the adapters only.
+    pub(crate) lora: Option<Lora>,
+    /// Seed of the adapters' dropout masks for the next training forward pass.
+    lora_seed: u64,
     /// Whether the last forward pass left logit gradients for a backward pass.
     ready_for_backward: bool,
     /// What the logits buffer holds after the last forward pass: logits, or (a training pass)
@@ -170,18 +178,21 @@ fn two_mut(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&mut [f32], &m
     (&mut left[a], &mut right[..b.end - b.start])
 }
 
-/// A weight's gradient and its bias's (which lies after it in the buffer), both mutable.
+/// A weight's gradient and its bias's (which lies after it in the buffer), both mutable; none
+/// for a frozen base.
 fn weight_and_bias(
     buf: &mut [f32],
+    frozen: bool,
     w: Range<usize>,
     b: Option<Range<usize>>,
-) -> (&mut [f32], Option<&mut [f32]>) {
+) -> (Option<&mut [f32]>, Option<&mut [f32]>) {
     match b {
+        _ if frozen => (None, None),
         Some(b) => {
             let (w, b) = two_mut(buf, w, b);
-            (w, Some(b))
+            (Some(w), Some(b))
         }
-        None => (&mut buf[w], None),
+        None => (Some(&mut buf[w]), None),
     }
 }
 
@@ -255,6 +266,8 @@ impl<K: Kernels> Gpt<K> {
             logits_are_gradients: false,
             params_bf16: None,
             params_quant: None,
+            lora: None,
+            lora_seed: 0,
             rope,
             decoding_only: false,
             sampling_vocab: config.vocab_size,
@@ -472,6 +485,47 @@ impl<K: Kernels> Gpt<K> {
         self.config.num_parameters()
     }
 
+    /// Parameters training updates: the adapters' with adapters, else all.
+    pub fn trainable_parameters(&self) -> usize {
+        self.lora
+            .as_ref()
+            .map_or(self.num_parameters(), Lora::num_parameters)
+    }
+
+    /// Puts adapters on the model (checked against its shape) or takes them off: with
+    /// adapters, the base is frozen and training updates the adapters alone; the base's
+    /// gradients are dropped.
+    pub fn set_lora(&mut self, lora: Option<Lora>) -> Result<()> {
+        if let Some(lora) = &lora {
+            lora.check_fits(&self.config)?;
+            self.grads = Vec::new();
+        }
+        self.lora = lora;
+        Ok(())
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Seeds the adapters' dropout masks of the next training forward pass (one seed per
+    /// micro-batch makes runs, and resumed runs, repeatable).
+    pub fn set_lora_dropout_seed(&mut self, seed: u64) {
+        self.lora_seed = seed;
+    }
+
+    /// Adds the adapters into the base weights (PEFT's `merge_and_unload`) and removes them.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        self.check_training_layout()?;
+        if let Some(lora) = self.lora.take() {
+            lora.merge_into(&self.config, &mut self.params, self.matrices);
+            // Copies kept for decoding would miss the update.
+            self.params_bf16 = None;
+            self.params_quant = None;
+        }
+        Ok(())
+    }
+
     /// A copy with a larger vocabulary: existing parameters are kept and each new embedding
     /// (and output head) row starts at the mean of the existing rows (a neutral token rather
     /// than noise).
@@ -653,11 +707,18 @@ impl<K: Kernels> Gpt<K> {
         l: usize,
         buf: BlockBuffers<'_>,
         positions: &[u32],
+        lora_pass: LoraPass,
         attend: &mut dyn FnMut(&mut [f32], &[f32]),
     ) {
         let k = &self.kernels;
         let lp = &self.layout.layers[l];
         let w = Widths::of(&self.config);
+        // The adapters' terms join each product's output before anything reads it.
+        let adapt = |site: Site, out: &mut [f32], x: &[f32], width: usize| {
+            if let Some(lora) = &self.lora {
+                lora.forward(k, l, site, out, x, width, lora_pass);
+            }
+        };
         self.norm_forward(
             buf.norm1,
             buf.mean1,
@@ -675,6 +736,7 @@ impl<K: Kernels> Gpt<K> {
             w.c,
             w.qkv,
         );
+        adapt(Site::Qkv, buf.qkv, buf.norm1, w.qkv);
         if let Some(table) = self.rope_table(positions) {
             let heads = self.config.n_head + self.config.kv_heads();
             k.rope(buf.qkv, w.qkv, heads, positions, &table, false);
@@ -689,6 +751,7 @@ impl<K: Kernels> Gpt<K> {
             w.q,
             w.c,
         );
+        adapt(Site::AttnOut, buf.scratch, buf.atty, w.c);
         k.add(buf.residual2, buf.input, buf.scratch);
         self.norm_forward(
             buf.norm2,
@@ -707,6 +770,7 @@ impl<K: Kernels> Gpt<K> {
             w.c,
             w.mlp_in,
         );
+        adapt(Site::MlpIn, buf.mlp_pre, buf.norm2, w.mlp_in);
         match self.config.block.mlp {
             Mlp::Gelu => k.gelu_forward(buf.mlp_act, buf.mlp_pre),
             Mlp::SwiGlu => k.swiglu_forward(buf.mlp_act, buf.mlp_pre, w.hidden),
@@ -720,6 +784,7 @@ impl<K: Kernels> Gpt<K> {
             w.hidden,
             w.c,
         );
+        adapt(Site::MlpOut, buf.scratch, buf.mlp_act, w.c);
         k.add(buf.output, buf.residual2, buf.scratch);
     }
 
@@ -776,6 +841,11 @@ impl<K: Kernels> Gpt<K> {
             d,
         );
         let att_len = d.batch * d.heads * d.seq * d.seq;
+        // Adapters drop out only while training, with masks the backward pass regenerates.
+        let lora_pass = LoraPass {
+            dropout_seed: grad_scale.map(|_| self.lora_seed),
+        };
+        a.lora_pass = Some(lora_pass);
         for l in 0..self.config.n_layer {
             let (done, rest) = a.residual3.split_at_mut(l * bt * w.c);
             let input: &[f32] = if l == 0 {
@@ -800,7 +870,7 @@ impl<K: Kernels> Gpt<K> {
                 output: &mut rest[..bt * w.c],
                 scratch: &mut a.scratch,
             };
-            self.block_forward(l, buffers, &a.positions, &mut |y, qkv| {
+            self.block_forward(l, buffers, &a.positions, lora_pass, &mut |y, qkv| {
                 k.attention_forward(y, att, qkv, d)
             });
         }
@@ -891,8 +961,14 @@ impl<K: Kernels> Gpt<K> {
         Ok(())
     }
 
-    /// Sets all gradients to zero (allocating them on first use).
+    /// Sets all gradients to zero (allocating them on first use): the adapters' only when the
+    /// model has adapters.
     pub fn zero_grad(&mut self) {
+        if let Some(lora) = &mut self.lora {
+            lora.grads.clear();
+            lora.grads.resize(lora.params.len(), 0.0);
+            return;
+        }
         if self.grads.len() != self.params.len() {
             self.grads = vec![0.0; self.params.len()];
         } else {
@@ -909,7 +985,9 @@ impl<K: Kernels> Gpt<K> {
             ));
         }
         self.check_training_layout()?;
-        if self.grads.len() != self.params.len() {
+        // With adapters the base is frozen: only the adapters' gradients are kept.
+        let frozen = self.lora.is_some();
+        if !frozen && self.grads.len() != self.params.len() {
             self.zero_grad();
         }
         self.ready_for_backward = false;
@@ -925,22 +1003,35 @@ impl<K: Kernels> Gpt<K> {
         let norm = self.config.block.norm;
         let c = w.c;
         let rope = rope_table(&self.rope, &self.config, &a.positions);
+        let mut lora = self.lora.as_mut();
+        let lora_pass = a.lora_pass.unwrap_or(LoraPass { dropout_seed: None });
+        // A frozen norm's weight gradients go to a scratch buffer that nothing reads.
+        let mut frozen_norm = vec![0f32; if frozen { 2 * c } else { 0 }];
         // dinp += norm'(dout) for the norm with weights `nw` (and bias `nb`).
-        let norm_backward = |g: &mut [f32],
-                             dinp: &mut [f32],
-                             dout: &[f32],
-                             inp: &[f32],
-                             nw: &Range<usize>,
-                             nb: &Option<Range<usize>>,
-                             mean: &[f32],
-                             rstd: &[f32]| match norm {
+        let mut norm_backward = |g: &mut [f32],
+                                 dinp: &mut [f32],
+                                 dout: &[f32],
+                                 inp: &[f32],
+                                 nw: &Range<usize>,
+                                 nb: &Option<Range<usize>>,
+                                 mean: &[f32],
+                                 rstd: &[f32]| match norm {
             Norm::Layer => {
                 let nb = nb.clone().expect("layer norm has a bias");
-                let (dw, db) = two_mut(g, nw.clone(), nb);
+                let (dw, db) = if frozen {
+                    frozen_norm.split_at_mut(c)
+                } else {
+                    two_mut(g, nw.clone(), nb)
+                };
                 k.layernorm_backward(dinp, dw, db, dout, inp, &p[nw.clone()], mean, rstd, c);
             }
             Norm::Rms { .. } => {
-                k.rmsnorm_backward(dinp, &mut g[nw.clone()], dout, inp, &p[nw.clone()], rstd, c)
+                let dw = if frozen {
+                    &mut frozen_norm[..c]
+                } else {
+                    &mut g[nw.clone()]
+                };
+                k.rmsnorm_backward(dinp, dw, dout, inp, &p[nw.clone()], rstd, c)
             }
         };
 
@@ -948,7 +1039,7 @@ impl<K: Kernels> Gpt<K> {
         let head = lay.head_weights();
         k.matmul_backward(
             &mut s.norm,
-            &mut g[head.clone()],
+            (!frozen).then(|| &mut g[head.clone()]),
             None,
             &a.logits,
             &a.normf,
@@ -981,7 +1072,8 @@ impl<K: Kernels> Gpt<K> {
             };
             // MLP: residual3 = residual2 + out(act(in(norm2(residual2)))).
             {
-                let (dw, db) = weight_and_bias(g, lp.mlp_out_w.clone(), lp.mlp_out_b.clone());
+                let (dw, db) =
+                    weight_and_bias(g, frozen, lp.mlp_out_w.clone(), lp.mlp_out_b.clone());
                 k.matmul_backward(
                     &mut s.mlp_act,
                     dw,
@@ -994,13 +1086,26 @@ impl<K: Kernels> Gpt<K> {
                     c,
                 );
             }
+            if let Some(lora) = lora.as_deref_mut() {
+                let x = &a.mlp_act[rows(w.hidden)];
+                lora.backward(
+                    k,
+                    l,
+                    Site::MlpOut,
+                    &mut s.mlp_act,
+                    &s.residual,
+                    x,
+                    c,
+                    lora_pass,
+                );
+            }
             let mlp_pre = &a.mlp_pre[rows(w.mlp_in)];
             match self.config.block.mlp {
                 Mlp::Gelu => k.gelu_backward(&mut s.mlp_pre, mlp_pre, &s.mlp_act),
                 Mlp::SwiGlu => k.swiglu_backward(&mut s.mlp_pre, mlp_pre, &s.mlp_act, w.hidden),
             }
             {
-                let (dw, db) = weight_and_bias(g, lp.mlp_in_w.clone(), lp.mlp_in_b.clone());
+                let (dw, db) = weight_and_bias(g, frozen, lp.mlp_in_w.clone(), lp.mlp_in_b.clone());
                 k.matmul_backward(
                     &mut s.norm,
                     dw,
@@ -1011,6 +1116,19 @@ impl<K: Kernels> Gpt<K> {
                     matrices,
                     c,
                     w.mlp_in,
+                );
+            }
+            if let Some(lora) = lora.as_deref_mut() {
+                let x = &a.norm2[rows(c)];
+                lora.backward(
+                    k,
+                    l,
+                    Site::MlpIn,
+                    &mut s.norm,
+                    &s.mlp_pre,
+                    x,
+                    w.mlp_in,
+                    lora_pass,
                 );
             }
             norm_backward(
@@ -1025,7 +1143,8 @@ impl<K: Kernels> Gpt<K> {
             );
             // Attention: residual2 = residual_in + out(attention(rope(qkv(norm1(residual_in))))).
             {
-                let (dw, db) = weight_and_bias(g, lp.attn_out_w.clone(), lp.attn_out_b.clone());
+                let (dw, db) =
+                    weight_and_bias(g, frozen, lp.attn_out_w.clone(), lp.attn_out_b.clone());
                 k.matmul_backward(
                     &mut s.atty,
                     dw,
@@ -1036,6 +1155,19 @@ impl<K: Kernels> Gpt<K> {
                     matrices,
                     w.q,
                     c,
+                );
+            }
+            if let Some(lora) = lora.as_deref_mut() {
+                let x = &a.atty[rows(w.q)];
+                lora.backward(
+                    k,
+                    l,
+                    Site::AttnOut,
+                    &mut s.atty,
+                    &s.residual,
+                    x,
+                    c,
+                    lora_pass,
                 );
             }
             k.attention_backward(
@@ -1050,7 +1182,7 @@ impl<K: Kernels> Gpt<K> {
                 k.rope(&mut s.qkv, w.qkv, heads, &a.positions, table, true);
             }
             {
-                let (dw, db) = weight_and_bias(g, lp.qkv_w.clone(), lp.qkv_b.clone());
+                let (dw, db) = weight_and_bias(g, frozen, lp.qkv_w.clone(), lp.qkv_b.clone());
                 k.matmul_backward(
                     &mut s.norm,
                     dw,
@@ -1062,6 +1194,10 @@ impl<K: Kernels> Gpt<K> {
                     c,
                     w.qkv,
                 );
+            }
+            if let Some(lora) = lora.as_deref_mut() {
+                let x = &a.norm1[rows(c)];
+                lora.backward(k, l, Site::Qkv, &mut s.norm, &s.qkv, x, w.qkv, lora_pass);
             }
             norm_backward(
                 g,
@@ -1075,6 +1211,7 @@ impl<K: Kernels> Gpt<K> {
             );
         }
         match lay.wpe.clone() {
+            _ if frozen => {}
             Some(wpe) => {
                 let (dwte, dwpe) = two_mut(g, lay.wte.clone(), wpe);
                 k.encoder_backward(dwte, Some(dwpe), &s.residual, &a.tokens, d);
@@ -1084,9 +1221,10 @@ impl<K: Kernels> Gpt<K> {
         Ok(())
     }
 
-    /// Global L2 norm of the gradients.
+    /// Global L2 norm of the gradients (the adapters' when the model has them).
     pub fn grad_norm(&self) -> f64 {
-        self.kernels.sum_squares(&self.grads).sqrt()
+        let grads = self.lora.as_ref().map_or(&self.grads, |l| &l.grads);
+        self.kernels.sum_squares(grads).sqrt()
     }
 
     /// Scales gradients so their norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`);
@@ -1095,13 +1233,42 @@ impl<K: Kernels> Gpt<K> {
         let norm = self.grad_norm();
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            self.kernels.scale(&mut self.grads, coef as f32);
+            let grads = match &mut self.lora {
+                Some(lora) => &mut lora.grads,
+                None => &mut self.grads,
+            };
+            self.kernels.scale(grads, coef as f32);
         }
         norm
     }
 
-    /// One AdamW step; weight decay applies to matrices only.
+    /// One AdamW step; weight decay applies to matrices only (the adapters' included, as the
+    /// Hugging Face trainer decays them). With adapters, only they are updated.
     pub fn adamw_step(&mut self, state: &mut AdamWState, lr: f32, weight_decay: f32) {
+        if let Some(lora) = &mut self.lora {
+            let n = lora.params.len();
+            if state.m.len() != n {
+                state.m = vec![0.0; n];
+                state.v = vec![0.0; n];
+            }
+            state.step += 1;
+            let h = AdamW {
+                lr,
+                beta1: state.beta1,
+                beta2: state.beta2,
+                eps: state.eps,
+                weight_decay,
+                step: state.step,
+            };
+            self.kernels.adamw(
+                &mut lora.params,
+                &lora.grads,
+                &mut state.m,
+                &mut state.v,
+                &h,
+            );
+            return;
+        }
         if state.m.len() != self.params.len() {
             state.m = vec![0.0; self.params.len()];
             state.v = vec![0.0; self.params.len()];

@@ -99,7 +99,7 @@ fn matmul_backward_both_layouts() {
         );
         K.matmul_backward(
             &mut dx,
-            &mut dw,
+            Some(&mut dw),
             Some(&mut db),
             &r,
             &x,
@@ -419,7 +419,7 @@ fn bf16_matmuls_agree_with_fp32_to_bf16_precision() {
             );
             k.matmul_backward(
                 &mut dx,
-                &mut dw,
+                Some(&mut dw),
                 Some(&mut db),
                 &dout,
                 &x,

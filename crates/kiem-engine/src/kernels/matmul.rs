@@ -749,7 +749,7 @@ pub(super) fn matmul_forward(
 pub(super) fn matmul_backward(
     precision: MatmulPrecision,
     dinp: &mut [f32],
-    dw: &mut [f32],
+    dw: Option<&mut [f32]>,
     dbias: Option<&mut [f32]>,
     dout: &[f32],
     inp: &[f32],
@@ -768,7 +768,7 @@ pub(super) fn matmul_backward(
         c_out,
     );
     assert!(
-        dw.len() >= c_in * c_out && dinp.len() >= rows * c_in,
+        dw.as_ref().is_none_or(|dw| dw.len() >= c_in * c_out) && dinp.len() >= rows * c_in,
         "matmul_backward: gradient buffers too small"
     );
     // dinp[rows, in] = dout[rows, out] · Wᵀ
@@ -789,6 +789,10 @@ pub(super) fn matmul_backward(
         w,
         wt_strides,
     );
+    // A frozen weight (LoRA's base) takes no gradient.
+    let Some(dw) = dw else {
+        return;
+    };
     match layout {
         // dW[in, out] += inpᵀ · dout
         WeightLayout::InOut => gemm_f32(

@@ -1,0 +1,285 @@
+//! LoRA adapters: gradients against finite differences (dropout included), the frozen base,
+//! merging, decoding with adapters, and PEFT's file format read back.
+
+use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
+use kiem_engine::infer::KvCache;
+use kiem_engine::lora::{Lora, LoraSpec};
+use kiem_engine::rng::Rng;
+use kiem_engine::{AdamWState, Gpt, ModelConfig};
+
+fn gpt2() -> ModelConfig {
+    ModelConfig::gpt2(2, 2, 8, 6, 11)
+}
+
+/// A Qwen2 block: grouped-query attention (4 query heads, 2 key/value heads), q/k/v biases,
+/// untied head.
+fn llama() -> ModelConfig {
+    let rope = Rope {
+        theta: 10_000.0,
+        scaling: RopeScaling::Default,
+    };
+    let mut block = Block::llama(1e-5, rope);
+    block.qkv_bias = true;
+    ModelConfig {
+        arch: Arch::Qwen2,
+        block,
+        n_kv_head: Some(2),
+        head_dim: Some(4),
+        mlp_hidden: Some(12),
+        ..ModelConfig::gpt2(2, 4, 8, 6, 11)
+    }
+}
+
+fn spec(targets: &[&str], dropout: f32) -> LoraSpec {
+    LoraSpec {
+        rank: 2,
+        alpha: 3.0,
+        dropout,
+        use_rslora: false,
+        targets: targets.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn base(config: ModelConfig) -> Gpt {
+    let mut gpt = Gpt::new(config).unwrap();
+    gpt.init_random(42);
+    let mut rng = Rng::new(9);
+    for x in gpt.params_mut().unwrap().iter_mut() {
+        *x += rng.normal() * 0.1;
+    }
+    gpt
+}
+
+/// Adapters with B non-zero too (fresh ones start at B = 0, where A's gradient vanishes).
+fn adapters(config: &ModelConfig, spec: LoraSpec) -> Lora {
+    let mut lora = Lora::new(config, spec, 5).unwrap();
+    let mut rng = Rng::new(6);
+    for x in lora.params.iter_mut() {
+        *x += rng.normal() * 0.3;
+    }
+    lora
+}
+
+fn batch() -> (Vec<u32>, Vec<Option<u32>>) {
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 7 % 11) as u32).collect();
+    let targets = (0..10)
+        .map(|i| (i % 4 != 3).then_some((i * 3 % 11) as u32))
+        .collect();
+    (tokens, targets)
+}
+
+fn adapter_gradients_match_finite_differences(config: ModelConfig, targets: &[&str], dropout: f32) {
+    let lora = adapters(&config, spec(targets, dropout));
+    let mut gpt = base(config);
+    let base_params = gpt.params().unwrap().to_vec();
+    gpt.set_lora(Some(lora.clone())).unwrap();
+    gpt.set_lora_dropout_seed(77);
+    let (tokens, targets) = batch();
+    let scale = 1.0 / targets.iter().flatten().count() as f32;
+    gpt.zero_grad();
+    gpt.forward(&tokens, &targets, 2, 5, Some(scale)).unwrap();
+    gpt.backward().unwrap();
+    assert!(
+        gpt.grads.is_empty(),
+        "the frozen base gets no gradient buffer"
+    );
+    let analytic = gpt.lora().unwrap().grads.clone();
+    assert!(analytic.iter().any(|&g| g != 0.0));
+    // The loss under the same dropout masks: a training pass with the same seed.
+    let loss = |p: &[f32]| {
+        let mut m = Gpt::new(config).unwrap();
+        m.params_mut().unwrap().copy_from_slice(&base_params);
+        let mut l = lora.clone();
+        l.params.copy_from_slice(p);
+        m.set_lora(Some(l)).unwrap();
+        m.set_lora_dropout_seed(77);
+        let (sum, _) = m.forward(&tokens, &targets, 2, 5, Some(scale)).unwrap();
+        sum * f64::from(scale)
+    };
+    let mut worst = 0f64;
+    for m in &lora.modules {
+        for r in [m.a.clone(), m.b.clone()] {
+            for i in r.clone().step_by((r.len() / 6).max(1)) {
+                let eps = 1e-2;
+                let (mut plus, mut minus) = (lora.params.clone(), lora.params.clone());
+                plus[i] += eps;
+                minus[i] -= eps;
+                let numeric = (loss(&plus) - loss(&minus)) / (2.0 * f64::from(eps));
+                let a = f64::from(analytic[i]);
+                let err = (a - numeric).abs() / (a.abs().max(numeric.abs()) + 1e-2);
+                worst = worst.max(err);
+                assert!(
+                    err < 2e-2,
+                    "{} [{i}]: analytic {a} vs numeric {numeric}",
+                    m.path
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{:?} {targets:?} dropout {dropout}: worst {worst:.2e}",
+        config.arch
+    );
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences_gpt2() {
+    adapter_gradients_match_finite_differences(gpt2(), &["all"], 0.0);
+    adapter_gradients_match_finite_differences(gpt2(), &["c_attn", "mlp.c_proj"], 0.3);
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences_llama() {
+    adapter_gradients_match_finite_differences(llama(), &["all"], 0.0);
+    adapter_gradients_match_finite_differences(llama(), &["k", "v_proj", "gate", "down"], 0.3);
+}
+
+fn logits(gpt: &mut Gpt, tokens: &[u32]) -> Vec<f32> {
+    let targets = vec![None; tokens.len()];
+    gpt.forward(tokens, &targets, 1, tokens.len(), None)
+        .unwrap();
+    gpt.logits().unwrap().to_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn merged_adapters_and_cached_decoding_equal_the_adapted_forward_pass() {
+    for config in [gpt2(), llama()] {
+        let lora = adapters(&config, spec(&["all"], 0.1));
+        let mut gpt = base(config);
+        let tokens = [1u32, 4, 2, 9, 3];
+        let plain = logits(&mut gpt, &tokens);
+        gpt.set_lora(Some(lora)).unwrap();
+        let adapted = logits(&mut gpt, &tokens);
+        assert!(
+            max_diff(&plain, &adapted) > 1e-3,
+            "the adapters change the model"
+        );
+        // Decoding with the KV cache applies them as the full pass does (no dropout).
+        let mut cache = KvCache::new(&gpt);
+        let vp = config.padded_vocab();
+        let mut last = Vec::new();
+        for &t in &tokens {
+            last = gpt
+                .forward_cached(std::slice::from_mut(&mut cache), &[&[t]])
+                .unwrap();
+        }
+        let want = &adapted[(tokens.len() - 1) * vp..];
+        assert!(
+            max_diff(&last, want) < 1e-5,
+            "{:?} cached decoding",
+            config.arch
+        );
+        gpt.merge_lora().unwrap();
+        assert!(gpt.lora().is_none());
+        let merged = logits(&mut gpt, &tokens);
+        let diff = max_diff(&merged, &adapted);
+        assert!(diff < 1e-5, "{:?}: merged differs by {diff}", config.arch);
+    }
+}
+
+#[test]
+fn training_changes_only_the_adapters() {
+    for config in [gpt2(), llama()] {
+        let mut gpt = base(config);
+        let before = gpt.params().unwrap().to_vec();
+        let lora = Lora::new(&config, spec(&["all"], 0.05), 1).unwrap();
+        let trainable = lora.num_parameters();
+        gpt.set_lora(Some(lora)).unwrap();
+        assert_eq!(gpt.trainable_parameters(), trainable);
+        let mut opt = AdamWState::new(0.9, 0.95, 1e-8);
+        let (tokens, targets) = batch();
+        let mut losses = Vec::new();
+        for step in 0..40 {
+            gpt.zero_grad();
+            gpt.set_lora_dropout_seed(step);
+            let (sum, n) = gpt
+                .forward(&tokens, &targets, 2, 5, Some(1.0 / 7.0))
+                .unwrap();
+            losses.push(sum / n as f64);
+            gpt.backward().unwrap();
+            gpt.clip_grad_norm(1.0);
+            gpt.adamw_step(&mut opt, 2e-2, 0.01);
+        }
+        assert_eq!(
+            opt.m.len(),
+            trainable,
+            "optimizer state for the adapters only"
+        );
+        assert!(
+            losses[39] < losses[0] * 0.8,
+            "{:?}: loss falls {} -> {}",
+            config.arch,
+            losses[0],
+            losses[39]
+        );
+        let after = gpt.params().unwrap();
+        assert!(
+            before
+                .iter()
+                .zip(after)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "the base is bitwise untouched"
+        );
+    }
+}
+
+#[test]
+fn peft_files_read_back_to_the_same_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    for (config, targets) in [
+        (gpt2(), vec!["c_attn", "c_proj"]),
+        (gpt2(), vec!["mlp"]),
+        (llama(), vec!["q", "v", "down_proj"]),
+    ] {
+        let mut s = spec(&targets, 0.1);
+        s.use_rslora = true;
+        let lora = adapters(&config, s);
+        lora.save_peft(dir.path(), &config, "base").unwrap();
+        let back = Lora::load_peft(dir.path(), &config).unwrap();
+        assert_eq!(back.params, lora.params);
+        assert_eq!(back.modules.len(), lora.modules.len());
+        for (a, b) in back.modules.iter().zip(&lora.modules) {
+            assert_eq!(
+                (&a.path, &a.out, a.rank, a.scaling),
+                (&b.path, &b.out, b.rank, b.scaling)
+            );
+        }
+        assert_eq!(back.spec.dropout, 0.1);
+        // The adapters do not fit another shape.
+        let other = ModelConfig::gpt2(3, 2, 16, 6, 11);
+        assert!(Lora::load_peft(dir.path(), &other).is_err());
+    }
+}
+
+#[test]
+fn unknown_targets_and_unsupported_adapters_are_refused_by_name() {
+    let err = Lora::new(&llama(), spec(&["qq"], 0.0), 1).unwrap_err();
+    assert!(err.to_string().contains("\"qq\""), "{err}");
+    let err = Lora::new(&gpt2(), spec(&["q_proj"], 0.0), 1).unwrap_err();
+    assert!(err.to_string().contains("c_attn"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = llama();
+    adapters(&config, spec(&["q"], 0.0))
+        .save_peft(dir.path(), &config, "base")
+        .unwrap();
+    let path = dir.path().join("adapter_config.json");
+    let good = std::fs::read_to_string(&path).unwrap();
+    for (from, to, named) in [
+        ("\"use_dora\": false", "\"use_dora\": true", "use_dora"),
+        ("\"bias\": \"none\"", "\"bias\": \"all\"", "bias"),
+        ("\"peft_type\": \"LORA\"", "\"peft_type\": \"IA3\"", "IA3"),
+        ("\"r\": 2", "\"r\": 4", "rank"),
+    ] {
+        std::fs::write(&path, good.replace(from, to)).unwrap();
+        let err = Lora::load_peft(dir.path(), &config)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(named), "{named}: {err}");
+    }
+    std::fs::write(&path, "{not json").unwrap();
+    assert!(Lora::load_peft(dir.path(), &config).is_err());
+}
