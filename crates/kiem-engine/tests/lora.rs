@@ -283,3 +283,90 @@ fn unknown_targets_and_unsupported_adapters_are_refused_by_name() {
     std::fs::write(&path, "{not json").unwrap();
     assert!(Lora::load_peft(dir.path(), &config).is_err());
 }
+
+/// Adapters `peft` wrote (fixtures/peft/make_fixtures.py) load into kiem with peft's logits,
+/// loss and adapter gradients, and merge to the weights of peft's `merge_and_unload`.
+#[test]
+fn peft_adapters_reproduce_peft() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let expected =
+        kiem_engine::io::read_tensors(&fixtures.join("peft/expected.safetensors")).unwrap();
+    let get = |key: &str| &expected.get(key).unwrap_or_else(|| panic!("no {key}")).1;
+    for (name, base_dir) in [
+        ("llama_lora", "llama_gqa"),
+        ("qwen2_rslora", "qwen2_tied"),
+        ("gpt2_lora", "peft/gpt2_base"),
+    ] {
+        let (mut gpt, _) = kiem_engine::io::load_model_dir(&fixtures.join(base_dir)).unwrap();
+        let mut lora = Lora::load_peft(&fixtures.join("peft").join(name), &gpt.config).unwrap();
+        assert_eq!(lora.spec.dropout, 0.1);
+        // peft's reference gradients were taken in eval mode, without dropout.
+        lora.spec.dropout = 0.0;
+        gpt.set_lora(Some(lora)).unwrap();
+        let tokens: Vec<u32> = get(&format!("{name}.tokens"))
+            .iter()
+            .map(|&t| t as u32)
+            .collect();
+        let targets: Vec<Option<u32>> = get(&format!("{name}.targets"))
+            .iter()
+            .map(|&t| (t >= 0.0).then_some(t as u32))
+            .collect();
+        let (batch, seq) = (2, tokens.len() / 2);
+        let (v, vp) = (gpt.config.vocab_size, gpt.config.padded_vocab());
+        let compare_logits = |gpt: &mut Gpt, want: &[f32], what: &str| {
+            gpt.forward(&tokens, &vec![None; tokens.len()], batch, seq, None)
+                .unwrap();
+            let got = gpt.logits().unwrap();
+            let diff = (0..batch * seq)
+                .flat_map(|r| (0..v).map(move |j| (r, j)))
+                .fold(0f32, |m, (r, j)| {
+                    m.max((got[r * vp + j] - want[r * v + j]).abs())
+                });
+            assert!(diff < 1e-4, "{name} {what}: logits differ by {diff}");
+        };
+        compare_logits(&mut gpt, get(&format!("{name}.logits")), "adapted");
+        let count = targets.iter().flatten().count();
+        gpt.zero_grad();
+        let (sum, _) = gpt
+            .forward(&tokens, &targets, batch, seq, Some(1.0 / count as f32))
+            .unwrap();
+        let loss = sum / count as f64;
+        let want_loss = f64::from(get(&format!("{name}.loss"))[0]);
+        assert!(
+            (loss - want_loss).abs() < 1e-5,
+            "{name}: loss {loss} vs {want_loss}"
+        );
+        gpt.backward().unwrap();
+        let lora = gpt.lora().unwrap();
+        for m in &lora.modules {
+            for (which, range) in [("A", &m.a), ("B", &m.b)] {
+                let key = format!(
+                    "{name}.grad.base_model.model.{}.lora_{which}.weight",
+                    m.path
+                );
+                let want = get(&key);
+                let got = &lora.grads[range.clone()];
+                let scale = want.iter().fold(0f32, |s, x| s.max(x.abs()));
+                let diff = max_diff(got, want);
+                assert!(diff <= 1e-4 * scale.max(1.0), "{key}: differs by {diff}");
+            }
+        }
+        gpt.merge_lora().unwrap();
+        let prefix = format!("{name}.merged_weight.");
+        let mut checked = 0;
+        for spec in &gpt.layout.tensors {
+            if let Some(want) = expected.get(&format!("{prefix}{}", spec.name)) {
+                let diff = max_diff(&gpt.params().unwrap()[spec.range.clone()], &want.1);
+                assert!(
+                    diff < 1e-5,
+                    "{name} merged {}: differs by {diff}",
+                    spec.name
+                );
+                checked += 1;
+            }
+        }
+        let adapted = expected.keys().filter(|k| k.starts_with(&prefix)).count();
+        assert_eq!(checked, adapted, "{name}: every merged weight compared");
+        compare_logits(&mut gpt, get(&format!("{name}.merged")), "merged");
+    }
+}
