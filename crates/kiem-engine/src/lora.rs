@@ -262,6 +262,8 @@ pub struct LoraModule {
 #[derive(Debug, Clone)]
 pub struct Lora {
     pub spec: LoraSpec,
+    /// The base model's name or path, as PEFT records it (`base_model_name_or_path`).
+    pub base_model: String,
     pub modules: Vec<LoraModule>,
     pub params: Vec<f32>,
     pub grads: Vec<f32>,
@@ -292,6 +294,7 @@ impl Lora {
             params: Vec::new(),
             grads: Vec::new(),
             spec,
+            base_model: String::new(),
         };
         for l in 0..config.n_layer {
             for &i in &chosen {
@@ -553,8 +556,8 @@ impl Lora {
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` as PEFT's
-    /// `save_pretrained` does, for a base model named `base` (`base_model_name_or_path`).
-    pub fn save_peft(&self, dir: &Path, config: &ModelConfig, base: &str) -> Result<()> {
+    /// `save_pretrained` does.
+    pub fn save_peft(&self, dir: &Path, config: &ModelConfig) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| crate::io::file_err(dir, e.to_string()))?;
         let rank = self.spec.rank;
         let mut rank_pattern = serde_json::Map::new();
@@ -565,7 +568,7 @@ impl Lora {
         let json = serde_json::json!({
             "alpha_pattern": {},
             "auto_mapping": null,
-            "base_model_name_or_path": base,
+            "base_model_name_or_path": self.base_model,
             "bias": "none",
             "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": true,
@@ -708,6 +711,11 @@ impl Lora {
         let targets = targets_of(config.arch);
         let mut lora = Lora {
             spec,
+            base_model: json
+                .get("base_model_name_or_path")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             modules: Vec::new(),
             params: Vec::new(),
             grads: Vec::new(),

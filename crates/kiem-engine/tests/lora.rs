@@ -238,7 +238,7 @@ fn peft_files_read_back_to_the_same_adapters() {
         let mut s = spec(&targets, 0.1);
         s.use_rslora = true;
         let lora = adapters(&config, s);
-        lora.save_peft(dir.path(), &config, "base").unwrap();
+        lora.save_peft(dir.path(), &config).unwrap();
         let back = Lora::load_peft(dir.path(), &config).unwrap();
         assert_eq!(back.params, lora.params);
         assert_eq!(back.modules.len(), lora.modules.len());
@@ -264,7 +264,7 @@ fn unknown_targets_and_unsupported_adapters_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let config = llama();
     adapters(&config, spec(&["q"], 0.0))
-        .save_peft(dir.path(), &config, "base")
+        .save_peft(dir.path(), &config)
         .unwrap();
     let path = dir.path().join("adapter_config.json");
     let good = std::fs::read_to_string(&path).unwrap();

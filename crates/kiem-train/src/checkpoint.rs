@@ -40,9 +40,14 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Io(format!("{}: {e}", path.display()))
 }
 
-/// Writes `config.json`, `generation_config.json`, `model.safetensors` and `tokenizer.json`.
+/// Writes `config.json`, `generation_config.json`, `model.safetensors` and the tokenizer files;
+/// for a model with LoRA adapters, the adapters in PEFT's format and the tokenizer files.
 pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    if let Some(lora) = gpt.lora() {
+        lora.save_peft(dir, &gpt.config)?;
+        return write_tokenizer_files(dir, tokenizer, gpt.config.context);
+    }
     let bos = tokenizer.bos_id();
     // Documents end at the document token; a base model's own end token (its
     // tokenizer_config.json's eos_token, e.g. Llama 3's <|end_of_text|>) still ends text too.
@@ -80,15 +85,21 @@ pub fn write_model_files(dir: &Path, gpt: &Gpt, tokenizer: &Tokenizer) -> Result
             .as_bytes(),
     )?;
     gpt.save_safetensors(&dir.join("model.safetensors"))?;
+    write_tokenizer_files(dir, tokenizer, gpt.config.context)
+}
+
+/// `tokenizer.json` and `tokenizer_config.json` (special tokens, chat template).
+fn write_tokenizer_files(dir: &Path, tokenizer: &Tokenizer, context: usize) -> Result<()> {
+    let chat_end = kiem_tokenizer::chat::end_of_turn(tokenizer).ok();
     tokenizer.save(&dir.join("tokenizer.json"))?;
-    let bos = tokenizer.decode(&[bos])?;
+    let bos = tokenizer.decode(&[tokenizer.bos_id()])?;
     let mut tokenizer_config = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos,
         "eos_token": bos,
         "unk_token": null,
         "pad_token": null,
-        "model_max_length": gpt.config.context,
+        "model_max_length": context,
         "clean_up_tokenization_spaces": false,
         // Whether prompts start with bos_token: kiem's and transformers' rule for this model.
         "add_bos_token": !tokenizer.prompt_prefix().is_empty(),
@@ -213,14 +224,23 @@ pub fn save_checkpoint(
     Ok(dir)
 }
 
-/// Loads parameters, optimizer moments and trainer state from a checkpoint directory.
+/// Loads parameters (or, in a LoRA run, the adapters onto the base model `gpt` holds), optimizer
+/// moments and trainer state from a checkpoint directory.
 pub fn load_checkpoint(dir: &Path, gpt: &mut Gpt, opt: &mut AdamWState) -> Result<TrainerState> {
-    // Parameters and moments are converted straight from the mapped files into their buffers.
-    gpt.load_files(&[dir.join("model.safetensors")])?;
+    let len = if dir.join(kiem_engine::lora::ADAPTER_CONFIG).exists() {
+        let lora = kiem_engine::lora::Lora::load_peft(dir, &gpt.config)?;
+        let len = lora.num_parameters();
+        gpt.set_lora(Some(lora))?;
+        len
+    } else {
+        // Parameters and moments are converted straight from the mapped files into their
+        // buffers.
+        gpt.load_files(&[dir.join("model.safetensors")])?;
+        // The moments match the parameter buffer, padded vocabulary rows included.
+        gpt.params()?.len()
+    };
     let sdir = dir.join(STATE_DIR);
     let moments = MappedTensors::open(&sdir.join("optimizer.safetensors"))?;
-    // The moments match the parameter buffer, padded vocabulary rows included.
-    let len = gpt.params()?.len();
     let take = |name: &str| -> Result<Vec<f32>> {
         moments
             .read_f32(name, len)

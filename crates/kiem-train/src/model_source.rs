@@ -148,3 +148,12 @@ pub fn export_gguf(
     let meta = tokenizer_metadata(tokenizer)?;
     Ok(write_gguf(gpt, &meta, kind, name, path)?)
 }
+
+/// Adds a LoRA adapter directory (PEFT's format, from `peft` or a kiem LoRA run) into the
+/// model's weights, as PEFT's `merge_and_unload` does.
+pub fn merge_adapter(gpt: &mut Gpt, adapter: &Path) -> Result<()> {
+    let lora = kiem_engine::lora::Lora::load_peft(adapter, &gpt.config)?;
+    gpt.set_lora(Some(lora))?;
+    gpt.merge_lora()?;
+    Ok(())
+}

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use kiem_data::prepare::DataDir;
 use kiem_engine::kernels::MatmulPrecision;
+use kiem_engine::lora::{Lora, LoraSpec};
 use kiem_engine::model::activation_bytes;
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt, ModelConfig};
@@ -28,6 +29,8 @@ pub const RUN_FILE: &str = "run.json";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const PLOT_FILE: &str = "loss.png";
 pub const MODEL_DIR: &str = "model";
+/// Where a LoRA run writes its adapters (PEFT's format) at the end.
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// Everything that defines a run; saved as `run.json` so `--resume` continues the same run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +66,9 @@ pub struct TrainConfig {
     /// Operand precision of the layers' matrix products (master weights stay fp32).
     #[serde(default)]
     pub precision: MatmulPrecision,
+    /// Train LoRA adapters on a frozen base instead of every weight (fine-tuning only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
 }
 
 /// Where the training data comes from.
@@ -129,6 +135,13 @@ impl TrainConfig {
         }
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
             return bad("--weight-decay and --grad-clip must not be negative".into());
+        }
+        if let Some(lora) = &self.lora {
+            if !matches!(self.source, DataSource::Finetune(_)) {
+                return bad("LoRA adapters train in fine-tuning runs only".into());
+            }
+            lora.validate()?;
+            kiem_engine::lora::select_targets(self.model.arch, &lora.targets)?;
         }
         Ok(())
     }
@@ -201,14 +214,51 @@ pub struct Summary {
     pub best_val_loss: Option<f64>,
     pub best_val_bpb: Option<f64>,
     pub last_loss: f64,
+    /// The trained model; in a LoRA run, the adapters for `base_model`.
     pub model_dir: PathBuf,
+    /// The base model a LoRA run's adapters belong to.
+    pub base_model: Option<PathBuf>,
     pub interrupted: bool,
 }
 
-/// Bytes of memory a run needs (parameters, gradients, two moments, activations).
+/// Bytes of memory a run needs (parameters, gradients, two moments, activations); with LoRA,
+/// the frozen base's parameters and the adapters' four copies.
 pub fn memory_estimate(config: &TrainConfig) -> usize {
     let params = kiem_engine::ParamLayout::new(&config.model).total;
-    4 * params * 4 + activation_bytes(&config.model, config.micro_batch, config.seq)
+    let activations = activation_bytes(&config.model, config.micro_batch, config.seq);
+    match &config.lora {
+        Some(spec) => {
+            let adapters =
+                Lora::new(&config.model, spec.clone(), 0).map_or(0, |l| l.num_parameters());
+            4 * params + 4 * adapters * 4 + activations
+        }
+        None => 4 * params * 4 + activations,
+    }
+}
+
+/// Fresh adapters for a LoRA run on `base`, or nothing for a full fine-tune.
+fn attach_adapters(gpt: &mut Gpt, config: &TrainConfig, base: &Path) -> Result<()> {
+    if let Some(spec) = &config.lora {
+        let mut lora = Lora::new(&gpt.config, spec.clone(), config.seed ^ 0x10_4A)?;
+        lora.base_model = base.display().to_string();
+        gpt.set_lora(Some(lora))?;
+    }
+    Ok(())
+}
+
+/// A LoRA run leaves the embedding frozen: chat tokens the base lacks would never be learnt
+/// (`added`: what [`load_finetune_base`] added).
+pub fn refuse_added_tokens_for_lora(base: &Path, added: &[String]) -> Result<()> {
+    if !added.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} has no chat template and lacks kiem's chat tokens ({}); LoRA keeps the \
+             embedding frozen, so they could not be learnt. Fine-tune it fully once (without \
+             --lora-rank), or use a base model with a chat template",
+            base.display(),
+            added.join(" ")
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a run whose parameters, gradients, moments and activations cannot fit in the memory
@@ -489,7 +539,7 @@ pub fn finetune(
         ));
     };
     let resume = start.is_none();
-    let (gpt, tokenizer, examples) = match start {
+    let (mut gpt, tokenizer, examples) = match start {
         Some(start) => start,
         None => {
             let (_, dir) = list_checkpoints(run_dir).pop().ok_or_else(|| {
@@ -503,9 +553,27 @@ pub fn finetune(
                     .ok_or_else(|| TrainError::Config("path is not valid UTF-8".into()))?,
             )?;
             let examples = load_examples(spec, &tokenizer, config.model.context)?;
-            (Gpt::new(config.model)?, tokenizer, examples)
+            // A LoRA run's checkpoints hold the adapters only: the base comes from where the
+            // run started.
+            let gpt = if config.lora.is_some() {
+                let (gpt, _, added) = load_finetune_base(spec)?;
+                refuse_added_tokens_for_lora(&spec.base_model, &added)?;
+                if gpt.config != config.model {
+                    return Err(TrainError::Resume(format!(
+                        "the base model {} changed shape since the run started",
+                        spec.base_model.display()
+                    )));
+                }
+                gpt
+            } else {
+                Gpt::new(config.model)?
+            };
+            (gpt, tokenizer, examples)
         }
     };
+    if !resume {
+        attach_adapters(&mut gpt, config, &spec.base_model)?;
+    }
     let pad = tokenizer.bos_id();
     let mut train = ExampleLoader::new(examples.train, config.seq, Some(config.seed), pad);
     let mut val =
@@ -618,6 +686,24 @@ fn run_loop(
         Ok(())
     };
     observer.started(resumed_from, config, gpt.num_parameters());
+    if let Some(lora) = gpt.lora() {
+        observer.note(&format!(
+            "LoRA: rank {}, alpha {}{}, dropout {} on {} modules ({}): {} trainable parameters, \
+             {:.2}% of the frozen base",
+            lora.spec.rank,
+            lora.spec.alpha,
+            if lora.spec.use_rslora {
+                " (rsLoRA)"
+            } else {
+                ""
+            },
+            lora.spec.dropout,
+            lora.modules.len(),
+            lora.spec.targets.join(","),
+            lora.num_parameters(),
+            100.0 * lora.num_parameters() as f64 / gpt.num_parameters() as f64
+        ));
+    }
 
     let bytes_of = token_bytes(tokenizer);
     // A fine-tuning run records the base model's held-out loss (and task scores) first, to
@@ -658,7 +744,12 @@ fn run_loop(
         let (loss, grad_norm) = kiem_engine::kernels::in_pool(|| -> Result<(f64, f64)> {
             gpt.zero_grad();
             let mut loss_sum = 0.0f64;
-            for (inputs, targets, seq) in &batches {
+            for (micro, (inputs, targets, seq)) in batches.iter().enumerate() {
+                // Adapter dropout draws fresh masks for every micro-batch, the same ones again
+                // on resume.
+                gpt.set_lora_dropout_seed(
+                    config.seed ^ step.wrapping_mul(0x9E37_79B9) ^ ((micro as u64) << 48),
+                );
                 let (sum, _) =
                     gpt.forward(inputs, targets, config.micro_batch, *seq, Some(scale))?;
                 loss_sum += sum;
@@ -758,7 +849,11 @@ fn run_loop(
             break;
         }
     }
-    let model_dir = run_dir.join(MODEL_DIR);
+    let model_dir = run_dir.join(if gpt.lora().is_some() {
+        ADAPTER_DIR
+    } else {
+        MODEL_DIR
+    });
     if !interrupted {
         write_model_dir(&model_dir, &gpt, tokenizer, None)?;
         plot_losses(
@@ -779,6 +874,10 @@ fn run_loop(
         best_val_bpb: state.best_val_bpb,
         last_loss,
         model_dir,
+        base_model: match (&config.source, gpt.lora()) {
+            (DataSource::Finetune(spec), Some(_)) => Some(spec.base_model.clone()),
+            _ => None,
+        },
         interrupted,
     })
 }

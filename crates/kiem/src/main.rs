@@ -68,6 +68,8 @@ enum Command {
     Eval(Box<cmd::eval::EvalArgs>),
     /// Write a model for other tools: GGUF for llama.cpp.
     Export(Box<cmd::export::ExportArgs>),
+    /// Merge a LoRA adapter into its base model's weights and write the merged model.
+    Merge(cmd::merge::MergeArgs),
     /// Measure kiem's speed against reference implementations.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -185,6 +187,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Serve(c) => cmd::serve::run(*c),
         Command::Eval(c) => cmd::eval::run(*c),
         Command::Export(c) => cmd::export::run(*c),
+        Command::Merge(c) => cmd::merge::run(c),
         Command::Finetune(c) => cmd::finetune::run(*c),
         Command::Bench(c) => cmd::bench::run(c),
     }

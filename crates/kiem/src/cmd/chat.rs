@@ -58,7 +58,7 @@ pub struct ChatModel {
 
 impl ChatModel {
     pub fn load(dir: &Path, weights: WeightsArgs) -> Result<Self> {
-        let (gpt, tokenizer, stop_ids) = load_model(dir, weights)?;
+        let (gpt, tokenizer, stop_ids) = load_model(dir, &weights)?;
         let stop_ids =
             reply_stop_ids(&tokenizer, stop_ids).map_err(|e| not_a_chat_model(dir, e))?;
         Ok(Self {

@@ -23,6 +23,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR|FILE")]
     model: PathBuf,
 
+    /// A LoRA adapter directory (PEFT's format) merged into --model's weights at load.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+
     /// Task files, detected per file. Multiple choice: HellaSwag or ARC JSONL, BIG-bench JSON,
     /// or JSONL with `context`, `choices` and `label`. Generation: JSONL with `prompt` and
     /// `reference` (or `references`), or BIG-bench JSON with `target` answers.
@@ -132,7 +136,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| kiem_eval::tasks::load(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let (mut gpt, tokenizer, stop_ids) = super::generate::load_checked(&args.model)?;
+    let (mut gpt, tokenizer, stop_ids) =
+        super::generate::load_checked(&args.model, args.adapter.as_deref())?;
     let mut reports: Vec<TaskReport> = Vec::new();
     let (mut tasks, mut generation_tasks) = (Vec::new(), Vec::new());
     for task in loaded {

@@ -29,6 +29,10 @@ pub struct ExportArgs {
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
 
+    /// A LoRA adapter directory (PEFT's format) to merge into --model before exporting.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
+
     #[command(flatten)]
     threads: ThreadArgs,
 }
@@ -39,7 +43,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if !kiem_engine::gguf::is_gguf(&args.out) {
         bail!("--out {}: name the file FILE.gguf", args.out.display());
     }
-    let (gpt, tokenizer, _) = kiem_train::model_source::load_model(&args.model)?;
+    let (mut gpt, tokenizer, _) = kiem_train::model_source::load_model(&args.model)?;
+    if let Some(adapter) = &args.adapter {
+        kiem_train::model_source::merge_adapter(&mut gpt, adapter)
+            .map_err(|e| anyhow::anyhow!("--adapter {}: {e}", adapter.display()))?;
+    }
     let name = args
         .model
         .file_stem()

@@ -3,8 +3,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 use kiem_engine::kernels::MatmulPrecision;
+use kiem_engine::lora::LoraSpec;
 use kiem_train::examples::{load_examples, FinetuneData};
-use kiem_train::trainer::{load_finetune_base, DataSource, RUN_FILE};
+use kiem_train::trainer::{load_finetune_base, refuse_added_tokens_for_lora, DataSource, RUN_FILE};
 use kiem_train::{Schedule, ScheduleKind, TrainConfig};
 
 use super::cancel_flag;
@@ -115,6 +116,34 @@ pub struct FinetuneArgs {
     #[arg(long, value_name = "P", value_parser = crate::parse_training_precision)]
     precision: Option<MatmulPrecision>,
 
+    /// Train LoRA adapters of rank R on a frozen base instead of every weight: the run writes
+    /// RUN_DIR/adapter in PEFT's format (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, value_name = "R")]
+    lora_rank: Option<usize>,
+
+    /// LoRA's alpha: adapters are scaled by alpha/R (alpha/√R with --use-rslora) [default: R].
+    #[arg(long, value_name = "A", requires = "lora_rank")]
+    lora_alpha: Option<f32>,
+
+    /// Dropout on the adapters' input while training, as PEFT's lora_dropout.
+    #[arg(long, default_value_t = 0.0, value_name = "P", requires = "lora_rank")]
+    lora_dropout: f32,
+
+    /// Modules to adapt, comma-separated: q,k,v,o,gate,up,down (Llama family; or q_proj ...)
+    /// or c_attn,c_proj,c_fc (GPT-2), or the groups attn, mlp, all.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "all",
+        value_name = "LIST",
+        requires = "lora_rank"
+    )]
+    lora_targets: Vec<String>,
+
+    /// Scale adapters by alpha/√R (rank-stabilized LoRA) instead of alpha/R.
+    #[arg(long, requires = "lora_rank")]
+    use_rslora: bool,
+
     #[command(flatten)]
     threads: ThreadArgs,
 }
@@ -129,6 +158,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             || !args.data.is_empty()
             || args.out.is_some()
             || args.precision.is_some()
+            || args.lora_rank.is_some()
             || !args.eval_tasks.tasks.is_empty()
         {
             bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
@@ -171,7 +201,20 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             train_on: args.train_on.into(),
             skip_bad_records: args.skip_bad_records,
         };
+        let lora = args.lora_rank.map(|rank| LoraSpec {
+            rank,
+            alpha: args.lora_alpha.unwrap_or(rank as f32),
+            dropout: args.lora_dropout,
+            use_rslora: args.use_rslora,
+            targets: args.lora_targets.clone(),
+        });
+        if let Some(lora) = &lora {
+            lora.validate()?;
+        }
         let (gpt, tokenizer, added) = load_finetune_base(&spec)?;
+        if lora.is_some() {
+            refuse_added_tokens_for_lora(&spec.base_model, &added)?;
+        }
         if !added.is_empty() {
             eprintln!(
                 "added {} chat tokens to the tokenizer ({}); the vocabulary grows to {}",
@@ -239,6 +282,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             keep_checkpoints: args.keep_checkpoints,
             seed: args.seed,
             precision: args.precision.unwrap_or_default(),
+            lora,
         };
         let summary = kiem_train::trainer::finetune(
             out,

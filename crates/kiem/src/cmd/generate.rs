@@ -66,7 +66,7 @@ impl SamplingArgs {
 }
 
 /// Which copy of the weights decoding reads.
-#[derive(Args, Debug, Clone, Copy, Default)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct WeightsArgs {
     /// Weights decoding reads: fp32; bf16 (each weight rounded to bf16, sums in fp32; half the
     /// bytes per token; 1.5x the memory while loaded); q8_0 or q4_0 (layer matrices and the
@@ -74,6 +74,11 @@ pub struct WeightsArgs {
     /// uses the same dequantized values; the fp32 copy stays in memory for now).
     #[arg(long, default_value = "fp32", value_name = "W")]
     pub weights: DecodingWeights,
+
+    /// A LoRA adapter directory (PEFT's format: a kiem LoRA run's RUN_DIR/adapter, or one
+    /// `peft` saved) for --model, merged into its weights at load.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -142,17 +147,24 @@ pub fn stream_token(
 /// when asked) and tokenizer, checked against each other.
 pub fn load_model(
     dir: &std::path::Path,
-    weights: WeightsArgs,
+    weights: &WeightsArgs,
 ) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
-    let (mut gpt, tokenizer, stop_ids) = load_checked(dir)?;
+    let (mut gpt, tokenizer, stop_ids) = load_checked(dir, weights.adapter.as_deref())?;
     prepare_for_decoding(&mut gpt, weights);
     Ok((gpt, tokenizer, stop_ids))
 }
 
-/// A model directory's network (in its files' layout) and tokenizer, checked against each
-/// other, and the ids that end its text.
-pub fn load_checked(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
+/// A model directory's network (in its files' layout, with the LoRA adapter merged in when
+/// given) and tokenizer, checked against each other, and the ids that end its text.
+pub fn load_checked(
+    dir: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
     let (mut gpt, tokenizer, ids) = kiem_train::model_source::load_model(dir)?;
+    if let Some(adapter) = adapter {
+        kiem_train::model_source::merge_adapter(&mut gpt, adapter)
+            .with_context(|| format!("--adapter {}", adapter.display()))?;
+    }
     match tokenizer.vocab_size().cmp(&gpt.config.vocab_size) {
         std::cmp::Ordering::Greater => bail!(
             "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
@@ -179,13 +191,13 @@ pub fn load_checked(dir: &std::path::Path) -> Result<(kiem_engine::Gpt, Tokenize
 }
 
 /// Lays a loaded model out for decoding, in the chosen weight precision.
-pub fn prepare_for_decoding(gpt: &mut kiem_engine::Gpt, weights: WeightsArgs) {
+pub fn prepare_for_decoding(gpt: &mut kiem_engine::Gpt, weights: &WeightsArgs) {
     gpt.prepare_for_decoding(weights.weights);
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     args.threads.install()?;
-    let (gpt, tokenizer, stop_ids) = load_model(&args.model, args.weights)?;
+    let (gpt, tokenizer, stop_ids) = load_model(&args.model, &args.weights)?;
     let prompt = match args.prompt {
         Some(p) => p,
         None => {

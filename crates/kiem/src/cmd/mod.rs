@@ -7,6 +7,7 @@ pub mod eval;
 pub mod export;
 pub mod finetune;
 pub mod generate;
+pub mod merge;
 pub mod pretrain;
 pub mod serve;
 pub mod tokenizer;

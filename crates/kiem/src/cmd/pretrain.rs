@@ -363,6 +363,7 @@ impl PretrainArgs {
             keep_checkpoints: self.keep_checkpoints.unwrap_or(3),
             seed: self.seed.unwrap_or(1337),
             precision: self.precision.unwrap_or_default(),
+            lora: None,
         })
     }
 }
@@ -446,6 +447,17 @@ pub fn print_summary(summary: &kiem_train::Summary, run_dir: &Path, command: &st
         println!(
             "checkpoint saved; continue with: kiem {command} --resume {}",
             run_dir.display()
+        );
+    } else if let Some(base) = &summary.base_model {
+        println!(
+            "adapters: {} (PEFT's format, for the base {}); metrics: {}; plot: {}\n\
+             chat with: kiem chat --model {} --adapter {}",
+            summary.model_dir.display(),
+            base.display(),
+            run_dir.join("metrics.jsonl").display(),
+            run_dir.join("loss.png").display(),
+            base.display(),
+            summary.model_dir.display()
         );
     } else {
         println!(

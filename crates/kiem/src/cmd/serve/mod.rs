@@ -118,7 +118,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref() == Some("") {
         bail!("--api-key (or KIEM_API_KEY) is empty");
     }
-    let (gpt, tokenizer, stop_ids) = load_model(&args.model, args.weights)?;
+    let (gpt, tokenizer, stop_ids) = load_model(&args.model, &args.weights)?;
     let name = args
         .model_name
         .clone()
