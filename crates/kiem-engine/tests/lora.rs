@@ -370,3 +370,55 @@ fn peft_adapters_reproduce_peft() {
         compare_logits(&mut gpt, get(&format!("{name}.merged")), "merged");
     }
 }
+
+/// The other direction: `peft` loads adapters kiem wrote (`PeftModel.from_pretrained`) and
+/// computes kiem's logits, adapted and merged. Needs PyTorch and peft, which CI does not
+/// install: set KIEM_TORCH_PYTHON to a Python with torch, transformers and peft to run it;
+/// otherwise it reports SKIPPED.
+#[test]
+fn peft_loads_kiem_adapters() {
+    let Some(python) = std::env::var_os("KIEM_TORCH_PYTHON") else {
+        eprintln!("SKIPPED: set KIEM_TORCH_PYTHON to a Python with torch, transformers and peft");
+        return;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let fixtures = root.join("tests/fixtures");
+    let tmp = tempfile::tempdir().unwrap();
+    for (base_dir, targets) in [
+        ("llama_gqa", vec!["all"]),
+        ("qwen2_tied", vec!["q", "k", "o", "up"]),
+        ("peft/gpt2_base", vec!["c_attn", "mlp.c_proj"]),
+    ] {
+        let base_path = fixtures.join(base_dir);
+        let (mut gpt, _) = kiem_engine::io::load_model_dir(&base_path).unwrap();
+        let mut s = spec(&targets, 0.1);
+        s.use_rslora = base_dir == "qwen2_tied";
+        let mut lora = adapters(&gpt.config, s);
+        lora.base_model = base_path.display().to_string();
+        let adapter = tmp.path().join(base_dir.replace('/', "_"));
+        lora.save_peft(&adapter, &gpt.config).unwrap();
+        gpt.set_lora(Some(lora)).unwrap();
+        let tokens: Vec<u32> = (0..9).map(|i| (i * 5 % 31) as u32).collect();
+        let (v, vp) = (gpt.config.vocab_size, gpt.config.padded_vocab());
+        let all = logits(&mut gpt, &tokens);
+        let rows: Vec<Vec<f32>> = all.chunks(vp).map(|r| r[..v].to_vec()).collect();
+        let expected = adapter.join("expected.json");
+        std::fs::write(
+            &expected,
+            serde_json::json!({"tokens": tokens, "logits": rows}).to_string(),
+        )
+        .unwrap();
+        let out = std::process::Command::new(&python)
+            .arg(root.join("tests/python/peft_loads_kiem.py"))
+            .args([&base_path, &adapter, &expected])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{base_dir}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{base_dir}: {}", String::from_utf8_lossy(&out.stdout).trim());
+    }
+}
