@@ -419,6 +419,9 @@ fn peft_loads_kiem_adapters() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        eprintln!("{base_dir}: {}", String::from_utf8_lossy(&out.stdout).trim());
+        eprintln!(
+            "{base_dir}: {}",
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
     }
 }
