@@ -61,7 +61,25 @@ impl<'g, K: Kernels> Batcher<'g, K> {
     /// Adds a sequence, prefilled at the next step. Its RNG is seeded with
     /// `options.sampling.seed`.
     pub fn add(&mut self, id: u64, prompt: Vec<u32>, options: GenerateOptions) -> Result<()> {
+        self.add_with_adapter(id, prompt, options, None)
+    }
+
+    /// As [`Batcher::add`], decoding with served adapter `adapter` (an index from
+    /// [`Gpt::add_served_adapter`]); sequences with different adapters share the batch.
+    pub fn add_with_adapter(
+        &mut self,
+        id: u64,
+        prompt: Vec<u32>,
+        options: GenerateOptions,
+        adapter: Option<usize>,
+    ) -> Result<()> {
         options.sampling.validate()?;
+        if let Some(a) = adapter.filter(|&a| a >= self.gpt.served_adapters.len()) {
+            return Err(EngineError::Shape(format!(
+                "adapter {a} is not served ({} are)",
+                self.gpt.served_adapters.len()
+            )));
+        }
         let context = self.gpt.config.context;
         if prompt.is_empty() {
             return Err(EngineError::Shape(
@@ -90,6 +108,7 @@ impl<'g, K: Kernels> Batcher<'g, K> {
         }
         let mut cache = self.spare.pop().unwrap_or_else(|| KvCache::new(self.gpt));
         cache.clear();
+        cache.set_adapter(adapter);
         self.caches.push(cache);
         self.sequences.push(Sequence {
             id,

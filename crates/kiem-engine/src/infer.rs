@@ -27,6 +27,8 @@ pub struct KvCache {
     layers: usize,
     heads: usize,
     head_size: usize,
+    /// The served adapter ([`Gpt::add_served_adapter`]) this sequence decodes with.
+    adapter: Option<usize>,
 }
 
 /// Positions a new cache allocates room for before it first grows.
@@ -44,9 +46,20 @@ impl KvCache {
             layers: cfg.n_layer,
             heads: cfg.kv_heads(),
             head_size: cfg.head_dim(),
+            adapter: None,
         };
         cache.reserve(INITIAL_POSITIONS.min(cfg.context));
         cache
+    }
+
+    /// Decodes this sequence with served adapter `adapter` (an index from
+    /// [`Gpt::add_served_adapter`]) or with the model alone.
+    pub fn set_adapter(&mut self, adapter: Option<usize>) {
+        self.adapter = adapter;
+    }
+
+    pub fn adapter(&self) -> Option<usize> {
+        self.adapter
     }
 
     /// Tokens already in the cache (the next token's position).
@@ -180,6 +193,16 @@ impl<K: Kernels> Gpt<K> {
             });
         }
         let positions: Vec<u32> = rows.iter().map(|&(_, pos)| pos as u32).collect();
+        for cache in caches.iter() {
+            if let Some(a) = cache.adapter.filter(|&a| a >= self.served_adapters.len()) {
+                return Err(EngineError::Shape(format!(
+                    "adapter {a} is not served ({} are)",
+                    self.served_adapters.len()
+                )));
+            }
+        }
+        let row_adapters: Vec<Option<usize>> =
+            rows.iter().map(|&(s, _)| caches[s].adapter).collect();
         let p = &self.params;
         let lay = &self.layout;
         let flat: Vec<u32> = new_tokens.iter().flat_map(|t| t.iter().copied()).collect();
@@ -223,8 +246,11 @@ impl<K: Kernels> Gpt<K> {
                 output: &mut out,
                 scratch: &mut scratch,
             };
-            let no_dropout = crate::lora::LoraPass { dropout_seed: None };
-            self.block_forward(l, buffers, &positions, no_dropout, &mut |y, qkv| {
+            let pass = crate::lora::LoraPass {
+                dropout_seed: None,
+                row_adapters: &row_adapters,
+            };
+            self.block_forward(l, buffers, &positions, pass, &mut |y, qkv| {
                 let (qw, kvw) = (d.q_width(), cfg.kv_width());
                 let w = d.qkv_width();
                 for (r, &(s, pos)) in rows.iter().enumerate() {

@@ -270,10 +270,19 @@ pub struct Lora {
 }
 
 /// How a forward pass uses the adapters: dropout only while training, with a seed that the
-/// backward pass regenerates the same masks from.
+/// backward pass regenerates the same masks from; in decoding, which served adapter each row
+/// uses (empty: none).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LoraPass {
+pub(crate) struct LoraPass<'a> {
     pub dropout_seed: Option<u64>,
+    pub row_adapters: &'a [Option<usize>],
+}
+
+impl LoraPass<'_> {
+    pub(crate) const TRAINING_OFF: LoraPass<'static> = LoraPass {
+        dropout_seed: None,
+        row_adapters: &[],
+    };
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -386,7 +395,7 @@ impl Lora {
         out: &mut [f32],
         x: &[f32],
         width: usize,
-        pass: LoraPass,
+        pass: LoraPass<'_>,
     ) {
         for (index, m) in self.at(l, site) {
             let rows = x.len() / m.in_width;
@@ -426,7 +435,7 @@ impl Lora {
         dout: &[f32],
         x: &[f32],
         width: usize,
-        pass: LoraPass,
+        pass: LoraPass<'_>,
     ) {
         if self.grads.len() != self.params.len() {
             self.grads = vec![0.0; self.params.len()];

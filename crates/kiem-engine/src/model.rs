@@ -47,8 +47,8 @@ struct Activations {
     normf_rstd: Vec<f32>,
     /// Logits; after a training forward pass, their gradients.
     logits: Vec<f32>,
-    /// How the adapters ran in the last forward pass (their dropout masks).
-    lora_pass: Option<LoraPass>,
+    /// The adapters' dropout seed in the last forward pass (their masks).
+    lora_dropout_seed: Option<u64>,
     losses: Vec<f32>,
     /// Matmul output before it is added to the residual stream.
     scratch: Vec<f32>,
@@ -165,6 +165,9 @@ pub struct Gpt<K: Kernels = Cpu> {
     pub(crate) lora: Option<Lora>,
     /// Seed of the adapters' dropout masks for the next training forward pass.
     lora_seed: u64,
+    /// Adapters a server decodes with, chosen per sequence ([`crate::infer::KvCache`]), kept
+    /// apart from the weights so that sequences with different adapters share a batch.
+    pub(crate) served_adapters: Vec<Lora>,
     /// Whether the last forward pass left logit gradients for a backward pass.
     ready_for_backward: bool,
     /// What the logits buffer holds after the last forward pass: logits, or (a training pass)
@@ -268,6 +271,7 @@ impl<K: Kernels> Gpt<K> {
             params_quant: None,
             lora: None,
             lora_seed: 0,
+            served_adapters: Vec::new(),
             rope,
             decoding_only: false,
             sampling_vocab: config.vocab_size,
@@ -508,6 +512,16 @@ impl<K: Kernels> Gpt<K> {
         self.lora.as_ref()
     }
 
+    /// Adds adapters that decoding applies to the sequences that ask for them (see
+    /// [`crate::infer::KvCache::set_adapter`]), unmerged, so one base serves several adapters
+    /// in one batch; returns the adapter's index.
+    pub fn add_served_adapter(&mut self, mut lora: Lora) -> Result<usize> {
+        lora.check_fits(&self.config)?;
+        lora.grads = Vec::new();
+        self.served_adapters.push(lora);
+        Ok(self.served_adapters.len() - 1)
+    }
+
     /// Seeds the adapters' dropout masks of the next training forward pass (one seed per
     /// micro-batch makes runs, and resumed runs, repeatable).
     pub fn set_lora_dropout_seed(&mut self, seed: u64) {
@@ -707,16 +721,41 @@ impl<K: Kernels> Gpt<K> {
         l: usize,
         buf: BlockBuffers<'_>,
         positions: &[u32],
-        lora_pass: LoraPass,
+        lora_pass: LoraPass<'_>,
         attend: &mut dyn FnMut(&mut [f32], &[f32]),
     ) {
         let k = &self.kernels;
         let lp = &self.layout.layers[l];
         let w = Widths::of(&self.config);
         // The adapters' terms join each product's output before anything reads it.
+        let rows = positions.len();
         let adapt = |site: Site, out: &mut [f32], x: &[f32], width: usize| {
             if let Some(lora) = &self.lora {
                 lora.forward(k, l, site, out, x, width, lora_pass);
+            }
+            // Served adapters: each run of rows that shares one.
+            let per_row = lora_pass.row_adapters;
+            if per_row.len() == rows && rows > 0 {
+                let x_width = x.len() / rows;
+                let mut start = 0;
+                while start < rows {
+                    let adapter = per_row[start];
+                    let end = (start..rows)
+                        .find(|&r| per_row[r] != adapter)
+                        .unwrap_or(rows);
+                    if let Some(a) = adapter {
+                        self.served_adapters[a].forward(
+                            k,
+                            l,
+                            site,
+                            &mut out[start * width..end * width],
+                            &x[start * x_width..end * x_width],
+                            width,
+                            LoraPass::TRAINING_OFF,
+                        );
+                    }
+                    start = end;
+                }
             }
         };
         self.norm_forward(
@@ -844,8 +883,9 @@ impl<K: Kernels> Gpt<K> {
         // Adapters drop out only while training, with masks the backward pass regenerates.
         let lora_pass = LoraPass {
             dropout_seed: grad_scale.map(|_| self.lora_seed),
+            row_adapters: &[],
         };
-        a.lora_pass = Some(lora_pass);
+        a.lora_dropout_seed = lora_pass.dropout_seed;
         for l in 0..self.config.n_layer {
             let (done, rest) = a.residual3.split_at_mut(l * bt * w.c);
             let input: &[f32] = if l == 0 {
@@ -1004,7 +1044,10 @@ impl<K: Kernels> Gpt<K> {
         let c = w.c;
         let rope = rope_table(&self.rope, &self.config, &a.positions);
         let mut lora = self.lora.as_mut();
-        let lora_pass = a.lora_pass.unwrap_or(LoraPass { dropout_seed: None });
+        let lora_pass = LoraPass {
+            dropout_seed: a.lora_dropout_seed,
+            row_adapters: &[],
+        };
         // A frozen norm's weight gradients go to a scratch buffer that nothing reads.
         let mut frozen_norm = vec![0f32; if frozen { 2 * c } else { 0 }];
         // dinp += norm'(dout) for the norm with weights `nw` (and bias `nb`).

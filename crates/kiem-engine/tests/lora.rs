@@ -425,3 +425,91 @@ fn peft_loads_kiem_adapters() {
         );
     }
 }
+
+/// One base serving two adapters, unmerged: sequences with either adapter or none decode in one
+/// batch to the logits (and greedy tokens) of the three models with the adapters merged.
+#[test]
+fn served_adapters_decode_in_one_batch_as_merged_models() {
+    use kiem_engine::batch::{Batcher, Event};
+    use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
+    for config in [gpt2(), llama()] {
+        let a1 = adapters(&config, spec(&["all"], 0.0));
+        let mut a2 = adapters(&config, spec(&["attn"], 0.0));
+        a2.params.iter_mut().for_each(|x| *x *= -1.5);
+        let mut served = base(config);
+        assert_eq!(served.add_served_adapter(a1.clone()).unwrap(), 0);
+        assert_eq!(served.add_served_adapter(a2.clone()).unwrap(), 1);
+        let merged = |lora: Option<Lora>| {
+            let mut m = base(config);
+            m.set_lora(lora).unwrap();
+            m.merge_lora().unwrap();
+            m
+        };
+        let models = [merged(None), merged(Some(a1)), merged(Some(a2))];
+        let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5], &[6, 7, 8, 9]];
+        let vp = config.padded_vocab();
+        // Each sequence's prompt, with (a, b, c) adapters (none, 0, 1) and in another order.
+        for order in [[0usize, 1, 2], [2, 0, 1]] {
+            let mut caches: Vec<KvCache> = order
+                .iter()
+                .map(|&m| {
+                    let mut c = KvCache::new(&served);
+                    c.set_adapter(m.checked_sub(1));
+                    c
+                })
+                .collect();
+            let inputs: Vec<&[u32]> = order.iter().map(|&m| prompts[m]).collect();
+            let got = served.forward_cached(&mut caches, &inputs).unwrap();
+            for (i, &m) in order.iter().enumerate() {
+                let mut cache = KvCache::new(&models[m]);
+                let want = models[m]
+                    .forward_cached(std::slice::from_mut(&mut cache), &[prompts[m]])
+                    .unwrap();
+                let diff = max_diff(&got[i * vp..(i + 1) * vp], &want);
+                assert!(diff < 1e-5, "{:?} model {m}: {diff}", config.arch);
+            }
+        }
+        // The batcher routes each sequence to its adapter.
+        let options = GenerateOptions {
+            max_tokens: 4,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            stop_ids: Vec::new(),
+        };
+        let mut batcher = Batcher::new(&served);
+        for (m, prompt) in prompts.iter().enumerate() {
+            batcher
+                .add_with_adapter(
+                    m as u64,
+                    prompt.to_vec(),
+                    options.clone(),
+                    m.checked_sub(1),
+                )
+                .unwrap();
+        }
+        let mut tokens = vec![Vec::new(); 3];
+        while !batcher.is_empty() {
+            batcher
+                .step(&mut |id, e| {
+                    if let Event::Token(t) = e {
+                        tokens[id as usize].push(t);
+                    }
+                    Control::Continue
+                })
+                .unwrap();
+        }
+        for m in 0..3 {
+            let want = models[m]
+                .generate(&[prompts[m].to_vec()], &options, &mut |_, _| {
+                    Control::Continue
+                })
+                .unwrap();
+            assert_eq!(tokens[m], want[0].tokens, "{:?} model {m}", config.arch);
+        }
+        assert!(Batcher::new(&served)
+            .add_with_adapter(9, vec![1], options.clone(), Some(2))
+            .is_err());
+    }
+}

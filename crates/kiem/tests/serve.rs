@@ -860,3 +860,108 @@ fn a_dead_generation_worker_is_reported_and_ends_the_server() {
     let stderr = rest.join().unwrap().join("\n");
     assert!(stderr.contains("the generation worker failed"), "{stderr}");
 }
+
+/// One base, two LoRA adapters, one server: the request's `model` picks the adapter (the bare
+/// base stays available), concurrent requests for different adapters share decoding batches,
+/// and each reply equals `kiem generate --adapter` with the same settings.
+#[test]
+fn several_adapters_on_one_server() {
+    let base = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_order_conversations(&dir.join("chat.jsonl"), 24, |i| {
+        format!("Order {i} is on its way.")
+    });
+    for (out, lr) in [("support", "5e-2"), ("sales", "2e-1")] {
+        ok(run(
+            &[
+                "finetune",
+                "--model",
+                base.to_str().unwrap(),
+                "--data",
+                "chat.jsonl",
+                "--out",
+                out,
+                "--steps",
+                "3",
+                "--micro-batch",
+                "4",
+                "--lr",
+                lr,
+                "--eval-every",
+                "0",
+                "--threads",
+                "2",
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                "all",
+            ],
+            dir,
+        ));
+    }
+    let support = dir.join("support/adapter");
+    let sales = dir.join("sales/adapter");
+    let server = Server::start(
+        &[
+            "--adapter",
+            support.to_str().unwrap(),
+            "--adapter",
+            &format!("deals={}", sales.display()),
+        ],
+        &[],
+    );
+    let models = server.request("GET", "/v1/models", &[], b"").json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["run", "support", "deals"]);
+    let prompt = "Where is order 5?";
+    let body =
+        |model: &str| json!({"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0});
+    // All three at once, so they decode in the same batches.
+    let replies: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["run", "support", "deals"]
+            .iter()
+            .map(|&m| {
+                let server = &server;
+                s.spawn(move || {
+                    let r = server.post("/v1/completions", &body(m));
+                    assert_eq!(r.status, 200, "{}", r.body);
+                    let v = r.json();
+                    assert_eq!(v["model"], m);
+                    v["choices"][0]["text"].as_str().unwrap().to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (reply, adapter) in replies.iter().zip([None, Some(&support), Some(&sales)]) {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            base.display().to_string(),
+            "--prompt".into(),
+            prompt.into(),
+            "--max-tokens".into(),
+            "10".into(),
+            "--temperature".into(),
+            "0".into(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".into(), a.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let want = ok(run(&args, dir));
+        assert_eq!(want.trim_end(), reply.trim_end(), "adapter {adapter:?}");
+    }
+    assert_ne!(replies[1], replies[2], "the adapters differ");
+    let missing = server.post("/v1/completions", &body("nope")).error(404);
+    assert!(
+        missing.contains("`support`") && missing.contains("`deals`"),
+        "{missing}"
+    );
+}

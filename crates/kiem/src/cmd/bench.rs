@@ -152,7 +152,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
     let threads = args.threads.install()?;
     let (mut gpt, _, _) =
-        super::generate::load_checked(&args.model, args.weights.adapter.as_deref())?;
+        super::generate::load_checked(&args.model, args.weights.single_adapter()?.as_deref())?;
     super::generate::prepare_for_decoding(&mut gpt, &args.weights);
     let context = gpt.config.context;
     if args.prompt_tokens == 0 || args.prompt_tokens + args.tokens > context {

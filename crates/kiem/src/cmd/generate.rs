@@ -76,9 +76,21 @@ pub struct WeightsArgs {
     pub weights: DecodingWeights,
 
     /// A LoRA adapter directory (PEFT's format: a kiem LoRA run's RUN_DIR/adapter, or one
-    /// `peft` saved) for --model, merged into its weights at load.
+    /// `peft` saved) for --model, merged into its weights at load. `serve` takes several
+    /// (`--adapter NAME=DIR` ...), each served unmerged under its own model id.
     #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    pub adapter: Vec<String>,
+}
+
+impl WeightsArgs {
+    /// The one adapter to merge (commands other than `serve` take at most one).
+    pub fn single_adapter(&self) -> Result<Option<PathBuf>> {
+        match self.adapter.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(PathBuf::from(one))),
+            _ => bail!("--adapter: this command takes one adapter (kiem serve takes several)"),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -149,7 +161,7 @@ pub fn load_model(
     dir: &std::path::Path,
     weights: &WeightsArgs,
 ) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
-    let (mut gpt, tokenizer, stop_ids) = load_checked(dir, weights.adapter.as_deref())?;
+    let (mut gpt, tokenizer, stop_ids) = load_checked(dir, weights.single_adapter()?.as_deref())?;
     prepare_for_decoding(&mut gpt, weights);
     Ok((gpt, tokenizer, stop_ids))
 }

@@ -30,11 +30,15 @@ impl ApiError {
     }
 
     /// 404 for a model id this server does not serve.
-    pub fn model_not_found(asked: &str, served: &str) -> Self {
+    pub fn model_not_found(asked: &str, served: &[String]) -> Self {
+        let served: Vec<String> = served.iter().map(|m| format!("`{m}`")).collect();
         let mut error = Self::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
-            format!("The model `{asked}` does not exist; this server serves `{served}`"),
+            format!(
+                "The model `{asked}` does not exist; this server serves {}",
+                served.join(", ")
+            ),
         )
         .with_code("model_not_found");
         error.param = Some("model");
@@ -179,6 +183,8 @@ pub fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiErr
 /// Checked generation settings of one request.
 #[derive(Debug)]
 pub struct Settings {
+    /// Which served model the request asked for: its index in the served list.
+    pub model: usize,
     pub params: SamplingParams,
     pub max_tokens: Option<usize>,
     pub stops: Vec<String>,
@@ -188,20 +194,21 @@ pub struct Settings {
 }
 
 impl Sampling {
-    /// Checks the fields against what kiem supports and the model it serves.
-    pub fn settings(&self, served_model: &str) -> Result<Settings, ApiError> {
-        match &self.model {
+    /// Checks the fields against what kiem supports and the models it serves (the base model,
+    /// then each adapter).
+    pub fn settings(&self, served_models: &[String]) -> Result<Settings, ApiError> {
+        let model = match &self.model {
             None => {
                 return Err(ApiError::invalid(
                     "you must provide a model parameter",
                     Some("model"),
                 ))
             }
-            Some(m) if m != served_model => {
-                return Err(ApiError::model_not_found(m, served_model));
-            }
-            Some(_) => {}
-        }
+            Some(m) => served_models
+                .iter()
+                .position(|s| s == m)
+                .ok_or_else(|| ApiError::model_not_found(m, served_models))?,
+        };
         if self.n.is_some_and(|n| n != 1) || self.best_of.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
         }
@@ -282,6 +289,7 @@ impl Sampling {
             .map_err(|e| ApiError::invalid(e.to_string(), None))?;
         let stream = self.stream.unwrap_or(false);
         Ok(Settings {
+            model,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             params,
             max_tokens: max_tokens.map(|n| n.min(usize::MAX as u64) as usize),
@@ -464,11 +472,11 @@ mod tests {
                 Err(e) => Err(TestCaseError::fail(format!("status {}", e.status))),
             };
             check(parse_body::<ChatRequest>(&body).and_then(|r| {
-                r.sampling.settings("m")?;
+                r.sampling.settings(&["m".to_string()])?;
                 messages(&r).map(|_| ())
             }))?;
             check(parse_body::<CompletionRequest>(&body).and_then(|r| {
-                r.sampling.settings("m")?;
+                r.sampling.settings(&["m".to_string()])?;
                 prompt_text(&r.prompt).map(|_| ())
             }))?;
         }
@@ -491,7 +499,7 @@ mod tests {
             parse_body::<CompletionRequest>(body.to_string().as_bytes())
                 .unwrap()
                 .sampling
-                .settings("m")
+                .settings(&["m".to_string()])
         };
         assert!(settings(serde_json::json!(["a", "b", "c", "d"])).is_ok());
         assert!(settings(serde_json::json!(["a", "b", "c", "d", "e"])).is_err());

@@ -31,7 +31,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use self::api::{ApiError, ChatRequest, CompletionRequest, Settings};
 use self::worker::{Job, JobEvent, Queue};
-use super::generate::{load_model, WeightsArgs};
+use super::generate::WeightsArgs;
 use crate::ThreadArgs;
 use kiem_tokenizer::chat::reply_stop_ids;
 
@@ -84,7 +84,8 @@ pub struct ServeArgs {
 }
 
 struct App {
-    name: String,
+    /// The base model's id, then each served adapter's (the index picks the adapter).
+    models: Vec<String>,
     tokenizer: Arc<Tokenizer>,
     context: usize,
     /// Ids that end a text completion (the model's end-of-text token).
@@ -118,11 +119,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.api_key.as_deref() == Some("") {
         bail!("--api-key (or KIEM_API_KEY) is empty");
     }
-    let (gpt, tokenizer, stop_ids) = load_model(&args.model, &args.weights)?;
+    // Every --adapter is served beside the bare base, unmerged, under its own model id.
+    let (mut gpt, tokenizer, stop_ids) = super::generate::load_checked(&args.model, None)?;
+    super::generate::prepare_for_decoding(&mut gpt, &args.weights);
     let name = args
         .model_name
         .clone()
         .unwrap_or_else(|| default_model_name(&args.model));
+    let mut models = vec![name];
+    for spec in &args.weights.adapter {
+        let (id, dir) = adapter_id(spec);
+        let lora = kiem_engine::lora::Lora::load_peft(&dir, &gpt.config)
+            .with_context(|| format!("--adapter {spec}"))?;
+        if models.contains(&id) {
+            bail!("--adapter {spec}: the model id `{id}` is taken; name it: --adapter NAME=DIR");
+        }
+        gpt.add_served_adapter(lora)?;
+        models.push(id);
+    }
     let context = gpt.config.context;
     let chat_stop_ids = reply_stop_ids(&tokenizer, stop_ids.clone());
     if let Err(e) = &chat_stop_ids {
@@ -132,7 +146,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let tokenizer = Arc::new(tokenizer);
     let queue = worker::start(gpt, tokenizer.clone(), args.max_batch, args.queue);
     let app = Arc::new(App {
-        name,
+        models,
         tokenizer,
         context,
         stop_ids,
@@ -164,9 +178,14 @@ async fn serve(app: Arc<App>, args: ServeArgs, threads: usize) -> Result<()> {
             local.ip()
         );
     }
+    let adapters = if app.models.len() > 1 {
+        format!(" and adapters `{}`", app.models[1..].join("`, `"))
+    } else {
+        String::new()
+    };
     eprintln!(
-        "kiem serve: model `{}` ({}), context {}, up to {} requests at once, {} threads",
-        app.name,
+        "kiem serve: model `{}` ({}){adapters}, context {}, up to {} requests at once, {} threads",
+        app.models[0],
         args.model.display(),
         app.context,
         args.max_batch,
@@ -211,6 +230,26 @@ async fn serve(app: Arc<App>, args: ServeArgs, threads: usize) -> Result<()> {
     }
     eprintln!("kiem serve: stopped");
     Ok(())
+}
+
+/// An adapter's model id and directory: `NAME=DIR`, or `DIR` served under its name
+/// (`runs/support/adapter` as `support`).
+fn adapter_id(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !name.contains('/') => {
+            (name.to_string(), PathBuf::from(dir))
+        }
+        _ => {
+            let dir = PathBuf::from(spec);
+            let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+            let id = match name(&dir) {
+                Some(n) if n == "adapter" => dir.parent().and_then(name).unwrap_or(n),
+                Some(n) => n,
+                None => spec.to_string(),
+            };
+            (id, dir)
+        }
+    }
 }
 
 /// `runs/demo/chat/model` is served as `chat`; other directories by their own name.
@@ -300,12 +339,13 @@ async fn not_found(request: Request) -> ApiError {
 async fn health(State(app): State<Arc<App>>) -> Response {
     let stats = &app.queue.stats;
     if let Some(failure) = stats.failure.get() {
-        let body = json!({"status": "error", "model": app.name, "error": format!("the generation worker failed: {failure}")});
+        let body = json!({"status": "error", "model": app.models[0], "error": format!("the generation worker failed: {failure}")});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     Json(json!({
         "status": "ok",
-        "model": app.name,
+        "model": app.models[0],
+        "adapters": app.models[1..],
         "active": stats.active.load(Ordering::SeqCst),
         "waiting": stats.waiting.load(Ordering::SeqCst),
         "completed": stats.completed.load(Ordering::Relaxed),
@@ -315,22 +355,23 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     .into_response()
 }
 
-fn model_object(app: &App) -> Value {
-    json!({"id": app.name, "object": "model", "created": app.created, "owned_by": "kiem"})
+fn model_object(app: &App, id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": app.created, "owned_by": "kiem"})
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&app)]}))
+    let data: Vec<Value> = app.models.iter().map(|m| model_object(&app, m)).collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 async fn model(
     State(app): State<Arc<App>>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if id != app.name {
-        return Err(ApiError::model_not_found(&id, &app.name));
+    if !app.models.contains(&id) {
+        return Err(ApiError::model_not_found(&id, &app.models));
     }
-    Ok(Json(model_object(&app)))
+    Ok(Json(model_object(&app, &id)))
 }
 
 /// The request body, with a too-large or unreadable body answered in OpenAI's error JSON.
@@ -392,7 +433,7 @@ async fn chat_completions(
     let (prompt, stop_ids, settings) = off_runtime(&app, body.len(), move || {
         let app = prepare;
         let request: ChatRequest = api::parse_body(&body)?;
-        let settings = request.sampling.settings(&app.name)?;
+        let settings = request.sampling.settings(&app.models)?;
         let Some(stop_ids) = app.chat_stop_ids.clone() else {
             return Err(ApiError::invalid(
                 "this model cannot chat (it has no chat template and was not fine-tuned for chat): use /v1/completions",
@@ -417,7 +458,7 @@ async fn completions(
     let (prompt, settings) = off_runtime(&app, body.len(), move || {
         let app = prepare;
         let request: CompletionRequest = api::parse_body(&body)?;
-        let settings = request.sampling.settings(&app.name)?;
+        let settings = request.sampling.settings(&app.models)?;
         let text = api::prompt_text(&request.prompt)?;
         // Like `kiem generate`: the prompt starts as the model's tokenizer rules say. An empty
         // prompt starts a document (as OpenAI's completions start one from <|endoftext|>).
@@ -530,6 +571,8 @@ async fn generate(
             },
         },
         stops: settings.stops,
+        // Model 0 is the bare base; model i the served adapter i - 1.
+        adapter: settings.model.checked_sub(1),
         events,
     };
     match app.queue.submit(job) {
@@ -560,7 +603,7 @@ async fn generate(
             Kind::Text => "cmpl",
         }),
         created: unix_time(),
-        model: app.name.clone(),
+        model: app.models[settings.model].clone(),
     };
     let deadline = tokio::time::Instant::now() + app.timeout;
     if settings.stream {

@@ -21,6 +21,8 @@ pub struct Job {
     pub options: GenerateOptions,
     /// Stop strings: generation ends before the first one, which is not returned.
     pub stops: Vec<String>,
+    /// The served adapter to decode with (none: the bare base).
+    pub adapter: Option<usize>,
     pub events: UnboundedSender<JobEvent>,
 }
 
@@ -165,7 +167,7 @@ fn run<'t>(
             }
             let id = next_id;
             next_id += 1;
-            match batcher.add(id, job.prompt, job.options) {
+            match batcher.add_with_adapter(id, job.prompt, job.options, job.adapter) {
                 Ok(()) => {
                     active.insert(
                         id,
