@@ -83,8 +83,9 @@ fn main() {
     let mut att = vec![0f32; b * nh * t * t];
     let mut y = vec![0f32; rows * c];
     let af = 2.0 * 2.0 * (b * nh * t * t / 2 * (c / nh)) as f64;
+    let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
     time("attention fwd", af, 3, || {
-        k.attention_forward(&mut y, &mut att, &qkv, d)
+        k.attention_forward(&mut y, &mut att, &qkv, &positions, d)
     });
     let mut dqkv = vec![0f32; rows * 3 * c];
     time("attention bwd", 2.0 * af, 3, || {

@@ -91,11 +91,12 @@ pub const LAYERNORM_EPS: f32 = 1e-5;
 /// Conventions: `d*` outputs of backward passes accumulate (`+=`) into parameter gradients and
 /// into `dinp` where noted; activations are row-major `[rows, width]`.
 pub trait Kernels: Sync {
-    /// `out[b,t] = wte[token] (+ wpe[t])`.
+    /// `out[row] = wte[token] (+ wpe[positions[row]])`.
     fn encoder_forward(
         &self,
         out: &mut [f32],
         tokens: &[u32],
+        positions: &[u32],
         wte: &[f32],
         wpe: Option<&[f32]>,
         d: Dims,
@@ -107,6 +108,7 @@ pub trait Kernels: Sync {
         dwpe: Option<&mut [f32]>,
         dout: &[f32],
         tokens: &[u32],
+        positions: &[u32],
         d: Dims,
     );
     #[allow(clippy::too_many_arguments)]
@@ -196,7 +198,17 @@ pub trait Kernels: Sync {
     );
     /// Causal attention over `qkv[rows, qkv_width]` (queries, keys, values; query head `h`
     /// reads key/value head `h / group`); keeps the probabilities `att[B,H,T,T]`.
-    fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims);
+    /// Causal attention in which row `t` of a sequence attends to the `positions[t]` rows
+    /// before it and itself: positions `0, 1, 2, …` give ordinary causal attention, a position
+    /// that restarts at 0 starts a new example that never sees the earlier ones (packing).
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        att: &mut [f32],
+        qkv: &[f32],
+        positions: &[u32],
+        d: Dims,
+    );
     /// Overwrites `dqkv`.
     fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], d: Dims);
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
@@ -409,11 +421,12 @@ impl Kernels for Cpu {
         &self,
         out: &mut [f32],
         tokens: &[u32],
+        positions: &[u32],
         wte: &[f32],
         wpe: Option<&[f32]>,
         d: Dims,
     ) {
-        embedding::encoder_forward(out, tokens, wte, wpe, d)
+        embedding::encoder_forward(out, tokens, positions, wte, wpe, d)
     }
 
     fn encoder_backward(
@@ -422,9 +435,10 @@ impl Kernels for Cpu {
         dwpe: Option<&mut [f32]>,
         dout: &[f32],
         tokens: &[u32],
+        positions: &[u32],
         d: Dims,
     ) {
-        embedding::encoder_backward(dwte, dwpe, dout, tokens, d)
+        embedding::encoder_backward(dwte, dwpe, dout, tokens, positions, d)
     }
 
     fn layernorm_forward(
@@ -494,8 +508,15 @@ impl Kernels for Cpu {
         )
     }
 
-    fn attention_forward(&self, out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims) {
-        attention::attention_forward(out, att, qkv, d)
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        att: &mut [f32],
+        qkv: &[f32],
+        positions: &[u32],
+        d: Dims,
+    ) {
+        attention::attention_forward(out, att, qkv, positions, d)
     }
 
     fn attention_backward(

@@ -839,6 +839,22 @@ impl<K: Kernels> Gpt<K> {
         seq: usize,
         grad_scale: Option<f32>,
     ) -> Result<(f64, usize)> {
+        self.forward_packed(tokens, targets, None, batch, seq, grad_scale)
+    }
+
+    /// [`Gpt::forward`] on rows that may pack several examples: `positions` (one per token)
+    /// restart at 0 where an example starts, and attention never reaches back past its
+    /// example's start (each position counts the rows of its example before it). `None`: one
+    /// sequence per row, positions `0..seq`.
+    pub fn forward_packed(
+        &mut self,
+        tokens: &[u32],
+        targets: &[Option<u32>],
+        positions: Option<&[u32]>,
+        batch: usize,
+        seq: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<(f64, usize)> {
         if seq == 0 || batch == 0 || seq > self.config.context {
             return Err(EngineError::Shape(format!(
                 "sequence length {seq} must be in 1..={} (the model's context) and batch {batch} positive",
@@ -863,8 +879,30 @@ impl<K: Kernels> Gpt<K> {
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        if let Some(positions) = positions {
+            // Each row's positions count up from 0, restarting only where an example starts.
+            let valid = positions.len() == batch * seq
+                && positions.chunks(seq).all(|row| {
+                    row[0] == 0 && row.windows(2).all(|p| p[1] == 0 || p[1] == p[0] + 1)
+                });
+            if !valid {
+                return Err(EngineError::Shape(
+                    "packed positions must be one per token, each row's counting up from 0 and \
+                     restarting at 0 where an example starts"
+                        .into(),
+                ));
+            }
+        }
         self.ensure_activations(batch, seq);
         let mut a = std::mem::take(&mut self.acts);
+        match positions {
+            Some(positions) => a.positions.copy_from_slice(positions),
+            None => {
+                for (r, p) in a.positions.iter_mut().enumerate() {
+                    *p = (r % seq) as u32;
+                }
+            }
+        }
         let d = self.dims(batch, seq);
         let (bt, vp) = (d.rows(), self.config.padded_vocab());
         let w = Widths::of(&self.config);
@@ -875,6 +913,7 @@ impl<K: Kernels> Gpt<K> {
         k.encoder_forward(
             &mut a.encoded,
             tokens,
+            &a.positions,
             &p[lay.wte.clone()],
             lay.wpe.clone().map(|r| &p[r]),
             d,
@@ -911,7 +950,7 @@ impl<K: Kernels> Gpt<K> {
                 scratch: &mut a.scratch,
             };
             self.block_forward(l, buffers, &a.positions, lora_pass, &mut |y, qkv| {
-                k.attention_forward(y, att, qkv, d)
+                k.attention_forward(y, att, qkv, &a.positions, d)
             });
         }
         let last = nth(&a.residual3, self.config.n_layer - 1, bt * w.c);
@@ -1257,9 +1296,16 @@ impl<K: Kernels> Gpt<K> {
             _ if frozen => {}
             Some(wpe) => {
                 let (dwte, dwpe) = two_mut(g, lay.wte.clone(), wpe);
-                k.encoder_backward(dwte, Some(dwpe), &s.residual, &a.tokens, d);
+                k.encoder_backward(dwte, Some(dwpe), &s.residual, &a.tokens, &a.positions, d);
             }
-            None => k.encoder_backward(&mut g[lay.wte.clone()], None, &s.residual, &a.tokens, d),
+            None => k.encoder_backward(
+                &mut g[lay.wte.clone()],
+                None,
+                &s.residual,
+                &a.tokens,
+                &a.positions,
+                d,
+            ),
         }
         Ok(())
     }

@@ -131,10 +131,12 @@ fn attention_backward() {
     let mut rng = Rng::new(3);
     let qkv = random(d.rows() * 3 * d.channels, &mut rng, 1.0);
     let r = random(d.rows() * d.channels, &mut rng, 1.0);
+    // Batch 0 is one sequence; batch 1 packs two examples (rows 0-1 and 2-4).
+    let positions = [0, 1, 2, 3, 4, 0, 1, 0, 1, 2];
     let forward = |qkv: &[f32]| {
         let mut out = vec![0.0; d.rows() * d.channels];
         let mut att = vec![0.0; d.batch * d.heads * d.seq * d.seq];
-        K.attention_forward(&mut out, &mut att, qkv, d);
+        K.attention_forward(&mut out, &mut att, qkv, &positions, d);
         (out, att)
     };
     let (_, att) = forward(&qkv);
@@ -149,6 +151,19 @@ fn attention_backward() {
     later[3 * d.channels + d.channels] += 1.0; // key of t = 1
     let (out1, _) = forward(&later);
     assert_eq!(out0[..d.channels], out1[..d.channels]);
+    // Packing: batch 1's second example (rows 2-4) never sees the first's keys or values.
+    let mut first = qkv.clone();
+    for row in 5..7 {
+        for x in &mut first[row * 3 * d.channels + d.channels..(row + 1) * 3 * d.channels] {
+            *x += 1.0;
+        }
+    }
+    let (out2, _) = forward(&first);
+    assert_eq!(out0[7 * d.channels..], out2[7 * d.channels..]);
+    assert_ne!(
+        out0[5 * d.channels..7 * d.channels],
+        out2[5 * d.channels..7 * d.channels]
+    );
 }
 
 /// Grouped-query (2 query heads per key/value head) and multi-query attention.
@@ -169,7 +184,8 @@ fn grouped_query_attention_backward() {
         let forward = |qkv: &[f32]| {
             let mut out = vec![0.0; d.rows() * d.q_width()];
             let mut att = vec![0.0; d.batch * d.heads * d.seq * d.seq];
-            K.attention_forward(&mut out, &mut att, qkv, d);
+            let positions = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1];
+            K.attention_forward(&mut out, &mut att, qkv, &positions, d);
             (out, att)
         };
         let (out, att) = forward(&qkv);
@@ -340,14 +356,16 @@ fn encoder_backward() {
     let wte = random(vocab * d.channels, &mut rng, 1.0);
     let wpe = random(context * d.channels, &mut rng, 1.0);
     let tokens = [1u32, 4, 1, 0, 2, 1];
+    // The second row packs two examples: positions restart.
+    let positions = [0u32, 1, 2, 0, 1, 0];
     let r = random(d.rows() * d.channels, &mut rng, 1.0);
     let forward = |wte: &[f32], wpe: &[f32]| {
         let mut out = vec![0.0; d.rows() * d.channels];
-        K.encoder_forward(&mut out, &tokens, wte, Some(wpe), d);
+        K.encoder_forward(&mut out, &tokens, &positions, wte, Some(wpe), d);
         weighted_sum(&out, &r)
     };
     let (mut dwte, mut dwpe) = (vec![0.0; wte.len()], vec![0.0; wpe.len()]);
-    K.encoder_backward(&mut dwte, Some(&mut dwpe), &r, &tokens, d);
+    K.encoder_backward(&mut dwte, Some(&mut dwpe), &r, &tokens, &positions, d);
     check("encoder dwte", &wte, &dwte, 20, 1e-2, |w| forward(w, &wpe));
     check("encoder dwpe", &wpe, &dwpe, 16, 1e-2, |w| forward(&wte, w));
 }
@@ -622,5 +640,57 @@ fn attention_refuses_sizes_that_overflow() {
         head_dim: 4,
     };
     let (mut out, mut att) = (vec![0.0; 64], vec![0.0; 64]);
-    K.attention_forward(&mut out, &mut att, &[0.0; 64], d);
+    K.attention_forward(&mut out, &mut att, &[0.0; 64], &[0, 1, 2, 3], d);
+}
+
+/// Packing: a row holding several examples (positions restarting at each) gives every
+/// example the losses and gradients it has alone in its own row, for GPT-2's learned positions
+/// and the Llama block's rotary ones.
+#[test]
+fn packed_rows_equal_separate_examples() {
+    for config in [tiny_config(), tiny_llama()] {
+        let mut gpt = Gpt::new(config).unwrap();
+        gpt.init_random(42);
+        let mut rng = Rng::new(9);
+        for x in gpt.params_mut().unwrap().iter_mut() {
+            *x += rng.normal() * 0.1;
+        }
+        let examples: [&[u32]; 2] = [&[1, 5, 7], &[2, 9, 4, 3]];
+        let target = |t: u32| Some((t * 3 + 1) % 11);
+        // Packed: one row of 3 + 2 + padding 1 (6 = the context), positions restarting.
+        let tokens = [1u32, 5, 7, 2, 9, 4];
+        let targets: Vec<Option<u32>> = tokens.iter().map(|&t| target(t)).collect();
+        let positions = [0u32, 1, 2, 0, 1, 2];
+        gpt.zero_grad();
+        let (packed_sum, n) = gpt
+            .forward_packed(&tokens, &targets, Some(&positions), 1, 6, Some(0.25))
+            .unwrap();
+        assert_eq!(n, 6);
+        let packed_losses = gpt.losses().to_vec();
+        gpt.backward().unwrap();
+        let packed_grads = gpt.grads.clone();
+        // Alone: the first example, then the second's first three tokens.
+        gpt.zero_grad();
+        let mut alone_losses = Vec::new();
+        let mut alone_sum = 0.0;
+        for ex in [&examples[0][..3], &examples[1][..3]] {
+            let t: Vec<Option<u32>> = ex.iter().map(|&t| target(t)).collect();
+            let (sum, _) = gpt.forward(ex, &t, 1, 3, Some(0.25)).unwrap();
+            alone_sum += sum;
+            alone_losses.extend_from_slice(gpt.losses());
+            gpt.backward().unwrap();
+        }
+        for (a, b) in packed_losses.iter().zip(&alone_losses) {
+            assert!((a - b).abs() < 1e-5, "{:?}: losses {a} vs {b}", config.arch);
+        }
+        assert!((packed_sum - alone_sum).abs() < 1e-4);
+        let diff = packed_grads
+            .iter()
+            .zip(&gpt.grads)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff < 1e-5, "{:?}: gradients differ by {diff}", config.arch);
+        // Positions that do not count up from 0 are refused.
+        let bad = gpt.forward_packed(&tokens, &targets, Some(&[0, 1, 3, 0, 1, 2]), 1, 6, None);
+        assert!(bad.is_err());
+    }
 }

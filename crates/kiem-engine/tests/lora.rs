@@ -481,12 +481,7 @@ fn served_adapters_decode_in_one_batch_as_merged_models() {
         let mut batcher = Batcher::new(&served);
         for (m, prompt) in prompts.iter().enumerate() {
             batcher
-                .add_with_adapter(
-                    m as u64,
-                    prompt.to_vec(),
-                    options.clone(),
-                    m.checked_sub(1),
-                )
+                .add_with_adapter(m as u64, prompt.to_vec(), options.clone(), m.checked_sub(1))
                 .unwrap();
         }
         let mut tokens = vec![Vec::new(); 3];

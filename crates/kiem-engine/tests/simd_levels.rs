@@ -58,7 +58,8 @@ fn digest() -> u64 {
     let d = Dims::mha(2, 9, 16, 2);
     let qkv = random(d.rows() * 3 * d.channels);
     let (mut y, mut att) = (vec![0f32; d.rows() * d.channels], vec![0f32; 2 * 2 * 9 * 9]);
-    k.attention_forward(&mut y, &mut att, &qkv, d);
+    let positions: Vec<u32> = (0..d.rows()).map(|r| (r % d.seq) as u32).collect();
+    k.attention_forward(&mut y, &mut att, &qkv, &positions, d);
     keep(&y);
 
     // Thin products (one decoding row) in both layouts, and a cached decoding step.

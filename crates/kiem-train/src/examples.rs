@@ -108,14 +108,35 @@ pub fn load_examples(
     })
 }
 
+/// Rows of `seq` tokens that one pass over `examples` fills when packed in order (for sizing a
+/// run; a shuffled order packs about as densely).
+pub fn packed_rows(examples: &[Rendered], seq: usize) -> u64 {
+    let mut rows = 0u64;
+    let mut used = seq;
+    for example in examples {
+        let n = (example.ids.len() - 1).min(seq);
+        if used + n > seq {
+            rows += 1;
+            used = 0;
+        }
+        used += n;
+    }
+    rows
+}
+
 /// Batches of examples, one per row, each batch padded to its longest example (padding is never
-/// a target, and no example sees another: rows do not attend across each other).
+/// a target, and no example sees another: rows do not attend across each other). Packed, each
+/// row holds as many consecutive examples as fit in `seq` tokens, with positions restarting at
+/// each (attention then never crosses an example either).
 pub struct ExampleLoader {
     examples: Vec<Rendered>,
     seq: usize,
     shuffle: Option<u64>,
     pad: u32,
     cursor: Cursor,
+    pack: bool,
+    /// The last packed batch's positions.
+    positions: Vec<u32>,
 }
 
 impl ExampleLoader {
@@ -126,7 +147,77 @@ impl ExampleLoader {
             shuffle,
             pad,
             cursor: Cursor::default(),
+            pack: false,
+            positions: Vec::new(),
         }
+    }
+
+    /// Packs several examples per row from now on.
+    pub fn packed(mut self) -> Self {
+        self.pack = true;
+        self
+    }
+
+    /// Inputs of an example: all its tokens but the last (which is only a target), cut to a row.
+    fn input_len(&self, i: usize) -> usize {
+        (self.examples[i].ids.len() - 1).min(self.seq)
+    }
+
+    fn push_example(&self, i: usize, inputs: &mut Vec<u32>, targets: &mut Vec<Option<u32>>) {
+        let (example, n) = (&self.examples[i], self.input_len(i));
+        inputs.extend_from_slice(&example.ids[..n]);
+        targets.extend((1..=n).map(|t| example.trained[t].then_some(example.ids[t])));
+    }
+
+    fn next_packed_batch(
+        &mut self,
+        batch: usize,
+        inputs: &mut Vec<u32>,
+        targets: &mut Vec<Option<u32>>,
+    ) -> BatchShape {
+        let count = self.rows();
+        // Each row: the next examples, in the cursor's order, while they fit.
+        let mut rows: Vec<Vec<usize>> = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let mut row = Vec::new();
+            let mut used = 0;
+            loop {
+                let mut peek = self.cursor;
+                let i = take_row(&mut peek, count, self.shuffle) as usize;
+                let n = self.input_len(i);
+                if !row.is_empty() && used + n > self.seq {
+                    break;
+                }
+                self.cursor = peek;
+                row.push(i);
+                used += n;
+                if used >= self.seq {
+                    break;
+                }
+            }
+            rows.push(row);
+        }
+        let lengths: Vec<usize> = rows
+            .iter()
+            .map(|row| row.iter().map(|&i| self.input_len(i)).sum())
+            .collect();
+        let seq = lengths.iter().copied().max().unwrap_or(1).max(1);
+        let mut positions = std::mem::take(&mut self.positions);
+        positions.clear();
+        let mut tokens = 0;
+        for (row, &n) in rows.iter().zip(&lengths) {
+            for &i in row {
+                self.push_example(i, inputs, targets);
+                positions.extend(0..self.input_len(i) as u32);
+            }
+            inputs.extend(std::iter::repeat_n(self.pad, seq - n));
+            targets.extend(std::iter::repeat_n(None, seq - n));
+            // Padding is an example of its own.
+            positions.extend(0..(seq - n) as u32);
+            tokens += n;
+        }
+        self.positions = positions;
+        BatchShape { seq, tokens }
     }
 
     pub fn len(&self) -> usize {
@@ -163,22 +254,104 @@ impl Batches for ExampleLoader {
     ) -> BatchShape {
         inputs.clear();
         targets.clear();
+        if self.pack {
+            return self.next_packed_batch(batch, inputs, targets);
+        }
         let count = self.rows();
         let rows: Vec<usize> = (0..batch)
             .map(|_| take_row(&mut self.cursor, count, self.shuffle) as usize)
             .collect();
-        // Inputs of an example: all its tokens but the last (which is only a target).
-        let length = |i: usize| (self.examples[i].ids.len() - 1).min(self.seq);
-        let seq = rows.iter().map(|&i| length(i)).max().unwrap_or(1).max(1);
+        let seq = rows
+            .iter()
+            .map(|&i| self.input_len(i))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut tokens = 0;
         for &i in &rows {
-            let (example, n) = (&self.examples[i], length(i));
-            inputs.extend_from_slice(&example.ids[..n]);
+            let n = self.input_len(i);
+            self.push_example(i, inputs, targets);
             inputs.extend(std::iter::repeat_n(self.pad, seq - n));
-            targets.extend((1..=n).map(|t| example.trained[t].then_some(example.ids[t])));
             targets.extend(std::iter::repeat_n(None, seq - n));
             tokens += n;
         }
         BatchShape { seq, tokens }
+    }
+
+    fn packed_positions(&self) -> Option<&[u32]> {
+        self.pack.then_some(self.positions.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Examples of lengths 3..=7 whose tokens name the example (`100·i + t`).
+    fn examples() -> Vec<Rendered> {
+        (0..10)
+            .map(|i| {
+                let len = 3 + i % 5;
+                Rendered {
+                    ids: (0..len as u32).map(|t| 100 * i as u32 + t).collect(),
+                    trained: vec![true; len],
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn packed_rows_hold_whole_examples_with_restarting_positions() {
+        let seq = 8;
+        let mut loader = ExampleLoader::new(examples(), seq, Some(3), 9999).packed();
+        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::BTreeMap::<u32, usize>::new();
+        let mut tokens = 0;
+        // 10 examples of 2..=6 inputs (40 tokens): an epoch packs into fewer than 10 rows.
+        for _ in 0..4 {
+            let shape = loader.next_batch(2, &mut inputs, &mut targets);
+            let positions = loader.packed_positions().unwrap().to_vec();
+            let row_of = |i: usize| i / shape.seq;
+            assert_eq!(positions.len(), 2 * shape.seq);
+            assert!(shape.seq <= seq);
+            tokens += shape.tokens;
+            for (row, pos) in inputs.chunks(shape.seq).zip(positions.chunks(shape.seq)) {
+                for (&id, &p) in row.iter().zip(pos) {
+                    if id == 9999 {
+                        continue;
+                    }
+                    // Each token sits at its own position in its example.
+                    assert_eq!(id % 100, p, "token {id} at position {p}");
+                    if p == 0 {
+                        *seen.entry(id / 100).or_default() += 1;
+                    }
+                }
+            }
+            // Targets are the next token of the same example, never the next example's.
+            for (i, t) in targets.iter().enumerate() {
+                if let Some(t) = t {
+                    assert_eq!(*t, inputs[i] + 1, "row {}", row_of(i));
+                }
+            }
+        }
+        assert!(
+            seen.len() == 10,
+            "every example appears in 8 rows: {seen:?}"
+        );
+        assert!(
+            tokens > 5 * seq,
+            "packing fills rows: {tokens} tokens in 8 rows of {seq}"
+        );
+        // The cursor resumes exactly.
+        let cursor = loader.cursor();
+        let mut again = ExampleLoader::new(examples(), seq, Some(3), 9999).packed();
+        again.set_cursor(cursor);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        loader.next_batch(2, &mut a, &mut b);
+        let (mut c, mut d) = (Vec::new(), Vec::new());
+        again.next_batch(2, &mut c, &mut d);
+        assert_eq!((a, b), (c, d));
+        // In order: 2+3 | 4 | 5 | 6+2 | 3+4 | 5 | 6.
+        assert_eq!(packed_rows(&examples(), seq), 7);
     }
 }

@@ -36,6 +36,11 @@ pub trait Batches {
         inputs: &mut Vec<u32>,
         targets: &mut Vec<Option<u32>>,
     ) -> BatchShape;
+    /// The last batch's positions when its rows pack several examples (see
+    /// `kiem_engine::Gpt::forward_packed`); `None`: one sequence per row.
+    fn packed_positions(&self) -> Option<&[u32]> {
+        None
+    }
 }
 
 /// What a batch holds: its row length and how many of its inputs are real tokens (not padding).

@@ -69,6 +69,9 @@ pub struct TrainConfig {
     /// Train LoRA adapters on a frozen base instead of every weight (fine-tuning only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraSpec>,
+    /// Fine-tuning rows pack several examples each (attention never crosses them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pack: bool,
 }
 
 /// Where the training data comes from.
@@ -135,6 +138,11 @@ impl TrainConfig {
         }
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
             return bad("--weight-decay and --grad-clip must not be negative".into());
+        }
+        if self.pack && !matches!(self.source, DataSource::Finetune(_)) {
+            return bad(
+                "--pack packs fine-tuning examples; pre-training rows are full already".into(),
+            );
         }
         if let Some(lora) = &self.lora {
             if !matches!(self.source, DataSource::Finetune(_)) {
@@ -576,6 +584,9 @@ pub fn finetune(
     }
     let pad = tokenizer.bos_id();
     let mut train = ExampleLoader::new(examples.train, config.seq, Some(config.seed), pad);
+    if config.pack {
+        train = train.packed();
+    }
     let mut val =
         (!examples.val.is_empty()).then(|| ExampleLoader::new(examples.val, config.seq, None, pad));
     if val.is_none() {
@@ -718,8 +729,9 @@ fn run_loop(
         record_tasks(&mut gpt, &mut metrics, &mut task_curves, observer, 0)?;
     }
     let accum = config.grad_accumulation();
-    let mut batches: Vec<(Vec<u32>, Vec<Option<u32>>, usize)> =
-        vec![(Vec::new(), Vec::new(), 0); accum];
+    // Each micro-batch: inputs, targets, row length and (packed rows) positions.
+    type MicroBatch = (Vec<u32>, Vec<Option<u32>>, usize, Option<Vec<u32>>);
+    let mut batches: Vec<MicroBatch> = vec![(Vec::new(), Vec::new(), 0, None); accum];
     let started = Instant::now();
     let elapsed_before = state.elapsed_seconds;
     let tokens_before = state.tokens_seen;
@@ -729,14 +741,15 @@ fn run_loop(
         let step = state.step;
         let lr = config.schedule.lr_at(step);
         let mut step_tokens = 0;
-        for (inputs, targets, seq) in batches.iter_mut() {
+        for (inputs, targets, seq, positions) in batches.iter_mut() {
             let shape = train_loader.next_batch(config.micro_batch, inputs, targets);
             *seq = shape.seq;
+            *positions = train_loader.packed_positions().map(<[u32]>::to_vec);
             step_tokens += shape.tokens;
         }
         let trained: usize = batches
             .iter()
-            .map(|(_, t, _)| t.iter().flatten().count())
+            .map(|(_, t, _, _)| t.iter().flatten().count())
             .sum();
         let scale = 1.0 / trained.max(1) as f32;
         // The whole step on a worker of the thread pool: its many parallel loops then fork
@@ -744,14 +757,20 @@ fn run_loop(
         let (loss, grad_norm) = kiem_engine::kernels::in_pool(|| -> Result<(f64, f64)> {
             gpt.zero_grad();
             let mut loss_sum = 0.0f64;
-            for (micro, (inputs, targets, seq)) in batches.iter().enumerate() {
+            for (micro, (inputs, targets, seq, positions)) in batches.iter().enumerate() {
                 // Adapter dropout draws fresh masks for every micro-batch, the same ones again
                 // on resume.
                 gpt.set_lora_dropout_seed(
                     config.seed ^ step.wrapping_mul(0x9E37_79B9) ^ ((micro as u64) << 48),
                 );
-                let (sum, _) =
-                    gpt.forward(inputs, targets, config.micro_batch, *seq, Some(scale))?;
+                let (sum, _) = gpt.forward_packed(
+                    inputs,
+                    targets,
+                    positions.as_deref(),
+                    config.micro_batch,
+                    *seq,
+                    Some(scale),
+                )?;
                 loss_sum += sum;
                 gpt.backward()?;
             }

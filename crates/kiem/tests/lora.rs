@@ -303,3 +303,85 @@ fn lora_finetune_resumes_exactly_and_its_adapter_is_used_everywhere() {
     zero[at + 1] = "0";
     failed(run(&zero, dir), &["--lora-rank 0"]);
 }
+
+/// `--pack`: fewer, fuller rows; a packed run (full and LoRA) learns and resumes bit for bit.
+#[test]
+fn packed_finetune_learns_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    base_and_chats(dir);
+    let flags = [
+        "--model",
+        "base/model",
+        "--data",
+        "chat.jsonl",
+        "--steps",
+        "8",
+        "--micro-batch",
+        "2",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--threads",
+        "2",
+        "--pack",
+    ];
+    let args = |out: &'static str, extra: &[&'static str]| -> Vec<&'static str> {
+        let mut a = vec!["finetune", "--out", out];
+        a.extend_from_slice(&flags);
+        a.extend_from_slice(extra);
+        a
+    };
+    let lora = ["--lora-rank", "4", "--lora-dropout", "0.1"];
+    ok(run(&args("full", &[]), dir));
+    ok(run(&args("whole", &lora), dir));
+    let config = read_json(&dir.join("whole/run.json"));
+    assert_eq!(config["pack"], true);
+    let vals = |run_dir: &str| -> Vec<f64> {
+        curve(&dir.join(run_dir))
+            .iter()
+            .filter_map(|l| l.split(' ').nth(3)?.parse().ok())
+            .collect()
+    };
+    for run_dir in ["full", "whole"] {
+        let v = vals(run_dir);
+        assert!(
+            v.len() == 3 && v[2] < v[0],
+            "{run_dir}: validation losses {v:?}"
+        );
+    }
+    // Packed rows hold more tokens than one conversation: tokens per step exceed 2 rows' worth
+    // of the longest conversation's share.
+    let metrics = std::fs::read_to_string(dir.join("whole/metrics.jsonl")).unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(metrics.lines().find(|l| l.contains("\"loss\"")).unwrap()).unwrap();
+    assert!(first["tokens"].as_u64().unwrap() > 2 * 20, "{first}");
+
+    let mut child = kiem()
+        .args(args("killed", &lora))
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !dir.join("killed/checkpoints/step_00000004").exists() {
+        assert!(started.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!dir.join("killed/adapter").exists());
+    ok(run(
+        &["finetune", "--resume", "killed", "--threads", "2"],
+        dir,
+    ));
+    assert_eq!(curve(&dir.join("whole")), curve(&dir.join("killed")));
+    failed(
+        run(&["finetune", "--resume", "killed", "--pack"], dir),
+        &["--resume"],
+    );
+}

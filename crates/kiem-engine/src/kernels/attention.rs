@@ -36,7 +36,13 @@ fn buffer_sizes(d: &Dims) -> Option<(usize, usize, usize)> {
     Some((qkv, out, att))
 }
 
-pub(super) fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], d: Dims) {
+pub(super) fn attention_forward(
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    positions: &[u32],
+    d: Dims,
+) {
     let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
     let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
     let group = d.group();
@@ -45,6 +51,14 @@ pub(super) fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], d
     assert!(
         sizes.is_some_and(|(q, o, a)| qkv.len() >= q && out.len() >= o && att.len() >= a),
         "attention_forward: buffers too small for {d:?}"
+    );
+    assert!(
+        positions.len() >= d.batch * t_len
+            && positions
+                .chunks(t_len)
+                .take(d.batch)
+                .all(|p| p.iter().enumerate().all(|(t, &pos)| pos as usize <= t)),
+        "attention_forward: a position per row, none beyond its row"
     );
     let out_ptr = SyncPtr(out.as_mut_ptr());
     // One task per (batch, head): it owns att[b, h] and the head's columns of out.
@@ -80,8 +94,11 @@ pub(super) fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], d
                 #[inline(always)]
                 || {
                     for t in 0..t_len {
+                        // The row sees its example: the positions[t] rows before it.
+                        let first = t - positions[b * t_len + t] as usize;
                         let row = &mut p[t * t_len..(t + 1) * t_len];
-                        let live = &mut row[..=t];
+                        row[..first].fill(0.0);
+                        let live = &mut row[first..=t];
                         let max = lane_max(live);
                         live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
                         let inv = 1.0 / lane_sum(live, |e| e);

@@ -144,6 +144,12 @@ pub struct FinetuneArgs {
     #[arg(long, requires = "lora_rank")]
     use_rslora: bool,
 
+    /// Pack several conversations into each row (as many as fit in the longest one's length),
+    /// positions restarting and attention never crossing between them, instead of one padded
+    /// row per conversation: fewer wasted tokens when lengths vary.
+    #[arg(long)]
+    pack: bool,
+
     #[command(flatten)]
     threads: ThreadArgs,
 }
@@ -159,6 +165,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             || args.out.is_some()
             || args.precision.is_some()
             || args.lora_rank.is_some()
+            || args.pack
             || !args.eval_tasks.tasks.is_empty()
         {
             bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
@@ -249,9 +256,14 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         );
         let seq = examples.longest().clamp(1, gpt.config.context);
         let per_step = (args.micro_batch * args.grad_accum).max(1) as u64;
-        let steps = args.steps.unwrap_or_else(|| {
-            (examples.train.len() as u64).div_ceil(per_step) * args.epochs.max(1)
-        });
+        let rows_per_epoch = if args.pack {
+            kiem_train::examples::packed_rows(&examples.train, seq)
+        } else {
+            examples.train.len() as u64
+        };
+        let steps = args
+            .steps
+            .unwrap_or_else(|| rows_per_epoch.div_ceil(per_step) * args.epochs.max(1));
         let config = TrainConfig {
             source: DataSource::Finetune(spec),
             model: gpt.config,
@@ -283,6 +295,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             seed: args.seed,
             precision: args.precision.unwrap_or_default(),
             lora,
+            pack: args.pack,
         };
         let summary = kiem_train::trainer::finetune(
             out,

@@ -364,6 +364,7 @@ impl PretrainArgs {
             seed: self.seed.unwrap_or(1337),
             precision: self.precision.unwrap_or_default(),
             lora: None,
+            pack: false,
         })
     }
 }
