@@ -302,6 +302,7 @@ impl<K: Kernels> Gpt<K> {
             None,
             c,
             vp,
+            false,
         );
         if which == LogitRows::Every {
             return Ok(head_out);

@@ -298,8 +298,10 @@ impl MatmulPrecision {
 }
 
 /// Which copy of the weights decoding reads: fp32, bf16 (half the bytes), or quantized
-/// matrices (Q8_0 about a quarter, Q4_0 about a seventh of fp32's bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// matrices (Q8_0 about a quarter, Q4_0 about a seventh of fp32's bytes). Also how a LoRA
+/// run stores its frozen base ([`crate::Gpt::freeze_base`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[allow(non_camel_case_types)]
 pub enum DecodingWeights {
     #[default]
@@ -316,6 +318,17 @@ impl DecodingWeights {
             DecodingWeights::Bf16 => "bf16",
             DecodingWeights::Q8_0 => "q8_0",
             DecodingWeights::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Bytes a weight matrix takes per weight in this form (quantized blocks: 32 weights and
+    /// their fp32 scale).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            DecodingWeights::Fp32 => 4.0,
+            DecodingWeights::Bf16 => 2.0,
+            DecodingWeights::Q8_0 => 1.0 + 4.0 / 32.0,
+            DecodingWeights::Q4_0 => 0.5 + 4.0 / 32.0,
         }
     }
 }

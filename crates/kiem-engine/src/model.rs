@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::bf16_gemm::{from_bf16, to_bf16};
 use crate::config::{Init, Mlp, ModelConfig, Norm, ParamLayout, Positions};
+use crate::frozen::{release_pages, FrozenMatrix};
 use crate::kernels::{
     matmul_thin_bf16, AdamW, Cpu, Dims, Kernels, MatmulPrecision, RopeTable, WeightLayout,
     SKINNY_ROWS,
@@ -149,6 +150,9 @@ pub struct Gpt<K: Kernels = Cpu> {
     /// Quantized copies of the matrices (keyed by where each starts in `params`) that
     /// decoding's thin products read, when chosen.
     pub(crate) params_quant: Option<std::collections::HashMap<usize, crate::kernels::QuantMatrix>>,
+    /// A LoRA run's frozen layer matrices in a compact form ([`Gpt::freeze_base`]), keyed by
+    /// where each starts in `params` (whose fp32 copy of them is released, reading 0).
+    frozen_base: std::collections::HashMap<usize, FrozenMatrix>,
     /// Rotary cosines and sines (rotary models only), for the positions used so far: grown on
     /// demand up to the context, so a 128k-position model does not build a 128k table to
     /// answer a short prompt.
@@ -222,6 +226,17 @@ fn rope_table<'a>(
     Some(lock.read().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// `w[rows, cols]` transposed to `[cols, rows]`.
+fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; w.len()];
+    t.par_chunks_mut(rows).enumerate().for_each(|(j, out_row)| {
+        for (i, x) in out_row.iter_mut().enumerate() {
+            *x = w[i * cols + j];
+        }
+    });
+    t
+}
+
 /// `buf[i·len..(i+1)·len]`.
 fn nth(buf: &[f32], i: usize, len: usize) -> &[f32] {
     &buf[i * len..(i + 1) * len]
@@ -269,6 +284,7 @@ impl<K: Kernels> Gpt<K> {
             logits_are_gradients: false,
             params_bf16: None,
             params_quant: None,
+            frozen_base: std::collections::HashMap::new(),
             lora: None,
             lora_seed: 0,
             served_adapters: Vec::new(),
@@ -314,18 +330,13 @@ impl<K: Kernels> Gpt<K> {
             .tensors
             .iter()
             .filter(|spec| spec.matrix == Some(WeightLayout::InOut))
+            // A frozen base's stored matrices are [out, in] already.
+            .filter(|spec| !self.frozen_base.contains_key(&spec.range.start))
             .map(|spec| (spec.range.clone(), spec.shape[0], spec.shape[1]))
             .collect();
         for (range, rows, cols) in matrices {
-            let original = self.params[range.clone()].to_vec();
-            self.params[range]
-                .par_chunks_mut(rows)
-                .enumerate()
-                .for_each(|(j, out_row)| {
-                    for (i, x) in out_row.iter_mut().enumerate() {
-                        *x = original[i * cols + j];
-                    }
-                });
+            let t = transposed(&self.params[range.clone()], rows, cols);
+            self.params[range].copy_from_slice(&t);
         }
         self.matrices = WeightLayout::OutIn;
     }
@@ -336,7 +347,8 @@ impl<K: Kernels> Gpt<K> {
     /// copy of the same values). Transposes for decoding first; memory: 1.5x the fp32 model.
     pub fn use_bf16_weights(&mut self) {
         self.transpose_for_decoding();
-        if self.params_bf16.is_some() {
+        // A frozen compact base decodes from its stored matrices.
+        if self.params_bf16.is_some() || !self.frozen_base.is_empty() {
             return;
         }
         let rounded: Vec<u16> = self.params.par_iter().map(|&x| to_bf16(x)).collect();
@@ -354,30 +366,16 @@ impl<K: Kernels> Gpt<K> {
     /// weights. Transposes for decoding first. Memory: the fp32 model plus the quantized copy.
     pub fn use_quantized_weights(&mut self, kind: crate::kernels::QuantKind) {
         self.transpose_for_decoding();
-        if self
-            .params_quant
-            .as_ref()
-            .is_some_and(|q| q.values().all(|m| m.kind == kind))
+        if !self.frozen_base.is_empty()
+            || self
+                .params_quant
+                .as_ref()
+                .is_some_and(|q| q.values().all(|m| m.kind == kind))
         {
             return;
         }
-        // The matrices as the products read them (fused q/k/v and gate/up included), with
-        // their input widths.
-        let (c, cfg) = (self.config.n_embd, &self.config);
-        let mut matrices: Vec<(Range<usize>, usize)> = self
-            .layout
-            .layers
-            .iter()
-            .flat_map(|l| {
-                [
-                    (l.qkv_w.clone(), c),
-                    (l.attn_out_w.clone(), cfg.q_width()),
-                    (l.mlp_in_w.clone(), c),
-                    (l.mlp_out_w.clone(), cfg.mlp_hidden()),
-                ]
-            })
-            .collect();
-        matrices.push((self.layout.head_weights(), c));
+        let mut matrices = self.layer_matrices();
+        matrices.push((self.layout.head_weights(), self.config.n_embd));
         let mut quantized = std::collections::HashMap::new();
         for (range, c_in) in matrices {
             let c_out = range.len() / c_in;
@@ -388,6 +386,76 @@ impl<K: Kernels> Gpt<K> {
             }
         }
         self.params_quant = Some(quantized);
+    }
+
+    /// The layers' matrices as the products read them (fused q/k/v and gate/up included), with
+    /// their input widths.
+    fn layer_matrices(&self) -> Vec<(Range<usize>, usize)> {
+        let (c, cfg) = (self.config.n_embd, &self.config);
+        self.layout
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    (l.qkv_w.clone(), c),
+                    (l.attn_out_w.clone(), cfg.q_width()),
+                    (l.mlp_in_w.clone(), c),
+                    (l.mlp_out_w.clone(), cfg.mlp_hidden()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Stores the frozen base's layer matrices as `weights` (bf16, Q8_0 or Q4_0: QLoRA) and
+    /// gives their fp32 memory back to the system; returns the bytes given back. Products read
+    /// the stored matrices, dequantized on the fly (decoding reads them directly). Only for a
+    /// model with LoRA adapters, whose base never changes again: the base's parameters can no
+    /// longer be read, saved or merged into. Embeddings, norms, biases and the output head stay
+    /// fp32. Fp32 keeps the model as it is.
+    pub fn freeze_base(&mut self, weights: crate::kernels::DecodingWeights) -> Result<usize> {
+        if weights == crate::kernels::DecodingWeights::Fp32 {
+            return Ok(0);
+        }
+        if self.lora.is_none() {
+            return Err(EngineError::Config(
+                "only a model with LoRA adapters can store its frozen base compactly".into(),
+            ));
+        }
+        self.check_training_layout()?;
+        if !self.frozen_base.is_empty() {
+            return Err(EngineError::Config(
+                "the base is stored compactly already".into(),
+            ));
+        }
+        let mut stored = std::collections::HashMap::new();
+        for (range, c_in) in self.layer_matrices() {
+            let c_out = range.len() / c_in;
+            let w = &self.params[range.clone()];
+            let out_in = match self.matrices {
+                WeightLayout::InOut => std::borrow::Cow::Owned(transposed(w, c_in, c_out)),
+                WeightLayout::OutIn => std::borrow::Cow::Borrowed(w),
+            };
+            let m = FrozenMatrix::new(weights, &out_in, c_in, c_out).ok_or_else(|| {
+                EngineError::Config(format!(
+                    "cannot store the base as {}: a matrix's rows of {c_in} weights are not                      whole blocks of 32",
+                    weights.name()
+                ))
+            })?;
+            stored.insert(range.start, m);
+        }
+        let mut released = 0;
+        for (range, _) in self.layer_matrices() {
+            released += release_pages(&mut self.params[range]);
+        }
+        self.frozen_base = stored;
+        self.params_bf16 = None;
+        self.params_quant = None;
+        Ok(released)
+    }
+
+    /// Bytes of the frozen base's stored matrices (0 unless [`Gpt::freeze_base`]).
+    pub fn frozen_base_bytes(&self) -> usize {
+        self.frozen_base.values().map(FrozenMatrix::bytes).sum()
     }
 
     /// Lays the model out for decoding from the chosen copy of its weights.
@@ -500,6 +568,11 @@ impl<K: Kernels> Gpt<K> {
     /// adapters, the base is frozen and training updates the adapters alone; the base's
     /// gradients are dropped.
     pub fn set_lora(&mut self, lora: Option<Lora>) -> Result<()> {
+        if lora.is_none() && !self.frozen_base.is_empty() {
+            return Err(EngineError::Config(
+                "a base stored compactly trains adapters only: its adapters stay".into(),
+            ));
+        }
         if let Some(lora) = &lora {
             lora.check_fits(&self.config)?;
             self.grads = Vec::new();
@@ -531,6 +604,7 @@ impl<K: Kernels> Gpt<K> {
     /// Adds the adapters into the base weights (PEFT's `merge_and_unload`) and removes them.
     pub fn merge_lora(&mut self) -> Result<()> {
         self.check_training_layout()?;
+        self.files_layout()?;
         if let Some(lora) = self.lora.take() {
             lora.merge_into(&self.config, &mut self.params, self.matrices);
             // Copies kept for decoding would miss the update.
@@ -545,6 +619,7 @@ impl<K: Kernels> Gpt<K> {
     /// than noise).
     pub fn grow_vocab(&self, vocab_size: usize) -> Result<Gpt<Cpu>> {
         self.check_training_layout()?;
+        self.files_layout()?;
         if vocab_size < self.config.vocab_size {
             return Err(EngineError::Config(format!(
                 "cannot shrink the vocabulary from {} to {vocab_size}",
@@ -657,8 +732,20 @@ impl<K: Kernels> Gpt<K> {
         bias: Option<Range<usize>>,
         c_in: usize,
         c_out: usize,
+        training: bool,
     ) {
         let bias = bias.map(|b| &self.params[b]);
+        if let Some(m) = self.frozen_base.get(&weights.start) {
+            // A training pass reads the matrices as its backward pass does: dequantized.
+            if inp.len() / c_in <= SKINNY_ROWS && !training {
+                m.thin_product(out, inp, bias);
+            } else {
+                let w = m.dequantize();
+                self.kernels
+                    .matmul_forward(out, inp, &w, WeightLayout::OutIn, bias, c_in, c_out);
+            }
+            return;
+        }
         if layout == WeightLayout::OutIn && inp.len() / c_in <= SKINNY_ROWS {
             if let Some(q) = self
                 .params_quant
@@ -729,6 +816,7 @@ impl<K: Kernels> Gpt<K> {
         let w = Widths::of(&self.config);
         // The adapters' terms join each product's output before anything reads it.
         let rows = positions.len();
+        let training = lora_pass.dropout_seed.is_some();
         let adapt = |site: Site, out: &mut [f32], x: &[f32], width: usize| {
             if let Some(lora) = &self.lora {
                 lora.forward(k, l, site, out, x, width, lora_pass);
@@ -774,6 +862,7 @@ impl<K: Kernels> Gpt<K> {
             lp.qkv_b.clone(),
             w.c,
             w.qkv,
+            training,
         );
         adapt(Site::Qkv, buf.qkv, buf.norm1, w.qkv);
         if let Some(table) = self.rope_table(positions) {
@@ -789,6 +878,7 @@ impl<K: Kernels> Gpt<K> {
             lp.attn_out_b.clone(),
             w.q,
             w.c,
+            training,
         );
         adapt(Site::AttnOut, buf.scratch, buf.atty, w.c);
         k.add(buf.residual2, buf.input, buf.scratch);
@@ -808,6 +898,7 @@ impl<K: Kernels> Gpt<K> {
             lp.mlp_in_b.clone(),
             w.c,
             w.mlp_in,
+            training,
         );
         adapt(Site::MlpIn, buf.mlp_pre, buf.norm2, w.mlp_in);
         match self.config.block.mlp {
@@ -822,6 +913,7 @@ impl<K: Kernels> Gpt<K> {
             lp.mlp_out_b.clone(),
             w.hidden,
             w.c,
+            training,
         );
         adapt(Site::MlpOut, buf.scratch, buf.mlp_act, w.c);
         k.add(buf.output, buf.residual2, buf.scratch);
@@ -1030,6 +1122,13 @@ impl<K: Kernels> Gpt<K> {
     }
 
     fn files_layout(&self) -> Result<()> {
+        if !self.frozen_base.is_empty() {
+            return Err(EngineError::Config(
+                "the frozen base's layer matrices are stored compactly (QLoRA): its fp32 \
+                 parameters are gone; load the base again to read, save or merge it"
+                    .into(),
+            ));
+        }
         if self.decoding_only {
             return Err(EngineError::Shape(
                 "the model is laid out for decoding (matrices transposed): its parameters no \
@@ -1143,7 +1242,13 @@ impl<K: Kernels> Gpt<K> {
             &a.normf_rstd,
         );
         let att_len = d.batch * d.heads * d.seq * d.seq;
+        // A layer matrix as the products read it: a compact frozen base's dequantized.
+        let frozen_base = &self.frozen_base;
         let matrices = self.matrices;
+        let matrix = |w: &Range<usize>| match frozen_base.get(&w.start) {
+            Some(m) => (std::borrow::Cow::Owned(m.dequantize()), WeightLayout::OutIn),
+            None => (std::borrow::Cow::Borrowed(&p[w.clone()]), matrices),
+        };
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let rows = |width: usize| l * bt * width..(l + 1) * bt * width;
             let stat = l * bt..(l + 1) * bt;
@@ -1154,6 +1259,7 @@ impl<K: Kernels> Gpt<K> {
             };
             // MLP: residual3 = residual2 + out(act(in(norm2(residual2)))).
             {
+                let (weight, layout) = matrix(&lp.mlp_out_w);
                 let (dw, db) =
                     weight_and_bias(g, frozen, lp.mlp_out_w.clone(), lp.mlp_out_b.clone());
                 k.matmul_backward(
@@ -1162,8 +1268,8 @@ impl<K: Kernels> Gpt<K> {
                     db,
                     &s.residual,
                     &a.mlp_act[rows(w.hidden)],
-                    &p[lp.mlp_out_w.clone()],
-                    matrices,
+                    &weight,
+                    layout,
                     w.hidden,
                     c,
                 );
@@ -1187,6 +1293,7 @@ impl<K: Kernels> Gpt<K> {
                 Mlp::SwiGlu => k.swiglu_backward(&mut s.mlp_pre, mlp_pre, &s.mlp_act, w.hidden),
             }
             {
+                let (weight, layout) = matrix(&lp.mlp_in_w);
                 let (dw, db) = weight_and_bias(g, frozen, lp.mlp_in_w.clone(), lp.mlp_in_b.clone());
                 k.matmul_backward(
                     &mut s.norm,
@@ -1194,8 +1301,8 @@ impl<K: Kernels> Gpt<K> {
                     db,
                     &s.mlp_pre,
                     &a.norm2[rows(c)],
-                    &p[lp.mlp_in_w.clone()],
-                    matrices,
+                    &weight,
+                    layout,
                     c,
                     w.mlp_in,
                 );
@@ -1225,6 +1332,7 @@ impl<K: Kernels> Gpt<K> {
             );
             // Attention: residual2 = residual_in + out(attention(rope(qkv(norm1(residual_in))))).
             {
+                let (weight, layout) = matrix(&lp.attn_out_w);
                 let (dw, db) =
                     weight_and_bias(g, frozen, lp.attn_out_w.clone(), lp.attn_out_b.clone());
                 k.matmul_backward(
@@ -1233,8 +1341,8 @@ impl<K: Kernels> Gpt<K> {
                     db,
                     &s.residual,
                     &a.atty[rows(w.q)],
-                    &p[lp.attn_out_w.clone()],
-                    matrices,
+                    &weight,
+                    layout,
                     w.q,
                     c,
                 );
@@ -1264,6 +1372,7 @@ impl<K: Kernels> Gpt<K> {
                 k.rope(&mut s.qkv, w.qkv, heads, &a.positions, table, true);
             }
             {
+                let (weight, layout) = matrix(&lp.qkv_w);
                 let (dw, db) = weight_and_bias(g, frozen, lp.qkv_w.clone(), lp.qkv_b.clone());
                 k.matmul_backward(
                     &mut s.norm,
@@ -1271,8 +1380,8 @@ impl<K: Kernels> Gpt<K> {
                     db,
                     &s.qkv,
                     &a.norm1[rows(c)],
-                    &p[lp.qkv_w.clone()],
-                    matrices,
+                    &weight,
+                    layout,
                     c,
                     w.qkv,
                 );

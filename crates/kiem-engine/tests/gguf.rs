@@ -274,3 +274,54 @@ fn unsupported_architectures_and_types_are_named() {
     );
     assert!(GgmlType::from_id(16).unwrap_err().contains("IQ"));
 }
+
+/// A LoRA run keeps a quantized file's base as the file has it: the file's blocks are
+/// quantized again to the same blocks, so the compact base computes what the loaded one does.
+#[test]
+fn a_quantized_file_stays_as_it_is_in_a_compact_base() {
+    use kiem_engine::kernels::DecodingWeights;
+    use kiem_engine::lora::{Lora, LoraSpec};
+    let tmp = tempfile::tempdir().unwrap();
+    let mixed = GgufFile::open(&fixture("llama_mixed.gguf")).unwrap();
+    assert_eq!(mixed.layer_matrix_weights(), None, "mixed types");
+    let q8 = GgufFile::open(&fixture("gpt2_q8.gguf")).unwrap();
+    assert_eq!(q8.layer_matrix_weights(), Some(DecodingWeights::Q8_0));
+    let (gpt, _) = load_gguf_model(&mixed).unwrap();
+    let mut files = vec![(fixture("gpt2_q8.gguf"), DecodingWeights::Q8_0)];
+    for (export, weights) in [
+        (ExportType::Q4_0, DecodingWeights::Q4_0),
+        (ExportType::Q8_0, DecodingWeights::Q8_0),
+    ] {
+        let out = tmp.path().join(format!("{}.gguf", weights.name()));
+        write_gguf(&gpt, &tokenizer_metadata(&mixed), export, "t", &out).unwrap();
+        files.push((out, weights));
+    }
+    for (path, weights) in files {
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.layer_matrix_weights(), Some(weights), "{path:?}");
+        let (mut loaded, _) = load_gguf_model(&file).unwrap();
+        // More rows than decoding's thin products take: dense products of the weights.
+        let tokens: Vec<u32> = (0..24u32).map(|i| i * 13 % 50).collect();
+        let want = logits(&mut loaded, &tokens);
+        let spec = LoraSpec {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: vec!["all".into()],
+        };
+        let lora = Lora::new(&loaded.config, spec, 1).unwrap();
+        loaded.set_lora(Some(lora)).unwrap();
+        loaded.freeze_base(weights).unwrap();
+        let got = logits(&mut loaded, &tokens);
+        let worst = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst < 1e-5,
+            "{path:?}: the compact base moved logits by {worst}"
+        );
+    }
+}

@@ -3,6 +3,7 @@
 
 use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
 use kiem_engine::infer::KvCache;
+use kiem_engine::kernels::DecodingWeights;
 use kiem_engine::lora::{Lora, LoraSpec};
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt, ModelConfig};
@@ -507,4 +508,193 @@ fn served_adapters_decode_in_one_batch_as_merged_models() {
             .add_with_adapter(9, vec![1], options.clone(), Some(2))
             .is_err());
     }
+}
+
+/// Models whose matrices' rows are whole 32-weight blocks, as Q8_0 and Q4_0 need.
+fn blocked_configs() -> [ModelConfig; 2] {
+    let mut llama = llama();
+    llama.n_embd = 32;
+    llama.head_dim = Some(8);
+    llama.mlp_hidden = Some(64);
+    llama.context = 32;
+    [ModelConfig::gpt2(2, 2, 32, 32, 11), llama]
+}
+
+/// `gpt`'s layer matrices replaced by what storing them as `weights` keeps of them.
+fn round_base_as(gpt: &mut Gpt, weights: DecodingWeights) {
+    use kiem_engine::bf16_gemm::{from_bf16, to_bf16};
+    use kiem_engine::kernels::{QuantKind, QuantMatrix};
+    let config = gpt.config;
+    let gpt2 = config.arch == kiem_engine::config::Arch::Gpt2;
+    let layers = gpt.layout.layers.clone();
+    let params = gpt.params_mut().unwrap();
+    for lp in &layers {
+        for (range, c_in) in [
+            (&lp.qkv_w, config.n_embd),
+            (&lp.attn_out_w, config.q_width()),
+            (&lp.mlp_in_w, config.n_embd),
+            (&lp.mlp_out_w, config.mlp_hidden()),
+        ] {
+            let c_out = range.len() / c_in;
+            let w = &mut params[range.clone()];
+            // As [out, in] (GPT-2 stores [in, out]).
+            let at = |j: usize, i: usize| if gpt2 { i * c_out + j } else { j * c_in + i };
+            let out_in: Vec<f32> = (0..c_out * c_in)
+                .map(|x| w[at(x / c_in, x % c_in)])
+                .collect();
+            let kept: Vec<f32> = match weights {
+                DecodingWeights::Bf16 => out_in.iter().map(|&x| from_bf16(to_bf16(x))).collect(),
+                DecodingWeights::Q8_0 | DecodingWeights::Q4_0 => {
+                    let kind = if weights == DecodingWeights::Q8_0 {
+                        QuantKind::Q8_0
+                    } else {
+                        QuantKind::Q4_0
+                    };
+                    QuantMatrix::quantize(kind, &out_in, c_in, c_out)
+                        .unwrap()
+                        .dequantize()
+                }
+                DecodingWeights::Fp32 => out_in,
+            };
+            for (x, v) in kept.into_iter().enumerate() {
+                w[at(x / c_in, x % c_in)] = v;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_compact_base_trains_adapters_as_its_dequantized_weights_do() {
+    for config in blocked_configs() {
+        for weights in [
+            DecodingWeights::Bf16,
+            DecodingWeights::Q8_0,
+            DecodingWeights::Q4_0,
+        ] {
+            let what = format!("{:?} base as {}", config.arch, weights.name());
+            let lora = adapters(&config, spec(&["all"], 0.1));
+            // The QLoRA model, and the reference: an fp32 model with the weights it keeps.
+            let mut compact = base(config);
+            assert!(
+                compact.freeze_base(weights).is_err(),
+                "{what}: needs adapters"
+            );
+            compact.set_lora(Some(lora.clone())).unwrap();
+            compact.freeze_base(weights).unwrap();
+            let layer_weights: usize = compact
+                .layout
+                .layers
+                .iter()
+                .map(|l| l.qkv_w.len() + l.attn_out_w.len() + l.mlp_in_w.len() + l.mlp_out_w.len())
+                .sum();
+            let want_bytes = (weights.bytes_per_weight() * layer_weights as f64) as usize;
+            assert_eq!(compact.frozen_base_bytes(), want_bytes, "{what}");
+            let mut reference = base(config);
+            round_base_as(&mut reference, weights);
+            reference.set_lora(Some(lora)).unwrap();
+
+            // More rows than decoding's thin products take: products with the dequantized
+            // matrices.
+            let tokens: Vec<u32> = (0..20).map(|i| (i * 5 % 11) as u32).collect();
+            let diff = max_diff(
+                &logits(&mut compact, &tokens),
+                &logits(&mut reference, &tokens),
+            );
+            assert!(diff < 1e-4, "{what}: logits differ by {diff}");
+
+            // Adapter gradients (dropout on) are those of the reference.
+            let (tokens2, targets) = batch();
+            let mut grads = Vec::new();
+            for gpt in [&mut compact, &mut reference] {
+                gpt.zero_grad();
+                gpt.set_lora_dropout_seed(7);
+                gpt.forward(&tokens2, &targets, 2, 5, Some(1.0 / 7.0))
+                    .unwrap();
+                gpt.backward().unwrap();
+                grads.push(gpt.lora().unwrap().grads.clone());
+            }
+            let scale = grads[1].iter().fold(0f32, |m, g| m.max(g.abs()));
+            let diff = max_diff(&grads[0], &grads[1]) / scale;
+            assert!(
+                diff < 1e-4,
+                "{what}: adapter gradients differ by {diff} (relative)"
+            );
+            // And training lowers the loss.
+            let mut opt = AdamWState::new(0.9, 0.95, 1e-8);
+            let mut losses = Vec::new();
+            for step in 0..30 {
+                compact.zero_grad();
+                compact.set_lora_dropout_seed(step);
+                let (sum, n) = compact
+                    .forward(&tokens2, &targets, 2, 5, Some(1.0 / 7.0))
+                    .unwrap();
+                losses.push(sum / n as f64);
+                compact.backward().unwrap();
+                compact.clip_grad_norm(1.0);
+                compact.adamw_step(&mut opt, 2e-2, 0.01);
+            }
+            assert!(
+                losses[29] < losses[0] * 0.8,
+                "{what}: loss falls {} -> {}",
+                losses[0],
+                losses[29]
+            );
+
+            // Cached decoding reads the stored matrices directly.
+            let full = logits(&mut compact, &tokens);
+            let mut cache = KvCache::new(&compact);
+            let mut last = Vec::new();
+            for &t in &tokens {
+                last = compact
+                    .forward_cached(std::slice::from_mut(&mut cache), &[&[t]])
+                    .unwrap();
+            }
+            let vp = config.padded_vocab();
+            let diff = max_diff(&last, &full[(tokens.len() - 1) * vp..]);
+            // Quantized products quantize their input rows to 8 bits too.
+            let tol = if weights == DecodingWeights::Bf16 {
+                1e-4
+            } else {
+                0.05
+            };
+            assert!(diff < tol, "{what}: cached decoding differs by {diff}");
+
+            // The fp32 base is gone: reading, merging, dropping the adapters are refused.
+            let err = compact.params().unwrap_err().to_string();
+            assert!(err.contains("compactly"), "{err}");
+            assert!(compact.merge_lora().is_err());
+            assert!(compact.set_lora(None).is_err());
+            assert!(compact.freeze_base(weights).is_err());
+        }
+    }
+    // Rows that are not whole blocks cannot be quantized: named, and nothing changes.
+    let mut gpt = base(gpt2());
+    gpt.set_lora(Some(adapters(&gpt2(), spec(&["all"], 0.0))))
+        .unwrap();
+    let err = gpt
+        .freeze_base(DecodingWeights::Q4_0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("q4_0") && err.contains("32"), "{err}");
+    assert!(gpt.params().is_ok());
+}
+
+/// Storing the base compactly gives the fp32 matrices' memory back to the system.
+#[test]
+fn a_compact_base_releases_the_fp32_matrices() {
+    let config = ModelConfig::gpt2(2, 4, 256, 16, 64);
+    let mut gpt = base(config);
+    gpt.set_lora(Some(Lora::new(&config, spec(&["all"], 0.0), 1).unwrap()))
+        .unwrap();
+    let released = gpt.freeze_base(DecodingWeights::Q4_0).unwrap();
+    let layer_bytes = 4 * 2 * 12 * 256 * 256;
+    if cfg!(target_os = "linux") {
+        assert!(
+            released as f64 > 0.95 * layer_bytes as f64,
+            "{released} of {layer_bytes} bytes released"
+        );
+    }
+    let tokens: Vec<u32> = (0..16).map(|i| i % 64).collect();
+    let l = logits(&mut gpt, &tokens);
+    assert!(l.iter().all(|x| x.is_finite()));
 }

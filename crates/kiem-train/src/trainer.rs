@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kiem_data::prepare::DataDir;
-use kiem_engine::kernels::MatmulPrecision;
+use kiem_engine::kernels::{DecodingWeights, MatmulPrecision};
 use kiem_engine::lora::{Lora, LoraSpec};
 use kiem_engine::model::activation_bytes;
 use kiem_engine::rng::Rng;
@@ -72,6 +72,10 @@ pub struct TrainConfig {
     /// Fine-tuning rows pack several examples each (attention never crosses them).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pack: bool,
+    /// How a LoRA run keeps its frozen base's layer matrices: bf16, q8_0 or q4_0 (QLoRA)
+    /// instead of fp32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_weights: Option<DecodingWeights>,
 }
 
 /// Where the training data comes from.
@@ -150,6 +154,11 @@ impl TrainConfig {
             }
             lora.validate()?;
             kiem_engine::lora::select_targets(self.model.arch, &lora.targets)?;
+        }
+        if self.base_weights.is_some() && self.lora.is_none() {
+            return bad(
+                "--base-weights stores a frozen base: it needs LoRA adapters (--lora-rank)".into(),
+            );
         }
         Ok(())
     }
@@ -230,15 +239,24 @@ pub struct Summary {
 }
 
 /// Bytes of memory a run needs (parameters, gradients, two moments, activations); with LoRA,
-/// the frozen base's parameters and the adapters' four copies.
+/// the frozen base's parameters (its layer matrices as `base_weights` keeps them) and the
+/// adapters' four copies.
 pub fn memory_estimate(config: &TrainConfig) -> usize {
-    let params = kiem_engine::ParamLayout::new(&config.model).total;
+    let layout = kiem_engine::ParamLayout::new(&config.model);
+    let params = layout.total;
     let activations = activation_bytes(&config.model, config.micro_batch, config.seq);
     match &config.lora {
         Some(spec) => {
             let adapters =
                 Lora::new(&config.model, spec.clone(), 0).map_or(0, |l| l.num_parameters());
-            4 * params + 4 * adapters * 4 + activations
+            let matrices: usize = layout
+                .layers
+                .iter()
+                .map(|l| l.qkv_w.len() + l.attn_out_w.len() + l.mlp_in_w.len() + l.mlp_out_w.len())
+                .sum();
+            let per_weight = config.base_weights.unwrap_or_default().bytes_per_weight();
+            let base = 4 * (params - matrices) + (per_weight * matrices as f64) as usize;
+            base + 4 * adapters * 4 + activations
         }
         None => 4 * params * 4 + activations,
     }
@@ -671,6 +689,16 @@ fn run_loop(
         kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;
         None
     };
+    if let Some(weights) = config.base_weights {
+        let released = gpt.freeze_base(weights)?;
+        observer.note(&format!(
+            "the frozen base's layer matrices are kept as {} ({:.0} MiB; {:.0} MiB of fp32 \
+             given back)",
+            weights.name(),
+            gpt.frozen_base_bytes() as f64 / (1u64 << 20) as f64,
+            released as f64 / (1u64 << 20) as f64
+        ));
+    }
     let (mut metrics, mut train_curve, mut val_curve, mut task_curves) =
         Metrics::open(&run_dir.join(METRICS_FILE), Some(state.step))?;
     let eval_tasks = load_eval_tasks(config)?;

@@ -304,7 +304,8 @@ fn lora_finetune_resumes_exactly_and_its_adapter_is_used_everywhere() {
     failed(run(&zero, dir), &["--lora-rank 0"]);
 }
 
-/// `--pack`: fewer, fuller rows; a packed run (full and LoRA) learns and resumes bit for bit.
+/// `--pack`: fewer, fuller rows; a packed run (full, and QLoRA: LoRA on a base kept as Q4_0
+/// blocks) learns and resumes bit for bit.
 #[test]
 fn packed_finetune_learns_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -335,11 +336,22 @@ fn packed_finetune_learns_and_resumes_exactly() {
         a.extend_from_slice(extra);
         a
     };
-    let lora = ["--lora-rank", "4", "--lora-dropout", "0.1"];
+    let lora = [
+        "--lora-rank",
+        "4",
+        "--lora-dropout",
+        "0.1",
+        "--base-weights",
+        "q4_0",
+    ];
     ok(run(&args("full", &[]), dir));
-    ok(run(&args("whole", &lora), dir));
+    let output = run(&args("whole", &lora), dir);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    ok(output);
+    assert!(stderr.contains("kept as q4_0"), "{stderr}");
     let config = read_json(&dir.join("whole/run.json"));
     assert_eq!(config["pack"], true);
+    assert_eq!(config["base_weights"], "q4_0");
     let vals = |run_dir: &str| -> Vec<f64> {
         curve(&dir.join(run_dir))
             .iter()
@@ -383,5 +395,31 @@ fn packed_finetune_learns_and_resumes_exactly() {
     failed(
         run(&["finetune", "--resume", "killed", "--pack"], dir),
         &["--resume"],
+    );
+    // The adapters apply to the full-precision base as well.
+    ok(run(
+        &[
+            "generate",
+            "--model",
+            "base/model",
+            "--adapter",
+            "killed/adapter",
+            "--prompt",
+            "Where is order 3?",
+            "--max-tokens",
+            "4",
+        ],
+        dir,
+    ));
+    failed(
+        run(&args("bad", &["--base-weights", "q4_0"]), dir),
+        &["--lora-rank"],
+    );
+    failed(
+        run(
+            &args("bad", &["--lora-rank", "4", "--base-weights", "q3"]),
+            dir,
+        ),
+        &["q3", "q4_0"],
     );
 }

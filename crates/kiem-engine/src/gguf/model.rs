@@ -29,6 +29,28 @@ impl GgufFile {
             .and_then(|v| u32::try_from(v).ok())
     }
 
+    /// The form every layer matrix (a 2-D `blk.*` tensor) has in the file, when it is one
+    /// kiem can keep a frozen base in (BF16, Q8_0 or Q4_0) and all share it.
+    pub fn layer_matrix_weights(&self) -> Option<crate::kernels::DecodingWeights> {
+        use super::GgmlType;
+        use crate::kernels::DecodingWeights;
+        let mut kinds = self
+            .tensors
+            .iter()
+            .filter(|t| t.name.starts_with("blk.") && t.dims.len() == 2)
+            .map(|t| t.kind);
+        let first = kinds.next()?;
+        if kinds.any(|k| k != first) {
+            return None;
+        }
+        match first {
+            GgmlType::BF16 => Some(DecodingWeights::Bf16),
+            GgmlType::Q8_0 => Some(DecodingWeights::Q8_0),
+            GgmlType::Q4_0 => Some(DecodingWeights::Q4_0),
+            _ => None,
+        }
+    }
+
     /// `general.architecture`.
     pub fn architecture(&self) -> Result<&str> {
         self.get("general.architecture")

@@ -971,12 +971,14 @@ impl QuantMatrix {
     pub fn dequantize(&self) -> Vec<f32> {
         let blocks = self.c_in / QUANT_BLOCK;
         let mut out = vec![0f32; self.c_out * self.c_in];
-        for (i, block) in out.chunks_exact_mut(QUANT_BLOCK).enumerate() {
-            let q = weight_block(self, i / blocks, i % blocks);
-            for (w, &q) in block.iter_mut().zip(&q) {
-                *w = f32::from(q) * self.scales[i];
-            }
-        }
+        out.par_chunks_exact_mut(QUANT_BLOCK)
+            .enumerate()
+            .for_each(|(i, block)| {
+                let q = weight_block(self, i / blocks, i % blocks);
+                for (w, &q) in block.iter_mut().zip(&q) {
+                    *w = f32::from(q) * self.scales[i];
+                }
+            });
         out
     }
 

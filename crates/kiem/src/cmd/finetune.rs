@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use kiem_engine::kernels::MatmulPrecision;
+use kiem_engine::kernels::{DecodingWeights, MatmulPrecision};
 use kiem_engine::lora::LoraSpec;
 use kiem_train::examples::{load_examples, FinetuneData};
 use kiem_train::trainer::{load_finetune_base, refuse_added_tokens_for_lora, DataSource, RUN_FILE};
@@ -144,6 +144,13 @@ pub struct FinetuneArgs {
     #[arg(long, requires = "lora_rank")]
     use_rslora: bool,
 
+    /// How the frozen base keeps its layer matrices while adapters train: fp32, bf16, q8_0 or
+    /// q4_0 (QLoRA: about 1/7 of fp32's bytes), read dequantized by every product. Embeddings,
+    /// norms and the output head stay fp32 [default: a GGUF base's own bf16/q8_0/q4_0 layer
+    /// matrices, else fp32].
+    #[arg(long, value_name = "W", requires = "lora_rank")]
+    base_weights: Option<DecodingWeights>,
+
     /// Pack several conversations into each row (as many as fit in the longest one's length),
     /// positions restarting and attention never crossing between them, instead of one padded
     /// row per conversation: fewer wasted tokens when lengths vary.
@@ -166,6 +173,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             || args.precision.is_some()
             || args.lora_rank.is_some()
             || args.pack
+            || args.base_weights.is_some()
             || !args.eval_tasks.tasks.is_empty()
         {
             bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
@@ -294,6 +302,16 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             keep_checkpoints: args.keep_checkpoints,
             seed: args.seed,
             precision: args.precision.unwrap_or_default(),
+            base_weights: match args.base_weights {
+                _ if lora.is_none() => None,
+                Some(weights) => Some(weights),
+                // A quantized GGUF base stays as the file has it.
+                None if kiem_engine::gguf::is_gguf(model) => {
+                    kiem_engine::gguf::GgufFile::open(model)?.layer_matrix_weights()
+                }
+                None => None,
+            }
+            .filter(|&w| w != DecodingWeights::Fp32),
             lora,
             pack: args.pack,
         };

@@ -365,6 +365,7 @@ impl PretrainArgs {
             precision: self.precision.unwrap_or_default(),
             lora: None,
             pack: false,
+            base_weights: None,
         })
     }
 }

@@ -1,0 +1,163 @@
+//! A frozen base's layer matrices stored in fewer bytes than fp32 (bf16, Q8_0 or Q4_0), for
+//! LoRA on a compact base (QLoRA): products read them dequantized on the fly, the fp32 copy's
+//! memory goes back to the system.
+
+use rayon::prelude::*;
+
+use crate::bf16_gemm::{from_bf16, to_bf16};
+use crate::kernels::{
+    matmul_thin_bf16, matmul_thin_quant, DecodingWeights, QuantKind, QuantMatrix,
+};
+
+/// One matrix, `[c_out, c_in]`.
+#[derive(Debug, Clone)]
+pub(crate) enum FrozenMatrix {
+    Bf16 {
+        w: Vec<u16>,
+        c_in: usize,
+        c_out: usize,
+    },
+    Quant(QuantMatrix),
+}
+
+impl FrozenMatrix {
+    /// `w` is `[c_out, c_in]`; `None` where the form needs whole 32-weight blocks per row and
+    /// the rows are not, or for fp32 (nothing to store).
+    pub fn new(weights: DecodingWeights, w: &[f32], c_in: usize, c_out: usize) -> Option<Self> {
+        match weights {
+            DecodingWeights::Fp32 => None,
+            DecodingWeights::Bf16 => Some(FrozenMatrix::Bf16 {
+                w: w.par_iter().map(|&x| to_bf16(x)).collect(),
+                c_in,
+                c_out,
+            }),
+            DecodingWeights::Q8_0 => {
+                QuantMatrix::quantize(QuantKind::Q8_0, w, c_in, c_out).map(FrozenMatrix::Quant)
+            }
+            DecodingWeights::Q4_0 => {
+                QuantMatrix::quantize(QuantKind::Q4_0, w, c_in, c_out).map(FrozenMatrix::Quant)
+            }
+        }
+    }
+
+    /// The fp32 values, `[c_out, c_in]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            FrozenMatrix::Bf16 { w, .. } => w.par_iter().map(|&h| from_bf16(h)).collect(),
+            FrozenMatrix::Quant(q) => q.dequantize(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            FrozenMatrix::Bf16 { w, .. } => 2 * w.len(),
+            FrozenMatrix::Quant(q) => q.bytes(),
+        }
+    }
+
+    /// `out = inp · Wᵀ (+ bias)` for at most [`crate::kernels::SKINNY_ROWS`] rows, reading the
+    /// stored form directly (decoding).
+    pub fn thin_product(&self, out: &mut [f32], inp: &[f32], bias: Option<&[f32]>) {
+        match self {
+            FrozenMatrix::Bf16 { w, c_in, c_out } => {
+                matmul_thin_bf16(out, inp, w, bias, *c_in, *c_out)
+            }
+            FrozenMatrix::Quant(q) => matmul_thin_quant(out, inp, q, bias, q.c_in, q.c_out),
+        }
+    }
+}
+
+/// Gives the memory under `buf` back to the system (whole pages; the values all read 0 after)
+/// and returns the bytes given back. Where that is not possible, only zeroes `buf`.
+pub(crate) fn release_pages(buf: &mut [f32]) -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let page = usize::try_from(page).unwrap_or(4096).max(4096);
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (first, last) = (start.next_multiple_of(page), end / page * page);
+        if last > first {
+            // SAFETY: [first, last) lies inside `buf`, which we borrow mutably, in memory the
+            // allocator got as private anonymous pages: MADV_DONTNEED only makes them read as
+            // zeros (a valid f32) from now on.
+            let done = unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if done == 0 {
+                let f = std::mem::size_of::<f32>();
+                buf[..(first - start) / f].fill(0.0);
+                buf[(last - start) / f..].fill(0.0);
+                return last - first;
+            }
+        }
+    }
+    buf.fill(0.0);
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_pages_read_zero_and_the_rest_is_kept() {
+        let mut v: Vec<f32> = (0..1 << 20).map(|i| i as f32 + 1.0).collect();
+        let released = release_pages(&mut v[1000..900_000]);
+        #[cfg(target_os = "linux")]
+        assert!(released > 3_000_000, "{released} bytes released");
+        let _ = released;
+        assert!(v[1000..900_000].iter().all(|&x| x == 0.0));
+        assert_eq!(v[999], 1000.0);
+        assert_eq!(v[900_000], 900_001.0);
+        // The pages can be written again.
+        v[500_000] = 3.0;
+        assert_eq!(v[500_000], 3.0);
+    }
+
+    #[test]
+    fn stored_forms_dequantize_close_to_the_weights() {
+        let (c_in, c_out) = (64, 8);
+        let w: Vec<f32> = (0..c_in * c_out)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0)
+            .collect();
+        assert!(FrozenMatrix::new(DecodingWeights::Fp32, &w, c_in, c_out).is_none());
+        assert!(FrozenMatrix::new(DecodingWeights::Q4_0, &w[..48 * 8], 48, 8).is_none());
+        for (kind, tol) in [
+            (DecodingWeights::Bf16, 0.004),
+            (DecodingWeights::Q8_0, 0.003),
+            // ggml clips the largest positive weight to 7 steps when the negative one sets the scale.
+            (DecodingWeights::Q4_0, 0.07),
+        ] {
+            let m = FrozenMatrix::new(kind, &w, c_in, c_out).unwrap();
+            let back = m.dequantize();
+            let err = w
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err <= tol, "{kind:?}: {err}");
+            let bytes = (kind.bytes_per_weight() * (c_in * c_out) as f64) as usize;
+            assert_eq!(m.bytes(), bytes, "{kind:?}");
+            // Thin products equal products with the dequantized weights (up to the input's
+            // own 8-bit rounding in the quantized forms).
+            let x: Vec<f32> = (0..2 * c_in).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut thin = vec![0f32; 2 * c_out];
+            m.thin_product(&mut thin, &x, None);
+            for r in 0..2 {
+                for j in 0..c_out {
+                    let dense: f32 = (0..c_in)
+                        .map(|i| x[r * c_in + i] * back[j * c_in + i])
+                        .sum();
+                    let got = thin[r * c_out + j];
+                    assert!((got - dense).abs() < 0.05, "{kind:?} {got} vs {dense}");
+                }
+            }
+        }
+    }
+}
