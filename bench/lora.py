@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""LoRA fine-tuning against full fine-tuning in kiem, and against `peft` + PyTorch, on the same
-Llama-family model, batch and adapter config, in one run: peak resident memory and step time.
+"""LoRA and QLoRA fine-tuning against full fine-tuning in kiem, and against `peft` + PyTorch, on
+the same Llama-family model, batch and adapter config, in one run: peak resident memory and step
+time.
 
     python bench/lora.py [--layers 12] [--width 768] [--seq 256] [--micro-batch 4]
         [--steps 6] [--rank 16] [--threads 2] [--skip-peft]
@@ -12,7 +13,8 @@ Conversations are generated so that every one is --seq tokens long or more (cut 
 context), so each micro-batch is --micro-batch x --seq tokens on both sides.
 
 kiem: `kiem finetune` (full) and `kiem finetune --lora-rank R --lora-alpha 2R --lora-targets
-all` under /usr/bin/time -v (peak RSS of the whole process); step time is the mean over steps
+all` (and the same with `--base-weights q4_0`: QLoRA, the frozen layer matrices kept as Q4_0
+blocks) under /usr/bin/time -v (peak RSS of the whole process); step time is the mean over steps
 after the first two, from metrics.jsonl's elapsed_seconds. peft + PyTorch: the same model via
 AutoModelForCausalLM (float32, eager attention), get_peft_model(LoraConfig(r=R, lora_alpha=2R,
 target_modules="all-linear")), torch.optim.AdamW over the adapters, random token batches of the
@@ -136,7 +138,9 @@ def main():
         lora = ["--lora-rank", str(args.rank), "--lora-alpha", str(2 * args.rank),
                 "--lora-targets", "all"]
         rows = [("kiem full fine-tune",) + kiem_finetune(work, args, "full", []),
-                ("kiem LoRA",) + kiem_finetune(work, args, "lora", lora)]
+                ("kiem LoRA",) + kiem_finetune(work, args, "lora", lora),
+                ("kiem QLoRA (q4_0 base)",) + kiem_finetune(
+                    work, args, "qlora", lora + ["--base-weights", "q4_0"])]
         if not args.skip_peft:
             out = subprocess.run([sys.executable, "-c", PEFT_CHILD, os.path.join(work,
                                   "base/model"), str(args.rank), str(args.micro_batch),
@@ -153,12 +157,15 @@ def main():
     print(f"{'':24} {'peak RSS MiB':>12} {'s/step':>8}")
     for name, rss, secs in rows:
         print(f"{name:24} {rss:12.0f} {secs:8.3f}")
-    full, lora_row = rows[0], rows[1]
+    full, lora_row, qlora = rows[0], rows[1], rows[2]
     print(f"LoRA / full RSS: {lora_row[1] / full[1]:.2f} (goal <= 0.5); "
           f"LoRA step time vs full: {full[2] / lora_row[2]:.2f}x faster")
-    if len(rows) > 2:
-        print(f"kiem LoRA vs peft + PyTorch: {rows[2][2] / lora_row[2]:.2f}x faster (goal >= 1.5), "
-              f"RSS {lora_row[1] / rows[2][1]:.2f}x")
+    print(f"QLoRA / full RSS: {qlora[1] / full[1]:.2f} (goal <= 0.3); "
+          f"QLoRA step time vs LoRA: {lora_row[2] / qlora[2]:.2f}x")
+    if len(rows) > 3:
+        peft = rows[3]
+        print(f"kiem LoRA vs peft + PyTorch: {peft[2] / lora_row[2]:.2f}x faster (goal >= 1.5), "
+              f"RSS {lora_row[1] / peft[1]:.2f}x")
 
 
 if __name__ == "__main__":

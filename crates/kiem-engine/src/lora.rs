@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -353,34 +355,43 @@ impl Lora {
             .filter(move |(_, m)| m.layer == l && m.site == site)
     }
 
-    /// The adapters' input: `x`, or dropout applied to it (scaled by 1/(1-p)) with the mask of
-    /// module `index` under `seed`.
+    /// What dropout multiplies element `i` of module `index`'s input by under `seed`: 0 or
+    /// 1/(1-p), a hash of (seed, module, element), so the backward pass regenerates the mask
+    /// instead of storing it. `None`: no dropout (p = 0, or not training).
+    fn dropout_factor(
+        &self,
+        index: usize,
+        seed: Option<u64>,
+    ) -> Option<impl Fn(usize) -> f32 + Sync> {
+        let p = self.spec.dropout;
+        let seed = seed.filter(|_| p > 0.0)?;
+        let keep = 1.0 / (1.0 - p);
+        let base = mix(seed ^ mix(index as u64 + 1));
+        Some(move |i: usize| {
+            let u = (mix(base.wrapping_add(i as u64)) >> 40) as f32 / (1u64 << 24) as f32;
+            if u < p {
+                0.0
+            } else {
+                keep
+            }
+        })
+    }
+
+    /// The adapters' input: `x`, or dropout applied to it (see [`Lora::dropout_factor`]).
     fn adapter_input<'x>(
         &self,
         index: usize,
         x: &'x [f32],
         seed: Option<u64>,
     ) -> std::borrow::Cow<'x, [f32]> {
-        let p = self.spec.dropout;
-        match seed {
-            Some(seed) if p > 0.0 => {
-                let keep = 1.0 / (1.0 - p);
-                let base = mix(seed ^ mix(index as u64 + 1));
-                x.iter()
-                    .enumerate()
-                    .map(|(i, &v)| {
-                        let u =
-                            (mix(base.wrapping_add(i as u64)) >> 40) as f32 / (1u64 << 24) as f32;
-                        if u < p {
-                            0.0
-                        } else {
-                            v * keep
-                        }
-                    })
-                    .collect::<Vec<f32>>()
-                    .into()
-            }
-            _ => x.into(),
+        match self.dropout_factor(index, seed) {
+            Some(factor) => x
+                .par_iter()
+                .enumerate()
+                .map(|(i, &v)| v * factor(i))
+                .collect::<Vec<f32>>()
+                .into(),
+            None => x.into(),
         }
     }
 
@@ -489,17 +500,13 @@ impl Lora {
                 r,
             );
             // Through dropout: the same mask and scale as the forward pass.
-            let p = self.spec.dropout;
-            if pass.dropout_seed.is_some() && p > 0.0 {
-                let ones = vec![1f32; dxd.len()];
-                let mask = self.adapter_input(index, &ones, pass.dropout_seed);
-                for ((d, g), m) in dx.iter_mut().zip(&dxd).zip(mask.iter()) {
-                    *d += g * m;
-                }
-            } else {
-                for (d, g) in dx.iter_mut().zip(&dxd) {
-                    *d += g;
-                }
+            match self.dropout_factor(index, pass.dropout_seed) {
+                Some(factor) => dx
+                    .par_iter_mut()
+                    .zip(&dxd)
+                    .enumerate()
+                    .for_each(|(i, (d, g))| *d += g * factor(i)),
+                None => dx.par_iter_mut().zip(&dxd).for_each(|(d, g)| *d += g),
             }
         }
     }
