@@ -332,7 +332,8 @@ impl ModelConfig {
     }
 
     pub fn mlp_hidden(&self) -> usize {
-        self.mlp_hidden.unwrap_or(4 * self.n_embd)
+        // Saturating: a hostile config's n_embd must reach validate's range check, not wrap.
+        self.mlp_hidden.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// Width of attention's output (all query heads side by side).

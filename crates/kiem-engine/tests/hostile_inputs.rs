@@ -113,3 +113,18 @@ fn a_header_claiming_a_huge_tensor_is_refused() {
     let err = read_tensors(&path).unwrap_err().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 }
+
+/// Found by `random_configs_fail_cleanly`: a width of 2^64 - 1 without `n_inner` made the default
+/// MLP width (4 x n_embd) overflow before the range check could refuse it.
+#[test]
+fn a_huge_width_without_mlp_width_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = json!({"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": u64::MAX,
+                        "n_positions": 1, "vocab_size": u64::MAX});
+    model_dir(dir.path(), &config);
+    let Err(err) = load_model_dir(dir.path()) else {
+        panic!("a model of width 2^64 - 1 loaded")
+    };
+    let err = err.to_string();
+    assert!(err.contains("large") || err.contains("config"), "{err}");
+}
