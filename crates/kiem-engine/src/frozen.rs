@@ -41,11 +41,53 @@ impl FrozenMatrix {
     }
 
     /// The fp32 values, `[c_out, c_in]`.
+    #[cfg(test)]
     pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len()];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    fn len(&self) -> usize {
         match self {
-            FrozenMatrix::Bf16 { w, .. } => w.par_iter().map(|&h| from_bf16(h)).collect(),
-            FrozenMatrix::Quant(q) => q.dequantize(),
+            FrozenMatrix::Bf16 { w, .. } => w.len(),
+            FrozenMatrix::Quant(q) => q.c_in * q.c_out,
         }
+    }
+
+    fn dequantize_into(&self, out: &mut [f32]) {
+        match self {
+            FrozenMatrix::Bf16 { w, .. } => out
+                .par_iter_mut()
+                .zip(w)
+                .for_each(|(o, &h)| *o = from_bf16(h)),
+            FrozenMatrix::Quant(q) => q.dequantize_into(out),
+        }
+    }
+
+    /// Runs `f` on the fp32 values (`[c_out, c_in]`), dequantized into a buffer this thread
+    /// keeps between calls: a product's many calls reuse its pages instead of faulting in
+    /// fresh ones each time.
+    pub fn with_dequantized<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        thread_local! {
+            static BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut buffer) => {
+                if buffer.len() < self.len() {
+                    buffer.resize(self.len(), 0.0);
+                }
+                let w = &mut buffer[..self.len()];
+                self.dequantize_into(w);
+                f(w)
+            }
+            // A product nested in another on this thread (work stealing): a buffer of its own.
+            Err(_) => {
+                let mut w = vec![0f32; self.len()];
+                self.dequantize_into(&mut w);
+                f(&w)
+            }
+        })
     }
 
     pub fn bytes(&self) -> usize {

@@ -226,6 +226,21 @@ fn rope_table<'a>(
     Some(lock.read().unwrap_or_else(|e| e.into_inner()))
 }
 
+/// Runs `f` on the layer matrix at `w` as the products read it, with its layout: a compact
+/// frozen base's dequantized (`[out, in]`), else the parameters in `layout`.
+fn with_matrix<R>(
+    frozen_base: &std::collections::HashMap<usize, FrozenMatrix>,
+    params: &[f32],
+    layout: WeightLayout,
+    w: &Range<usize>,
+    f: impl FnOnce(&[f32], WeightLayout) -> R,
+) -> R {
+    match frozen_base.get(&w.start) {
+        Some(m) => m.with_dequantized(|weights| f(weights, WeightLayout::OutIn)),
+        None => f(&params[w.clone()], layout),
+    }
+}
+
 /// `w[rows, cols]` transposed to `[cols, rows]`.
 fn transposed(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; w.len()];
@@ -740,9 +755,10 @@ impl<K: Kernels> Gpt<K> {
             if inp.len() / c_in <= SKINNY_ROWS && !training {
                 m.thin_product(out, inp, bias);
             } else {
-                let w = m.dequantize();
-                self.kernels
-                    .matmul_forward(out, inp, &w, WeightLayout::OutIn, bias, c_in, c_out);
+                m.with_dequantized(|w| {
+                    self.kernels
+                        .matmul_forward(out, inp, w, WeightLayout::OutIn, bias, c_in, c_out)
+                });
             }
             return;
         }
@@ -1242,13 +1258,8 @@ impl<K: Kernels> Gpt<K> {
             &a.normf_rstd,
         );
         let att_len = d.batch * d.heads * d.seq * d.seq;
-        // A layer matrix as the products read it: a compact frozen base's dequantized.
         let frozen_base = &self.frozen_base;
         let matrices = self.matrices;
-        let matrix = |w: &Range<usize>| match frozen_base.get(&w.start) {
-            Some(m) => (std::borrow::Cow::Owned(m.dequantize()), WeightLayout::OutIn),
-            None => (std::borrow::Cow::Borrowed(&p[w.clone()]), matrices),
-        };
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let rows = |width: usize| l * bt * width..(l + 1) * bt * width;
             let stat = l * bt..(l + 1) * bt;
@@ -1259,20 +1270,21 @@ impl<K: Kernels> Gpt<K> {
             };
             // MLP: residual3 = residual2 + out(act(in(norm2(residual2)))).
             {
-                let (weight, layout) = matrix(&lp.mlp_out_w);
                 let (dw, db) =
                     weight_and_bias(g, frozen, lp.mlp_out_w.clone(), lp.mlp_out_b.clone());
-                k.matmul_backward(
-                    &mut s.mlp_act,
-                    dw,
-                    db,
-                    &s.residual,
-                    &a.mlp_act[rows(w.hidden)],
-                    &weight,
-                    layout,
-                    w.hidden,
-                    c,
-                );
+                with_matrix(frozen_base, p, matrices, &lp.mlp_out_w, |weight, layout| {
+                    k.matmul_backward(
+                        &mut s.mlp_act,
+                        dw,
+                        db,
+                        &s.residual,
+                        &a.mlp_act[rows(w.hidden)],
+                        weight,
+                        layout,
+                        w.hidden,
+                        c,
+                    )
+                });
             }
             if let Some(lora) = lora.as_deref_mut() {
                 let x = &a.mlp_act[rows(w.hidden)];
@@ -1293,19 +1305,20 @@ impl<K: Kernels> Gpt<K> {
                 Mlp::SwiGlu => k.swiglu_backward(&mut s.mlp_pre, mlp_pre, &s.mlp_act, w.hidden),
             }
             {
-                let (weight, layout) = matrix(&lp.mlp_in_w);
                 let (dw, db) = weight_and_bias(g, frozen, lp.mlp_in_w.clone(), lp.mlp_in_b.clone());
-                k.matmul_backward(
-                    &mut s.norm,
-                    dw,
-                    db,
-                    &s.mlp_pre,
-                    &a.norm2[rows(c)],
-                    &weight,
-                    layout,
-                    c,
-                    w.mlp_in,
-                );
+                with_matrix(frozen_base, p, matrices, &lp.mlp_in_w, |weight, layout| {
+                    k.matmul_backward(
+                        &mut s.norm,
+                        dw,
+                        db,
+                        &s.mlp_pre,
+                        &a.norm2[rows(c)],
+                        weight,
+                        layout,
+                        c,
+                        w.mlp_in,
+                    )
+                });
             }
             if let Some(lora) = lora.as_deref_mut() {
                 let x = &a.norm2[rows(c)];
@@ -1332,19 +1345,26 @@ impl<K: Kernels> Gpt<K> {
             );
             // Attention: residual2 = residual_in + out(attention(rope(qkv(norm1(residual_in))))).
             {
-                let (weight, layout) = matrix(&lp.attn_out_w);
                 let (dw, db) =
                     weight_and_bias(g, frozen, lp.attn_out_w.clone(), lp.attn_out_b.clone());
-                k.matmul_backward(
-                    &mut s.atty,
-                    dw,
-                    db,
-                    &s.residual,
-                    &a.atty[rows(w.q)],
-                    &weight,
-                    layout,
-                    w.q,
-                    c,
+                with_matrix(
+                    frozen_base,
+                    p,
+                    matrices,
+                    &lp.attn_out_w,
+                    |weight, layout| {
+                        k.matmul_backward(
+                            &mut s.atty,
+                            dw,
+                            db,
+                            &s.residual,
+                            &a.atty[rows(w.q)],
+                            weight,
+                            layout,
+                            w.q,
+                            c,
+                        )
+                    },
                 );
             }
             if let Some(lora) = lora.as_deref_mut() {
@@ -1372,19 +1392,20 @@ impl<K: Kernels> Gpt<K> {
                 k.rope(&mut s.qkv, w.qkv, heads, &a.positions, table, true);
             }
             {
-                let (weight, layout) = matrix(&lp.qkv_w);
                 let (dw, db) = weight_and_bias(g, frozen, lp.qkv_w.clone(), lp.qkv_b.clone());
-                k.matmul_backward(
-                    &mut s.norm,
-                    dw,
-                    db,
-                    &s.qkv,
-                    &a.norm1[rows(c)],
-                    &weight,
-                    layout,
-                    c,
-                    w.qkv,
-                );
+                with_matrix(frozen_base, p, matrices, &lp.qkv_w, |weight, layout| {
+                    k.matmul_backward(
+                        &mut s.norm,
+                        dw,
+                        db,
+                        &s.qkv,
+                        &a.norm1[rows(c)],
+                        weight,
+                        layout,
+                        c,
+                        w.qkv,
+                    )
+                });
             }
             if let Some(lora) = lora.as_deref_mut() {
                 let x = &a.norm1[rows(c)];

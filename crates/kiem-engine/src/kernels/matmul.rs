@@ -969,9 +969,16 @@ impl QuantMatrix {
     /// Every weight as the thin product uses it, `[c_out, c_in]`: the quantized value times
     /// its block's scale.
     pub fn dequantize(&self) -> Vec<f32> {
-        let blocks = self.c_in / QUANT_BLOCK;
         let mut out = vec![0f32; self.c_out * self.c_in];
-        out.par_chunks_exact_mut(QUANT_BLOCK)
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// [`QuantMatrix::dequantize`] into `out` (`c_out · c_in` values).
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        let blocks = self.c_in / QUANT_BLOCK;
+        out[..self.c_out * self.c_in]
+            .par_chunks_exact_mut(QUANT_BLOCK)
             .enumerate()
             .for_each(|(i, block)| {
                 let q = weight_block(self, i / blocks, i % blocks);
@@ -979,7 +986,6 @@ impl QuantMatrix {
                     *w = f32::from(q) * self.scales[i];
                 }
             });
-        out
     }
 
     /// Bytes a product reads: the weights and their scales.
