@@ -115,6 +115,24 @@ impl MappedTensors {
         &self.path
     }
 
+    /// Drops `bytes` (a slice of this mapping whose values were read already) from the
+    /// process's resident memory, so that loading a model never holds the whole file and the
+    /// converted parameters at once (peak memory: about the parameters alone).
+    pub fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        if let Some(offset) = (bytes.as_ptr() as usize).checked_sub(self.map.as_ptr() as usize) {
+            // SAFETY: a read-only mapping of a file nobody writes while kiem reads it (see
+            // `open`): dropped pages are read again from the file, unchanged, if touched.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    bytes.len(),
+                )
+            };
+        }
+    }
+
     /// One tensor's values as f32, checked to hold `len` values: converted straight from the
     /// mapping (one copy of the data, not two).
     pub fn read_f32(&self, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -320,6 +338,7 @@ impl<K: Kernels> Gpt<K> {
                 loading.place(self, path, &name, view.shape(), &mut |dst| {
                     convert_into(path, &name, &view, dst)
                 })?;
+                mapped.release(view.data());
             }
         }
         let first = files.first().cloned().unwrap_or_default();
