@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""kiem against llama.cpp's `llama-bench` on the same GGUF files, same threads, in one run:
+prefill tokens/s (a 512-token prompt) and batch-1 decode tokens/s (128 tokens), Q8_0 and Q4_0.
+
+    python bench/llamacpp.py --llama-bench PATH/TO/llama-bench [--layers 12] [--width 768]
+        [--threads 2] [--types q8_0 q4_0] [--repeat 3]
+
+llama.cpp is not a dependency of kiem: build `llama-bench` from the source that ships in the
+PyPI sdist of `llama-cpp-python` (vendor/llama.cpp), outside the repository, e.g.
+
+    pip download --no-deps --no-binary llama-cpp-python llama-cpp-python -d /tmp/lcp
+    tar xzf /tmp/lcp/llama_cpp_python-*.tar.gz -C /tmp/lcp && cd /tmp/lcp/*/vendor/llama.cpp
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
+    cmake --build build --target llama-bench -j2      # cmake itself: pip install cmake
+
+The model: `kiem data prepare --tokenizer gpt2` on a generated corpus and `kiem pretrain --arch
+llama` for one step (a random Llama of --layers blocks, width --width, heads of 64, SwiGLU, the
+GPT-2 vocabulary, context 1024), exported by `kiem export --format gguf --type T` (llama.cpp's
+layout: q/k permuted, tokenizer metadata with pre-tokenizer `gpt-2`). Both programs read the same
+file. kiem: `kiem bench generate --model FILE --weights T --batch 1 --prompt-tokens 512 --tokens
+128` (the fastest of --repeat runs; it also reports the measured read bandwidth and the bound it
+sets on decoding). llama.cpp: `llama-bench -m FILE -p 512 -n 128 -t THREADS -r REPEAT` (its
+mean). Nothing is downloaded.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+KIEM = os.path.join(ROOT, "target", "release", "kiem")
+
+
+def run(cmd, cwd):
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def make_model(work, args):
+    words = ("order parcel invoice refund delivery address warehouse courier customer "
+             "shipment tracking return exchange payment").split()
+    corpus = "\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + f" {i}"
+                         for i in range(3000))
+    with open(os.path.join(work, "corpus.txt"), "w") as f:
+        f.write(corpus)
+    run([KIEM, "data", "prepare", "--input", "corpus.txt", "--split-on-blank-lines",
+         "--tokenizer", "gpt2", "--out", "data"], work)
+    run([KIEM, "pretrain", "--data", "data", "--out", "base", "--arch", "llama", "--n-layer",
+         str(args.layers), "--n-head", str(args.width // 64), "--n-embd", str(args.width),
+         "--context", "1024", "--micro-batch", "1", "--batch-tokens", "1024", "--steps", "1",
+         "--eval-every", "0", "--sample-every", "0", "--threads", str(args.threads)], work)
+
+
+def kiem_speed(path, kind, args, work):
+    out = run([KIEM, "bench", "generate", "--model", path, "--weights", kind, "--batch", "1",
+               "--prompt-tokens", "512", "--tokens", "128", "--repeat", str(args.repeat),
+               "--threads", str(args.threads), "--json"], work)
+    r = json.loads(out.stdout)
+    decode = r["decode"][0]
+    return (r["prefill_tokens_per_second"], decode["tokens_per_second"],
+            r.get("bandwidth_fraction"), r.get("bytes_per_token"), r.get("parameters"))
+
+
+def llamacpp_speed(path, args, work):
+    out = run([args.llama_bench, "-m", path, "-p", "512", "-n", "128", "-t", str(args.threads),
+               "-r", str(args.repeat), "-o", "json"], work)
+    rows = json.loads(out.stdout)
+    prefill = next(r["avg_ts"] for r in rows if r.get("n_prompt") == 512 and r.get("n_gen") == 0)
+    decode = next(r["avg_ts"] for r in rows if r.get("n_gen") == 128 and r.get("n_prompt") == 0)
+    build = rows[0].get("build_commit", "?")
+    return prefill, decode, build
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama-bench", required=True)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--width", type=int, default=768)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    if not os.path.exists(KIEM):
+        sys.exit("build kiem first: cargo build --release")
+    args.llama_bench = os.path.abspath(args.llama_bench)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "unknown CPU")
+    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo")
+                  if l.startswith("flags")), [])
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline"
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        make_model(work, args)
+        for kind in args.types:
+            path = os.path.join(work, f"model-{kind}.gguf")
+            run([KIEM, "export", "--format", "gguf", "--type", kind, "--model", "base/model",
+                 "--out", path], work)
+            size = os.path.getsize(path)
+            k_pre, k_dec, frac, bytes_per_token, params = kiem_speed(path, kind, args, work)
+            l_pre, l_dec, build = llamacpp_speed(path, args, work)
+            rows.append((kind, size, k_pre, l_pre, k_dec, l_dec, frac, params, build))
+    print(f"CPU: {cpu} ({simd}); {args.threads} threads; random Llama, {args.layers} layers, "
+          f"width {args.width}, GPT-2 vocabulary ({rows[0][7] / 1e6:.0f}M parameters); "
+          f"llama.cpp build {rows[0][8]}")
+    print(f"{'type':6} {'file MiB':>8} | {'prefill tok/s':>13} {'llama.cpp':>9} {'ratio':>6} | "
+          f"{'decode tok/s':>12} {'llama.cpp':>9} {'ratio':>6} {'of bound':>8}")
+    for kind, size, k_pre, l_pre, k_dec, l_dec, frac, _, _ in rows:
+        print(f"{kind:6} {size / 2**20:8.0f} | {k_pre:13.1f} {l_pre:9.1f} {k_pre / l_pre:6.2f} | "
+              f"{k_dec:12.1f} {l_dec:9.1f} {k_dec / l_dec:6.2f} "
+              f"{(frac or float('nan')) * 100:7.0f}%")
+    print("goals: decode >= 1.0x llama.cpp and >= 80% of the bandwidth bound; prefill >= 1.0x")
+
+
+if __name__ == "__main__":
+    main()
