@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 
+from common import machine
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TOKENIZER_FILES = os.path.join(ROOT, "crates", "kiem", "tests", "fixtures", "hf", "tiny_a")
@@ -154,10 +156,7 @@ def main():
         pass
 
     choices = sum(len(c) for c in pairs)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               "unknown CPU")
-    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
-    simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
+    cpu, simd = machine()
     print(f"machine: {cpu} ({simd}, {os.cpu_count()} logical CPUs)")
     print(f"task: {os.path.relpath(args.task, ROOT)}, {n} questions, {choices} choices; model "
           f"{model.config.n_layer} layers x {model.config.n_embd}, vocab {model.config.vocab_size}; "

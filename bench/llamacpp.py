@@ -25,20 +25,10 @@ mean). Nothing is downloaded.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-KIEM = os.path.join(ROOT, "target", "release", "kiem")
-
-
-def run(cmd, cwd):
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
+from common import KIEM, machine, run
 
 
 def make_model(work, args):
@@ -89,11 +79,7 @@ def main():
     if not os.path.exists(KIEM):
         sys.exit("build kiem first: cargo build --release")
     args.llama_bench = os.path.abspath(args.llama_bench)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), "unknown CPU")
-    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo")
-                  if l.startswith("flags")), [])
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "baseline"
+    cpu, simd = machine()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         make_model(work, args)

@@ -25,34 +25,16 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-KIEM = os.path.join(ROOT, "target", "release", "kiem")
-
-
-def run(cmd, cwd):
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
+from common import KIEM, machine, run, step_timing
 
 
 def peak_rss_mib(stderr):
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     return int(m.group(1)) / 1024 if m else float("nan")
-
-
-def step_seconds(run_dir):
-    times = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    times = [(m["step"], m["elapsed_seconds"]) for m in times if "elapsed_seconds" in m]
-    (s0, t0), (s1, t1) = times[1], times[-1]
-    return (t1 - t0) / (s1 - s0)
 
 
 def make_base(work, args):
@@ -85,7 +67,7 @@ def kiem_finetune(work, args, name, extra):
            "--val-fraction", "0", "--eval-every", "0", "--checkpoint-every", "1000",
            "--threads", str(args.threads)] + extra
     out = run(cmd, work)
-    return peak_rss_mib(out.stderr), step_seconds(os.path.join(work, name))
+    return peak_rss_mib(out.stderr), step_timing(os.path.join(work, name))[0]
 
 
 PEFT_CHILD = r"""
@@ -130,8 +112,7 @@ def main():
     args = p.parse_args()
     if not os.path.exists(KIEM):
         sys.exit("build kiem first: cargo build --release")
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), "unknown CPU")
+    cpu, simd = machine()
     with tempfile.TemporaryDirectory() as work:
         make_base(work, args)
         config = json.load(open(os.path.join(work, "base/model/config.json")))
@@ -150,7 +131,7 @@ def main():
                 sys.exit(f"peft run failed:\n{out.stderr}")
             rss, secs = map(float, out.stdout.split()[-2:])
             rows.append(("peft + PyTorch LoRA", rss, secs))
-    print(f"CPU: {cpu}; {args.threads} threads; Llama {config['num_hidden_layers']} layers, "
+    print(f"CPU: {cpu} ({simd}); {args.threads} threads; Llama {config['num_hidden_layers']} layers, "
           f"width {config['hidden_size']}, MLP {config['intermediate_size']}, vocab "
           f"{config['vocab_size']}; micro-batch {args.micro_batch} x {args.seq} tokens; "
           f"LoRA r={args.rank} alpha={2 * args.rank} on every linear layer; {args.steps} steps")

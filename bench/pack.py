@@ -16,31 +16,13 @@ with it, rows hold consecutive conversations up to the longest conversation's le
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-KIEM = os.path.join(ROOT, "target", "release", "kiem")
+from common import KIEM, ROOT, machine, run, step_timing
+
 DEFAULT_CHATS = os.path.join(ROOT, "..", "shared", "data", "chat",
                              "construction_company_faq_en.sharegpt.jsonl")
-
-
-def run(cmd, cwd):
-    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
-    return out
-
-
-def throughput(run_dir):
-    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    steps = [m for m in steps if "elapsed_seconds" in m and "tokens" in m]
-    a, b = steps[1], steps[-1]
-    seconds = b["elapsed_seconds"] - a["elapsed_seconds"]
-    tokens = b["tokens"] - a["tokens"]
-    return tokens / seconds, seconds / (b["step"] - a["step"]), tokens / (b["step"] - a["step"])
 
 
 def main():
@@ -57,8 +39,7 @@ def main():
     if not os.path.exists(KIEM):
         sys.exit("build kiem first: cargo build --release")
     chats = os.path.abspath(args.chats)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                if l.startswith("model name")), "unknown CPU")
+    cpu, simd = machine()
     with tempfile.TemporaryDirectory() as work:
         text = []
         for line in open(chats):
@@ -84,8 +65,9 @@ def main():
                  "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
                  "--val-fraction", "0", "--eval-every", "0", "--checkpoint-every", "1000",
                  "--threads", str(args.threads)] + lora + extra, work)
-            rows.append((name,) + throughput(os.path.join(work, out)))
-    print(f"CPU: {cpu}; {args.threads} threads; Llama {args.layers} layers, width {args.width}; "
+            seconds, tokens = step_timing(os.path.join(work, out))
+            rows.append((name, tokens / seconds, seconds, tokens))
+    print(f"CPU: {cpu} ({simd}); {args.threads} threads; Llama {args.layers} layers, width {args.width}; "
           f"{os.path.basename(chats)}; micro-batch {args.micro_batch}; "
           f"{'LoRA r=%d' % args.lora_rank if args.lora_rank else 'full fine-tune'}; "
           f"{args.steps} steps")

@@ -442,8 +442,10 @@ impl<K: Kernels> Gpt<K> {
                 "the base is stored compactly already".into(),
             ));
         }
+        let matrices = self.layer_matrices();
         let mut stored = std::collections::HashMap::new();
-        for (range, c_in) in self.layer_matrices() {
+        for (range, c_in) in &matrices {
+            let (range, c_in) = (range.clone(), *c_in);
             let c_out = range.len() / c_in;
             let w = &self.params[range.clone()];
             let out_in = match self.matrices {
@@ -452,14 +454,15 @@ impl<K: Kernels> Gpt<K> {
             };
             let m = FrozenMatrix::new(weights, &out_in, c_in, c_out).ok_or_else(|| {
                 EngineError::Config(format!(
-                    "cannot store the base as {}: a matrix's rows of {c_in} weights are not                      whole blocks of 32",
+                    "cannot store the base as {}: a matrix's rows of {c_in} weights are not \
+                     whole blocks of 32",
                     weights.name()
                 ))
             })?;
             stored.insert(range.start, m);
         }
         let mut released = 0;
-        for (range, _) in self.layer_matrices() {
+        for (range, _) in matrices {
             released += release_pages(&mut self.params[range]);
         }
         self.frozen_base = stored;
@@ -750,19 +753,14 @@ impl<K: Kernels> Gpt<K> {
         training: bool,
     ) {
         let bias = bias.map(|b| &self.params[b]);
+        let thin = inp.len() / c_in <= SKINNY_ROWS;
         if let Some(m) = self.frozen_base.get(&weights.start) {
             // A training pass reads the matrices as its backward pass does: dequantized.
-            if inp.len() / c_in <= SKINNY_ROWS && !training {
+            if thin && !training {
                 m.thin_product(out, inp, bias);
-            } else {
-                m.with_dequantized(|w| {
-                    self.kernels
-                        .matmul_forward(out, inp, w, WeightLayout::OutIn, bias, c_in, c_out)
-                });
+                return;
             }
-            return;
-        }
-        if layout == WeightLayout::OutIn && inp.len() / c_in <= SKINNY_ROWS {
+        } else if layout == WeightLayout::OutIn && thin {
             if let Some(q) = self
                 .params_quant
                 .as_ref()
@@ -776,8 +774,16 @@ impl<K: Kernels> Gpt<K> {
                 return;
             }
         }
-        self.kernels
-            .matmul_forward(out, inp, &self.params[weights], layout, bias, c_in, c_out);
+        with_matrix(
+            &self.frozen_base,
+            &self.params,
+            layout,
+            &weights,
+            |w, layout| {
+                self.kernels
+                    .matmul_forward(out, inp, w, layout, bias, c_in, c_out)
+            },
+        );
     }
 
     /// The rotary table for `positions` (see [`rope_table`]).
