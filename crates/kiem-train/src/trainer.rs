@@ -160,6 +160,18 @@ impl TrainConfig {
                 "--base-weights stores a frozen base: it needs LoRA adapters (--lora-rank)".into(),
             );
         }
+        if let Some(weights @ (DecodingWeights::Q8_0 | DecodingWeights::Q4_0)) = self.base_weights {
+            // Checked before the run writes anything: quantized rows are whole 32-weight blocks.
+            let m = &self.model;
+            let widths = [m.n_embd, m.q_width(), m.mlp_hidden()];
+            if widths.iter().any(|w| w % 32 != 0) {
+                return bad(format!(
+                    "--base-weights {} needs layer inputs of whole 32-weight blocks, but this \
+                     model's widths are {widths:?}: choose bf16",
+                    weights.name()
+                ));
+            }
+        }
         Ok(())
     }
 }

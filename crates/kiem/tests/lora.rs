@@ -422,4 +422,38 @@ fn packed_finetune_learns_and_resumes_exactly() {
         ),
         &["q3", "q4_0"],
     );
+    // A width that is not whole 32-weight blocks is refused before the run writes anything.
+    ok(run(
+        &[
+            "pretrain",
+            "--out",
+            "narrow",
+            "--data",
+            "data",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--n-embd",
+            "48",
+            "--context",
+            "64",
+            "--steps",
+            "1",
+            "--eval-every",
+            "0",
+            "--sample-every",
+            "0",
+            "--threads",
+            "2",
+        ],
+        dir,
+    ));
+    let mut narrow = args("bad", &lora);
+    narrow[4] = "narrow/model";
+    failed(run(&narrow, dir), &["q4_0", "32", "bf16"]);
+    assert!(
+        !dir.join("bad").exists(),
+        "nothing written for a refused run"
+    );
 }
