@@ -1,9 +1,9 @@
-//! An optional system BLAS for the big matmuls, loaded at run time.
+//! An optional system BLAS for the fp32 products, loaded at run time on request.
 //!
-//! OpenBLAS ships AVX-512 sgemm kernels that the `gemm` crate only enables on nightly Rust; on
-//! this class of machine they are ~1.5x faster. kiem does not link it: when `libopenblas.so.0`
-//! is present (Debian: `libopenblas0`), it is loaded with `dlopen` and used; otherwise, or with
-//! `KIEM_BLAS=gemm`, everything runs on the `gemm` crate. Results agree to float rounding.
+//! kiem's own kernel ([`crate::f32_gemm`]) computes fp32 products by default. With
+//! `KIEM_BLAS=openblas`, `libopenblas.so.0` (Debian: `libopenblas0`) is loaded with `dlopen`
+//! and used instead, for comparison (bench/RESULTS.md); kiem does not link it. Results agree
+//! to float rounding.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -38,13 +38,20 @@ pub struct Blas {
     pub name: String,
 }
 
-/// The loaded BLAS, if any.
+/// The BLAS fp32 products go through: OpenBLAS when `KIEM_BLAS=openblas` and it loads.
 pub fn blas() -> Option<&'static Blas> {
+    static CHOSEN: OnceLock<bool> = OnceLock::new();
+    if *CHOSEN.get_or_init(|| std::env::var("KIEM_BLAS").is_ok_and(|v| v == "openblas")) {
+        openblas()
+    } else {
+        None
+    }
+}
+
+/// OpenBLAS loaded from the system, if present (whether or not products use it).
+pub fn openblas() -> Option<&'static Blas> {
     static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
     BLAS.get_or_init(|| {
-        if std::env::var("KIEM_BLAS").is_ok_and(|v| v == "gemm" || v == "off") {
-            return None;
-        }
         ["libopenblas.so.0", "libopenblas.so"]
             .iter()
             .find_map(|name| {
@@ -74,7 +81,7 @@ pub fn blas() -> Option<&'static Blas> {
 pub fn backend_name() -> String {
     match blas() {
         Some(b) => format!("{} (system BLAS)", b.name),
-        None => "gemm crate".to_string(),
+        None => crate::f32_gemm::kernel().name.to_string(),
     }
 }
 

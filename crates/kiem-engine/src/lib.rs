@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bf16_gemm;
 pub mod blas;
 pub mod config;
+pub mod f32_gemm;
 mod frozen;
 pub mod gguf;
 pub mod hf_llama;

@@ -55,6 +55,29 @@ fn digest() -> u64 {
     k.adamw(&mut p, &g, &mut m, &mut v, &h);
     keep(&p);
 
+    // kiem's fp32 GEMM (the level picks its kernel), with edges in every direction.
+    let (a, b) = (random(37 * 300), random(300 * 41));
+    let mut product = vec![0f32; 37 * 41];
+    // SAFETY: the strides address only the vectors' elements.
+    unsafe {
+        kiem_engine::f32_gemm::gemm(
+            kiem_engine::f32_gemm::kernel(),
+            true,
+            37,
+            41,
+            300,
+            product.as_mut_ptr(),
+            41,
+            false,
+            a.as_ptr(),
+            (300, 1),
+            b.as_ptr(),
+            (41, 1),
+            1.0,
+        )
+    };
+    keep(&product);
+
     let d = Dims::mha(2, 9, 16, 2);
     let qkv = random(d.rows() * 3 * d.channels);
     let (mut y, mut att) = (vec![0f32; d.rows() * d.channels], vec![0f32; 2 * 2 * 9 * 9]);

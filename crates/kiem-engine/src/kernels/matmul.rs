@@ -1,18 +1,12 @@
-//! Matrix products: the GEMM paths (OpenBLAS when installed, else the `gemm` crate; bf16
+//! Matrix products: the GEMM paths (kiem's own fp32 kernel, or OpenBLAS where chosen; bf16
 //! operands through [`crate::bf16_gemm`]) and the thin products decoding reads weights with.
 
 use rayon::prelude::*;
 
 use super::{level, reduce_rows, wide, Level, MatmulPrecision, WeightLayout};
 
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (row stride, column stride).
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given by (row stride, column stride);
+/// `dst` is row-major (column stride 1).
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     precision: MatmulPrecision,
@@ -55,58 +49,27 @@ fn gemm_f32(
         );
         return;
     }
-    if dst_strides.1 == 1 && k > 0 {
-        if let Some(blas) = crate::blas::blas() {
-            // SAFETY: the asserts above bound every access; dst is a distinct &mut.
-            let done = unsafe {
-                blas.sgemm_raw(
-                    false,
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    dst_strides.0,
-                    accumulate,
-                    lhs.as_ptr(),
-                    lhs_strides,
-                    rhs.as_ptr(),
-                    rhs_strides,
-                    1.0,
-                )
-            };
-            if done {
-                return;
-            }
-        }
-    }
     // SAFETY: the asserts above keep every access inside the slices; dst does not alias the
     // inputs (it is a distinct &mut).
     unsafe {
-        gemm::gemm(
+        sgemm(
+            true,
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            dst_strides.1 as isize,
-            dst_strides.0 as isize,
+            dst_strides,
             accumulate,
             lhs.as_ptr(),
-            lhs_strides.1 as isize,
-            lhs_strides.0 as isize,
+            lhs_strides,
             rhs.as_ptr(),
-            rhs_strides.1 as isize,
-            rhs_strides.0 as isize,
+            rhs_strides,
             1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        );
+        )
     }
 }
 
-/// `dst[m, n] (+)= beta · lhs[m, k] · rhs[k, n]` on raw pointers, single-threaded (for use
+/// `dst[m, n] (+)= alpha · lhs[m, k] · rhs[k, n]` on raw pointers, single-threaded (for use
 /// inside parallel tasks that own disjoint parts of `dst`).
 ///
 /// # Safety
@@ -124,15 +87,52 @@ pub(super) unsafe fn gemm_raw(
     lhs_strides: (usize, usize),
     rhs: *const f32,
     rhs_strides: (usize, usize),
-    beta: f32,
+    alpha: f32,
 ) {
+    sgemm(
+        false,
+        m,
+        n,
+        k,
+        dst,
+        dst_strides,
+        accumulate,
+        lhs,
+        lhs_strides,
+        rhs,
+        rhs_strides,
+        alpha,
+    )
+}
+
+/// The fp32 product on this process's path: OpenBLAS where chosen ([`crate::blas::blas`]),
+/// else kiem's own kernel ([`crate::f32_gemm`]).
+///
+/// # Safety
+/// As [`gemm_raw`]; with `parallel`, the call may use the whole rayon pool.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm(
+    parallel: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (usize, usize),
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+    alpha: f32,
+) {
+    assert_eq!(dst_strides.1, 1, "gemm: dst must be row-major");
     if m == 0 || n == 0 {
         return;
     }
-    if dst_strides.1 == 1 && k > 0 {
+    if k > 0 {
         if let Some(blas) = crate::blas::blas() {
             if blas.sgemm_raw(
-                true,
+                !parallel,
                 m,
                 n,
                 k,
@@ -143,33 +143,27 @@ pub(super) unsafe fn gemm_raw(
                 lhs_strides,
                 rhs,
                 rhs_strides,
-                beta,
+                alpha,
             ) {
                 return;
             }
         }
     }
-    gemm::gemm(
+    crate::f32_gemm::gemm(
+        crate::f32_gemm::kernel(),
+        parallel,
         m,
         n,
         k,
         dst,
-        dst_strides.1 as isize,
-        dst_strides.0 as isize,
+        dst_strides.0,
         accumulate,
         lhs,
-        lhs_strides.1 as isize,
-        lhs_strides.0 as isize,
+        lhs_strides,
         rhs,
-        rhs_strides.1 as isize,
-        rhs_strides.0 as isize,
-        1.0,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
+        rhs_strides,
+        alpha,
+    )
 }
 
 /// Up to this many rows, `matmul_forward` reads the weights once for all rows with its own

@@ -25,6 +25,59 @@ pub enum BenchCommand {
     /// Inference speed of a model: prefill tokens/s, and decode tokens/s with a KV cache at
     /// several batch sizes (continuous batching, as `kiem serve` decodes).
     Generate(GenerateBenchArgs),
+    /// fp32 matrix products of one transformer layer's training step (forward, input
+    /// gradient, weight gradient of the qkv, attention-output, MLP-in and MLP-out matrices) on
+    /// every path this machine has: kiem's kernel at each SIMD level, and OpenBLAS if installed.
+    Gemm(GemmBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GemmBenchArgs {
+    /// Model width (the issue-3 benchmark config: 384; GPT-2 124M: 768).
+    #[arg(long, default_value_t = 384, value_name = "N")]
+    width: usize,
+
+    /// Rows of activations: micro-batch x context (8 x 256).
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    rows: usize,
+
+    /// Timed repetitions of each product; the fastest counts.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    repeat: usize,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    threads: crate::ThreadArgs,
+}
+
+#[derive(Serialize, Debug)]
+struct GemmBench {
+    machine: String,
+    threads: usize,
+    /// The path `kiem pretrain` uses in this process.
+    default_path: String,
+    shapes: Vec<GemmShape>,
+    paths: Vec<GemmPath>,
+}
+
+#[derive(Serialize, Debug)]
+struct GemmShape {
+    name: String,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+#[derive(Serialize, Debug)]
+struct GemmPath {
+    name: String,
+    /// GFLOP/s of each shape, in order.
+    gflops: Vec<f64>,
+    /// All shapes' FLOPs over their summed fastest times.
+    total_gflops: f64,
 }
 
 #[derive(Args, Debug)]
@@ -143,7 +196,159 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Tokenizer(args) => tokenizer(args),
         BenchCommand::Generate(args) => generate(args),
+        BenchCommand::Gemm(args) => gemm(args),
     }
+}
+
+fn gemm(args: GemmBenchArgs) -> Result<()> {
+    use kiem_engine::f32_gemm;
+    let threads = args.threads.install()?;
+    if !(1..=65_536).contains(&args.width) || !(1..=1 << 20).contains(&args.rows) {
+        bail!("--width must be in 1..=65536 and --rows in 1..=1048576");
+    }
+    let (w, r) = (args.width, args.rows);
+    // (name, rows, out, in): each layer matrix as training multiplies it.
+    let matrices = [
+        ("qkv", w, 3 * w),
+        ("attn out", w, w),
+        ("mlp in", w, 4 * w),
+        ("mlp out", 4 * w, w),
+    ];
+    // (name, m, n, k, lhs transposed, rhs transposed)
+    let mut shapes = Vec::new();
+    for (name, c_in, c_out) in matrices {
+        shapes.push((format!("{name} forward"), r, c_out, c_in, false, false));
+        shapes.push((format!("{name} input grad"), r, c_in, c_out, false, true));
+        shapes.push((format!("{name} weight grad"), c_in, c_out, r, true, false));
+    }
+    let largest = shapes
+        .iter()
+        .map(|s| (s.1 * s.3).max(s.3 * s.2).max(s.1 * s.2))
+        .max()
+        .unwrap_or(0);
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed) % 2001) as f32 / 1000.0 - 1.0) * 0.1)
+            .collect()
+    };
+    let (lhs, rhs) = (values(largest, 1), values(largest, 2));
+    let mut dst = vec![0f32; largest];
+    type Product<'a> = Box<dyn Fn(&(String, usize, usize, usize, bool, bool), &mut [f32]) + 'a>;
+    let mut paths: Vec<(String, Product)> = Vec::new();
+    for kernel in f32_gemm::kernels_available() {
+        let (lhs, rhs) = (&lhs, &rhs);
+        paths.push((
+            kernel.name.to_string(),
+            Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
+                let ls = if lt { (1, m) } else { (k, 1) };
+                let rs = if rt { (1, k) } else { (n, 1) };
+                // SAFETY: each operand holds `largest` >= its m·k, k·n, m·n elements.
+                unsafe {
+                    f32_gemm::gemm(
+                        kernel,
+                        true,
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        n,
+                        false,
+                        lhs.as_ptr(),
+                        ls,
+                        rhs.as_ptr(),
+                        rs,
+                        1.0,
+                    )
+                }
+            }),
+        ));
+    }
+    if let Some(blas) = kiem_engine::blas::openblas() {
+        let (lhs, rhs) = (&lhs, &rhs);
+        paths.push((
+            format!("{} (system BLAS)", blas.name),
+            Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
+                let ls = if lt { (1, m) } else { (k, 1) };
+                let rs = if rt { (1, k) } else { (n, 1) };
+                // SAFETY: as above.
+                let done = unsafe {
+                    blas.sgemm_raw(
+                        false,
+                        m,
+                        n,
+                        k,
+                        dst.as_mut_ptr(),
+                        n,
+                        false,
+                        lhs.as_ptr(),
+                        ls,
+                        rhs.as_ptr(),
+                        rs,
+                        1.0,
+                    )
+                };
+                assert!(done, "OpenBLAS refused a plain product");
+            }),
+        ));
+    }
+    let mut results = Vec::new();
+    for (name, product) in &paths {
+        let mut gflops = Vec::new();
+        let (mut flops, mut seconds) = (0f64, 0f64);
+        for shape in &shapes {
+            let (best, _) = fastest(args.repeat, || product(shape, &mut dst));
+            let f = 2.0 * (shape.1 * shape.2 * shape.3) as f64;
+            gflops.push(f / best / 1e9);
+            flops += f;
+            seconds += best;
+        }
+        results.push(GemmPath {
+            name: name.clone(),
+            gflops,
+            total_gflops: flops / seconds / 1e9,
+        });
+    }
+    let report = GemmBench {
+        machine: machine_description(),
+        threads,
+        default_path: kiem_engine::kernels::matmul_path(
+            kiem_engine::kernels::MatmulPrecision::Fp32,
+        ),
+        shapes: shapes
+            .iter()
+            .map(|s| GemmShape {
+                name: s.0.clone(),
+                m: s.1,
+                n: s.2,
+                k: s.3,
+            })
+            .collect(),
+        paths: results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!("machine: {}; {threads} threads", report.machine);
+    println!("fp32 products use: {}", report.default_path);
+    print!("{:<24}{:>18}", "product", "m x n x k");
+    for p in &report.paths {
+        print!("  {:>28}", p.name);
+    }
+    println!();
+    for (i, s) in report.shapes.iter().enumerate() {
+        print!("{:<24}{:>18}", s.name, format!("{}x{}x{}", s.m, s.n, s.k));
+        for p in &report.paths {
+            print!("  {:>22.1} GFLOP/s", p.gflops[i]);
+        }
+        println!();
+    }
+    print!("{:<42}", "all products");
+    for p in &report.paths {
+        print!("  {:>22.1} GFLOP/s", p.total_gflops);
+    }
+    println!();
+    Ok(())
 }
 
 fn generate(args: GenerateBenchArgs) -> Result<()> {

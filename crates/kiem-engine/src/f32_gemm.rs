@@ -1,0 +1,807 @@
+//! kiem's own fp32 matrix product: BLIS-style packing around a register tile, with microkernels
+//! for AVX-512 (12 × 32), AVX2 + FMA (6 × 16) and a portable one (4 × 16), picked at run time
+//! from [`crate::kernels::simd`]'s level (`KIEM_SIMD` caps it).
+//!
+//! The `gemm` crate enables its AVX-512 kernels only on nightly Rust and OpenBLAS is a system
+//! package a quick start does not have; training's products are large and few, so one kernel
+//! per instruction set, tuned for them, is what makes the default build fast everywhere.
+//!
+//! Every output element is summed in the same order (k ascending, blocks of [`KC`], fused
+//! multiply-adds) whatever the kernel, the thread count or the split, so results are the same
+//! bits at every SIMD level and thread count.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use crate::kernels::SyncPtr;
+use crate::kernels::{level, wide, Level};
+
+/// Values of k per packed block: a kernel's panels of A (MR × KC) and B (KC × NR) stay in L1/L2.
+const KC: usize = 256;
+/// Columns of B per packed block (KC × NC × 4 bytes = 4 MiB, in the last-level cache).
+const NC: usize = 4096;
+/// Register tiles of rows per block of A that one task packs and keeps in L2.
+const MC_TILES: usize = 12;
+
+/// One register-tile kernel: `c[0..mr, 0..nr] = (overwrite ? 0 : c) + alpha · a · b` where `a`
+/// is a packed `[kc][MR]` panel and `b` a packed `[kc][NR]` panel.
+type TileFn = unsafe fn(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+    alpha: f32,
+);
+
+/// The microkernel of one instruction set.
+#[derive(Clone, Copy)]
+pub struct Kernel {
+    pub name: &'static str,
+    mr: usize,
+    nr: usize,
+    tile: TileFn,
+}
+
+/// The kernel this process uses (the best the CPU and `KIEM_SIMD` allow).
+pub fn kernel() -> Kernel {
+    kernel_for(level())
+}
+
+fn kernel_for(level: Level) -> Kernel {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => Kernel {
+            name: "kiem sgemm, AVX-512 12x32",
+            mr: 12,
+            nr: 32,
+            tile: tile_avx512,
+        },
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => Kernel {
+            name: "kiem sgemm, AVX2+FMA 6x16",
+            mr: 6,
+            nr: 16,
+            tile: tile_avx2,
+        },
+        _ => Kernel {
+            name: "kiem sgemm, portable 4x16",
+            mr: PORTABLE_MR,
+            nr: PORTABLE_NR,
+            tile: tile_portable,
+        },
+    }
+}
+
+/// Every kernel this CPU can run, best first (tests compare them).
+pub fn kernels_available() -> Vec<Kernel> {
+    [Level::Avx512, Level::Avx2, Level::Base]
+        .into_iter()
+        .filter(|&l| l == Level::Base || level_supported(l))
+        .map(kernel_for)
+        .collect()
+}
+
+fn level_supported(l: Level) -> bool {
+    match (level(), l) {
+        (_, Level::Base) => true,
+        (Level::Avx512, _) => true,
+        (Level::Avx2, Level::Avx2) => true,
+        _ => false,
+    }
+}
+
+/// One cache line of packed values: panels start on line boundaries, so no vector load of B
+/// straddles two lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// `n` values rounded up to whole cache lines.
+fn lines(n: usize) -> usize {
+    n.div_ceil(16) * 16
+}
+
+thread_local! {
+    /// Packed blocks of A (per task) and B (per call), reused across calls.
+    static PACKED_A: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    static PACKED_B: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `body` on this thread's buffer grown to `len` values (starting on a cache line), or on
+/// a fresh one when the buffer is in use (a rayon task run while this thread waits inside
+/// another product).
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<Line>>>,
+    len: usize,
+    body: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let view = |buffer: &mut [Line]| {
+        // SAFETY: a Line is 16 plain f32 with no padding.
+        unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut f32, len) }
+    };
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() * 16 < len {
+                buffer.resize(len.div_ceil(16), Line([0.0; 16]));
+            }
+            body(view(&mut buffer))
+        }
+        Err(_) => body(view(&mut vec![Line([0.0; 16]); len.div_ceil(16)])),
+    })
+}
+
+/// `dst[m, n] = (accumulate ? dst : 0) + alpha · lhs[m, k] · rhs[k, n]`: `dst` row-major with
+/// row stride `ldc`, each operand given by (row stride, column stride). With `parallel`, the
+/// work is split over the rayon pool; without, it runs on this thread (inside parallel tasks).
+///
+/// # Safety
+/// Every element addressed through the strides lies inside the pointed-to buffers, `dst` does
+/// not overlap the operands, and nothing else writes its addressed part during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm(
+    kernel: Kernel,
+    parallel: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (usize, usize),
+    rhs: *const f32,
+    rhs_strides: (usize, usize),
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * ldc), 0, n);
+            }
+        }
+        return;
+    }
+    let (mr, nr) = (kernel.mr, kernel.nr);
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
+    let (lhs, rhs, dst) = (lhs as usize, rhs as usize, SyncPtr(dst));
+    // Blocks of rows, as equal as whole register tiles allow and a multiple of the threads
+    // in number, so that no thread waits on a short last block.
+    let tiles = m.div_ceil(mr);
+    let row_blocks = tiles
+        .div_ceil(MC_TILES)
+        .next_multiple_of(threads)
+        .min(tiles);
+    let block_rows = |b: usize| ((b * tiles / row_blocks) * mr).min(m);
+    for jc in (0..n).step_by(NC) {
+        let nc = (n - jc).min(NC);
+        let panels = nc.div_ceil(nr);
+        for pc in (0..k).step_by(KC) {
+            let kc = (k - pc).min(KC);
+            let overwrite = pc == 0 && !accumulate;
+            let (a_stride, b_stride) = (lines(kc * mr), lines(kc * nr));
+            with_buffer(&PACKED_B, panels * b_stride, |b_pack| {
+                let pack = |(p, panel): (usize, &mut [f32])| {
+                    let j0 = jc + p * nr;
+                    // SAFETY: the caller guarantees rhs's extent; the panel is this task's.
+                    unsafe {
+                        pack_b(
+                            panel,
+                            rhs as *const f32,
+                            rhs_strides,
+                            pc,
+                            kc,
+                            j0,
+                            (jc + nc - j0).min(nr),
+                            nr,
+                        )
+                    }
+                };
+                if threads > 1 && panels > 1 {
+                    b_pack.par_chunks_mut(b_stride).enumerate().for_each(pack);
+                } else {
+                    b_pack.chunks_mut(b_stride).enumerate().for_each(pack);
+                }
+                // Tasks: blocks of rows, and where those are fewer than the threads can use,
+                // groups of column panels too.
+                let groups = if threads > 1 {
+                    (2 * threads).div_ceil(row_blocks).clamp(1, panels)
+                } else {
+                    1
+                };
+                let per_group = panels.div_ceil(groups);
+                let b_pack = &*b_pack;
+                let task = |t: usize| {
+                    let (block, group) = (t / groups, t % groups);
+                    let i0 = block_rows(block);
+                    let rows = block_rows(block + 1) - i0;
+                    let row_tiles = rows.div_ceil(mr);
+                    let (p0, p1) = (group * per_group, ((group + 1) * per_group).min(panels));
+                    if p0 >= p1 {
+                        return;
+                    }
+                    with_buffer(&PACKED_A, row_tiles * a_stride, |a_pack| {
+                        for (ti, panel) in a_pack.chunks_mut(a_stride).enumerate() {
+                            let r0 = i0 + ti * mr;
+                            // SAFETY: the caller guarantees lhs's extent.
+                            unsafe {
+                                pack_a(
+                                    panel,
+                                    lhs as *const f32,
+                                    lhs_strides,
+                                    r0,
+                                    (i0 + rows - r0).min(mr),
+                                    pc,
+                                    kc,
+                                    mr,
+                                )
+                            };
+                        }
+                        for p in p0..p1 {
+                            let j0 = jc + p * nr;
+                            let cols = (jc + nc - j0).min(nr);
+                            let b = b_pack[p * b_stride..].as_ptr();
+                            for ti in 0..row_tiles {
+                                let r0 = i0 + ti * mr;
+                                // SAFETY: the kernel matches the CPU (chosen by `level`); the
+                                // panels hold kc × MR and kc × NR values; the tile's rows and
+                                // columns lie inside dst, which this task alone writes there.
+                                unsafe {
+                                    (kernel.tile)(
+                                        kc,
+                                        a_pack[ti * a_stride..].as_ptr(),
+                                        b,
+                                        dst.get().add(r0 * ldc + j0),
+                                        ldc,
+                                        (i0 + rows - r0).min(mr),
+                                        cols,
+                                        overwrite,
+                                        alpha,
+                                    )
+                                };
+                            }
+                        }
+                    });
+                };
+                let tasks = row_blocks * groups;
+                if threads > 1 && tasks > 1 {
+                    (0..tasks).into_par_iter().for_each(task);
+                } else {
+                    (0..tasks).for_each(task);
+                }
+            });
+        }
+    }
+}
+
+/// [`pack_a_in`] compiled for the CPU's vector width (its copies then inline).
+///
+/// # Safety
+/// As [`pack_a_in`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_a(
+    dst: &mut [f32],
+    a: *const f32,
+    strides: (usize, usize),
+    i0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+) {
+    let a = a as usize;
+    // SAFETY: as the caller guarantees.
+    wide(|| unsafe { pack_a_in(dst, a as *const f32, strides, i0, rows, p0, kc, mr) })
+}
+
+/// Packs rows `i0..i0 + rows` and k `p0..p0 + kc` of A as `[k][mr]` (zero beyond `rows`).
+///
+/// # Safety
+/// Every addressed element of `a` is readable.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pack_a_in(
+    dst: &mut [f32],
+    a: *const f32,
+    (rs, cs): (usize, usize),
+    i0: usize,
+    rows: usize,
+    p0: usize,
+    kc: usize,
+    mr: usize,
+) {
+    let dst = &mut dst[..kc * mr];
+    if rows < mr {
+        dst.fill(0.0);
+    }
+    if cs == 1 {
+        // Rows of A are contiguous: walk them side by side so dst is written in order.
+        let starts: Vec<*const f32> = (0..rows).map(|r| a.add((i0 + r) * rs + p0)).collect();
+        for (p, out) in dst.chunks_exact_mut(mr).enumerate() {
+            for (o, &row) in out.iter_mut().zip(&starts) {
+                *o = *row.add(p);
+            }
+        }
+    } else if rs == 1 {
+        for p in 0..kc {
+            copy_short(&mut dst[p * mr..p * mr + rows], a.add(i0 + (p0 + p) * cs));
+        }
+    } else {
+        for p in 0..kc {
+            for r in 0..rows {
+                dst[p * mr + r] = *a.add((i0 + r) * rs + (p0 + p) * cs);
+            }
+        }
+    }
+}
+
+/// Copies `dst.len()` values from `src`; the tile widths are copied with fixed-size moves (a
+/// `memmove` call per 24 or 64 bytes cost as much as a tenth of a training step).
+///
+/// # Safety
+/// `src` is readable for `dst.len()` values.
+#[inline(always)]
+unsafe fn copy_short(dst: &mut [f32], src: *const f32) {
+    #[inline(always)]
+    unsafe fn fixed<const N: usize>(dst: &mut [f32], src: *const f32) {
+        dst[..N].copy_from_slice(&*(src as *const [f32; N]));
+    }
+    match dst.len() {
+        6 => fixed::<6>(dst, src),
+        12 => fixed::<12>(dst, src),
+        16 => fixed::<16>(dst, src),
+        32 => fixed::<32>(dst, src),
+        n => dst.copy_from_slice(std::slice::from_raw_parts(src, n)),
+    }
+}
+
+/// [`pack_b_in`] compiled for the CPU's vector width (its copies then inline).
+///
+/// # Safety
+/// As [`pack_b_in`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_b(
+    dst: &mut [f32],
+    b: *const f32,
+    strides: (usize, usize),
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+    nr: usize,
+) {
+    let b = b as usize;
+    // SAFETY: as the caller guarantees.
+    wide(|| unsafe { pack_b_in(dst, b as *const f32, strides, p0, kc, j0, cols, nr) })
+}
+
+/// Packs k `p0..p0 + kc` and columns `j0..j0 + cols` of B as `[k][nr]` (zero beyond `cols`).
+///
+/// # Safety
+/// Every addressed element of `b` is readable.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pack_b_in(
+    dst: &mut [f32],
+    b: *const f32,
+    (rs, cs): (usize, usize),
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    cols: usize,
+    nr: usize,
+) {
+    let dst = &mut dst[..kc * nr];
+    if cols < nr {
+        dst.fill(0.0);
+    }
+    if cs == 1 {
+        for p in 0..kc {
+            copy_short(&mut dst[p * nr..p * nr + cols], b.add((p0 + p) * rs + j0));
+        }
+    } else if rs == 1 {
+        for j in 0..cols {
+            let col = std::slice::from_raw_parts(b.add(p0 + (j0 + j) * cs), kc);
+            for (p, &x) in col.iter().enumerate() {
+                dst[p * nr + j] = x;
+            }
+        }
+    } else {
+        for p in 0..kc {
+            for j in 0..cols {
+                dst[p * nr + j] = *b.add((p0 + p) * rs + (j0 + j) * cs);
+            }
+        }
+    }
+}
+
+/// Writes a finished tile: `c = (overwrite ? 0 : c) + alpha · acc` for rows `0..mr`, columns
+/// `0..nr` (a partial tile of a full `MR × NR` accumulator laid out row by row).
+///
+/// # Safety
+/// Rows `0..mr` (stride `ldc`), columns `0..nr` of `c` are valid for reads and writes.
+#[inline(always)]
+unsafe fn store_partial<const NR: usize>(
+    acc: &[[f32; NR]],
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+    alpha: f32,
+) {
+    for (r, row) in acc.iter().enumerate().take(mr) {
+        let out = c.add(r * ldc);
+        for (j, &x) in row.iter().enumerate().take(nr) {
+            // As the vector stores do: no `0 + x` on overwrite (it would turn -0 into +0).
+            *out.add(j) = if overwrite {
+                alpha * x
+            } else {
+                *out.add(j) + alpha * x
+            };
+        }
+    }
+}
+
+/// Generates an intrinsics microkernel: `$mr` rows × `$v` vectors of `$lanes` floats.
+macro_rules! simd_tile {
+    ($name:ident, $feature:literal, $mr:literal, $v:literal, $lanes:literal, $zero:ident,
+     $loadu:ident, $storeu:ident, $set1:ident, $fmadd:ident, $mul:ident, $add:ident) => {
+        /// # Safety
+        /// The CPU has the features named; see [`TileFn`] for the operands.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            mr: usize,
+            nr: usize,
+            overwrite: bool,
+            alpha: f32,
+        ) {
+            use std::arch::x86_64::*;
+            const MR: usize = $mr;
+            const V: usize = $v;
+            const NR: usize = $v * $lanes;
+            // The tile of C is read (or written) once the sums are done: start fetching it.
+            for r in 0..mr {
+                let row = c.add(r * ldc) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(row);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * NR - 1));
+            }
+            let mut acc = [[$zero(); V]; MR];
+            for p in 0..kc {
+                let bp = b.add(p * NR);
+                let mut bv = [$zero(); V];
+                for v in 0..V {
+                    bv[v] = $loadu(bp.add(v * $lanes));
+                }
+                let ap = a.add(p * MR);
+                for r in 0..MR {
+                    let ar = $set1(*ap.add(r));
+                    for v in 0..V {
+                        acc[r][v] = $fmadd(ar, bv[v], acc[r][v]);
+                    }
+                }
+            }
+            let scale = $set1(alpha);
+            if mr == MR && nr == NR {
+                for r in 0..MR {
+                    let row = c.add(r * ldc);
+                    for v in 0..V {
+                        let p = row.add(v * $lanes);
+                        let x = $mul(acc[r][v], scale);
+                        let sum = if overwrite { x } else { $add($loadu(p), x) };
+                        $storeu(p, sum);
+                    }
+                }
+            } else {
+                let mut spill = [[0f32; NR]; MR];
+                for r in 0..MR {
+                    for v in 0..V {
+                        $storeu(spill[r].as_mut_ptr().add(v * $lanes), acc[r][v]);
+                    }
+                }
+                store_partial(&spill, c, ldc, mr, nr, overwrite, alpha);
+            }
+        }
+    };
+}
+
+simd_tile!(
+    tile_avx2,
+    "avx2,fma",
+    6,
+    2,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_mul_ps,
+    _mm256_add_ps
+);
+
+simd_tile!(
+    tile_avx512,
+    "avx512f,avx2,fma",
+    12,
+    2,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_mul_ps,
+    _mm512_add_ps
+);
+
+const PORTABLE_MR: usize = 4;
+const PORTABLE_NR: usize = 16;
+
+/// The portable kernel. Its multiply-adds are fused, as the vector kernels' are, so every level
+/// gives the same bits (on a CPU without FMA that costs speed: `mul_add` is then computed in
+/// software, as in the element-wise kernels).
+///
+/// # Safety
+/// See [`TileFn`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_portable(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    overwrite: bool,
+    alpha: f32,
+) {
+    let mut acc = [[0f32; PORTABLE_NR]; PORTABLE_MR];
+    for p in 0..kc {
+        let bp = std::slice::from_raw_parts(b.add(p * PORTABLE_NR), PORTABLE_NR);
+        let ap = std::slice::from_raw_parts(a.add(p * PORTABLE_MR), PORTABLE_MR);
+        for (row, &x) in acc.iter_mut().zip(ap) {
+            for (s, &y) in row.iter_mut().zip(bp) {
+                *s = x.mul_add(y, *s);
+            }
+        }
+    }
+    store_partial(&acc, c, ldc, mr, nr, overwrite, alpha);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The product in f64, for comparison.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        prior: &[f32],
+        ldc: usize,
+        accumulate: bool,
+        a: &[f32],
+        (ars, acs): (usize, usize),
+        b: &[f32],
+        (brs, bcs): (usize, usize),
+        alpha: f32,
+    ) -> Vec<f32> {
+        let mut out = prior.to_vec();
+        for i in 0..m {
+            for j in 0..n {
+                let sum: f64 = (0..k)
+                    .map(|p| f64::from(a[i * ars + p * acs]) * f64::from(b[p * brs + j * bcs]))
+                    .sum();
+                let base = if accumulate { out[i * ldc + j] } else { 0.0 };
+                out[i * ldc + j] = base + alpha * sum as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_kernel_matches_the_product_for_every_layout_and_edge() {
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 33, 17),
+            (37, 50, 300),
+            (100, 70, 513),
+            (6, 16, 256),
+        ];
+        for kernel in kernels_available() {
+            for &(m, n, k) in &shapes {
+                for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for (accumulate, alpha) in [(false, 1.0), (true, 0.5)] {
+                        let a = values(m * k, 3);
+                        let b = values(k * n, 5);
+                        let a_strides = if a_t { (1, m) } else { (k, 1) };
+                        let b_strides = if b_t { (1, k) } else { (n, 1) };
+                        let ldc = n + 3;
+                        let prior = values(m * ldc, 7);
+                        let want = reference(
+                            m, n, k, &prior, ldc, accumulate, &a, a_strides, &b, b_strides, alpha,
+                        );
+                        for parallel in [false, true] {
+                            let mut got = prior.clone();
+                            // SAFETY: the strides address only the vectors' elements.
+                            unsafe {
+                                gemm(
+                                    kernel,
+                                    parallel,
+                                    m,
+                                    n,
+                                    k,
+                                    got.as_mut_ptr(),
+                                    ldc,
+                                    accumulate,
+                                    a.as_ptr(),
+                                    a_strides,
+                                    b.as_ptr(),
+                                    b_strides,
+                                    alpha,
+                                )
+                            };
+                            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                                let column = i % ldc;
+                                let expect = if column < n { *w } else { prior[i] };
+                                assert!(
+                                    (g - expect).abs() <= 1e-4 * (1.0 + expect.abs()),
+                                    "{}: {m}x{n}x{k} a_t {a_t} b_t {b_t} acc {accumulate} \
+                                     parallel {parallel}: element {i} {g} vs {expect}",
+                                    kernel.name
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_bits() {
+        // Tiles of 6, 12 and 4 rows and 16 or 32 columns cut these shapes differently; k spans
+        // two blocks; the values include exact zeros of both signs.
+        let (m, n, k) = (29, 45, 300);
+        let mut a = values(m * k, 17);
+        let b = values(k * n, 19);
+        a.iter_mut().step_by(7).for_each(|x| *x = -0.0);
+        for (accumulate, alpha) in [(false, 1.0), (true, 0.75), (false, -1.0)] {
+            let outputs: Vec<Vec<u32>> = kernels_available()
+                .into_iter()
+                .map(|kernel| {
+                    let mut out = values(m * n, 23);
+                    // SAFETY: the strides address only the vectors' elements.
+                    unsafe {
+                        gemm(
+                            kernel,
+                            true,
+                            m,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n,
+                            accumulate,
+                            a.as_ptr(),
+                            (1, m),
+                            b.as_ptr(),
+                            (n, 1),
+                            alpha,
+                        )
+                    };
+                    out.iter().map(|x| x.to_bits()).collect()
+                })
+                .collect();
+            assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (m, n, k) = (300, 200, 600);
+        let a = values(m * k, 11);
+        let b = values(k * n, 13);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0f32; m * n];
+            pool.install(|| unsafe {
+                gemm(
+                    kernel(),
+                    true,
+                    m,
+                    n,
+                    k,
+                    out.as_mut_ptr(),
+                    n,
+                    false,
+                    a.as_ptr(),
+                    (k, 1),
+                    b.as_ptr(),
+                    (n, 1),
+                    1.0,
+                )
+            });
+            out
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        assert_eq!(one, run(3));
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_zeroes_or_keeps_dst() {
+        let mut out = vec![5f32; 6];
+        unsafe {
+            gemm(
+                kernel(),
+                true,
+                2,
+                3,
+                0,
+                out.as_mut_ptr(),
+                3,
+                true,
+                [].as_ptr(),
+                (0, 1),
+                [].as_ptr(),
+                (3, 1),
+                1.0,
+            );
+        }
+        assert_eq!(out, vec![5.0; 6]);
+        unsafe {
+            gemm(
+                kernel(),
+                true,
+                2,
+                3,
+                0,
+                out.as_mut_ptr(),
+                3,
+                false,
+                [].as_ptr(),
+                (0, 1),
+                [].as_ptr(),
+                (3, 1),
+                1.0,
+            );
+        }
+        assert_eq!(out, vec![0.0; 6]);
+    }
+}
