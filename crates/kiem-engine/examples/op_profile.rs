@@ -80,16 +80,16 @@ fn main() {
     }
     let d = Dims::mha(b, t, c, nh);
     let qkv = vec![0.1f32; rows * 3 * c];
-    let mut att = vec![0f32; b * nh * t * t];
+    let mut stats = vec![0f32; b * nh * t];
     let mut y = vec![0f32; rows * c];
     let af = 2.0 * 2.0 * (b * nh * t * t / 2 * (c / nh)) as f64;
     let positions: Vec<u32> = (0..rows).map(|r| (r % t) as u32).collect();
     time("attention fwd", af, 3, || {
-        k.attention_forward(&mut y, &mut att, &qkv, &positions, d)
+        k.attention_forward(&mut y, &mut stats, &qkv, &positions, d)
     });
     let mut dqkv = vec![0f32; rows * 3 * c];
-    time("attention bwd", 2.0 * af, 3, || {
-        k.attention_backward(&mut dqkv, &y, &qkv, &att, d)
+    time("attention bwd", 2.5 * af, 3, || {
+        k.attention_backward(&mut dqkv, &y, &qkv, &stats, &positions, d)
     });
     let (mut mean, mut rstd) = (vec![0f32; rows], vec![0f32; rows]);
     let lw = vec![1f32; c];

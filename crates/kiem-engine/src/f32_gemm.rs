@@ -87,12 +87,10 @@ pub fn kernels_available() -> Vec<Kernel> {
 }
 
 fn level_supported(l: Level) -> bool {
-    match (level(), l) {
-        (_, Level::Base) => true,
-        (Level::Avx512, _) => true,
-        (Level::Avx2, Level::Avx2) => true,
-        _ => false,
-    }
+    matches!(
+        (level(), l),
+        (_, Level::Base) | (Level::Avx512, _) | (Level::Avx2, Level::Avx2)
+    )
 }
 
 /// One cache line of packed values: panels start on line boundaries, so no vector load of B
@@ -411,7 +409,19 @@ unsafe fn pack_b_in(
             copy_short(&mut dst[p * nr..p * nr + cols], b.add((p0 + p) * rs + j0));
         }
     } else if rs == 1 {
-        for j in 0..cols {
+        // Columns of B are contiguous (a transposed operand): read eight columns side by side
+        // so that each k writes a contiguous run (one column at a time wrote a value per line).
+        let mut j = 0;
+        while j + 8 <= cols {
+            let columns: [*const f32; 8] = std::array::from_fn(|i| b.add(p0 + (j0 + j + i) * cs));
+            for (p, out) in dst.chunks_exact_mut(nr).enumerate() {
+                for (o, column) in out[j..j + 8].iter_mut().zip(columns) {
+                    *o = *column.add(p);
+                }
+            }
+            j += 8;
+        }
+        for j in j..cols {
             let col = std::slice::from_raw_parts(b.add(p0 + (j0 + j) * cs), kc);
             for (p, &x) in col.iter().enumerate() {
                 dst[p * nr + j] = x;

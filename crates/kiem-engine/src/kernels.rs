@@ -197,20 +197,29 @@ pub trait Kernels: Sync {
         inverse: bool,
     );
     /// Causal attention over `qkv[rows, qkv_width]` (queries, keys, values; query head `h`
-    /// reads key/value head `h / group`); keeps the probabilities `att[B,H,T,T]`.
-    /// Causal attention in which row `t` of a sequence attends to the `positions[t]` rows
-    /// before it and itself: positions `0, 1, 2, …` give ordinary causal attention, a position
-    /// that restarts at 0 starts a new example that never sees the earlier ones (packing).
+    /// reads key/value head `h / group`) in which row `t` of a sequence attends to the
+    /// `positions[t]` rows before it and itself: positions `0, 1, 2, …` give ordinary causal
+    /// attention, a position that restarts at 0 starts a new example that never sees the
+    /// earlier ones (packing). Keeps only each row's log-sum-exp, `stats[B,H,T]`, for the
+    /// backward pass (no T × T probabilities).
     fn attention_forward(
         &self,
         out: &mut [f32],
-        att: &mut [f32],
+        stats: &mut [f32],
         qkv: &[f32],
         positions: &[u32],
         d: Dims,
     );
-    /// Overwrites `dqkv`.
-    fn attention_backward(&self, dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], d: Dims);
+    /// Overwrites `dqkv`; `stats` and `positions` as given to the forward pass.
+    fn attention_backward(
+        &self,
+        dqkv: &mut [f32],
+        dout: &[f32],
+        qkv: &[f32],
+        stats: &[f32],
+        positions: &[u32],
+        d: Dims,
+    );
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]);
     /// Overwrites `dinp`.
     fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]);
@@ -524,12 +533,12 @@ impl Kernels for Cpu {
     fn attention_forward(
         &self,
         out: &mut [f32],
-        att: &mut [f32],
+        stats: &mut [f32],
         qkv: &[f32],
         positions: &[u32],
         d: Dims,
     ) {
-        attention::attention_forward(out, att, qkv, positions, d)
+        attention::attention_forward(out, stats, qkv, positions, d)
     }
 
     fn attention_backward(
@@ -537,10 +546,11 @@ impl Kernels for Cpu {
         dqkv: &mut [f32],
         dout: &[f32],
         qkv: &[f32],
-        att: &[f32],
+        stats: &[f32],
+        positions: &[u32],
         d: Dims,
     ) {
-        attention::attention_backward(dqkv, dout, qkv, att, d)
+        attention::attention_backward(dqkv, dout, qkv, stats, positions, d)
     }
 
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {

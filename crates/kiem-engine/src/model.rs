@@ -23,6 +23,8 @@ use crate::{EngineError, Result};
 struct Activations {
     batch: usize,
     seq: usize,
+    /// Layers whose activations are kept side by side: all of them, or one (recomputing).
+    slots: usize,
     tokens: Vec<u32>,
     /// Position of every row (`row % seq`).
     positions: Vec<u32>,
@@ -33,7 +35,8 @@ struct Activations {
     /// Queries, keys and values after rotary positions.
     qkv: Vec<f32>,
     atty: Vec<f32>,
-    att: Vec<f32>,
+    /// Attention's log-sum-exp per (layer, batch, head, row).
+    attn_stats: Vec<f32>,
     residual2: Vec<f32>,
     norm2: Vec<f32>,
     norm2_mean: Vec<f32>,
@@ -169,6 +172,9 @@ pub struct Gpt<K: Kernels = Cpu> {
     pub(crate) lora: Option<Lora>,
     /// Seed of the adapters' dropout masks for the next training forward pass.
     lora_seed: u64,
+    /// Keep one layer's activations and recompute each layer's in the backward pass
+    /// ([`Gpt::set_recompute`]).
+    recompute: bool,
     /// Adapters a server decodes with, chosen per sequence ([`crate::infer::KvCache`]), kept
     /// apart from the weights so that sequences with different adapters share a batch.
     pub(crate) served_adapters: Vec<Lora>,
@@ -302,6 +308,7 @@ impl<K: Kernels> Gpt<K> {
             frozen_base: std::collections::HashMap::new(),
             lora: None,
             lora_seed: 0,
+            recompute: false,
             served_adapters: Vec::new(),
             rope,
             decoding_only: false,
@@ -619,6 +626,14 @@ impl<K: Kernels> Gpt<K> {
         self.lora_seed = seed;
     }
 
+    /// With `on`, training keeps only the layers' inputs (and one layer's activations) and the
+    /// backward pass runs each layer's forward again before its backward: about one more
+    /// forward pass of compute for activation memory of one layer instead of all of them (long
+    /// contexts). Gradients are the same bits either way.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
     /// Adds the adapters into the base weights (PEFT's `merge_and_unload`) and removes them.
     pub fn merge_lora(&mut self) -> Result<()> {
         self.check_training_layout()?;
@@ -676,28 +691,32 @@ impl<K: Kernels> Gpt<K> {
     /// of varying length (fine-tuning pads each batch to its longest example) reuse memory
     /// instead of reallocating; every forward pass overwrites what it reads.
     fn ensure_activations(&mut self, batch: usize, seq: usize) {
+        let slots = if self.recompute {
+            1
+        } else {
+            self.config.n_layer
+        };
         let a = &mut self.acts;
-        if a.batch == batch && a.seq == seq {
+        if a.batch == batch && a.seq == seq && a.slots == slots {
             return;
         }
-        let (l, bt) = (self.config.n_layer, batch * seq);
+        let (l, bt) = (slots, batch * seq);
         let w = Widths::of(&self.config);
         let nh = self.config.n_head;
         let v = self.config.padded_vocab();
         let size = |buf: &mut Vec<f32>, n: usize| buf.resize(n, 0.0);
         a.batch = batch;
         a.seq = seq;
+        a.slots = slots;
         a.tokens.resize(bt, 0);
         a.positions = (0..bt).map(|r| (r % seq) as u32).collect();
         size(&mut a.encoded, bt * w.c);
-        for buf in [
-            &mut a.norm1,
-            &mut a.residual2,
-            &mut a.norm2,
-            &mut a.residual3,
-        ] {
+        for buf in [&mut a.norm1, &mut a.residual2, &mut a.norm2] {
             size(buf, l * bt * w.c);
         }
+        // Every layer's output stays: it is the next layer's input, from which a recomputing
+        // backward pass runs the layer again.
+        size(&mut a.residual3, self.config.n_layer * bt * w.c);
         for buf in [
             &mut a.norm1_mean,
             &mut a.norm1_rstd,
@@ -708,7 +727,7 @@ impl<K: Kernels> Gpt<K> {
         }
         size(&mut a.qkv, l * bt * w.qkv);
         size(&mut a.atty, l * bt * w.q);
-        size(&mut a.att, l * batch * nh * seq * seq);
+        size(&mut a.attn_stats, l * batch * nh * seq);
         size(&mut a.mlp_pre, l * bt * w.mlp_in);
         size(&mut a.mlp_act, l * bt * w.hidden);
         size(&mut a.normf, bt * w.c);
@@ -1032,7 +1051,6 @@ impl<K: Kernels> Gpt<K> {
             lay.wpe.clone().map(|r| &p[r]),
             d,
         );
-        let att_len = d.batch * d.heads * d.seq * d.seq;
         // Adapters drop out only while training, with masks the backward pass regenerates.
         let lora_pass = LoraPass {
             dropout_seed: grad_scale.map(|_| self.lora_seed),
@@ -1040,32 +1058,7 @@ impl<K: Kernels> Gpt<K> {
         };
         a.lora_dropout_seed = lora_pass.dropout_seed;
         for l in 0..self.config.n_layer {
-            let (done, rest) = a.residual3.split_at_mut(l * bt * w.c);
-            let input: &[f32] = if l == 0 {
-                &a.encoded
-            } else {
-                nth(done, l - 1, bt * w.c)
-            };
-            let att = nth_mut(&mut a.att, l, att_len);
-            let buffers = BlockBuffers {
-                input,
-                norm1: nth_mut(&mut a.norm1, l, bt * w.c),
-                mean1: nth_mut(&mut a.norm1_mean, l, bt),
-                rstd1: nth_mut(&mut a.norm1_rstd, l, bt),
-                qkv: nth_mut(&mut a.qkv, l, bt * w.qkv),
-                atty: nth_mut(&mut a.atty, l, bt * w.q),
-                residual2: nth_mut(&mut a.residual2, l, bt * w.c),
-                norm2: nth_mut(&mut a.norm2, l, bt * w.c),
-                mean2: nth_mut(&mut a.norm2_mean, l, bt),
-                rstd2: nth_mut(&mut a.norm2_rstd, l, bt),
-                mlp_pre: nth_mut(&mut a.mlp_pre, l, bt * w.mlp_in),
-                mlp_act: nth_mut(&mut a.mlp_act, l, bt * w.hidden),
-                output: &mut rest[..bt * w.c],
-                scratch: &mut a.scratch,
-            };
-            self.block_forward(l, buffers, &a.positions, lora_pass, &mut |y, qkv| {
-                k.attention_forward(y, att, qkv, &a.positions, d)
-            });
+            self.layer_forward(&mut a, l, lora_pass, d);
         }
         let last = nth(&a.residual3, self.config.n_layer - 1, bt * w.c);
         self.norm_forward(
@@ -1176,6 +1169,41 @@ impl<K: Kernels> Gpt<K> {
         }
     }
 
+    /// Runs layer `l` on the output of the layer before (or the embeddings), keeping its
+    /// activations in its slot (the only slot when recomputing).
+    fn layer_forward(&self, a: &mut Activations, l: usize, lora_pass: LoraPass<'_>, d: Dims) {
+        let w = Widths::of(&self.config);
+        let (bt, stats_len) = (d.rows(), d.batch * d.heads * d.seq);
+        let slot = if a.slots == 1 { 0 } else { l };
+        let (done, rest) = a.residual3.split_at_mut(l * bt * w.c);
+        let input: &[f32] = if l == 0 {
+            &a.encoded
+        } else {
+            nth(done, l - 1, bt * w.c)
+        };
+        let stats = nth_mut(&mut a.attn_stats, slot, stats_len);
+        let buffers = BlockBuffers {
+            input,
+            norm1: nth_mut(&mut a.norm1, slot, bt * w.c),
+            mean1: nth_mut(&mut a.norm1_mean, slot, bt),
+            rstd1: nth_mut(&mut a.norm1_rstd, slot, bt),
+            qkv: nth_mut(&mut a.qkv, slot, bt * w.qkv),
+            atty: nth_mut(&mut a.atty, slot, bt * w.q),
+            residual2: nth_mut(&mut a.residual2, slot, bt * w.c),
+            norm2: nth_mut(&mut a.norm2, slot, bt * w.c),
+            mean2: nth_mut(&mut a.norm2_mean, slot, bt),
+            rstd2: nth_mut(&mut a.norm2_rstd, slot, bt),
+            mlp_pre: nth_mut(&mut a.mlp_pre, slot, bt * w.mlp_in),
+            mlp_act: nth_mut(&mut a.mlp_act, slot, bt * w.hidden),
+            output: &mut rest[..bt * w.c],
+            scratch: &mut a.scratch,
+        };
+        let (k, positions) = (&self.kernels, &a.positions);
+        self.block_forward(l, buffers, positions, lora_pass, &mut |y, qkv| {
+            k.attention_forward(y, stats, qkv, positions, d)
+        });
+    }
+
     /// Accumulates the gradients of the last training forward pass into `grads`: the forward
     /// pass's description walked in reverse.
     pub fn backward(&mut self) -> Result<()> {
@@ -1196,14 +1224,15 @@ impl<K: Kernels> Gpt<K> {
         let w = Widths::of(&self.config);
         let k = &self.kernels;
         let p = &self.params;
-        let g = &mut self.grads;
+        // Moved out for the pass so that a recomputing pass can run layers forward (`&self`).
+        let mut grads = std::mem::take(&mut self.grads);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut acts = std::mem::take(&mut self.acts);
+        let (g, s) = (&mut grads, &mut scratch);
         let lay = &self.layout;
-        let a = &self.acts;
-        let s = &mut self.scratch;
+        let a = &acts;
         let norm = self.config.block.norm;
         let c = w.c;
-        let rope = rope_table(&self.rope, &self.config, &a.positions);
-        let mut lora = self.lora.as_mut();
         let lora_pass = LoraPass {
             dropout_seed: a.lora_dropout_seed,
             row_adapters: &[],
@@ -1263,12 +1292,19 @@ impl<K: Kernels> Gpt<K> {
             &a.normf_mean,
             &a.normf_rstd,
         );
-        let att_len = d.batch * d.heads * d.seq * d.seq;
+        let stats_len = d.batch * d.heads * d.seq;
         let frozen_base = &self.frozen_base;
         let matrices = self.matrices;
         for (l, lp) in lay.layers.iter().enumerate().rev() {
-            let rows = |width: usize| l * bt * width..(l + 1) * bt * width;
-            let stat = l * bt..(l + 1) * bt;
+            if acts.slots == 1 {
+                self.layer_forward(&mut acts, l, lora_pass, d);
+            }
+            let a = &acts;
+            let rope = rope_table(&self.rope, &self.config, &a.positions);
+            let mut lora = self.lora.as_mut();
+            let slot = if a.slots == 1 { 0 } else { l };
+            let rows = |width: usize| slot * bt * width..(slot + 1) * bt * width;
+            let stat = slot * bt..(slot + 1) * bt;
             let residual_in: &[f32] = if l == 0 {
                 &a.encoded
             } else {
@@ -1390,7 +1426,8 @@ impl<K: Kernels> Gpt<K> {
                 &mut s.qkv,
                 &s.atty,
                 &a.qkv[rows(w.qkv)],
-                nth(&a.att, l, att_len),
+                nth(&a.attn_stats, slot, stats_len),
+                &a.positions,
                 d,
             );
             if let Some(table) = rope.as_ref() {
@@ -1413,7 +1450,7 @@ impl<K: Kernels> Gpt<K> {
                     )
                 });
             }
-            if let Some(lora) = lora.as_deref_mut() {
+            if let Some(lora) = lora {
                 let x = &a.norm1[rows(c)];
                 lora.backward(k, l, Site::Qkv, &mut s.norm, &s.qkv, x, w.qkv, lora_pass);
             }
@@ -1428,6 +1465,7 @@ impl<K: Kernels> Gpt<K> {
                 &a.norm1_rstd[stat],
             );
         }
+        let a = &acts;
         match lay.wpe.clone() {
             _ if frozen => {}
             Some(wpe) => {
@@ -1443,6 +1481,9 @@ impl<K: Kernels> Gpt<K> {
                 d,
             ),
         }
+        self.grads = grads;
+        self.scratch = scratch;
+        self.acts = acts;
         Ok(())
     }
 

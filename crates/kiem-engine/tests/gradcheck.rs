@@ -135,13 +135,13 @@ fn attention_backward() {
     let positions = [0, 1, 2, 3, 4, 0, 1, 0, 1, 2];
     let forward = |qkv: &[f32]| {
         let mut out = vec![0.0; d.rows() * d.channels];
-        let mut att = vec![0.0; d.batch * d.heads * d.seq * d.seq];
-        K.attention_forward(&mut out, &mut att, qkv, &positions, d);
-        (out, att)
+        let mut stats = vec![0.0; d.batch * d.heads * d.seq];
+        K.attention_forward(&mut out, &mut stats, qkv, &positions, d);
+        (out, stats)
     };
-    let (_, att) = forward(&qkv);
+    let (_, stats) = forward(&qkv);
     let mut dqkv = vec![0.0; qkv.len()];
-    K.attention_backward(&mut dqkv, &r, &qkv, &att, d);
+    K.attention_backward(&mut dqkv, &r, &qkv, &stats, &positions, d);
     check("attention dqkv", &qkv, &dqkv, 120, 1e-2, |q| {
         weighted_sum(&forward(q).0, &r)
     });
@@ -166,6 +166,83 @@ fn attention_backward() {
     );
 }
 
+/// Attention in f64 with the whole T × T matrix, the textbook way: the output of every row.
+fn reference_attention(qkv: &[f32], positions: &[u32], d: Dims) -> Vec<f64> {
+    let (w, qw, hs) = (d.qkv_width(), d.q_width(), d.head_dim);
+    let mut out = vec![0f64; d.rows() * qw];
+    for b in 0..d.batch {
+        for h in 0..d.heads {
+            let kvh = h / d.group();
+            let at = |t: usize, col: usize| f64::from(qkv[(b * d.seq + t) * w + col]);
+            for t in 0..d.seq {
+                let first = t - positions[b * d.seq + t] as usize;
+                let scores: Vec<f64> = (first..=t)
+                    .map(|j| {
+                        (0..hs)
+                            .map(|i| at(t, h * hs + i) * at(j, qw + kvh * hs + i))
+                            .sum::<f64>()
+                            / (hs as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for i in 0..hs {
+                    out[(b * d.seq + t) * qw + h * hs + i] = (first..=t)
+                        .zip(&e)
+                        .map(|(j, p)| p / sum * at(j, qw + d.kv_heads * hs + kvh * hs + i))
+                        .sum();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Sequences longer than one block of query rows (the kernel works 32 rows at a time, keeping
+/// only each row's log-sum-exp): the output equals the textbook computation and the gradient
+/// finite differences, with grouped queries and a packed sequence whose examples straddle the
+/// blocks.
+#[test]
+fn attention_over_several_row_blocks() {
+    let d = Dims {
+        batch: 2,
+        seq: 75,
+        channels: 8,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 4,
+    };
+    let mut rng = Rng::new(21);
+    let qkv = random(d.rows() * d.qkv_width(), &mut rng, 1.0);
+    let r = random(d.rows() * d.q_width(), &mut rng, 1.0);
+    // Batch 0: one sequence; batch 1: examples of 20, 30 and 25 rows.
+    let positions: Vec<u32> = (0..75u32)
+        .chain((0..20).chain(0..30).chain(0..25))
+        .collect();
+    let forward = |qkv: &[f32]| {
+        let mut out = vec![0.0; d.rows() * d.q_width()];
+        let mut stats = vec![0.0; d.batch * d.heads * d.seq];
+        K.attention_forward(&mut out, &mut stats, qkv, &positions, d);
+        (out, stats)
+    };
+    let (out, stats) = forward(&qkv);
+    let want = reference_attention(&qkv, &positions, d);
+    for (i, (&o, &e)) in out.iter().zip(&want).enumerate() {
+        assert!((f64::from(o) - e).abs() < 1e-5, "output {i}: {o} vs {e}");
+    }
+    let mut dqkv = vec![0.0; qkv.len()];
+    K.attention_backward(&mut dqkv, &r, &qkv, &stats, &positions, d);
+    check(
+        "attention dqkv, several blocks",
+        &qkv,
+        &dqkv,
+        200,
+        1e-2,
+        |q| weighted_sum(&forward(q).0, &r),
+    );
+}
+
 /// Grouped-query (2 query heads per key/value head) and multi-query attention.
 #[test]
 fn grouped_query_attention_backward() {
@@ -181,16 +258,16 @@ fn grouped_query_attention_backward() {
         let mut rng = Rng::new(13);
         let qkv = random(d.rows() * d.qkv_width(), &mut rng, 1.0);
         let r = random(d.rows() * d.q_width(), &mut rng, 1.0);
+        let positions = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1];
         let forward = |qkv: &[f32]| {
             let mut out = vec![0.0; d.rows() * d.q_width()];
-            let mut att = vec![0.0; d.batch * d.heads * d.seq * d.seq];
-            let positions = [0, 1, 2, 3, 4, 0, 1, 2, 0, 1];
-            K.attention_forward(&mut out, &mut att, qkv, &positions, d);
-            (out, att)
+            let mut stats = vec![0.0; d.batch * d.heads * d.seq];
+            K.attention_forward(&mut out, &mut stats, qkv, &positions, d);
+            (out, stats)
         };
-        let (out, att) = forward(&qkv);
+        let (out, stats) = forward(&qkv);
         let mut dqkv = vec![0.0; qkv.len()];
-        K.attention_backward(&mut dqkv, &r, &qkv, &att, d);
+        K.attention_backward(&mut dqkv, &r, &qkv, &stats, &positions, d);
         check(
             &format!("attention dqkv, {kv_heads} kv heads"),
             &qkv,
@@ -639,8 +716,8 @@ fn attention_refuses_sizes_that_overflow() {
         kv_heads: 1,
         head_dim: 4,
     };
-    let (mut out, mut att) = (vec![0.0; 64], vec![0.0; 64]);
-    K.attention_forward(&mut out, &mut att, &[0.0; 64], &[0, 1, 2, 3], d);
+    let (mut out, mut stats) = (vec![0.0; 64], vec![0.0; 64]);
+    K.attention_forward(&mut out, &mut stats, &[0.0; 64], &[0, 1, 2, 3], d);
 }
 
 /// Packing: a row holding several examples (positions restarting at each) gives every

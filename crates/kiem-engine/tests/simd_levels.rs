@@ -80,10 +80,14 @@ fn digest() -> u64 {
 
     let d = Dims::mha(2, 9, 16, 2);
     let qkv = random(d.rows() * 3 * d.channels);
-    let (mut y, mut att) = (vec![0f32; d.rows() * d.channels], vec![0f32; 2 * 2 * 9 * 9]);
+    let (mut y, mut stats) = (vec![0f32; d.rows() * d.channels], vec![0f32; 2 * 2 * 9]);
     let positions: Vec<u32> = (0..d.rows()).map(|r| (r % d.seq) as u32).collect();
-    k.attention_forward(&mut y, &mut att, &qkv, &positions, d);
+    k.attention_forward(&mut y, &mut stats, &qkv, &positions, d);
     keep(&y);
+    keep(&stats);
+    let mut dqkv = vec![0f32; qkv.len()];
+    k.attention_backward(&mut dqkv, &y, &qkv, &stats, &positions, d);
+    keep(&dqkv);
 
     // Thin products (one decoding row) in both layouts, and a cached decoding step.
     // Widths with and without the 32- and 8-wide tails, 1 and 3 rows, with a bias; InOut below

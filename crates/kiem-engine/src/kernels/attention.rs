@@ -1,22 +1,49 @@
 //! Causal attention over queries, keys and values side by side in one activation (grouped-query
-//! when fewer key/value heads than query heads), forward and backward.
+//! when fewer key/value heads than query heads), forward and backward, without the T × T
+//! matrix: a block of query rows at a time, the forward keeps only each row's log-sum-exp and
+//! the backward recomputes the block's probabilities from it (the flash-attention scheme with
+//! whole key rows per block, so memory is a block's scores per thread, not T² per head).
 
 use rayon::prelude::*;
 
 use super::matmul::gemm_raw;
 use super::{fast_exp, lane_max, lane_sum, wide, Dims, SyncPtr, ELEMENTS};
 
-/// Row blocks of the causal attention matmuls: block `[r0, r1)` only needs keys `0..r1`.
+/// Query rows per block: a block's scores (`ATTENTION_BLOCK × T`) are what a thread holds.
 const ATTENTION_BLOCK: usize = 32;
+
+thread_local! {
+    /// A block's probabilities and their gradients, reused across calls (fresh buffers of
+    /// this size are mapped and zeroed by the kernel on every call).
+    static BLOCK_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `body` on this thread's two block buffers, each at least `len` long (fresh ones when
+/// they are in use: a rayon task run while this thread waits inside another).
+fn with_block_scratch<R>(len: usize, body: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    BLOCK_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffers) => {
+            let (p, ds) = &mut *buffers;
+            for b in [&mut *p, &mut *ds] {
+                if b.len() < len {
+                    b.resize(len, 0.0);
+                }
+            }
+            body(&mut p[..len], &mut ds[..len])
+        }
+        Err(_) => body(&mut vec![0.0; len], &mut vec![0.0; len]),
+    })
+}
 
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(ATTENTION_BLOCK))
         .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
 }
 
-/// Elements of `qkv`, of attention's output and of the probabilities that `d` needs, or `None`
-/// when the head counts do not divide or a size overflows (checked before any raw pointer
-/// is formed from them).
+/// Elements of `qkv`, of attention's output and of the per-row statistics that `d` needs, or
+/// `None` when the head counts do not divide or a size overflows (checked before any raw
+/// pointer is formed from them).
 fn buffer_sizes(d: &Dims) -> Option<(usize, usize, usize)> {
     if d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) {
         return None;
@@ -29,16 +56,64 @@ fn buffer_sizes(d: &Dims) -> Option<(usize, usize, usize)> {
         .checked_mul(d.head_dim)?;
     let qkv = rows.checked_mul(width)?;
     let out = rows.checked_mul(d.heads.checked_mul(d.head_dim)?)?;
-    let att = d
-        .batch
-        .checked_mul(d.heads)?
-        .checked_mul(d.seq.checked_mul(d.seq)?)?;
-    Some((qkv, out, att))
+    let stats = rows.checked_mul(d.heads)?;
+    Some((qkv, out, stats))
 }
 
+/// Checks that every row has a position and none reaches back before its sequence.
+fn check_positions(name: &str, positions: &[u32], d: &Dims) {
+    assert!(
+        positions.len() >= d.batch * d.seq
+            && positions
+                .chunks(d.seq)
+                .take(d.batch)
+                .all(|p| p.iter().enumerate().all(|(t, &pos)| pos as usize <= t)),
+        "{name}: a position per row, none beyond its row"
+    );
+}
+
+/// The keys row `t` sees: `first..=t`, its example's rows so far.
+fn first_key(positions: &[u32], t: usize) -> usize {
+    t - positions[t] as usize
+}
+
+/// Scores of query rows `r0..r1` against keys `k0..r1` into `s` (row stride `r1 - k0`):
+/// `scale · q · kᵀ`.
+///
+/// # Safety
+/// `q` and `k` address rows `r0..r1` and `k0..r1` of stride `w`, `head_dim` wide.
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores(
+    s: &mut [f32],
+    q: *const f32,
+    k: *const f32,
+    w: usize,
+    head_dim: usize,
+    (r0, r1, k0): (usize, usize, usize),
+    scale: f32,
+) {
+    let keys = r1 - k0;
+    assert!(s.len() >= (r1 - r0) * keys);
+    gemm_raw(
+        r1 - r0,
+        keys,
+        head_dim,
+        s.as_mut_ptr(),
+        (keys, 1),
+        false,
+        q.add(r0 * w),
+        (w, 1),
+        k.add(k0 * w),
+        (1, w),
+        scale,
+    );
+}
+
+/// Writes attention's output and, per (batch, head, row), the log-sum-exp of the row's scores
+/// (`stats[b, h, t]`), which is all the backward pass needs to rebuild the probabilities.
 pub(super) fn attention_forward(
     out: &mut [f32],
-    att: &mut [f32],
+    stats: &mut [f32],
     qkv: &[f32],
     positions: &[u32],
     d: Dims,
@@ -49,91 +124,79 @@ pub(super) fn attention_forward(
     let scale = 1.0 / (hs as f32).sqrt();
     let sizes = buffer_sizes(&d);
     assert!(
-        sizes.is_some_and(|(q, o, a)| qkv.len() >= q && out.len() >= o && att.len() >= a),
+        sizes.is_some_and(|(q, o, st)| qkv.len() >= q && out.len() >= o && stats.len() >= st),
         "attention_forward: buffers too small for {d:?}"
     );
-    assert!(
-        positions.len() >= d.batch * t_len
-            && positions
-                .chunks(t_len)
-                .take(d.batch)
-                .all(|p| p.iter().enumerate().all(|(t, &pos)| pos as usize <= t)),
-        "attention_forward: a position per row, none beyond its row"
-    );
+    check_positions("attention_forward", positions, &d);
     let out_ptr = SyncPtr(out.as_mut_ptr());
-    // One task per (batch, head): it owns att[b, h] and the head's columns of out.
-    att.par_chunks_mut(t_len * t_len)
+    // One task per (batch, head): it owns stats[b, h] and the head's columns of out.
+    stats
+        .par_chunks_mut(t_len)
         .enumerate()
         .take(d.batch * nh)
-        .for_each(|(bh, p)| {
+        .for_each(|(bh, lse)| {
             let (b, h) = (bh / nh, bh % nh);
+            let pos = &positions[b * t_len..(b + 1) * t_len];
             let base = qkv[(b * t_len) * w..].as_ptr();
             let q = base.wrapping_add(h * hs);
             let k = base.wrapping_add(qw + (h / group) * hs);
             let v = base.wrapping_add(qw + kvw + (h / group) * hs);
-            for (r0, r1) in row_blocks(t_len) {
-                // SAFETY: rows r0..r1 of Q and 0..r1 of K lie inside qkv (asserted above);
-                // the block of p is this task's.
-                unsafe {
-                    gemm_raw(
-                        r1 - r0,
-                        r1,
-                        hs,
-                        p[r0 * t_len..].as_mut_ptr(),
-                        (t_len, 1),
-                        false,
-                        q.add(r0 * w),
-                        (w, 1),
-                        k,
-                        (1, w),
-                        scale,
+            with_block_scratch(ATTENTION_BLOCK * t_len, |p, _| {
+                for (r0, r1) in row_blocks(t_len) {
+                    // Keys before every row's example are skipped (packing).
+                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0);
+                    let keys = r1 - k0;
+                    // SAFETY: rows r0..r1 of Q and k0..r1 of K lie inside qkv (asserted above).
+                    unsafe { scores(p, q, k, w, hs, (r0, r1, k0), scale) };
+                    wide(
+                        #[inline(always)]
+                        || {
+                            for t in r0..r1 {
+                                let row = &mut p[(t - r0) * keys..(t - r0 + 1) * keys];
+                                let first = first_key(pos, t) - k0;
+                                row[..first].fill(0.0);
+                                let live = &mut row[first..=t - k0];
+                                let max = lane_max(live);
+                                live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                                let sum = lane_sum(live, |e| e);
+                                let inv = 1.0 / sum;
+                                live.iter_mut().for_each(|x| *x *= inv);
+                                lse[t] = max + sum.ln();
+                                row[t - k0 + 1..].fill(0.0);
+                            }
+                        },
                     );
-                }
-            }
-            wide(
-                #[inline(always)]
-                || {
-                    for t in 0..t_len {
-                        // The row sees its example: the positions[t] rows before it.
-                        let first = t - positions[b * t_len + t] as usize;
-                        let row = &mut p[t * t_len..(t + 1) * t_len];
-                        row[..first].fill(0.0);
-                        let live = &mut row[first..=t];
-                        let max = lane_max(live);
-                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                        let inv = 1.0 / lane_sum(live, |e| e);
-                        live.iter_mut().for_each(|x| *x *= inv);
-                        row[t + 1..].fill(0.0);
+                    // SAFETY: this task alone writes head h's columns of out for batch b; rows
+                    // k0..r1 of V lie inside qkv.
+                    unsafe {
+                        let y = out_ptr.get().add((b * t_len + r0) * qw + h * hs);
+                        gemm_raw(
+                            r1 - r0,
+                            hs,
+                            keys,
+                            y,
+                            (qw, 1),
+                            false,
+                            p.as_ptr(),
+                            (keys, 1),
+                            v.add(k0 * w),
+                            (w, 1),
+                            1.0,
+                        );
                     }
-                },
-            );
-            for (r0, r1) in row_blocks(t_len) {
-                // SAFETY: this task alone writes head h's columns of out for batch b.
-                unsafe {
-                    let y = out_ptr.get().add((b * t_len + r0) * qw + h * hs);
-                    gemm_raw(
-                        r1 - r0,
-                        hs,
-                        r1,
-                        y,
-                        (qw, 1),
-                        false,
-                        p[r0 * t_len..].as_ptr(),
-                        (t_len, 1),
-                        v,
-                        (w, 1),
-                        1.0,
-                    );
                 }
-            }
+            });
         });
 }
 
+/// Overwrites `dqkv` with the gradient of attention's inputs, from `stats` as
+/// [`attention_forward`] wrote them.
 pub(super) fn attention_backward(
     dqkv: &mut [f32],
     dout: &[f32],
     qkv: &[f32],
-    att: &[f32],
+    stats: &[f32],
+    positions: &[u32],
     d: Dims,
 ) {
     let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
@@ -142,17 +205,19 @@ pub(super) fn attention_backward(
     let scale = 1.0 / (hs as f32).sqrt();
     let sizes = buffer_sizes(&d);
     assert!(
-        sizes.is_some_and(|(q, o, a)| {
-            qkv.len() >= q && dqkv.len() >= q && dout.len() >= o && att.len() >= a
+        sizes.is_some_and(|(q, o, st)| {
+            qkv.len() >= q && dqkv.len() >= q && dout.len() >= o && stats.len() >= st
         }),
         "attention_backward: buffers too small for {d:?}"
     );
+    check_positions("attention_backward", positions, &d);
     dqkv.par_chunks_mut(ELEMENTS).for_each(|x| x.fill(0.0));
     let dqkv_ptr = SyncPtr(dqkv.as_mut_ptr());
     // One task per (batch, key/value head): the query heads of a group add into the same
     // dK and dV columns, so they run one after another inside the task.
     (0..d.batch * d.kv_heads).into_par_iter().for_each(|bkv| {
         let (b, kvh) = (bkv / d.kv_heads, bkv % d.kv_heads);
+        let pos = &positions[b * t_len..(b + 1) * t_len];
         let base = qkv[(b * t_len) * w..].as_ptr();
         let k = base.wrapping_add(qw + kvh * hs);
         let v = base.wrapping_add(qw + kvw + kvh * hs);
@@ -162,94 +227,106 @@ pub(super) fn attention_backward(
         let dbase = unsafe { dqkv_ptr.get().add((b * t_len) * w) };
         let dk = dbase.wrapping_add(qw + kvh * hs);
         let dv = dbase.wrapping_add(qw + kvw + kvh * hs);
-        let mut ds = vec![0f32; t_len * t_len];
-        for h in kvh * group..(kvh + 1) * group {
-            let bh = b * nh + h;
-            let p = &att[bh * t_len * t_len..(bh + 1) * t_len * t_len];
-            let q = base.wrapping_add(h * hs);
-            let dq = dbase.wrapping_add(h * hs);
-            let dy = dout[(b * t_len) * qw + h * hs..].as_ptr();
-            for (r0, r1) in row_blocks(t_len) {
-                // SAFETY: as stated for this task above; rows r0..r1 < t_len.
-                unsafe {
-                    // dP = dY · Vᵀ
-                    gemm_raw(
-                        r1 - r0,
-                        r1,
-                        hs,
-                        ds[r0 * t_len..].as_mut_ptr(),
-                        (t_len, 1),
-                        false,
-                        dy.add(r0 * qw),
-                        (qw, 1),
-                        v,
-                        (1, w),
-                        1.0,
-                    );
-                    // dV += Pᵀ · dY
-                    gemm_raw(
-                        r1,
-                        hs,
-                        r1 - r0,
-                        dv,
-                        (w, 1),
-                        true,
-                        p[r0 * t_len..].as_ptr(),
-                        (1, t_len),
-                        dy.add(r0 * qw),
-                        (qw, 1),
-                        1.0,
-                    );
-                }
-            }
-            wide(
-                #[inline(always)]
-                || {
-                    for t in 0..t_len {
-                        let pr = &p[t * t_len..t * t_len + t + 1];
-                        let dr = &mut ds[t * t_len..t * t_len + t + 1];
-                        let weighted: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                        for (x, &pv) in dr.iter_mut().zip(pr) {
-                            *x = pv * (*x - weighted) * scale;
-                        }
-                        // The block matmul filled dP beyond the diagonal; those keys are masked.
-                        ds[t * t_len + t + 1..(t + 1) * t_len].fill(0.0);
+        with_block_scratch(ATTENTION_BLOCK * t_len, |p, ds| {
+            for h in kvh * group..(kvh + 1) * group {
+                let lse = &stats[(b * nh + h) * t_len..(b * nh + h + 1) * t_len];
+                let q = base.wrapping_add(h * hs);
+                let dq = dbase.wrapping_add(h * hs);
+                let dy = dout[(b * t_len) * qw + h * hs..].as_ptr();
+                for (r0, r1) in row_blocks(t_len) {
+                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0);
+                    let keys = r1 - k0;
+                    // SAFETY: as stated for this task above; rows r0..r1 and k0..r1 < t_len.
+                    unsafe {
+                        // The block's probabilities again, from the scores and each row's lse.
+                        scores(p, q, k, w, hs, (r0, r1, k0), scale);
+                        // dP = dY · Vᵀ
+                        gemm_raw(
+                            r1 - r0,
+                            keys,
+                            hs,
+                            ds.as_mut_ptr(),
+                            (keys, 1),
+                            false,
+                            dy.add(r0 * qw),
+                            (qw, 1),
+                            v.add(k0 * w),
+                            (1, w),
+                            1.0,
+                        );
                     }
-                },
-            );
-            for (r0, r1) in row_blocks(t_len) {
-                // SAFETY: as stated for this task above; rows r0..r1 < t_len.
-                unsafe {
-                    // dQ = dS · K
-                    gemm_raw(
-                        r1 - r0,
-                        hs,
-                        r1,
-                        dq.add(r0 * w),
-                        (w, 1),
-                        true,
-                        ds[r0 * t_len..].as_ptr(),
-                        (t_len, 1),
-                        k,
-                        (w, 1),
-                        1.0,
+                    wide(
+                        #[inline(always)]
+                        || {
+                            for t in r0..r1 {
+                                let (first, last) = (first_key(pos, t) - k0, t - k0);
+                                let pr = &mut p[(t - r0) * keys..(t - r0 + 1) * keys];
+                                let dr = &mut ds[(t - r0) * keys..(t - r0 + 1) * keys];
+                                let l = lse[t];
+                                pr[..first].fill(0.0);
+                                pr[last + 1..].fill(0.0);
+                                pr[first..=last]
+                                    .iter_mut()
+                                    .for_each(|x| *x = fast_exp(*x - l));
+                                // dS = P ∘ (dP − Σ P·dP) · scale; masked keys get none.
+                                let weighted: f32 = pr[first..=last]
+                                    .iter()
+                                    .zip(&dr[first..=last])
+                                    .map(|(a, b)| a * b)
+                                    .sum();
+                                for (x, &pv) in dr.iter_mut().zip(pr.iter()) {
+                                    *x = pv * (*x - weighted) * scale;
+                                }
+                            }
+                        },
                     );
-                    // dK += dSᵀ · Q
-                    gemm_raw(
-                        r1,
-                        hs,
-                        r1 - r0,
-                        dk,
-                        (w, 1),
-                        true,
-                        ds[r0 * t_len..].as_ptr(),
-                        (1, t_len),
-                        q.add(r0 * w),
-                        (w, 1),
-                        1.0,
-                    );
+                    // SAFETY: as stated for this task above.
+                    unsafe {
+                        // dV += Pᵀ · dY
+                        gemm_raw(
+                            keys,
+                            hs,
+                            r1 - r0,
+                            dv.add(k0 * w),
+                            (w, 1),
+                            true,
+                            p.as_ptr(),
+                            (1, keys),
+                            dy.add(r0 * qw),
+                            (qw, 1),
+                            1.0,
+                        );
+                        // dQ = dS · K
+                        gemm_raw(
+                            r1 - r0,
+                            hs,
+                            keys,
+                            dq.add(r0 * w),
+                            (w, 1),
+                            true,
+                            ds.as_ptr(),
+                            (keys, 1),
+                            k.add(k0 * w),
+                            (w, 1),
+                            1.0,
+                        );
+                        // dK += dSᵀ · Q
+                        gemm_raw(
+                            keys,
+                            hs,
+                            r1 - r0,
+                            dk.add(k0 * w),
+                            (w, 1),
+                            true,
+                            ds.as_ptr(),
+                            (1, keys),
+                            q.add(r0 * w),
+                            (w, 1),
+                            1.0,
+                        );
+                    }
                 }
             }
-        }
+        });
     });
 }
