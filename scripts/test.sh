@@ -26,9 +26,9 @@ step() {
 }
 
 step "workspace" cargo test --workspace --locked --no-fail-fast "$@"
-# The engine's matmuls run on the system OpenBLAS when it is installed; check the built-in
-# `gemm` path against the same finite-difference and PyTorch tests too.
-step "engine, gemm crate" env KIEM_BLAS=gemm cargo test --locked --no-fail-fast -p kiem-engine "$@"
+# The engine's fp32 products run on kiem's own GEMM; check the OpenBLAS path (KIEM_BLAS=openblas,
+# used when the system has it) against the same finite-difference and PyTorch tests too.
+step "engine, OpenBLAS" env KIEM_BLAS=openblas cargo test --locked --no-fail-fast -p kiem-engine "$@"
 # Kernels run compiled for AVX-512 or AVX2 when the CPU has them; check their baseline x86-64
 # code too, and the bf16 products through their scalar emulation (so the bf16 path is tested
 # on CPUs without AVX512-BF16, and the emulation against the model tests on CPUs with it).
