@@ -4,7 +4,7 @@ the same Llama-family model, batch and adapter config, in one run: peak resident
 time.
 
     python bench/lora.py [--layers 12] [--width 768] [--seq 256] [--micro-batch 4]
-        [--steps 6] [--rank 16] [--threads 2] [--skip-peft]
+        [--steps 6] [--rank 16] [--threads 2] [--skip-peft] [--recompute]
 
 The base: `kiem tokenizer train` on a generated corpus (kiem's chat tokens included) and `kiem
 pretrain --arch llama` for one step: a random Llama (width --width, --layers blocks, heads of
@@ -19,7 +19,8 @@ after the first two, from metrics.jsonl's elapsed_seconds. peft + PyTorch: the s
 AutoModelForCausalLM (float32, eager attention), get_peft_model(LoraConfig(r=R, lora_alpha=2R,
 target_modules="all-linear")), torch.optim.AdamW over the adapters, random token batches of the
 same shape, the same number of steps and the same timing rule; peak RSS by getrusage in its own
-process. Prints a table and ratios; nothing is downloaded.
+process. --recompute passes `--recompute` to every kiem run (activations of one layer kept,
+recomputed in the backward pass). Prints a table and ratios; nothing is downloaded.
 """
 import argparse
 import json
@@ -109,6 +110,8 @@ def main():
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--recompute", action="store_true",
+                   help="kiem runs keep one layer's activations (kiem finetune --recompute)")
     args = p.parse_args()
     if not os.path.exists(KIEM):
         sys.exit("build kiem first: cargo build --release")
@@ -118,7 +121,9 @@ def main():
         config = json.load(open(os.path.join(work, "base/model/config.json")))
         lora = ["--lora-rank", str(args.rank), "--lora-alpha", str(2 * args.rank),
                 "--lora-targets", "all"]
-        rows = [("kiem full fine-tune",) + kiem_finetune(work, args, "full", []),
+        every = ["--recompute"] if args.recompute else []
+        lora += every
+        rows = [("kiem full fine-tune",) + kiem_finetune(work, args, "full", every),
                 ("kiem LoRA",) + kiem_finetune(work, args, "lora", lora),
                 ("kiem QLoRA (q4_0 base)",) + kiem_finetune(
                     work, args, "qlora", lora + ["--base-weights", "q4_0"])]
@@ -134,7 +139,8 @@ def main():
     print(f"CPU: {cpu} ({simd}); {args.threads} threads; Llama {config['num_hidden_layers']} layers, "
           f"width {config['hidden_size']}, MLP {config['intermediate_size']}, vocab "
           f"{config['vocab_size']}; micro-batch {args.micro_batch} x {args.seq} tokens; "
-          f"LoRA r={args.rank} alpha={2 * args.rank} on every linear layer; {args.steps} steps")
+          f"LoRA r={args.rank} alpha={2 * args.rank} on every linear layer; {args.steps} steps"
+          + ("; kiem with --recompute" if args.recompute else ""))
     print(f"{'':24} {'peak RSS MiB':>12} {'s/step':>8}")
     for name, rss, secs in rows:
         print(f"{name:24} {rss:12.0f} {secs:8.3f}")

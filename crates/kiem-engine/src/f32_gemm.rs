@@ -283,6 +283,160 @@ pub unsafe fn gemm(
     }
 }
 
+/// A `k × n` operand B packed once for many products that each read a range of its k and a
+/// range of its columns (attention reads every head's keys and values block after block).
+pub struct PackedB {
+    kernel: Kernel,
+    k: usize,
+    n: usize,
+    data: Vec<Line>,
+}
+
+impl PackedB {
+    /// An empty packing for `kernel`; [`PackedB::pack`] fills it (reusing its memory).
+    pub fn new(kernel: Kernel) -> Self {
+        PackedB {
+            kernel,
+            k: 0,
+            n: 0,
+            data: Vec::new(),
+        }
+    }
+
+    /// Columns per panel: a column range must start at a multiple of this.
+    pub fn panel_width(&self) -> usize {
+        self.kernel.nr
+    }
+
+    /// Values of one panel in k block `block` (of [`KC`] rows).
+    fn panel_len(&self, block: usize) -> usize {
+        lines((self.k - block * KC).min(KC) * self.kernel.nr)
+    }
+
+    /// Where k block `block` starts.
+    fn block_start(&self, block: usize) -> usize {
+        block * self.n.div_ceil(self.kernel.nr) * lines(KC * self.kernel.nr)
+    }
+
+    /// Packs `b[k, n]` (row stride, column stride) on this thread.
+    ///
+    /// # Safety
+    /// Every element addressed through the strides is readable.
+    pub unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
+        let nr = self.kernel.nr;
+        let panels = n.div_ceil(nr);
+        self.k = k;
+        self.n = n;
+        let blocks = k.div_ceil(KC);
+        let len = blocks.saturating_sub(1) * panels * lines(KC * nr)
+            + if blocks > 0 {
+                panels * self.panel_len(blocks - 1)
+            } else {
+                0
+            };
+        if self.data.len() * 16 < len {
+            self.data.resize(len.div_ceil(16), Line([0.0; 16]));
+        }
+        let data = std::slice::from_raw_parts_mut(self.data.as_mut_ptr() as *mut f32, len);
+        for block in 0..blocks {
+            let (p0, kc) = (block * KC, (k - block * KC).min(KC));
+            let stride = self.panel_len(block);
+            let start = self.block_start(block);
+            for p in 0..panels {
+                let j0 = p * nr;
+                let panel = &mut data[start + p * stride..start + (p + 1) * stride];
+                pack_b(panel, b, strides, p0, kc, j0, (n - j0).min(nr), nr);
+            }
+        }
+    }
+}
+
+/// `dst[m, cols] (+)= alpha · lhs[m, ks] · b[ks, cols]` on this thread, for a range `ks` of b's
+/// k and a range `cols` of its columns starting at a panel boundary (a multiple of the kernel's
+/// tile width): `dst` points at the output's column `cols.start` (row stride `ldc`), and `lhs`
+/// at its column for `ks.start` (its k index runs from 0 over `ks`).
+///
+/// # Safety
+/// As [`gemm`] for `lhs` and `dst`; `b` was packed by this process.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_packed_b(
+    m: usize,
+    dst: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_strides: (usize, usize),
+    b: &PackedB,
+    ks: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    alpha: f32,
+) {
+    let kernel = b.kernel;
+    let (mr, nr) = (kernel.mr, kernel.nr);
+    assert!(
+        ks.end <= b.k && cols.end <= b.n && cols.start.is_multiple_of(nr),
+        "gemm_packed_b: k {ks:?} or columns {cols:?} outside the packed {} x {} (or unaligned)",
+        b.k,
+        b.n
+    );
+    if m == 0 || cols.is_empty() {
+        return;
+    }
+    if ks.is_empty() {
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * ldc), 0, cols.len());
+            }
+        }
+        return;
+    }
+    let data = b.data.as_ptr() as *const f32;
+    let row_tiles = m.div_ceil(mr);
+    let mut k = ks.start;
+    while k < ks.end {
+        // The part of ks inside k block `block`.
+        let block = k / KC;
+        let end = ks.end.min((block + 1) * KC);
+        let kc = end - k;
+        let overwrite = k == ks.start && !accumulate;
+        let stride = b.panel_len(block);
+        let start = b.block_start(block) + (k - block * KC) * nr;
+        with_buffer(&PACKED_A, row_tiles * lines(kc * mr), |a_pack| {
+            for (ti, panel) in a_pack.chunks_mut(lines(kc * mr)).enumerate() {
+                let r0 = ti * mr;
+                pack_a(
+                    panel,
+                    lhs,
+                    lhs_strides,
+                    r0,
+                    (m - r0).min(mr),
+                    k - ks.start,
+                    kc,
+                    mr,
+                );
+            }
+            for j0 in cols.clone().step_by(nr) {
+                let panel = data.add(start + (j0 / nr) * stride);
+                for ti in 0..row_tiles {
+                    let r0 = ti * mr;
+                    (kernel.tile)(
+                        kc,
+                        a_pack[ti * lines(kc * mr)..].as_ptr(),
+                        panel,
+                        dst.add(r0 * ldc + (j0 - cols.start)),
+                        ldc,
+                        (m - r0).min(mr),
+                        (cols.end - j0).min(nr),
+                        overwrite,
+                        alpha,
+                    );
+                }
+            }
+        });
+        k = end;
+    }
+}
+
 /// [`pack_a_in`] compiled for the CPU's vector width (its copies then inline).
 ///
 /// # Safety
@@ -736,6 +890,82 @@ mod tests {
                 })
                 .collect();
             assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+        }
+    }
+
+    #[test]
+    fn packed_b_ranges_match_the_plain_product() {
+        // k spans two blocks; column ranges start at panel boundaries; both layouts of B.
+        let (k, n, m) = (300, 70, 9);
+        for kernel in kernels_available() {
+            let nr = kernel.nr;
+            for b_t in [false, true] {
+                let b = values(k * n, 29);
+                let strides = if b_t { (1, k) } else { (n, 1) };
+                let mut packed = PackedB::new(kernel);
+                // A first, smaller packing: the buffer is reused.
+                unsafe { packed.pack(5, 3, b.as_ptr(), (3, 1)) };
+                unsafe { packed.pack(k, n, b.as_ptr(), strides) };
+                for (ks, cols) in [
+                    (0..k, 0..n),
+                    (17..290, nr..n - 1),
+                    (250..260, 0..1),
+                    (100..100, 0..n),
+                ] {
+                    let a = values(m * ks.len(), 31);
+                    let ldc = cols.len() + 2;
+                    for accumulate in [false, true] {
+                        let prior = values(m * ldc, 37);
+                        let mut got = prior.clone();
+                        unsafe {
+                            gemm_packed_b(
+                                m,
+                                got.as_mut_ptr(),
+                                ldc,
+                                accumulate,
+                                a.as_ptr(),
+                                (ks.len(), 1),
+                                &packed,
+                                ks.clone(),
+                                cols.clone(),
+                                0.5,
+                            )
+                        };
+                        // The same product through `gemm` on the sub-matrix of B.
+                        let sub: Vec<f32> = ks
+                            .clone()
+                            .flat_map(|p| cols.clone().map(move |j| (p, j)))
+                            .map(|(p, j)| b[p * strides.0 + j * strides.1])
+                            .collect();
+                        let mut want = prior.clone();
+                        unsafe {
+                            gemm(
+                                kernel,
+                                false,
+                                m,
+                                cols.len(),
+                                ks.len(),
+                                want.as_mut_ptr(),
+                                ldc,
+                                accumulate,
+                                a.as_ptr(),
+                                (ks.len(), 1),
+                                sub.as_ptr(),
+                                (cols.len(), 1),
+                                0.5,
+                            )
+                        };
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{}: ks {ks:?} cols {cols:?} b_t {b_t} acc {accumulate}: \
+                                 element {i} {g} vs {w}",
+                                kernel.name
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

@@ -6,33 +6,46 @@
 
 use rayon::prelude::*;
 
-use super::matmul::gemm_raw;
+use crate::f32_gemm::{self, gemm_packed_b, PackedB};
+
 use super::{fast_exp, lane_max, lane_sum, wide, Dims, SyncPtr, ELEMENTS};
 
 /// Query rows per block: a block's scores (`ATTENTION_BLOCK × T`) are what a thread holds.
 const ATTENTION_BLOCK: usize = 32;
 
-thread_local! {
-    /// A block's probabilities and their gradients, reused across calls (fresh buffers of
-    /// this size are mapped and zeroed by the kernel on every call).
-    static BLOCK_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+/// What one thread reuses across calls: a block's probabilities and their gradients, and the
+/// head's operands packed once for all its blocks (K and V both ways, Q, the output gradient).
+struct Scratch {
+    p: Vec<f32>,
+    ds: Vec<f32>,
+    packed: [PackedB; 6],
 }
 
-/// Runs `body` on this thread's two block buffers, each at least `len` long (fresh ones when
-/// they are in use: a rayon task run while this thread waits inside another).
-fn with_block_scratch<R>(len: usize, body: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    BLOCK_SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffers) => {
-            let (p, ds) = &mut *buffers;
-            for b in [&mut *p, &mut *ds] {
-                if b.len() < len {
-                    b.resize(len, 0.0);
-                }
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `body` on this thread's scratch with block buffers at least `len` long (a fresh one
+/// when it is in use: a rayon task run while this thread waits inside another).
+fn with_scratch<R>(len: usize, body: impl FnOnce(&mut Scratch) -> R) -> R {
+    let fresh = || Scratch {
+        p: Vec::new(),
+        ds: Vec::new(),
+        packed: std::array::from_fn(|_| PackedB::new(f32_gemm::kernel())),
+    };
+    SCRATCH.with(|cell| {
+        let mut held = cell.try_borrow_mut();
+        let mut own = None;
+        let scratch = match held.as_deref_mut() {
+            Ok(slot) => slot.get_or_insert_with(fresh),
+            Err(_) => own.insert(fresh()),
+        };
+        for b in [&mut scratch.p, &mut scratch.ds] {
+            if b.len() < len {
+                b.resize(len, 0.0);
             }
-            body(&mut p[..len], &mut ds[..len])
         }
-        Err(_) => body(&mut vec![0.0; len], &mut vec![0.0; len]),
+        body(scratch)
     })
 }
 
@@ -77,38 +90,6 @@ fn first_key(positions: &[u32], t: usize) -> usize {
     t - positions[t] as usize
 }
 
-/// Scores of query rows `r0..r1` against keys `k0..r1` into `s` (row stride `r1 - k0`):
-/// `scale · q · kᵀ`.
-///
-/// # Safety
-/// `q` and `k` address rows `r0..r1` and `k0..r1` of stride `w`, `head_dim` wide.
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores(
-    s: &mut [f32],
-    q: *const f32,
-    k: *const f32,
-    w: usize,
-    head_dim: usize,
-    (r0, r1, k0): (usize, usize, usize),
-    scale: f32,
-) {
-    let keys = r1 - k0;
-    assert!(s.len() >= (r1 - r0) * keys);
-    gemm_raw(
-        r1 - r0,
-        keys,
-        head_dim,
-        s.as_mut_ptr(),
-        (keys, 1),
-        false,
-        q.add(r0 * w),
-        (w, 1),
-        k.add(k0 * w),
-        (1, w),
-        scale,
-    );
-}
-
 /// Writes attention's output and, per (batch, head, row), the log-sum-exp of the row's scores
 /// (`stats[b, h, t]`), which is all the backward pass needs to rebuild the probabilities.
 pub(super) fn attention_forward(
@@ -141,13 +122,35 @@ pub(super) fn attention_forward(
             let q = base.wrapping_add(h * hs);
             let k = base.wrapping_add(qw + (h / group) * hs);
             let v = base.wrapping_add(qw + kvw + (h / group) * hs);
-            with_block_scratch(ATTENTION_BLOCK * t_len, |p, _| {
+            with_scratch(ATTENTION_BLOCK * t_len, |scratch| {
+                let [kt, vp, ..] = &mut scratch.packed;
+                let p = &mut scratch.p;
+                // SAFETY: K and V of batch b, head h / group, lie inside qkv (asserted above).
+                unsafe {
+                    kt.pack(hs, t_len, k, (1, w));
+                    vp.pack(t_len, hs, v, (w, 1));
+                }
+                let nr = kt.panel_width();
                 for (r0, r1) in row_blocks(t_len) {
-                    // Keys before every row's example are skipped (packing).
-                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0);
+                    // Keys before every row's example are skipped (packing), from a panel start.
+                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0) / nr * nr;
                     let keys = r1 - k0;
-                    // SAFETY: rows r0..r1 of Q and k0..r1 of K lie inside qkv (asserted above).
-                    unsafe { scores(p, q, k, w, hs, (r0, r1, k0), scale) };
+                    // SAFETY: rows r0..r1 of Q lie inside qkv; p holds a block of scores; this
+                    // task alone writes head h's columns of out for batch b.
+                    unsafe {
+                        gemm_packed_b(
+                            r1 - r0,
+                            p.as_mut_ptr(),
+                            keys,
+                            false,
+                            q.add(r0 * w),
+                            (w, 1),
+                            kt,
+                            0..hs,
+                            k0..r1,
+                            scale,
+                        )
+                    };
                     wide(
                         #[inline(always)]
                         || {
@@ -166,24 +169,21 @@ pub(super) fn attention_forward(
                             }
                         },
                     );
-                    // SAFETY: this task alone writes head h's columns of out for batch b; rows
-                    // k0..r1 of V lie inside qkv.
+                    // SAFETY: as above.
                     unsafe {
-                        let y = out_ptr.get().add((b * t_len + r0) * qw + h * hs);
-                        gemm_raw(
+                        gemm_packed_b(
                             r1 - r0,
-                            hs,
-                            keys,
-                            y,
-                            (qw, 1),
+                            out_ptr.get().add((b * t_len + r0) * qw + h * hs),
+                            qw,
                             false,
                             p.as_ptr(),
                             (keys, 1),
-                            v.add(k0 * w),
-                            (w, 1),
+                            vp,
+                            k0..r1,
+                            0..hs,
                             1.0,
-                        );
-                    }
+                        )
+                    };
                 }
             });
         });
@@ -227,31 +227,55 @@ pub(super) fn attention_backward(
         let dbase = unsafe { dqkv_ptr.get().add((b * t_len) * w) };
         let dk = dbase.wrapping_add(qw + kvh * hs);
         let dv = dbase.wrapping_add(qw + kvw + kvh * hs);
-        with_block_scratch(ATTENTION_BLOCK * t_len, |p, ds| {
+        with_scratch(ATTENTION_BLOCK * t_len, |scratch| {
+            let [kt, vt, kp, qp, dyp, _] = &mut scratch.packed;
+            let (p, ds) = (&mut scratch.p, &mut scratch.ds);
+            // SAFETY: K and V of batch b, head kvh, lie inside qkv (asserted above).
+            unsafe {
+                kt.pack(hs, t_len, k, (1, w));
+                vt.pack(hs, t_len, v, (1, w));
+                kp.pack(t_len, hs, k, (w, 1));
+            }
+            let nr = kt.panel_width();
             for h in kvh * group..(kvh + 1) * group {
                 let lse = &stats[(b * nh + h) * t_len..(b * nh + h + 1) * t_len];
                 let q = base.wrapping_add(h * hs);
                 let dq = dbase.wrapping_add(h * hs);
                 let dy = dout[(b * t_len) * qw + h * hs..].as_ptr();
+                // SAFETY: Q of head h and its output gradient lie inside qkv and dout.
+                unsafe {
+                    qp.pack(t_len, hs, q, (w, 1));
+                    dyp.pack(t_len, hs, dy, (qw, 1));
+                }
                 for (r0, r1) in row_blocks(t_len) {
-                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0);
+                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0) / nr * nr;
                     let keys = r1 - k0;
                     // SAFETY: as stated for this task above; rows r0..r1 and k0..r1 < t_len.
                     unsafe {
                         // The block's probabilities again, from the scores and each row's lse.
-                        scores(p, q, k, w, hs, (r0, r1, k0), scale);
-                        // dP = dY · Vᵀ
-                        gemm_raw(
+                        gemm_packed_b(
                             r1 - r0,
+                            p.as_mut_ptr(),
                             keys,
-                            hs,
+                            false,
+                            q.add(r0 * w),
+                            (w, 1),
+                            kt,
+                            0..hs,
+                            k0..r1,
+                            scale,
+                        );
+                        // dP = dY · Vᵀ
+                        gemm_packed_b(
+                            r1 - r0,
                             ds.as_mut_ptr(),
-                            (keys, 1),
+                            keys,
                             false,
                             dy.add(r0 * qw),
                             (qw, 1),
-                            v.add(k0 * w),
-                            (1, w),
+                            vt,
+                            0..hs,
+                            k0..r1,
                             1.0,
                         );
                     }
@@ -283,45 +307,42 @@ pub(super) fn attention_backward(
                     // SAFETY: as stated for this task above.
                     unsafe {
                         // dV += Pᵀ · dY
-                        gemm_raw(
+                        gemm_packed_b(
                             keys,
-                            hs,
-                            r1 - r0,
                             dv.add(k0 * w),
-                            (w, 1),
+                            w,
                             true,
                             p.as_ptr(),
                             (1, keys),
-                            dy.add(r0 * qw),
-                            (qw, 1),
+                            dyp,
+                            r0..r1,
+                            0..hs,
                             1.0,
                         );
-                        // dQ = dS · K
-                        gemm_raw(
+                        // dQ += dS · K
+                        gemm_packed_b(
                             r1 - r0,
-                            hs,
-                            keys,
                             dq.add(r0 * w),
-                            (w, 1),
+                            w,
                             true,
                             ds.as_ptr(),
                             (keys, 1),
-                            k.add(k0 * w),
-                            (w, 1),
+                            kp,
+                            k0..r1,
+                            0..hs,
                             1.0,
                         );
                         // dK += dSᵀ · Q
-                        gemm_raw(
+                        gemm_packed_b(
                             keys,
-                            hs,
-                            r1 - r0,
                             dk.add(k0 * w),
-                            (w, 1),
+                            w,
                             true,
                             ds.as_ptr(),
                             (1, keys),
-                            q.add(r0 * w),
-                            (w, 1),
+                            qp,
+                            r0..r1,
+                            0..hs,
                             1.0,
                         );
                     }

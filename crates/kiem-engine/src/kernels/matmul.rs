@@ -69,47 +69,13 @@ fn gemm_f32(
     }
 }
 
-/// `dst[m, n] (+)= alpha · lhs[m, k] · rhs[k, n]` on raw pointers, single-threaded (for use
-/// inside parallel tasks that own disjoint parts of `dst`).
-///
-/// # Safety
-/// Every (row, col) addressed through the strides must lie inside the pointed-to buffers, and
-/// no other thread may write the addressed part of `dst` concurrently.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_strides: (usize, usize),
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_strides: (usize, usize),
-    rhs: *const f32,
-    rhs_strides: (usize, usize),
-    alpha: f32,
-) {
-    sgemm(
-        false,
-        m,
-        n,
-        k,
-        dst,
-        dst_strides,
-        accumulate,
-        lhs,
-        lhs_strides,
-        rhs,
-        rhs_strides,
-        alpha,
-    )
-}
-
 /// The fp32 product on this process's path: OpenBLAS where chosen ([`crate::blas::blas`]),
 /// else kiem's own kernel ([`crate::f32_gemm`]).
 ///
 /// # Safety
-/// As [`gemm_raw`]; with `parallel`, the call may use the whole rayon pool.
+/// Every (row, col) addressed through the strides lies inside the pointed-to buffers, and
+/// nothing else writes the addressed part of `dst` during the call; with `parallel`, the call
+/// may use the whole rayon pool.
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm(
     parallel: bool,
