@@ -24,11 +24,21 @@ const NC: usize = 4096;
 /// Register tiles of rows per block of A that one task packs and keeps in L2.
 const MC_TILES: usize = 12;
 
+/// Where a tile's rows of A are: element (r, p) at `ptr + r · row_stride + p · k_stride` (a
+/// packed `[kc][MR]` panel: 1 and MR; a row-major A read in place: its row stride and 1).
+#[derive(Clone, Copy)]
+struct APanel {
+    ptr: *const f32,
+    row_stride: usize,
+    k_stride: usize,
+}
+
 /// One register-tile kernel: `c[0..mr, 0..nr] = (overwrite ? 0 : c) + alpha · a · b` where `a`
-/// is a packed `[kc][MR]` panel and `b` a packed `[kc][NR]` panel.
+/// holds `mr` rows (rows up to MR are read again from the last one, never stored) and `b` is a
+/// packed `[kc][NR]` panel.
 type TileFn = unsafe fn(
     kc: usize,
-    a: *const f32,
+    a: APanel,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -229,7 +239,11 @@ pub unsafe fn gemm(
                     if p0 >= p1 {
                         return;
                     }
-                    with_buffer(&PACKED_A, row_tiles * a_stride, |a_pack| {
+                    // A row-major A is read in place (its rows are already contiguous in k);
+                    // another layout is packed by tiles of rows.
+                    let in_place = lhs_strides.1 == 1;
+                    let packed_len = if in_place { 0 } else { row_tiles * a_stride };
+                    with_buffer(&PACKED_A, packed_len, |a_pack| {
                         for (ti, panel) in a_pack.chunks_mut(a_stride).enumerate() {
                             let r0 = i0 + ti * mr;
                             // SAFETY: the caller guarantees lhs's extent.
@@ -246,19 +260,36 @@ pub unsafe fn gemm(
                                 )
                             };
                         }
+                        let tile_rows = |ti: usize| {
+                            if in_place {
+                                APanel {
+                                    ptr: (lhs as *const f32)
+                                        .wrapping_add((i0 + ti * mr) * lhs_strides.0 + pc),
+                                    row_stride: lhs_strides.0,
+                                    k_stride: 1,
+                                }
+                            } else {
+                                APanel {
+                                    ptr: a_pack[ti * a_stride..].as_ptr(),
+                                    row_stride: 1,
+                                    k_stride: mr,
+                                }
+                            }
+                        };
                         for p in p0..p1 {
                             let j0 = jc + p * nr;
                             let cols = (jc + nc - j0).min(nr);
                             let b = b_pack[p * b_stride..].as_ptr();
                             for ti in 0..row_tiles {
                                 let r0 = i0 + ti * mr;
-                                // SAFETY: the kernel matches the CPU (chosen by `level`); the
-                                // panels hold kc × MR and kc × NR values; the tile's rows and
-                                // columns lie inside dst, which this task alone writes there.
+                                // SAFETY: the kernel matches the CPU (chosen by `level`); A's
+                                // tile holds its rows' kc values (packed, or in place within
+                                // lhs's extent), B's panel kc × NR; the tile's rows and columns
+                                // lie inside dst, which this task alone writes there.
                                 unsafe {
                                     (kernel.tile)(
                                         kc,
-                                        a_pack[ti * a_stride..].as_ptr(),
+                                        tile_rows(ti),
                                         b,
                                         dst.get().add(r0 * ldc + j0),
                                         ldc,
@@ -401,8 +432,11 @@ pub unsafe fn gemm_packed_b(
         let overwrite = k == ks.start && !accumulate;
         let stride = b.panel_len(block);
         let start = b.block_start(block) + (k - block * KC) * nr;
-        with_buffer(&PACKED_A, row_tiles * lines(kc * mr), |a_pack| {
-            for (ti, panel) in a_pack.chunks_mut(lines(kc * mr)).enumerate() {
+        let in_place = lhs_strides.1 == 1;
+        let a_stride = lines(kc * mr);
+        let packed_len = if in_place { 0 } else { row_tiles * a_stride };
+        with_buffer(&PACKED_A, packed_len, |a_pack| {
+            for (ti, panel) in a_pack.chunks_mut(a_stride).enumerate() {
                 let r0 = ti * mr;
                 pack_a(
                     panel,
@@ -419,9 +453,22 @@ pub unsafe fn gemm_packed_b(
                 let panel = data.add(start + (j0 / nr) * stride);
                 for ti in 0..row_tiles {
                     let r0 = ti * mr;
+                    let a = if in_place {
+                        APanel {
+                            ptr: lhs.add(r0 * lhs_strides.0 + (k - ks.start)),
+                            row_stride: lhs_strides.0,
+                            k_stride: 1,
+                        }
+                    } else {
+                        APanel {
+                            ptr: a_pack[ti * a_stride..].as_ptr(),
+                            row_stride: 1,
+                            k_stride: mr,
+                        }
+                    };
                     (kernel.tile)(
                         kc,
-                        a_pack[ti * lines(kc * mr)..].as_ptr(),
+                        a,
                         panel,
                         dst.add(r0 * ldc + (j0 - cols.start)),
                         ldc,
@@ -629,7 +676,7 @@ macro_rules! simd_tile {
         #[allow(clippy::too_many_arguments)]
         unsafe fn $name(
             kc: usize,
-            a: *const f32,
+            a: APanel,
             b: *const f32,
             c: *mut f32,
             ldc: usize,
@@ -648,6 +695,10 @@ macro_rules! simd_tile {
                 _mm_prefetch::<_MM_HINT_T0>(row);
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(4 * NR - 1));
             }
+            let mut rows = [a.ptr; MR];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = a.ptr.add(r.min(mr - 1) * a.row_stride);
+            }
             let mut acc = [[$zero(); V]; MR];
             for p in 0..kc {
                 let bp = b.add(p * NR);
@@ -655,9 +706,9 @@ macro_rules! simd_tile {
                 for v in 0..V {
                     bv[v] = $loadu(bp.add(v * $lanes));
                 }
-                let ap = a.add(p * MR);
+                let at = p * a.k_stride;
                 for r in 0..MR {
-                    let ar = $set1(*ap.add(r));
+                    let ar = $set1(*rows[r].add(at));
                     for v in 0..V {
                         acc[r][v] = $fmadd(ar, bv[v], acc[r][v]);
                     }
@@ -729,7 +780,7 @@ const PORTABLE_NR: usize = 16;
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_portable(
     kc: usize,
-    a: *const f32,
+    a: APanel,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -741,8 +792,8 @@ unsafe fn tile_portable(
     let mut acc = [[0f32; PORTABLE_NR]; PORTABLE_MR];
     for p in 0..kc {
         let bp = std::slice::from_raw_parts(b.add(p * PORTABLE_NR), PORTABLE_NR);
-        let ap = std::slice::from_raw_parts(a.add(p * PORTABLE_MR), PORTABLE_MR);
-        for (row, &x) in acc.iter_mut().zip(ap) {
+        for (r, row) in acc.iter_mut().enumerate() {
+            let x = *a.ptr.add(r.min(mr - 1) * a.row_stride + p * a.k_stride);
             for (s, &y) in row.iter_mut().zip(bp) {
                 *s = x.mul_add(y, *s);
             }
