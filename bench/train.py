@@ -2,7 +2,8 @@
 """Training speed, kiem vs PyTorch eager, in one run on the same data, model and thread count.
 
 Runs `kiem pretrain` and bench/pytorch_gpt.py one after the other with identical settings and
-prints tokens/s of each (first --warmup steps excluded), their ratio, and each process's peak RSS.
+prints tokens/s of each (first --warmup steps excluded), their ratio, and each process's peak RSS,
+with the CPU model, its SIMD level and the matmul path kiem used (from the run's checkpoint).
 
     python bench/train.py --data runs/bench-data [--threads 2] [--steps 20]
         [--arch gpt2|llama] [--n-kv-head N]
@@ -24,11 +25,15 @@ a 2048² torch.mm at the same thread count and precision (fp32 and bf16 both rep
 """
 
 import argparse
+import glob
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +117,11 @@ def main():
         first, last = steps[args.warmup - 1], steps[-1]
         kiem_tps = (last["tokens"] - first["tokens"]) / (last["elapsed_seconds"] - first["elapsed_seconds"])
         kiem_losses = [s["loss"] for s in steps]
+        # The matmul path the run used, as its last checkpoint records it.
+        states = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*", "trainer_state",
+                                               "state.json")))
+        matmul_path = (json.load(open(states[-1]))["trainer"].get("matmul_path", "not recorded")
+                       if states else "not recorded")
 
     out, torch_rss = peak_rss_wrapper(ref_cmd)
     ref = json.loads(out.strip().splitlines()[-1])
@@ -132,6 +142,8 @@ def main():
           f"width {args.n_embd}, micro-batch {args.micro_batch}, {args.threads} threads, "
           f"{args.steps} steps ({args.warmup} untimed); torch {ref['torch']}"
           + (f"; llama, {kv} kv heads, MLP {hidden}" if args.arch == "llama" else ""))
+    cpu, simd = machine()
+    print(f"machine: {cpu} ({simd}); kiem's matmul path: {matmul_path}")
     print(f"measured peak (2048² torch.mm, {args.threads} threads): "
           + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in sorted(peak.items())))
     print(f"| | kiem ({args.precision}) | PyTorch eager ({args.torch_precision}) | kiem / PyTorch |")
