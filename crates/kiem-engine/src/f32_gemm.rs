@@ -524,15 +524,8 @@ unsafe fn pack_a_in(
     if rows < mr {
         dst.fill(0.0);
     }
-    if cs == 1 {
-        // Rows of A are contiguous: walk them side by side so dst is written in order.
-        let starts: Vec<*const f32> = (0..rows).map(|r| a.add((i0 + r) * rs + p0)).collect();
-        for (p, out) in dst.chunks_exact_mut(mr).enumerate() {
-            for (o, &row) in out.iter_mut().zip(&starts) {
-                *o = *row.add(p);
-            }
-        }
-    } else if rs == 1 {
+    // A row-major A is never packed: the kernels read it in place.
+    if rs == 1 {
         for p in 0..kc {
             copy_short(&mut dst[p * mr..p * mr + rows], a.add(i0 + (p0 + p) * cs));
         }

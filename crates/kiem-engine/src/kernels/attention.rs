@@ -49,6 +49,44 @@ fn with_scratch<R>(len: usize, body: impl FnOnce(&mut Scratch) -> R) -> R {
     })
 }
 
+/// The scores of query rows `r0..r1` into `p` (row stride: the returned key count) against
+/// the keys from the first any of them sees, rounded down to a panel start, to `r1`: returns
+/// that first key.
+///
+/// # Safety
+/// `q` addresses rows `r0..r1` of row stride `w` and `head_dim` values; `p` holds
+/// `(r1 - r0) × (r1 - first key)` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_scores(
+    p: &mut [f32],
+    q: *const f32,
+    w: usize,
+    head_dim: usize,
+    keys_t: &PackedB,
+    positions: &[u32],
+    (r0, r1): (usize, usize),
+    scale: f32,
+) -> usize {
+    let nr = keys_t.panel_width();
+    // Keys before every row's example are skipped (packing), from a panel start.
+    let k0 = (r0..r1).map(|t| first_key(positions, t)).min().unwrap_or(0) / nr * nr;
+    let keys = r1 - k0;
+    assert!(p.len() >= (r1 - r0) * keys);
+    gemm_packed_b(
+        r1 - r0,
+        p.as_mut_ptr(),
+        keys,
+        false,
+        q.add(r0 * w),
+        (w, 1),
+        keys_t,
+        0..head_dim,
+        k0..r1,
+        scale,
+    );
+    k0
+}
+
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(ATTENTION_BLOCK))
         .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
@@ -130,27 +168,10 @@ pub(super) fn attention_forward(
                     kt.pack(hs, t_len, k, (1, w));
                     vp.pack(t_len, hs, v, (w, 1));
                 }
-                let nr = kt.panel_width();
                 for (r0, r1) in row_blocks(t_len) {
-                    // Keys before every row's example are skipped (packing), from a panel start.
-                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0) / nr * nr;
+                    // SAFETY: rows r0..r1 of Q lie inside qkv; p holds a block of scores.
+                    let k0 = unsafe { block_scores(p, q, w, hs, kt, pos, (r0, r1), scale) };
                     let keys = r1 - k0;
-                    // SAFETY: rows r0..r1 of Q lie inside qkv; p holds a block of scores; this
-                    // task alone writes head h's columns of out for batch b.
-                    unsafe {
-                        gemm_packed_b(
-                            r1 - r0,
-                            p.as_mut_ptr(),
-                            keys,
-                            false,
-                            q.add(r0 * w),
-                            (w, 1),
-                            kt,
-                            0..hs,
-                            k0..r1,
-                            scale,
-                        )
-                    };
                     wide(
                         #[inline(always)]
                         || {
@@ -236,7 +257,6 @@ pub(super) fn attention_backward(
                 vt.pack(hs, t_len, v, (1, w));
                 kp.pack(t_len, hs, k, (w, 1));
             }
-            let nr = kt.panel_width();
             for h in kvh * group..(kvh + 1) * group {
                 let lse = &stats[(b * nh + h) * t_len..(b * nh + h + 1) * t_len];
                 let q = base.wrapping_add(h * hs);
@@ -248,23 +268,12 @@ pub(super) fn attention_backward(
                     dyp.pack(t_len, hs, dy, (qw, 1));
                 }
                 for (r0, r1) in row_blocks(t_len) {
-                    let k0 = (r0..r1).map(|t| first_key(pos, t)).min().unwrap_or(0) / nr * nr;
-                    let keys = r1 - k0;
+                    // The block's probabilities again, from the scores and each row's lse.
                     // SAFETY: as stated for this task above; rows r0..r1 and k0..r1 < t_len.
+                    let k0 = unsafe { block_scores(p, q, w, hs, kt, pos, (r0, r1), scale) };
+                    let keys = r1 - k0;
+                    // SAFETY: as above.
                     unsafe {
-                        // The block's probabilities again, from the scores and each row's lse.
-                        gemm_packed_b(
-                            r1 - r0,
-                            p.as_mut_ptr(),
-                            keys,
-                            false,
-                            q.add(r0 * w),
-                            (w, 1),
-                            kt,
-                            0..hs,
-                            k0..r1,
-                            scale,
-                        );
                         // dP = dY · Vᵀ
                         gemm_packed_b(
                             r1 - r0,

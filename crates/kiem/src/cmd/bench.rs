@@ -200,6 +200,20 @@ pub fn run(command: BenchCommand) -> Result<()> {
     }
 }
 
+/// (row stride, column stride) of a product's two operands, either one transposed.
+fn operand_strides(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_transposed: bool,
+    rhs_transposed: bool,
+) -> ((usize, usize), (usize, usize)) {
+    (
+        if lhs_transposed { (1, m) } else { (k, 1) },
+        if rhs_transposed { (1, k) } else { (n, 1) },
+    )
+}
+
 fn gemm(args: GemmBenchArgs) -> Result<()> {
     use kiem_engine::f32_gemm;
     let threads = args.threads.install()?;
@@ -240,8 +254,7 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
         paths.push((
             kernel.name.to_string(),
             Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
-                let ls = if lt { (1, m) } else { (k, 1) };
-                let rs = if rt { (1, k) } else { (n, 1) };
+                let (ls, rs) = operand_strides(m, n, k, lt, rt);
                 // SAFETY: each operand holds `largest` >= its m·k, k·n, m·n elements.
                 unsafe {
                     f32_gemm::gemm(
@@ -268,8 +281,7 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
         paths.push((
             format!("{} (system BLAS)", blas.name),
             Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
-                let ls = if lt { (1, m) } else { (k, 1) };
-                let rs = if rt { (1, k) } else { (n, 1) };
+                let (ls, rs) = operand_strides(m, n, k, lt, rt);
                 // SAFETY: as above.
                 let done = unsafe {
                     blas.sgemm_raw(
