@@ -1487,74 +1487,106 @@ impl<K: Kernels> Gpt<K> {
         Ok(())
     }
 
-    /// Global L2 norm of the gradients (the adapters' when the model has them).
-    pub fn grad_norm(&self) -> f64 {
-        let grads = self.lora.as_ref().map_or(&self.grads, |l| &l.grads);
-        self.kernels.sum_squares(grads).sqrt()
+    /// Values the optimizer trains: the adapters' when the model has them, else every
+    /// parameter. [`Gpt::trainable_mut`] and the gradients are this long.
+    pub fn trainable_len(&self) -> usize {
+        self.lora
+            .as_ref()
+            .map_or(self.params.len(), |l| l.params.len())
     }
 
-    /// Scales gradients so their norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`);
-    /// returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norm = self.grad_norm();
+    /// The trained values and their gradients as flat buffers (the adapters' when the model
+    /// has them), for reducing gradients and gathering parameters across processes.
+    pub fn trainable_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        match &mut self.lora {
+            Some(lora) => (&mut lora.params, &mut lora.grads),
+            None => (&mut self.params, &mut self.grads),
+        }
+    }
+
+    /// Sum of squares of the gradients in `range` of the trained values.
+    pub fn grad_sum_squares(&self, range: Range<usize>) -> f64 {
+        let grads = self.lora.as_ref().map_or(&self.grads, |l| &l.grads);
+        self.kernels.sum_squares(&grads[range])
+    }
+
+    /// Global L2 norm of the gradients (the adapters' when the model has them).
+    pub fn grad_norm(&self) -> f64 {
+        self.grad_sum_squares(0..self.trainable_len()).sqrt()
+    }
+
+    /// Scales the gradients in `range` as clipping a gradient of L2 norm `norm` to `max_norm`
+    /// does (as `torch.nn.utils.clip_grad_norm_`).
+    pub fn clip_grads(&mut self, range: Range<usize>, norm: f64, max_norm: f64) {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             let grads = match &mut self.lora {
                 Some(lora) => &mut lora.grads,
                 None => &mut self.grads,
             };
-            self.kernels.scale(grads, coef as f32);
+            self.kernels.scale(&mut grads[range], coef as f32);
         }
+    }
+
+    /// Scales gradients so their norm is at most `max_norm`; returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let norm = self.grad_norm();
+        self.clip_grads(0..self.trainable_len(), norm, max_norm);
         norm
     }
 
     /// One AdamW step; weight decay applies to matrices only (the adapters' included, as the
     /// Hugging Face trainer decays them). With adapters, only they are updated.
     pub fn adamw_step(&mut self, state: &mut AdamWState, lr: f32, weight_decay: f32) {
+        self.adamw_step_shard(state, lr, weight_decay, 0..self.trainable_len());
+    }
+
+    /// AdamW on the trained values in `shard` only, whose moments `state` holds (ZeRO-1: each
+    /// process updates its shard); the same arithmetic per value as [`Gpt::adamw_step`].
+    pub fn adamw_step_shard(
+        &mut self,
+        state: &mut AdamWState,
+        lr: f32,
+        weight_decay: f32,
+        shard: Range<usize>,
+    ) {
+        if state.m.len() != shard.len() {
+            state.m = vec![0.0; shard.len()];
+            state.v = vec![0.0; shard.len()];
+        }
+        state.step += 1;
+        let h = |decay: bool| AdamW {
+            lr,
+            beta1: state.beta1,
+            beta2: state.beta2,
+            eps: state.eps,
+            weight_decay: if decay { weight_decay } else { 0.0 },
+            step: state.step,
+        };
         if let Some(lora) = &mut self.lora {
-            let n = lora.params.len();
-            if state.m.len() != n {
-                state.m = vec![0.0; n];
-                state.v = vec![0.0; n];
-            }
-            state.step += 1;
-            let h = AdamW {
-                lr,
-                beta1: state.beta1,
-                beta2: state.beta2,
-                eps: state.eps,
-                weight_decay,
-                step: state.step,
-            };
+            let r = shard.clone();
+            let h = h(true);
             self.kernels.adamw(
-                &mut lora.params,
-                &lora.grads,
+                &mut lora.params[r.clone()],
+                &lora.grads[r],
                 &mut state.m,
                 &mut state.v,
                 &h,
             );
             return;
         }
-        if state.m.len() != self.params.len() {
-            state.m = vec![0.0; self.params.len()];
-            state.v = vec![0.0; self.params.len()];
-        }
-        state.step += 1;
         for spec in &self.layout.tensors {
-            let r = spec.range.clone();
-            let h = AdamW {
-                lr,
-                beta1: state.beta1,
-                beta2: state.beta2,
-                eps: state.eps,
-                weight_decay: if spec.decay { weight_decay } else { 0.0 },
-                step: state.step,
-            };
+            let r = spec.range.start.max(shard.start)..spec.range.end.min(shard.end);
+            if r.is_empty() {
+                continue;
+            }
+            let local = r.start - shard.start..r.end - shard.start;
+            let h = h(spec.decay);
             self.kernels.adamw(
                 &mut self.params[r.clone()],
-                &self.grads[r.clone()],
-                &mut state.m[r.clone()],
-                &mut state.v[r],
+                &self.grads[r],
+                &mut state.m[local.clone()],
+                &mut state.v[local],
                 &h,
             );
         }

@@ -34,6 +34,10 @@ pub struct TrainerState {
     /// checkpoints written before it was recorded.
     #[serde(default)]
     pub matmul_path: Option<String>,
+    /// Processes of the job that wrote it (absent: one). The checkpoint holds the whole
+    /// optimizer state either way, so a job of another size can continue it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<usize>,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {

@@ -80,6 +80,13 @@ pub struct TrainConfig {
     /// memory for long contexts, about a third more compute, the same results.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub recompute: bool,
+    /// ZeRO stage of a job of several processes: 1 shards the AdamW moments across them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub zero: u8,
+}
+
+fn is_zero(stage: &u8) -> bool {
+    *stage == 0
 }
 
 /// Where the training data comes from.
@@ -147,6 +154,23 @@ impl TrainConfig {
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
             return bad("--weight-decay and --grad-clip must not be negative".into());
         }
+        let ranks = kiem_dist::world().size();
+        let accum = self.grad_accumulation();
+        if !accum.is_multiple_of(ranks) {
+            return bad(format!(
+                "--batch-tokens {} makes {accum} micro-batches per step, which {ranks} processes \
+                 cannot share evenly: make it a multiple of processes × --micro-batch × row \
+                 length = {}",
+                self.batch_tokens,
+                ranks * per_micro
+            ));
+        }
+        if self.zero > 1 {
+            return bad(format!(
+                "--zero {}: only stage 1 (sharded AdamW moments) is implemented",
+                self.zero
+            ));
+        }
         if self.pack && !matches!(self.source, DataSource::Finetune(_)) {
             return bad(
                 "--pack packs fine-tuning examples; pre-training rows are full already".into(),
@@ -191,6 +215,10 @@ pub struct StepReport {
     pub tokens: u64,
     pub tokens_per_second: f64,
     pub elapsed_seconds: f64,
+    /// Seconds this step spent exchanging gradients and parameters between processes (jobs of
+    /// several processes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comm_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -226,6 +254,10 @@ impl Serialize for TaskScores {
         serde_json::json!({"step": self.step, "tasks": tasks}).serialize(s)
     }
 }
+
+/// Reports nothing (the processes of a job other than the first).
+struct Silent;
+impl Observer for Silent {}
 
 /// What a caller (the CLI) shows while training runs.
 pub trait Observer {
@@ -321,8 +353,9 @@ fn check_memory(config: &TrainConfig, already_allocated: usize) -> Result<()> {
     }
 }
 
+/// `metrics.jsonl`; only the first process of a job writes it (`file` is `None` elsewhere).
 struct Metrics {
-    file: std::fs::File,
+    file: Option<std::fs::File>,
 }
 
 /// (step, loss) points of a curve.
@@ -334,7 +367,11 @@ pub type TaskCurves = std::collections::BTreeMap<String, Curve>;
 impl Metrics {
     /// Opens `metrics.jsonl`, dropping lines of steps after `keep_through` (they are redone on
     /// resume).
-    fn open(path: &Path, keep_through: Option<u64>) -> Result<(Self, Curve, Curve, TaskCurves)> {
+    fn open(
+        path: &Path,
+        keep_through: Option<u64>,
+        writes: bool,
+    ) -> Result<(Self, Curve, Curve, TaskCurves)> {
         let mut train = Vec::new();
         let mut val = Vec::new();
         let mut tasks = TaskCurves::new();
@@ -364,17 +401,23 @@ impl Metrics {
                 kept.push('\n');
             }
         }
+        if !writes {
+            return Ok((Self { file: None }, train, val, tasks));
+        }
         kiem_engine::io::write_file_atomic(path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)
             .map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-        Ok((Self { file }, train, val, tasks))
+        Ok((Self { file: Some(file) }, train, val, tasks))
     }
 
     fn write(&mut self, value: &impl Serialize) -> Result<()> {
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
         let line = serde_json::to_string(value).expect("metrics serialize");
-        writeln!(self.file, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))
+        writeln!(file, "{line}").map_err(|e| TrainError::Io(format!("metrics.jsonl: {e}")))
     }
 }
 
@@ -656,6 +699,13 @@ fn run_loop(
     observer: &mut dyn Observer,
     plot_title: &str,
 ) -> Result<Summary> {
+    // A job of several processes: each trains its share of every step's micro-batches, they
+    // sum gradients, and the first alone writes files and reports.
+    let world = kiem_dist::world();
+    let (rank, ranks) = (world.rank(), world.size());
+    let root = rank == 0;
+    let mut silent = Silent;
+    let observer: &mut dyn Observer = if root { observer } else { &mut silent };
     gpt.set_matmul_precision(config.precision)?;
     gpt.set_recompute(config.recompute);
     if tokenizer.vocab_size() < gpt.config.vocab_size {
@@ -674,6 +724,7 @@ fn run_loop(
         elapsed_seconds: 0.0,
         tokenizer_hash: tokenizer.hash().to_string(),
         matmul_path: Some(kiem_engine::kernels::matmul_path(config.precision)),
+        ranks: (ranks > 1).then_some(ranks),
     };
     let resumed_from = if resume {
         let (step, dir) = list_checkpoints(run_dir).pop().ok_or_else(|| {
@@ -700,12 +751,48 @@ fn run_loop(
             )),
             _ => {}
         }
+        let then = state.ranks.replace(ranks).unwrap_or(1);
+        if then != ranks {
+            observer.note(&format!(
+                "the checkpoint was written by a job of {then} process(es), this one has {ranks}: \
+                 each takes a new share of every step (the optimizer state is re-sharded); the \
+                 losses may differ in their last bits from an uninterrupted run"
+            ));
+        }
+        state.ranks = (ranks > 1).then_some(ranks);
         Some(step)
     } else {
-        let json = serde_json::to_string_pretty(config).expect("config serializes");
-        kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;
+        if root {
+            let json = serde_json::to_string_pretty(config).expect("config serializes");
+            kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;
+        }
         None
     };
+    // ZeRO-1: this process keeps (and updates) the AdamW moments of its shard only.
+    let shards = kiem_dist::Shards::new(gpt.trainable_len(), ranks);
+    let zero = config.zero >= 1 && ranks > 1;
+    let mine = if zero {
+        shards.range(rank)
+    } else {
+        0..gpt.trainable_len()
+    };
+    if zero && !opt.m.is_empty() {
+        opt.m = opt.m[mine.clone()].to_vec();
+        opt.v = opt.v[mine.clone()].to_vec();
+    }
+    if ranks > 1 {
+        observer.note(&format!(
+            "{}: each takes {} of the {} micro-batches of every step{}",
+            world.describe(),
+            config.grad_accumulation() / ranks,
+            config.grad_accumulation(),
+            if zero {
+                "; AdamW moments sharded across them (ZeRO-1)"
+            } else {
+                ""
+            }
+        ));
+    }
     if let Some(weights) = config.base_weights {
         let released = gpt.freeze_base(weights)?;
         observer.note(&format!(
@@ -717,7 +804,7 @@ fn run_loop(
         ));
     }
     let (mut metrics, mut train_curve, mut val_curve, mut task_curves) =
-        Metrics::open(&run_dir.join(METRICS_FILE), Some(state.step))?;
+        Metrics::open(&run_dir.join(METRICS_FILE), Some(state.step), root)?;
     let eval_tasks = load_eval_tasks(config)?;
     let record_tasks = |gpt: &mut Gpt,
                         metrics: &mut Metrics,
@@ -725,7 +812,8 @@ fn run_loop(
                         observer: &mut dyn Observer,
                         step: u64|
      -> Result<()> {
-        if eval_tasks.is_empty() {
+        // Scored by the first process alone (the others wait at the next step's exchange).
+        if eval_tasks.is_empty() || !root {
             return Ok(());
         }
         let scores = score_tasks(gpt, tokenizer, &eval_tasks, config, step)?;
@@ -766,7 +854,7 @@ fn run_loop(
     // compare against.
     if resumed_from.is_none() && matches!(config.source, DataSource::Finetune(_)) {
         if let Some(val) = val_loader.as_deref_mut() {
-            let report = evaluate(&mut gpt, val, config, &bytes_of, 0)?;
+            let report = evaluate(&mut gpt, val, config, &bytes_of, 0, world)?;
             metrics.write(&report)?;
             val_curve.push((0, report.val_loss));
             observer.eval(&report);
@@ -782,6 +870,11 @@ fn run_loop(
     let tokens_before = state.tokens_seen;
     let mut last_loss = f64::NAN;
     let mut interrupted = false;
+    // Every process reads every micro-batch (the loader's position and the step's count of
+    // trained tokens stay the same everywhere) and trains its contiguous share of them.
+    let share = accum / ranks;
+    let my_micro = rank * share..(rank + 1) * share;
+    let mut stage = Vec::new();
     while state.step < config.steps {
         let step = state.step;
         let lr = config.schedule.lr_at(step);
@@ -799,10 +892,13 @@ fn run_loop(
         let scale = 1.0 / trained.max(1) as f32;
         // The whole step on a worker of the thread pool: its many parallel loops then fork
         // and join inside the pool instead of each being handed to it from this thread.
-        let (loss, grad_norm) = kiem_engine::kernels::in_pool(|| -> Result<(f64, f64)> {
+        let (loss, grad_norm, stop, comm) = kiem_engine::kernels::in_pool(|| -> Result<_> {
             gpt.zero_grad();
             let mut loss_sum = 0.0f64;
             for (micro, (inputs, targets, seq, positions)) in batches.iter().enumerate() {
+                if !my_micro.contains(&micro) {
+                    continue;
+                }
                 // Adapter dropout draws fresh masks for every micro-batch, the same ones again
                 // on resume.
                 gpt.set_lora_dropout_seed(
@@ -819,6 +915,14 @@ fn run_loop(
                 loss_sum += sum;
                 gpt.backward()?;
             }
+            // Processes agree on the loss and on stopping (an interrupt may reach them at
+            // different steps).
+            let comm_started = Instant::now();
+            let mut totals = [0.0; 2];
+            let stop_here = f64::from(u8::from(cancel.load(Ordering::Relaxed)));
+            world.all_reduce_f64(&[loss_sum, stop_here], &mut totals);
+            let [loss_sum, stop] = totals;
+            let mut comm = comm_started.elapsed().as_secs_f64();
             let loss = loss_sum / trained.max(1) as f64;
             if !loss.is_finite() {
                 let last = list_checkpoints(run_dir)
@@ -831,13 +935,36 @@ fn run_loop(
                     last.unwrap_or_else(|| "none yet".into())
                 )));
             }
-            let grad_norm = if config.grad_clip > 0.0 {
-                gpt.clip_grad_norm(f64::from(config.grad_clip))
+            let comm_started = Instant::now();
+            if zero {
+                kiem_dist::reduce_scatter_in_place(
+                    world,
+                    gpt.trainable_mut().1,
+                    shards,
+                    &mut stage,
+                );
+            } else {
+                kiem_dist::all_reduce_in_place(world, gpt.trainable_mut().1, &mut stage);
+            }
+            comm += comm_started.elapsed().as_secs_f64();
+            let grad_norm = if zero {
+                // This process holds the summed gradients of its shard only.
+                let mut sum_squares = [0.0];
+                world.all_reduce_f64(&[gpt.grad_sum_squares(mine.clone())], &mut sum_squares);
+                sum_squares[0].sqrt()
             } else {
                 gpt.grad_norm()
             };
-            gpt.adamw_step(&mut opt, lr, config.weight_decay);
-            Ok((loss, grad_norm))
+            if config.grad_clip > 0.0 {
+                gpt.clip_grads(mine.clone(), grad_norm, f64::from(config.grad_clip));
+            }
+            gpt.adamw_step_shard(&mut opt, lr, config.weight_decay, mine.clone());
+            if zero {
+                let comm_started = Instant::now();
+                kiem_dist::all_gather_in_place(world, gpt.trainable_mut().0, shards, &mut stage);
+                comm += comm_started.elapsed().as_secs_f64();
+            }
+            Ok((loss, grad_norm, stop > 0.0, comm))
         })?;
         state.step += 1;
         state.tokens_seen += step_tokens as u64;
@@ -854,17 +981,17 @@ fn run_loop(
             tokens: state.tokens_seen,
             tokens_per_second: (state.tokens_seen - tokens_before) as f64 / session.max(1e-9),
             elapsed_seconds: state.elapsed_seconds,
+            comm_seconds: (ranks > 1).then_some(comm),
         };
         metrics.write(&report)?;
         train_curve.push((state.step, loss));
         observer.step(&report);
 
         let last_step = state.step == config.steps;
-        let stop = cancel.load(Ordering::Relaxed);
         let evaluate_now =
             (config.eval_every > 0 && state.step.is_multiple_of(config.eval_every)) || last_step;
         if let (true, Some(val)) = (evaluate_now, val_loader.as_deref_mut()) {
-            let report = evaluate(&mut gpt, val, config, &bytes_of, state.step)?;
+            let report = evaluate(&mut gpt, val, config, &bytes_of, state.step, world)?;
             if state.best_val_loss.is_none_or(|b| report.val_loss < b) {
                 state.best_val_loss = Some(report.val_loss);
                 state.best_val_bpb = Some(report.val_bpb);
@@ -882,7 +1009,9 @@ fn run_loop(
                 state.step,
             )?;
         }
-        if config.sample_every > 0 && (state.step.is_multiple_of(config.sample_every) || last_step)
+        if root
+            && config.sample_every > 0
+            && (state.step.is_multiple_of(config.sample_every) || last_step)
         {
             let text = sample_text(&gpt, tokenizer, config.sample_tokens, &mut state.sample_rng)?;
             observer.sample(state.step, &text);
@@ -891,22 +1020,46 @@ fn run_loop(
             || last_step
             || stop
         {
-            let dir = save_checkpoint(
-                run_dir,
-                &gpt,
-                &opt,
-                &state,
-                tokenizer,
-                config.keep_checkpoints,
-            )?;
-            plot_losses(
-                &run_dir.join(PLOT_FILE),
-                plot_title,
-                &train_curve,
-                &val_curve,
-                &task_curves,
-            )?;
-            observer.checkpoint(state.step, &dir);
+            // The first process writes the whole optimizer state: sharded moments are gathered
+            // to it first, so any number of processes can continue the run.
+            let whole;
+            let opt_to_save = if zero {
+                let mut m = Vec::new();
+                let mut v = Vec::new();
+                kiem_dist::gather_shards_to_root(world, &opt.m, shards, &mut m);
+                kiem_dist::gather_shards_to_root(world, &opt.v, shards, &mut v);
+                whole = AdamWState {
+                    m,
+                    v,
+                    step: opt.step,
+                    beta1: opt.beta1,
+                    beta2: opt.beta2,
+                    eps: opt.eps,
+                };
+                &whole
+            } else {
+                &opt
+            };
+            if root {
+                let dir = save_checkpoint(
+                    run_dir,
+                    &gpt,
+                    opt_to_save,
+                    &state,
+                    tokenizer,
+                    config.keep_checkpoints,
+                )?;
+                plot_losses(
+                    &run_dir.join(PLOT_FILE),
+                    plot_title,
+                    &train_curve,
+                    &val_curve,
+                    &task_curves,
+                )?;
+                observer.checkpoint(state.step, &dir);
+            }
+            // A job stopped here must not end before its checkpoint is written.
+            world.barrier();
         }
         if stop && !last_step {
             interrupted = true;
@@ -918,7 +1071,7 @@ fn run_loop(
     } else {
         MODEL_DIR
     });
-    if !interrupted {
+    if !interrupted && root {
         write_model_dir(&model_dir, &gpt, tokenizer, None)?;
         plot_losses(
             &run_dir.join(PLOT_FILE),
@@ -953,6 +1106,7 @@ fn evaluate(
     config: &TrainConfig,
     bytes_of: &[u32],
     step: u64,
+    world: &dyn kiem_dist::Collective,
 ) -> Result<EvalReport> {
     let per_batch = config.micro_batch * val.seq();
     let rows = val.rows();
@@ -964,6 +1118,10 @@ fn evaluate(
     let (mut nats, mut count, mut bytes) = (0.0f64, 0usize, 0u64);
     for b in 0..batches {
         let shape = val.next_batch(config.micro_batch, &mut inputs, &mut targets);
+        // Processes take turns through the batches.
+        if b % world.size() != world.rank() {
+            continue;
+        }
         // The last batch of a pass wraps around to the first rows: count each row once.
         let first_row = b * config.micro_batch;
         let fresh = (rows as usize).saturating_sub(first_row);
@@ -981,6 +1139,10 @@ fn evaluate(
             .map(|&t| u64::from(bytes_of[t as usize]))
             .sum::<u64>();
     }
+    let mut totals = [0.0; 3];
+    world.all_reduce_f64(&[nats, count as f64, bytes as f64], &mut totals);
+    let [nats, count, bytes] = totals;
+    let (count, bytes) = (count as usize, bytes as u64);
     Ok(EvalReport {
         step,
         val_loss: nats / count.max(1) as f64,
