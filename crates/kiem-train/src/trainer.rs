@@ -762,6 +762,8 @@ fn run_loop(
         state.ranks = (ranks > 1).then_some(ranks);
         Some(step)
     } else {
+        // Every process has seen the run directory free before the first one claims it.
+        world.barrier();
         if root {
             let json = serde_json::to_string_pretty(config).expect("config serializes");
             kiem_engine::io::write_file_atomic(&run_dir.join(RUN_FILE), json.as_bytes())?;

@@ -78,7 +78,8 @@ enum Command {
 /// Threads for the parallel parts of a command.
 #[derive(Args, Debug, Clone)]
 pub struct ThreadArgs {
-    /// Worker threads (default: the number of physical cores).
+    /// Worker threads (default: the number of physical cores, divided between the processes of
+    /// a job that share the machine).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 }
@@ -129,7 +130,9 @@ impl ThreadArgs {
     /// per process: later calls (`kiem demo` runs several commands) keep it.
     pub fn install(&self) -> anyhow::Result<usize> {
         static INSTALLED: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let threads = self.threads.unwrap_or_else(physical_cores);
+        let threads = self
+            .threads
+            .unwrap_or_else(|| (physical_cores() / kiem_dist::local_ranks()).max(1));
         if threads == 0 || threads > 1024 {
             anyhow::bail!("--threads {threads} is out of range: choose 1..=1024");
         }
@@ -161,18 +164,86 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose, cli.quiet);
     progress::set_quiet(cli.quiet);
-    cmd::install_interrupt_handler();
-    match run_command(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if cmd::interrupted() {
-                eprintln!("interrupted: {e:#}");
-                return ExitCode::from(130);
-            }
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    if let Err(e) = join_job(&cli.command) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
     }
+    cmd::install_interrupt_handler();
+    let world = kiem_dist::world();
+    // A panic in one process of a job must end the others, not leave them waiting in a
+    // collective for it.
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_command(cli.command)));
+    let code = match result {
+        Ok(Ok(())) => {
+            #[cfg(feature = "mpi")]
+            kiem_dist::mpi_world::finalize();
+            return ExitCode::SUCCESS;
+        }
+        Ok(Err(e)) if cmd::interrupted() => {
+            eprintln!("interrupted{}: {e:#}", rank_label(world));
+            130
+        }
+        Ok(Err(e)) => {
+            eprintln!("error{}: {e:#}", rank_label(world));
+            1
+        }
+        // The panic hook has printed the message.
+        Err(_) => 101,
+    };
+    if world.size() > 1 {
+        world.abort(code);
+    }
+    ExitCode::from(code as u8)
+}
+
+/// " (rank r of n)" in a job of several processes, else nothing.
+fn rank_label(world: &dyn kiem_dist::Collective) -> String {
+    if world.size() > 1 {
+        format!(" (rank {} of {})", world.rank(), world.size())
+    } else {
+        String::new()
+    }
+}
+
+/// Joins the job's other processes when a launcher (`mpirun -n N`) started several: only the
+/// training commands and `data prepare` divide their work between processes.
+fn join_job(command: &Command) -> anyhow::Result<()> {
+    let Some(ranks) = kiem_dist::launched_ranks().filter(|&n| n > 1) else {
+        return Ok(());
+    };
+    let parallel = matches!(
+        command,
+        Command::Pretrain(_)
+            | Command::Finetune(_)
+            | Command::Data(cmd::data::DataCommand::Prepare(_))
+    );
+    if !parallel {
+        anyhow::bail!(
+            "launched as one of {ranks} processes (mpirun), but only `kiem pretrain`, `kiem finetune` \
+             and `kiem data prepare` run as a job of several processes: run this command once, \
+             without mpirun"
+        );
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let world = kiem_dist::mpi_world::init().map_err(anyhow::Error::msg)?;
+        if world.size() != ranks {
+            anyhow::bail!(
+                "the launcher started {ranks} processes but MPI reports {}: this kiem was built \
+                 against another MPI than the mpirun that launched it",
+                world.size()
+            );
+        }
+        kiem_dist::install(Box::new(world)).map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
+    #[cfg(not(feature = "mpi"))]
+    anyhow::bail!(
+        "launched as one of {ranks} processes (mpirun), but this kiem was built without MPI: \
+         rebuild it with `cargo build --release --features mpi` (needs Open MPI or MPICH and \
+         libclang)"
+    )
 }
 
 fn run_command(command: Command) -> anyhow::Result<()> {

@@ -10,7 +10,7 @@ use kiem_train::{Schedule, ScheduleKind, TrainConfig};
 
 use super::cancel_flag;
 use super::chat_format::{FormatArg, TrainOnArg};
-use super::pretrain::{print_summary, read_run_config, CliObserver};
+use super::pretrain::{print_summary, read_run_config, CliObserver, ShardingArgs};
 use crate::ThreadArgs;
 
 #[derive(Args, Debug)]
@@ -30,8 +30,8 @@ pub struct FinetuneArgs {
     #[arg(long, value_name = "RUN_DIR")]
     out: Option<PathBuf>,
 
-    /// Continue the fine-tuning run in RUN_DIR from its last checkpoint (only --steps and
-    /// --threads may change).
+    /// Continue the fine-tuning run in RUN_DIR from its last checkpoint (only --steps,
+    /// --threads and --zero may change).
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
 
@@ -164,6 +164,9 @@ pub struct FinetuneArgs {
     recompute: bool,
 
     #[command(flatten)]
+    sharding: ShardingArgs,
+
+    #[command(flatten)]
     threads: ThreadArgs,
 }
 
@@ -183,12 +186,13 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             || args.base_weights.is_some()
             || !args.eval_tasks.tasks.is_empty()
         {
-            bail!("--resume continues a run as it was defined: give only --steps and --threads with it");
+            bail!("--resume continues a run as it was defined: give only --steps, --threads and --zero with it");
         }
         let mut config = read_run_config(run_dir)?;
         if let Some(steps) = args.steps {
             config.set_steps(steps);
         }
+        args.sharding.apply(&mut config);
         let summary = kiem_train::trainer::finetune(run_dir, &config, None, &cancel, &mut observer);
         (run_dir.clone(), summary)
     } else {
@@ -279,7 +283,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         let steps = args
             .steps
             .unwrap_or_else(|| rows_per_epoch.div_ceil(per_step) * args.epochs.max(1));
-        let config = TrainConfig {
+        let mut config = TrainConfig {
             source: DataSource::Finetune(spec),
             model: gpt.config,
             seq,
@@ -322,7 +326,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             lora,
             pack: args.pack,
             recompute: args.recompute,
+            zero: 0,
         };
+        args.sharding.apply(&mut config);
         let summary = kiem_train::trainer::finetune(
             out,
             &config,

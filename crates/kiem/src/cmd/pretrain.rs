@@ -25,8 +25,8 @@ pub struct PretrainArgs {
     #[arg(long, value_name = "RUN_DIR")]
     out: Option<PathBuf>,
 
-    /// Continue the run in RUN_DIR from its last checkpoint, bit for bit (only --steps, --tokens
-    /// and --threads may change).
+    /// Continue the run in RUN_DIR from its last checkpoint, bit for bit (only --steps, --tokens,
+    /// --threads and --zero may change).
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
 
@@ -170,7 +170,30 @@ pub struct PretrainArgs {
     recompute: bool,
 
     #[command(flatten)]
+    sharding: ShardingArgs,
+
+    #[command(flatten)]
     threads: ThreadArgs,
+}
+
+/// How a job of several processes (`mpirun -n N kiem ...`, built with `--features mpi`) divides
+/// its optimizer state. It may change on --resume: checkpoints hold the whole state.
+#[derive(Args, Debug, Clone)]
+pub struct ShardingArgs {
+    /// ZeRO stage under MPI: 0 = every process keeps all AdamW moments, 1 = each keeps 1/N of
+    /// them (gradients reduce-scattered, parameters all-gathered), cutting optimizer memory per
+    /// process by N for the same results [default: 0].
+    #[arg(long, value_name = "STAGE")]
+    zero: Option<u8>,
+}
+
+impl ShardingArgs {
+    /// Sets the run's ZeRO stage where the flag was given.
+    pub fn apply(&self, config: &mut TrainConfig) {
+        if let Some(stage) = self.zero {
+            config.zero = stage;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -374,6 +397,7 @@ impl PretrainArgs {
             pack: false,
             base_weights: None,
             recompute: self.recompute,
+            zero: 0,
         })
     }
 }
@@ -387,7 +411,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             if !given.is_empty() {
                 bail!(
                     "--resume continues a run exactly as it was defined; these flags cannot change: {} \
-                     (only --steps, --tokens and --threads may)",
+                     (only --steps, --tokens, --threads and --zero may)",
                     given.join(", ")
                 );
             }
@@ -395,6 +419,7 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             if let Some(steps) = args.steps_for(config.batch_tokens) {
                 config.set_steps(steps);
             }
+            args.sharding.apply(&mut config);
             (run_dir.clone(), config, true)
         }
         None => {
@@ -412,7 +437,8 @@ pub fn run(args: PretrainArgs) -> Result<()> {
                 );
             }
             let data_dir = DataDir::open(data)?;
-            let config = args.config(data, data_dir.manifest.tokenizer.vocab_size)?;
+            let mut config = args.config(data, data_dir.manifest.tokenizer.vocab_size)?;
+            args.sharding.apply(&mut config);
             (out.clone(), config, false)
         }
     };
@@ -435,8 +461,11 @@ pub fn read_run_config(run_dir: &Path) -> Result<TrainConfig> {
     serde_json::from_str(&text).with_context(|| format!("{} is malformed", path.display()))
 }
 
-/// The closing lines of a training command.
+/// The closing lines of a training command (from the first process of a job only).
 pub fn print_summary(summary: &kiem_train::Summary, run_dir: &Path, command: &str) {
+    if kiem_dist::world().rank() != 0 {
+        return;
+    }
     println!(
         "{} {} steps, {} tokens in {:.1}s ({:.0} tokens/s this session); final train loss {:.4}",
         if summary.interrupted {
