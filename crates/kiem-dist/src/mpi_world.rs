@@ -23,7 +23,7 @@ unsafe impl Send for MpiWorld {}
 unsafe impl Sync for MpiWorld {}
 
 /// Kept until [`finalize`]: dropping it calls MPI_Finalize.
-struct Environment(Universe);
+struct Environment(#[allow(dead_code)] Universe);
 unsafe impl Send for Environment {}
 static ENVIRONMENT: Mutex<Option<Environment>> = Mutex::new(None);
 

@@ -228,11 +228,11 @@ fn join_job(command: &Command) -> anyhow::Result<()> {
     #[cfg(feature = "mpi")]
     {
         let world = kiem_dist::mpi_world::init().map_err(anyhow::Error::msg)?;
-        if world.size() != ranks {
+        if kiem_dist::Collective::size(&world) != ranks {
             anyhow::bail!(
                 "the launcher started {ranks} processes but MPI reports {}: this kiem was built \
                  against another MPI than the mpirun that launched it",
-                world.size()
+                kiem_dist::Collective::size(&world)
             );
         }
         kiem_dist::install(Box::new(world)).map_err(anyhow::Error::msg)?;
