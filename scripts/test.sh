@@ -34,6 +34,16 @@ step "engine, OpenBLAS" env KIEM_BLAS=openblas cargo test --locked --no-fail-fas
 # on CPUs without AVX512-BF16, and the emulation against the model tests on CPUs with it).
 step "engine, baseline SIMD, emulated bf16" env KIEM_SIMD=baseline KIEM_BF16=emulate \
   cargo test --locked --no-fail-fast -p kiem-engine "$@"
+# Data-parallel jobs under mpirun (the `mpi` feature) where Open MPI is installed; .ci/run
+# installs it and sets KIEM_REQUIRE_MPI so the step cannot be skipped there.
+if command -v mpirun >/dev/null && pkg-config --exists ompi 2>/dev/null; then
+  step "MPI jobs" cargo test --locked --no-fail-fast -p kiem --features mpi --test mpi "$@"
+elif [ "${KIEM_REQUIRE_MPI:-0}" = 1 ]; then
+  echo "KIEM_REQUIRE_MPI is set but Open MPI (mpirun, pkg-config ompi) is missing"
+  failed_steps+=("MPI jobs")
+else
+  echo "==> MPI jobs: skipped (install libopenmpi-dev, openmpi-bin and libclang-dev to run them)"
+fi
 
 echo
 echo "==> summary"
