@@ -869,7 +869,7 @@ mod parquet {
 }
 
 /// Tally of records skipped with `--skip-bad-records`.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BadRecords {
     pub count: u64,
     /// The first few, for the report.
@@ -889,6 +889,13 @@ impl BadRecords {
             self.examples.push(error.to_string());
         }
         Ok(())
+    }
+
+    /// Adds another part of the corpus' skipped records (keeping the first examples).
+    pub fn absorb(&mut self, other: BadRecords) {
+        self.count += other.count;
+        let room = Self::EXAMPLES.saturating_sub(self.examples.len());
+        self.examples.extend(other.examples.into_iter().take(room));
     }
 }
 

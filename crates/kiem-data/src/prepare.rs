@@ -4,6 +4,11 @@
 //! (in order, so the output does not depend on the thread count), the calling thread writes.
 //! Everything is written into a hidden staging directory beside the output, which is renamed
 //! into place only when complete; on any error or interruption it is removed.
+//!
+//! In a job of several processes (`mpirun -n N`, see `kiem_dist`), each tokenizes a contiguous
+//! run of the input files (balanced by bytes) into its own shards (`train_r0001_000000.bin`)
+//! in one shared staging directory; the first process merges their counts into one manifest
+//! listing the shards in file order, so the token stream and the split are one process's.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +19,11 @@ use kiem_tokenizer::Tokenizer;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{discover_inputs, BadRecords, CorpusOptions, CorpusReader, ReadProgress};
+use kiem_dist::Collective;
+
+use crate::corpus::{
+    discover_inputs, BadRecords, CorpusOptions, CorpusReader, InputFile, ReadProgress,
+};
 use crate::shard::{Shard, ShardInfo, ShardWriter, TokenWidth};
 use crate::{DataError, Result};
 
@@ -125,11 +134,20 @@ pub fn prepare(
         )));
     }
     let input_files = discovered.files.len() as u64;
-    let staging = Staging::create(&options.out)?;
+    let world = kiem_dist::world();
+    let (rank, ranks) = (world.rank(), world.size());
+    let staging = Staging::create(&options.out, world)?;
     let width = TokenWidth::for_vocab(tokenizer.vocab_size());
+    let prefix = |split: &str| {
+        if ranks > 1 {
+            format!("{split}_r{rank:04}")
+        } else {
+            split.to_string()
+        }
+    };
     let mut writers = [
-        ShardWriter::new(&staging.dir, "train", options.shard_tokens, width)?,
-        ShardWriter::new(&staging.dir, "val", options.shard_tokens, width)?,
+        ShardWriter::new(&staging.dir, &prefix("train"), options.shard_tokens, width)?,
+        ShardWriter::new(&staging.dir, &prefix("val"), options.shard_tokens, width)?,
     ];
     let mut stats = [SplitStats::default(), SplitStats::default()];
     let mut bad = BadRecords::default();
@@ -137,7 +155,8 @@ pub fn prepare(
     let bos = [tokenizer.bos_id()];
     let field = options.corpus.text_field.as_str();
 
-    let mut reader = CorpusReader::spawn(discovered.files, options.corpus.clone(), cancel.clone());
+    let files = share_of_files(discovered.files, rank, ranks);
+    let mut reader = CorpusReader::spawn(files, options.corpus.clone(), cancel.clone());
     let read_progress: Arc<ReadProgress> = reader.progress.clone();
     while let Some(batch) = reader.next_batch() {
         if cancel.load(Ordering::Relaxed) {
@@ -185,6 +204,30 @@ pub fn prepare(
     let [mut train, mut val] = stats;
     train.shards = train_writer.finish()?;
     val.shards = val_writer.finish()?;
+    if ranks > 1 {
+        let mine = PartCounts {
+            splits: [train, val],
+            bad,
+            empty_documents,
+        };
+        let Some(all) = mine.merge_over(world, &staging.dir)? else {
+            // The first process writes the manifest and moves the data into place.
+            let mut json = Vec::new();
+            world.broadcast_bytes(&mut json);
+            let manifest = serde_json::from_slice(&json)
+                .map_err(|e| DataError::Invalid(format!("the first process's manifest: {e}")))?;
+            return Ok(PrepareReport {
+                manifest,
+                bad: BadRecords::default(),
+                ignored_inputs: discovered.ignored,
+                warnings: Vec::new(),
+                elapsed: started.elapsed(),
+            });
+        };
+        [train, val] = all.splits;
+        bad = all.bad;
+        empty_documents = all.empty_documents;
+    }
 
     let documents = train.documents + val.documents;
     if documents == 0 {
@@ -231,6 +274,9 @@ pub fn prepare(
     kiem_tokenizer::write_atomic(&manifest_path, json.as_bytes())
         .map_err(DataError::io(&manifest_path))?;
     staging.commit(&options.out)?;
+    if ranks > 1 {
+        world.broadcast_bytes(&mut json.into_bytes());
+    }
     Ok(PrepareReport {
         manifest,
         bad,
@@ -259,6 +305,65 @@ pub fn encode_parallel(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
 /// Deterministic document-level split: the top 53 bits of the key as a uniform [0, 1) number.
 pub fn is_validation(split_key: u64, val_fraction: f64) -> bool {
     ((split_key >> 11) as f64 / (1u64 << 53) as f64) < val_fraction
+}
+
+/// The contiguous run of `files` that process `rank` of `ranks` tokenizes: each file goes to the
+/// process whose equal share of the total bytes holds the file's first byte.
+fn share_of_files(files: Vec<InputFile>, rank: usize, ranks: usize) -> Vec<InputFile> {
+    let total = files.iter().map(|f| f.size as u128).sum::<u128>().max(1);
+    let mut start = 0u128;
+    files
+        .into_iter()
+        .filter(|file| {
+            let owner = ((start * ranks as u128 / total) as usize).min(ranks - 1);
+            start += file.size as u128;
+            owner == rank
+        })
+        .collect()
+}
+
+/// What one process of a job counted over its share of the corpus.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartCounts {
+    splits: [SplitStats; 2],
+    bad: BadRecords,
+    empty_documents: u64,
+}
+
+impl PartCounts {
+    /// Every process's counts, summed in rank order (shards listed in file order), on the first
+    /// process; `None` on the others. Exchanged through files in the shared staging directory.
+    fn merge_over(self, world: &dyn Collective, staging: &Path) -> Result<Option<PartCounts>> {
+        let part_file = |rank: usize| staging.join(format!(".counts-r{rank:04}.json"));
+        let path = part_file(world.rank());
+        let json = serde_json::to_vec(&self).expect("counts serialize");
+        kiem_tokenizer::write_atomic(&path, &json).map_err(DataError::io(&path))?;
+        world.barrier();
+        if world.rank() != 0 {
+            return Ok(None);
+        }
+        let mut all = PartCounts {
+            splits: Default::default(),
+            bad: BadRecords::default(),
+            empty_documents: 0,
+        };
+        for rank in 0..world.size() {
+            let path = part_file(rank);
+            let text = std::fs::read(&path).map_err(DataError::io(&path))?;
+            let part: PartCounts = serde_json::from_slice(&text)
+                .map_err(|e| DataError::file(&path, format!("malformed counts: {e}")))?;
+            std::fs::remove_file(&path).map_err(DataError::io(&path))?;
+            for (sum, split) in all.splits.iter_mut().zip(part.splits) {
+                sum.documents += split.documents;
+                sum.tokens += split.tokens;
+                sum.bytes += split.bytes;
+                sum.shards.extend(split.shards);
+            }
+            all.bad.absorb(part.bad);
+            all.empty_documents += part.empty_documents;
+        }
+        Ok(Some(all))
+    }
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {
@@ -291,14 +396,45 @@ fn check_output(out: &Path, overwrite: bool) -> Result<()> {
 }
 
 /// A hidden directory beside the output that becomes the output on [`Staging::commit`] and is
-/// removed otherwise.
+/// removed otherwise. In a job of several processes the first creates, commits and removes it;
+/// the others write into it (the output must be on a filesystem they all share).
 struct Staging {
     dir: PathBuf,
     committed: bool,
 }
 
 impl Staging {
-    fn create(out: &Path) -> Result<Self> {
+    fn create(out: &Path, world: &dyn Collective) -> Result<Self> {
+        if world.size() == 1 {
+            return Self::create_here(out);
+        }
+        let (staging, mut name) = if world.rank() == 0 {
+            let staging = Self::create_here(out)?;
+            let name = staging.dir.to_string_lossy().into_owned().into_bytes();
+            (Some(staging), name)
+        } else {
+            (None, Vec::new())
+        };
+        world.broadcast_bytes(&mut name);
+        if let Some(staging) = staging {
+            return Ok(staging);
+        }
+        let dir = PathBuf::from(String::from_utf8_lossy(&name).into_owned());
+        if !dir.is_dir() {
+            return Err(DataError::file(
+                &dir,
+                "the first process's staging directory is not visible here: the output of a job \
+                 on several machines must be on a filesystem they share",
+            ));
+        }
+        // Not ours to remove: the first process owns it.
+        Ok(Self {
+            dir,
+            committed: true,
+        })
+    }
+
+    fn create_here(out: &Path) -> Result<Self> {
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),

@@ -2,7 +2,7 @@
 //! two processes of one thread train what one process of one thread trains, loss for loss and
 //! weight for weight, with and without ZeRO-1, for pre-training, fine-tuning and LoRA; a job
 //! whose process is killed ends (no hang) and resumes to the bits of an uninterrupted one; data
-//! prepared by two processes holds the tokens one process writes.
+//! prepared by three processes holds the tokens one process writes.
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -259,6 +259,99 @@ fn two_processes_fine_tune_as_one_fully_and_with_lora() {
         "adapter/adapter_model.safetensors",
         1e-5,
     );
+}
+
+/// A prepared directory's token stream per split, in manifest order, and its counts.
+fn tokens_of(dir: &Path) -> (Vec<u32>, Vec<u32>, serde_json::Value) {
+    let data = kiem_data::prepare::DataDir::open(dir).unwrap();
+    let stream = |shards: &[kiem_data::shard::Shard]| -> Vec<u32> {
+        shards.iter().flat_map(|s| s.to_vec()).collect()
+    };
+    let m = &data.manifest;
+    let counts = serde_json::json!([
+        m.train.documents,
+        m.train.tokens,
+        m.train.bytes,
+        m.val.documents,
+        m.val.tokens,
+        m.val.bytes,
+        m.skipped_records,
+        m.empty_documents,
+        m.input_files,
+        m.tokenizer.hash,
+    ]);
+    (stream(&data.train), stream(&data.val), counts)
+}
+
+#[test]
+fn data_prepared_by_three_processes_holds_one_process_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    prepare(dir);
+    // Files of different sizes and formats, one with a bad record and one empty.
+    let corpus = dir.join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    for f in 0..7 {
+        let text: String = (0..40 * (f + 1))
+            .map(|i| format!("File {f} line {i}: order {} shipped.\n\n", i * 13 % 97))
+            .collect();
+        std::fs::write(corpus.join(format!("part{f}.txt")), text).unwrap();
+    }
+    let records: String = (0..50)
+        .map(|i| format!("{{\"text\": \"record {i} of the jsonl file\"}}\n"))
+        .collect();
+    std::fs::write(corpus.join("records.jsonl"), records + "{broken\n").unwrap();
+    std::fs::write(corpus.join("void.txt"), "").unwrap();
+    let args = |out: &'static str| {
+        vec![
+            "data",
+            "prepare",
+            "--input",
+            "corpus",
+            "--split-on-blank-lines",
+            "--skip-bad-records",
+            "--tokenizer",
+            "tok.json",
+            "--val-fraction",
+            "0.2",
+            "--shard-tokens",
+            "500",
+            "--threads",
+            "1",
+            "--out",
+            out,
+        ]
+    };
+    ok(run(&args("one"), dir));
+    let printed = ok(mpi_run(3, &args("three"), dir));
+    assert!(printed.contains("3 processes x 1 threads"), "{printed}");
+    assert_eq!(printed.matches("prepared ").count(), 1, "{printed}");
+    let (one, three) = (tokens_of(&dir.join("one")), tokens_of(&dir.join("three")));
+    assert!(!one.1.is_empty(), "no validation tokens");
+    assert_eq!(one, three);
+    // Each process wrote its own shards; no staging or count files are left behind.
+    let names: Vec<String> = std::fs::read_dir(dir.join("three"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("train_r0002_")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with('.')), "{names:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A bad record fails the job when not skipped, naming the file.
+    let strict: Vec<&str> = args("strict")
+        .into_iter()
+        .filter(|a| *a != "--skip-bad-records")
+        .collect();
+    failed(mpi_run(3, &strict, dir), &["records.jsonl"]);
+    assert!(!dir.join("strict").exists());
 }
 
 #[test]

@@ -73,7 +73,12 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let mut bar = None;
+    // In a job of several processes the first reports (its share's progress, then the whole).
+    let first = kiem_dist::world().rank() == 0;
     let report = prepare(&tokenizer, &options, cancel_flag(), &mut |p| {
+        if !first {
+            return;
+        }
         let bar = bar.get_or_insert_with(|| progress::bytes_bar(p.bytes_total, "tokenizing"));
         bar.set_position(p.bytes_read);
         bar.set_message(format!(
@@ -86,6 +91,9 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     let report = report?;
+    if !first {
+        return Ok(());
+    }
     report_bad_records(&report.bad);
     if !report.ignored_inputs.is_empty() {
         eprintln!(
@@ -100,9 +108,13 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     let m = &report.manifest;
     let seconds = report.elapsed.as_secs_f64();
     let bytes = m.train.bytes + m.val.bytes;
+    let workers = match kiem_dist::world().size() {
+        1 => format!("{threads} threads"),
+        ranks => format!("{ranks} processes x {threads} threads"),
+    };
     println!(
         "prepared {} documents, {} tokens ({:.2} MB of text, {:.2} bytes/token) in {seconds:.1}s \
-         ({:.1} MB/s, {threads} threads) with tokenizer {}",
+         ({:.1} MB/s, {workers}) with tokenizer {}",
         progress::count(m.total_documents()),
         progress::count(m.train.tokens + m.val.tokens),
         bytes as f64 / 1e6,
