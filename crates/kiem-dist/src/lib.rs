@@ -161,20 +161,13 @@ pub fn reduce_scatter_in_place(
     shards: Shards,
     stage: &mut Vec<f32>,
 ) {
-    let ranks = world.size();
-    if ranks == 1 {
+    if world.size() == 1 {
         return;
     }
     let mine = shards.range(world.rank());
     let mut received = Vec::new();
-    for offset in (0..shards.per_rank).step_by(BUCKET) {
-        let block = BUCKET.min(shards.per_rank - offset);
-        stage.clear();
-        stage.resize(ranks * block, 0.0);
-        for r in 0..ranks {
-            let part = clip(shards.range(r), offset, block);
-            stage[r * block..][..part.len()].copy_from_slice(&data[part]);
-        }
+    for (offset, block) in shards.buckets() {
+        shards.pack(data, offset, block, stage);
         received.clear();
         received.resize(block, 0.0);
         world.reduce_scatter_f32(stage, &mut received);
@@ -197,20 +190,14 @@ pub fn all_gather_in_place(
     }
     let mine = shards.range(world.rank());
     let mut sent = Vec::new();
-    for offset in (0..shards.per_rank).step_by(BUCKET) {
-        let block = BUCKET.min(shards.per_rank - offset);
-        let part = clip(mine.clone(), offset, block);
+    for (offset, block) in shards.buckets() {
         sent.clear();
-        sent.extend_from_slice(&data[part]);
+        sent.extend_from_slice(&data[clip(mine.clone(), offset, block)]);
         sent.resize(block, 0.0);
         stage.clear();
         stage.resize(ranks * block, 0.0);
         world.all_gather_f32(&sent, stage);
-        for r in 0..ranks {
-            let part = clip(shards.range(r), offset, block);
-            let n = part.len();
-            data[part].copy_from_slice(&stage[r * block..][..n]);
-        }
+        shards.unpack(stage, offset, block, data);
     }
 }
 
@@ -232,8 +219,7 @@ pub fn gather_shards_to_root(
         return;
     }
     let (mut sent, mut stage) = (Vec::new(), Vec::new());
-    for offset in (0..shards.per_rank).step_by(BUCKET) {
-        let block = BUCKET.min(shards.per_rank - offset);
+    for (offset, block) in shards.buckets() {
         sent.clear();
         sent.extend_from_slice(&mine[offset.min(mine.len())..(offset + block).min(mine.len())]);
         sent.resize(block, 0.0);
@@ -243,11 +229,37 @@ pub fn gather_shards_to_root(
         }
         world.gather_f32(&sent, &mut stage);
         if root {
-            for r in 0..ranks {
-                let part = clip(shards.range(r), offset, block);
-                let n = part.len();
-                full[part].copy_from_slice(&stage[r * block..][..n]);
-            }
+            shards.unpack(&stage, offset, block, full);
+        }
+    }
+}
+
+impl Shards {
+    /// The bucket windows of a shard, `(offset, values)`, that the sharded collectives move
+    /// one at a time: every rank's values `offset..offset + values` of its shard together.
+    fn buckets(&self) -> impl Iterator<Item = (usize, usize)> {
+        let per_rank = self.per_rank;
+        (0..per_rank)
+            .step_by(BUCKET)
+            .map(move |offset| (offset, BUCKET.min(per_rank - offset)))
+    }
+
+    /// `stage` = each rank's window of `data` in rank order, `block` values apart (zero-padded).
+    fn pack(&self, data: &[f32], offset: usize, block: usize, stage: &mut Vec<f32>) {
+        stage.clear();
+        stage.resize(self.ranks * block, 0.0);
+        for r in 0..self.ranks {
+            let part = clip(self.range(r), offset, block);
+            stage[r * block..][..part.len()].copy_from_slice(&data[part]);
+        }
+    }
+
+    /// The inverse of [`Shards::pack`]: each rank's window of `data` from `stage`.
+    fn unpack(&self, stage: &[f32], offset: usize, block: usize, data: &mut [f32]) {
+        for r in 0..self.ranks {
+            let part = clip(self.range(r), offset, block);
+            let n = part.len();
+            data[part].copy_from_slice(&stage[r * block..][..n]);
         }
     }
 }

@@ -241,38 +241,41 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         if lora.is_some() {
             refuse_added_tokens_for_lora(&spec.base_model, &added)?;
         }
-        if !added.is_empty() {
-            eprintln!(
-                "added {} chat tokens to the tokenizer ({}); the vocabulary grows to {}",
-                added.len(),
-                added.join(" "),
-                tokenizer.vocab_size()
-            );
-        }
-        if let Some(template) = tokenizer.chat_template() {
-            if !kiem_tokenizer::chat::uses_typed_format(&tokenizer)? {
+        let examples = load_examples(&spec, &tokenizer, gpt.config.context)?;
+        // In a job of several processes the first reports.
+        if kiem_dist::world().rank() == 0 {
+            if !added.is_empty() {
                 eprintln!(
-                    "conversations are written with the model's chat template ({}); the reply ends at {}",
-                    template.origin.display(),
-                    tokenizer
-                        .id_to_token(kiem_tokenizer::chat::end_of_turn(&tokenizer)?)
-                        .unwrap_or_default()
+                    "added {} chat tokens to the tokenizer ({}); the vocabulary grows to {}",
+                    added.len(),
+                    added.join(" "),
+                    tokenizer.vocab_size()
                 );
             }
-        }
-        let examples = load_examples(&spec, &tokenizer, gpt.config.context)?;
-        super::report_bad_records(&examples.bad);
-        if examples.truncated > 0 {
+            if let Some(template) = tokenizer.chat_template() {
+                if !kiem_tokenizer::chat::uses_typed_format(&tokenizer)? {
+                    eprintln!(
+                        "conversations are written with the model's chat template ({}); the reply ends at {}",
+                        template.origin.display(),
+                        tokenizer
+                            .id_to_token(kiem_tokenizer::chat::end_of_turn(&tokenizer)?)
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            super::report_bad_records(&examples.bad);
+            if examples.truncated > 0 {
+                eprintln!(
+                    "note: {} conversations were cut to the model's context of {} tokens",
+                    examples.truncated, gpt.config.context
+                );
+            }
             eprintln!(
-                "note: {} conversations were cut to the model's context of {} tokens",
-                examples.truncated, gpt.config.context
+                "{} training and {} held-out conversations",
+                examples.train.len(),
+                examples.val.len()
             );
         }
-        eprintln!(
-            "{} training and {} held-out conversations",
-            examples.train.len(),
-            examples.val.len()
-        );
         let seq = examples.longest().clamp(1, gpt.config.context);
         let per_step = (args.micro_batch * args.grad_accum).max(1) as u64;
         let rows_per_epoch = if args.pack {
