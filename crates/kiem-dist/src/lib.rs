@@ -201,22 +201,19 @@ pub fn all_gather_in_place(
     }
 }
 
-/// Rank 0's `full` = every rank's shard (`mine`) in place (saving ZeRO's sharded optimizer
-/// state); on the other ranks `full` is left empty.
-pub fn gather_shards_to_root(
+/// Hands rank 0 every rank's shard of a sharded buffer (`mine` is this rank's), a bucket at a
+/// time, so rank 0 never holds the whole buffer (saving ZeRO's sharded optimizer state):
+/// `sink(range, values)` receives each window with its place in the whole buffer, on rank 0
+/// only. A sink error stops rank 0 at once (the job is then aborted).
+pub fn gather_shards_to_root<E>(
     world: &dyn Collective,
     mine: &[f32],
     shards: Shards,
-    full: &mut Vec<f32>,
-) {
+    sink: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<(), E>,
+) -> Result<(), E> {
     let (ranks, root) = (world.size(), world.rank() == 0);
-    full.clear();
-    if root {
-        full.resize(shards.len, 0.0);
-    }
     if ranks == 1 {
-        full.copy_from_slice(mine);
-        return;
+        return sink(0..mine.len(), mine);
     }
     let (mut sent, mut stage) = (Vec::new(), Vec::new());
     for (offset, block) in shards.buckets() {
@@ -229,9 +226,14 @@ pub fn gather_shards_to_root(
         }
         world.gather_f32(&sent, &mut stage);
         if root {
-            shards.unpack(&stage, offset, block, full);
+            for r in 0..ranks {
+                let part = clip(shards.range(r), offset, block);
+                let n = part.len();
+                sink(part, &stage[r * block..][..n])?;
+            }
         }
     }
+    Ok(())
 }
 
 impl Shards {

@@ -158,7 +158,13 @@ fn reduce_scatter_then_all_gather_equals_all_reduce() {
             reduce_scatter_in_place(w, &mut data, shards, &mut Vec::new());
             let mine = data[shards.range(w.rank())].to_vec();
             let mut gathered = Vec::new();
-            gather_shards_to_root(w, &mine, shards, &mut gathered);
+            gather_shards_to_root(w, &mine, shards, &mut |range, values| {
+                // Windows arrive bucket by bucket, each rank's in turn.
+                gathered.resize(gathered.len().max(range.end), f32::NAN);
+                gathered[range].copy_from_slice(values);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
             all_gather_in_place(w, &mut data, shards, &mut Vec::new());
             (mine, data, gathered)
         });

@@ -58,6 +58,86 @@ pub fn write_tensors(
     result
 }
 
+/// Where [`write_tensors_streamed`]'s `fill` puts values: positioned writes into one tensor.
+pub struct TensorSink<'a> {
+    file: &'a std::fs::File,
+    path: &'a Path,
+    /// Byte offset of the tensor's data in the file, and its length in values.
+    start: u64,
+    len: usize,
+}
+
+impl TensorSink<'_> {
+    /// Writes `values` at index `at` of the tensor.
+    pub fn write_at(&mut self, at: usize, values: &[f32]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if at + values.len() > self.len {
+            return Err(file_err(
+                self.path,
+                format!(
+                    "values {at}..{} written past the tensor's {} values",
+                    at + values.len(),
+                    self.len
+                ),
+            ));
+        }
+        self.file
+            .write_all_at(f32_bytes(values), self.start + 4 * at as u64)
+            .map_err(|e| file_err(self.path, e.to_string()))
+    }
+}
+
+/// Writes 1-D f32 tensors of the given lengths to a safetensors file without holding them:
+/// `fill(i, sink)` writes tensor i's values, in any order, through positioned writes into the
+/// file sized up front (fsynced, then renamed into place). For state larger than a process
+/// wants to hold at once, such as optimizer moments gathered from a job's processes.
+pub fn write_tensors_streamed(
+    path: &Path,
+    tensors: &[(&str, usize)],
+    mut fill: impl FnMut(usize, &mut TensorSink) -> Result<()>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for &(name, len) in tensors {
+        let end = offset + 4 * len as u64;
+        header.insert(
+            name.to_string(),
+            json!({"dtype": "F32", "shape": [len], "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::to_vec(&Value::Object(header)).expect("header serializes");
+    // The data starts 8-byte aligned, as the safetensors writer pads it.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let data_start = 8 + header.len() as u64;
+    let tmp = temp_path(path);
+    let result = (|| -> Result<()> {
+        let io = |e: std::io::Error| file_err(path, e.to_string());
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.set_len(data_start + offset).map_err(io)?;
+        file.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        file.write_all(&header).map_err(io)?;
+        let mut start = data_start;
+        for (i, &(_, len)) in tensors.iter().enumerate() {
+            let mut sink = TensorSink {
+                file: &file,
+                path,
+                start,
+                len,
+            };
+            fill(i, &mut sink)?;
+            start += 4 * len as u64;
+        }
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
@@ -658,4 +738,52 @@ pub fn load_model_dir(dir: &Path) -> Result<(Gpt, SpecialIds)> {
     let mut gpt = Gpt::new(config)?;
     gpt.load_files(&files)?;
     Ok((gpt, ids))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_tensors_read_back_as_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let m: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
+        let v: Vec<f32> = (0..37).map(|i| -(i as f32)).collect();
+        let streamed = dir.path().join("streamed.safetensors");
+        write_tensors_streamed(&streamed, &[("m", m.len()), ("v", v.len())], |i, sink| {
+            let values = [&m, &v][i];
+            // Out of order, in uneven windows.
+            for chunk in (0..values.len()).step_by(300).rev() {
+                let end = (chunk + 300).min(values.len());
+                sink.write_at(chunk, &values[chunk..end])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let whole = dir.path().join("whole.safetensors");
+        write_tensors(
+            &whole,
+            &[
+                ("m".to_string(), vec![m.len()], &m),
+                ("v".to_string(), vec![v.len()], &v),
+            ],
+            None,
+        )
+        .unwrap();
+        let (a, b) = (
+            read_tensors(&streamed).unwrap(),
+            read_tensors(&whole).unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(a["m"], (vec![1000], m));
+        // A write past a tensor's end is an error, not a corrupt neighbour.
+        let err = write_tensors_streamed(&streamed, &[("m", 4)], |_, sink| {
+            sink.write_at(2, &[1.0, 2.0, 3.0])
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("past the tensor's 4 values"),
+            "{err}"
+        );
+    }
 }

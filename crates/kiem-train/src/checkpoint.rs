@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use kiem_engine::io::{
-    hf_config_json, write_file_atomic, write_tensors, MappedTensors, SpecialIds,
+    hf_config_json, write_file_atomic, write_tensors, write_tensors_streamed, MappedTensors,
+    SpecialIds,
 };
 use kiem_engine::rng::Rng;
 use kiem_engine::{AdamWState, Gpt};
@@ -133,12 +134,43 @@ fn write_tokenizer_files(dir: &Path, tokenizer: &Tokenizer, context: usize) -> R
     Ok(())
 }
 
+/// The AdamW state a checkpoint saves: always the whole of it, whoever holds it.
+#[derive(Clone, Copy)]
+pub enum Moments<'a> {
+    /// Held whole by this process.
+    Whole(&'a AdamWState),
+    /// Sharded over the job's processes (ZeRO-1): `opt` holds this process's shard of the
+    /// moments. Rank 0 gathers the others' shards a bucket at a time while it writes them, so
+    /// it never holds the whole moments; the other ranks call [`send_moments`] meanwhile.
+    Sharded {
+        opt: &'a AdamWState,
+        shards: kiem_dist::Shards,
+    },
+}
+
+impl Moments<'_> {
+    fn adamw(&self) -> &AdamWState {
+        match self {
+            Moments::Whole(opt) | Moments::Sharded { opt, .. } => opt,
+        }
+    }
+}
+
+/// A process other than rank 0's part in saving [`Moments::Sharded`].
+pub fn send_moments(opt: &AdamWState, shards: kiem_dist::Shards) {
+    let world = kiem_dist::world();
+    for moment in [&opt.m, &opt.v] {
+        let _ =
+            kiem_dist::gather_shards_to_root(world, moment, shards, &mut |_, _| Ok::<(), ()>(()));
+    }
+}
+
 /// Writes a model directory atomically: into a temporary sibling, then renamed over `dir`.
 pub fn write_model_dir(
     dir: &Path,
     gpt: &Gpt,
     tokenizer: &Tokenizer,
-    state: Option<(&AdamWState, &TrainerState)>,
+    state: Option<(Moments, &TrainerState)>,
 ) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
@@ -152,17 +184,36 @@ pub fn write_model_dir(
     }
     let result = (|| -> Result<()> {
         write_model_files(&tmp, gpt, tokenizer)?;
-        if let Some((opt, trainer)) = state {
+        if let Some((moments, trainer)) = state {
             let sdir = tmp.join(STATE_DIR);
             std::fs::create_dir_all(&sdir).map_err(|e| io_err(&sdir, e))?;
-            write_tensors(
-                &sdir.join("optimizer.safetensors"),
-                &[
-                    ("m".to_string(), vec![opt.m.len()], &opt.m),
-                    ("v".to_string(), vec![opt.v.len()], &opt.v),
-                ],
-                None,
-            )?;
+            let path = sdir.join("optimizer.safetensors");
+            match moments {
+                Moments::Whole(opt) => write_tensors(
+                    &path,
+                    &[
+                        ("m".to_string(), vec![opt.m.len()], &opt.m),
+                        ("v".to_string(), vec![opt.v.len()], &opt.v),
+                    ],
+                    None,
+                )?,
+                Moments::Sharded { opt, shards } => {
+                    let world = kiem_dist::world();
+                    write_tensors_streamed(
+                        &path,
+                        &[("m", shards.len), ("v", shards.len)],
+                        |i, sink| {
+                            kiem_dist::gather_shards_to_root(
+                                world,
+                                [&opt.m, &opt.v][i],
+                                shards,
+                                &mut |range, values| sink.write_at(range.start, values),
+                            )
+                        },
+                    )?
+                }
+            }
+            let opt = moments.adamw();
             let json = serde_json::json!({
                 "trainer": trainer,
                 "adamw": {"step": opt.step, "beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps},
@@ -212,13 +263,13 @@ pub fn list_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
 pub fn save_checkpoint(
     run_dir: &Path,
     gpt: &Gpt,
-    opt: &AdamWState,
+    moments: Moments,
     state: &TrainerState,
     tokenizer: &Tokenizer,
     keep: usize,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(run_dir, state.step);
-    write_model_dir(&dir, gpt, tokenizer, Some((opt, state)))?;
+    write_model_dir(&dir, gpt, tokenizer, Some((moments, state)))?;
     let all = list_checkpoints(run_dir);
     if all.len() > keep.max(1) {
         for (_, old) in &all[..all.len() - keep.max(1)] {

@@ -17,7 +17,8 @@ use kiem_tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{
-    list_checkpoints, load_checkpoint, save_checkpoint, write_model_dir, TrainerState,
+    list_checkpoints, load_checkpoint, save_checkpoint, send_moments, write_model_dir, Moments,
+    TrainerState,
 };
 use crate::examples::{load_examples, ExampleLoader, Examples, FinetuneData};
 use crate::loader::{Batches, TokenLoader};
@@ -1023,30 +1024,20 @@ fn run_loop(
             || stop
         {
             // The first process writes the whole optimizer state: sharded moments are gathered
-            // to it first, so any number of processes can continue the run.
-            let whole;
-            let opt_to_save = if zero {
-                let mut m = Vec::new();
-                let mut v = Vec::new();
-                kiem_dist::gather_shards_to_root(world, &opt.m, shards, &mut m);
-                kiem_dist::gather_shards_to_root(world, &opt.v, shards, &mut v);
-                whole = AdamWState {
-                    m,
-                    v,
-                    step: opt.step,
-                    beta1: opt.beta1,
-                    beta2: opt.beta2,
-                    eps: opt.eps,
-                };
-                &whole
+            // to it as it writes them, so any number of processes can continue the run.
+            let moments = if zero {
+                Moments::Sharded { opt: &opt, shards }
             } else {
-                &opt
+                Moments::Whole(&opt)
             };
+            if !root && zero {
+                send_moments(&opt, shards);
+            }
             if root {
                 let dir = save_checkpoint(
                     run_dir,
                     &gpt,
-                    opt_to_save,
+                    moments,
                     &state,
                     tokenizer,
                     config.keep_checkpoints,
