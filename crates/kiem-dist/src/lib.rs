@@ -209,7 +209,7 @@ pub fn gather_shards_to_root<E>(
     world: &dyn Collective,
     mine: &[f32],
     shards: Shards,
-    sink: &mut dyn FnMut(Range<usize>, &[f32]) -> Result<(), E>,
+    mut sink: impl FnMut(Range<usize>, &[f32]) -> Result<(), E>,
 ) -> Result<(), E> {
     let (ranks, root) = (world.size(), world.rank() == 0);
     if ranks == 1 {

@@ -158,7 +158,7 @@ fn reduce_scatter_then_all_gather_equals_all_reduce() {
             reduce_scatter_in_place(w, &mut data, shards, &mut Vec::new());
             let mine = data[shards.range(w.rank())].to_vec();
             let mut gathered = Vec::new();
-            gather_shards_to_root(w, &mine, shards, &mut |range, values| {
+            gather_shards_to_root(w, &mine, shards, |range, values| {
                 // Windows arrive bucket by bucket, each rank's in turn.
                 gathered.resize(gathered.len().max(range.end), f32::NAN);
                 gathered[range].copy_from_slice(values);

@@ -160,8 +160,7 @@ impl Moments<'_> {
 pub fn send_moments(opt: &AdamWState, shards: kiem_dist::Shards) {
     let world = kiem_dist::world();
     for moment in [&opt.m, &opt.v] {
-        let _ =
-            kiem_dist::gather_shards_to_root(world, moment, shards, &mut |_, _| Ok::<(), ()>(()));
+        let _ = kiem_dist::gather_shards_to_root(world, moment, shards, |_, _| Ok::<(), ()>(()));
     }
 }
 
@@ -207,7 +206,7 @@ pub fn write_model_dir(
                                 world,
                                 [&opt.m, &opt.v][i],
                                 shards,
-                                &mut |range, values| sink.write_at(range.start, values),
+                                |range, values| sink.write_at(range.start, values),
                             )
                         },
                     )?

@@ -334,7 +334,7 @@ fn data_prepared_by_three_processes_holds_one_process_tokens() {
     };
     ok(run(&args("one"), dir));
     let printed = ok(mpi_run(3, &args("three"), dir));
-    assert!(printed.contains("3 processes x 1 threads"), "{printed}");
+    assert!(printed.contains("3 processes x 1 thread)"), "{printed}");
     assert_eq!(printed.matches("prepared ").count(), 1, "{printed}");
     let (one, three) = (tokens_of(&dir.join("one")), tokens_of(&dir.join("three")));
     assert!(!one.1.is_empty(), "no validation tokens");

@@ -110,7 +110,10 @@ fn run_prepare(args: PrepareArgs) -> Result<()> {
     let bytes = m.train.bytes + m.val.bytes;
     let workers = match kiem_dist::world().size() {
         1 => format!("{threads} threads"),
-        ranks => format!("{ranks} processes x {threads} threads"),
+        ranks => format!(
+            "{ranks} processes x {threads} thread{}",
+            if threads == 1 { "" } else { "s" }
+        ),
     };
     println!(
         "prepared {} documents, {} tokens ({:.2} MB of text, {:.2} bytes/token) in {seconds:.1}s \
