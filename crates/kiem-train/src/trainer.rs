@@ -1025,15 +1025,12 @@ fn run_loop(
         {
             // The first process writes the whole optimizer state: sharded moments are gathered
             // to it as it writes them, so any number of processes can continue the run.
-            let moments = if zero {
-                Moments::Sharded { opt: &opt, shards }
-            } else {
-                Moments::Whole(&opt)
-            };
-            if !root && zero {
-                send_moments(&opt, shards);
-            }
             if root {
+                let moments = if zero {
+                    Moments::Sharded { opt: &opt, shards }
+                } else {
+                    Moments::Whole(&opt)
+                };
                 let dir = save_checkpoint(
                     run_dir,
                     &gpt,
@@ -1050,6 +1047,8 @@ fn run_loop(
                     &task_curves,
                 )?;
                 observer.checkpoint(state.step, &dir);
+            } else if zero {
+                send_moments(&opt, shards);
             }
             // A job stopped here must not end before its checkpoint is written.
             world.barrier();
