@@ -1,13 +1,12 @@
-//! A frozen base's layer matrices stored in fewer bytes than fp32 (bf16, Q8_0 or Q4_0), for
-//! LoRA on a compact base (QLoRA): products read them dequantized on the fly, the fp32 copy's
-//! memory goes back to the system.
+//! Weight matrices that never change again, stored in fewer bytes than fp32 (bf16 or a
+//! quantized kind): a LoRA run's frozen base (QLoRA), or a decoding model's weights (read from
+//! a quantized GGUF file's blocks, or quantized at load). Products read them directly (thin
+//! ones) or dequantized on the fly; the fp32 copy's memory goes back to the system.
 
 use rayon::prelude::*;
 
 use crate::bf16_gemm::{from_bf16, to_bf16};
-use crate::kernels::{
-    matmul_thin_bf16, matmul_thin_quant, DecodingWeights, QuantKind, QuantMatrix,
-};
+use crate::kernels::{matmul_thin_bf16, matmul_thin_quant, DecodingWeights, QuantMatrix};
 
 /// One matrix, `[c_out, c_in]`.
 #[derive(Debug, Clone)]
@@ -18,11 +17,14 @@ pub(crate) enum FrozenMatrix {
         c_out: usize,
     },
     Quant(QuantMatrix),
+    /// Row ranges stored in different forms, one after another (a GGUF file's q, k and v in
+    /// different types, fused into one product).
+    Stacked(Vec<FrozenMatrix>),
 }
 
 impl FrozenMatrix {
-    /// `w` is `[c_out, c_in]`; `None` where the form needs whole 32-weight blocks per row and
-    /// the rows are not, or for fp32 (nothing to store).
+    /// `w` is `[c_out, c_in]`; `None` where the form needs whole blocks per row and the rows
+    /// are not, or for fp32 (nothing to store).
     pub fn new(weights: DecodingWeights, w: &[f32], c_in: usize, c_out: usize) -> Option<Self> {
         match weights {
             DecodingWeights::Fp32 => None,
@@ -31,11 +33,134 @@ impl FrozenMatrix {
                 c_in,
                 c_out,
             }),
-            DecodingWeights::Q8_0 => {
-                QuantMatrix::quantize(QuantKind::Q8_0, w, c_in, c_out).map(FrozenMatrix::Quant)
+            quantized => QuantMatrix::quantize(quantized.quant_kind()?, w, c_in, c_out)
+                .map(FrozenMatrix::Quant),
+        }
+    }
+
+    /// Parts stacked by rows (one part is itself; quantized parts of one kind are joined).
+    pub fn stack(mut parts: Vec<FrozenMatrix>) -> Self {
+        if parts.len() == 1 {
+            return parts.pop().expect("one part");
+        }
+        let quant: Vec<&QuantMatrix> = parts
+            .iter()
+            .filter_map(|p| match p {
+                FrozenMatrix::Quant(q) => Some(q),
+                _ => None,
+            })
+            .collect();
+        if quant.len() == parts.len() {
+            if let Some(joined) = QuantMatrix::stack(&quant) {
+                return FrozenMatrix::Quant(joined);
             }
-            DecodingWeights::Q4_0 => {
-                QuantMatrix::quantize(QuantKind::Q4_0, w, c_in, c_out).map(FrozenMatrix::Quant)
+        }
+        FrozenMatrix::Stacked(parts)
+    }
+
+    /// Writes the fp32 values into `gpt`'s parameters at `range` (as `[out, in]`, the layout
+    /// a decoding model reads); a matrix that stays fp32.
+    pub fn dequantize_into_params(&self, gpt: &mut crate::Gpt, range: std::ops::Range<usize>) {
+        let n = self.len().min(range.len());
+        let mut values = vec![0f32; self.len()];
+        self.dequantize_into(&mut values);
+        gpt.params[range.start..range.start + n].copy_from_slice(&values[..n]);
+    }
+
+    /// The matrix with its rows reordered: row `i` is this one's row `order[i]`.
+    pub fn with_row_order(&self, order: &[usize]) -> Self {
+        match self {
+            FrozenMatrix::Bf16 { w, c_in, c_out } => FrozenMatrix::Bf16 {
+                w: order
+                    .iter()
+                    .flat_map(|&r| &w[r * c_in..(r + 1) * c_in])
+                    .copied()
+                    .collect(),
+                c_in: *c_in,
+                c_out: *c_out,
+            },
+            FrozenMatrix::Quant(q) => FrozenMatrix::Quant(q.with_row_order(order)),
+            FrozenMatrix::Stacked(_) => {
+                let dense = {
+                    let mut v = vec![0f32; self.len()];
+                    self.dequantize_into(&mut v);
+                    v
+                };
+                let c = self.c_in();
+                let w: Vec<f32> = order
+                    .iter()
+                    .flat_map(|&r| &dense[r * c..(r + 1) * c])
+                    .copied()
+                    .collect();
+                FrozenMatrix::new(DecodingWeights::Bf16, &w, c, order.len())
+                    .expect("bf16 takes any shape")
+            }
+        }
+    }
+
+    /// The matrix with zero rows added up to `rows` (a vocabulary padded for the kernels).
+    pub fn padded_to_rows(self, rows: usize) -> Self {
+        let extra = rows.saturating_sub(self.c_out());
+        if extra == 0 {
+            return self;
+        }
+        let c_in = self.c_in();
+        let zeros = match &self {
+            FrozenMatrix::Quant(q) => FrozenMatrix::Quant(
+                QuantMatrix::zeros(q.kind, c_in, extra).expect("the rows are whole blocks"),
+            ),
+            _ => FrozenMatrix::Bf16 {
+                w: vec![0; c_in * extra],
+                c_in,
+                c_out: extra,
+            },
+        };
+        FrozenMatrix::stack(vec![self, zeros])
+    }
+
+    /// The forms the matrix is stored in (`bf16`, `q8_0` ...).
+    pub fn forms(&self) -> Vec<&'static str> {
+        match self {
+            FrozenMatrix::Bf16 { .. } => vec!["bf16"],
+            FrozenMatrix::Quant(q) => vec![q.kind.name()],
+            FrozenMatrix::Stacked(parts) => parts.iter().flat_map(FrozenMatrix::forms).collect(),
+        }
+    }
+
+    pub fn c_in(&self) -> usize {
+        match self {
+            FrozenMatrix::Bf16 { c_in, .. } => *c_in,
+            FrozenMatrix::Quant(q) => q.c_in,
+            FrozenMatrix::Stacked(parts) => parts[0].c_in(),
+        }
+    }
+
+    pub fn c_out(&self) -> usize {
+        match self {
+            FrozenMatrix::Bf16 { c_out, .. } => *c_out,
+            FrozenMatrix::Quant(q) => q.c_out,
+            FrozenMatrix::Stacked(parts) => parts.iter().map(FrozenMatrix::c_out).sum(),
+        }
+    }
+
+    /// Row `j` (`c_in` values) into `out`: an embedding row.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        match self {
+            FrozenMatrix::Bf16 { w, c_in, .. } => {
+                for (o, &h) in out.iter_mut().zip(&w[j * c_in..(j + 1) * c_in]) {
+                    *o = from_bf16(h);
+                }
+            }
+            FrozenMatrix::Quant(q) => q.dequantize_row(j, out),
+            FrozenMatrix::Stacked(parts) => {
+                let mut j = j;
+                for part in parts {
+                    if j < part.c_out() {
+                        return part.dequantize_row(j, out);
+                    }
+                    j -= part.c_out();
+                }
+                panic!("dequantize_row: row out of range");
             }
         }
     }
@@ -49,10 +174,7 @@ impl FrozenMatrix {
     }
 
     fn len(&self) -> usize {
-        match self {
-            FrozenMatrix::Bf16 { w, .. } => w.len(),
-            FrozenMatrix::Quant(q) => q.c_in * q.c_out,
-        }
+        self.c_in() * self.c_out()
     }
 
     fn dequantize_into(&self, out: &mut [f32]) {
@@ -62,6 +184,14 @@ impl FrozenMatrix {
                 .zip(w)
                 .for_each(|(o, &h)| *o = from_bf16(h)),
             FrozenMatrix::Quant(q) => q.dequantize_into(out),
+            FrozenMatrix::Stacked(parts) => {
+                let mut rest = out;
+                for part in parts {
+                    let (this, next) = rest.split_at_mut(part.len());
+                    part.dequantize_into(this);
+                    rest = next;
+                }
+            }
         }
     }
 
@@ -94,6 +224,22 @@ impl FrozenMatrix {
         match self {
             FrozenMatrix::Bf16 { w, .. } => 2 * w.len(),
             FrozenMatrix::Quant(q) => q.bytes(),
+            FrozenMatrix::Stacked(parts) => parts.iter().map(FrozenMatrix::bytes).sum(),
+        }
+    }
+
+    /// Reads every stored byte once, on all threads (for the bandwidth bound).
+    pub fn stream(&self) -> u32 {
+        match self {
+            FrozenMatrix::Bf16 { w, .. } => w
+                .par_chunks(1 << 16)
+                .map(crate::kernels::streaming_read_u16)
+                .reduce(|| 0, u32::wrapping_add),
+            FrozenMatrix::Quant(q) => q.stream(),
+            FrozenMatrix::Stacked(parts) => parts
+                .iter()
+                .map(FrozenMatrix::stream)
+                .fold(0, u32::wrapping_add),
         }
     }
 
@@ -105,6 +251,20 @@ impl FrozenMatrix {
                 matmul_thin_bf16(out, inp, w, bias, *c_in, *c_out)
             }
             FrozenMatrix::Quant(q) => matmul_thin_quant(out, inp, q, bias, q.c_in, q.c_out),
+            FrozenMatrix::Stacked(parts) => {
+                // Each part's columns, then placed in the full rows.
+                let (rows, c_out) = (inp.len() / self.c_in(), self.c_out());
+                let mut at = 0;
+                for part in parts {
+                    let width = part.c_out();
+                    let mut part_out = vec![0f32; rows * width];
+                    part.thin_product(&mut part_out, inp, bias.map(|b| &b[at..at + width]));
+                    for (r, row) in part_out.chunks_exact(width).enumerate() {
+                        out[r * c_out + at..r * c_out + at + width].copy_from_slice(row);
+                    }
+                    at += width;
+                }
+            }
         }
     }
 }

@@ -213,7 +213,7 @@ impl<K: Kernels> Gpt<K> {
             .zip(rows.par_iter())
             .zip(flat.par_iter())
             .for_each(|((out, &(_, pos)), &tok)| {
-                out.copy_from_slice(&p[lay.wte.start + tok as usize * c..][..c]);
+                self.embedding_row(tok as usize, out);
                 if let Some(wpe) = &lay.wpe {
                     for (o, w) in out.iter_mut().zip(&p[wpe.start + pos * c..][..c]) {
                         *o += w;

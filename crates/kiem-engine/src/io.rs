@@ -440,6 +440,16 @@ impl<K: Kernels> Gpt<K> {
 }
 
 /// What a load has placed so far: which parameter tensors, and a tied head the file carried.
+/// What a file tensor is to the model.
+enum Claim {
+    /// A buffer files carry that is not a parameter (GPT-2's attention mask ...).
+    Buffer,
+    /// The output head of a model that ties it to the embedding.
+    TiedHead,
+    /// Parameter tensor `i` of the layout.
+    Spec(usize),
+}
+
 pub(crate) struct Loading {
     seen: Vec<bool>,
     tied_head: Option<(PathBuf, Vec<f32>)>,
@@ -463,8 +473,54 @@ impl Loading {
         shape: &[usize],
         fill: &mut dyn FnMut(&mut [f32]) -> Result<()>,
     ) -> Result<()> {
+        match self.claim(gpt, path, name, shape)? {
+            Claim::Buffer => Ok(()),
+            Claim::TiedHead => {
+                let (vocab, c) = (gpt.config.vocab_size, gpt.config.n_embd);
+                let mut head = vec![0f32; vocab * c];
+                fill(&mut head)?;
+                self.tied_head = Some((path.to_path_buf(), head));
+                Ok(())
+            }
+            Claim::Spec(i) => {
+                let spec = &gpt.layout.tensors[i];
+                let live = spec.live_len(gpt.config.vocab_size);
+                let dst = &mut gpt.params[spec.range.clone()];
+                fill(&mut dst[..live])?;
+                dst[live..].fill(0.0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks a file tensor's name and shape, counts it as loaded, and returns its
+    /// parameter's range: the caller keeps its values elsewhere (a compact matrix).
+    pub(crate) fn place_elsewhere<K: Kernels>(
+        &mut self,
+        gpt: &Gpt<K>,
+        path: &Path,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<std::ops::Range<usize>> {
+        match self.claim(gpt, path, name, shape)? {
+            Claim::Spec(i) => Ok(gpt.layout.tensors[i].range.clone()),
+            Claim::Buffer | Claim::TiedHead => Err(file_err(
+                path,
+                format!("tensor {name} has no parameter of its own to hold"),
+            )),
+        }
+    }
+
+    /// What a file tensor is, its name and shape checked.
+    fn claim<K: Kernels>(
+        &mut self,
+        gpt: &Gpt<K>,
+        path: &Path,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Claim> {
         if Gpt::<K>::is_buffer(name) {
-            return Ok(());
+            return Ok(Claim::Buffer);
         }
         let (vocab, c) = (gpt.config.vocab_size, gpt.config.n_embd);
         let Some(i) = gpt.spec_index(name) else {
@@ -475,10 +531,7 @@ impl Loading {
                         format!("lm_head.weight has shape {shape:?}"),
                     ));
                 }
-                let mut head = vec![0f32; vocab * c];
-                fill(&mut head)?;
-                self.tied_head = Some((path.to_path_buf(), head));
-                return Ok(());
+                return Ok(Claim::TiedHead);
             }
             return Err(file_err(
                 path,
@@ -499,11 +552,7 @@ impl Loading {
                 format!("tensor {name} has shape {shape:?}, expected {want:?}"),
             ));
         }
-        let live = spec.live_len(vocab);
-        let dst = &mut gpt.params[spec.range.clone()];
-        fill(&mut dst[..live])?;
-        dst[live..].fill(0.0);
-        Ok(())
+        Ok(Claim::Spec(i))
     }
 
     /// Every parameter present; a tied head equal to the embedding.

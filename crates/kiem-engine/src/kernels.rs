@@ -19,10 +19,12 @@ mod loss;
 mod matmul;
 mod norm;
 mod optimizer;
+mod quant;
 mod rope;
 mod simd;
 
-pub use matmul::{matmul_thin_bf16, matmul_thin_quant, QuantKind, QuantMatrix, SKINNY_ROWS};
+pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
+pub use quant::{matmul_thin_quant, QuantKind, QuantMatrix};
 pub use rope::RopeTable;
 pub(crate) use simd::{fast_exp, lane_dot, level, wide, Level};
 use simd::{lane_max, lane_sum};
@@ -307,8 +309,8 @@ impl MatmulPrecision {
 }
 
 /// Which copy of the weights decoding reads: fp32, bf16 (half the bytes), or quantized
-/// matrices (Q8_0 about a quarter, Q4_0 about a seventh of fp32's bytes). Also how a LoRA
-/// run stores its frozen base ([`crate::Gpt::freeze_base`]).
+/// matrices (Q8_0 about a quarter; Q4_0, Q4_1 and Q4_K about a sixth of fp32's bytes). Also
+/// how a LoRA run stores its frozen base ([`crate::Gpt::freeze_base`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[allow(non_camel_case_types)]
@@ -318,26 +320,44 @@ pub enum DecodingWeights {
     Bf16,
     Q8_0,
     Q4_0,
+    Q4_1,
+    Q4_K,
 }
 
 impl DecodingWeights {
+    pub const NAMES: &'static str = "fp32, bf16, q8_0, q4_0, q4_1 or q4_k";
+
     pub fn name(self) -> &'static str {
         match self {
             DecodingWeights::Fp32 => "fp32",
             DecodingWeights::Bf16 => "bf16",
             DecodingWeights::Q8_0 => "q8_0",
             DecodingWeights::Q4_0 => "q4_0",
+            DecodingWeights::Q4_1 => "q4_1",
+            DecodingWeights::Q4_K => "q4_k",
+        }
+    }
+
+    /// The quantized kind, for the quantized forms.
+    pub fn quant_kind(self) -> Option<QuantKind> {
+        match self {
+            DecodingWeights::Fp32 | DecodingWeights::Bf16 => None,
+            DecodingWeights::Q8_0 => Some(QuantKind::Q8_0),
+            DecodingWeights::Q4_0 => Some(QuantKind::Q4_0),
+            DecodingWeights::Q4_1 => Some(QuantKind::Q4_1),
+            DecodingWeights::Q4_K => Some(QuantKind::Q4_K),
         }
     }
 
     /// Bytes a weight matrix takes per weight in this form (quantized blocks: 32 weights and
-    /// their fp32 scale).
+    /// their fp32 scale, and offset where the kind has one).
     pub fn bytes_per_weight(self) -> f64 {
         match self {
             DecodingWeights::Fp32 => 4.0,
             DecodingWeights::Bf16 => 2.0,
-            DecodingWeights::Q8_0 => 1.0 + 4.0 / 32.0,
-            DecodingWeights::Q4_0 => 0.5 + 4.0 / 32.0,
+            quantized => quantized
+                .quant_kind()
+                .map_or(4.0, QuantKind::bytes_per_weight),
         }
     }
 }
@@ -350,8 +370,11 @@ impl std::str::FromStr for DecodingWeights {
             "bf16" => Ok(DecodingWeights::Bf16),
             "q8_0" => Ok(DecodingWeights::Q8_0),
             "q4_0" => Ok(DecodingWeights::Q4_0),
+            "q4_1" => Ok(DecodingWeights::Q4_1),
+            "q4_k" => Ok(DecodingWeights::Q4_K),
             other => Err(format!(
-                "unknown weights {other:?} (expected fp32, bf16, q8_0 or q4_0)"
+                "unknown weights {other:?} (expected {})",
+                DecodingWeights::NAMES
             )),
         }
     }

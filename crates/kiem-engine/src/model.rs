@@ -6,12 +6,10 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use rayon::prelude::*;
 
-use crate::bf16_gemm::{from_bf16, to_bf16};
 use crate::config::{Init, Mlp, ModelConfig, Norm, ParamLayout, Positions};
 use crate::frozen::{release_pages, FrozenMatrix};
 use crate::kernels::{
-    matmul_thin_bf16, AdamW, Cpu, Dims, Kernels, MatmulPrecision, RopeTable, WeightLayout,
-    SKINNY_ROWS,
+    AdamW, Cpu, Dims, Kernels, MatmulPrecision, RopeTable, WeightLayout, SKINNY_ROWS,
 };
 use crate::lora::{Lora, LoraPass, Site};
 use crate::rng::Rng;
@@ -148,13 +146,10 @@ pub struct Gpt<K: Kernels = Cpu> {
     /// How the layers' matrices are stored now: as in the model's files (`InOut` for GPT-2,
     /// `OutIn` for the Llama family), or `OutIn` after [`Gpt::transpose_for_decoding`].
     pub(crate) matrices: WeightLayout,
-    /// bf16 copy of `params` (same indices) that decoding's thin products read, when chosen.
-    pub(crate) params_bf16: Option<Vec<u16>>,
-    /// Quantized copies of the matrices (keyed by where each starts in `params`) that
-    /// decoding's thin products read, when chosen.
-    pub(crate) params_quant: Option<std::collections::HashMap<usize, crate::kernels::QuantMatrix>>,
-    /// A LoRA run's frozen layer matrices in a compact form ([`Gpt::freeze_base`]), keyed by
-    /// where each starts in `params` (whose fp32 copy of them is released, reading 0).
+    /// Matrices that never change again, in a compact form, keyed by where each starts in
+    /// `params` (whose fp32 copy of them is released, reading 0): a LoRA run's frozen base
+    /// ([`Gpt::freeze_base`]), or a decoding model's weights ([`Gpt::use_compact_weights`],
+    /// [`Gpt::set_compact_matrices`]).
     frozen_base: std::collections::HashMap<usize, FrozenMatrix>,
     /// Rotary cosines and sines (rotary models only), for the positions used so far: grown on
     /// demand up to the context, so a 128k-position model does not build a 128k table to
@@ -303,8 +298,6 @@ impl<K: Kernels> Gpt<K> {
             scratch: GradScratch::default(),
             ready_for_backward: false,
             logits_are_gradients: false,
-            params_bf16: None,
-            params_quant: None,
             frozen_base: std::collections::HashMap::new(),
             lora: None,
             lora_seed: 0,
@@ -363,56 +356,88 @@ impl<K: Kernels> Gpt<K> {
         self.matrices = WeightLayout::OutIn;
     }
 
-    /// Decodes from bf16 weights: rounds every parameter to bf16 (nearest, ties to even) and
-    /// keeps a bf16 copy that decoding's thin products read, half the bytes per token. Results
-    /// are exactly those of the fp32 kernels on the rounded weights (prefill reads the fp32
-    /// copy of the same values). Transposes for decoding first; memory: 1.5x the fp32 model.
-    pub fn use_bf16_weights(&mut self) {
+    /// Decodes from compact weights: every layer matrix and the output head becomes `weights`
+    /// (bf16: each weight rounded to nearest even; a quantized kind: ggml's reference
+    /// quantizer, Q4_K falling back to Q4_1 for rows that are not whole 256-weight blocks; a
+    /// matrix whose rows are not whole 32-weight blocks stays fp32), which decoding's thin
+    /// products read and prefill dequantizes on the fly; their fp32 memory goes back to the
+    /// system. Transposes for decoding first. A model with compact weights already (a frozen
+    /// base, or a GGUF file's blocks) keeps them.
+    pub fn use_compact_weights(&mut self, weights: crate::kernels::DecodingWeights) {
+        use crate::kernels::DecodingWeights;
         self.transpose_for_decoding();
-        // A frozen compact base decodes from its stored matrices.
-        if self.params_bf16.is_some() || !self.frozen_base.is_empty() {
-            return;
-        }
-        let rounded: Vec<u16> = self.params.par_iter().map(|&x| to_bf16(x)).collect();
-        self.params
-            .par_iter_mut()
-            .zip(&rounded)
-            .for_each(|(p, &h)| *p = from_bf16(h));
-        self.params_bf16 = Some(rounded);
-    }
-
-    /// Decodes from quantized matrices (Q8_0 or Q4_0, ggml's reference quantizers): every
-    /// layer matrix and the output head whose rows are whole 32-weight blocks gets a quantized
-    /// copy that decoding's thin products read (about 1.1 or 0.6 bytes a weight instead of 4),
-    /// and its fp32 values become the dequantized ones, so prefill computes with the same
-    /// weights. Transposes for decoding first. Memory: the fp32 model plus the quantized copy.
-    pub fn use_quantized_weights(&mut self, kind: crate::kernels::QuantKind) {
-        self.transpose_for_decoding();
-        if !self.frozen_base.is_empty()
-            || self
-                .params_quant
-                .as_ref()
-                .is_some_and(|q| q.values().all(|m| m.kind == kind))
-        {
+        if weights == DecodingWeights::Fp32 || !self.frozen_base.is_empty() {
             return;
         }
         let mut matrices = self.layer_matrices();
         matrices.push((self.layout.head_weights(), self.config.n_embd));
-        let mut quantized = std::collections::HashMap::new();
-        for (range, c_in) in matrices {
+        let mut stored = std::collections::HashMap::new();
+        for (range, c_in) in &matrices {
             let c_out = range.len() / c_in;
             let w = &self.params[range.clone()];
-            if let Some(q) = crate::kernels::QuantMatrix::quantize(kind, w, c_in, c_out) {
-                self.params[range.clone()].copy_from_slice(&q.dequantize());
-                quantized.insert(range.start, q);
+            let m = FrozenMatrix::new(weights, w, *c_in, c_out).or_else(|| {
+                (weights == DecodingWeights::Q4_K)
+                    .then(|| FrozenMatrix::new(DecodingWeights::Q4_1, w, *c_in, c_out))
+                    .flatten()
+            });
+            if let Some(m) = m {
+                stored.insert(range.start, m);
             }
         }
-        self.params_quant = Some(quantized);
+        for (range, _) in matrices {
+            if stored.contains_key(&range.start) {
+                release_pages(&mut self.params[range]);
+            }
+        }
+        self.frozen_base = stored;
+    }
+
+    /// Takes `matrices` (keyed by where each starts in `params`, each `[out, in]`) as the
+    /// model's weights for decoding, e.g. a quantized GGUF file's blocks as they are; their
+    /// place in `params` is expected never to have been written (it is released anyway).
+    /// Transposes the rest for decoding.
+    pub(crate) fn set_compact_matrices(
+        &mut self,
+        matrices: std::collections::HashMap<usize, FrozenMatrix>,
+    ) -> Result<()> {
+        let sizes: Vec<(usize, usize)> = self
+            .layer_matrices()
+            .into_iter()
+            .chain([(self.layout.head_weights(), self.config.n_embd)])
+            .chain([(self.layout.wte.clone(), self.config.n_embd)])
+            .map(|(range, _)| (range.start, range.len()))
+            .collect();
+        for (&start, m) in &matrices {
+            let size = sizes.iter().find(|&&(s, _)| s == start).map(|&(_, n)| n);
+            if size.is_none_or(|n| n < m.c_in() * m.c_out()) {
+                return Err(EngineError::Shape(format!(
+                    "a compact matrix of {}x{} at {start} is not one of the model's matrices",
+                    m.c_out(),
+                    m.c_in()
+                )));
+            }
+        }
+        self.frozen_base = matrices;
+        self.transpose_for_decoding();
+        for (&start, m) in &self.frozen_base {
+            release_pages(&mut self.params[start..start + m.c_in() * m.c_out()]);
+        }
+        Ok(())
+    }
+
+    /// The token embedding's row `token` into `out` (`n_embd` values), from wherever the
+    /// embedding lives (fp32 parameters or a compact matrix).
+    pub(crate) fn embedding_row(&self, token: usize, out: &mut [f32]) {
+        let (start, c) = (self.layout.wte.start, self.config.n_embd);
+        match self.frozen_base.get(&start) {
+            Some(m) => m.dequantize_row(token, out),
+            None => out.copy_from_slice(&self.params[start + token * c..][..c]),
+        }
     }
 
     /// The layers' matrices as the products read them (fused q/k/v and gate/up included), with
     /// their input widths.
-    fn layer_matrices(&self) -> Vec<(Range<usize>, usize)> {
+    pub fn layer_matrices(&self) -> Vec<(Range<usize>, usize)> {
         let (c, cfg) = (self.config.n_embd, &self.config);
         self.layout
             .layers
@@ -473,8 +498,6 @@ impl<K: Kernels> Gpt<K> {
             released += release_pages(&mut self.params[range]);
         }
         self.frozen_base = stored;
-        self.params_bf16 = None;
-        self.params_quant = None;
         Ok(released)
     }
 
@@ -485,24 +508,74 @@ impl<K: Kernels> Gpt<K> {
 
     /// Lays the model out for decoding from the chosen copy of its weights.
     pub fn prepare_for_decoding(&mut self, weights: crate::kernels::DecodingWeights) {
-        use crate::kernels::{DecodingWeights, QuantKind};
-        match weights {
-            DecodingWeights::Fp32 => self.transpose_for_decoding(),
-            DecodingWeights::Bf16 => self.use_bf16_weights(),
-            DecodingWeights::Q8_0 => self.use_quantized_weights(QuantKind::Q8_0),
-            DecodingWeights::Q4_0 => self.use_quantized_weights(QuantKind::Q4_0),
-        }
+        self.use_compact_weights(weights);
     }
 
-    /// Bytes of parameters a decoding step reads (all of them, in the precision decoding uses).
-    pub fn decoding_weight_bytes(&self) -> usize {
-        if let Some(quant) = &self.params_quant {
-            let quantized: usize = quant.values().map(|m| m.c_in * m.c_out).sum();
-            let bytes: usize = quant.values().map(crate::kernels::QuantMatrix::bytes).sum();
-            return bytes + 4 * (self.params.len() - quantized);
+    /// The forms decoding reads the weights in: `fp32` and those of the compact matrices
+    /// (`q8_0`, `q4_k+q8_0` ...), largest share of the parameters first.
+    pub fn decoding_forms(&self) -> String {
+        let mut counts: Vec<(&str, usize)> = Vec::new();
+        let compact: usize = self
+            .frozen_base
+            .values()
+            .map(|m| m.c_in() * m.c_out())
+            .sum();
+        let mut add = |form: &'static str, n: usize| match counts.iter_mut().find(|c| c.0 == form) {
+            Some(c) => c.1 += n,
+            None => counts.push((form, n)),
+        };
+        for m in self.frozen_base.values() {
+            let forms = m.forms();
+            for form in &forms {
+                add(form, m.c_in() * m.c_out() / forms.len());
+            }
         }
-        let per_parameter = if self.params_bf16.is_some() { 2 } else { 4 };
-        self.params.len() * per_parameter
+        // Norms, biases and embeddings beside compact matrices are not worth naming.
+        if compact < self.params.len() / 2 {
+            add("fp32", self.params.len() - compact);
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        counts.iter().map(|c| c.0).collect::<Vec<_>>().join("+")
+    }
+
+    /// Ranges of `params` a decoding step reads in fp32: all but the compact matrices and the
+    /// embeddings (of which it reads a row a token) other than a tied head.
+    fn fp32_ranges_decoding_reads(&self) -> Vec<Range<usize>> {
+        let lay = &self.layout;
+        let mut skip: Vec<Range<usize>> = self
+            .frozen_base
+            .iter()
+            .map(|(&start, m)| start..start + m.c_in() * m.c_out())
+            .collect();
+        if lay.head.is_some() {
+            skip.push(lay.wte.clone());
+        }
+        skip.extend(lay.wpe.clone());
+        skip.sort_by_key(|r| r.start);
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        for r in skip {
+            if r.start > at {
+                ranges.push(at..r.start);
+            }
+            at = at.max(r.end);
+        }
+        if at < self.params.len() {
+            ranges.push(at..self.params.len());
+        }
+        ranges
+    }
+
+    /// Bytes of parameters a decoding step reads: every compact matrix as stored, every other
+    /// parameter in fp32, but of embeddings only the head (a row a token is not counted).
+    pub fn decoding_weight_bytes(&self) -> usize {
+        let compact: usize = self.frozen_base.values().map(FrozenMatrix::bytes).sum();
+        let fp32: usize = self
+            .fp32_ranges_decoding_reads()
+            .iter()
+            .map(|r| 4 * r.len())
+            .sum();
+        compact + fp32
     }
 
     /// Generation picks only ids below `vocab` (a tokenizer smaller than the embedding: its
@@ -528,43 +601,20 @@ impl<K: Kernels> Gpt<K> {
     /// very memory decoding streams, the denominator of its bandwidth bound.
     pub fn stream_decoding_weights(&self) -> u32 {
         const CHUNK: usize = 1 << 16;
-        if let Some(quant) = &self.params_quant {
-            let mut starts: Vec<usize> = quant.keys().copied().collect();
-            starts.sort_unstable();
-            // The quantized matrices, then every fp32 parameter outside them.
-            let mut sum = quant
-                .values()
-                .map(crate::kernels::QuantMatrix::stream)
-                .fold(0u32, u32::wrapping_add);
-            let mut at = 0;
-            for start in starts {
-                let m = &quant[&start];
-                sum = sum.wrapping_add(
-                    self.params[at..start]
-                        .par_chunks(CHUNK)
-                        .map(crate::kernels::streaming_read_f32)
-                        .reduce(|| 0, u32::wrapping_add),
-                );
-                at = start + m.c_in * m.c_out;
-            }
-            return sum.wrapping_add(
-                self.params[at..]
+        let compact = self
+            .frozen_base
+            .values()
+            .map(FrozenMatrix::stream)
+            .fold(0u32, u32::wrapping_add);
+        self.fp32_ranges_decoding_reads()
+            .into_iter()
+            .map(|r| {
+                self.params[r]
                     .par_chunks(CHUNK)
                     .map(crate::kernels::streaming_read_f32)
-                    .reduce(|| 0, u32::wrapping_add),
-            );
-        }
-        match &self.params_bf16 {
-            Some(bf16) => bf16
-                .par_chunks(CHUNK)
-                .map(crate::kernels::streaming_read_u16)
-                .reduce(|| 0, u32::wrapping_add),
-            None => self
-                .params
-                .par_chunks(CHUNK)
-                .map(crate::kernels::streaming_read_f32)
-                .reduce(|| 0, u32::wrapping_add),
-        }
+                    .reduce(|| 0, u32::wrapping_add)
+            })
+            .fold(compact, u32::wrapping_add)
     }
 
     /// Fails for a model prepared for decoding only.
@@ -640,9 +690,6 @@ impl<K: Kernels> Gpt<K> {
         self.files_layout()?;
         if let Some(lora) = self.lora.take() {
             lora.merge_into(&self.config, &mut self.params, self.matrices);
-            // Copies kept for decoding would miss the update.
-            self.params_bf16 = None;
-            self.params_quant = None;
         }
         Ok(())
     }
@@ -772,24 +819,22 @@ impl<K: Kernels> Gpt<K> {
         training: bool,
     ) {
         let bias = bias.map(|b| &self.params[b]);
-        let thin = inp.len() / c_in <= SKINNY_ROWS;
         if let Some(m) = self.frozen_base.get(&weights.start) {
-            // A training pass reads the matrices as its backward pass does: dequantized.
-            if thin && !training {
-                m.thin_product(out, inp, bias);
-                return;
-            }
-        } else if layout == WeightLayout::OutIn && thin {
-            if let Some(q) = self
-                .params_quant
-                .as_ref()
-                .and_then(|q| q.get(&weights.start))
-            {
-                crate::kernels::matmul_thin_quant(out, inp, q, bias, c_in, c_out);
-                return;
-            }
-            if let Some(w16) = &self.params_bf16 {
-                matmul_thin_bf16(out, inp, &w16[weights], bias, c_in, c_out);
+            // A training pass reads the matrices as its backward pass does: dequantized. So
+            // does a long prefill; decoding's few rows read the stored form, 16 rows a pass.
+            let rows = inp.len() / c_in;
+            let most = if self.decoding_only {
+                4 * SKINNY_ROWS
+            } else {
+                SKINNY_ROWS
+            };
+            if !training && rows <= most {
+                for (out, inp) in out
+                    .chunks_mut(SKINNY_ROWS * c_out)
+                    .zip(inp.chunks(SKINNY_ROWS * c_in))
+                {
+                    m.thin_product(out, inp, bias);
+                }
                 return;
             }
         }
@@ -988,6 +1033,17 @@ impl<K: Kernels> Gpt<K> {
         seq: usize,
         grad_scale: Option<f32>,
     ) -> Result<(f64, usize)> {
+        let lay = &self.layout;
+        if [lay.wte.start, lay.head_weights().start]
+            .iter()
+            .any(|start| self.frozen_base.contains_key(start))
+        {
+            return Err(EngineError::Config(
+                "the embedding or output head is stored compactly for decoding: this model \
+                 decodes (forward_cached) only"
+                    .into(),
+            ));
+        }
         if seq == 0 || batch == 0 || seq > self.config.context {
             return Err(EngineError::Shape(format!(
                 "sequence length {seq} must be in 1..={} (the model's context) and batch {batch} positive",
@@ -1134,6 +1190,17 @@ impl<K: Kernels> Gpt<K> {
     /// decoding); for measuring and checking decoding, not for reading tensors by name.
     pub fn decoding_weights(&self) -> &[f32] {
         &self.params
+    }
+
+    /// [`Gpt::decoding_weights`] with the compact matrices' values (dequantized) in place:
+    /// the fp32 model decoding computes with.
+    pub fn dequantized_decoding_weights(&self) -> Vec<f32> {
+        let mut values = self.params.clone();
+        for (&start, m) in &self.frozen_base {
+            let n = m.c_in() * m.c_out();
+            m.with_dequantized(|w| values[start..start + n].copy_from_slice(w));
+        }
+        values
     }
 
     fn files_layout(&self) -> Result<()> {

@@ -325,3 +325,79 @@ fn a_quantized_file_stays_as_it_is_in_a_compact_base() {
         );
     }
 }
+
+/// A quantized file decodes from its blocks as they are: its matrices never become fp32 (their
+/// parameters read 0), decoding reads about the file's bytes, and the logits are those of the
+/// fp32 model holding the file's dequantized weights, up to the 8-bit rounding of the inputs
+/// of thin products (a long prefill, whose products dequantize, matches closely).
+#[test]
+fn a_quantized_file_decodes_from_its_blocks() {
+    use kiem_engine::gguf::load_gguf_for_decoding;
+    use kiem_engine::infer::KvCache;
+    let tmp = tempfile::tempdir().unwrap();
+    let mixed = GgufFile::open(&fixture("llama_mixed.gguf")).unwrap();
+    let (gpt, _) = load_gguf_model(&mixed).unwrap();
+    let mut files = vec![fixture("llama_mixed.gguf"), fixture("gpt2_q8.gguf")];
+    for export in [
+        ExportType::Q4_0,
+        ExportType::Q4_1,
+        ExportType::Q8_0,
+        ExportType::BF16,
+    ] {
+        let out = tmp.path().join(format!("{export:?}.gguf"));
+        write_gguf(&gpt, &tokenizer_metadata(&mixed), export, "t", &out).unwrap();
+        files.push(out);
+    }
+    for path in files {
+        let file = GgufFile::open(&path).unwrap();
+        let (compact, _) = load_gguf_for_decoding(&file).unwrap();
+        let (mut plain, _) = load_gguf_model(&file).unwrap();
+        let fp32_bytes = plain.decoding_weight_bytes();
+        plain.transpose_for_decoding();
+        let forms = compact.decoding_forms();
+        // (gpt2_q8's F16 embeddings, the head among them, are fp32.)
+        assert!(
+            forms.contains("q") || forms.contains("bf16"),
+            "{path:?}: {forms}"
+        );
+        let ratio = compact.decoding_weight_bytes() as f64 / fp32_bytes as f64;
+        assert!(
+            ratio < 0.65,
+            "{path:?} ({forms}): reads {ratio} of fp32's bytes"
+        );
+        // The layer matrices were never written in fp32 (the mixed file's products with an
+        // F16 or F32 part are fp32 whole).
+        if !path.ends_with("llama_mixed.gguf") {
+            let values = compact.decoding_weights();
+            for (range, _) in compact.layer_matrices() {
+                assert!(values[range].iter().all(|&v| v == 0.0), "{path:?}");
+            }
+        }
+        let tokens: Vec<u32> = (0..80u32).map(|i| i * 13 % 50).collect();
+        // Steps of one sequence (thin products), then two sequences of 40 tokens in one pass
+        // (80 rows: the layers' products dequantize; the head's, of the two last rows, is thin).
+        let steps: Vec<Vec<&[u32]>> =
+            vec![vec![&tokens[..6]], vec![&tokens[6..7]], vec![&tokens[7..8]]];
+        let long: Vec<Vec<&[u32]>> = vec![vec![&tokens[..40], &tokens[40..]]];
+        for (passes, tolerance) in [(steps, 0.05), (long, 0.02)] {
+            let sequences = passes[0].len();
+            let mut a_caches: Vec<KvCache> =
+                (0..sequences).map(|_| KvCache::new(&compact)).collect();
+            let mut b_caches: Vec<KvCache> = (0..sequences).map(|_| KvCache::new(&plain)).collect();
+            for pass in passes {
+                let a = compact.forward_cached(&mut a_caches, &pass).unwrap();
+                let b = plain.forward_cached(&mut b_caches, &pass).unwrap();
+                let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= tolerance * scale.max(1.0),
+                    "{path:?} ({forms}), {} rows: {diff} (logits up to {scale})",
+                    pass.iter().map(|p| p.len()).sum::<usize>()
+                );
+            }
+        }
+    }
+}

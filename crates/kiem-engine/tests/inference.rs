@@ -2,6 +2,7 @@
 
 use kiem_engine::config::{Arch, Block, Rope, RopeScaling};
 use kiem_engine::infer::KvCache;
+use kiem_engine::kernels::DecodingWeights;
 use kiem_engine::rng::Rng;
 use kiem_engine::sampling::{sample, Control, FinishReason, GenerateOptions, SamplingParams};
 use kiem_engine::{Gpt, ModelConfig};
@@ -511,27 +512,29 @@ fn bf16_weights_decode_exactly_for(config: ModelConfig) {
     bf16.params_mut()
         .unwrap()
         .copy_from_slice(original.params().unwrap());
-    bf16.use_bf16_weights();
-    assert_eq!(
-        bf16.decoding_weight_bytes() * 2,
-        original.decoding_weight_bytes()
+    bf16.use_compact_weights(DecodingWeights::Bf16);
+    let ratio = bf16.decoding_weight_bytes() as f64 / original.decoding_weight_bytes() as f64;
+    assert!(
+        (0.5..0.6).contains(&ratio),
+        "bf16 reads {ratio} of fp32's bytes"
     );
-    // The same rounded values in fp32, decoded by the fp32 kernels.
+    // The same values in fp32 (the matrices and head rounded), decoded by the fp32 kernels.
     let mut rounded = Gpt::new(config).unwrap();
-    for (r, &x) in rounded
+    rounded
         .params_mut()
         .unwrap()
-        .iter_mut()
-        .zip(original.params().unwrap())
-    {
-        *r = kiem_engine::bf16_gemm::from_bf16(kiem_engine::bf16_gemm::to_bf16(x));
-    }
+        .copy_from_slice(original.params().unwrap());
     rounded.transpose_for_decoding();
-    for (r, b) in rounded
-        .decoding_weights()
-        .iter()
-        .zip(bf16.decoding_weights())
-    {
+    let mut matrices = rounded.layer_matrices();
+    matrices.push((rounded.layout.head_weights(), config.n_embd));
+    let mut values = rounded.decoding_weights().to_vec();
+    for (range, _) in matrices {
+        for x in &mut values[range] {
+            *x = kiem_engine::bf16_gemm::from_bf16(kiem_engine::bf16_gemm::to_bf16(*x));
+        }
+    }
+    rounded = model_with_decoding_weights(config, &values);
+    for (r, b) in values.iter().zip(&bf16.dequantized_decoding_weights()) {
         assert_eq!(r.to_bits(), b.to_bits());
     }
     original.transpose_for_decoding();
@@ -579,8 +582,13 @@ fn quantized_weights_decode_close_to_fp32_on_the_dequantized_weights() {
         let mut rng = kiem_engine::rng::Rng::new(seed);
         (0..n).map(|_| rng.normal()).collect()
     };
-    for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
-        let (c_in, c_out) = (128, 40);
+    for kind in [
+        QuantKind::Q8_0,
+        QuantKind::Q4_0,
+        QuantKind::Q4_1,
+        QuantKind::Q4_K,
+    ] {
+        let (c_in, c_out) = (256, 40);
         let q = QuantMatrix::quantize(kind, &random(c_in * c_out, 1), c_in, c_out).unwrap();
         assert!(
             QuantMatrix::quantize(kind, &random(40, 1), 20, 2).is_none(),
@@ -626,11 +634,21 @@ fn quantized_weights_decode_close_to_fp32_on_the_dequantized_weights() {
             .iter()
             .zip(&original)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        let limit = if kind == QuantKind::Q8_0 { 0.03 } else { 0.6 };
+        let limit = match kind {
+            QuantKind::Q8_0 => 0.03,
+            QuantKind::Q4_0 => 0.6,
+            // A step over each block's range instead of over twice its largest magnitude.
+            QuantKind::Q4_1 | QuantKind::Q4_K => 0.45,
+        };
         assert!(worst < limit, "{kind:?}: {worst}");
     }
     for config in [ModelConfig::gpt2(2, 2, 64, 24, 37), llama_config(64, 24)] {
-        for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+        for kind in [
+            DecodingWeights::Q8_0,
+            DecodingWeights::Q4_0,
+            DecodingWeights::Q4_1,
+            DecodingWeights::Q4_K,
+        ] {
             let mut original = Gpt::new(config).unwrap();
             original.init_random(11);
             let fp32_bytes = original.decoding_weight_bytes();
@@ -639,31 +657,15 @@ fn quantized_weights_decode_close_to_fp32_on_the_dequantized_weights() {
                 .params_mut()
                 .unwrap()
                 .copy_from_slice(original.params().unwrap());
-            quant.use_quantized_weights(kind);
+            quant.use_compact_weights(kind);
             let ratio = quant.decoding_weight_bytes() as f64 / fp32_bytes as f64;
             assert!(ratio < 0.6, "{kind:?}: reads {ratio} of fp32's bytes");
-            // A model holding the dequantized weights (put back in the files' layout), decoded
-            // by the fp32 kernels.
-            let values = quant.decoding_weights().to_vec();
-            let mut plain = Gpt::new(config).unwrap();
-            let specs = plain.layout.tensors.clone();
-            let p = plain.params_mut().unwrap();
-            p.copy_from_slice(&values);
-            for spec in specs
-                .iter()
-                .filter(|s| s.matrix == Some(WeightLayout::InOut))
-            {
-                let (rows, cols) = (spec.shape[0], spec.shape[1]);
-                let dec = &values[spec.range.clone()];
-                let files = &mut p[spec.range.clone()];
-                for i in 0..rows {
-                    for j in 0..cols {
-                        files[i * cols + j] = dec[j * rows + i];
-                    }
-                }
+            // The fp32 copy of the matrices is gone.
+            for (range, _) in quant.layer_matrices() {
+                assert!(quant.decoding_weights()[range].iter().all(|&x| x == 0.0));
             }
-            plain.transpose_for_decoding();
-            assert_eq!(plain.decoding_weights(), &values[..]);
+            // A model holding the dequantized weights, decoded by the fp32 kernels.
+            let plain = model_with_decoding_weights(config, &quant.dequantized_decoding_weights());
             let tokens: Vec<u32> = (0..10).map(|i| (i * 5 % 37) as u32).collect();
             let mut caches = [KvCache::new(&quant), KvCache::new(&plain)];
             for chunk in [&tokens[..6], &tokens[6..7], &tokens[7..8]] {
@@ -684,30 +686,70 @@ fn quantized_weights_decode_close_to_fp32_on_the_dequantized_weights() {
 }
 
 /// The bandwidth reference reads exactly the weights decoding reads: the wrapping sum of the
-/// bits of every fp32 parameter, or of every bf16 weight once decoding uses bf16.
+/// bits of every fp32 parameter a step reads, and of the bf16 matrices once decoding uses bf16.
 #[test]
 fn streaming_the_decoding_weights_reads_every_weight_decoding_reads() {
     let mut gpt = model();
-    let bits = |gpt: &Gpt, shift: u32| {
+    // Every parameter but GPT-2's position embedding (a decoding step reads a row of it).
+    let bits = |gpt: &Gpt| {
+        let wpe = gpt.layout.wpe.clone().unwrap();
         gpt.decoding_weights()
             .iter()
-            .fold(0u32, |s, x| s.wrapping_add(x.to_bits() >> shift))
+            .enumerate()
+            .filter(|(i, _)| !wpe.contains(i))
+            .fold(0u32, |s, (_, x)| s.wrapping_add(x.to_bits()))
     };
-    assert_eq!(gpt.stream_decoding_weights(), bits(&gpt, 0));
+    assert_eq!(gpt.stream_decoding_weights(), bits(&gpt));
     // From outside the thread pool and from inside it, with one thread and with several.
     for threads in [1, 3] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap();
-        assert_eq!(
-            pool.install(|| gpt.stream_decoding_weights()),
-            bits(&gpt, 0)
-        );
+        assert_eq!(pool.install(|| gpt.stream_decoding_weights()), bits(&gpt));
     }
-    // bf16 weights are the rounded parameters' upper halves.
-    gpt.use_bf16_weights();
-    assert_eq!(gpt.stream_decoding_weights(), bits(&gpt, 16));
+    // bf16 weights: the rounded matrices' upper halves, beside the other parameters' bits
+    // (embeddings a decoding step reads a row of are not streamed: GPT-2's positions).
+    gpt.transpose_for_decoding();
+    let before = gpt.decoding_weights().to_vec();
+    let mut matrices = gpt.layer_matrices();
+    matrices.push((gpt.layout.head_weights(), gpt.config.n_embd));
+    let wpe = gpt.layout.wpe.clone().unwrap();
+    let mut want = 0u32;
+    for (i, x) in before.iter().enumerate() {
+        if matrices.iter().any(|(r, _)| r.contains(&i)) {
+            want = want.wrapping_add(u32::from(kiem_engine::bf16_gemm::to_bf16(*x)));
+        } else if !wpe.contains(&i) {
+            want = want.wrapping_add(x.to_bits());
+        }
+    }
+    gpt.use_compact_weights(DecodingWeights::Bf16);
+    assert_eq!(gpt.stream_decoding_weights(), want);
+}
+
+/// A decoding model holding `values` (laid out as [`Gpt::decoding_weights`] reads them).
+fn model_with_decoding_weights(config: ModelConfig, values: &[f32]) -> Gpt {
+    let mut gpt = Gpt::new(config).unwrap();
+    let specs = gpt.layout.tensors.clone();
+    let p = gpt.params_mut().unwrap();
+    p.copy_from_slice(values);
+    // Matrices stored `[in, out]` in the files' layout go back there.
+    for spec in specs
+        .iter()
+        .filter(|s| s.matrix == Some(kiem_engine::kernels::WeightLayout::InOut))
+    {
+        let (rows, cols) = (spec.shape[0], spec.shape[1]);
+        let dec = &values[spec.range.clone()];
+        let files = &mut p[spec.range.clone()];
+        for i in 0..rows {
+            for j in 0..cols {
+                files[i * cols + j] = dec[j * rows + i];
+            }
+        }
+    }
+    gpt.transpose_for_decoding();
+    assert_eq!(gpt.decoding_weights(), values);
+    gpt
 }
 
 /// `in_pool` runs its work on a worker of the pool, so the parallel loops inside fork and join

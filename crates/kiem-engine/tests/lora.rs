@@ -523,7 +523,7 @@ fn blocked_configs() -> [ModelConfig; 2] {
 /// `gpt`'s layer matrices replaced by what storing them as `weights` keeps of them.
 fn round_base_as(gpt: &mut Gpt, weights: DecodingWeights) {
     use kiem_engine::bf16_gemm::{from_bf16, to_bf16};
-    use kiem_engine::kernels::{QuantKind, QuantMatrix};
+    use kiem_engine::kernels::QuantMatrix;
     let config = gpt.config;
     let gpt2 = config.arch == kiem_engine::config::Arch::Gpt2;
     let layers = gpt.layout.layers.clone();
@@ -542,19 +542,14 @@ fn round_base_as(gpt: &mut Gpt, weights: DecodingWeights) {
             let out_in: Vec<f32> = (0..c_out * c_in)
                 .map(|x| w[at(x / c_in, x % c_in)])
                 .collect();
-            let kept: Vec<f32> = match weights {
-                DecodingWeights::Bf16 => out_in.iter().map(|&x| from_bf16(to_bf16(x))).collect(),
-                DecodingWeights::Q8_0 | DecodingWeights::Q4_0 => {
-                    let kind = if weights == DecodingWeights::Q8_0 {
-                        QuantKind::Q8_0
-                    } else {
-                        QuantKind::Q4_0
-                    };
-                    QuantMatrix::quantize(kind, &out_in, c_in, c_out)
-                        .unwrap()
-                        .dequantize()
+            let kept: Vec<f32> = match (weights, weights.quant_kind()) {
+                (DecodingWeights::Bf16, _) => {
+                    out_in.iter().map(|&x| from_bf16(to_bf16(x))).collect()
                 }
-                DecodingWeights::Fp32 => out_in,
+                (_, Some(kind)) => QuantMatrix::quantize(kind, &out_in, c_in, c_out)
+                    .unwrap()
+                    .dequantize(),
+                (_, None) => out_in,
             };
             for (x, v) in kept.into_iter().enumerate() {
                 w[at(x / c_in, x % c_in)] = v;

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use kiem_engine::gguf::{is_gguf, load_gguf_model, write_gguf, ExportType, GgufFile, MetaValue};
+use kiem_engine::gguf::{
+    is_gguf, load_gguf_for_decoding, load_gguf_model, write_gguf, ExportType, GgufFile, MetaValue,
+};
 use kiem_engine::io::{load_model_dir, SpecialIds};
 use kiem_engine::{Gpt, ModelConfig};
 use kiem_tokenizer::gguf_vocab::ByteLevelVocab;
@@ -43,6 +45,15 @@ fn load_gguf(path: &Path) -> Result<(Gpt, Tokenizer, SpecialIds)> {
     let file = GgufFile::open(path)?;
     let tokenizer = gguf_tokenizer(&file)?;
     let (gpt, ids) = load_gguf_model(&file)?;
+    Ok((gpt, tokenizer, ids))
+}
+
+/// Loads a GGUF file for decoding only, its matrices kept in the file's compact forms (see
+/// [`load_gguf_for_decoding`]): the network, its tokenizer and special ids.
+pub fn load_gguf_decoding(path: &Path) -> Result<(Gpt, Tokenizer, SpecialIds)> {
+    let file = GgufFile::open(path)?;
+    let tokenizer = gguf_tokenizer(&file)?;
+    let (gpt, ids) = load_gguf_for_decoding(&file)?;
     Ok((gpt, tokenizer, ids))
 }
 

@@ -511,13 +511,20 @@ fn bench_generate_compares_each_repetition_with_the_bandwidth_between_its_steps(
         assert_eq!(report["weights"], weights);
         bytes.push(bytes_per_token);
     }
-    // Weights (the embedding padded to 50304 rows, all of which the head reads) plus the KV
-    // cache at mid-length (4 + 6/2 positions × 2 layers × 16 channels × K and V × 4 bytes);
-    // bf16 weights are half the bytes.
-    let parameters =
-        50304.0 * 16.0 + 64.0 * 16.0 + 2.0 * (12.0 * 16.0 * 16.0 + 13.0 * 16.0) + 2.0 * 16.0;
+    // Weights (the embedding padded to 50304 rows, all of which the head reads; not the
+    // positions, of which a step reads a row) plus the KV cache at mid-length (4 + 6/2
+    // positions × 2 layers × 16 channels × K and V × 4 bytes); bf16 matrices and head are
+    // half the bytes, norms and biases stay fp32.
+    let matrices = 50304.0 * 16.0 + 2.0 * 12.0 * 16.0 * 16.0;
+    let vectors = 2.0 * 13.0 * 16.0 + 2.0 * 16.0;
     let cache = 7.0 * 2.0 * 16.0 * 2.0 * 4.0;
-    assert_eq!(bytes, [4.0 * parameters + cache, 2.0 * parameters + cache]);
+    assert_eq!(
+        bytes,
+        [
+            4.0 * (matrices + vectors) + cache,
+            2.0 * matrices + 4.0 * vectors + cache
+        ]
+    );
 }
 
 /// `kiem demo --write-data` gives the README's examples their data: the files are written (and

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::{GgufFile, MetaValue, TensorInfo};
 use crate::config::Arch;
+use crate::frozen::FrozenMatrix;
 use crate::io::{hf_config_from_json, Loading, SpecialIds};
 use crate::{Gpt, Result};
 
@@ -314,14 +315,7 @@ impl GgufFile {
 pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
     let arch_name = file.architecture()?.to_string();
     let (config, ids) = file.model_config()?;
-    // Before allocating: the file must hold at least half a byte for every parameter.
-    let parameters = config.num_parameters() as u64;
-    let file_bytes = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
-    if parameters / 2 > file_bytes {
-        return Err(file.error(format!(
-            "describes {parameters} parameters, but the file holds only {file_bytes} bytes"
-        )));
-    }
+    check_size(file, &config)?;
     let mut gpt = Gpt::new(config)?;
     let mut loading = Loading::new(&gpt)?;
     for info in &file.tensors {
@@ -335,6 +329,156 @@ pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
     }
     loading.finish(&gpt, file.path())?;
     Ok((gpt, ids))
+}
+
+/// Loads the network of a GGUF file for decoding, and its special ids: every matrix (layer
+/// matrices, embedding, output head) kept in the form the file stores it where a kernel reads
+/// that form (Q8_0, Q4_0, Q4_1, Q4_K, BF16), so the memory held is about the file's size; Q5_0,
+/// Q5_1, Q5_K and Q6_K matrices are quantized again as Q8_0 (no kernel reads their blocks);
+/// F32 and F16 ones, and the rest of the parameters, become fp32. The model is laid out for
+/// decoding (it only generates).
+pub fn load_gguf_for_decoding(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
+    let arch_name = file.architecture()?.to_string();
+    let (config, ids) = file.model_config()?;
+    check_size(file, &config)?;
+    let mut gpt = Gpt::new(config)?;
+    let mut loading = Loading::new(&gpt)?;
+    // Compact matrices by the parameter range they stand for.
+    let mut parts: Vec<(std::ops::Range<usize>, FrozenMatrix)> = Vec::new();
+    for info in &file.tensors {
+        let Some(name) = hf_name(config.arch, &info.name) else {
+            return Err(file.error(format!(
+                "unexpected tensor {} for architecture {arch_name}",
+                info.name
+            )));
+        };
+        let is_matrix = info.dims.len() == 2
+            && (info.name.starts_with("blk.")
+                || info.name == "token_embd.weight"
+                || info.name == "output.weight");
+        let compact = if is_matrix {
+            compact_matrix(file, info, &config, &name)
+        } else {
+            None
+        };
+        match compact {
+            Some(m) => {
+                let mut shape = info.torch_shape();
+                if config.arch == Arch::Gpt2 && info.name.starts_with("blk.") {
+                    // Conv1D's `[in, out]` in the model's files.
+                    shape.swap(0, 1);
+                }
+                let range = loading.place_elsewhere(&gpt, file.path(), &name, &shape)?;
+                let rows = range.len() / config.n_embd.max(1);
+                let m = if info.name.starts_with("blk.") {
+                    m
+                } else {
+                    m.padded_to_rows(rows)
+                };
+                parts.push((range, m));
+            }
+            None => place(&mut gpt, &mut loading, file, info, &name)?,
+        }
+    }
+    loading.finish(&gpt, file.path())?;
+    // Fuse the parts of each product (q, k, v; gate, up); a product some of whose parts are
+    // fp32 takes its compact parts as fp32 too.
+    parts.sort_by_key(|(r, _)| r.start);
+    let mut products: Vec<std::ops::Range<usize>> = gpt
+        .layer_matrices()
+        .into_iter()
+        .map(|(r, _)| r)
+        .chain([gpt.layout.head_weights(), gpt.layout.wte.clone()])
+        .collect();
+    products.sort_by_key(|r| r.start);
+    products.dedup();
+    let mut compact = std::collections::HashMap::new();
+    for product in products {
+        let inside: Vec<usize> = (0..parts.len())
+            .filter(|&i| parts[i].0.start >= product.start && parts[i].0.end <= product.end)
+            .collect();
+        if inside.is_empty() {
+            continue;
+        }
+        let covered: usize = inside.iter().map(|&i| parts[i].0.len()).sum();
+        if covered == product.len() {
+            let fused = inside.iter().map(|&i| parts[i].1.clone()).collect();
+            compact.insert(product.start, FrozenMatrix::stack(fused));
+        } else {
+            for &i in &inside {
+                let (range, m) = &parts[i];
+                m.dequantize_into_params(&mut gpt, range.clone());
+            }
+        }
+    }
+    gpt.set_compact_matrices(compact)?;
+    Ok((gpt, ids))
+}
+
+/// The compact form of a file matrix for decoding (rows as the model's products read them:
+/// llama q/k rows back in Hugging Face order), or `None` to keep it fp32.
+fn compact_matrix(
+    file: &GgufFile,
+    info: &TensorInfo,
+    config: &crate::ModelConfig,
+    hf: &str,
+) -> Option<FrozenMatrix> {
+    use super::GgmlType;
+    use crate::kernels::{QuantKind, QuantMatrix};
+    let (c_in, c_out) = (info.dims[0] as usize, info.dims[1] as usize);
+    let bytes = file.tensor_bytes(info);
+    let m = match info.kind {
+        GgmlType::BF16 => FrozenMatrix::Bf16 {
+            w: bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect(),
+            c_in,
+            c_out,
+        },
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q6_K => FrozenMatrix::Quant(
+            QuantMatrix::quantize(QuantKind::Q8_0, &file.read_f32(info), c_in, c_out)?,
+        ),
+        kind => FrozenMatrix::Quant(QuantMatrix::from_ggml(kind, bytes, c_in, c_out)?),
+    };
+    if config.arch == Arch::Gpt2 {
+        return Some(m);
+    }
+    let heads = if hf.contains(".self_attn.q_proj.") {
+        config.n_head
+    } else if hf.contains(".self_attn.k_proj.") {
+        config.kv_heads()
+    } else {
+        return Some(m);
+    };
+    Some(m.with_row_order(&file_row_order(heads, c_out)))
+}
+
+/// For each Hugging Face row of a llama q/k matrix, the file row that holds it (see
+/// [`permute_rows`]).
+fn file_row_order(heads: usize, rows: usize) -> Vec<usize> {
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    (0..rows)
+        .map(|r| {
+            let (h, i) = (r / head_dim, r % head_dim);
+            let file = if i < half { 2 * i } else { 2 * (i - half) + 1 };
+            h * head_dim + file
+        })
+        .collect()
+}
+
+/// Refuses a file too small for the parameters its header describes, before allocating.
+fn check_size(file: &GgufFile, config: &crate::ModelConfig) -> Result<()> {
+    // The file must hold at least half a byte for every parameter.
+    let parameters = config.num_parameters() as u64;
+    let file_bytes = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
+    if parameters / 2 > file_bytes {
+        return Err(file.error(format!(
+            "describes {parameters} parameters, but the file holds only {file_bytes} bytes"
+        )));
+    }
+    Ok(())
 }
 
 fn place(

@@ -1,6 +1,7 @@
 //! ggml tensor types: their block layouts, dequantization of every type kiem reads (F32, F16,
 //! BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), and ggml's reference quantizers for
-//! the types kiem writes (Q8_0, Q4_0, Q4_1), bit for bit as `ggml-quants.c` computes them.
+//! the types kiem writes (Q8_0, Q4_0, Q4_1), bit for bit as `ggml-quants.c` computes them, and
+//! its Q4_K quantizer (for decoding from Q4_K weights).
 
 use half::{bf16, f16};
 
@@ -261,7 +262,7 @@ pub fn dequantize(t: GgmlType, bytes: &[u8], out: &mut [f32]) {
 }
 
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` of a K-quant block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -278,7 +279,7 @@ fn roundf(x: f32) -> f32 {
 }
 
 /// Quantizes `values` (a whole number of blocks) to type `t` as ggml's reference quantizers
-/// do. Types kiem writes: F32, F16, BF16, Q8_0, Q4_0, Q4_1.
+/// do. Types kiem writes: F32, F16, BF16, Q8_0, Q4_0, Q4_1; and Q4_K.
 ///
 /// # Panics
 /// For another type, or a length that is not a whole number of blocks.
@@ -346,10 +347,150 @@ pub fn quantize(t: GgmlType, values: &[f32]) -> Vec<u8> {
                     out.push(q(x[j]) | (q(x[j + 16]) << 4));
                 }
             }
+            GgmlType::Q4_K => out.extend_from_slice(&quantize_q4_k(x)),
             other => panic!("kiem does not write {}", other.name()),
         }
     }
     out
+}
+
+/// ggml's `nearest_int`: round half to even (for the small values it is given).
+fn nearest_int(x: f32) -> i32 {
+    x.round_ties_even() as i32
+}
+
+/// ggml's `quantize_row_q4_K_ref` for one 256-weight super-block: each 32-weight sub-block's
+/// scale and min by `make_qkx2_quants` (weighted least squares over 21 trial scales), both
+/// quantized to 6 bits against the largest, then the weights against those.
+fn quantize_q4_k(x: &[f32]) -> [u8; 144] {
+    let mut levels = [0u8; 256];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    for j in 0..8 {
+        let sub = &x[32 * j..32 * (j + 1)];
+        let sum_x2 = sub.iter().fold(0f32, |s, &v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let weights: [f32; 32] = std::array::from_fn(|l| av_x + sub[l].abs());
+        (scales[j], mins[j]) = make_qkx2_quants(sub, &weights, &mut levels[32 * j..32 * (j + 1)]);
+    }
+    let max_scale = scales.iter().fold(0f32, |m, &s| if s > m { s } else { m });
+    let max_min = mins.iter().fold(0f32, |m, &s| if s > m { s } else { m });
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut block = [0u8; 144];
+    {
+        let packed = &mut block[4..16];
+        for j in 0..8 {
+            // ggml stores these through uint8_t: the wrap of a negative value included.
+            let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+            let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+            if j < 4 {
+                packed[j] = ls;
+                packed[j + 4] = lm;
+            } else {
+                packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+                packed[j - 4] |= (ls >> 4) << 6;
+                packed[j] |= (lm >> 4) << 6;
+            }
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    block[0..2].copy_from_slice(&d.to_le_bytes());
+    block[2..4].copy_from_slice(&dmin.to_le_bytes());
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &block[4..16]);
+        let d = d.to_f32() * f32::from(sc);
+        if d == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * f32::from(m);
+        for i in 0..32 {
+            let l = nearest_int((x[32 * j + i] + dm) / d);
+            levels[32 * j + i] = l.clamp(0, 15) as u8;
+        }
+    }
+    for (chunk, q) in block[16..].chunks_exact_mut(32).enumerate() {
+        for (l, byte) in q.iter_mut().enumerate() {
+            *byte = levels[64 * chunk + l] | (levels[64 * chunk + l + 32] << 4);
+        }
+    }
+    block
+}
+
+/// ggml's `make_qkx2_quants(32, 15, x, weights, L, &min, Laux, -1, 0.1, 20, false)`: 4-bit
+/// levels `l` with `x ≈ scale·l - min` minimizing the weighted squared error; returns
+/// (scale, min).
+fn make_qkx2_quants(x: &[f32], weights: &[f32], levels: &mut [u8]) -> (f32, f32) {
+    const NMAX: i32 = 15;
+    let (rmin, rdelta, nstep) = (-1.0f32, 0.1f32, 20);
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..x.len() {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += weights[i];
+        sum_x += weights[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        levels.fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = NMAX as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..x.len() {
+        let l = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+        levels[i] = l as u8;
+        let diff = scale * l as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut trial = [0u8; 32];
+    for step in 0..=nstep {
+        iscale = (rmin + rdelta * step as f32 + NMAX as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..x.len() {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, NMAX);
+            trial[i] = l as u8;
+            let (w, l) = (weights[i], l as f32);
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut error = 0f32;
+            for i in 0..x.len() {
+                let diff = this_scale * f32::from(trial[i]) + this_min - x[i];
+                error += weights[i] * (diff * diff);
+            }
+            if error < best_error {
+                levels.copy_from_slice(&trial[..x.len()]);
+                best_error = error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
 }
 
 #[cfg(test)]

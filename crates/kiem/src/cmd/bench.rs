@@ -125,7 +125,7 @@ struct GenerateBench {
     /// decoding weights (the very memory decoding reads) once between each two decoding steps.
     read_bandwidth: f64,
     /// Weights decoding reads: "fp32" or "bf16".
-    weights: &'static str,
+    weights: String,
     /// Bytes a batch-1 decoding step must read: the weights plus the KV cache at mid-length.
     bytes_per_token: f64,
     /// Tokens/s if a batch-1 step cost only reading those bytes once at `read_bandwidth`.
@@ -368,9 +368,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
     use kiem_engine::infer::KvCache;
     use kiem_engine::sampling::{Control, GenerateOptions, SamplingParams};
     let threads = args.threads.install()?;
-    let (mut gpt, _, _) =
-        super::generate::load_checked(&args.model, args.weights.single_adapter()?.as_deref())?;
-    super::generate::prepare_for_decoding(&mut gpt, &args.weights);
+    let (gpt, _, _) = super::generate::load_model(&args.model, &args.weights)?;
     let context = gpt.config.context;
     if args.prompt_tokens == 0 || args.prompt_tokens + args.tokens > context {
         bail!(
@@ -469,7 +467,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
         prefill_tokens_per_second: args.prompt_tokens as f64 / prefill_seconds,
         decode,
         read_bandwidth: best_bandwidth,
-        weights: args.weights.weights.name(),
+        weights: gpt.decoding_forms(),
         bytes_per_token,
         bandwidth_bound_tokens_per_second: best_bandwidth / bytes_per_token,
         bandwidth_fraction,

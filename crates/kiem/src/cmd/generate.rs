@@ -68,12 +68,15 @@ impl SamplingArgs {
 /// Which copy of the weights decoding reads.
 #[derive(Args, Debug, Clone, Default)]
 pub struct WeightsArgs {
-    /// Weights decoding reads: fp32; bf16 (each weight rounded to bf16, sums in fp32; half the
-    /// bytes per token; 1.5x the memory while loaded); q8_0 or q4_0 (layer matrices and the
-    /// output head quantized as ggml does, about 1.1 or 0.6 bytes a weight per token; prefill
-    /// uses the same dequantized values; the fp32 copy stays in memory for now).
-    #[arg(long, default_value = "fp32", value_name = "W")]
-    pub weights: DecodingWeights,
+    /// Weights decoding reads. Default: as the model stores them: a GGUF file's matrices
+    /// straight from its blocks (Q8_0, Q4_0, Q4_1, Q4_K, BF16; Q5_0, Q5_1, Q5_K and Q6_K are
+    /// quantized again as Q8_0), memory about the file's size; a model directory's in fp32.
+    /// fp32; bf16 (each matrix weight rounded to bf16, sums in fp32); q8_0, q4_0, q4_1 or q4_k
+    /// (matrices and output head quantized as ggml does at load, about 1.1, 0.6, 0.75 and 0.75
+    /// bytes a weight per token): their fp32 copies go back to the system, prefill dequantizes
+    /// on the fly.
+    #[arg(long, value_name = "W")]
+    pub weights: Option<DecodingWeights>,
 
     /// A LoRA adapter directory (PEFT's format: a kiem LoRA run's RUN_DIR/adapter, or one
     /// `peft` saved) for --model, merged into its weights at load. `serve` takes several
@@ -155,14 +158,28 @@ pub fn stream_token(
     (chunk.text, control)
 }
 
-/// A model directory's network (transposed for decoding: it only generates; with bf16 weights
-/// when asked) and tokenizer, checked against each other.
+/// A model directory's or GGUF file's network laid out for decoding (it only generates), in
+/// the weights asked for (a GGUF file's own blocks by default), and tokenizer, checked
+/// against each other; `--adapter` merged in.
 pub fn load_model(
-    dir: &std::path::Path,
+    path: &std::path::Path,
     weights: &WeightsArgs,
 ) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
-    let (mut gpt, tokenizer, stop_ids) = load_checked(dir, weights.single_adapter()?.as_deref())?;
-    prepare_for_decoding(&mut gpt, weights);
+    load_for_decoding(path, weights, weights.single_adapter()?.as_deref())
+}
+
+/// [`load_model`] with the adapter to merge given (`serve` serves its adapters unmerged).
+pub fn load_for_decoding(
+    path: &std::path::Path,
+    weights: &WeightsArgs,
+    adapter: Option<&std::path::Path>,
+) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
+    if weights.weights.is_none() && adapter.is_none() && kiem_engine::gguf::is_gguf(path) {
+        let (gpt, tokenizer, ids) = kiem_train::model_source::load_gguf_decoding(path)?;
+        return checked(path, gpt, tokenizer, ids);
+    }
+    let (mut gpt, tokenizer, stop_ids) = load_checked(path, adapter)?;
+    gpt.prepare_for_decoding(weights.weights.unwrap_or_default());
     Ok((gpt, tokenizer, stop_ids))
 }
 
@@ -177,6 +194,16 @@ pub fn load_checked(
         kiem_train::model_source::merge_adapter(&mut gpt, adapter)
             .with_context(|| format!("--adapter {}", adapter.display()))?;
     }
+    checked(dir, gpt, tokenizer, ids)
+}
+
+/// The network and tokenizer checked against each other, and the ids that end the text.
+fn checked(
+    dir: &std::path::Path,
+    mut gpt: kiem_engine::Gpt,
+    tokenizer: Tokenizer,
+    ids: kiem_engine::io::SpecialIds,
+) -> Result<(kiem_engine::Gpt, Tokenizer, Vec<u32>)> {
     match tokenizer.vocab_size().cmp(&gpt.config.vocab_size) {
         std::cmp::Ordering::Greater => bail!(
             "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
@@ -200,11 +227,6 @@ pub fn load_checked(
     stop_ids.sort_unstable();
     stop_ids.dedup();
     Ok((gpt, tokenizer, stop_ids))
-}
-
-/// Lays a loaded model out for decoding, in the chosen weight precision.
-pub fn prepare_for_decoding(gpt: &mut kiem_engine::Gpt, weights: &WeightsArgs) {
-    gpt.prepare_for_decoding(weights.weights);
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {

@@ -120,8 +120,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--api-key (or KIEM_API_KEY) is empty");
     }
     // Every --adapter is served beside the bare base, unmerged, under its own model id.
-    let (mut gpt, tokenizer, stop_ids) = super::generate::load_checked(&args.model, None)?;
-    super::generate::prepare_for_decoding(&mut gpt, &args.weights);
+    let (mut gpt, tokenizer, stop_ids) =
+        super::generate::load_for_decoding(&args.model, &args.weights, None)?;
     let name = args
         .model_name
         .clone()

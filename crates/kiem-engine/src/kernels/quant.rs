@@ -1,0 +1,837 @@
+//! Quantized weight matrices (ggml's block formats) and the thin products decoding reads them
+//! with: integer dot products of the weights' blocks with the input quantized to 8 bits.
+
+use rayon::prelude::*;
+
+use super::matmul::by_column_blocks;
+use super::{level, Level, SKINNY_ROWS};
+
+/// How a [`QuantMatrix`] stores its weights: ggml's Q8_0, Q4_0 or Q4_1 blocks of 32 weights
+/// along each row, or Q4_K super-blocks of 256 (eight 32-weight sub-blocks, each with its own
+/// 6-bit scale and min), quantized by ggml's reference quantizers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(non_camel_case_types)]
+pub enum QuantKind {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4_K,
+}
+
+impl QuantKind {
+    pub(crate) fn ggml(self) -> crate::gguf::GgmlType {
+        use crate::gguf::GgmlType;
+        match self {
+            QuantKind::Q8_0 => GgmlType::Q8_0,
+            QuantKind::Q4_0 => GgmlType::Q4_0,
+            QuantKind::Q4_1 => GgmlType::Q4_1,
+            QuantKind::Q4_K => GgmlType::Q4_K,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantKind::Q8_0 => "q8_0",
+            QuantKind::Q4_0 => "q4_0",
+            QuantKind::Q4_1 => "q4_1",
+            QuantKind::Q4_K => "q4_k",
+        }
+    }
+
+    /// The kind that stores a ggml type's blocks as they are (`None`: no kernel reads it).
+    pub fn of_ggml(t: crate::gguf::GgmlType) -> Option<Self> {
+        use crate::gguf::GgmlType;
+        match t {
+            GgmlType::Q8_0 => Some(QuantKind::Q8_0),
+            GgmlType::Q4_0 => Some(QuantKind::Q4_0),
+            GgmlType::Q4_1 => Some(QuantKind::Q4_1),
+            GgmlType::Q4_K => Some(QuantKind::Q4_K),
+            _ => None,
+        }
+    }
+
+    /// Weights a row must hold a whole number of: ggml's block (256 for Q4_K).
+    pub fn row_multiple(self) -> usize {
+        self.ggml().block().0
+    }
+
+    /// Whether each 32-weight block has an offset besides its scale (`w = scale·q + offset`,
+    /// `q` unsigned) rather than a scale alone (`w = scale·q`, `q` signed).
+    fn has_offset(self) -> bool {
+        matches!(self, QuantKind::Q4_1 | QuantKind::Q4_K)
+    }
+
+    fn nibbles(self) -> bool {
+        self != QuantKind::Q8_0
+    }
+
+    /// Bytes a weight takes as stored here: the weight, and its block's f32 scale (and offset).
+    pub fn bytes_per_weight(self) -> f64 {
+        let weight = if self.nibbles() { 0.5 } else { 1.0 };
+        let per_block = if self.has_offset() { 8.0 } else { 4.0 };
+        weight + per_block / QUANT_BLOCK as f64
+    }
+}
+
+/// Weights per quantization block (a Q4_K super-block holds eight).
+pub const QUANT_BLOCK: usize = 32;
+
+/// A matrix `W[c_out, c_in]` quantized for decoding, in a layout the thin product streams:
+/// each 32-weight block's scale (and offset) as f32, ggml's fp16 values widened once (a Q4_K
+/// sub-block's are its super-block's scale times its 6-bit scale, and minus its min, computed
+/// as ggml dequantizes), and its weights in order: Q8_0 one signed byte each, the 4-bit kinds
+/// two a byte (even index in the low nibble), Q4_0's minus 8 when read.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix {
+    pub kind: QuantKind,
+    pub c_in: usize,
+    pub c_out: usize,
+    scales: Vec<f32>,
+    /// Empty for kinds without offsets.
+    offsets: Vec<f32>,
+    q: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// `c_out` rows of `c_in` zeros; `None` when rows are not whole blocks of `kind`.
+    pub fn zeros(kind: QuantKind, c_in: usize, c_out: usize) -> Option<Self> {
+        if c_in == 0 || !c_in.is_multiple_of(kind.row_multiple()) {
+            return None;
+        }
+        let blocks = c_in / QUANT_BLOCK * c_out;
+        let per_byte = if kind.nibbles() { 2 } else { 1 };
+        Some(Self {
+            kind,
+            c_in,
+            c_out,
+            scales: vec![0f32; blocks],
+            offsets: vec![0f32; if kind.has_offset() { blocks } else { 0 }],
+            q: vec![0u8; c_in * c_out / per_byte],
+        })
+    }
+
+    /// Quantizes `w[c_out, c_in]` as ggml's reference quantizer does; `None` when rows are
+    /// not whole blocks.
+    pub fn quantize(kind: QuantKind, w: &[f32], c_in: usize, c_out: usize) -> Option<Self> {
+        if w.len() < c_in * c_out {
+            return None;
+        }
+        let mut m = Self::zeros(kind, c_in, c_out)?;
+        m.fill_blocks(|n, values_at| {
+            crate::gguf::quants::quantize(kind.ggml(), &w[values_at..values_at + n])
+        });
+        Some(m)
+    }
+
+    /// The matrix a GGUF file stores as `bytes` (ggml blocks, rows of `c_in` weights), read
+    /// as it is; `None` for a type no kernel here reads, or a size that does not match.
+    pub fn from_ggml(
+        t: crate::gguf::GgmlType,
+        bytes: &[u8],
+        c_in: usize,
+        c_out: usize,
+    ) -> Option<Self> {
+        let kind = QuantKind::of_ggml(t)?;
+        if t.bytes_for((c_in * c_out) as u64) != Some(bytes.len() as u64) {
+            return None;
+        }
+        let mut m = Self::zeros(kind, c_in, c_out)?;
+        let (n, b) = t.block();
+        m.fill_blocks(|_, values_at| bytes[values_at / n * b..][..b].to_vec());
+        Some(m)
+    }
+
+    /// Fills every ggml block (in parallel) from `block(n, at)`: the ggml bytes of the `n`
+    /// weights starting at flat index `at`.
+    fn fill_blocks(&mut self, block: impl Fn(usize, usize) -> Vec<u8> + Sync) {
+        let kind = self.kind;
+        let n = kind.row_multiple();
+        let subs = n / QUANT_BLOCK;
+        let q_per = if kind.nibbles() { n / 2 } else { n };
+        // Kinds without offsets fill a scratch copy that is dropped.
+        let mut offsets = vec![0f32; self.scales.len()];
+        self.scales
+            .par_chunks_mut(subs)
+            .zip(offsets.par_chunks_mut(subs))
+            .zip(self.q.par_chunks_mut(q_per))
+            .enumerate()
+            .for_each(|(i, ((scales, offsets), q))| {
+                unpack_ggml_block(kind, &block(n, i * n), scales, offsets, q);
+            });
+        if kind.has_offset() {
+            self.offsets = offsets;
+        }
+    }
+
+    /// The rows of `parts` one after another (all of one kind and width); `None` otherwise.
+    pub fn stack(parts: &[&QuantMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|p| p.kind != first.kind || p.c_in != first.c_in)
+        {
+            return None;
+        }
+        let cat =
+            |f: fn(&QuantMatrix) -> &Vec<f32>| parts.iter().flat_map(|p| f(p)).copied().collect();
+        Some(Self {
+            kind: first.kind,
+            c_in: first.c_in,
+            c_out: parts.iter().map(|p| p.c_out).sum(),
+            scales: cat(|p| &p.scales),
+            offsets: cat(|p| &p.offsets),
+            q: parts.iter().flat_map(|p| &p.q).copied().collect(),
+        })
+    }
+
+    /// The matrix with its rows reordered: row `i` is this one's row `order[i]`.
+    pub fn with_row_order(&self, order: &[usize]) -> Self {
+        assert_eq!(order.len(), self.c_out, "with_row_order: one index per row");
+        let blocks = self.c_in / QUANT_BLOCK;
+        let q_row = self.q.len() / self.c_out;
+        let pick = |v: &[f32]| -> Vec<f32> {
+            if v.is_empty() {
+                return Vec::new();
+            }
+            order
+                .iter()
+                .flat_map(|&r| &v[r * blocks..(r + 1) * blocks])
+                .copied()
+                .collect()
+        };
+        Self {
+            kind: self.kind,
+            c_in: self.c_in,
+            c_out: self.c_out,
+            scales: pick(&self.scales),
+            offsets: pick(&self.offsets),
+            q: order
+                .iter()
+                .flat_map(|&r| &self.q[r * q_row..(r + 1) * q_row])
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// Every weight as the thin product uses it, `[c_out, c_in]`: the quantized value times
+    /// its block's scale (plus its offset).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.c_out * self.c_in];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// [`QuantMatrix::dequantize`] into `out` (`c_out · c_in` values).
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        out[..self.c_out * self.c_in]
+            .par_chunks_exact_mut(QUANT_BLOCK)
+            .enumerate()
+            .for_each(|(i, block)| self.dequantize_block(i, block));
+    }
+
+    /// Row `j` (`c_in` values) into `out`.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let blocks = self.c_in / QUANT_BLOCK;
+        for (b, block) in out[..self.c_in].chunks_exact_mut(QUANT_BLOCK).enumerate() {
+            self.dequantize_block(j * blocks + b, block);
+        }
+    }
+
+    /// Block `i` (counted over the whole matrix) into `out`.
+    fn dequantize_block(&self, i: usize, out: &mut [f32]) {
+        let blocks = self.c_in / QUANT_BLOCK;
+        let q = weight_block(self, i / blocks, i % blocks);
+        let scale = self.scales[i];
+        match self.offsets.get(i) {
+            Some(&offset) => {
+                for (w, &q) in out.iter_mut().zip(&q) {
+                    *w = f32::from(q) * scale + offset;
+                }
+            }
+            None => {
+                for (w, &q) in out.iter_mut().zip(&q) {
+                    *w = f32::from(q) * scale;
+                }
+            }
+        }
+    }
+
+    /// Bytes a product reads: the weights and their scales (and offsets).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.scales.len() + self.offsets.len())
+    }
+
+    /// Reads every byte a product reads once, on all threads (for the bandwidth bound).
+    pub fn stream(&self) -> u32 {
+        let weights = self
+            .q
+            .par_chunks(1 << 16)
+            .map(|chunk| {
+                // SAFETY: every bit pattern is a valid u64, so viewing the aligned middle of
+                // the bytes as u64 words is sound.
+                let (head, words, tail) = unsafe { chunk.align_to::<u64>() };
+                let bytes = head.iter().chain(tail).map(|&b| u64::from(b)).sum::<u64>();
+                words.iter().fold(bytes, |s, &w| s.wrapping_add(w)) as u32
+            })
+            .reduce(|| 0, u32::wrapping_add);
+        let floats = |v: &[f32]| {
+            v.par_chunks(1 << 16)
+                .map(super::streaming_read_f32)
+                .reduce(|| 0, u32::wrapping_add)
+        };
+        weights
+            .wrapping_add(floats(&self.scales))
+            .wrapping_add(floats(&self.offsets))
+    }
+}
+
+/// One ggml block of `kind` (32 weights, or a Q4_K super-block of 256) into this layout:
+/// `scales` and `offsets` (one per 32 weights) and the weights `q`.
+fn unpack_ggml_block(
+    kind: QuantKind,
+    bytes: &[u8],
+    scales: &mut [f32],
+    offsets: &mut [f32],
+    q: &mut [u8],
+) {
+    let half = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+    // ggml packs weights j and j + 16 of a 32-weight block in byte j (a Q4_K pair of
+    // sub-blocks: j and j + 32 in byte j of 32); here 2i and 2i + 1 share byte i, so 8
+    // consecutive weights are 4 consecutive bytes.
+    let repack = |q: &mut [u8], packed: &[u8], low: usize| {
+        let nibble = |j: usize| {
+            if j < low {
+                packed[j] & 0xF
+            } else {
+                packed[j - low] >> 4
+            }
+        };
+        for (i, byte) in q.iter_mut().enumerate() {
+            *byte = nibble(2 * i) | (nibble(2 * i + 1) << 4);
+        }
+    };
+    match kind {
+        QuantKind::Q8_0 => {
+            scales[0] = half(0);
+            q.copy_from_slice(&bytes[2..34]);
+        }
+        QuantKind::Q4_0 => {
+            scales[0] = half(0);
+            repack(q, &bytes[2..18], 16);
+        }
+        QuantKind::Q4_1 => {
+            scales[0] = half(0);
+            offsets[0] = half(2);
+            repack(q, &bytes[4..20], 16);
+        }
+        QuantKind::Q4_K => {
+            let (d, min) = (half(0), half(2));
+            for j in 0..8 {
+                let (sc, m) = crate::gguf::quants::scale_min_k4(j, &bytes[4..16]);
+                scales[j] = d * f32::from(sc);
+                offsets[j] = -(min * f32::from(m));
+            }
+            for pair in 0..4 {
+                repack(
+                    &mut q[32 * pair..32 * (pair + 1)],
+                    &bytes[16 + 32 * pair..16 + 32 * (pair + 1)],
+                    32,
+                );
+            }
+        }
+    }
+}
+
+/// Rows of inputs quantized as ggml's Q8_0 quantizes weights (32 values a block, scale
+/// `max |x| / 127`, kept in f32): what the integer dot products multiply the weights by.
+struct QuantRows {
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    /// For weights with offsets: each block's eight lane sums (values 4l..4l+3), as f32.
+    lane_sums: Vec<f32>,
+}
+
+impl QuantRows {
+    fn new(inp: &[f32], lane_sums: bool) -> Self {
+        let mut q = vec![0i8; inp.len()];
+        let mut scales = vec![0f32; inp.len() / QUANT_BLOCK];
+        for ((x, q), scale) in inp
+            .chunks_exact(QUANT_BLOCK)
+            .zip(q.chunks_exact_mut(QUANT_BLOCK))
+            .zip(scales.iter_mut())
+        {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            for (q, &v) in q.iter_mut().zip(x) {
+                *q = (v * id).round() as i8;
+            }
+            *scale = d;
+        }
+        let lane_sums = if lane_sums {
+            q.chunks_exact(4)
+                .map(|l| l.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self {
+            q,
+            scales,
+            lane_sums,
+        }
+    }
+}
+
+/// Weight block `b` of row `j` as 32 bytes: signed (Q8_0, Q4_0) or unsigned 4-bit values.
+#[inline(always)]
+fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
+    let start = j * w.c_in + b * QUANT_BLOCK;
+    match w.kind {
+        QuantKind::Q8_0 => std::array::from_fn(|k| w.q[start + k] as i8),
+        QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q4_K => {
+            let bias = if w.kind == QuantKind::Q4_0 { 8 } else { 0 };
+            std::array::from_fn(|k| {
+                let byte = w.q[(start + k) / 2];
+                let nibble = if k % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                nibble as i8 - bias
+            })
+        }
+    }
+}
+
+/// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for few rows with a quantized `W`:
+/// decoding reads about a byte (Q8_0) or half a byte (the 4-bit kinds) per weight. As
+/// llama.cpp does, each input row is quantized to Q8_0 blocks and every block's dot product is
+/// taken in integers (exact), then scaled by the two blocks' scales (a block's offset times
+/// the input block's sum is added); so the result differs from the product with the
+/// dequantized weights by the inputs' quantization (about 0.4% of a block's largest input).
+/// Each row's result is independent of the others, and every SIMD level gives the same bits:
+/// eight lane sums (bytes 4l..4l+3 of each block), accumulated in block order with one fused
+/// multiply-add each (a second for the offset), then added lane by lane in order.
+pub fn matmul_thin_quant(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+    c_in: usize,
+    c_out: usize,
+) {
+    let rows = inp.len() / c_in;
+    assert!(
+        rows <= SKINNY_ROWS,
+        "matmul_thin_quant takes at most {SKINNY_ROWS} rows"
+    );
+    assert!(
+        w.c_in == c_in && w.c_out >= c_out && out.len() >= rows * c_out && inp.len() == rows * c_in,
+        "matmul_thin_quant: shapes"
+    );
+    let x = QuantRows::new(inp, w.kind.has_offset());
+    let blocks = c_in / QUANT_BLOCK;
+    by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+        #[cfg(target_arch = "x86_64")]
+        match level() {
+            Level::Avx512 if avx512_vnni() => {
+                // SAFETY: the CPU has AVX-512 F/BW/VL, VNNI and FMA (`level`, `avx512_vnni`);
+                // the asserts above bound every block read: rows j < c_out <= w.c_out of c_in
+                // weights, input rows of c_in values.
+                unsafe { quant_dots_avx512(acc, &x, w, rows, blocks, j0, j1) };
+                return;
+            }
+            Level::Avx512 | Level::Avx2 => {
+                // SAFETY: the CPU has AVX2 and FMA (`level`); bounds as above.
+                unsafe { quant_dots_avx2(acc, &x, w, rows, blocks, j0, j1) };
+                return;
+            }
+            Level::Base => {}
+        }
+        quant_dots_portable(acc, &x, w, rows, blocks, j0, j1);
+    });
+}
+
+/// Whether the CPU has AVX-512 VNNI (byte dot products in one instruction).
+#[cfg(target_arch = "x86_64")]
+fn avx512_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| std::is_x86_feature_detected!("avx512vnni"))
+}
+
+/// The reference form of [`matmul_thin_quant`]'s block loop, which the SIMD forms match bit
+/// for bit.
+fn quant_dots_portable(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    blocks: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let (width, c_in) = (j1 - j0, blocks * QUANT_BLOCK);
+    for j in j0..j1 {
+        for r in 0..rows {
+            let mut lanes = [0f32; 8];
+            for b in 0..blocks {
+                let wq = weight_block(w, j, b);
+                let xq = &x.q[r * c_in + b * QUANT_BLOCK..][..QUANT_BLOCK];
+                let xscale = x.scales[r * blocks + b];
+                let scale = w.scales[j * blocks + b] * xscale;
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    let dot: i32 = (4 * l..4 * l + 4)
+                        .map(|k| i32::from(wq[k]) * i32::from(xq[k]))
+                        .sum();
+                    *lane = (dot as f32).mul_add(scale, *lane);
+                }
+                if let Some(&offset) = w.offsets.get(j * blocks + b) {
+                    let sums = &x.lane_sums[(r * blocks + b) * 8..][..8];
+                    for (lane, &sum) in lanes.iter_mut().zip(sums) {
+                        *lane = sum.mul_add(offset * xscale, *lane);
+                    }
+                }
+            }
+            acc[r * width + j - j0] += lanes.iter().fold(0f32, |s, &v| s + v);
+        }
+    }
+}
+
+/// The AVX2 form of [`matmul_thin_quant`]'s block loop.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `w` has rows `j0..j1` of `blocks` blocks, `x` has `rows` rows of
+/// `blocks` blocks, and `acc` holds `rows × (j1 - j0)` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quant_dots_avx2(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    blocks: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let c_in = blocks * QUANT_BLOCK;
+    let ones = _mm256_set1_epi16(1);
+    let low_nibbles = _mm_set1_epi8(0x0F);
+    let signed = !w.kind.has_offset();
+    let nibble_bias = _mm256_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
+    for j in j0..j1 {
+        // Up to 4 input rows share each loaded weight block.
+        for r0 in (0..rows).step_by(4) {
+            let group = (rows - r0).min(4);
+            let mut sums = [_mm256_setzero_ps(); 4];
+            for b in 0..blocks {
+                let at = j * c_in + b * QUANT_BLOCK;
+                let wq = if w.kind == QuantKind::Q8_0 {
+                    _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
+                } else {
+                    // 16 bytes of consecutive nibble pairs -> 32 bytes in order.
+                    let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
+                    let low = _mm_and_si128(packed, low_nibbles);
+                    let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+                    let first = _mm_unpacklo_epi8(low, high);
+                    let second = _mm_unpackhi_epi8(low, high);
+                    _mm256_sub_epi8(_mm256_set_m128i(second, first), nibble_bias)
+                };
+                // Signed weights: |w| · (x with w's sign) = w · x, as unsigned × signed bytes.
+                let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
+                let block = j * blocks + b;
+                let wscale = *w.scales.get_unchecked(block);
+                for (g, sum) in sums.iter_mut().enumerate().take(group) {
+                    let r = r0 + g;
+                    let xq = _mm256_loadu_si256(
+                        x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
+                    );
+                    let xs = if signed { _mm256_sign_epi8(xq, wq) } else { xq };
+                    let pairs = _mm256_maddubs_epi16(magnitude, xs);
+                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                    let xscale = *x.scales.get_unchecked(r * blocks + b);
+                    *sum = _mm256_fmadd_ps(lanes, _mm256_set1_ps(wscale * xscale), *sum);
+                    if !signed {
+                        let offset = *w.offsets.get_unchecked(block);
+                        let lane_sums =
+                            _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
+                        *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
+                    }
+                }
+            }
+            for (g, sum) in sums.iter().enumerate().take(group) {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
+                acc[(r0 + g) * width + j - j0] += lanes.iter().fold(0f32, |s, &v| s + v);
+            }
+        }
+    }
+}
+
+/// The AVX-512 VNNI form of [`matmul_thin_quant`]'s block loop: two blocks a step, their
+/// byte dot products in one instruction, then scaled block by block in the order the other
+/// forms use (same bits).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; bounds as for [`quant_dots_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn quant_dots_avx512(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    blocks: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let width = j1 - j0;
+    let c_in = blocks * QUANT_BLOCK;
+    let signed = !w.kind.has_offset();
+    let nibble_bias = _mm512_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
+    let low_nibble = _mm512_set1_epi16(0x000F);
+    let high_nibble = _mm512_set1_epi16(0x0F00);
+    // Weight blocks `b` and `b + 1` of row `j`, 64 bytes in order.
+    let load_pair = |j: usize, b: usize| -> __m512i {
+        let at = j * c_in + b * QUANT_BLOCK;
+        if w.kind == QuantKind::Q8_0 {
+            return _mm512_loadu_si512(w.q.as_ptr().add(at) as *const _);
+        }
+        // Byte i holds weights 2i and 2i + 1: widen each byte to 16 bits and move its high
+        // nibble to the upper byte.
+        let packed = _mm256_loadu_si256(w.q.as_ptr().add(at / 2) as *const __m256i);
+        let wide = _mm512_cvtepu8_epi16(packed);
+        let pairs = _mm512_or_si512(
+            _mm512_and_si512(wide, low_nibble),
+            _mm512_and_si512(_mm512_slli_epi16(wide, 4), high_nibble),
+        );
+        _mm512_sub_epi8(pairs, nibble_bias)
+    };
+    let scale_into = |sum: &mut __m256, lanes: __m256, r: usize, block: usize, b: usize| {
+        let xscale = *x.scales.get_unchecked(r * blocks + b);
+        *sum = _mm256_fmadd_ps(
+            lanes,
+            _mm256_set1_ps(*w.scales.get_unchecked(block) * xscale),
+            *sum,
+        );
+        if !signed {
+            let offset = *w.offsets.get_unchecked(block);
+            let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
+            *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
+        }
+    };
+    for j in j0..j1 {
+        for r0 in (0..rows).step_by(4) {
+            let group = (rows - r0).min(4);
+            let mut sums = [_mm256_setzero_ps(); 4];
+            let mut b = 0;
+            while b + 2 <= blocks {
+                let wq = load_pair(j, b);
+                // Signed weights: |w| times x negated where w is negative.
+                let (magnitude, negative) = if signed {
+                    (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq))
+                } else {
+                    (wq, 0)
+                };
+                for (g, sum) in sums.iter_mut().enumerate().take(group) {
+                    let r = r0 + g;
+                    let xq = _mm512_loadu_si512(
+                        x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const _
+                    );
+                    let xs = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);
+                    let dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, xs);
+                    let lanes = _mm512_cvtepi32_ps(dots);
+                    let block = j * blocks + b;
+                    scale_into(sum, _mm512_castps512_ps256(lanes), r, block, b);
+                    let upper =
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
+                    scale_into(sum, upper, r, block + 1, b + 1);
+                }
+                b += 2;
+            }
+            if b < blocks {
+                // The odd last block: the low half of a pair load would read past the row,
+                // so take it alone, 32 bytes.
+                let at = j * c_in + b * QUANT_BLOCK;
+                let wq = if w.kind == QuantKind::Q8_0 {
+                    _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
+                } else {
+                    let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
+                    let wide = _mm256_cvtepu8_epi16(packed);
+                    let pairs = _mm256_or_si256(
+                        _mm256_and_si256(wide, _mm512_castsi512_si256(low_nibble)),
+                        _mm256_and_si256(
+                            _mm256_slli_epi16(wide, 4),
+                            _mm512_castsi512_si256(high_nibble),
+                        ),
+                    );
+                    _mm256_sub_epi8(pairs, _mm512_castsi512_si256(nibble_bias))
+                };
+                let (magnitude, negative) = if signed {
+                    (_mm256_abs_epi8(wq), _mm256_movepi8_mask(wq))
+                } else {
+                    (wq, 0)
+                };
+                for (g, sum) in sums.iter_mut().enumerate().take(group) {
+                    let r = r0 + g;
+                    let xq = _mm256_loadu_si256(
+                        x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
+                    );
+                    let xs = _mm256_mask_sub_epi8(xq, negative, _mm256_setzero_si256(), xq);
+                    let dots = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, xs);
+                    scale_into(sum, _mm256_cvtepi32_ps(dots), r, j * blocks + b, b);
+                }
+            }
+            for (g, sum) in sums.iter().enumerate().take(group) {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
+                acc[(r0 + g) * width + j - j0] += lanes.iter().fold(0f32, |s, &v| s + v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::quants;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        // Blocks of varied scale and sign balance, so offsets and scales both matter.
+        (0..n)
+            .map(|i| rng.normal() * (1.0 + (i / 32 % 5) as f32) + (i / 64 % 3) as f32 * 0.5)
+            .collect()
+    }
+
+    const KINDS: [QuantKind; 4] = [
+        QuantKind::Q8_0,
+        QuantKind::Q4_0,
+        QuantKind::Q4_1,
+        QuantKind::Q4_K,
+    ];
+
+    #[test]
+    fn a_files_blocks_read_as_ggml_dequantizes_them() {
+        for kind in KINDS {
+            let (c_in, c_out) = (512, 3);
+            let w = values(c_in * c_out, 1);
+            let bytes = quants::quantize(kind.ggml(), &w);
+            let m = QuantMatrix::from_ggml(kind.ggml(), &bytes, c_in, c_out).unwrap();
+            let mut want = vec![0f32; w.len()];
+            quants::dequantize(kind.ggml(), &bytes, &mut want);
+            let got = m.dequantize();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{kind:?}"
+            );
+            // Quantizing gives the same matrix; rows read alone as in the whole.
+            let q = QuantMatrix::quantize(kind, &w, c_in, c_out).unwrap();
+            assert_eq!(q.dequantize(), got, "{kind:?}");
+            let mut row = vec![0f32; c_in];
+            m.dequantize_row(2, &mut row);
+            assert_eq!(row, got[2 * c_in..], "{kind:?}");
+            assert!(QuantMatrix::from_ggml(kind.ggml(), &bytes[1..], c_in, c_out).is_none());
+        }
+        assert!(QuantMatrix::from_ggml(crate::gguf::GgmlType::Q6_K, &[0; 210], 256, 1).is_none());
+        assert!(
+            QuantMatrix::zeros(QuantKind::Q4_K, 32, 1).is_none(),
+            "Q4_K rows are 256s"
+        );
+    }
+
+    #[test]
+    fn rows_stack_and_reorder() {
+        let kind = QuantKind::Q4_1;
+        let w = values(64 * 5, 2);
+        let m = QuantMatrix::quantize(kind, &w, 64, 5).unwrap();
+        let dense = m.dequantize();
+        let top = QuantMatrix::quantize(kind, &w[..128], 64, 2).unwrap();
+        let bottom = QuantMatrix::quantize(kind, &w[128..], 64, 3).unwrap();
+        let stacked = QuantMatrix::stack(&[&top, &bottom]).unwrap();
+        assert_eq!(stacked.dequantize(), dense);
+        let q8 = QuantMatrix::quantize(QuantKind::Q8_0, &w[..64], 64, 1).unwrap();
+        assert!(QuantMatrix::stack(&[&top, &q8]).is_none(), "kinds differ");
+        let order = [4, 0, 3, 1, 2];
+        let reordered = m.with_row_order(&order).dequantize();
+        for (i, &r) in order.iter().enumerate() {
+            assert_eq!(reordered[i * 64..(i + 1) * 64], dense[r * 64..(r + 1) * 64]);
+        }
+    }
+
+    /// Q4_K (ggml's reference quantizer) stays within a step of each sub-block's range, and
+    /// tracks the weights better than Q4_0 does.
+    #[test]
+    fn q4_k_quantizes_closely() {
+        let w = values(256 * 8, 3);
+        let error = |kind: QuantKind| {
+            let back = QuantMatrix::quantize(kind, &w, 256, 8)
+                .unwrap()
+                .dequantize();
+            let squares: f32 = w.iter().zip(&back).map(|(a, b)| (a - b) * (a - b)).sum();
+            let worst = w
+                .chunks(32)
+                .zip(back.chunks(32))
+                .map(|(a, b)| {
+                    let range = a.iter().fold(f32::MIN, |m, &v| m.max(v))
+                        - a.iter().fold(f32::MAX, |m, &v| m.min(v));
+                    let e = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                    e / range
+                })
+                .fold(0f32, f32::max);
+            ((squares / w.len() as f32).sqrt(), worst)
+        };
+        let (q4k, worst) = error(QuantKind::Q4_K);
+        let (q4_0, _) = error(QuantKind::Q4_0);
+        assert!(
+            worst < 1.0 / 15.0 + 0.02,
+            "worst error {worst} of a block's range"
+        );
+        assert!(q4k < 0.9 * q4_0, "rms {q4k} vs Q4_0's {q4_0}");
+    }
+
+    /// Every SIMD form of the block loop gives the portable form's bits, for every kind, odd
+    /// and even block counts, and 1 to 6 rows.
+    #[test]
+    fn simd_forms_give_the_portable_bits() {
+        for kind in KINDS {
+            for c_in in [96usize, 256, 768] {
+                if !c_in.is_multiple_of(kind.row_multiple()) {
+                    continue;
+                }
+                let c_out = 19;
+                let w = QuantMatrix::quantize(kind, &values(c_in * c_out, 4), c_in, c_out).unwrap();
+                for rows in [1, 4, 6] {
+                    let x = QuantRows::new(&values(rows * c_in, 5), kind.has_offset());
+                    let blocks = c_in / QUANT_BLOCK;
+                    let run = |form: &dyn Fn(&mut [f32])| {
+                        let mut acc = vec![0.5f32; rows * 17];
+                        form(&mut acc);
+                        acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    };
+                    let want = run(&|acc| quant_dots_portable(acc, &x, &w, rows, blocks, 2, 19));
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        if std::is_x86_feature_detected!("avx2")
+                            && std::is_x86_feature_detected!("fma")
+                        {
+                            // SAFETY: AVX2 and FMA checked; shapes as the product passes them.
+                            let got = run(&|acc| unsafe {
+                                quant_dots_avx2(acc, &x, &w, rows, blocks, 2, 19)
+                            });
+                            assert_eq!(got, want, "{kind:?} AVX2, {c_in} wide, {rows} rows");
+                        }
+                        if level() == Level::Avx512 && avx512_vnni() {
+                            // SAFETY: AVX-512 and VNNI checked; shapes as above.
+                            let got = run(&|acc| unsafe {
+                                quant_dots_avx512(acc, &x, &w, rows, blocks, 2, 19)
+                            });
+                            assert_eq!(got, want, "{kind:?} AVX-512, {c_in} wide, {rows} rows");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
