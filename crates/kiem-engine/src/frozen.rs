@@ -43,23 +43,28 @@ impl FrozenMatrix {
         if parts.len() == 1 {
             return parts.pop().expect("one part");
         }
-        let quant: Vec<&QuantMatrix> = parts
-            .iter()
-            .filter_map(|p| match p {
-                FrozenMatrix::Quant(q) => Some(q),
-                _ => None,
-            })
-            .collect();
-        if quant.len() == parts.len() {
-            if let Some(joined) = QuantMatrix::stack(&quant) {
-                return FrozenMatrix::Quant(joined);
-            }
+        let joinable = match parts.first() {
+            Some(FrozenMatrix::Quant(first)) => parts.iter().all(|p| {
+                matches!(p, FrozenMatrix::Quant(q) if q.kind == first.kind && q.c_in == first.c_in)
+            }),
+            _ => false,
+        };
+        if !joinable {
+            return FrozenMatrix::Stacked(parts);
         }
-        FrozenMatrix::Stacked(parts)
+        let mut quant = parts.into_iter().map(|p| match p {
+            FrozenMatrix::Quant(q) => q,
+            _ => unreachable!("checked above"),
+        });
+        let mut joined = quant.next().expect("parts");
+        for q in quant {
+            joined.append_rows(q);
+        }
+        FrozenMatrix::Quant(joined)
     }
 
-    /// Writes the fp32 values into `gpt`'s parameters at `range` (as `[out, in]`, the layout
-    /// a decoding model reads); a matrix that stays fp32.
+    /// Writes the fp32 values into `gpt`'s parameters at `range` as `[out, in]` (a Llama
+    /// matrix, whose files' layout decoding reads as it is): a matrix that stays fp32.
     pub fn dequantize_into_params(&self, gpt: &mut crate::Gpt, range: std::ops::Range<usize>) {
         let n = self.len().min(range.len());
         let mut values = vec![0f32; self.len()];
@@ -80,21 +85,25 @@ impl FrozenMatrix {
                 c_out: *c_out,
             },
             FrozenMatrix::Quant(q) => FrozenMatrix::Quant(q.with_row_order(order)),
-            FrozenMatrix::Stacked(_) => {
-                let dense = {
-                    let mut v = vec![0f32; self.len()];
-                    self.dequantize_into(&mut v);
-                    v
-                };
-                let c = self.c_in();
-                let w: Vec<f32> = order
-                    .iter()
-                    .flat_map(|&r| &dense[r * c..(r + 1) * c])
-                    .copied()
-                    .collect();
-                FrozenMatrix::new(DecodingWeights::Bf16, &w, c, order.len())
-                    .expect("bf16 takes any shape")
-            }
+            FrozenMatrix::Stacked(parts) => FrozenMatrix::Stacked(
+                // Rows of one part at a time keep their form; a permutation across parts
+                // (never asked for) would need one form.
+                {
+                    let mut at = 0;
+                    let mut out = Vec::new();
+                    for part in parts {
+                        let n = part.c_out();
+                        let local: Vec<usize> = order[at..at + n].iter().map(|&r| r - at).collect();
+                        assert!(
+                            local.iter().all(|&r| r < n),
+                            "with_row_order: rows move across stacked parts"
+                        );
+                        out.push(part.with_row_order(&local));
+                        at += n;
+                    }
+                    out
+                },
+            ),
         }
     }
 

@@ -393,21 +393,28 @@ pub fn load_gguf_for_decoding(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
     products.sort_by_key(|r| r.start);
     products.dedup();
     let mut compact = std::collections::HashMap::new();
+    // Each part moves into its product (no second copy of the file's bytes at any time).
+    let mut parts: Vec<Option<(std::ops::Range<usize>, FrozenMatrix)>> =
+        parts.into_iter().map(Some).collect();
     for product in products {
-        let inside: Vec<usize> = (0..parts.len())
-            .filter(|&i| parts[i].0.start >= product.start && parts[i].0.end <= product.end)
+        let inside: Vec<(std::ops::Range<usize>, FrozenMatrix)> = parts
+            .iter_mut()
+            .filter(|p| {
+                p.as_ref()
+                    .is_some_and(|(r, _)| r.start >= product.start && r.end <= product.end)
+            })
+            .filter_map(Option::take)
             .collect();
         if inside.is_empty() {
             continue;
         }
-        let covered: usize = inside.iter().map(|&i| parts[i].0.len()).sum();
+        let covered: usize = inside.iter().map(|(r, _)| r.len()).sum();
         if covered == product.len() {
-            let fused = inside.iter().map(|&i| parts[i].1.clone()).collect();
+            let fused = inside.into_iter().map(|(_, m)| m).collect();
             compact.insert(product.start, FrozenMatrix::stack(fused));
         } else {
-            for &i in &inside {
-                let (range, m) = &parts[i];
-                m.dequantize_into_params(&mut gpt, range.clone());
+            for (range, m) in inside {
+                m.dequantize_into_params(&mut gpt, range);
             }
         }
     }

@@ -163,25 +163,20 @@ impl QuantMatrix {
         }
     }
 
-    /// The rows of `parts` one after another (all of one kind and width); `None` otherwise.
-    pub fn stack(parts: &[&QuantMatrix]) -> Option<Self> {
-        let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.kind != first.kind || p.c_in != first.c_in)
-        {
-            return None;
-        }
-        let cat =
-            |f: fn(&QuantMatrix) -> &Vec<f32>| parts.iter().flat_map(|p| f(p)).copied().collect();
-        Some(Self {
-            kind: first.kind,
-            c_in: first.c_in,
-            c_out: parts.iter().map(|p| p.c_out).sum(),
-            scales: cat(|p| &p.scales),
-            offsets: cat(|p| &p.offsets),
-            q: parts.iter().flat_map(|p| &p.q).copied().collect(),
-        })
+    /// Adds `other`'s rows after these (same kind and width).
+    pub fn append_rows(&mut self, other: QuantMatrix) {
+        assert!(
+            other.kind == self.kind && other.c_in == self.c_in,
+            "append_rows: a {:?} matrix {} wide after a {:?} one {} wide",
+            other.kind,
+            other.c_in,
+            self.kind,
+            self.c_in
+        );
+        self.c_out += other.c_out;
+        self.scales.extend_from_slice(&other.scales);
+        self.offsets.extend_from_slice(&other.offsets);
+        self.q.extend_from_slice(&other.q);
     }
 
     /// The matrix with its rows reordered: row `i` is this one's row `order[i]`.
@@ -747,12 +742,9 @@ mod tests {
         let w = values(64 * 5, 2);
         let m = QuantMatrix::quantize(kind, &w, 64, 5).unwrap();
         let dense = m.dequantize();
-        let top = QuantMatrix::quantize(kind, &w[..128], 64, 2).unwrap();
-        let bottom = QuantMatrix::quantize(kind, &w[128..], 64, 3).unwrap();
-        let stacked = QuantMatrix::stack(&[&top, &bottom]).unwrap();
+        let mut stacked = QuantMatrix::quantize(kind, &w[..128], 64, 2).unwrap();
+        stacked.append_rows(QuantMatrix::quantize(kind, &w[128..], 64, 3).unwrap());
         assert_eq!(stacked.dequantize(), dense);
-        let q8 = QuantMatrix::quantize(QuantKind::Q8_0, &w[..64], 64, 1).unwrap();
-        assert!(QuantMatrix::stack(&[&top, &q8]).is_none(), "kinds differ");
         let order = [4, 0, 3, 1, 2];
         let reordered = m.with_row_order(&order).dequantize();
         for (i, &r) in order.iter().enumerate() {
