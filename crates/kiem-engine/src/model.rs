@@ -400,16 +400,46 @@ impl<K: Kernels> Gpt<K> {
         &mut self,
         matrices: std::collections::HashMap<usize, FrozenMatrix>,
     ) -> Result<()> {
-        let sizes: Vec<(usize, usize)> = self
-            .layer_matrices()
-            .into_iter()
-            .chain([(self.layout.head_weights(), self.config.n_embd)])
-            .chain([(self.layout.wte.clone(), self.config.n_embd)])
-            .map(|(range, _)| (range.start, range.len()))
-            .collect();
+        let mut products = self.layer_matrices();
+        products.push((self.layout.head_weights(), self.config.n_embd));
+        products.push((self.layout.wte.clone(), self.config.n_embd));
+        self.take_compact_matrices(matrices, &products)?;
+        self.transpose_for_decoding();
+        Ok(())
+    }
+
+    /// Takes `matrices` (keyed by where each starts in `params`, each `[out, in]`, e.g. a
+    /// quantized GGUF file's blocks as they are) as the frozen base's layer matrices, in place
+    /// of parameters expected never to have been written (they are released anyway). From now
+    /// on the model trains adapters only (put them on with [`Gpt::set_lora`]): its base can no
+    /// longer be read, saved or merged into, as after [`Gpt::freeze_base`].
+    pub(crate) fn set_frozen_base(
+        &mut self,
+        matrices: std::collections::HashMap<usize, FrozenMatrix>,
+    ) -> Result<()> {
+        self.check_training_layout()?;
+        if !self.frozen_base.is_empty() {
+            return Err(EngineError::Config(
+                "the base is stored compactly already".into(),
+            ));
+        }
+        let products = self.layer_matrices();
+        self.take_compact_matrices(matrices, &products)?;
+        Ok(())
+    }
+
+    /// Stores `matrices` as the compact form of some of `products` (their ranges in `params`
+    /// and input widths) and releases those parameters' pages; returns the bytes released.
+    fn take_compact_matrices(
+        &mut self,
+        matrices: std::collections::HashMap<usize, FrozenMatrix>,
+        products: &[(Range<usize>, usize)],
+    ) -> Result<usize> {
         for (&start, m) in &matrices {
-            let size = sizes.iter().find(|&&(s, _)| s == start).map(|&(_, n)| n);
-            if size.is_none_or(|n| n < m.c_in() * m.c_out()) {
+            let fits = products.iter().any(|(range, c_in)| {
+                range.start == start && *c_in == m.c_in() && range.len() >= m.c_in() * m.c_out()
+            });
+            if !fits {
                 return Err(EngineError::Shape(format!(
                     "a compact matrix of {}x{} at {start} is not one of the model's matrices",
                     m.c_out(),
@@ -417,12 +447,12 @@ impl<K: Kernels> Gpt<K> {
                 )));
             }
         }
+        let released = matrices
+            .iter()
+            .map(|(&start, m)| release_pages(&mut self.params[start..start + m.c_in() * m.c_out()]))
+            .sum();
         self.frozen_base = matrices;
-        self.transpose_for_decoding();
-        for (&start, m) in &self.frozen_base {
-            release_pages(&mut self.params[start..start + m.c_in() * m.c_out()]);
-        }
-        Ok(())
+        Ok(released)
     }
 
     /// The token embedding's row `token` into `out` (`n_embd` values), from wherever the
@@ -453,7 +483,7 @@ impl<K: Kernels> Gpt<K> {
             .collect()
     }
 
-    /// Stores the frozen base's layer matrices as `weights` (bf16, Q8_0 or Q4_0: QLoRA) and
+    /// Stores the frozen base's layer matrices as `weights` (bf16 or a quantized kind: QLoRA) and
     /// gives their fp32 memory back to the system; returns the bytes given back. Products read
     /// the stored matrices, dequantized on the fly (decoding reads them directly). Only for a
     /// model with LoRA adapters, whose base never changes again: the base's parameters can no
@@ -487,33 +517,24 @@ impl<K: Kernels> Gpt<K> {
             let m = FrozenMatrix::new(weights, &out_in, c_in, c_out).ok_or_else(|| {
                 EngineError::Config(format!(
                     "cannot store the base as {}: a matrix's rows of {c_in} weights are not \
-                     whole blocks of 32",
-                    weights.name()
+                     whole blocks of {}",
+                    weights.name(),
+                    weights.quant_kind().map_or(32, |k| k.row_multiple())
                 ))
             })?;
             stored.insert(range.start, m);
         }
-        let mut released = 0;
-        for (range, _) in matrices {
-            released += release_pages(&mut self.params[range]);
-        }
-        self.frozen_base = stored;
-        Ok(released)
+        self.take_compact_matrices(stored, &matrices)
     }
 
-    /// Bytes of the frozen base's stored matrices (0 unless [`Gpt::freeze_base`]).
+    /// Bytes of the compactly stored matrices (a frozen base's, or a decoding model's).
     pub fn frozen_base_bytes(&self) -> usize {
         self.frozen_base.values().map(FrozenMatrix::bytes).sum()
     }
 
-    /// Lays the model out for decoding from the chosen copy of its weights.
-    pub fn prepare_for_decoding(&mut self, weights: crate::kernels::DecodingWeights) {
-        self.use_compact_weights(weights);
-    }
-
-    /// The forms decoding reads the weights in: `fp32` and those of the compact matrices
+    /// The forms the weights are stored in: `fp32` and those of the compact matrices
     /// (`q8_0`, `q4_k+q8_0` ...), largest share of the parameters first.
-    pub fn decoding_forms(&self) -> String {
+    pub fn weight_forms(&self) -> String {
         let mut counts: Vec<(&str, usize)> = Vec::new();
         let compact: usize = self
             .frozen_base
@@ -1280,6 +1301,13 @@ impl<K: Kernels> Gpt<K> {
             ));
         }
         self.check_training_layout()?;
+        if self.lora.is_none() && !self.frozen_base.is_empty() {
+            return Err(EngineError::Config(
+                "the base's layer matrices are stored compactly (QLoRA): only LoRA adapters \
+                 train on it"
+                    .into(),
+            ));
+        }
         // With adapters the base is frozen: only the adapters' gradients are kept.
         let frozen = self.lora.is_some();
         if !frozen && self.grads.len() != self.params.len() {

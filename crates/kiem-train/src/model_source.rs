@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use kiem_engine::gguf::{
-    is_gguf, load_gguf_for_decoding, load_gguf_model, write_gguf, ExportType, GgufFile, MetaValue,
+    is_gguf, load_gguf_for_decoding, load_gguf_frozen_base, load_gguf_model, write_gguf,
+    ExportType, GgufFile, MetaValue,
 };
 use kiem_engine::io::{load_model_dir, SpecialIds};
 use kiem_engine::{Gpt, ModelConfig};
@@ -42,18 +43,29 @@ pub fn load_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
 }
 
 fn load_gguf(path: &Path) -> Result<(Gpt, Tokenizer, SpecialIds)> {
-    let file = GgufFile::open(path)?;
-    let tokenizer = gguf_tokenizer(&file)?;
-    let (gpt, ids) = load_gguf_model(&file)?;
-    Ok((gpt, tokenizer, ids))
+    load_gguf_as(path, load_gguf_model)
 }
 
 /// Loads a GGUF file for decoding only, its matrices kept in the file's compact forms (see
 /// [`load_gguf_for_decoding`]): the network, its tokenizer and special ids.
 pub fn load_gguf_decoding(path: &Path) -> Result<(Gpt, Tokenizer, SpecialIds)> {
+    load_gguf_as(path, load_gguf_for_decoding)
+}
+
+/// Loads a GGUF file as the frozen base of a LoRA run, its layer matrices kept in the file's
+/// compact forms (see [`load_gguf_frozen_base`]): the network, its tokenizer and special ids.
+pub fn load_gguf_as_frozen_base(path: &Path) -> Result<(Gpt, Tokenizer, SpecialIds)> {
+    load_gguf_as(path, load_gguf_frozen_base)
+}
+
+/// A GGUF file's tokenizer and the network `load` makes of it.
+fn load_gguf_as(
+    path: &Path,
+    load: fn(&GgufFile) -> kiem_engine::Result<(Gpt, SpecialIds)>,
+) -> Result<(Gpt, Tokenizer, SpecialIds)> {
     let file = GgufFile::open(path)?;
     let tokenizer = gguf_tokenizer(&file)?;
-    let (gpt, ids) = load_gguf_for_decoding(&file)?;
+    let (gpt, ids) = load(&file)?;
     Ok((gpt, tokenizer, ids))
 }
 

@@ -77,6 +77,11 @@ pub struct TrainConfig {
     /// instead of fp32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_weights: Option<DecodingWeights>,
+    /// A LoRA run on a GGUF file keeps its frozen base's layer matrices in the forms the file
+    /// stores them, read straight from its blocks (no fp32 copy at any time; see
+    /// [`kiem_engine::gguf::load_gguf_frozen_base`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base_as_stored: bool,
     /// Keep one layer's activations and recompute each layer's in the backward pass: less
     /// memory for long contexts, about a third more compute, the same results.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -189,14 +194,29 @@ impl TrainConfig {
                 "--base-weights stores a frozen base: it needs LoRA adapters (--lora-rank)".into(),
             );
         }
-        if let Some(weights @ (DecodingWeights::Q8_0 | DecodingWeights::Q4_0)) = self.base_weights {
-            // Checked before the run writes anything: quantized rows are whole 32-weight blocks.
+        if self.base_as_stored {
+            let gguf_base = matches!(&self.source,
+                DataSource::Finetune(spec) if kiem_engine::gguf::is_gguf(&spec.base_model));
+            if self.lora.is_none() || self.base_weights.is_some() || !gguf_base {
+                return bad(
+                    "a base kept as its file stores it needs a GGUF base model, LoRA adapters \
+                     and no --base-weights"
+                        .into(),
+                );
+            }
+        }
+        if let Some((weights, kind)) = self
+            .base_weights
+            .and_then(|w| w.quant_kind().map(|k| (w, k)))
+        {
+            // Checked before the run writes anything: quantized rows are whole blocks.
             let m = &self.model;
             let widths = [m.n_embd, m.q_width(), m.mlp_hidden()];
-            if widths.iter().any(|w| w % 32 != 0) {
+            let block = kind.row_multiple();
+            if widths.iter().any(|w| w % block != 0) {
                 return bad(format!(
-                    "--base-weights {} needs layer inputs of whole 32-weight blocks, but this \
-                     model's widths are {widths:?}: choose bf16",
+                    "--base-weights {} needs layer inputs of whole {block}-weight blocks, but \
+                     this model's widths are {widths:?}: choose bf16",
                     weights.name()
                 ));
             }
@@ -304,7 +324,14 @@ pub fn memory_estimate(config: &TrainConfig) -> usize {
                 .map(|l| l.qkv_w.len() + l.attn_out_w.len() + l.mlp_in_w.len() + l.mlp_out_w.len())
                 .sum();
             let per_weight = config.base_weights.unwrap_or_default().bytes_per_weight();
-            let base = 4 * (params - matrices) + (per_weight * matrices as f64) as usize;
+            let mut stored = (per_weight * matrices as f64) as usize;
+            if let (true, DataSource::Finetune(spec)) = (config.base_as_stored, &config.source) {
+                // At most the file's bytes (its embeddings are counted in fp32 besides).
+                if let Ok(meta) = std::fs::metadata(&spec.base_model) {
+                    stored = stored.min(meta.len() as usize);
+                }
+            }
+            let base = 4 * (params - matrices) + stored;
             base + 4 * adapters * 4 + activations
         }
         None => 4 * params * 4 + activations,
@@ -585,8 +612,18 @@ pub fn pretrain(
 
 /// A fine-tuning run's starting point: the base model and tokenizer, with the chat tokens added
 /// (and the embeddings grown) when the base tokenizer lacks them.
-pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<String>)> {
-    let (gpt, tokenizer, _) = crate::model_source::load_model(&spec.base_model)?;
+///
+/// `base_as_stored`: a GGUF base's layer matrices stay in the file's forms, for a LoRA run (see
+/// [`TrainConfig::base_as_stored`]); such a base can take no new tokens.
+pub fn load_finetune_base(
+    spec: &FinetuneData,
+    base_as_stored: bool,
+) -> Result<(Gpt, Tokenizer, Vec<String>)> {
+    let (gpt, tokenizer, _) = if base_as_stored {
+        crate::model_source::load_gguf_as_frozen_base(&spec.base_model)?
+    } else {
+        crate::model_source::load_model(&spec.base_model)?
+    };
     if tokenizer.vocab_size() > gpt.config.vocab_size {
         return Err(TrainError::Config(format!(
             "{}: the tokenizer has {} tokens but the model's vocabulary is only {}",
@@ -598,6 +635,9 @@ pub fn load_finetune_base(spec: &FinetuneData) -> Result<(Gpt, Tokenizer, Vec<St
     let (tokenizer, added) = kiem_tokenizer::chat::for_fine_tuning(tokenizer)?;
     if added.is_empty() {
         return Ok((gpt, tokenizer, added));
+    }
+    if base_as_stored {
+        refuse_added_tokens_for_lora(&spec.base_model, &added)?;
     }
     // New ids land in the embedding's spare rows where it has them, else the embedding grows.
     let grown = gpt.grow_vocab(tokenizer.vocab_size().max(gpt.config.vocab_size))?;
@@ -642,7 +682,7 @@ pub fn finetune(
             // A LoRA run's checkpoints hold the adapters only: the base comes from where the
             // run started.
             let gpt = if config.lora.is_some() {
-                let (gpt, _, added) = load_finetune_base(spec)?;
+                let (gpt, _, added) = load_finetune_base(spec, config.base_as_stored)?;
                 refuse_added_tokens_for_lora(&spec.base_model, &added)?;
                 if gpt.config != config.model {
                     return Err(TrainError::Resume(format!(
@@ -794,6 +834,13 @@ fn run_loop(
             } else {
                 ""
             }
+        ));
+    }
+    if config.base_as_stored {
+        observer.note(&format!(
+            "the frozen base's layer matrices are kept as the file stores them ({}; {:.0} MiB)",
+            gpt.weight_forms(),
+            gpt.frozen_base_bytes() as f64 / (1u64 << 20) as f64,
         ));
     }
     if let Some(weights) = config.base_weights {

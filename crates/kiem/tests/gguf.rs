@@ -271,6 +271,54 @@ fn commands_take_gguf_files_and_agree_with_the_directory_they_came_from() {
         ],
         dir,
     ));
+    // LoRA on the file keeps its base in the file's blocks; a resumed run reads them the same
+    // way and ends bit for bit where the uninterrupted run did.
+    let lora_run = |out: &str| {
+        let mixed = fixture("llama_mixed.gguf");
+        let args = [
+            "finetune",
+            "--model",
+            &mixed,
+            "--data",
+            &chat,
+            "--out",
+            out,
+            "--steps",
+            "3",
+            "--lora-rank",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--keep-checkpoints",
+            "3",
+            "--threads",
+            "2",
+        ];
+        let output = run(&args, dir);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        ok(output);
+        stderr
+    };
+    let log = lora_run("qlora");
+    assert!(
+        log.contains("kept as the file stores them (fp32+q8_0+q4_1+q4_k+q4_0"),
+        "{log}"
+    );
+    assert_eq!(
+        common::read_json(&dir.join("qlora/run.json"))["base_as_stored"],
+        true
+    );
+    lora_run("cut");
+    std::fs::remove_dir_all(dir.join("cut/checkpoints/step_00000003")).unwrap();
+    std::fs::remove_dir_all(dir.join("cut/adapter")).unwrap();
+    ok(run(&["finetune", "--resume", "cut", "--threads", "2"], dir));
+    let adapter = |run_dir: &str| {
+        std::fs::read(dir.join(run_dir).join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    assert!(
+        adapter("qlora") == adapter("cut"),
+        "the resumed adapters differ"
+    );
     let back = GgufFile::open(&dir.join("ft.gguf")).unwrap();
     assert_eq!(
         back.get("tokenizer.chat_template"),

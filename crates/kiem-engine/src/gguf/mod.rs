@@ -8,7 +8,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use model::{load_gguf_for_decoding, load_gguf_model};
+pub use model::{load_gguf_for_decoding, load_gguf_frozen_base, load_gguf_model};
 pub use quants::GgmlType;
 pub use writer::{write_gguf, ExportType};
 

@@ -30,28 +30,6 @@ impl GgufFile {
             .and_then(|v| u32::try_from(v).ok())
     }
 
-    /// The form every layer matrix (a 2-D `blk.*` tensor) has in the file, when it is one
-    /// kiem can keep a frozen base in (BF16, Q8_0 or Q4_0) and all share it.
-    pub fn layer_matrix_weights(&self) -> Option<crate::kernels::DecodingWeights> {
-        use super::GgmlType;
-        use crate::kernels::DecodingWeights;
-        let mut kinds = self
-            .tensors
-            .iter()
-            .filter(|t| t.name.starts_with("blk.") && t.dims.len() == 2)
-            .map(|t| t.kind);
-        let first = kinds.next()?;
-        if kinds.any(|k| k != first) {
-            return None;
-        }
-        match first {
-            GgmlType::BF16 => Some(DecodingWeights::Bf16),
-            GgmlType::Q8_0 => Some(DecodingWeights::Q8_0),
-            GgmlType::Q4_0 => Some(DecodingWeights::Q4_0),
-            _ => None,
-        }
-    }
-
     /// `general.architecture`.
     pub fn architecture(&self) -> Result<&str> {
         self.get("general.architecture")
@@ -338,6 +316,33 @@ pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
 /// F32 and F16 ones, and the rest of the parameters, become fp32. The model is laid out for
 /// decoding (it only generates).
 pub fn load_gguf_for_decoding(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
+    let (mut gpt, ids, compact) = load_gguf_compact(file, true)?;
+    gpt.set_compact_matrices(compact)?;
+    Ok((gpt, ids))
+}
+
+/// Loads the network of a GGUF file as the frozen base of a LoRA run, and its special ids: the
+/// layer matrices go from the file's blocks straight into the frozen base, each in the form
+/// [`load_gguf_for_decoding`] keeps it (no fp32 copy of them at any time, so the memory held
+/// is about the file's size); embeddings, norms and the output head become fp32. The model
+/// trains adapters only (see [`Gpt::set_frozen_base`]).
+pub fn load_gguf_frozen_base(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
+    let (mut gpt, ids, compact) = load_gguf_compact(file, false)?;
+    gpt.set_frozen_base(compact)?;
+    Ok((gpt, ids))
+}
+
+/// The network of a GGUF file with its layer matrices (and, `with_embeddings`, the embedding
+/// and output head) taken from the file's blocks where a kernel reads their form: those are
+/// returned by where each product starts in the parameters, which they never occupy.
+fn load_gguf_compact(
+    file: &GgufFile,
+    with_embeddings: bool,
+) -> Result<(
+    Gpt,
+    SpecialIds,
+    std::collections::HashMap<usize, FrozenMatrix>,
+)> {
     let arch_name = file.architecture()?.to_string();
     let (config, ids) = file.model_config()?;
     check_size(file, &config)?;
@@ -354,8 +359,8 @@ pub fn load_gguf_for_decoding(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
         };
         let is_matrix = info.dims.len() == 2
             && (info.name.starts_with("blk.")
-                || info.name == "token_embd.weight"
-                || info.name == "output.weight");
+                || with_embeddings
+                    && (info.name == "token_embd.weight" || info.name == "output.weight"));
         let compact = if is_matrix {
             compact_matrix(file, info, &config, &name)
         } else {
@@ -418,8 +423,7 @@ pub fn load_gguf_for_decoding(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
             }
         }
     }
-    gpt.set_compact_matrices(compact)?;
-    Ok((gpt, ids))
+    Ok((gpt, ids, compact))
 }
 
 /// The compact form of a file matrix for decoding (rows as the model's products read them:

@@ -489,7 +489,53 @@ fn quant_dots_portable(
     }
 }
 
-/// The AVX2 form of [`matmul_thin_quant`]'s block loop.
+/// Where one tile of [`matmul_thin_quant`]'s block loop reads and writes: input rows
+/// `r0..r0 + G` against weight rows `j..j + J`, into `acc` (`width` columns from `j0`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    x: &'a QuantRows,
+    w: &'a QuantMatrix,
+    blocks: usize,
+    r0: usize,
+    width: usize,
+    j0: usize,
+}
+
+/// Weight rows the SIMD forms take in turn while every group of input rows reads them (they
+/// stay in cache between groups).
+#[cfg(target_arch = "x86_64")]
+const TILE_ROWS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_> {
+    /// Adds a tile's sums (eight lanes each, `[weight row][input row]`) to `acc`, lanes in
+    /// order.
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx")]
+    unsafe fn finish<const J: usize, const G: usize>(
+        &self,
+        acc: &mut [f32],
+        j: usize,
+        sums: &[[std::arch::x86_64::__m256; G]; J],
+    ) {
+        use std::arch::x86_64::_mm256_storeu_ps;
+        for (u, row_sums) in sums.iter().enumerate() {
+            for (g, sum) in row_sums.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
+                acc[(self.r0 + g) * self.width + j + u - self.j0] +=
+                    lanes.iter().fold(0f32, |s, &v| s + v);
+            }
+        }
+    }
+}
+
+/// The AVX2 form of [`matmul_thin_quant`]'s block loop. Tiles of several weight rows and
+/// input rows keep 3-4 sums in flight, so that one sum's fused multiply-adds (4 cycles each)
+/// do not set the pace (batch-1 decoding has one input row).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` has rows `j0..j1` of `blocks` blocks, `x` has `rows` rows of
@@ -505,65 +551,105 @@ unsafe fn quant_dots_avx2(
     j0: usize,
     j1: usize,
 ) {
-    use std::arch::x86_64::*;
-    let width = j1 - j0;
-    let c_in = blocks * QUANT_BLOCK;
-    let ones = _mm256_set1_epi16(1);
-    let low_nibbles = _mm_set1_epi8(0x0F);
-    let signed = !w.kind.has_offset();
-    let nibble_bias = _mm256_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
-    for j in j0..j1 {
-        // Up to 4 input rows share each loaded weight block.
+    for jc in (j0..j1).step_by(TILE_ROWS) {
+        let jend = (jc + TILE_ROWS).min(j1);
         for r0 in (0..rows).step_by(4) {
-            let group = (rows - r0).min(4);
-            let mut sums = [_mm256_setzero_ps(); 4];
-            for b in 0..blocks {
-                let at = j * c_in + b * QUANT_BLOCK;
-                let wq = if w.kind == QuantKind::Q8_0 {
-                    _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
-                } else {
-                    // 16 bytes of consecutive nibble pairs -> 32 bytes in order.
-                    let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
-                    let low = _mm_and_si128(packed, low_nibbles);
-                    let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-                    let first = _mm_unpacklo_epi8(low, high);
-                    let second = _mm_unpackhi_epi8(low, high);
-                    _mm256_sub_epi8(_mm256_set_m128i(second, first), nibble_bias)
-                };
-                // Signed weights: |w| · (x with w's sign) = w · x, as unsigned × signed bytes.
-                let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
-                let block = j * blocks + b;
-                let wscale = *w.scales.get_unchecked(block);
-                for (g, sum) in sums.iter_mut().enumerate().take(group) {
-                    let r = r0 + g;
-                    let xq = _mm256_loadu_si256(
-                        x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
-                    );
-                    let xs = if signed { _mm256_sign_epi8(xq, wq) } else { xq };
-                    let pairs = _mm256_maddubs_epi16(magnitude, xs);
-                    let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                    let xscale = *x.scales.get_unchecked(r * blocks + b);
-                    *sum = _mm256_fmadd_ps(lanes, _mm256_set1_ps(wscale * xscale), *sum);
-                    if !signed {
-                        let offset = *w.offsets.get_unchecked(block);
-                        let lane_sums =
-                            _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
-                        *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
-                    }
-                }
-            }
-            for (g, sum) in sums.iter().enumerate().take(group) {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
-                acc[(r0 + g) * width + j - j0] += lanes.iter().fold(0f32, |s, &v| s + v);
+            let tile = Tile {
+                x,
+                w,
+                blocks,
+                r0,
+                width: j1 - j0,
+                j0,
+            };
+            match rows - r0 {
+                1 => avx2_tiles::<4, 1>(acc, tile, jc, jend),
+                2 => avx2_tiles::<2, 2>(acc, tile, jc, jend),
+                3 => avx2_tiles::<1, 3>(acc, tile, jc, jend),
+                _ => avx2_tiles::<1, 4>(acc, tile, jc, jend),
             }
         }
     }
 }
 
+/// Weight rows `jc..jend` in tiles of `J` (then single rows) against `G` input rows.
+///
+/// # Safety
+/// As for [`quant_dots_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_tiles<const J: usize, const G: usize>(
+    acc: &mut [f32],
+    tile: Tile,
+    jc: usize,
+    jend: usize,
+) {
+    let mut j = jc;
+    while j + J <= jend {
+        avx2_tile::<J, G>(acc, tile, j);
+        j += J;
+    }
+    while j < jend {
+        avx2_tile::<1, G>(acc, tile, j);
+        j += 1;
+    }
+}
+
+/// # Safety
+/// As for [`quant_dots_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile, j: usize) {
+    use std::arch::x86_64::*;
+    let (x, w, blocks) = (tile.x, tile.w, tile.blocks);
+    let c_in = blocks * QUANT_BLOCK;
+    let ones = _mm256_set1_epi16(1);
+    let low_nibbles = _mm_set1_epi8(0x0F);
+    let signed = !w.kind.has_offset();
+    let nibble_bias = _mm256_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
+    let mut sums = [[_mm256_setzero_ps(); G]; J];
+    for b in 0..blocks {
+        for (u, row_sums) in sums.iter_mut().enumerate() {
+            let at = (j + u) * c_in + b * QUANT_BLOCK;
+            let wq = if w.kind == QuantKind::Q8_0 {
+                _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
+            } else {
+                // 16 bytes of consecutive nibble pairs -> 32 bytes in order.
+                let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
+                let low = _mm_and_si128(packed, low_nibbles);
+                let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+                let first = _mm_unpacklo_epi8(low, high);
+                let second = _mm_unpackhi_epi8(low, high);
+                _mm256_sub_epi8(_mm256_set_m128i(second, first), nibble_bias)
+            };
+            // Signed weights: |w| · (x with w's sign) = w · x, as unsigned × signed bytes.
+            let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
+            let block = (j + u) * blocks + b;
+            let wscale = *w.scales.get_unchecked(block);
+            for (g, sum) in row_sums.iter_mut().enumerate() {
+                let r = tile.r0 + g;
+                let xq = _mm256_loadu_si256(
+                    x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
+                );
+                let xs = if signed { _mm256_sign_epi8(xq, wq) } else { xq };
+                let pairs = _mm256_maddubs_epi16(magnitude, xs);
+                let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                let xscale = *x.scales.get_unchecked(r * blocks + b);
+                *sum = _mm256_fmadd_ps(lanes, _mm256_set1_ps(wscale * xscale), *sum);
+                if !signed {
+                    let offset = *w.offsets.get_unchecked(block);
+                    let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
+                    *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
+                }
+            }
+        }
+    }
+    tile.finish(acc, j, &sums);
+}
+
 /// The AVX-512 VNNI form of [`matmul_thin_quant`]'s block loop: two blocks a step, their
 /// byte dot products in one instruction, then scaled block by block in the order the other
-/// forms use (same bits).
+/// forms use (same bits); tiles keep 8 sums in flight (see [`quant_dots_avx2`]).
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL, VNNI and FMA; bounds as for [`quant_dots_avx2`].
@@ -578,111 +664,195 @@ unsafe fn quant_dots_avx512(
     j0: usize,
     j1: usize,
 ) {
+    for jc in (j0..j1).step_by(TILE_ROWS) {
+        let jend = (jc + TILE_ROWS).min(j1);
+        for r0 in (0..rows).step_by(4) {
+            let tile = Tile {
+                x,
+                w,
+                blocks,
+                r0,
+                width: j1 - j0,
+                j0,
+            };
+            match rows - r0 {
+                1 => avx512_tiles::<4, 1>(acc, tile, jc, jend),
+                2 => avx512_tiles::<4, 2>(acc, tile, jc, jend),
+                3 => avx512_tiles::<2, 3>(acc, tile, jc, jend),
+                _ => avx512_tiles::<2, 4>(acc, tile, jc, jend),
+            }
+        }
+    }
+}
+
+/// Weight rows `jc..jend` in tiles of `J` (then single rows) against `G` input rows.
+///
+/// # Safety
+/// As for [`quant_dots_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn avx512_tiles<const J: usize, const G: usize>(
+    acc: &mut [f32],
+    tile: Tile,
+    jc: usize,
+    jend: usize,
+) {
+    let mut j = jc;
+    while j + J <= jend {
+        avx512_tile::<J, G>(acc, tile, j);
+        j += J;
+    }
+    while j < jend {
+        avx512_tile::<1, G>(acc, tile, j);
+        j += 1;
+    }
+}
+
+/// Q8_0 weights are signed: each byte product is |w| times x with w's sign. The 4-bit kinds
+/// take the unsigned nibbles, their dot products started from −8·(the input's lane sums) for
+/// Q4_0 (whose weights are nibble − 8): the same integers either way, so the same bits.
+///
+/// # Safety
+/// As for [`quant_dots_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile, j: usize) {
     use std::arch::x86_64::*;
-    let width = j1 - j0;
+    let (x, w, blocks) = (tile.x, tile.w, tile.blocks);
     let c_in = blocks * QUANT_BLOCK;
-    let signed = !w.kind.has_offset();
-    let nibble_bias = _mm512_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
+    let signed = w.kind == QuantKind::Q8_0;
+    let offsets = w.kind.has_offset();
+    let centered = w.kind == QuantKind::Q4_0;
+    let eights = _mm512_set1_epi8(8);
     let low_nibble = _mm512_set1_epi16(0x000F);
     let high_nibble = _mm512_set1_epi16(0x0F00);
-    // Weight blocks `b` and `b + 1` of row `j`, 64 bytes in order.
+    // Weight blocks `b` and `b + 1` of row `j`, 64 bytes in order (4-bit kinds: nibbles).
     let load_pair = |j: usize, b: usize| -> __m512i {
         let at = j * c_in + b * QUANT_BLOCK;
-        if w.kind == QuantKind::Q8_0 {
+        if signed {
             return _mm512_loadu_si512(w.q.as_ptr().add(at) as *const _);
         }
         // Byte i holds weights 2i and 2i + 1: widen each byte to 16 bits and move its high
         // nibble to the upper byte.
         let packed = _mm256_loadu_si256(w.q.as_ptr().add(at / 2) as *const __m256i);
         let wide = _mm512_cvtepu8_epi16(packed);
-        let pairs = _mm512_or_si512(
+        _mm512_or_si512(
             _mm512_and_si512(wide, low_nibble),
             _mm512_and_si512(_mm512_slli_epi16(wide, 4), high_nibble),
-        );
-        _mm512_sub_epi8(pairs, nibble_bias)
+        )
     };
-    let scale_into = |sum: &mut __m256, lanes: __m256, r: usize, block: usize, b: usize| {
-        let xscale = *x.scales.get_unchecked(r * blocks + b);
-        *sum = _mm256_fmadd_ps(
-            lanes,
-            _mm256_set1_ps(*w.scales.get_unchecked(block) * xscale),
-            *sum,
-        );
-        if !signed {
-            let offset = *w.offsets.get_unchecked(block);
-            let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
-            *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
+    // Weight block `b` of row `j` alone, 32 bytes (the odd last block: a pair load would
+    // read past the row).
+    let load_one = |j: usize, b: usize| -> __m256i {
+        let at = j * c_in + b * QUANT_BLOCK;
+        if signed {
+            return _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i);
+        }
+        let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
+        let wide = _mm256_cvtepu8_epi16(packed);
+        _mm256_or_si256(
+            _mm256_and_si256(wide, _mm512_castsi512_si256(low_nibble)),
+            _mm256_and_si256(
+                _mm256_slli_epi16(wide, 4),
+                _mm512_castsi512_si256(high_nibble),
+            ),
+        )
+    };
+    // sum += lanes · (w scale · x scale) (+ x lane sums · (offset · x scale)).
+    let scale_into = |sum: &mut __m256, lanes: __m256, xscale: __m256, block: usize, at: usize| {
+        let scale = _mm256_mul_ps(_mm256_broadcast_ss(w.scales.get_unchecked(block)), xscale);
+        *sum = _mm256_fmadd_ps(lanes, scale, *sum);
+        if offsets {
+            let offset = _mm256_mul_ps(_mm256_broadcast_ss(w.offsets.get_unchecked(block)), xscale);
+            let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
+            *sum = _mm256_fmadd_ps(lane_sums, offset, *sum);
         }
     };
-    for j in j0..j1 {
-        for r0 in (0..rows).step_by(4) {
-            let group = (rows - r0).min(4);
-            let mut sums = [_mm256_setzero_ps(); 4];
-            let mut b = 0;
-            while b + 2 <= blocks {
-                let wq = load_pair(j, b);
-                // Signed weights: |w| times x negated where w is negative.
-                let (magnitude, negative) = if signed {
-                    (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq))
-                } else {
-                    (wq, 0)
-                };
-                for (g, sum) in sums.iter_mut().enumerate().take(group) {
-                    let r = r0 + g;
-                    let xq = _mm512_loadu_si512(
-                        x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const _
-                    );
-                    let xs = _mm512_mask_sub_epi8(xq, negative, _mm512_setzero_si512(), xq);
-                    let dots = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, xs);
-                    let lanes = _mm512_cvtepi32_ps(dots);
-                    let block = j * blocks + b;
-                    scale_into(sum, _mm512_castps512_ps256(lanes), r, block, b);
-                    let upper =
-                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
-                    scale_into(sum, upper, r, block + 1, b + 1);
-                }
-                b += 2;
+    let mut sums = [[_mm256_setzero_ps(); G]; J];
+    let mut b = 0;
+    while b + 2 <= blocks {
+        // The input rows' blocks, their scales, and where their dot products start.
+        let xq: [__m512i; G] = std::array::from_fn(|g| {
+            _mm512_loadu_si512(x.q.as_ptr().add((tile.r0 + g) * c_in + b * QUANT_BLOCK) as *const _)
+        });
+        let start: [__m512i; G] = std::array::from_fn(|g| {
+            if centered {
+                _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, xq[g]),
+                )
+            } else {
+                _mm512_setzero_si512()
             }
-            if b < blocks {
-                // The odd last block: the low half of a pair load would read past the row,
-                // so take it alone, 32 bytes.
-                let at = j * c_in + b * QUANT_BLOCK;
-                let wq = if w.kind == QuantKind::Q8_0 {
-                    _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
+        });
+        let xscales: [(__m256, __m256); G] = std::array::from_fn(|g| {
+            let at = (tile.r0 + g) * blocks + b;
+            (
+                _mm256_broadcast_ss(x.scales.get_unchecked(at)),
+                _mm256_broadcast_ss(x.scales.get_unchecked(at + 1)),
+            )
+        });
+        for (u, row_sums) in sums.iter_mut().enumerate() {
+            let wq = load_pair(j + u, b);
+            let (magnitude, negative) = if signed {
+                (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq))
+            } else {
+                (wq, 0)
+            };
+            let block = (j + u) * blocks + b;
+            for (g, sum) in row_sums.iter_mut().enumerate() {
+                let xs = if signed {
+                    _mm512_mask_sub_epi8(xq[g], negative, _mm512_setzero_si512(), xq[g])
                 } else {
-                    let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
-                    let wide = _mm256_cvtepu8_epi16(packed);
-                    let pairs = _mm256_or_si256(
-                        _mm256_and_si256(wide, _mm512_castsi512_si256(low_nibble)),
-                        _mm256_and_si256(
-                            _mm256_slli_epi16(wide, 4),
-                            _mm512_castsi512_si256(high_nibble),
+                    xq[g]
+                };
+                let dots = _mm512_dpbusd_epi32(start[g], magnitude, xs);
+                let lanes = _mm512_cvtepi32_ps(dots);
+                let at = (tile.r0 + g) * blocks + b;
+                scale_into(sum, _mm512_castps512_ps256(lanes), xscales[g].0, block, at);
+                let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
+                scale_into(sum, upper, xscales[g].1, block + 1, at + 1);
+            }
+        }
+        b += 2;
+    }
+    if b < blocks {
+        for (u, row_sums) in sums.iter_mut().enumerate() {
+            let wq = load_one(j + u, b);
+            let (magnitude, negative) = if signed {
+                (_mm256_abs_epi8(wq), _mm256_movepi8_mask(wq))
+            } else {
+                (wq, 0)
+            };
+            for (g, sum) in row_sums.iter_mut().enumerate() {
+                let at = (tile.r0 + g) * blocks + b;
+                let xq = _mm256_loadu_si256(x.q.as_ptr().add(at * QUANT_BLOCK) as *const __m256i);
+                let xs = _mm256_mask_sub_epi8(xq, negative, _mm256_setzero_si256(), xq);
+                let start = if centered {
+                    _mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(),
+                            _mm512_castsi512_si256(eights),
+                            xq,
                         ),
-                    );
-                    _mm256_sub_epi8(pairs, _mm512_castsi512_si256(nibble_bias))
-                };
-                let (magnitude, negative) = if signed {
-                    (_mm256_abs_epi8(wq), _mm256_movepi8_mask(wq))
+                    )
                 } else {
-                    (wq, 0)
+                    _mm256_setzero_si256()
                 };
-                for (g, sum) in sums.iter_mut().enumerate().take(group) {
-                    let r = r0 + g;
-                    let xq = _mm256_loadu_si256(
-                        x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
-                    );
-                    let xs = _mm256_mask_sub_epi8(xq, negative, _mm256_setzero_si256(), xq);
-                    let dots = _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, xs);
-                    scale_into(sum, _mm256_cvtepi32_ps(dots), r, j * blocks + b, b);
-                }
-            }
-            for (g, sum) in sums.iter().enumerate().take(group) {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
-                acc[(r0 + g) * width + j - j0] += lanes.iter().fold(0f32, |s, &v| s + v);
+                let dots = _mm256_dpbusd_epi32(start, magnitude, xs);
+                let xscale = _mm256_broadcast_ss(x.scales.get_unchecked(at));
+                scale_into(
+                    sum,
+                    _mm256_cvtepi32_ps(dots),
+                    xscale,
+                    (j + u) * blocks + b,
+                    at,
+                );
             }
         }
     }
+    tile.finish(acc, j, &sums);
 }
 
 #[cfg(test)]
@@ -794,7 +964,7 @@ mod tests {
                 }
                 let c_out = 19;
                 let w = QuantMatrix::quantize(kind, &values(c_in * c_out, 4), c_in, c_out).unwrap();
-                for rows in [1, 4, 6] {
+                for rows in [1, 2, 3, 4, 6, 7] {
                     let x = QuantRows::new(&values(rows * c_in, 5), kind.has_offset());
                     let blocks = c_in / QUANT_BLOCK;
                     let run = |form: &dyn Fn(&mut [f32])| {

@@ -467,7 +467,7 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
         prefill_tokens_per_second: args.prompt_tokens as f64 / prefill_seconds,
         decode,
         read_bandwidth: best_bandwidth,
-        weights: gpt.decoding_forms(),
+        weights: gpt.weight_forms(),
         bytes_per_token,
         bandwidth_bound_tokens_per_second: best_bandwidth / bytes_per_token,
         bandwidth_fraction,

@@ -144,10 +144,11 @@ pub struct FinetuneArgs {
     #[arg(long, requires = "lora_rank")]
     use_rslora: bool,
 
-    /// How the frozen base keeps its layer matrices while adapters train: fp32, bf16, q8_0 or
-    /// q4_0 (QLoRA: about 1/7 of fp32's bytes), read dequantized by every product. Embeddings,
-    /// norms and the output head stay fp32 [default: a GGUF base's own bf16/q8_0/q4_0 layer
-    /// matrices, else fp32].
+    /// How the frozen base keeps its layer matrices while adapters train: fp32, bf16, q8_0,
+    /// q4_0, q4_1 or q4_k (QLoRA: about 1/6 of fp32's bytes), read dequantized by every
+    /// product. Embeddings, norms and the output head stay fp32 [default: a GGUF base's layer
+    /// matrices as the file stores them (Q5/Q6 kinds as q8_0), read straight from its blocks;
+    /// else fp32].
     #[arg(long, value_name = "W", requires = "lora_rank")]
     base_weights: Option<DecodingWeights>,
 
@@ -237,7 +238,10 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         if let Some(lora) = &lora {
             lora.validate()?;
         }
-        let (gpt, tokenizer, added) = load_finetune_base(&spec)?;
+        // A LoRA run on a GGUF file keeps the base in the file's forms unless told otherwise.
+        let base_as_stored =
+            lora.is_some() && args.base_weights.is_none() && kiem_engine::gguf::is_gguf(model);
+        let (gpt, tokenizer, added) = load_finetune_base(&spec, base_as_stored)?;
         if lora.is_some() {
             refuse_added_tokens_for_lora(&spec.base_model, &added)?;
         }
@@ -316,16 +320,10 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             keep_checkpoints: args.keep_checkpoints,
             seed: args.seed,
             precision: args.precision.unwrap_or_default(),
-            base_weights: match args.base_weights {
-                _ if lora.is_none() => None,
-                Some(weights) => Some(weights),
-                // A quantized GGUF base stays as the file has it.
-                None if kiem_engine::gguf::is_gguf(model) => {
-                    kiem_engine::gguf::GgufFile::open(model)?.layer_matrix_weights()
-                }
-                None => None,
-            }
-            .filter(|&w| w != DecodingWeights::Fp32),
+            base_weights: args
+                .base_weights
+                .filter(|&w| lora.is_some() && w != DecodingWeights::Fp32),
+            base_as_stored,
             lora,
             pack: args.pack,
             recompute: args.recompute,

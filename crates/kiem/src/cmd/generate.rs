@@ -179,7 +179,7 @@ pub fn load_for_decoding(
         return checked(path, gpt, tokenizer, ids);
     }
     let (mut gpt, tokenizer, stop_ids) = load_checked(path, adapter)?;
-    gpt.prepare_for_decoding(weights.weights.unwrap_or_default());
+    gpt.use_compact_weights(weights.weights.unwrap_or_default());
     Ok((gpt, tokenizer, stop_ids))
 }
 

@@ -396,6 +396,7 @@ impl PretrainArgs {
             lora: None,
             pack: false,
             base_weights: None,
+            base_as_stored: false,
             recompute: self.recompute,
             zero: 0,
         })
