@@ -79,8 +79,12 @@ pub const QUANT_BLOCK: usize = 32;
 /// A matrix `W[c_out, c_in]` quantized for decoding, in a layout the thin product streams:
 /// each 32-weight block's scale (and offset) as f32, ggml's fp16 values widened once (a Q4_K
 /// sub-block's are its super-block's scale times its 6-bit scale, and minus its min, computed
-/// as ggml dequantizes), and its weights in order: Q8_0 one signed byte each, the 4-bit kinds
-/// two a byte (even index in the low nibble), Q4_0's minus 8 when read.
+/// as ggml dequantizes), and its weights: Q8_0 one signed byte each in order; the 4-bit kinds
+/// two a byte, Q4_0's minus 8 when read, each row's blocks in pairs (0 and 1, 2 and 3, ...):
+/// byte k of a pair's 32 holds weight k of the first block in its low nibble and weight k of
+/// the second in its high one (so one load and a shift give 64 weights in order; Q4_K's ggml
+/// layout); a row's odd last block alone holds weights k and k + 16 in byte k of its 16
+/// (Q4_0's ggml layout).
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     pub kind: QuantKind,
@@ -160,6 +164,10 @@ impl QuantMatrix {
             });
         if kind.has_offset() {
             self.offsets = offsets;
+        }
+        if matches!(kind, QuantKind::Q4_0 | QuantKind::Q4_1) {
+            let row_bytes = self.c_in / 2;
+            self.q.par_chunks_mut(row_bytes).for_each(pair_blocks);
         }
     }
 
@@ -280,8 +288,9 @@ impl QuantMatrix {
     }
 }
 
-/// One ggml block of `kind` (32 weights, or a Q4_K super-block of 256) into this layout:
-/// `scales` and `offsets` (one per 32 weights) and the weights `q`.
+/// One ggml block of `kind` (32 weights, or a Q4_K super-block of 256) into `scales` and
+/// `offsets` (one per 32 weights) and the weights `q` as ggml packs them (Q4_0 and Q4_1 blocks
+/// are paired per row afterwards: [`pair_blocks`]).
 fn unpack_ggml_block(
     kind: QuantKind,
     bytes: &[u8],
@@ -290,21 +299,6 @@ fn unpack_ggml_block(
     q: &mut [u8],
 ) {
     let half = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
-    // ggml packs weights j and j + 16 of a 32-weight block in byte j (a Q4_K pair of
-    // sub-blocks: j and j + 32 in byte j of 32); here 2i and 2i + 1 share byte i, so 8
-    // consecutive weights are 4 consecutive bytes.
-    let repack = |q: &mut [u8], packed: &[u8], low: usize| {
-        let nibble = |j: usize| {
-            if j < low {
-                packed[j] & 0xF
-            } else {
-                packed[j - low] >> 4
-            }
-        };
-        for (i, byte) in q.iter_mut().enumerate() {
-            *byte = nibble(2 * i) | (nibble(2 * i + 1) << 4);
-        }
-    };
     match kind {
         QuantKind::Q8_0 => {
             scales[0] = half(0);
@@ -312,12 +306,12 @@ fn unpack_ggml_block(
         }
         QuantKind::Q4_0 => {
             scales[0] = half(0);
-            repack(q, &bytes[2..18], 16);
+            q.copy_from_slice(&bytes[2..18]);
         }
         QuantKind::Q4_1 => {
             scales[0] = half(0);
             offsets[0] = half(2);
-            repack(q, &bytes[4..20], 16);
+            q.copy_from_slice(&bytes[4..20]);
         }
         QuantKind::Q4_K => {
             let (d, min) = (half(0), half(2));
@@ -326,14 +320,26 @@ fn unpack_ggml_block(
                 scales[j] = d * f32::from(sc);
                 offsets[j] = -(min * f32::from(m));
             }
-            for pair in 0..4 {
-                repack(
-                    &mut q[32 * pair..32 * (pair + 1)],
-                    &bytes[16 + 32 * pair..16 + 32 * (pair + 1)],
-                    32,
-                );
-            }
+            // Sub-blocks 2p and 2p + 1 share 32 bytes, as [`QuantMatrix`] pairs blocks.
+            q.copy_from_slice(&bytes[16..144]);
         }
+    }
+}
+
+/// A row of 4-bit blocks in ggml's layout (weights k and k + 16 of a block in its byte k) with
+/// its blocks paired as [`QuantMatrix`] keeps them; an odd last block stays as it is.
+fn pair_blocks(row: &mut [u8]) {
+    for pair in row.chunks_exact_mut(32) {
+        let (first, second) = pair.split_at(16);
+        let nibble = |block: &[u8], k: usize| {
+            if k < 16 {
+                block[k] & 0xF
+            } else {
+                block[k - 16] >> 4
+            }
+        };
+        let paired: [u8; 32] = std::array::from_fn(|k| nibble(first, k) | (nibble(second, k) << 4));
+        pair.copy_from_slice(&paired);
     }
 }
 
@@ -382,17 +388,27 @@ impl QuantRows {
 #[inline(always)]
 fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
     let start = j * w.c_in + b * QUANT_BLOCK;
-    match w.kind {
-        QuantKind::Q8_0 => std::array::from_fn(|k| w.q[start + k] as i8),
-        QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q4_K => {
-            let bias = if w.kind == QuantKind::Q4_0 { 8 } else { 0 };
-            std::array::from_fn(|k| {
-                let byte = w.q[(start + k) / 2];
-                let nibble = if k % 2 == 0 { byte & 0xF } else { byte >> 4 };
-                nibble as i8 - bias
-            })
-        }
+    if w.kind == QuantKind::Q8_0 {
+        return std::array::from_fn(|k| w.q[start + k] as i8);
     }
+    let bias = if w.kind == QuantKind::Q4_0 { 8 } else { 0 };
+    let blocks = w.c_in / QUANT_BLOCK;
+    // The block's 16 bytes (an odd last block) or its pair's 32, and which nibble it takes.
+    let (bytes, high) = if b + 1 == blocks && blocks % 2 == 1 {
+        (&w.q[start / 2..start / 2 + 16], None)
+    } else {
+        let pair = (j * w.c_in + (b & !1) * QUANT_BLOCK) / 2;
+        (&w.q[pair..pair + 32], Some(b % 2 == 1))
+    };
+    std::array::from_fn(|k| {
+        let nibble = match high {
+            Some(false) => bytes[k] & 0xF,
+            Some(true) => bytes[k] >> 4,
+            None if k < 16 => bytes[k] & 0xF,
+            None => bytes[k - 16] >> 4,
+        };
+        nibble as i8 - bias
+    })
 }
 
 /// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for few rows with a quantized `W`:
@@ -607,20 +623,31 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
     let low_nibbles = _mm_set1_epi8(0x0F);
     let signed = !w.kind.has_offset();
     let nibble_bias = _mm256_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
+    let nibble_mask = _mm256_set1_epi8(0x0F);
+    // Blocks of a row that come in pairs (see [`QuantMatrix`]).
+    let paired = blocks & !1;
     let mut sums = [[_mm256_setzero_ps(); G]; J];
     for b in 0..blocks {
         for (u, row_sums) in sums.iter_mut().enumerate() {
             let at = (j + u) * c_in + b * QUANT_BLOCK;
             let wq = if w.kind == QuantKind::Q8_0 {
                 _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
+            } else if b < paired {
+                // The pair's 32 bytes: this block's nibbles, low or high.
+                let pair = (at - (b & 1) * QUANT_BLOCK) / 2;
+                let packed = _mm256_loadu_si256(w.q.as_ptr().add(pair) as *const __m256i);
+                let shifted = if b & 1 == 1 {
+                    _mm256_srli_epi16(packed, 4)
+                } else {
+                    packed
+                };
+                _mm256_sub_epi8(_mm256_and_si256(shifted, nibble_mask), nibble_bias)
             } else {
-                // 16 bytes of consecutive nibble pairs -> 32 bytes in order.
+                // An odd last block: weights k and k + 16 in byte k.
                 let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
                 let low = _mm_and_si128(packed, low_nibbles);
                 let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-                let first = _mm_unpacklo_epi8(low, high);
-                let second = _mm_unpackhi_epi8(low, high);
-                _mm256_sub_epi8(_mm256_set_m128i(second, first), nibble_bias)
+                _mm256_sub_epi8(_mm256_set_m128i(high, low), nibble_bias)
             };
             // Signed weights: |w| · (x with w's sign) = w · x, as unsigned × signed bytes.
             let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
@@ -708,9 +735,10 @@ unsafe fn avx512_tiles<const J: usize, const G: usize>(
     }
 }
 
-/// Q8_0 weights are signed: each byte product is |w| times x with w's sign. The 4-bit kinds
-/// take the unsigned nibbles, their dot products started from −8·(the input's lane sums) for
-/// Q4_0 (whose weights are nibble − 8): the same integers either way, so the same bits.
+/// Q8_0 weights are signed: the byte products are (x + 128)·w, started from −128·(the
+/// weights' lane sums); the 4-bit kinds take the unsigned nibbles, their dot products started
+/// from −8·(the input's lane sums) for Q4_0 (whose weights are nibble − 8): the same integers
+/// as the portable form's, so the same bits.
 ///
 /// # Safety
 /// As for [`quant_dots_avx512`].
@@ -724,22 +752,27 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
     let offsets = w.kind.has_offset();
     let centered = w.kind == QuantKind::Q4_0;
     let eights = _mm512_set1_epi8(8);
-    let low_nibble = _mm512_set1_epi16(0x000F);
-    let high_nibble = _mm512_set1_epi16(0x0F00);
+    let flip = _mm512_set1_epi8(-128);
+    let nibble_mask = _mm512_set1_epi8(0x0F);
+    // Shift counts of 16-bit lanes: 0 for the low half, 4 for the high one (of 64 and of 32
+    // bytes).
+    let pair_shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    let one_shifts = _mm512_castsi256_si512(_mm256_inserti128_si256(
+        _mm256_setzero_si256(),
+        _mm_set1_epi16(4),
+        1,
+    ));
     // Weight blocks `b` and `b + 1` of row `j`, 64 bytes in order (4-bit kinds: nibbles).
     let load_pair = |j: usize, b: usize| -> __m512i {
         let at = j * c_in + b * QUANT_BLOCK;
         if signed {
             return _mm512_loadu_si512(w.q.as_ptr().add(at) as *const _);
         }
-        // Byte i holds weights 2i and 2i + 1: widen each byte to 16 bits and move its high
-        // nibble to the upper byte.
-        let packed = _mm256_loadu_si256(w.q.as_ptr().add(at / 2) as *const __m256i);
-        let wide = _mm512_cvtepu8_epi16(packed);
-        _mm512_or_si512(
-            _mm512_and_si512(wide, low_nibble),
-            _mm512_and_si512(_mm512_slli_epi16(wide, 4), high_nibble),
-        )
+        // The pair's 32 bytes in both halves: low nibbles (block b), high ones (block b + 1).
+        let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+            w.q.as_ptr().add(at / 2) as *const __m256i
+        ));
+        _mm512_and_si512(_mm512_srlv_epi16(packed, pair_shifts), nibble_mask)
     };
     // Weight block `b` of row `j` alone, 32 bytes (the odd last block: a pair load would
     // read past the row).
@@ -748,14 +781,13 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
         if signed {
             return _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i);
         }
-        let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
-        let wide = _mm256_cvtepu8_epi16(packed);
-        _mm256_or_si256(
-            _mm256_and_si256(wide, _mm512_castsi512_si256(low_nibble)),
-            _mm256_and_si256(
-                _mm256_slli_epi16(wide, 4),
-                _mm512_castsi512_si256(high_nibble),
-            ),
+        // Weights k and k + 16 in byte k: the 16 bytes in both halves, shifted as a pair's.
+        let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+            w.q.as_ptr().add(at / 2) as *const __m128i
+        ));
+        _mm256_and_si256(
+            _mm256_srlv_epi16(packed, _mm512_castsi512_si256(one_shifts)),
+            _mm512_castsi512_si256(nibble_mask),
         )
     };
     // sum += lanes · (w scale · x scale) (+ x lane sums · (offset · x scale)).
@@ -785,6 +817,8 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
                 _mm512_setzero_si512()
             }
         });
+        // Signed weights: the inputs plus 128 as unsigned bytes (x xor 0x80).
+        let x_up: [__m512i; G] = std::array::from_fn(|g| _mm512_xor_si512(xq[g], flip));
         let xscales: [(__m256, __m256); G] = std::array::from_fn(|g| {
             let at = (tile.r0 + g) * blocks + b;
             (
@@ -794,19 +828,22 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
         });
         for (u, row_sums) in sums.iter_mut().enumerate() {
             let wq = load_pair(j + u, b);
-            let (magnitude, negative) = if signed {
-                (_mm512_abs_epi8(wq), _mm512_movepi8_mask(wq))
+            // Signed weights: (x + 128)·w started from −128·(the weights' lane sums).
+            let w_start = if signed {
+                _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, wq),
+                )
             } else {
-                (wq, 0)
+                _mm512_setzero_si512()
             };
             let block = (j + u) * blocks + b;
             for (g, sum) in row_sums.iter_mut().enumerate() {
-                let xs = if signed {
-                    _mm512_mask_sub_epi8(xq[g], negative, _mm512_setzero_si512(), xq[g])
+                let dots = if signed {
+                    _mm512_dpbusd_epi32(w_start, x_up[g], wq)
                 } else {
-                    xq[g]
+                    _mm512_dpbusd_epi32(start[g], wq, xq[g])
                 };
-                let dots = _mm512_dpbusd_epi32(start[g], magnitude, xs);
                 let lanes = _mm512_cvtepi32_ps(dots);
                 let at = (tile.r0 + g) * blocks + b;
                 scale_into(sum, _mm512_castps512_ps256(lanes), xscales[g].0, block, at);
