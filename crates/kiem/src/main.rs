@@ -1,5 +1,6 @@
 //! `kiem`: from raw text to a chatting, served GPT.
 
+mod allocator;
 mod cmd;
 mod config;
 mod progress;
@@ -9,9 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-// Tokenization allocates many small buffers on many threads; glibc's allocator serializes them.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 #[derive(Parser, Debug)]
 #[command(
