@@ -178,6 +178,21 @@ pub(super) fn by_column_blocks(
         .map(|k| 16 * k)
         .find(|&w| c_out.div_ceil(w).is_multiple_of(threads))
         .unwrap_or(target);
+    if rows == 1 {
+        // One row (batch-1 decoding): each block's columns are a slice of `out` itself.
+        out[..c_out]
+            .par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(b, acc)| {
+                let j0 = b * width;
+                match bias {
+                    Some(bias) => acc.copy_from_slice(&bias[j0..j0 + acc.len()]),
+                    None => acc.fill(0.0),
+                }
+                block(acc, j0, j0 + acc.len());
+            });
+        return;
+    }
     let blocks: Vec<(usize, Vec<f32>)> = (0..c_out.div_ceil(width))
         .into_par_iter()
         .map(|b| {
