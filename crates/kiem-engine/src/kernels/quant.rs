@@ -567,6 +567,40 @@ unsafe fn quant_dots_avx2(
     j0: usize,
     j1: usize,
 ) {
+    let tiles = |group: usize| -> (usize, TileForm, TileForm) {
+        match group {
+            1 => (4, avx2_tile::<4, 1>, avx2_tile::<1, 1>),
+            2 => (2, avx2_tile::<2, 2>, avx2_tile::<1, 2>),
+            3 => (1, avx2_tile::<1, 3>, avx2_tile::<1, 3>),
+            _ => (1, avx2_tile::<1, 4>, avx2_tile::<1, 4>),
+        }
+    };
+    by_tiles(acc, x, w, rows, blocks, j0, j1, tiles);
+}
+
+/// One SIMD level's tile of the block loop: weight rows `j..j + J` (the form's own `J`)
+/// against the tile's input rows.
+#[cfg(target_arch = "x86_64")]
+type TileForm = unsafe fn(&mut [f32], Tile, usize);
+
+/// [`matmul_thin_quant`]'s block loop as tiles: weight rows in chunks of [`TILE_ROWS`], each
+/// read by every group of up to 4 input rows in turn; `tiles(group)` gives the tile width for
+/// that group, its form, and the one-row form for the chunk's remainder.
+///
+/// # Safety
+/// The CPU has the forms' features; bounds as for [`quant_dots_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn by_tiles(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    blocks: usize,
+    j0: usize,
+    j1: usize,
+    tiles: impl Fn(usize) -> (usize, TileForm, TileForm),
+) {
     for jc in (j0..j1).step_by(TILE_ROWS) {
         let jend = (jc + TILE_ROWS).min(j1);
         for r0 in (0..rows).step_by(4) {
@@ -578,36 +612,19 @@ unsafe fn quant_dots_avx2(
                 width: j1 - j0,
                 j0,
             };
-            match rows - r0 {
-                1 => avx2_tiles::<4, 1>(acc, tile, jc, jend),
-                2 => avx2_tiles::<2, 2>(acc, tile, jc, jend),
-                3 => avx2_tiles::<1, 3>(acc, tile, jc, jend),
-                _ => avx2_tiles::<1, 4>(acc, tile, jc, jend),
+            let (width, many, one) = tiles((rows - r0).min(4));
+            let mut j = jc;
+            while j + width <= jend {
+                // SAFETY: the caller's contract.
+                unsafe { many(acc, tile, j) };
+                j += width;
+            }
+            while j < jend {
+                // SAFETY: as above.
+                unsafe { one(acc, tile, j) };
+                j += 1;
             }
         }
-    }
-}
-
-/// Weight rows `jc..jend` in tiles of `J` (then single rows) against `G` input rows.
-///
-/// # Safety
-/// As for [`quant_dots_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tiles<const J: usize, const G: usize>(
-    acc: &mut [f32],
-    tile: Tile,
-    jc: usize,
-    jend: usize,
-) {
-    let mut j = jc;
-    while j + J <= jend {
-        avx2_tile::<J, G>(acc, tile, j);
-        j += J;
-    }
-    while j < jend {
-        avx2_tile::<1, G>(acc, tile, j);
-        j += 1;
     }
 }
 
@@ -691,48 +708,15 @@ unsafe fn quant_dots_avx512(
     j0: usize,
     j1: usize,
 ) {
-    for jc in (j0..j1).step_by(TILE_ROWS) {
-        let jend = (jc + TILE_ROWS).min(j1);
-        for r0 in (0..rows).step_by(4) {
-            let tile = Tile {
-                x,
-                w,
-                blocks,
-                r0,
-                width: j1 - j0,
-                j0,
-            };
-            match rows - r0 {
-                1 => avx512_tiles::<4, 1>(acc, tile, jc, jend),
-                2 => avx512_tiles::<4, 2>(acc, tile, jc, jend),
-                3 => avx512_tiles::<2, 3>(acc, tile, jc, jend),
-                _ => avx512_tiles::<2, 4>(acc, tile, jc, jend),
-            }
+    let tiles = |group: usize| -> (usize, TileForm, TileForm) {
+        match group {
+            1 => (4, avx512_tile::<4, 1>, avx512_tile::<1, 1>),
+            2 => (4, avx512_tile::<4, 2>, avx512_tile::<1, 2>),
+            3 => (2, avx512_tile::<2, 3>, avx512_tile::<1, 3>),
+            _ => (2, avx512_tile::<2, 4>, avx512_tile::<1, 4>),
         }
-    }
-}
-
-/// Weight rows `jc..jend` in tiles of `J` (then single rows) against `G` input rows.
-///
-/// # Safety
-/// As for [`quant_dots_avx512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn avx512_tiles<const J: usize, const G: usize>(
-    acc: &mut [f32],
-    tile: Tile,
-    jc: usize,
-    jend: usize,
-) {
-    let mut j = jc;
-    while j + J <= jend {
-        avx512_tile::<J, G>(acc, tile, j);
-        j += J;
-    }
-    while j < jend {
-        avx512_tile::<1, G>(acc, tile, j);
-        j += 1;
-    }
+    };
+    by_tiles(acc, x, w, rows, blocks, j0, j1, tiles);
 }
 
 /// Q8_0 weights are signed: the byte products are (x + 128)·w, started from −128·(the
