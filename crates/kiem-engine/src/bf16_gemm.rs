@@ -130,8 +130,8 @@ fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
 }
 
 thread_local! {
-    /// bf16 copies of the two operands, reused across calls.
-    static ROUNDED: std::cell::RefCell<(Vec<u16>, Vec<u16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The bf16 copy of A read in place by the tiles, reused across calls.
+    static ROUNDED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with bf16-rounded operands and fp32 sums; `dst` is
@@ -205,20 +205,14 @@ pub fn gemm_with(
     let (lhs_len, rhs_len) = (extent(m, k, lhs_strides), extent(k, n, rhs_strides));
     assert!(lhs.len() >= lhs_len, "bf16 gemm: lhs too small");
     assert!(rhs.len() >= rhs_len, "bf16 gemm: rhs too small");
-    // Round each operand once (one vectorized pass), then pack from the bf16 copies. A call
-    // nested in another on this thread (rayon may run one while the other waits) allocates.
-    ROUNDED.with(|cell| {
-        let mut fresh = (Vec::new(), Vec::new());
-        let mut reused = cell.try_borrow_mut();
-        let (a16, b16) = match reused.as_deref_mut() {
-            Ok(buffers) => buffers,
-            Err(_) => &mut fresh,
-        };
-        a16.resize(lhs_len, 0);
-        b16.resize(rhs_len, 0);
-        convert(backend, &lhs[..lhs_len], a16);
-        convert(backend, &rhs[..rhs_len], b16);
-        gemm_rounded(
+    // With A's rows contiguous and k even, each k pair of a row is one word of a bf16 copy of
+    // A, so the tiles read that copy in place (one vectorized rounding pass): packing A would
+    // cost as much as a fifth of the product when n is small. Every other operand is rounded
+    // while it is packed, straight from fp32. A call nested in another on this thread (rayon
+    // may run one while the other waits) allocates its own copy.
+    let a_in_place = lhs_strides.1 == 1 && k.is_multiple_of(2);
+    if !a_in_place {
+        return gemm_packed(
             backend,
             m,
             n,
@@ -226,16 +220,45 @@ pub fn gemm_with(
             dst,
             ldc,
             accumulate,
-            a16,
-            lhs_strides,
-            b16,
+            Lhs::Packed(lhs, lhs_strides),
+            rhs,
+            rhs_strides,
+        );
+    }
+    ROUNDED_A.with(|cell| {
+        let mut fresh = Vec::new();
+        let mut reused = cell.try_borrow_mut();
+        let a16 = match reused.as_deref_mut() {
+            Ok(buffer) => buffer,
+            Err(_) => &mut fresh,
+        };
+        a16.resize(lhs_len, 0);
+        convert(backend, &lhs[..lhs_len], a16);
+        gemm_packed(
+            backend,
+            m,
+            n,
+            k,
+            dst,
+            ldc,
+            accumulate,
+            Lhs::InPlace(a16, lhs_strides.0),
+            rhs,
             rhs_strides,
         );
     });
 }
 
+/// How the tiles get A.
+enum Lhs<'a> {
+    /// fp32 with (row stride, column stride), rounded into packed panels per k block.
+    Packed(&'a [f32], (usize, usize)),
+    /// A bf16 copy with contiguous rows (the given row stride) and even k, read in place.
+    InPlace(&'a [u16], usize),
+}
+
 #[allow(clippy::too_many_arguments)]
-fn gemm_rounded(
+fn gemm_packed(
     backend: Backend,
     m: usize,
     n: usize,
@@ -243,34 +266,37 @@ fn gemm_rounded(
     dst: &mut [f32],
     ldc: usize,
     accumulate: bool,
-    lhs: &[u16],
-    lhs_strides: (usize, usize),
-    rhs: &[u16],
+    lhs: Lhs,
+    rhs: &[f32],
     rhs_strides: (usize, usize),
 ) {
     let dst_ptr = SyncPtr(dst.as_mut_ptr());
     let panels_a = m.div_ceil(MR);
-    // With A's rows contiguous and k even, each k pair of a row already is one word in the bf16
-    // copy, so the tiles read A in place: packing it would cost as much as a fifth of the
-    // product when n is small.
-    let a_in_place = lhs_strides.1 == 1 && k.is_multiple_of(2);
-    let mut a_pack = if a_in_place {
-        Vec::new()
-    } else {
-        vec![0u32; panels_a * MR * KC_PAIRS]
+    let mut a_pack = match lhs {
+        Lhs::InPlace(..) => Vec::new(),
+        Lhs::Packed(..) => vec![0u32; panels_a * MR * KC_PAIRS],
     };
     let mut b_pack = vec![0u32; KC_PAIRS * NC];
     for pc in (0..k).step_by(2 * KC_PAIRS) {
         let kc = (k - pc).min(2 * KC_PAIRS);
         let pairs = kc.div_ceil(2);
         // All of A's rows for this k block, packed once and shared by every column block.
-        if !a_in_place {
+        if let Lhs::Packed(lhs, lhs_strides) = lhs {
             a_pack[..panels_a * MR * pairs]
                 .par_chunks_mut(MR * pairs)
                 .enumerate()
                 .for_each(|(i, panel)| {
                     let i0 = i * MR;
-                    pack_a(panel, lhs, lhs_strides, i0, (m - i0).min(MR), pc, kc);
+                    pack_a(
+                        backend,
+                        panel,
+                        lhs,
+                        lhs_strides,
+                        i0,
+                        (m - i0).min(MR),
+                        pc,
+                        kc,
+                    );
                 });
         }
         let overwrite = pc == 0 && !accumulate;
@@ -282,7 +308,16 @@ fn gemm_rounded(
                 .enumerate()
                 .for_each(|(p, panel)| {
                     let j0 = jc + p * NR;
-                    pack_b(panel, rhs, rhs_strides, pc, kc, j0, (jc + nc - j0).min(NR));
+                    pack_b(
+                        backend,
+                        panel,
+                        rhs,
+                        rhs_strides,
+                        pc,
+                        kc,
+                        j0,
+                        (jc + nc - j0).min(NR),
+                    );
                 });
             let (a_pack, b_pack) = (&a_pack, &b_pack);
             (0..m.div_ceil(MC)).into_par_iter().for_each(|block| {
@@ -290,13 +325,16 @@ fn gemm_rounded(
                     let mr = (m - i0).min(MR);
                     // Where each of the tile's rows of A starts (rows past m repeat the last
                     // one: read, never stored), and the step from one k pair to the next.
-                    let (a_rows, pair_step) = if a_in_place {
-                        let row =
-                            |r: usize| lhs[(i0 + r.min(mr - 1)) * lhs_strides.0 + pc..].as_ptr();
-                        (std::array::from_fn::<_, MR, _>(row), 2)
-                    } else {
-                        let panel = a_pack[i0 * pairs..].as_ptr() as *const u16;
-                        (std::array::from_fn(|r| panel.wrapping_add(2 * r)), 2 * MR)
+                    let (a_rows, pair_step) = match lhs {
+                        Lhs::InPlace(a16, row_stride) => {
+                            let row =
+                                |r: usize| a16[(i0 + r.min(mr - 1)) * row_stride + pc..].as_ptr();
+                            (std::array::from_fn::<_, MR, _>(row), 2)
+                        }
+                        Lhs::Packed(..) => {
+                            let panel = a_pack[i0 * pairs..].as_ptr() as *const u16;
+                            (std::array::from_fn(|r| panel.wrapping_add(2 * r)), 2 * MR)
+                        }
                     };
                     for p in 0..panels {
                         let j0 = jc + p * NR;
@@ -330,11 +368,14 @@ fn gemm_rounded(
     }
 }
 
-/// Packs rows `i0..i0 + mr` and k `p0..p0 + kc` of A as `[pair][MR]` words (zero beyond):
-/// each word holds two consecutive k, the lower in the low half, as `vdpbf16ps` pairs them.
+/// Packs rows `i0..i0 + mr` and k `p0..p0 + kc` of fp32 A, rounded to bf16, as `[pair][MR]`
+/// words (zero beyond): each word holds two consecutive k, the lower in the low half, as
+/// `vdpbf16ps` pairs them.
+#[allow(clippy::too_many_arguments)]
 fn pack_a(
+    backend: Backend,
     dst: &mut [u32],
-    a: &[u16],
+    a: &[f32],
     (rs, cs): (usize, usize),
     i0: usize,
     mr: usize,
@@ -343,46 +384,71 @@ fn pack_a(
 ) {
     let pairs = kc.div_ceil(2);
     let dst = &mut dst[..pairs * MR];
-    dst.fill(0);
-    let at = |i: usize, p: usize| u32::from(a[(i0 + i) * rs + (p0 + p) * cs]);
-    if cs == 1 {
-        // Rows of A are contiguous: read along each row.
-        for r in 0..mr {
-            let row = &a[(i0 + r) * rs + p0..(i0 + r) * rs + p0 + kc];
-            for (q, two) in row.chunks_exact(2).enumerate() {
-                dst[q * MR + r] = u32::from(two[0]) | (u32::from(two[1]) << 16);
-            }
-        }
-    } else if rs == 1 && mr == MR && i0 + 8 <= a.len() - (p0 + kc - 1) * cs {
-        // Columns of A are contiguous (a transposed operand), and 8 values from row i0 on lie
-        // inside A for every k: interleave two k rows eight values at a time, keep six.
-        for q in 0..kc / 2 {
-            let lo = &a[(p0 + 2 * q) * cs + i0..][..8];
-            let hi = &a[(p0 + 2 * q + 1) * cs + i0..][..8];
-            let out = &mut dst[q * MR..(q + 1) * MR];
-            for (r, o) in out.iter_mut().enumerate() {
-                *o = u32::from(lo[r]) | (u32::from(hi[r]) << 16);
-            }
-        }
-    } else {
-        // Columns of A are contiguous (a transposed operand): read across the rows.
+    let at = |i: usize, p: usize| u32::from(to_bf16(a[(i0 + i) * rs + (p0 + p) * cs]));
+    let mut packed = false;
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Native && rs == 1 {
+        // Columns of A are contiguous (a transposed operand, as in weight gradients).
+        // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (and so AVX-512
+        // BW and VL); rows i0..i0 + mr and k p0..p0 + kc of A lie inside `a` (asserted by
+        // `gemm_with`), and `dst` holds `kc / 2 · MR` words.
+        unsafe { pack_a_columns_avx512(dst, &a[p0 * cs + i0..], cs, mr, kc) };
+        packed = true;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = backend;
+    if !packed {
         for q in 0..kc / 2 {
             for r in 0..mr {
                 dst[q * MR + r] = at(r, 2 * q) | (at(r, 2 * q + 1) << 16);
             }
+            dst[q * MR + mr..(q + 1) * MR].fill(0);
         }
     }
     if kc % 2 == 1 {
-        for r in 0..mr {
-            dst[(pairs - 1) * MR + r] = at(r, kc - 1);
+        let last = &mut dst[(pairs - 1) * MR..];
+        last.fill(0);
+        for (r, word) in last.iter_mut().enumerate().take(mr) {
+            *word = at(r, kc - 1);
         }
     }
 }
 
-/// Packs k `p0..p0 + kc` and columns `j0..j0 + nr` of B as `[pair][NR]` words (zero beyond).
+/// The pairs of [`pack_a`] for A whose columns are contiguous: `a` starts at row 0, k 0 of the
+/// block and k advances by `cs`.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and AVX512-BF16; `a` holds `mr` values from each k start
+/// `p · cs` (p < kc); `dst` holds `kc / 2 · MR` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pack_a_columns_avx512(dst: &mut [u32], a: &[f32], cs: usize, mr: usize, kc: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(mr <= MR && MR <= 8);
+    // Word r of a pair: (k even, row r) low, (k odd, row r) high.
+    let interleave = _mm256_setr_epi16(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    // Masked loads read only the tile's rows (never past the end of A).
+    let rows = ((1u32 << mr) - 1) as __mmask8;
+    for q in 0..kc / 2 {
+        let even = _mm256_maskz_loadu_ps(rows, a.as_ptr().add(2 * q * cs));
+        let odd = _mm256_maskz_loadu_ps(rows, a.as_ptr().add((2 * q + 1) * cs));
+        let halves = std::mem::transmute::<__m256bh, __m256i>(_mm256_cvtne2ps_pbh(odd, even));
+        let words = _mm256_permutexvar_epi16(interleave, halves);
+        _mm256_mask_storeu_epi32(
+            dst.as_mut_ptr().add(q * MR) as *mut i32,
+            ((1u32 << MR) - 1) as __mmask8,
+            words,
+        );
+    }
+}
+
+/// Packs k `p0..p0 + kc` and columns `j0..j0 + nr` of fp32 B, rounded to bf16, as
+/// `[pair][NR]` words (zero beyond).
+#[allow(clippy::too_many_arguments)]
 fn pack_b(
+    backend: Backend,
     dst: &mut [u32],
-    b: &[u16],
+    b: &[f32],
     (rs, cs): (usize, usize),
     p0: usize,
     kc: usize,
@@ -393,25 +459,25 @@ fn pack_b(
     if nr < NR {
         dst.fill(0);
     }
-    let at = |p: usize, j: usize| u32::from(b[(p0 + p) * rs + (j0 + j) * cs]);
-    if cs == 1 {
-        // Rows of B are contiguous: interleave two rows.
-        for q in 0..kc / 2 {
-            let r0 = &b[(p0 + 2 * q) * rs + j0..(p0 + 2 * q) * rs + j0 + nr];
-            let r1 = &b[(p0 + 2 * q + 1) * rs + j0..(p0 + 2 * q + 1) * rs + j0 + nr];
-            for ((o, &lo), &hi) in dst[q * NR..q * NR + nr].iter_mut().zip(r0).zip(r1) {
-                *o = u32::from(lo) | (u32::from(hi) << 16);
+    let at = |p: usize, j: usize| u32::from(to_bf16(b[(p0 + p) * rs + (j0 + j) * cs]));
+    let mut packed = false;
+    #[cfg(target_arch = "x86_64")]
+    if backend == Backend::Native && (cs == 1 || rs == 1) {
+        // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (and so AVX-512
+        // BW and VL); k p0..p0 + kc and columns j0..j0 + nr of B lie inside `b` (asserted by
+        // `gemm_with`), and `dst` holds `pairs · NR` words.
+        unsafe {
+            if cs == 1 {
+                pack_b_rows_avx512(dst, &b[p0 * rs + j0..], rs, kc, nr);
+            } else {
+                pack_b_columns_avx512(dst, &b[p0 + j0 * cs..], cs, kc, nr);
             }
         }
-    } else if rs == 1 {
-        // Columns of B are contiguous (a transposed operand): read down each column.
-        for j in 0..nr {
-            let col = &b[p0 * rs + (j0 + j) * cs..p0 * rs + (j0 + j) * cs + kc];
-            for (q, two) in col.chunks_exact(2).enumerate() {
-                dst[q * NR + j] = u32::from(two[0]) | (u32::from(two[1]) << 16);
-            }
-        }
-    } else {
+        packed = true;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = backend;
+    if !packed {
         for q in 0..kc / 2 {
             for j in 0..nr {
                 dst[q * NR + j] = at(2 * q, j) | (at(2 * q + 1, j) << 16);
@@ -421,6 +487,74 @@ fn pack_b(
     if kc % 2 == 1 {
         for j in 0..nr {
             dst[(pairs - 1) * NR + j] = at(kc - 1, j);
+        }
+    }
+}
+
+/// The pairs of [`pack_b`] for B whose rows are contiguous (`b` starts at k 0, column 0 of the
+/// block; row stride `rs`): two rows rounded and interleaved 16 columns at a time.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW and AVX512-BF16; `b` holds `nr` values from each row start
+/// `p · rs` (p < kc); `dst` holds `kc / 2 · NR` words, `nr <= NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_b_rows_avx512(dst: &mut [u32], b: &[f32], rs: usize, kc: usize, nr: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(nr <= NR && dst.len() >= kc / 2 * NR);
+    // Word j: (k even, column j) low, (k odd, column j) high.
+    let interleave = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    for q in 0..kc / 2 {
+        let (even, odd) = (b.as_ptr().add(2 * q * rs), b.as_ptr().add((2 * q + 1) * rs));
+        let out = dst.as_mut_ptr().add(q * NR);
+        for j in (0..nr).step_by(16) {
+            // Masked loads read only the block's columns; the words past nr store as zero.
+            let cols = ((1u32 << (nr - j).min(16)) - 1) as __mmask16;
+            let lo = _mm512_maskz_loadu_ps(cols, even.add(j));
+            let hi = _mm512_maskz_loadu_ps(cols, odd.add(j));
+            let halves = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(
+                out.add(j) as *mut _,
+                _mm512_permutexvar_epi16(interleave, halves),
+            );
+        }
+    }
+}
+
+/// The pairs of [`pack_b`] for B whose columns are contiguous (a transposed operand, as in
+/// input gradients; `b` starts at k 0, column 0 of the block, column stride `cs`): each column
+/// rounded 32 values of k at a time, its 16 words then placed down the panel.
+///
+/// # Safety
+/// The CPU has AVX-512F and AVX512-BF16; `b` holds `kc` values from each column start
+/// `j · cs` (j < nr); `dst` holds `kc / 2 · NR` words, `nr <= NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pack_b_columns_avx512(dst: &mut [u32], b: &[f32], cs: usize, kc: usize, nr: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(nr <= NR && dst.len() >= kc / 2 * NR);
+    let full_pairs = kc / 2;
+    let mut words = [0u32; 16];
+    for j in 0..nr {
+        let col = b.as_ptr().add(j * cs);
+        for q in (0..full_pairs).step_by(16) {
+            let values = 2 * (full_pairs - q).min(16);
+            let mask =
+                |from: usize| ((1u64 << values.saturating_sub(from).min(16)) - 1) as __mmask16;
+            // Masked loads never touch values past the pairs (a mask of 0 reads nothing).
+            let first = _mm512_maskz_loadu_ps(mask(0), col.add(2 * q));
+            let second = _mm512_maskz_loadu_ps(mask(16), col.wrapping_add(2 * q + 16));
+            let rounded = _mm512_cvtne2ps_pbh(second, first);
+            _mm512_storeu_si512(
+                words.as_mut_ptr() as *mut _,
+                std::mem::transmute::<__m512bh, __m512i>(rounded),
+            );
+            for (t, &word) in words.iter().enumerate().take(values / 2) {
+                *dst.get_unchecked_mut((q + t) * NR + j) = word;
+            }
         }
     }
 }
@@ -733,50 +867,55 @@ mod tests {
     }
 
     /// The emulation is the instruction's arithmetic, bit for bit, on ordinary values and on
-    /// the edges (subnormal inputs and sums, cancellation, huge values).
+    /// the edges (subnormal inputs and sums, cancellation, huge values, NaN), for every
+    /// operand layout (each rounded and packed by its own vector code) and odd and even k.
     #[test]
     fn the_emulation_matches_the_instructions_bit_for_bit() {
         if !native() {
             eprintln!("skipped: this CPU has no AVX512-BF16 to compare the emulation with");
             return;
         }
-        let (m, n, k) = (13, 70, 101);
-        let mut lhs = values(m * k, 11);
-        let mut rhs = values(k * n, 12);
-        for (i, x) in lhs.iter_mut().enumerate().step_by(7) {
-            *x = [1e-39, -3e38, 1e30, 2e-38, 0.0][i % 5];
-        }
-        for (i, x) in rhs.iter_mut().enumerate().step_by(5) {
-            *x = [1e-38, 3e38, -1e-30, 1.5e-38][i % 4];
-        }
-        for accumulate in [false, true] {
-            let start: Vec<f32> = values(m * n, 3).iter().map(|v| v * 1e-38).collect();
-            let mut native_out = start.clone();
-            let mut emulated_out = start.clone();
-            for (backend, out) in [
-                (Backend::Native, &mut native_out),
-                (Backend::Emulated, &mut emulated_out),
-            ] {
-                gemm_with(
-                    backend,
-                    m,
-                    n,
-                    k,
-                    out,
-                    n,
-                    accumulate,
-                    &lhs,
-                    (k, 1),
-                    &rhs,
-                    (n, 1),
+        for (m, n, k, lhs_t, rhs_t, accumulate) in [(13, 70, 101), (13, 70, 100), (7, 17, 67)]
+            .into_iter()
+            .flat_map(|(m, n, k)| {
+                [false, true].into_iter().flat_map(move |lt| {
+                    [false, true].into_iter().flat_map(move |rt| {
+                        [false, true]
+                            .into_iter()
+                            .map(move |acc| (m, n, k, lt, rt, acc))
+                    })
+                })
+            })
+        {
+            let mut lhs = values(m * k, 11);
+            let mut rhs = values(k * n, 12);
+            for (i, x) in lhs.iter_mut().enumerate().step_by(7) {
+                *x = [1e-39, -3e38, 1e30, 2e-38, 0.0, 1.0 + 1.0 / 256.0][i % 6];
+            }
+            for (i, x) in rhs.iter_mut().enumerate().step_by(5) {
+                *x = [1e-38, 3e38, -1e-30, 1.5e-38, f32::NAN][i % 5];
+            }
+            let (ls, rs) = (
+                if lhs_t { (1, m) } else { (k, 1) },
+                if rhs_t { (1, k) } else { (n, 1) },
+            );
+            {
+                let start: Vec<f32> = values(m * n, 3).iter().map(|v| v * 1e-38).collect();
+                let mut native_out = start.clone();
+                let mut emulated_out = start.clone();
+                for (backend, out) in [
+                    (Backend::Native, &mut native_out),
+                    (Backend::Emulated, &mut emulated_out),
+                ] {
+                    gemm_with(backend, m, n, k, out, n, accumulate, &lhs, ls, &rhs, rs);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&native_out),
+                    bits(&emulated_out),
+                    "m {m} n {n} k {k} lhsᵀ {lhs_t} rhsᵀ {rhs_t} accumulate {accumulate}"
                 );
             }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&native_out),
-                bits(&emulated_out),
-                "accumulate {accumulate}"
-            );
         }
     }
 }

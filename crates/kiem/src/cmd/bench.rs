@@ -27,7 +27,8 @@ pub enum BenchCommand {
     Generate(GenerateBenchArgs),
     /// fp32 matrix products of one transformer layer's training step (forward, input
     /// gradient, weight gradient of the qkv, attention-output, MLP-in and MLP-out matrices) on
-    /// every path this machine has: kiem's kernel at each SIMD level, and OpenBLAS if installed.
+    /// every path this machine has: kiem's kernel at each SIMD level, OpenBLAS if installed, and
+    /// the bf16-operand kernel (fp32 sums) where the CPU has AVX512-BF16.
     Gemm(GemmBenchArgs),
 }
 
@@ -300,6 +301,16 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
                     )
                 };
                 assert!(done, "OpenBLAS refused a plain product");
+            }),
+        ));
+    }
+    if kiem_engine::bf16_gemm::native() {
+        let (lhs, rhs) = (&lhs, &rhs);
+        paths.push((
+            "kiem bf16 operands, AVX512-BF16 6x64".to_string(),
+            Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
+                let (ls, rs) = operand_strides(m, n, k, lt, rt);
+                kiem_engine::bf16_gemm::gemm(m, n, k, dst, n, false, lhs, ls, rhs, rs);
             }),
         ));
     }
