@@ -549,9 +549,10 @@ impl Tile<'_> {
     }
 }
 
-/// The AVX2 form of [`matmul_thin_quant`]'s block loop. Tiles of several weight rows and
-/// input rows keep 3-4 sums in flight, so that one sum's fused multiply-adds (4 cycles each)
-/// do not set the pace (batch-1 decoding has one input row).
+/// The AVX2 form of [`matmul_thin_quant`]'s block loop. With two or more input rows, tiles of
+/// several weight rows and input rows keep 3-4 sums in flight, so that one sum's fused
+/// multiply-adds (4 cycles each) do not set the pace; one input row (batch-1 decoding) is
+/// bound by reading the weights, and reads them in order.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` has rows `j0..j1` of `blocks` blocks, `x` has `rows` rows of
@@ -569,7 +570,10 @@ unsafe fn quant_dots_avx2(
 ) {
     let tiles = |group: usize| -> (usize, TileForm, TileForm) {
         match group {
-            1 => (4, avx2_tile::<4, 1>, avx2_tile::<1, 1>),
+            // One input row (batch-1 decoding): one weight row at a time, so the weights are
+            // read as one sequential stream, which the hardware prefetchers follow; several
+            // rows at a time made short interleaved runs that they did not (Zen 4: 0.5-0.8x).
+            1 => (1, avx2_tile::<1, 1>, avx2_tile::<1, 1>),
             2 => (2, avx2_tile::<2, 2>, avx2_tile::<1, 2>),
             3 => (1, avx2_tile::<1, 3>, avx2_tile::<1, 3>),
             _ => (1, avx2_tile::<1, 4>, avx2_tile::<1, 4>),
@@ -693,7 +697,7 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
 
 /// The AVX-512 VNNI form of [`matmul_thin_quant`]'s block loop: two blocks a step, their
 /// byte dot products in one instruction, then scaled block by block in the order the other
-/// forms use (same bits); tiles keep 8 sums in flight (see [`quant_dots_avx2`]).
+/// forms use (same bits); tiles as in [`quant_dots_avx2`].
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL, VNNI and FMA; bounds as for [`quant_dots_avx2`].
@@ -710,7 +714,8 @@ unsafe fn quant_dots_avx512(
 ) {
     let tiles = |group: usize| -> (usize, TileForm, TileForm) {
         match group {
-            1 => (4, avx512_tile::<4, 1>, avx512_tile::<1, 1>),
+            // One input row: one weight row at a time (see `quant_dots_avx2`).
+            1 => (1, avx512_tile::<1, 1>, avx512_tile::<1, 1>),
             2 => (4, avx512_tile::<4, 2>, avx512_tile::<1, 2>),
             3 => (2, avx512_tile::<2, 3>, avx512_tile::<1, 3>),
             _ => (2, avx512_tile::<2, 4>, avx512_tile::<1, 4>),
