@@ -549,10 +549,8 @@ impl Tile<'_> {
     }
 }
 
-/// The AVX2 form of [`matmul_thin_quant`]'s block loop. With two or more input rows, tiles of
-/// several weight rows and input rows keep 3-4 sums in flight, so that one sum's fused
-/// multiply-adds (4 cycles each) do not set the pace; one input row (batch-1 decoding) is
-/// bound by reading the weights, and reads them in order.
+/// The AVX2 form of [`matmul_thin_quant`]'s block loop: tiles of one weight row against up to
+/// 4 input rows, reading the weights in order (decoding is bound by reading them).
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` has rows `j0..j1` of `blocks` blocks, `x` has `rows` rows of
@@ -570,11 +568,12 @@ unsafe fn quant_dots_avx2(
 ) {
     let tiles = |group: usize| -> (usize, TileForm, TileForm) {
         match group {
-            // One input row (batch-1 decoding): one weight row at a time, so the weights are
-            // read as one sequential stream, which the hardware prefetchers follow; several
-            // rows at a time made short interleaved runs that they did not (Zen 4: 0.5-0.8x).
+            // Always one weight row at a time, so the weights are read as one sequential
+            // stream, which the hardware prefetchers follow; several rows at a time made short
+            // interleaved runs that they did not (Zen 4, batch 1: 0.5-0.8x; batch 2: Q8_0
+            // 0.6x, Q4_0 0.9x).
             1 => (1, avx2_tile::<1, 1>, avx2_tile::<1, 1>),
-            2 => (2, avx2_tile::<2, 2>, avx2_tile::<1, 2>),
+            2 => (1, avx2_tile::<1, 2>, avx2_tile::<1, 2>),
             3 => (1, avx2_tile::<1, 3>, avx2_tile::<1, 3>),
             _ => (1, avx2_tile::<1, 4>, avx2_tile::<1, 4>),
         }
@@ -712,12 +711,19 @@ unsafe fn quant_dots_avx512(
     j0: usize,
     j1: usize,
 ) {
+    let q8 = w.kind == QuantKind::Q8_0;
     let tiles = |group: usize| -> (usize, TileForm, TileForm) {
         match group {
-            // One input row: one weight row at a time (see `quant_dots_avx2`).
+            // One weight row at a time (see `quant_dots_avx2`) for one or two input rows, and
+            // for Q8_0 up to four: there the stream of weights still sets the pace (Zen 4,
+            // against multi-row tiles: Q8_0 1.5-1.7x at 2 and 4 rows, the 4-bit kinds
+            // 1.1-1.4x at 2 rows but 0.9-1.0x at 3 and 4, where unpacking the nibbles once
+            // for two weight rows' worth of inputs pays).
             1 => (1, avx512_tile::<1, 1>, avx512_tile::<1, 1>),
-            2 => (4, avx512_tile::<4, 2>, avx512_tile::<1, 2>),
+            2 => (1, avx512_tile::<1, 2>, avx512_tile::<1, 2>),
+            3 if q8 => (1, avx512_tile::<1, 3>, avx512_tile::<1, 3>),
             3 => (2, avx512_tile::<2, 3>, avx512_tile::<1, 3>),
+            _ if q8 => (1, avx512_tile::<1, 4>, avx512_tile::<1, 4>),
             _ => (2, avx512_tile::<2, 4>, avx512_tile::<1, 4>),
         }
     };
