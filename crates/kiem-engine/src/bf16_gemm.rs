@@ -385,19 +385,16 @@ fn pack_a(
     let pairs = kc.div_ceil(2);
     let dst = &mut dst[..pairs * MR];
     let at = |i: usize, p: usize| u32::from(to_bf16(a[(i0 + i) * rs + (p0 + p) * cs]));
-    let mut packed = false;
-    #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Native && rs == 1 {
-        // Columns of A are contiguous (a transposed operand, as in weight gradients).
+    // Columns of A contiguous (a transposed operand, as in weight gradients): vector code.
+    if cfg!(target_arch = "x86_64") && backend == Backend::Native && rs == 1 {
         // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (and so AVX-512
         // BW and VL); rows i0..i0 + mr and k p0..p0 + kc of A lie inside `a` (asserted by
         // `gemm_with`), and `dst` holds `kc / 2 · MR` words.
-        unsafe { pack_a_columns_avx512(dst, &a[p0 * cs + i0..], cs, mr, kc) };
-        packed = true;
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = backend;
-    if !packed {
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            pack_a_columns_avx512(dst, &a[p0 * cs + i0..], cs, mr, kc)
+        };
+    } else {
         for q in 0..kc / 2 {
             for r in 0..mr {
                 dst[q * MR + r] = at(r, 2 * q) | (at(r, 2 * q + 1) << 16);
@@ -460,12 +457,11 @@ fn pack_b(
         dst.fill(0);
     }
     let at = |p: usize, j: usize| u32::from(to_bf16(b[(p0 + p) * rs + (j0 + j) * cs]));
-    let mut packed = false;
-    #[cfg(target_arch = "x86_64")]
-    if backend == Backend::Native && (cs == 1 || rs == 1) {
+    if cfg!(target_arch = "x86_64") && backend == Backend::Native && (cs == 1 || rs == 1) {
         // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (and so AVX-512
         // BW and VL); k p0..p0 + kc and columns j0..j0 + nr of B lie inside `b` (asserted by
         // `gemm_with`), and `dst` holds `pairs · NR` words.
+        #[cfg(target_arch = "x86_64")]
         unsafe {
             if cs == 1 {
                 pack_b_rows_avx512(dst, &b[p0 * rs + j0..], rs, kc, nr);
@@ -473,11 +469,7 @@ fn pack_b(
                 pack_b_columns_avx512(dst, &b[p0 + j0 * cs..], cs, kc, nr);
             }
         }
-        packed = true;
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = backend;
-    if !packed {
+    } else {
         for q in 0..kc / 2 {
             for j in 0..nr {
                 dst[q * NR + j] = at(2 * q, j) | (at(2 * q + 1, j) << 16);
@@ -899,23 +891,21 @@ mod tests {
                 if lhs_t { (1, m) } else { (k, 1) },
                 if rhs_t { (1, k) } else { (n, 1) },
             );
-            {
-                let start: Vec<f32> = values(m * n, 3).iter().map(|v| v * 1e-38).collect();
-                let mut native_out = start.clone();
-                let mut emulated_out = start.clone();
-                for (backend, out) in [
-                    (Backend::Native, &mut native_out),
-                    (Backend::Emulated, &mut emulated_out),
-                ] {
-                    gemm_with(backend, m, n, k, out, n, accumulate, &lhs, ls, &rhs, rs);
-                }
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&native_out),
-                    bits(&emulated_out),
-                    "m {m} n {n} k {k} lhsᵀ {lhs_t} rhsᵀ {rhs_t} accumulate {accumulate}"
-                );
+            let start: Vec<f32> = values(m * n, 3).iter().map(|v| v * 1e-38).collect();
+            let mut native_out = start.clone();
+            let mut emulated_out = start.clone();
+            for (backend, out) in [
+                (Backend::Native, &mut native_out),
+                (Backend::Emulated, &mut emulated_out),
+            ] {
+                gemm_with(backend, m, n, k, out, n, accumulate, &lhs, ls, &rhs, rs);
             }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&native_out),
+                bits(&emulated_out),
+                "m {m} n {n} k {k} lhsᵀ {lhs_t} rhsᵀ {rhs_t} accumulate {accumulate}"
+            );
         }
     }
 }
