@@ -1,12 +1,15 @@
 //! Weight matrices that never change again, stored in fewer bytes than fp32 (bf16 or a
 //! quantized kind): a LoRA run's frozen base (QLoRA), or a decoding model's weights (read from
 //! a quantized GGUF file's blocks, or quantized at load). Products read them directly (thin
-//! ones) or dequantized on the fly; the fp32 copy's memory goes back to the system.
+//! ones, and quantized prefill where the CPU has an integer form) or dequantized on the fly;
+//! the fp32 copy's memory goes back to the system.
 
 use rayon::prelude::*;
 
 use crate::bf16_gemm::{from_bf16, to_bf16};
-use crate::kernels::{matmul_thin_bf16, matmul_thin_quant, DecodingWeights, QuantMatrix};
+use crate::kernels::{
+    matmul_thin_bf16, matmul_thin_quant, matmul_wide_quant, DecodingWeights, QuantMatrix,
+};
 
 /// One matrix, `[c_out, c_in]`.
 #[derive(Debug, Clone)]
@@ -261,20 +264,56 @@ impl FrozenMatrix {
             }
             FrozenMatrix::Quant(q) => matmul_thin_quant(out, inp, q, bias, q.c_in, q.c_out),
             FrozenMatrix::Stacked(parts) => {
-                // Each part's columns, then placed in the full rows.
-                let (rows, c_out) = (inp.len() / self.c_in(), self.c_out());
-                let mut at = 0;
-                for part in parts {
-                    let width = part.c_out();
-                    let mut part_out = vec![0f32; rows * width];
-                    part.thin_product(&mut part_out, inp, bias.map(|b| &b[at..at + width]));
-                    for (r, row) in part_out.chunks_exact(width).enumerate() {
-                        out[r * c_out + at..r * c_out + at + width].copy_from_slice(row);
-                    }
-                    at += width;
-                }
+                self.by_parts(parts, out, inp, bias, |part, out, inp, bias| {
+                    part.thin_product(out, inp, bias);
+                    true
+                });
             }
         }
+    }
+
+    /// `out = inp · Wᵀ (+ bias)` for many rows (a prompt) in integers from the stored blocks,
+    /// where the CPU has an integer form for every part ([`matmul_wide_quant`]); false, with
+    /// `out` untouched, where not: the caller multiplies the dequantized values then.
+    pub fn wide_product(&self, out: &mut [f32], inp: &[f32], bias: Option<&[f32]>) -> bool {
+        match self {
+            FrozenMatrix::Bf16 { .. } => false,
+            FrozenMatrix::Quant(q) => matmul_wide_quant(out, inp, q, bias),
+            FrozenMatrix::Stacked(parts) => {
+                if parts.iter().any(|p| matches!(p, FrozenMatrix::Bf16 { .. })) {
+                    return false;
+                }
+                self.by_parts(parts, out, inp, bias, |part, out, inp, bias| {
+                    part.wide_product(out, inp, bias)
+                })
+            }
+        }
+    }
+
+    /// A stacked matrix's product as each part's columns by `product` (false: it gave
+    /// none), placed in the full rows; false where a part's product was not taken.
+    fn by_parts(
+        &self,
+        parts: &[FrozenMatrix],
+        out: &mut [f32],
+        inp: &[f32],
+        bias: Option<&[f32]>,
+        product: impl Fn(&FrozenMatrix, &mut [f32], &[f32], Option<&[f32]>) -> bool,
+    ) -> bool {
+        let (rows, c_out) = (inp.len() / self.c_in(), self.c_out());
+        let mut at = 0;
+        for part in parts {
+            let width = part.c_out();
+            let mut part_out = vec![0f32; rows * width];
+            if !product(part, &mut part_out, inp, bias.map(|b| &b[at..at + width])) {
+                return false;
+            }
+            for (r, row) in part_out.chunks_exact(width).enumerate() {
+                out[r * c_out + at..r * c_out + at + width].copy_from_slice(row);
+            }
+            at += width;
+        }
+        true
     }
 }
 

@@ -24,7 +24,7 @@ mod rope;
 mod simd;
 
 pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
-pub use quant::{matmul_thin_quant, QuantKind, QuantMatrix};
+pub use quant::{matmul_thin_quant, matmul_wide_quant, QuantKind, QuantMatrix};
 pub use rope::RopeTable;
 pub(crate) use simd::{fast_exp, lane_dot, level, wide, Level};
 use simd::{lane_max, lane_sum};

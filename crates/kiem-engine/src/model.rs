@@ -360,8 +360,8 @@ impl<K: Kernels> Gpt<K> {
     /// (bf16: each weight rounded to nearest even; a quantized kind: ggml's reference
     /// quantizer, Q4_K falling back to Q4_1 for rows that are not whole 256-weight blocks; a
     /// matrix whose rows are not whole 32-weight blocks stays fp32), which decoding's thin
-    /// products read and prefill dequantizes on the fly; their fp32 memory goes back to the
-    /// system. Transposes for decoding first. A model with compact weights already (a frozen
+    /// products read, and prefill in integers where the CPU can or else dequantized on the fly;
+    /// their fp32 memory goes back to the system. Transposes for decoding first. A model with compact weights already (a frozen
     /// base, or a GGUF file's blocks) keeps them.
     pub fn use_compact_weights(&mut self, weights: crate::kernels::DecodingWeights) {
         use crate::kernels::DecodingWeights;
@@ -841,8 +841,9 @@ impl<K: Kernels> Gpt<K> {
     ) {
         let bias = bias.map(|b| &self.params[b]);
         if let Some(m) = self.frozen_base.get(&weights.start) {
-            // A training pass reads the matrices as its backward pass does: dequantized. So
-            // does a long prefill; decoding's few rows read the stored form, 16 rows a pass.
+            // A training pass reads the matrices as its backward pass does: dequantized.
+            // Decoding's few rows read the stored form, 16 rows a pass; a long prefill reads
+            // it through the integer GEMM where the CPU has one, else dequantized.
             let rows = inp.len() / c_in;
             let most = if self.decoding_only {
                 4 * SKINNY_ROWS
@@ -856,6 +857,9 @@ impl<K: Kernels> Gpt<K> {
                 {
                     m.thin_product(out, inp, bias);
                 }
+                return;
+            }
+            if !training && m.wide_product(out, inp, bias) {
                 return;
             }
         }

@@ -6,6 +6,9 @@ use rayon::prelude::*;
 use super::matmul::by_column_blocks;
 use super::{level, Level, SKINNY_ROWS};
 
+mod gemm;
+pub use gemm::matmul_wide_quant;
+
 /// How a [`QuantMatrix`] stores its weights: ggml's Q8_0, Q4_0 or Q4_1 blocks of 32 weights
 /// along each row, or Q4_K super-blocks of 256 (eight 32-weight sub-blocks, each with its own
 /// 6-bit scale and min), quantized by ggml's reference quantizers.
@@ -361,13 +364,7 @@ impl QuantRows {
             .zip(q.chunks_exact_mut(QUANT_BLOCK))
             .zip(scales.iter_mut())
         {
-            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            for (q, &v) in q.iter_mut().zip(x) {
-                *q = (v * id).round() as i8;
-            }
-            *scale = d;
+            *scale = quantize_input_block(x, q);
         }
         let lane_sums = if lane_sums {
             q.chunks_exact(4)
@@ -382,6 +379,18 @@ impl QuantRows {
             lane_sums,
         }
     }
+}
+
+/// One block of inputs (32 values) into `q` as ggml's Q8_0 quantizes it; returns its scale.
+#[inline(always)]
+fn quantize_input_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = (v * id).round() as i8;
+    }
+    d
 }
 
 /// Weight block `b` of row `j` as 32 bytes: signed (Q8_0, Q4_0) or unsigned 4-bit values.
@@ -892,7 +901,7 @@ mod tests {
     use super::*;
     use crate::gguf::quants;
 
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::Rng::new(seed);
         // Blocks of varied scale and sign balance, so offsets and scales both matter.
         (0..n)
@@ -900,7 +909,7 @@ mod tests {
             .collect()
     }
 
-    const KINDS: [QuantKind; 4] = [
+    pub(super) const KINDS: [QuantKind; 4] = [
         QuantKind::Q8_0,
         QuantKind::Q4_0,
         QuantKind::Q4_1,

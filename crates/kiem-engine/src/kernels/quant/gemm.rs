@@ -1,0 +1,449 @@
+//! The wide product with quantized weights (prefill, many rows at once): integer dot products
+//! of the inputs' Q8 blocks with the weights' blocks, as the thin product takes them, but
+//! with the weights repacked 32 rows at a time so that one AVX-512 VNNI instruction
+//! multiplies 16 weight rows by 4 bytes of an input row. Without VNNI the caller multiplies
+//! the dequantized weights instead.
+
+use rayon::prelude::*;
+
+use super::{quantize_input_block, QuantMatrix, QUANT_BLOCK};
+use crate::kernels::matmul::by_column_blocks;
+
+/// Inputs of a wide product: each row quantized to Q8 blocks as the thin product quantizes it,
+/// held as the integer kernel reads them.
+struct WideRows {
+    /// Each quantized value plus 128, as an unsigned byte (the instruction multiplies
+    /// unsigned by signed bytes).
+    up: Vec<u8>,
+    /// Each block's scale.
+    scales: Vec<f32>,
+    /// Each block's scale times the sum of its quantized values (for weights with offsets;
+    /// empty otherwise).
+    scaled_sums: Vec<f32>,
+}
+
+impl WideRows {
+    /// Quantizes rows of `c_in` values, in parallel.
+    fn new(inp: &[f32], c_in: usize, sums: bool) -> Self {
+        let blocks = c_in / QUANT_BLOCK;
+        let mut up = vec![0u8; inp.len()];
+        let mut scales = vec![0f32; inp.len() / QUANT_BLOCK];
+        let mut scaled_sums = vec![0f32; scales.len()];
+        up.par_chunks_mut(c_in)
+            .zip(scales.par_chunks_mut(blocks))
+            .zip(scaled_sums.par_chunks_mut(blocks))
+            .zip(inp.par_chunks(c_in))
+            .for_each(|(((up, scales), sums), x)| {
+                for (((up, scale), sum), x) in up
+                    .chunks_exact_mut(QUANT_BLOCK)
+                    .zip(scales.iter_mut())
+                    .zip(sums.iter_mut())
+                    .zip(x.chunks_exact(QUANT_BLOCK))
+                {
+                    let mut q = [0i8; QUANT_BLOCK];
+                    *scale = quantize_input_block(x, &mut q);
+                    *sum = *scale * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
+                    for (u, &v) in up.iter_mut().zip(&q) {
+                        *u = (v as u8) ^ 0x80;
+                    }
+                }
+            });
+        if !sums {
+            scaled_sums = Vec::new();
+        }
+        Self {
+            up,
+            scales,
+            scaled_sums,
+        }
+    }
+}
+
+/// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for many rows with a quantized `W`, in
+/// integers as [`super::matmul_thin_quant`] does (inputs quantized to Q8_0 blocks, each block
+/// pair's dot product exact), summed per output in block order: `sum += dot · (w scale · x
+/// scale)`, then `sum += offset · (x scale · x sum)` for kinds with offsets. So each row's
+/// result is independent of the others, though not the thin product's bits (that one sums in
+/// eight lanes). Returns false, leaving `out` as it was, where the CPU has no integer form
+/// (AVX-512 VNNI): the caller multiplies the dequantized weights then.
+pub fn matmul_wide_quant(
+    out: &mut [f32],
+    inp: &[f32],
+    w: &QuantMatrix,
+    bias: Option<&[f32]>,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::{level, Level};
+        if level() != Level::Avx512 || !super::avx512_vnni() {
+            return false;
+        }
+        let (c_in, c_out) = (w.c_in, w.c_out);
+        let rows = inp.len() / c_in;
+        assert!(
+            inp.len() == rows * c_in && out.len() >= rows * c_out,
+            "matmul_wide_quant: shapes"
+        );
+        let x = WideRows::new(inp, c_in, w.kind.has_offset());
+        by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
+            // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (checked above); `x` holds `rows`
+            // rows of `c_in` and `w` rows `j0..j1 <= c_out` of `c_in`.
+            unsafe { wide_dots_avx512(acc, &x, w, rows, j0, j1) }
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (out, inp, w, bias);
+        false
+    }
+}
+
+/// The reference form of the wide product's sums: what the SIMD form gives bit for bit.
+#[cfg(test)]
+fn wide_dots_portable(
+    acc: &mut [f32],
+    x: &WideRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let blocks = w.c_in / QUANT_BLOCK;
+    let width = j1 - j0;
+    for r in 0..rows {
+        for j in j0..j1 {
+            let mut sum = 0f32;
+            for b in 0..blocks {
+                let wq = super::weight_block(w, j, b);
+                let xu = &x.up[(r * blocks + b) * QUANT_BLOCK..][..QUANT_BLOCK];
+                let dot: i32 = xu
+                    .iter()
+                    .zip(&wq)
+                    .map(|(&u, &w)| (i32::from(u) - 128) * i32::from(w))
+                    .sum();
+                let at = r * blocks + b;
+                sum = (dot as f32).mul_add(w.scales[j * blocks + b] * x.scales[at], sum);
+                if let Some(&offset) = w.offsets.get(j * blocks + b) {
+                    sum = offset.mul_add(x.scaled_sums[at], sum);
+                }
+            }
+            acc[r * width + j - j0] += sum;
+        }
+    }
+}
+
+/// Weight rows repacked together.
+#[cfg(target_arch = "x86_64")]
+const PANEL: usize = 32;
+
+/// 64 bytes on a cache line: one register's worth of repacked weights.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// [`PANEL`] weight rows repacked for the VNNI tiles. Per block: for each of its 8 groups of
+/// 4 weights, two lines (rows 0-15, then 16-31), each row's 4 weights as signed bytes (the
+/// 4-bit kinds unpacked, Q4_0's minus 8); and per block and row the dot product's start
+/// (−128 · the block's weight sum, undoing the inputs' +128), scale and offset.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct Panel {
+    q: Vec<Line>,
+    starts: Vec<i32>,
+    scales: Vec<f32>,
+    offsets: Vec<f32>,
+}
+
+/// Lines of a packed block: 8 groups of 4 weights, two lines each.
+#[cfg(target_arch = "x86_64")]
+const BLOCK_LINES: usize = 16;
+
+/// Repacks rows `j0..j0 + n` (`n <= PANEL`) of `w` into `p`; rows past `n` read as zeros.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL and VNNI; `j0 + n <= w.c_out`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
+    use std::arch::x86_64::*;
+    let blocks = w.c_in / QUANT_BLOCK;
+    let q8 = w.kind == super::QuantKind::Q8_0;
+    let offsets = w.kind.has_offset();
+    let row_bytes = if q8 { w.c_in } else { w.c_in / 2 };
+    p.q.resize(blocks * BLOCK_LINES, Line([0; 64]));
+    p.starts.resize(blocks * PANEL, 0);
+    p.scales.resize(blocks * PANEL, 0.0);
+    p.offsets
+        .resize(if offsets { blocks * PANEL } else { 0 }, 0.0);
+    let nibble_bias = _mm512_set1_epi8(if w.kind == super::QuantKind::Q4_0 {
+        8
+    } else {
+        0
+    });
+    let low_nibble = _mm512_set1_epi8(0x0F);
+    let flip = _mm512_set1_epi8(-128);
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Rows j0.. of the weights, and of the scales and offsets (one per block).
+    let weights = w.q.as_ptr().add(j0 * row_bytes);
+    let scales = w.scales.as_ptr().add(j0 * blocks);
+    let block_offsets = w.offsets.as_ptr().wrapping_add(j0 * blocks);
+    for half in 0..2 {
+        let count = n.saturating_sub(16 * half).min(16);
+        let mask = ((1u32 << count) - 1) as __mmask16;
+        let rows = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * half as i32));
+        let row_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(row_bytes as i32));
+        let block_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(blocks as i32));
+        // Four bytes at `at` of each of the half's rows (zeros for rows past `n`).
+        let gather = |at: usize| -> __m512i {
+            _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                mask,
+                row_at,
+                weights.add(at) as *const _,
+            )
+        };
+        for b in 0..blocks {
+            let mut sum = _mm512_setzero_si512();
+            for g in 0..8 {
+                let group = if q8 {
+                    gather(b * QUANT_BLOCK + 4 * g)
+                } else {
+                    // Paired blocks share 32 bytes (low nibbles the even block's); an odd
+                    // last block holds weights k and k + 16 in its byte k (see QuantMatrix).
+                    let odd_last = b + 1 == blocks && blocks % 2 == 1;
+                    let (at, high) = if odd_last {
+                        (b * 16 + 4 * (g % 4), g >= 4)
+                    } else {
+                        ((b & !1) * 16 + 4 * g, b % 2 == 1)
+                    };
+                    let packed = gather(at);
+                    let nibbles = if high {
+                        _mm512_srli_epi16(packed, 4)
+                    } else {
+                        packed
+                    };
+                    _mm512_sub_epi8(_mm512_and_si512(nibbles, low_nibble), nibble_bias)
+                };
+                let line = &mut p.q[b * BLOCK_LINES + 2 * g + half];
+                _mm512_store_si512(line.0.as_mut_ptr() as *mut _, group);
+                sum = _mm512_dpbusd_epi32(sum, flip, group);
+            }
+            let at = b * PANEL + 16 * half;
+            _mm512_storeu_si512(
+                p.starts.as_mut_ptr().add(at) as *mut _,
+                _mm512_sub_epi32(_mm512_setzero_si512(), sum),
+            );
+            let block_scales =
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, block_at, scales.add(b));
+            _mm512_storeu_ps(p.scales.as_mut_ptr().add(at), block_scales);
+            if offsets {
+                let block_offsets = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    mask,
+                    block_at,
+                    block_offsets.add(b),
+                );
+                _mm512_storeu_ps(p.offsets.as_mut_ptr().add(at), block_offsets);
+            }
+        }
+    }
+}
+
+/// The AVX-512 VNNI form of the wide product over weight rows `j0..j1`: each panel of 32
+/// weight rows is repacked once, then read by every group of 4 input rows.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL and VNNI; `x` has `rows` rows of `w.c_in`, `j1 <= w.c_out`, and
+/// `acc` holds `rows × (j1 - j0)` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn wide_dots_avx512(
+    acc: &mut [f32],
+    x: &WideRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+) {
+    thread_local! {
+        static PANEL_BUFFER: std::cell::RefCell<Panel> = std::cell::RefCell::default();
+    }
+    let mut run = |p: &mut Panel| {
+        for pj in (j0..j1).step_by(PANEL) {
+            let n = (j1 - pj).min(PANEL);
+            pack_panel(p, w, pj, n);
+            let tile = PanelTile {
+                p,
+                x,
+                blocks: w.c_in / QUANT_BLOCK,
+                offsets: w.kind.has_offset(),
+                width: j1 - j0,
+                col: pj - j0,
+                n,
+            };
+            let mut r0 = 0;
+            while r0 + 4 <= rows {
+                tile.run::<4>(acc, r0);
+                r0 += 4;
+            }
+            match rows - r0 {
+                1 => tile.run::<1>(acc, r0),
+                2 => tile.run::<2>(acc, r0),
+                3 => tile.run::<3>(acc, r0),
+                _ => {}
+            }
+        }
+    };
+    PANEL_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut p) => run(&mut p),
+        // A product nested in another on this thread (work stealing): a panel of its own.
+        Err(_) => run(&mut Panel::default()),
+    })
+}
+
+/// One packed panel against the inputs, adding into `acc` (`width` columns a row) at
+/// column `col`, `n` of its columns.
+#[cfg(target_arch = "x86_64")]
+struct PanelTile<'a> {
+    p: &'a Panel,
+    x: &'a WideRows,
+    blocks: usize,
+    offsets: bool,
+    width: usize,
+    col: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelTile<'_> {
+    /// Input rows `r0..r0 + G` against the panel's 32 weight rows.
+    ///
+    /// # Safety
+    /// As for [`wide_dots_avx512`]; `r0 + G` rows exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn run<const G: usize>(&self, acc: &mut [f32], r0: usize) {
+        use std::arch::x86_64::*;
+        let (p, x, blocks) = (self.p, self.x, self.blocks);
+        let c_in = blocks * QUANT_BLOCK;
+        let mut sums = [[_mm512_setzero_ps(); 2]; G];
+        for b in 0..blocks {
+            let at = b * PANEL;
+            let starts = [
+                _mm512_loadu_si512(p.starts.as_ptr().add(at) as *const _),
+                _mm512_loadu_si512(p.starts.as_ptr().add(at + 16) as *const _),
+            ];
+            let mut dots = [starts; G];
+            let lines = p.q.as_ptr().add(b * BLOCK_LINES);
+            let inputs = x.up.as_ptr().add(r0 * c_in + b * QUANT_BLOCK);
+            for g in 0..8 {
+                let w0 = _mm512_load_si512(lines.add(2 * g) as *const _);
+                let w1 = _mm512_load_si512(lines.add(2 * g + 1) as *const _);
+                for (i, dot) in dots.iter_mut().enumerate() {
+                    let four = (inputs.add(i * c_in + 4 * g) as *const i32).read_unaligned();
+                    let xb = _mm512_set1_epi32(four);
+                    dot[0] = _mm512_dpbusd_epi32(dot[0], xb, w0);
+                    dot[1] = _mm512_dpbusd_epi32(dot[1], xb, w1);
+                }
+            }
+            let ws = [
+                _mm512_loadu_ps(p.scales.as_ptr().add(at)),
+                _mm512_loadu_ps(p.scales.as_ptr().add(at + 16)),
+            ];
+            for (i, (sum, dot)) in sums.iter_mut().zip(&dots).enumerate() {
+                let xat = (r0 + i) * blocks + b;
+                let xs = _mm512_set1_ps(*x.scales.get_unchecked(xat));
+                for h in 0..2 {
+                    let scale = _mm512_mul_ps(ws[h], xs);
+                    sum[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[h]), scale, sum[h]);
+                }
+                if self.offsets {
+                    let xo = _mm512_set1_ps(*x.scaled_sums.get_unchecked(xat));
+                    for (h, sum) in sum.iter_mut().enumerate() {
+                        let offset = _mm512_loadu_ps(p.offsets.as_ptr().add(at + 16 * h));
+                        *sum = _mm512_fmadd_ps(offset, xo, *sum);
+                    }
+                }
+            }
+        }
+        for (i, sum) in sums.iter().enumerate() {
+            let out = acc.as_mut_ptr().add((r0 + i) * self.width + self.col);
+            for (h, sum) in sum.iter().enumerate() {
+                let count = self.n.saturating_sub(16 * h).min(16);
+                let mask = ((1u32 << count) - 1) as __mmask16;
+                let at = out.add(16 * h);
+                let old = _mm512_maskz_loadu_ps(mask, at);
+                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(old, *sum));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quant::tests::{values, KINDS};
+
+    /// The SIMD form gives the reference form's bits for every kind, odd and even block
+    /// counts, any number of rows and a partial last panel; each row's result does not depend
+    /// on the other rows; and the product stays near the dequantized weights' product.
+    #[test]
+    fn wide_product_matches_its_reference_and_the_dequantized_product() {
+        for kind in KINDS {
+            for c_in in [96usize, 256, 768] {
+                if !c_in.is_multiple_of(kind.row_multiple()) {
+                    continue;
+                }
+                let c_out = 83;
+                let w = QuantMatrix::quantize(kind, &values(c_in * c_out, 4), c_in, c_out).unwrap();
+                let bias = values(c_out, 9);
+                for rows in [1usize, 3, 4, 9, 21] {
+                    let inp = values(rows * c_in, 5);
+                    let x = WideRows::new(&inp, c_in, kind.has_offset());
+                    let mut want = vec![0f32; rows * c_out];
+                    for row in want.chunks_mut(c_out) {
+                        row.copy_from_slice(&bias);
+                    }
+                    wide_dots_portable(&mut want, &x, &w, rows, 0, c_out);
+                    // Near the product with the dequantized weights: the inputs' 8-bit
+                    // quantization is the only difference.
+                    let dense = w.dequantize();
+                    for r in 0..rows {
+                        let xr = &inp[r * c_in..(r + 1) * c_in];
+                        let magnitude: f32 = xr.iter().map(|v| v.abs()).sum::<f32>();
+                        for j in 0..c_out {
+                            let wr = &dense[j * c_in..(j + 1) * c_in];
+                            let exact: f32 =
+                                bias[j] + xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
+                            let wmax = wr.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            let got = want[r * c_out + j];
+                            assert!(
+                                (got - exact).abs() <= 0.01 * magnitude * wmax + 1e-4,
+                                "{kind:?} {c_in} row {r} col {j}: {got} vs {exact}"
+                            );
+                        }
+                    }
+                    let mut got = vec![f32::NAN; rows * c_out];
+                    let taken = matmul_wide_quant(&mut got, &inp, &w, Some(&bias));
+                    #[cfg(target_arch = "x86_64")]
+                    assert_eq!(
+                        taken,
+                        crate::kernels::level() == crate::kernels::Level::Avx512
+                            && crate::kernels::quant::avx512_vnni(),
+                        "the integer form is taken wherever the CPU has one"
+                    );
+                    if !taken {
+                        continue;
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want), "{kind:?} {c_in} wide, {rows} rows");
+                    let mut alone = vec![0f32; c_out];
+                    let last = rows - 1;
+                    matmul_wide_quant(&mut alone, &inp[last * c_in..], &w, Some(&bias));
+                    assert_eq!(bits(&alone), bits(&want[last * c_out..]), "{kind:?} alone");
+                }
+            }
+        }
+    }
+}
