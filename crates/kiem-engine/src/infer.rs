@@ -323,6 +323,10 @@ enum LogitRows {
     Every,
 }
 
+/// New rows of one sequence at which its attention runs a block of rows at a time (a
+/// prompt's prefill) rather than one row at a time (decoding).
+const BLOCKED_ATTENTION_ROWS: usize = 8;
+
 /// Causal attention of each new row over its sequence's cached keys and values (which already
 /// include the new rows' own). Query head `h` reads key/value head `h / group`.
 fn attention_cached(
@@ -335,9 +339,52 @@ fn attention_cached(
 ) {
     let (heads, hs, w, group) = (d.heads, d.head_dim, d.qkv_width(), d.group());
     let scale = 1.0 / (hs as f32).sqrt();
-    // One task per (row, head): a single decoding row still keeps every thread busy.
+    // Runs of rows of one sequence (rows come sequence by sequence): (first row, count).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (r, &(s, _)) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some((first, count)) if rows[*first].0 == s => *count += 1,
+            _ => runs.push((r, 1)),
+        }
+    }
+    let blocked: Vec<(usize, usize)> = runs
+        .into_iter()
+        .filter(|&(_, count)| count >= BLOCKED_ATTENTION_ROWS)
+        .collect();
+    let in_blocked = |r: usize| blocked.iter().any(|&(f, n)| (f..f + n).contains(&r));
+    let qw = d.q_width();
+    let out_ptr = crate::kernels::SyncPtr(out.as_mut_ptr());
+    // One task per (sequence, head) for the long runs.
+    blocked
+        .par_iter()
+        .flat_map(|&run| (0..heads).into_par_iter().map(move |h| (run, h)))
+        .for_each(|((first, n), h)| {
+            let (s, start) = rows[first];
+            let cache = &caches[s];
+            let at = cache.head_start(layer, h / group);
+            let seen = (start + n) * hs;
+            // SAFETY: rows first..first + n of qkv hold this head's queries at column h·hs
+            // (row stride w); this task alone writes those rows' columns h·hs.. of out.
+            unsafe {
+                crate::kernels::attention_over_cache(
+                    out_ptr.get().add(first * qw + h * hs),
+                    qw,
+                    qkv[first * w + h * hs..].as_ptr(),
+                    w,
+                    &cache.k[at..at + seen],
+                    &cache.v[at..at + seen],
+                    (start, n),
+                    hs,
+                )
+            }
+        });
+    // The other rows: one task per (row, head), so a single decoding row still keeps every
+    // thread busy.
     out.par_chunks_mut(hs).enumerate().for_each(|(i, y)| {
         let (r, h) = (i / heads, i % heads);
+        if in_blocked(r) {
+            return;
+        }
         let (s, pos) = rows[r];
         let cache = &caches[s];
         let q = &qkv[r * w + h * hs..][..hs];

@@ -23,6 +23,7 @@ mod quant;
 mod rope;
 mod simd;
 
+pub(crate) use attention::attention_over_cache;
 pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
 pub use quant::{matmul_thin_quant, matmul_wide_quant, QuantKind, QuantMatrix};
 pub use rope::RopeTable;

@@ -841,9 +841,11 @@ impl<K: Kernels> Gpt<K> {
     ) {
         let bias = bias.map(|b| &self.params[b]);
         if let Some(m) = self.frozen_base.get(&weights.start) {
-            // A training pass reads the matrices as its backward pass does: dequantized.
-            // Decoding's few rows read the stored form, 16 rows a pass; a long prefill reads
-            // it through the integer GEMM where the CPU has one, else dequantized.
+            // A training pass reads the matrices as its backward pass does: dequantized; so
+            // does any pass of a model that trains (a frozen base's logits stay exactly those
+            // of its dequantized weights). Decoding's few rows read the stored form, 16 rows a
+            // pass; a decoding model's long prefill reads it through the integer GEMM where
+            // the CPU has one, else dequantized.
             let rows = inp.len() / c_in;
             let most = if self.decoding_only {
                 4 * SKINNY_ROWS
@@ -859,7 +861,7 @@ impl<K: Kernels> Gpt<K> {
                 }
                 return;
             }
-            if !training && m.wide_product(out, inp, bias) {
+            if !training && self.decoding_only && m.wide_product(out, inp, bias) {
                 return;
             }
         }

@@ -407,11 +407,13 @@ fn a_quantized_file_decodes_from_its_blocks() {
         }
         let tokens: Vec<u32> = (0..80u32).map(|i| i * 13 % 50).collect();
         // Steps of one sequence (thin products), then two sequences of 40 tokens in one pass
-        // (80 rows: the layers' products dequantize; the head's, of the two last rows, is thin).
+        // (80 rows: the layers' products are wide, in integers where the CPU has AVX-512 VNNI,
+        // else dequantized; the head's, of the two last rows, is thin). Both quantize the
+        // inputs to 8 bits, as llama.cpp does.
         let steps: Vec<Vec<&[u32]>> =
             vec![vec![&tokens[..6]], vec![&tokens[6..7]], vec![&tokens[7..8]]];
         let long: Vec<Vec<&[u32]>> = vec![vec![&tokens[..40], &tokens[40..]]];
-        for (passes, tolerance) in [(steps, 0.05), (long, 0.02)] {
+        for (passes, tolerance) in [(steps, 0.05), (long, 0.05)] {
             let sequences = passes[0].len();
             let mut a_caches: Vec<KvCache> =
                 (0..sequences).map(|_| KvCache::new(&compact)).collect();

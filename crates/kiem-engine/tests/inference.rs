@@ -164,6 +164,49 @@ fn every_rows_logits_after_a_shared_cached_context_for(mut gpt: Gpt) {
         .is_empty());
 }
 
+/// Prompts long enough that cached attention takes them a block of rows at a time (a 37-row
+/// context: a full block of 32 and a partial one; a 10-row continuation of it, beside a 3-row
+/// one taken row by row in the same pass) give the full forward pass's logits.
+#[test]
+fn long_prompts_attend_in_blocks_as_the_full_forward_does() {
+    for mut gpt in [
+        model_of(ModelConfig::gpt2(2, 2, 16, 64, 37)),
+        model_of(llama_config(16, 64)),
+    ] {
+        let context: Vec<u32> = (0..37u32).map(|i| (i * 7 + 3) % 37).collect();
+        let a: Vec<u32> = (0..10u32).map(|i| (i * 5 + 1) % 37).collect();
+        let b: Vec<u32> = vec![4, 8, 15];
+        let (v, vp) = (gpt.config.vocab_size, gpt.config.padded_vocab());
+        let mut shared = [KvCache::new(&gpt)];
+        let first = gpt
+            .forward_cached_every(&mut shared, &[&context[..]])
+            .unwrap();
+        let reference = full_logits(&mut gpt, &context);
+        for (i, want) in reference.iter().enumerate() {
+            assert_close(
+                &first[i * vp..i * vp + v],
+                want,
+                &format!("context row {i}"),
+            );
+        }
+        let mut caches = [shared[0].clone(), shared[0].clone()];
+        let logits = gpt
+            .forward_cached_every(&mut caches, &[&a[..], &b[..]])
+            .unwrap();
+        for (cont, offset) in [(&a, 0), (&b, a.len())] {
+            let whole: Vec<u32> = context.iter().chain(cont.iter()).copied().collect();
+            let reference = full_logits(&mut gpt, &whole);
+            for i in 0..cont.len() {
+                assert_close(
+                    &logits[(offset + i) * vp..][..v],
+                    &reference[context.len() + i],
+                    &format!("continuation at {offset}, row {i}"),
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn greedy_generation_follows_the_argmax_and_batches_agree() {
     let mut gpt = model();

@@ -210,6 +210,92 @@ pub(super) fn attention_forward(
         });
 }
 
+/// Causal attention of one head's `n` new query rows (positions `start..start + n`) over a
+/// KV cache's keys and values (`[position][head_dim]`, positions `0..start + n`, the new rows'
+/// own included): a block of query rows at a time against the keys packed once, as
+/// [`attention_forward`] does, so a long prompt's prefill multiplies blocks instead of taking
+/// one dot product per (row, key).
+///
+/// # Safety
+/// `q` addresses `n` rows of row stride `q_stride` and `head_dim` values; `out` rows of stride
+/// `out_stride` and `head_dim` values that no other thread touches meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn attention_over_cache(
+    out: *mut f32,
+    out_stride: usize,
+    q: *const f32,
+    q_stride: usize,
+    keys: &[f32],
+    values: &[f32],
+    (start, n): (usize, usize),
+    head_dim: usize,
+) {
+    let total = start + n;
+    assert!(
+        keys.len() >= total * head_dim && values.len() >= total * head_dim,
+        "attention_over_cache: {total} positions of keys and values"
+    );
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    with_scratch(ATTENTION_BLOCK * total, |scratch| {
+        let [kt, vp, ..] = &mut scratch.packed;
+        let p = &mut scratch.p;
+        // SAFETY: the keys and values of every position are inside the slices (asserted).
+        unsafe {
+            kt.pack(head_dim, total, keys.as_ptr(), (1, head_dim));
+            vp.pack(total, head_dim, values.as_ptr(), (head_dim, 1));
+        }
+        for (r0, r1) in row_blocks(n) {
+            // The block's last row sees keys 0..start + r1; earlier rows fewer (masked).
+            let seen = start + r1;
+            // SAFETY: rows r0..r1 of q exist (the caller's contract); p holds a block of
+            // scores (with_scratch's length).
+            unsafe {
+                gemm_packed_b(
+                    r1 - r0,
+                    p.as_mut_ptr(),
+                    seen,
+                    false,
+                    q.add(r0 * q_stride),
+                    (q_stride, 1),
+                    kt,
+                    0..head_dim,
+                    0..seen,
+                    scale,
+                )
+            };
+            wide(
+                #[inline(always)]
+                || {
+                    for t in r0..r1 {
+                        let row = &mut p[(t - r0) * seen..(t - r0 + 1) * seen];
+                        let live = &mut row[..=start + t];
+                        let max = lane_max(live);
+                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+                        let inv = 1.0 / lane_sum(live, |e| e);
+                        live.iter_mut().for_each(|x| *x *= inv);
+                        row[start + t + 1..].fill(0.0);
+                    }
+                },
+            );
+            // SAFETY: the caller's contract for `out`; p holds the block's probabilities.
+            unsafe {
+                gemm_packed_b(
+                    r1 - r0,
+                    out.add(r0 * out_stride),
+                    out_stride,
+                    false,
+                    p.as_ptr(),
+                    (seen, 1),
+                    vp,
+                    0..seen,
+                    0..head_dim,
+                    1.0,
+                )
+            };
+        }
+    });
+}
+
 /// Overwrites `dqkv` with the gradient of attention's inputs, from `stats` as
 /// [`attention_forward`] wrote them.
 pub(super) fn attention_backward(
