@@ -359,13 +359,15 @@ impl QuantRows {
     fn new(inp: &[f32], lane_sums: bool) -> Self {
         let mut q = vec![0i8; inp.len()];
         let mut scales = vec![0f32; inp.len() / QUANT_BLOCK];
-        for ((x, q), scale) in inp
-            .chunks_exact(QUANT_BLOCK)
-            .zip(q.chunks_exact_mut(QUANT_BLOCK))
-            .zip(scales.iter_mut())
-        {
-            *scale = quantize_input_block(x, q);
-        }
+        super::wide(
+            #[inline(always)]
+            || {
+                for (b, scale) in scales.iter_mut().enumerate() {
+                    let at = b * QUANT_BLOCK;
+                    *scale = quantize_input_block(&inp[at..], &mut q[at..]);
+                }
+            },
+        );
         let lane_sums = if lane_sums {
             q.chunks_exact(4)
                 .map(|l| l.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
@@ -382,15 +384,34 @@ impl QuantRows {
 }
 
 /// One block of inputs (32 values) into `q` as ggml's Q8_0 quantizes it; returns its scale.
+/// Written to vectorize inside [`super::wide`] (a libm `roundf` per value did not).
 #[inline(always)]
 fn quantize_input_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (x, q) = (&x[..QUANT_BLOCK], &mut q[..QUANT_BLOCK]);
+    // The largest magnitude (a max is exact, so any order gives the same value).
+    let mut lanes = [0f32; QUANT_BLOCK / 2];
+    for k in 0..QUANT_BLOCK / 2 {
+        lanes[k] = x[k].abs().max(x[k + QUANT_BLOCK / 2].abs());
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = (v * id).round() as i8;
+    for k in 0..QUANT_BLOCK {
+        q[k] = round_half_away(x[k] * id) as i8;
     }
     d
+}
+
+/// `x.round()` (halves away from zero, as C's `roundf`) from a truncation, which vectorizes:
+/// `x - trunc(x)` is exact.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 /// Weight block `b` of row `j` as 32 bytes: signed (Q8_0, Q4_0) or unsigned 4-bit values.
@@ -945,6 +966,37 @@ mod tests {
             QuantMatrix::zeros(QuantKind::Q4_K, 32, 1).is_none(),
             "Q4_K rows are 256s"
         );
+    }
+
+    /// The vectorizing rounding is C's `roundf`: halves away from zero, the largest float
+    /// below a half down, signs and non-finite values kept.
+    #[test]
+    fn rounding_halves_away_from_zero() {
+        let below_half = f32::from_bits(0.5f32.to_bits() - 1);
+        let cases = [
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            below_half,
+            -below_half,
+            126.5,
+            -127.49,
+            8388607.5,
+            1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        let mut rng = crate::rng::Rng::new(8);
+        let random = (0..10_000).map(|_| rng.normal() * 60.0);
+        for x in cases.into_iter().chain(random) {
+            assert_eq!(round_half_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
+        assert!(round_half_away(f32::NAN).is_nan());
     }
 
     #[test]

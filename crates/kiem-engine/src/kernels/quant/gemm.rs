@@ -7,7 +7,6 @@
 use rayon::prelude::*;
 
 use super::{quantize_input_block, QuantMatrix, QUANT_BLOCK};
-use crate::kernels::matmul::by_column_blocks;
 
 /// Inputs of a wide product: each row quantized to Q8 blocks as the thin product quantizes it,
 /// held as the integer kernel reads them.
@@ -34,19 +33,22 @@ impl WideRows {
             .zip(scaled_sums.par_chunks_mut(blocks))
             .zip(inp.par_chunks(c_in))
             .for_each(|(((up, scales), sums), x)| {
-                for (((up, scale), sum), x) in up
-                    .chunks_exact_mut(QUANT_BLOCK)
-                    .zip(scales.iter_mut())
-                    .zip(sums.iter_mut())
-                    .zip(x.chunks_exact(QUANT_BLOCK))
-                {
-                    let mut q = [0i8; QUANT_BLOCK];
-                    *scale = quantize_input_block(x, &mut q);
-                    *sum = *scale * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
-                    for (u, &v) in up.iter_mut().zip(&q) {
-                        *u = (v as u8) ^ 0x80;
-                    }
-                }
+                crate::kernels::wide(
+                    #[inline(always)]
+                    || {
+                        for b in 0..blocks {
+                            let at = b * QUANT_BLOCK;
+                            let mut q = [0i8; QUANT_BLOCK];
+                            scales[b] = quantize_input_block(&x[at..], &mut q);
+                            let mut sum = 0i32;
+                            for k in 0..QUANT_BLOCK {
+                                sum += i32::from(q[k]);
+                                up[at + k] = (q[k] as u8) ^ 0x80;
+                            }
+                            sums[b] = scales[b] * sum as f32;
+                        }
+                    },
+                )
             });
         if !sums {
             scaled_sums = Vec::new();
@@ -84,12 +86,20 @@ pub fn matmul_wide_quant(
             inp.len() == rows * c_in && out.len() >= rows * c_out,
             "matmul_wide_quant: shapes"
         );
+        if let Some(bias) = bias {
+            assert!(bias.len() >= c_out, "matmul_wide_quant: a bias per column");
+        }
         let x = WideRows::new(inp, c_in, w.kind.has_offset());
-        by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
-            // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (checked above); `x` holds `rows`
-            // rows of `c_in` and `w` rows `j0..j1 <= c_out` of `c_in`.
-            unsafe { wide_dots_avx512(acc, &x, w, rows, j0, j1) }
-        });
+        let out = crate::kernels::SyncPtr(out.as_mut_ptr());
+        // One task per panel of weight rows, writing its columns of every output row.
+        (0..c_out.div_ceil(PANEL))
+            .into_par_iter()
+            .for_each(|panel| {
+                // SAFETY: the CPU has AVX-512 F/BW/VL and VNNI (checked above); `x` holds `rows`
+                // rows of `c_in`, `w` and `bias` `c_out` columns, `out` `rows × c_out` values of
+                // which this task alone writes the panel's columns.
+                unsafe { wide_panel_avx512(out, c_out, &x, w, bias, rows, panel * PANEL) }
+            });
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -251,49 +261,50 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
     }
 }
 
-/// The AVX-512 VNNI form of the wide product over weight rows `j0..j1`: each panel of 32
-/// weight rows is repacked once, then read by every group of 4 input rows.
+/// The AVX-512 VNNI form of the wide product for the panel of weight rows from `j0`: repacked
+/// once, then read by every group of 4 input rows.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL and VNNI; `x` has `rows` rows of `w.c_in`, `j1 <= w.c_out`, and
-/// `acc` holds `rows × (j1 - j0)` values.
+/// The CPU has AVX-512 F/BW/VL and VNNI; `x` has `rows` rows of `w.c_in`, `j0 < w.c_out`,
+/// `bias` (if any) holds `w.c_out` values, and `out` `rows × c_out` values, the panel's
+/// columns of which no other thread touches meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn wide_dots_avx512(
-    acc: &mut [f32],
+unsafe fn wide_panel_avx512(
+    out: crate::kernels::SyncPtr,
+    c_out: usize,
     x: &WideRows,
     w: &QuantMatrix,
+    bias: Option<&[f32]>,
     rows: usize,
     j0: usize,
-    j1: usize,
 ) {
     thread_local! {
         static PANEL_BUFFER: std::cell::RefCell<Panel> = std::cell::RefCell::default();
     }
-    let mut run = |p: &mut Panel| {
-        for pj in (j0..j1).step_by(PANEL) {
-            let n = (j1 - pj).min(PANEL);
-            pack_panel(p, w, pj, n);
-            let tile = PanelTile {
-                p,
-                x,
-                blocks: w.c_in / QUANT_BLOCK,
-                offsets: w.kind.has_offset(),
-                width: j1 - j0,
-                col: pj - j0,
-                n,
-            };
-            let mut r0 = 0;
-            while r0 + 4 <= rows {
-                tile.run::<4>(acc, r0);
-                r0 += 4;
-            }
-            match rows - r0 {
-                1 => tile.run::<1>(acc, r0),
-                2 => tile.run::<2>(acc, r0),
-                3 => tile.run::<3>(acc, r0),
-                _ => {}
-            }
+    let n = (w.c_out - j0).min(PANEL);
+    let run = |p: &mut Panel| {
+        pack_panel(p, w, j0, n);
+        let tile = PanelTile {
+            p,
+            x,
+            blocks: w.c_in / QUANT_BLOCK,
+            offsets: w.kind.has_offset(),
+            out: out.get().add(j0),
+            c_out,
+            bias: bias.map(|b| b[j0..].as_ptr()),
+            n,
+        };
+        let mut r0 = 0;
+        while r0 + 4 <= rows {
+            tile.run::<4>(r0);
+            r0 += 4;
+        }
+        match rows - r0 {
+            1 => tile.run::<1>(r0),
+            2 => tile.run::<2>(r0),
+            3 => tile.run::<3>(r0),
+            _ => {}
         }
     };
     PANEL_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
@@ -303,16 +314,17 @@ unsafe fn wide_dots_avx512(
     })
 }
 
-/// One packed panel against the inputs, adding into `acc` (`width` columns a row) at
-/// column `col`, `n` of its columns.
+/// One packed panel against the inputs, writing its `n` columns of each output row (`out`:
+/// the panel's first column, rows `c_out` apart), plus the bias (from the panel's first).
 #[cfg(target_arch = "x86_64")]
 struct PanelTile<'a> {
     p: &'a Panel,
     x: &'a WideRows,
     blocks: usize,
     offsets: bool,
-    width: usize,
-    col: usize,
+    out: *mut f32,
+    c_out: usize,
+    bias: Option<*const f32>,
     n: usize,
 }
 
@@ -321,9 +333,9 @@ impl PanelTile<'_> {
     /// Input rows `r0..r0 + G` against the panel's 32 weight rows.
     ///
     /// # Safety
-    /// As for [`wide_dots_avx512`]; `r0 + G` rows exist.
+    /// As for [`wide_panel_avx512`]; `r0 + G` rows exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-    unsafe fn run<const G: usize>(&self, acc: &mut [f32], r0: usize) {
+    unsafe fn run<const G: usize>(&self, r0: usize) {
         use std::arch::x86_64::*;
         let (p, x, blocks) = (self.p, self.x, self.blocks);
         let c_in = blocks * QUANT_BLOCK;
@@ -367,14 +379,24 @@ impl PanelTile<'_> {
                 }
             }
         }
+        let masks: [__mmask16; 2] = std::array::from_fn(|h| {
+            let count = self.n.saturating_sub(16 * h).min(16);
+            ((1u32 << count) - 1) as __mmask16
+        });
+        let bias = self.bias.map(|b| {
+            [
+                _mm512_maskz_loadu_ps(masks[0], b),
+                _mm512_maskz_loadu_ps(masks[1], b.add(16)),
+            ]
+        });
         for (i, sum) in sums.iter().enumerate() {
-            let out = acc.as_mut_ptr().add((r0 + i) * self.width + self.col);
+            let out = self.out.add((r0 + i) * self.c_out);
             for (h, sum) in sum.iter().enumerate() {
-                let count = self.n.saturating_sub(16 * h).min(16);
-                let mask = ((1u32 << count) - 1) as __mmask16;
-                let at = out.add(16 * h);
-                let old = _mm512_maskz_loadu_ps(mask, at);
-                _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(old, *sum));
+                let value = match bias {
+                    Some(bias) => _mm512_add_ps(bias[h], *sum),
+                    None => *sum,
+                };
+                _mm512_mask_storeu_ps(out.add(16 * h), masks[h], value);
             }
         }
     }
@@ -397,8 +419,13 @@ mod tests {
                 }
                 let c_out = 83;
                 let w = QuantMatrix::quantize(kind, &values(c_in * c_out, 4), c_in, c_out).unwrap();
-                let bias = values(c_out, 9);
                 for rows in [1usize, 3, 4, 9, 21] {
+                    // With a bias, and without one (for 3 rows).
+                    let bias = values(c_out, 9)
+                        .into_iter()
+                        .map(|b| if rows == 3 { 0.0 } else { b })
+                        .collect::<Vec<_>>();
+                    let bias_arg = (rows != 3).then_some(&bias[..]);
                     let inp = values(rows * c_in, 5);
                     let x = WideRows::new(&inp, c_in, kind.has_offset());
                     let mut want = vec![0f32; rows * c_out];
@@ -425,7 +452,7 @@ mod tests {
                         }
                     }
                     let mut got = vec![f32::NAN; rows * c_out];
-                    let taken = matmul_wide_quant(&mut got, &inp, &w, Some(&bias));
+                    let taken = matmul_wide_quant(&mut got, &inp, &w, bias_arg);
                     #[cfg(target_arch = "x86_64")]
                     assert_eq!(
                         taken,
@@ -440,7 +467,7 @@ mod tests {
                     assert_eq!(bits(&got), bits(&want), "{kind:?} {c_in} wide, {rows} rows");
                     let mut alone = vec![0f32; c_out];
                     let last = rows - 1;
-                    matmul_wide_quant(&mut alone, &inp[last * c_in..], &w, Some(&bias));
+                    matmul_wide_quant(&mut alone, &inp[last * c_in..], &w, bias_arg);
                     assert_eq!(bits(&alone), bits(&want[last * c_out..]), "{kind:?} alone");
                 }
             }
