@@ -25,7 +25,7 @@ mod simd;
 
 pub(crate) use attention::attention_over_cache;
 pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
-pub use quant::{matmul_thin_quant, matmul_wide_quant, QuantKind, QuantMatrix};
+pub use quant::{matmul_thin_quant, matmul_wide_quant, wide_quant_native, QuantKind, QuantMatrix};
 pub use rope::RopeTable;
 pub(crate) use simd::{fast_exp, lane_dot, level, wide, Level};
 use simd::{lane_max, lane_sum};

@@ -7,7 +7,7 @@ use super::matmul::by_column_blocks;
 use super::{level, Level, SKINNY_ROWS};
 
 mod gemm;
-pub use gemm::matmul_wide_quant;
+pub use gemm::{matmul_wide_quant, wide_quant_native};
 
 /// How a [`QuantMatrix`] stores its weights: ggml's Q8_0, Q4_0 or Q4_1 blocks of 32 weights
 /// along each row, or Q4_K super-blocks of 256 (eight 32-weight sub-blocks, each with its own

@@ -248,7 +248,9 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
     };
     let (lhs, rhs) = (values(largest, 1), values(largest, 2));
     let mut dst = vec![0f32; largest];
-    type Product<'a> = Box<dyn Fn(&(String, usize, usize, usize, bool, bool), &mut [f32]) + 'a>;
+    // A product returns false where it does not apply to the shape.
+    type Product<'a> =
+        Box<dyn Fn(&(String, usize, usize, usize, bool, bool), &mut [f32]) -> bool + 'a>;
     let mut paths: Vec<(String, Product)> = Vec::new();
     for kernel in f32_gemm::kernels_available() {
         let (lhs, rhs) = (&lhs, &rhs);
@@ -273,7 +275,8 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
                         rs,
                         1.0,
                     )
-                }
+                };
+                true
             }),
         ));
     }
@@ -301,6 +304,7 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
                     )
                 };
                 assert!(done, "OpenBLAS refused a plain product");
+                true
             }),
         ));
     }
@@ -311,15 +315,45 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
             Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
                 let (ls, rs) = operand_strides(m, n, k, lt, rt);
                 kiem_engine::bf16_gemm::gemm(m, n, k, dst, n, false, lhs, ls, rhs, rs);
+                true
             }),
         ));
+    }
+    // Quantized weights as a decoding model's prefill multiplies them (forward products only;
+    // the inputs are quantized to 8 bits inside each product, as in a prefill).
+    if kiem_engine::kernels::wide_quant_native() {
+        use kiem_engine::kernels::{matmul_wide_quant, QuantKind, QuantMatrix};
+        for kind in [QuantKind::Q8_0, QuantKind::Q4_0] {
+            let mut weights = std::collections::HashMap::new();
+            for &(_, _, n, k, lt, rt) in &shapes {
+                if !lt && !rt && k % 32 == 0 {
+                    let w = QuantMatrix::quantize(kind, &rhs[..n * k], k, n)
+                        .expect("rows of whole blocks");
+                    weights.insert((n, k), w);
+                }
+            }
+            let lhs = &lhs;
+            paths.push((
+                format!("kiem {} weights, VNNI", kind.name()),
+                Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
+                    let Some(w) = weights.get(&(n, k)).filter(|_| !lt && !rt) else {
+                        return false;
+                    };
+                    matmul_wide_quant(&mut dst[..m * n], &lhs[..m * k], w, None)
+                }),
+            ));
+        }
     }
     let mut results = Vec::new();
     for (name, product) in &paths {
         let mut gflops = Vec::new();
         let (mut flops, mut seconds) = (0f64, 0f64);
         for shape in &shapes {
-            let (best, _) = fastest(args.repeat, || product(shape, &mut dst));
+            let (best, ran) = fastest(args.repeat, || product(shape, &mut dst));
+            if !ran {
+                gflops.push(f64::NAN);
+                continue;
+            }
             let f = 2.0 * (shape.1 * shape.2 * shape.3) as f64;
             gflops.push(f / best / 1e9);
             flops += f;
@@ -362,7 +396,11 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
     for (i, s) in report.shapes.iter().enumerate() {
         print!("{:<24}{:>18}", s.name, format!("{}x{}x{}", s.m, s.n, s.k));
         for p in &report.paths {
-            print!("  {:>22.1} GFLOP/s", p.gflops[i]);
+            if p.gflops[i].is_nan() {
+                print!("  {:>30}", "-");
+            } else {
+                print!("  {:>22.1} GFLOP/s", p.gflops[i]);
+            }
         }
         println!();
     }
@@ -397,10 +435,15 @@ fn generate(args: GenerateBenchArgs) -> Result<()> {
             .map(|i| ((i * 7919 + seed * 104_729) as u32) % vocab)
             .collect()
     };
+    // One cache, emptied before each repetition, as a server reuses its caches (and as
+    // llama-bench measures prompt processing: its cache is allocated once): the fastest
+    // repetition times the prefill, not the first touch of the cache's memory.
+    let mut cache = [KvCache::new(&gpt)];
     let (prefill_seconds, _) = fastest(args.repeat, || {
-        let mut cache = [KvCache::new(&gpt)];
+        cache[0].clear();
         gpt.forward_cached(&mut cache, &[&prompt(0)]).map(|_| ())
     });
+    drop(cache);
     let c = &gpt.config;
     let mid_length = (args.prompt_tokens + args.tokens / 2) as f64;
     let bytes_per_token = gpt.decoding_weight_bytes() as f64

@@ -33,22 +33,24 @@ impl WideRows {
             .zip(scaled_sums.par_chunks_mut(blocks))
             .zip(inp.par_chunks(c_in))
             .for_each(|(((up, scales), sums), x)| {
-                crate::kernels::wide(
-                    #[inline(always)]
-                    || {
-                        for b in 0..blocks {
-                            let at = b * QUANT_BLOCK;
-                            let mut q = [0i8; QUANT_BLOCK];
-                            scales[b] = quantize_input_block(&x[at..], &mut q);
-                            let mut sum = 0i32;
-                            for k in 0..QUANT_BLOCK {
-                                sum += i32::from(q[k]);
-                                up[at + k] = (q[k] as u8) ^ 0x80;
-                            }
-                            sums[b] = scales[b] * sum as f32;
-                        }
-                    },
-                )
+                #[cfg(target_arch = "x86_64")]
+                if wide_quant_native() {
+                    // SAFETY: the CPU has AVX-512 F/BW/VL (`wide_quant_native`); the slices
+                    // hold one row of `blocks` blocks each.
+                    unsafe { quantize_row_avx512(x, up, scales, sums) };
+                    return;
+                }
+                for b in 0..blocks {
+                    let at = b * QUANT_BLOCK;
+                    let mut q = [0i8; QUANT_BLOCK];
+                    scales[b] = quantize_input_block(&x[at..], &mut q);
+                    let mut sum = 0i32;
+                    for (k, &v) in q.iter().enumerate() {
+                        sum += i32::from(v);
+                        up[at + k] = (v as u8) ^ 0x80;
+                    }
+                    sums[b] = scales[b] * sum as f32;
+                }
             });
         if !sums {
             scaled_sums = Vec::new();
@@ -59,6 +61,66 @@ impl WideRows {
             scaled_sums,
         }
     }
+}
+
+/// One row of [`WideRows::new`] with AVX-512: the same values as [`quantize_input_block`]
+/// (its rounding of halves away from zero, NaN as 0, infinities saturated), 32 at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/DQ/VL; `x` and `up` hold `scales.len()` blocks, as `sums` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+unsafe fn quantize_row_avx512(x: &[f32], up: &mut [u8], scales: &mut [f32], sums: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let sign_bit = _mm512_set1_ps(-0.0);
+    let one = _mm512_set1_ps(1.0);
+    let half = _mm512_set1_ps(0.5);
+    let (low, high) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+    let flip = _mm_set1_epi8(-128);
+    for (b, (scale, sum)) in scales.iter_mut().zip(sums.iter_mut()).enumerate() {
+        let at = b * QUANT_BLOCK;
+        let v = [
+            _mm512_loadu_ps(x.as_ptr().add(at)),
+            _mm512_loadu_ps(x.as_ptr().add(at + 16)),
+        ];
+        // The largest magnitude, NaNs left out (as f32::max does).
+        let magnitude = |v: __m512| {
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+            _mm512_maskz_mov_ps(ordered, _mm512_andnot_ps(sign_bit, v))
+        };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(magnitude(v[0]), magnitude(v[1])));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let mut total = _mm512_setzero_si512();
+        for (h, &v) in v.iter().enumerate() {
+            let scaled = _mm512_mul_ps(v, id);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(scaled);
+            let frac = _mm512_andnot_ps(sign_bit, _mm512_sub_ps(scaled, t));
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
+            let step = _mm512_or_ps(_mm512_and_ps(scaled, sign_bit), one);
+            let rounded = _mm512_mask_add_ps(t, away, t, step);
+            // NaN to 0, then saturate as `as i8` does.
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(scaled, scaled);
+            let rounded = _mm512_maskz_mov_ps(ordered, rounded);
+            let q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rounded, low), high));
+            total = _mm512_add_epi32(total, q);
+            let bytes = _mm_xor_si128(_mm512_cvtepi32_epi8(q), flip);
+            _mm_storeu_si128(up.as_mut_ptr().add(at + 16 * h) as *mut __m128i, bytes);
+        }
+        *scale = d;
+        *sum = d * _mm512_reduce_add_epi32(total) as f32;
+    }
+}
+
+/// Whether [`matmul_wide_quant`] has an integer form on this CPU (AVX-512 VNNI).
+pub fn wide_quant_native() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::{level, Level};
+        level() == Level::Avx512 && super::avx512_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for many rows with a quantized `W`, in
@@ -76,8 +138,7 @@ pub fn matmul_wide_quant(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::kernels::{level, Level};
-        if level() != Level::Avx512 || !super::avx512_vnni() {
+        if !wide_quant_native() {
             return false;
         }
         let (c_in, c_out) = (w.c_in, w.c_out);
@@ -175,7 +236,7 @@ const BLOCK_LINES: usize = 16;
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL and VNNI; `j0 + n <= w.c_out`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
     use std::arch::x86_64::*;
     let blocks = w.c_in / QUANT_BLOCK;
@@ -269,7 +330,7 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
 /// `bias` (if any) holds `w.c_out` values, and `out` `rows × c_out` values, the panel's
 /// columns of which no other thread touches meanwhile.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn wide_panel_avx512(
     out: crate::kernels::SyncPtr,
     c_out: usize,
@@ -334,7 +395,7 @@ impl PanelTile<'_> {
     ///
     /// # Safety
     /// As for [`wide_panel_avx512`]; `r0 + G` rows exist.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")]
     unsafe fn run<const G: usize>(&self, r0: usize) {
         use std::arch::x86_64::*;
         let (p, x, blocks) = (self.p, self.x, self.blocks);
@@ -407,6 +468,36 @@ mod tests {
     use super::*;
     use crate::kernels::quant::tests::{values, KINDS};
 
+    /// The rows' AVX-512 quantization gives the scalar quantizer's values, edge cases
+    /// included (halves, zeros, tiny scales, infinities, NaN).
+    #[test]
+    fn wide_rows_quantize_as_the_thin_product_does() {
+        let mut x = values(32 * 40, 6);
+        x[..32].fill(0.0);
+        for (k, v) in x[32..64].iter_mut().enumerate() {
+            *v = (k as f32 - 16.0) * 127.0 / 32.0 + 0.5 * (k % 2) as f32;
+        }
+        x[64..96].iter_mut().for_each(|v| *v *= 1e-38);
+        x[100] = f32::INFINITY;
+        x[140] = f32::NAN;
+        x[170] = f32::NEG_INFINITY;
+        x[200] = 3e38;
+        let wide = WideRows::new(&x, 32 * 8, true);
+        let thin = super::super::QuantRows::new(&x, false);
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide.scales), bits(&thin.scales));
+        let back: Vec<i8> = wide.up.iter().map(|&u| (u ^ 0x80) as i8).collect();
+        assert_eq!(back, thin.q);
+        for (b, &sum) in wide.scaled_sums.iter().enumerate() {
+            let q: i32 = thin.q[b * 32..][..32].iter().map(|&v| i32::from(v)).sum();
+            assert_eq!(
+                sum.to_bits(),
+                (thin.scales[b] * q as f32).to_bits(),
+                "block {b}"
+            );
+        }
+    }
+
     /// The SIMD form gives the reference form's bits for every kind, odd and even block
     /// counts, any number of rows and a partial last panel; each row's result does not depend
     /// on the other rows; and the product stays near the dequantized weights' product.
@@ -456,8 +547,7 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     assert_eq!(
                         taken,
-                        crate::kernels::level() == crate::kernels::Level::Avx512
-                            && crate::kernels::quant::avx512_vnni(),
+                        wide_quant_native(),
                         "the integer form is taken wherever the CPU has one"
                     );
                     if !taken {
