@@ -8,7 +8,8 @@ use rayon::prelude::*;
 
 use crate::bf16_gemm::{from_bf16, to_bf16};
 use crate::kernels::{
-    matmul_thin_bf16, matmul_thin_quant, matmul_wide_quant, DecodingWeights, QuantMatrix,
+    matmul_thin_bf16, matmul_thin_quant, matmul_wide_quant, wide_quant_native, DecodingWeights,
+    QuantMatrix,
 };
 
 /// One matrix, `[c_out, c_in]`.
@@ -269,6 +270,15 @@ impl FrozenMatrix {
                     true
                 });
             }
+        }
+    }
+
+    /// Whether [`FrozenMatrix::wide_product`] multiplies this matrix in integers on this CPU.
+    pub fn has_integer_wide_form(&self) -> bool {
+        match self {
+            FrozenMatrix::Bf16 { .. } => false,
+            FrozenMatrix::Quant(_) => wide_quant_native(),
+            FrozenMatrix::Stacked(parts) => parts.iter().all(FrozenMatrix::has_integer_wide_form),
         }
     }
 
