@@ -286,13 +286,14 @@ impl FrozenMatrix {
     /// where the CPU has an integer form for every part ([`matmul_wide_quant`]); false, with
     /// `out` untouched, where not: the caller multiplies the dequantized values then.
     pub fn wide_product(&self, out: &mut [f32], inp: &[f32], bias: Option<&[f32]>) -> bool {
+        // Checked first, so a stacked matrix never leaves some parts' columns written.
+        if !self.has_integer_wide_form() {
+            return false;
+        }
         match self {
             FrozenMatrix::Bf16 { .. } => false,
             FrozenMatrix::Quant(q) => matmul_wide_quant(out, inp, q, bias),
             FrozenMatrix::Stacked(parts) => {
-                if parts.iter().any(|p| matches!(p, FrozenMatrix::Bf16 { .. })) {
-                    return false;
-                }
                 self.by_parts(parts, out, inp, bias, |part, out, inp, bias| {
                     part.wide_product(out, inp, bias)
                 })

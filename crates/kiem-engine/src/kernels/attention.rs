@@ -87,6 +87,17 @@ unsafe fn block_scores(
     k0
 }
 
+/// The scores a row sees into their probabilities, in place; returns their log-sum-exp.
+#[inline(always)]
+fn softmax(live: &mut [f32]) -> f32 {
+    let max = lane_max(live);
+    live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
+    let sum = lane_sum(live, |e| e);
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
+}
+
 fn row_blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(ATTENTION_BLOCK))
         .map(move |i| (i * ATTENTION_BLOCK, ((i + 1) * ATTENTION_BLOCK).min(t)))
@@ -179,13 +190,7 @@ pub(super) fn attention_forward(
                                 let row = &mut p[(t - r0) * keys..(t - r0 + 1) * keys];
                                 let first = first_key(pos, t) - k0;
                                 row[..first].fill(0.0);
-                                let live = &mut row[first..=t - k0];
-                                let max = lane_max(live);
-                                live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                                let sum = lane_sum(live, |e| e);
-                                let inv = 1.0 / sum;
-                                live.iter_mut().for_each(|x| *x *= inv);
-                                lse[t] = max + sum.ln();
+                                lse[t] = softmax(&mut row[first..=t - k0]);
                                 row[t - k0 + 1..].fill(0.0);
                             }
                         },
@@ -268,11 +273,7 @@ pub(crate) unsafe fn attention_over_cache(
                 || {
                     for t in r0..r1 {
                         let row = &mut p[(t - r0) * seen..(t - r0 + 1) * seen];
-                        let live = &mut row[..=start + t];
-                        let max = lane_max(live);
-                        live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
-                        let inv = 1.0 / lane_sum(live, |e| e);
-                        live.iter_mut().for_each(|x| *x *= inv);
+                        softmax(&mut row[..=start + t]);
                         row[start + t + 1..].fill(0.0);
                     }
                 },

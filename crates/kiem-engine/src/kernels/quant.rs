@@ -930,6 +930,24 @@ mod tests {
             .collect()
     }
 
+    /// A matrix of `c_out` rows of every kind, 3, 8 and 24 blocks wide (those its rows allow).
+    pub(super) fn test_matrices(c_out: usize) -> Vec<(QuantKind, usize, QuantMatrix)> {
+        let mut matrices = Vec::new();
+        for kind in KINDS {
+            for c_in in [96usize, 256, 768] {
+                if c_in.is_multiple_of(kind.row_multiple()) {
+                    let w = values(c_in * c_out, 4);
+                    matrices.push((
+                        kind,
+                        c_in,
+                        QuantMatrix::quantize(kind, &w, c_in, c_out).unwrap(),
+                    ));
+                }
+            }
+        }
+        matrices
+    }
+
     pub(super) const KINDS: [QuantKind; 4] = [
         QuantKind::Q8_0,
         QuantKind::Q4_0,
@@ -1050,40 +1068,32 @@ mod tests {
     /// and even block counts, and 1 to 6 rows.
     #[test]
     fn simd_forms_give_the_portable_bits() {
-        for kind in KINDS {
-            for c_in in [96usize, 256, 768] {
-                if !c_in.is_multiple_of(kind.row_multiple()) {
-                    continue;
-                }
-                let c_out = 19;
-                let w = QuantMatrix::quantize(kind, &values(c_in * c_out, 4), c_in, c_out).unwrap();
-                for rows in [1, 2, 3, 4, 6, 7] {
-                    let x = QuantRows::new(&values(rows * c_in, 5), kind.has_offset());
-                    let blocks = c_in / QUANT_BLOCK;
-                    let run = |form: &dyn Fn(&mut [f32])| {
-                        let mut acc = vec![0.5f32; rows * 17];
-                        form(&mut acc);
-                        acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                    };
-                    let want = run(&|acc| quant_dots_portable(acc, &x, &w, rows, blocks, 2, 19));
-                    #[cfg(target_arch = "x86_64")]
+        for (kind, c_in, w) in test_matrices(19) {
+            for rows in [1, 2, 3, 4, 6, 7] {
+                let x = QuantRows::new(&values(rows * c_in, 5), kind.has_offset());
+                let blocks = c_in / QUANT_BLOCK;
+                let run = |form: &dyn Fn(&mut [f32])| {
+                    let mut acc = vec![0.5f32; rows * 17];
+                    form(&mut acc);
+                    acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                let want = run(&|acc| quant_dots_portable(acc, &x, &w, rows, blocks, 2, 19));
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
                     {
-                        if std::is_x86_feature_detected!("avx2")
-                            && std::is_x86_feature_detected!("fma")
-                        {
-                            // SAFETY: AVX2 and FMA checked; shapes as the product passes them.
-                            let got = run(&|acc| unsafe {
-                                quant_dots_avx2(acc, &x, &w, rows, blocks, 2, 19)
-                            });
-                            assert_eq!(got, want, "{kind:?} AVX2, {c_in} wide, {rows} rows");
-                        }
-                        if level() == Level::Avx512 && avx512_vnni() {
-                            // SAFETY: AVX-512 and VNNI checked; shapes as above.
-                            let got = run(&|acc| unsafe {
-                                quant_dots_avx512(acc, &x, &w, rows, blocks, 2, 19)
-                            });
-                            assert_eq!(got, want, "{kind:?} AVX-512, {c_in} wide, {rows} rows");
-                        }
+                        // SAFETY: AVX2 and FMA checked; shapes as the product passes them.
+                        let got = run(&|acc| unsafe {
+                            quant_dots_avx2(acc, &x, &w, rows, blocks, 2, 19)
+                        });
+                        assert_eq!(got, want, "{kind:?} AVX2, {c_in} wide, {rows} rows");
+                    }
+                    if level() == Level::Avx512 && avx512_vnni() {
+                        // SAFETY: AVX-512 and VNNI checked; shapes as above.
+                        let got = run(&|acc| unsafe {
+                            quant_dots_avx512(acc, &x, &w, rows, blocks, 2, 19)
+                        });
+                        assert_eq!(got, want, "{kind:?} AVX-512, {c_in} wide, {rows} rows");
                     }
                 }
             }

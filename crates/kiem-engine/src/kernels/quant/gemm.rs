@@ -466,7 +466,7 @@ impl PanelTile<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::quant::tests::{values, KINDS};
+    use crate::kernels::quant::tests::{test_matrices, values};
 
     /// The rows' AVX-512 quantization gives the scalar quantizer's values, edge cases
     /// included (halves, zeros, tiny scales, infinities, NaN).
@@ -503,63 +503,57 @@ mod tests {
     /// on the other rows; and the product stays near the dequantized weights' product.
     #[test]
     fn wide_product_matches_its_reference_and_the_dequantized_product() {
-        for kind in KINDS {
-            for c_in in [96usize, 256, 768] {
-                if !c_in.is_multiple_of(kind.row_multiple()) {
+        let c_out = 83;
+        for (kind, c_in, w) in test_matrices(c_out) {
+            for rows in [1usize, 3, 4, 9, 21] {
+                // With a bias, and without one (for 3 rows).
+                let bias = values(c_out, 9)
+                    .into_iter()
+                    .map(|b| if rows == 3 { 0.0 } else { b })
+                    .collect::<Vec<_>>();
+                let bias_arg = (rows != 3).then_some(&bias[..]);
+                let inp = values(rows * c_in, 5);
+                let x = WideRows::new(&inp, c_in, kind.has_offset());
+                let mut want = vec![0f32; rows * c_out];
+                for row in want.chunks_mut(c_out) {
+                    row.copy_from_slice(&bias);
+                }
+                wide_dots_portable(&mut want, &x, &w, rows, 0, c_out);
+                // Near the product with the dequantized weights: the inputs' 8-bit
+                // quantization is the only difference.
+                let dense = w.dequantize();
+                for r in 0..rows {
+                    let xr = &inp[r * c_in..(r + 1) * c_in];
+                    let magnitude: f32 = xr.iter().map(|v| v.abs()).sum::<f32>();
+                    for j in 0..c_out {
+                        let wr = &dense[j * c_in..(j + 1) * c_in];
+                        let exact: f32 =
+                            bias[j] + xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
+                        let wmax = wr.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let got = want[r * c_out + j];
+                        assert!(
+                            (got - exact).abs() <= 0.01 * magnitude * wmax + 1e-4,
+                            "{kind:?} {c_in} row {r} col {j}: {got} vs {exact}"
+                        );
+                    }
+                }
+                let mut got = vec![f32::NAN; rows * c_out];
+                let taken = matmul_wide_quant(&mut got, &inp, &w, bias_arg);
+                #[cfg(target_arch = "x86_64")]
+                assert_eq!(
+                    taken,
+                    wide_quant_native(),
+                    "the integer form is taken wherever the CPU has one"
+                );
+                if !taken {
                     continue;
                 }
-                let c_out = 83;
-                let w = QuantMatrix::quantize(kind, &values(c_in * c_out, 4), c_in, c_out).unwrap();
-                for rows in [1usize, 3, 4, 9, 21] {
-                    // With a bias, and without one (for 3 rows).
-                    let bias = values(c_out, 9)
-                        .into_iter()
-                        .map(|b| if rows == 3 { 0.0 } else { b })
-                        .collect::<Vec<_>>();
-                    let bias_arg = (rows != 3).then_some(&bias[..]);
-                    let inp = values(rows * c_in, 5);
-                    let x = WideRows::new(&inp, c_in, kind.has_offset());
-                    let mut want = vec![0f32; rows * c_out];
-                    for row in want.chunks_mut(c_out) {
-                        row.copy_from_slice(&bias);
-                    }
-                    wide_dots_portable(&mut want, &x, &w, rows, 0, c_out);
-                    // Near the product with the dequantized weights: the inputs' 8-bit
-                    // quantization is the only difference.
-                    let dense = w.dequantize();
-                    for r in 0..rows {
-                        let xr = &inp[r * c_in..(r + 1) * c_in];
-                        let magnitude: f32 = xr.iter().map(|v| v.abs()).sum::<f32>();
-                        for j in 0..c_out {
-                            let wr = &dense[j * c_in..(j + 1) * c_in];
-                            let exact: f32 =
-                                bias[j] + xr.iter().zip(wr).map(|(a, b)| a * b).sum::<f32>();
-                            let wmax = wr.iter().fold(0f32, |m, v| m.max(v.abs()));
-                            let got = want[r * c_out + j];
-                            assert!(
-                                (got - exact).abs() <= 0.01 * magnitude * wmax + 1e-4,
-                                "{kind:?} {c_in} row {r} col {j}: {got} vs {exact}"
-                            );
-                        }
-                    }
-                    let mut got = vec![f32::NAN; rows * c_out];
-                    let taken = matmul_wide_quant(&mut got, &inp, &w, bias_arg);
-                    #[cfg(target_arch = "x86_64")]
-                    assert_eq!(
-                        taken,
-                        wide_quant_native(),
-                        "the integer form is taken wherever the CPU has one"
-                    );
-                    if !taken {
-                        continue;
-                    }
-                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "{kind:?} {c_in} wide, {rows} rows");
-                    let mut alone = vec![0f32; c_out];
-                    let last = rows - 1;
-                    matmul_wide_quant(&mut alone, &inp[last * c_in..], &w, bias_arg);
-                    assert_eq!(bits(&alone), bits(&want[last * c_out..]), "{kind:?} alone");
-                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{kind:?} {c_in} wide, {rows} rows");
+                let mut alone = vec![0f32; c_out];
+                let last = rows - 1;
+                matmul_wide_quant(&mut alone, &inp[last * c_in..], &w, bias_arg);
+                assert_eq!(bits(&alone), bits(&want[last * c_out..]), "{kind:?} alone");
             }
         }
     }
