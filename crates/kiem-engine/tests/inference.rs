@@ -682,6 +682,7 @@ fn quantized_weights_decode_close_to_fp32_on_the_dequantized_weights() {
             QuantKind::Q4_0 => 0.6,
             // A step over each block's range instead of over twice its largest magnitude.
             QuantKind::Q4_1 | QuantKind::Q4_K => 0.45,
+            _ => unreachable!("only kinds with quantizers are made here"),
         };
         assert!(worst < limit, "{kind:?}: {worst}");
     }

@@ -301,7 +301,7 @@ fn commands_take_gguf_files_and_agree_with_the_directory_they_came_from() {
     };
     let log = lora_run("qlora");
     assert!(
-        log.contains("kept as the file stores them (fp32+q8_0+q4_1+q4_k+q4_0"),
+        log.contains("kept as the file stores them (fp32+q5_1+q4_1+q4_k+q6_k+q4_0+q5_0;"),
         "{log}"
     );
     assert_eq!(

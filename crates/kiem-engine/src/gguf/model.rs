@@ -311,10 +311,9 @@ pub fn load_gguf_model(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
 
 /// Loads the network of a GGUF file for decoding, and its special ids: every matrix (layer
 /// matrices, embedding, output head) kept in the form the file stores it where a kernel reads
-/// that form (Q8_0, Q4_0, Q4_1, Q4_K, BF16), so the memory held is about the file's size; Q5_0,
-/// Q5_1, Q5_K and Q6_K matrices are quantized again as Q8_0 (no kernel reads their blocks);
-/// F32 and F16 ones, and the rest of the parameters, become fp32. The model is laid out for
-/// decoding (it only generates).
+/// that form (every quantized kind a GGUF file can hold here, and BF16), so the memory held is
+/// about the file's size; F32 and F16 ones, and the rest of the parameters, become fp32. The
+/// model is laid out for decoding (it only generates).
 pub fn load_gguf_for_decoding(file: &GgufFile) -> Result<(Gpt, SpecialIds)> {
     let (mut gpt, ids, compact) = load_gguf_compact(file, true)?;
     gpt.set_compact_matrices(compact)?;
@@ -435,7 +434,7 @@ fn compact_matrix(
     hf: &str,
 ) -> Option<FrozenMatrix> {
     use super::GgmlType;
-    use crate::kernels::{QuantKind, QuantMatrix};
+    use crate::kernels::QuantMatrix;
     let (c_in, c_out) = (info.dims[0] as usize, info.dims[1] as usize);
     let bytes = file.tensor_bytes(info);
     let m = match info.kind {
@@ -447,9 +446,6 @@ fn compact_matrix(
             c_in,
             c_out,
         },
-        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K | GgmlType::Q6_K => FrozenMatrix::Quant(
-            QuantMatrix::quantize(QuantKind::Q8_0, &file.read_f32(info), c_in, c_out)?,
-        ),
         kind => FrozenMatrix::Quant(QuantMatrix::from_ggml(kind, bytes, c_in, c_out)?),
     };
     if config.arch == Arch::Gpt2 {

@@ -9,9 +9,11 @@ use super::{level, Level, SKINNY_ROWS};
 mod gemm;
 pub use gemm::{matmul_wide_quant, wide_quant_native};
 
-/// How a [`QuantMatrix`] stores its weights: ggml's Q8_0, Q4_0 or Q4_1 blocks of 32 weights
-/// along each row, or Q4_K super-blocks of 256 (eight 32-weight sub-blocks, each with its own
-/// 6-bit scale and min), quantized by ggml's reference quantizers.
+/// How a [`QuantMatrix`] stores its weights: ggml's Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1 blocks of
+/// 32 weights along each row, or its K super-blocks of 256 (Q4_K and Q5_K: eight 32-weight
+/// sub-blocks, each with its own 6-bit scale and min; Q6_K: sixteen 16-weight groups, each with
+/// its own 8-bit scale). Q8_0, Q4_0, Q4_1 and Q4_K matrices can also be quantized here, by
+/// ggml's reference quantizers; the 5- and 6-bit kinds are read from files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(non_camel_case_types)]
 pub enum QuantKind {
@@ -19,6 +21,10 @@ pub enum QuantKind {
     Q4_0,
     Q4_1,
     Q4_K,
+    Q5_0,
+    Q5_1,
+    Q5_K,
+    Q6_K,
 }
 
 impl QuantKind {
@@ -29,6 +35,10 @@ impl QuantKind {
             QuantKind::Q4_0 => GgmlType::Q4_0,
             QuantKind::Q4_1 => GgmlType::Q4_1,
             QuantKind::Q4_K => GgmlType::Q4_K,
+            QuantKind::Q5_0 => GgmlType::Q5_0,
+            QuantKind::Q5_1 => GgmlType::Q5_1,
+            QuantKind::Q5_K => GgmlType::Q5_K,
+            QuantKind::Q6_K => GgmlType::Q6_K,
         }
     }
 
@@ -38,6 +48,10 @@ impl QuantKind {
             QuantKind::Q4_0 => "q4_0",
             QuantKind::Q4_1 => "q4_1",
             QuantKind::Q4_K => "q4_k",
+            QuantKind::Q5_0 => "q5_0",
+            QuantKind::Q5_1 => "q5_1",
+            QuantKind::Q5_K => "q5_k",
+            QuantKind::Q6_K => "q6_k",
         }
     }
 
@@ -49,30 +63,79 @@ impl QuantKind {
             GgmlType::Q4_0 => Some(QuantKind::Q4_0),
             GgmlType::Q4_1 => Some(QuantKind::Q4_1),
             GgmlType::Q4_K => Some(QuantKind::Q4_K),
+            GgmlType::Q5_0 => Some(QuantKind::Q5_0),
+            GgmlType::Q5_1 => Some(QuantKind::Q5_1),
+            GgmlType::Q5_K => Some(QuantKind::Q5_K),
+            GgmlType::Q6_K => Some(QuantKind::Q6_K),
             _ => None,
         }
     }
 
-    /// Weights a row must hold a whole number of: ggml's block (256 for Q4_K).
+    /// Whether [`QuantMatrix::quantize`] can quantize to this kind.
+    pub fn has_quantizer(self) -> bool {
+        matches!(
+            self,
+            QuantKind::Q8_0 | QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q4_K
+        )
+    }
+
+    /// Weights a row must hold a whole number of: ggml's block (256 for the K kinds).
     pub fn row_multiple(self) -> usize {
         self.ggml().block().0
     }
 
     /// Whether each 32-weight block has an offset besides its scale (`w = scale·q + offset`,
-    /// `q` unsigned) rather than a scale alone (`w = scale·q`, `q` signed).
+    /// `q` unsigned) rather than a scale alone (`w = scale·(q − center)`).
     fn has_offset(self) -> bool {
-        matches!(self, QuantKind::Q4_1 | QuantKind::Q4_K)
+        matches!(
+            self,
+            QuantKind::Q4_1 | QuantKind::Q4_K | QuantKind::Q5_1 | QuantKind::Q5_K
+        )
     }
 
     fn nibbles(self) -> bool {
         self != QuantKind::Q8_0
     }
 
-    /// Bytes a weight takes as stored here: the weight, and its block's f32 scale (and offset).
+    /// Bits of each weight above its low nibble, each kept as a plane of one bit per weight.
+    fn high_planes(self) -> usize {
+        match self {
+            QuantKind::Q5_0 | QuantKind::Q5_1 | QuantKind::Q5_K => 1,
+            QuantKind::Q6_K => 2,
+            _ => 0,
+        }
+    }
+
+    /// What is subtracted from a stored unsigned value to give the weight's signed one (0 for
+    /// Q8_0, whose bytes are signed, and for the kinds with offsets).
+    fn center(self) -> u8 {
+        match self {
+            QuantKind::Q4_0 => 8,
+            QuantKind::Q5_0 => 16,
+            QuantKind::Q6_K => 32,
+            _ => 0,
+        }
+    }
+
+    /// Scales per 32-weight block: two for Q6_K (one per 16 weights), else one.
+    fn scale_groups(self) -> usize {
+        if self == QuantKind::Q6_K {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Bytes a weight takes as stored here: the weight, and its block's f32 scales (and
+    /// offset).
     pub fn bytes_per_weight(self) -> f64 {
-        let weight = if self.nibbles() { 0.5 } else { 1.0 };
-        let per_block = if self.has_offset() { 8.0 } else { 4.0 };
-        weight + per_block / QUANT_BLOCK as f64
+        let weight = if self.nibbles() {
+            (4 + self.high_planes()) as f64 / 8.0
+        } else {
+            1.0
+        };
+        let per_block = 4 * self.scale_groups() + if self.has_offset() { 4 } else { 0 };
+        weight + per_block as f64 / QUANT_BLOCK as f64
     }
 }
 
@@ -80,14 +143,16 @@ impl QuantKind {
 pub const QUANT_BLOCK: usize = 32;
 
 /// A matrix `W[c_out, c_in]` quantized for decoding, in a layout the thin product streams:
-/// each 32-weight block's scale (and offset) as f32, ggml's fp16 values widened once (a Q4_K
-/// sub-block's are its super-block's scale times its 6-bit scale, and minus its min, computed
-/// as ggml dequantizes), and its weights: Q8_0 one signed byte each in order; the 4-bit kinds
-/// two a byte, Q4_0's minus 8 when read, each row's blocks in pairs (0 and 1, 2 and 3, ...):
-/// byte k of a pair's 32 holds weight k of the first block in its low nibble and weight k of
-/// the second in its high one (so one load and a shift give 64 weights in order; Q4_K's ggml
-/// layout); a row's odd last block alone holds weights k and k + 16 in byte k of its 16
-/// (Q4_0's ggml layout).
+/// each 32-weight block's scale (two for Q6_K, one per 16 weights) and offset as f32, ggml's
+/// fp16 values widened once (a K sub-block's are its super-block's scale times its own scale,
+/// and minus its min, computed as ggml dequantizes), and its weights: Q8_0 one signed byte
+/// each in order; the other kinds keep each weight's low 4 bits two a byte, each row's blocks
+/// in pairs (0 and 1, 2 and 3, ...): byte k of a pair's 32 holds weight k of the first block in
+/// its low nibble and weight k of the second in its high one (so one load and a shift give 64
+/// weights in order; Q4_K's ggml layout); a row's odd last block alone holds weights k and
+/// k + 16 in byte k of its 16 (Q4_0's ggml layout). The 5- and 6-bit kinds keep the bits above
+/// the nibble in `high` planes, one u32 per block and plane, bit k for weight k. A stored value
+/// less the kind's center (Q4_0 8, Q5_0 16, Q6_K 32) is the signed one the scale multiplies.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     pub kind: QuantKind,
@@ -97,6 +162,10 @@ pub struct QuantMatrix {
     /// Empty for kinds without offsets.
     offsets: Vec<f32>,
     q: Vec<u8>,
+    /// The bit planes above the nibbles (empty for 4- and 8-bit kinds), per row: for each pair
+    /// of blocks, plane 0 of both blocks, then plane 1 of both (so a pair's plane reads as one
+    /// u64, the first block in its low half); an odd last block's planes in order.
+    high: Vec<u32>,
 }
 
 impl QuantMatrix {
@@ -111,16 +180,17 @@ impl QuantMatrix {
             kind,
             c_in,
             c_out,
-            scales: vec![0f32; blocks],
+            scales: vec![0f32; blocks * kind.scale_groups()],
             offsets: vec![0f32; if kind.has_offset() { blocks } else { 0 }],
             q: vec![0u8; c_in * c_out / per_byte],
+            high: vec![0u32; blocks * kind.high_planes()],
         })
     }
 
     /// Quantizes `w[c_out, c_in]` as ggml's reference quantizer does; `None` when rows are
-    /// not whole blocks.
+    /// not whole blocks, or for a kind without a quantizer here ([`QuantKind::has_quantizer`]).
     pub fn quantize(kind: QuantKind, w: &[f32], c_in: usize, c_out: usize) -> Option<Self> {
-        if w.len() < c_in * c_out {
+        if w.len() < c_in * c_out || !kind.has_quantizer() {
             return None;
         }
         let mut m = Self::zeros(kind, c_in, c_out)?;
@@ -155,22 +225,32 @@ impl QuantMatrix {
         let n = kind.row_multiple();
         let subs = n / QUANT_BLOCK;
         let q_per = if kind.nibbles() { n / 2 } else { n };
-        // Kinds without offsets fill a scratch copy that is dropped.
-        let mut offsets = vec![0f32; self.scales.len()];
+        let planes = kind.high_planes();
+        // Kinds without offsets fill a scratch copy that is dropped; kinds without planes
+        // fill one word a block that is dropped too (chunks must not be empty).
+        let mut offsets = vec![0f32; self.c_in * self.c_out / QUANT_BLOCK];
+        let mut high = vec![0u32; offsets.len() * planes.max(1)];
         self.scales
-            .par_chunks_mut(subs)
+            .par_chunks_mut(subs * kind.scale_groups())
             .zip(offsets.par_chunks_mut(subs))
             .zip(self.q.par_chunks_mut(q_per))
+            .zip(high.par_chunks_mut(subs * planes.max(1)))
             .enumerate()
-            .for_each(|(i, ((scales, offsets), q))| {
-                unpack_ggml_block(kind, &block(n, i * n), scales, offsets, q);
+            .for_each(|(i, (((scales, offsets), q), high))| {
+                unpack_ggml_block(kind, &block(n, i * n), scales, offsets, q, high);
             });
         if kind.has_offset() {
             self.offsets = offsets;
         }
-        if matches!(kind, QuantKind::Q4_0 | QuantKind::Q4_1) {
+        if kind.nibbles() {
             let row_bytes = self.c_in / 2;
             self.q.par_chunks_mut(row_bytes).for_each(pair_blocks);
+        }
+        if planes > 0 {
+            let row_words = self.c_in / QUANT_BLOCK * planes;
+            high.par_chunks_mut(row_words)
+                .for_each(|row| pair_planes(row, planes));
+            self.high = high;
         }
     }
 
@@ -188,34 +268,28 @@ impl QuantMatrix {
         self.scales.extend_from_slice(&other.scales);
         self.offsets.extend_from_slice(&other.offsets);
         self.q.extend_from_slice(&other.q);
+        self.high.extend_from_slice(&other.high);
     }
 
     /// The matrix with its rows reordered: row `i` is this one's row `order[i]`.
     pub fn with_row_order(&self, order: &[usize]) -> Self {
         assert_eq!(order.len(), self.c_out, "with_row_order: one index per row");
-        let blocks = self.c_in / QUANT_BLOCK;
-        let q_row = self.q.len() / self.c_out;
-        let pick = |v: &[f32]| -> Vec<f32> {
-            if v.is_empty() {
-                return Vec::new();
-            }
+        fn pick<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
+            let per_row = v.len() / order.len();
             order
                 .iter()
-                .flat_map(|&r| &v[r * blocks..(r + 1) * blocks])
+                .flat_map(|&r| &v[r * per_row..(r + 1) * per_row])
                 .copied()
                 .collect()
-        };
+        }
         Self {
             kind: self.kind,
             c_in: self.c_in,
             c_out: self.c_out,
-            scales: pick(&self.scales),
-            offsets: pick(&self.offsets),
-            q: order
-                .iter()
-                .flat_map(|&r| &self.q[r * q_row..(r + 1) * q_row])
-                .copied()
-                .collect(),
+            scales: pick(&self.scales, order),
+            offsets: pick(&self.offsets, order),
+            q: pick(&self.q, order),
+            high: pick(&self.high, order),
         }
     }
 
@@ -247,24 +321,20 @@ impl QuantMatrix {
     fn dequantize_block(&self, i: usize, out: &mut [f32]) {
         let blocks = self.c_in / QUANT_BLOCK;
         let q = weight_block(self, i / blocks, i % blocks);
-        let scale = self.scales[i];
-        match self.offsets.get(i) {
-            Some(&offset) => {
-                for (w, &q) in out.iter_mut().zip(&q) {
-                    *w = f32::from(q) * scale + offset;
-                }
-            }
-            None => {
-                for (w, &q) in out.iter_mut().zip(&q) {
-                    *w = f32::from(q) * scale;
-                }
-            }
+        let groups = self.kind.scale_groups();
+        let offset = self.offsets.get(i).copied();
+        for (k, (w, &q)) in out.iter_mut().zip(&q).enumerate() {
+            let scaled = f32::from(q) * self.scales[i * groups + k * groups / QUANT_BLOCK];
+            *w = match offset {
+                Some(offset) => scaled + offset,
+                None => scaled,
+            };
         }
     }
 
-    /// Bytes a product reads: the weights and their scales (and offsets).
+    /// Bytes a product reads: the weights and their scales (and offsets, and high bits).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * (self.scales.len() + self.offsets.len())
+        self.q.len() + 4 * (self.scales.len() + self.offsets.len() + self.high.len())
     }
 
     /// Reads every byte a product reads once, on all threads (for the bandwidth bound).
@@ -285,46 +355,132 @@ impl QuantMatrix {
                 .map(super::streaming_read_f32)
                 .reduce(|| 0, u32::wrapping_add)
         };
+        let high = self
+            .high
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u32, |s, &w| s.wrapping_add(w)))
+            .reduce(|| 0, u32::wrapping_add);
         weights
             .wrapping_add(floats(&self.scales))
             .wrapping_add(floats(&self.offsets))
+            .wrapping_add(high)
+    }
+
+    /// The word of plane `p` of weight row `j`'s block `b` (see [`QuantMatrix`]'s `high`).
+    #[inline(always)]
+    fn high_at(&self, j: usize, b: usize, p: usize) -> usize {
+        let blocks = self.c_in / QUANT_BLOCK;
+        let planes = self.kind.high_planes();
+        let pair = j * blocks * planes + (b & !1) * planes;
+        if b + 1 == blocks && blocks % 2 == 1 {
+            pair + p
+        } else {
+            pair + 2 * p + (b & 1)
+        }
     }
 }
 
-/// One ggml block of `kind` (32 weights, or a Q4_K super-block of 256) into `scales` and
-/// `offsets` (one per 32 weights) and the weights `q` as ggml packs them (Q4_0 and Q4_1 blocks
-/// are paired per row afterwards: [`pair_blocks`]).
+/// One ggml block of `kind` (32 weights, or a K super-block of 256) into `scales` (one per 32
+/// weights, Q6_K's one per 16) and `offsets` (one per 32), the weights' low nibbles `q` in
+/// Q4_0's layout for each 32 (weights k and k + 16 in byte k: paired per row afterwards, see
+/// [`pair_blocks`]) and their high bits as one word per 32 weights and plane (paired per row
+/// afterwards: [`pair_planes`]); Q8_0's signed bytes as they are.
 fn unpack_ggml_block(
     kind: QuantKind,
     bytes: &[u8],
     scales: &mut [f32],
     offsets: &mut [f32],
     q: &mut [u8],
+    high: &mut [u32],
 ) {
     let half = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+    let word =
+        |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    // Each weight's unsigned value, in order.
+    let mut values = [0u8; 256];
     match kind {
         QuantKind::Q8_0 => {
             scales[0] = half(0);
             q.copy_from_slice(&bytes[2..34]);
+            return;
         }
-        QuantKind::Q4_0 => {
+        QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 => {
             scales[0] = half(0);
-            q.copy_from_slice(&bytes[2..18]);
+            let mut at = 2;
+            if kind.has_offset() {
+                offsets[0] = half(2);
+                at = 4;
+            }
+            let mut fifth = 0;
+            if kind.high_planes() == 1 {
+                fifth = word(at);
+                at += 4;
+            }
+            for k in 0..16 {
+                values[k] = bytes[at + k] & 0xF;
+                values[k + 16] = bytes[at + k] >> 4;
+            }
+            for (k, v) in values[..32].iter_mut().enumerate() {
+                *v |= (((fifth >> k) & 1) << 4) as u8;
+            }
         }
-        QuantKind::Q4_1 => {
-            scales[0] = half(0);
-            offsets[0] = half(2);
-            q.copy_from_slice(&bytes[4..20]);
-        }
-        QuantKind::Q4_K => {
+        QuantKind::Q4_K | QuantKind::Q5_K => {
             let (d, min) = (half(0), half(2));
             for j in 0..8 {
                 let (sc, m) = crate::gguf::quants::scale_min_k4(j, &bytes[4..16]);
                 scales[j] = d * f32::from(sc);
                 offsets[j] = -(min * f32::from(m));
             }
-            // Sub-blocks 2p and 2p + 1 share 32 bytes, as [`QuantMatrix`] pairs blocks.
-            q.copy_from_slice(&bytes[16..144]);
+            let five = kind == QuantKind::Q5_K;
+            let (qh, ql) = if five {
+                (&bytes[16..48], &bytes[48..176])
+            } else {
+                (&bytes[..0], &bytes[16..144])
+            };
+            // 32 bytes per pair of sub-blocks: the first's weights in the low nibbles; bits
+            // 2p and 2p + 1 of qh[l] are weight l's fifth bits in sub-blocks 2p and 2p + 1.
+            for pair in 0..4 {
+                for l in 0..32 {
+                    let byte = ql[32 * pair + l];
+                    let fifth = |s: usize| if five { ((qh[l] >> s) & 1) << 4 } else { 0 };
+                    values[64 * pair + l] = (byte & 0xF) | fifth(2 * pair);
+                    values[64 * pair + 32 + l] = (byte >> 4) | fifth(2 * pair + 1);
+                }
+            }
+        }
+        QuantKind::Q6_K => {
+            let d = half(208);
+            for (s, scale) in scales.iter_mut().enumerate() {
+                *scale = d * f32::from(bytes[192 + s] as i8);
+            }
+            // Per 128 weights: 64 bytes of low nibbles (weights l and l + 64 in byte l,
+            // l + 32 and l + 96 in byte l + 32), and 32 of top bits (two per weight).
+            for h in 0..2 {
+                let (ql, qh) = (
+                    &bytes[64 * h..64 * h + 64],
+                    &bytes[128 + 32 * h..160 + 32 * h],
+                );
+                let v = &mut values[128 * h..128 * h + 128];
+                for l in 0..32 {
+                    let top = |shift: u32| ((qh[l] >> shift) & 3) << 4;
+                    v[l] = (ql[l] & 0xF) | top(0);
+                    v[l + 32] = (ql[l + 32] & 0xF) | top(2);
+                    v[l + 64] = (ql[l] >> 4) | top(4);
+                    v[l + 96] = (ql[l + 32] >> 4) | top(6);
+                }
+            }
+        }
+    }
+    let planes = kind.high_planes();
+    for (s, v) in values[..2 * q.len()].chunks_exact(QUANT_BLOCK).enumerate() {
+        for k in 0..16 {
+            q[16 * s + k] = (v[k] & 0xF) | ((v[k + 16] & 0xF) << 4);
+        }
+        for p in 0..planes {
+            high[s * planes + p] = v
+                .iter()
+                .enumerate()
+                .fold(0, |m, (k, &v)| m | (u32::from(v >> (4 + p)) & 1) << k);
         }
     }
 }
@@ -343,6 +499,19 @@ fn pair_blocks(row: &mut [u8]) {
         };
         let paired: [u8; 32] = std::array::from_fn(|k| nibble(first, k) | (nibble(second, k) << 4));
         pair.copy_from_slice(&paired);
+    }
+}
+
+/// A row's high-bit words, each block's planes in order, into [`QuantMatrix`]'s order: per
+/// pair of blocks, each plane's two words side by side.
+fn pair_planes(row: &mut [u32], planes: usize) {
+    for pair in row.chunks_exact_mut(2 * planes) {
+        let by_block = pair.to_vec();
+        for p in 0..planes {
+            for b in 0..2 {
+                pair[2 * p + b] = by_block[b * planes + p];
+            }
+        }
     }
 }
 
@@ -414,14 +583,14 @@ fn round_half_away(x: f32) -> f32 {
     }
 }
 
-/// Weight block `b` of row `j` as 32 bytes: signed (Q8_0, Q4_0) or unsigned 4-bit values.
+/// Weight block `b` of row `j` as 32 signed values: the stored ones less the kind's center
+/// (unsigned for the kinds with offsets).
 #[inline(always)]
 fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
     let start = j * w.c_in + b * QUANT_BLOCK;
     if w.kind == QuantKind::Q8_0 {
         return std::array::from_fn(|k| w.q[start + k] as i8);
     }
-    let bias = if w.kind == QuantKind::Q4_0 { 8 } else { 0 };
     let blocks = w.c_in / QUANT_BLOCK;
     // The block's 16 bytes (an odd last block) or its pair's 32, and which nibble it takes.
     let (bytes, high) = if b + 1 == blocks && blocks % 2 == 1 {
@@ -430,6 +599,10 @@ fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
         let pair = (j * w.c_in + (b & !1) * QUANT_BLOCK) / 2;
         (&w.q[pair..pair + 32], Some(b % 2 == 1))
     };
+    let mut planes = [0u32; 2];
+    for (p, plane) in planes.iter_mut().enumerate().take(w.kind.high_planes()) {
+        *plane = w.high[w.high_at(j, b, p)];
+    }
     std::array::from_fn(|k| {
         let nibble = match high {
             Some(false) => bytes[k] & 0xF,
@@ -437,7 +610,8 @@ fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
             None if k < 16 => bytes[k] & 0xF,
             None => bytes[k - 16] >> 4,
         };
-        nibble as i8 - bias
+        let top = ((planes[0] >> k) & 1) << 4 | ((planes[1] >> k) & 1) << 5;
+        (nibble | top as u8) as i8 - w.kind.center() as i8
     })
 }
 
@@ -509,6 +683,7 @@ fn quant_dots_portable(
     j1: usize,
 ) {
     let (width, c_in) = (j1 - j0, blocks * QUANT_BLOCK);
+    let groups = w.kind.scale_groups();
     for j in j0..j1 {
         for r in 0..rows {
             let mut lanes = [0f32; 8];
@@ -516,8 +691,9 @@ fn quant_dots_portable(
                 let wq = weight_block(w, j, b);
                 let xq = &x.q[r * c_in + b * QUANT_BLOCK..][..QUANT_BLOCK];
                 let xscale = x.scales[r * blocks + b];
-                let scale = w.scales[j * blocks + b] * xscale;
                 for (l, lane) in lanes.iter_mut().enumerate() {
+                    // Lanes 0-3 hold weights 0-15: Q6_K's first scale.
+                    let scale = w.scales[(j * blocks + b) * groups + l * groups / 8] * xscale;
                     let dot: i32 = (4 * l..4 * l + 4)
                         .map(|k| i32::from(wq[k]) * i32::from(xq[k]))
                         .sum();
@@ -672,8 +848,40 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
     let ones = _mm256_set1_epi16(1);
     let low_nibbles = _mm_set1_epi8(0x0F);
     let signed = !w.kind.has_offset();
-    let nibble_bias = _mm256_set1_epi8(if w.kind == QuantKind::Q4_0 { 8 } else { 0 });
+    let nibble_bias = _mm256_set1_epi8(w.kind.center() as i8);
     let nibble_mask = _mm256_set1_epi8(0x0F);
+    let groups = w.kind.scale_groups();
+    // Weight row j's block b with its high bits added (32 values in order): each plane's
+    // word spread to bytes (byte k takes the word's byte k / 8, then bit k % 8).
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let with_high = |nibbles: __m256i, j: usize, b: usize| -> __m256i {
+        let mut v = nibbles;
+        for p in 0..w.kind.high_planes() {
+            let word = *w.high.get_unchecked(w.high_at(j, b, p));
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+            v = _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)));
+        }
+        v
+    };
+    let weight_scale = |block: usize| -> __m256 {
+        if groups == 2 {
+            // Lanes 0-3 (weights 0-15) take the first of the block's two scales.
+            let two = _mm_castsi128_ps(_mm_loadl_epi64(
+                w.scales.as_ptr().add(2 * block) as *const __m128i
+            ));
+            _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(two),
+                _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+            )
+        } else {
+            _mm256_broadcast_ss(w.scales.get_unchecked(block))
+        }
+    };
     // Blocks of a row that come in pairs (see [`QuantMatrix`]).
     let paired = blocks & !1;
     let mut sums = [[_mm256_setzero_ps(); G]; J];
@@ -691,18 +899,20 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
                 } else {
                     packed
                 };
-                _mm256_sub_epi8(_mm256_and_si256(shifted, nibble_mask), nibble_bias)
+                let nibbles = _mm256_and_si256(shifted, nibble_mask);
+                _mm256_sub_epi8(with_high(nibbles, j + u, b), nibble_bias)
             } else {
                 // An odd last block: weights k and k + 16 in byte k.
                 let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
                 let low = _mm_and_si128(packed, low_nibbles);
                 let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-                _mm256_sub_epi8(_mm256_set_m128i(high, low), nibble_bias)
+                let nibbles = _mm256_set_m128i(high, low);
+                _mm256_sub_epi8(with_high(nibbles, j + u, b), nibble_bias)
             };
             // Signed weights: |w| · (x with w's sign) = w · x, as unsigned × signed bytes.
             let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
             let block = (j + u) * blocks + b;
-            let wscale = *w.scales.get_unchecked(block);
+            let wscale = weight_scale(block);
             for (g, sum) in row_sums.iter_mut().enumerate() {
                 let r = tile.r0 + g;
                 let xq = _mm256_loadu_si256(
@@ -712,7 +922,7 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
                 let pairs = _mm256_maddubs_epi16(magnitude, xs);
                 let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
                 let xscale = *x.scales.get_unchecked(r * blocks + b);
-                *sum = _mm256_fmadd_ps(lanes, _mm256_set1_ps(wscale * xscale), *sum);
+                *sum = _mm256_fmadd_ps(lanes, _mm256_mul_ps(wscale, _mm256_set1_ps(xscale)), *sum);
                 if !signed {
                     let offset = *w.offsets.get_unchecked(block);
                     let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
@@ -775,8 +985,10 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
     let c_in = blocks * QUANT_BLOCK;
     let signed = w.kind == QuantKind::Q8_0;
     let offsets = w.kind.has_offset();
-    let centered = w.kind == QuantKind::Q4_0;
-    let eights = _mm512_set1_epi8(8);
+    let centered = w.kind.center() != 0;
+    let centers = _mm512_set1_epi8(w.kind.center() as i8);
+    let planes = w.kind.high_planes();
+    let groups = w.kind.scale_groups();
     let flip = _mm512_set1_epi8(-128);
     let nibble_mask = _mm512_set1_epi8(0x0F);
     // Shift counts of 16-bit lanes: 0 for the low half, 4 for the high one (of 64 and of 32
@@ -797,7 +1009,13 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
         let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
             w.q.as_ptr().add(at / 2) as *const __m256i
         ));
-        _mm512_and_si512(_mm512_srlv_epi16(packed, pair_shifts), nibble_mask)
+        let mut v = _mm512_and_si512(_mm512_srlv_epi16(packed, pair_shifts), nibble_mask);
+        // Each plane of the pair as one 64-bit mask: its bit added where set.
+        for p in 0..planes {
+            let word = w.high.as_ptr().add(w.high_at(j, b, p)) as *const u64;
+            v = _mm512_mask_add_epi8(v, word.read_unaligned(), v, _mm512_set1_epi8(16 << p));
+        }
+        v
     };
     // Weight block `b` of row `j` alone, 32 bytes (the odd last block: a pair load would
     // read past the row).
@@ -810,14 +1028,33 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
         let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(
             w.q.as_ptr().add(at / 2) as *const __m128i
         ));
-        _mm256_and_si256(
+        let mut v = _mm256_and_si256(
             _mm256_srlv_epi16(packed, _mm512_castsi512_si256(one_shifts)),
             _mm512_castsi512_si256(nibble_mask),
-        )
+        );
+        for p in 0..planes {
+            let word = *w.high.get_unchecked(w.high_at(j, b, p));
+            v = _mm256_mask_add_epi8(v, word, v, _mm256_set1_epi8(16 << p));
+        }
+        v
     };
     // sum += lanes · (w scale · x scale) (+ x lane sums · (offset · x scale)).
+    let weight_scale = |block: usize| -> __m256 {
+        if groups == 2 {
+            // Lanes 0-3 (weights 0-15) take the first of the block's two scales.
+            let two = _mm_castsi128_ps(_mm_loadl_epi64(
+                w.scales.as_ptr().add(2 * block) as *const __m128i
+            ));
+            _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(two),
+                _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+            )
+        } else {
+            _mm256_broadcast_ss(w.scales.get_unchecked(block))
+        }
+    };
     let scale_into = |sum: &mut __m256, lanes: __m256, xscale: __m256, block: usize, at: usize| {
-        let scale = _mm256_mul_ps(_mm256_broadcast_ss(w.scales.get_unchecked(block)), xscale);
+        let scale = _mm256_mul_ps(weight_scale(block), xscale);
         *sum = _mm256_fmadd_ps(lanes, scale, *sum);
         if offsets {
             let offset = _mm256_mul_ps(_mm256_broadcast_ss(w.offsets.get_unchecked(block)), xscale);
@@ -836,7 +1073,7 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
             if centered {
                 _mm512_sub_epi32(
                     _mm512_setzero_si512(),
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), eights, xq[g]),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), centers, xq[g]),
                 )
             } else {
                 _mm512_setzero_si512()
@@ -895,7 +1132,7 @@ unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Til
                         _mm256_setzero_si256(),
                         _mm256_dpbusd_epi32(
                             _mm256_setzero_si256(),
-                            _mm512_castsi512_si256(eights),
+                            _mm512_castsi512_si256(centers),
                             xq,
                         ),
                     )
@@ -930,17 +1167,51 @@ mod tests {
             .collect()
     }
 
+    /// ggml blocks of `kind` for `n` weights: quantized `values` where kiem has the kind's
+    /// quantizer, else random bytes (every bit pattern of the weights is a valid block) with
+    /// fp16 scales and mins of a sensible size.
+    pub(super) fn ggml_blocks(kind: QuantKind, n: usize, seed: u64) -> Vec<u8> {
+        if kind.has_quantizer() {
+            return quants::quantize(kind.ggml(), &values(n, seed));
+        }
+        let (per, size) = kind.ggml().block();
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut bytes: Vec<u8> = (0..n / per * size)
+            .map(|_| (rng.uniform() * 256.0) as u8)
+            .collect();
+        for block in bytes.chunks_exact_mut(size) {
+            let mut put = |at: usize, v: f32| {
+                block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes())
+            };
+            let (a, b) = (rng.uniform(), rng.uniform() - 0.5);
+            match kind {
+                QuantKind::Q5_0 => put(0, 0.02 + 0.2 * a),
+                QuantKind::Q5_1 => {
+                    put(0, 0.02 + 0.2 * a);
+                    put(2, 2.0 * b);
+                }
+                QuantKind::Q5_K => {
+                    put(0, 0.001 + 0.01 * a);
+                    put(2, 0.001 + 0.02 * b.abs());
+                }
+                QuantKind::Q6_K => put(208, 0.0005 + 0.002 * a),
+                _ => unreachable!("kinds with quantizers return above"),
+            }
+        }
+        bytes
+    }
+
     /// A matrix of `c_out` rows of every kind, 3, 8 and 24 blocks wide (those its rows allow).
     pub(super) fn test_matrices(c_out: usize) -> Vec<(QuantKind, usize, QuantMatrix)> {
         let mut matrices = Vec::new();
         for kind in KINDS {
             for c_in in [96usize, 256, 768] {
                 if c_in.is_multiple_of(kind.row_multiple()) {
-                    let w = values(c_in * c_out, 4);
+                    let bytes = ggml_blocks(kind, c_in * c_out, 4);
                     matrices.push((
                         kind,
                         c_in,
-                        QuantMatrix::quantize(kind, &w, c_in, c_out).unwrap(),
+                        QuantMatrix::from_ggml(kind.ggml(), &bytes, c_in, c_out).unwrap(),
                     ));
                 }
             }
@@ -948,19 +1219,25 @@ mod tests {
         matrices
     }
 
-    pub(super) const KINDS: [QuantKind; 4] = [
+    pub(super) const KINDS: [QuantKind; 8] = [
         QuantKind::Q8_0,
         QuantKind::Q4_0,
         QuantKind::Q4_1,
         QuantKind::Q4_K,
+        QuantKind::Q5_0,
+        QuantKind::Q5_1,
+        QuantKind::Q5_K,
+        QuantKind::Q6_K,
     ];
 
     #[test]
     fn a_files_blocks_read_as_ggml_dequantizes_them() {
         for kind in KINDS {
-            let (c_in, c_out) = (512, 3);
+            // Rows of 3 pairs of K blocks and an odd last 32-weight block (for those kinds).
+            let c_in = if kind.row_multiple() == 256 { 768 } else { 544 };
+            let c_out = 3;
             let w = values(c_in * c_out, 1);
-            let bytes = quants::quantize(kind.ggml(), &w);
+            let bytes = ggml_blocks(kind, c_in * c_out, 1);
             let m = QuantMatrix::from_ggml(kind.ggml(), &bytes, c_in, c_out).unwrap();
             let mut want = vec![0f32; w.len()];
             quants::dequantize(kind.ggml(), &bytes, &mut want);
@@ -972,14 +1249,18 @@ mod tests {
                 "{kind:?}"
             );
             // Quantizing gives the same matrix; rows read alone as in the whole.
-            let q = QuantMatrix::quantize(kind, &w, c_in, c_out).unwrap();
-            assert_eq!(q.dequantize(), got, "{kind:?}");
+            let q = QuantMatrix::quantize(kind, &w, c_in, c_out);
+            if kind.has_quantizer() {
+                assert_eq!(q.unwrap().dequantize(), got, "{kind:?}");
+            } else {
+                assert!(q.is_none(), "{kind:?} has no quantizer");
+            }
             let mut row = vec![0f32; c_in];
             m.dequantize_row(2, &mut row);
             assert_eq!(row, got[2 * c_in..], "{kind:?}");
             assert!(QuantMatrix::from_ggml(kind.ggml(), &bytes[1..], c_in, c_out).is_none());
         }
-        assert!(QuantMatrix::from_ggml(crate::gguf::GgmlType::Q6_K, &[0; 210], 256, 1).is_none());
+        assert!(QuantMatrix::from_ggml(crate::gguf::GgmlType::F16, &[0; 512], 256, 1).is_none());
         assert!(
             QuantMatrix::zeros(QuantKind::Q4_K, 32, 1).is_none(),
             "Q4_K rows are 256s"
@@ -1019,17 +1300,28 @@ mod tests {
 
     #[test]
     fn rows_stack_and_reorder() {
-        let kind = QuantKind::Q4_1;
-        let w = values(64 * 5, 2);
-        let m = QuantMatrix::quantize(kind, &w, 64, 5).unwrap();
-        let dense = m.dequantize();
-        let mut stacked = QuantMatrix::quantize(kind, &w[..128], 64, 2).unwrap();
-        stacked.append_rows(QuantMatrix::quantize(kind, &w[128..], 64, 3).unwrap());
-        assert_eq!(stacked.dequantize(), dense);
-        let order = [4, 0, 3, 1, 2];
-        let reordered = m.with_row_order(&order).dequantize();
-        for (i, &r) in order.iter().enumerate() {
-            assert_eq!(reordered[i * 64..(i + 1) * 64], dense[r * 64..(r + 1) * 64]);
+        for (kind, c_in) in [
+            (QuantKind::Q4_1, 64),
+            (QuantKind::Q5_0, 96),
+            (QuantKind::Q6_K, 256),
+        ] {
+            let bytes = ggml_blocks(kind, c_in * 5, 2);
+            let t = kind.ggml();
+            let row = t.bytes_for(c_in as u64).unwrap() as usize;
+            let m = QuantMatrix::from_ggml(t, &bytes, c_in, 5).unwrap();
+            let dense = m.dequantize();
+            let mut stacked = QuantMatrix::from_ggml(t, &bytes[..2 * row], c_in, 2).unwrap();
+            stacked.append_rows(QuantMatrix::from_ggml(t, &bytes[2 * row..], c_in, 3).unwrap());
+            assert_eq!(stacked.dequantize(), dense, "{kind:?}");
+            let order = [4, 0, 3, 1, 2];
+            let reordered = m.with_row_order(&order).dequantize();
+            for (i, &r) in order.iter().enumerate() {
+                assert_eq!(
+                    reordered[i * c_in..(i + 1) * c_in],
+                    dense[r * c_in..(r + 1) * c_in],
+                    "{kind:?}"
+                );
+            }
         }
     }
 

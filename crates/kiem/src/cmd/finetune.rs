@@ -147,8 +147,7 @@ pub struct FinetuneArgs {
     /// How the frozen base keeps its layer matrices while adapters train: fp32, bf16, q8_0,
     /// q4_0, q4_1 or q4_k (QLoRA: about 1/6 of fp32's bytes), read dequantized by every
     /// product. Embeddings, norms and the output head stay fp32 [default: a GGUF base's layer
-    /// matrices as the file stores them (Q5/Q6 kinds as q8_0), read straight from its blocks;
-    /// else fp32].
+    /// matrices as the file stores them, read straight from its blocks; else fp32].
     #[arg(long, value_name = "W", requires = "lora_rank")]
     base_weights: Option<DecodingWeights>,
 

@@ -69,8 +69,8 @@ impl SamplingArgs {
 #[derive(Args, Debug, Clone, Default)]
 pub struct WeightsArgs {
     /// Weights decoding reads. Default: as the model stores them: a GGUF file's matrices
-    /// straight from its blocks (Q8_0, Q4_0, Q4_1, Q4_K, BF16; Q5_0, Q5_1, Q5_K and Q6_K are
-    /// quantized again as Q8_0), memory about the file's size; a model directory's in fp32.
+    /// straight from its blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, BF16),
+    /// memory about the file's size; a model directory's in fp32.
     /// fp32; bf16 (each matrix weight rounded to bf16, sums in fp32); q8_0, q4_0, q4_1 or q4_k
     /// (matrices and output head quantized as ggml does at load, about 1.1, 0.6, 0.75 and 0.75
     /// bytes a weight per token): their fp32 copies go back to the system; prefill multiplies

@@ -182,19 +182,22 @@ fn wide_dots_portable(
 ) {
     let blocks = w.c_in / QUANT_BLOCK;
     let width = j1 - j0;
+    let groups = w.kind.scale_groups();
+    let per_group = QUANT_BLOCK / groups;
     for r in 0..rows {
         for j in j0..j1 {
             let mut sum = 0f32;
             for b in 0..blocks {
                 let wq = super::weight_block(w, j, b);
                 let xu = &x.up[(r * blocks + b) * QUANT_BLOCK..][..QUANT_BLOCK];
-                let dot: i32 = xu
-                    .iter()
-                    .zip(&wq)
-                    .map(|(&u, &w)| (i32::from(u) - 128) * i32::from(w))
-                    .sum();
                 let at = r * blocks + b;
-                sum = (dot as f32).mul_add(w.scales[j * blocks + b] * x.scales[at], sum);
+                for s in 0..groups {
+                    let dot: i32 = (s * per_group..(s + 1) * per_group)
+                        .map(|k| (i32::from(xu[k]) - 128) * i32::from(wq[k]))
+                        .sum();
+                    let scale = w.scales[(j * blocks + b) * groups + s] * x.scales[at];
+                    sum = (dot as f32).mul_add(scale, sum);
+                }
                 if let Some(&offset) = w.offsets.get(j * blocks + b) {
                     sum = offset.mul_add(x.scaled_sums[at], sum);
                 }
@@ -216,8 +219,9 @@ struct Line([u8; 64]);
 
 /// [`PANEL`] weight rows repacked for the VNNI tiles. Per block: for each of its 8 groups of
 /// 4 weights, two lines (rows 0-15, then 16-31), each row's 4 weights as signed bytes (the
-/// 4-bit kinds unpacked, Q4_0's minus 8); and per block and row the dot product's start
-/// (−128 · the block's weight sum, undoing the inputs' +128), scale and offset.
+/// nibble kinds unpacked with their high bits, less their center); per block, scale group
+/// (two for Q6_K: weights 0-15 and 16-31) and row the dot product's start (−128 · the group's
+/// weight sum, undoing the inputs' +128) and scale; and per block and row the offset.
 #[cfg(target_arch = "x86_64")]
 #[derive(Default)]
 struct Panel {
@@ -242,30 +246,33 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
     let blocks = w.c_in / QUANT_BLOCK;
     let q8 = w.kind == super::QuantKind::Q8_0;
     let offsets = w.kind.has_offset();
+    let (groups, planes) = (w.kind.scale_groups(), w.kind.high_planes());
     let row_bytes = if q8 { w.c_in } else { w.c_in / 2 };
     p.q.resize(blocks * BLOCK_LINES, Line([0; 64]));
-    p.starts.resize(blocks * PANEL, 0);
-    p.scales.resize(blocks * PANEL, 0.0);
+    p.starts.resize(blocks * groups * PANEL, 0);
+    p.scales.resize(blocks * groups * PANEL, 0.0);
     p.offsets
         .resize(if offsets { blocks * PANEL } else { 0 }, 0.0);
-    let nibble_bias = _mm512_set1_epi8(if w.kind == super::QuantKind::Q4_0 {
-        8
-    } else {
-        0
-    });
+    let nibble_bias = _mm512_set1_epi8(w.kind.center() as i8);
+    // Four bits (one plane's, of 4 weights) to bytes 0 or 1: bit i moves to bit 8i.
+    let spread = _mm512_set1_epi32(0x0020_4081);
+    let ones = _mm512_set1_epi32(0x0101_0101);
     let low_nibble = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // Rows j0.. of the weights, and of the scales and offsets (one per block).
     let weights = w.q.as_ptr().add(j0 * row_bytes);
-    let scales = w.scales.as_ptr().add(j0 * blocks);
+    let scales = w.scales.as_ptr().add(j0 * blocks * groups);
     let block_offsets = w.offsets.as_ptr().wrapping_add(j0 * blocks);
+    let high = w.high.as_ptr().wrapping_add(j0 * blocks * planes);
     for half in 0..2 {
         let count = n.saturating_sub(16 * half).min(16);
         let mask = ((1u32 << count) - 1) as __mmask16;
         let rows = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * half as i32));
         let row_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(row_bytes as i32));
         let block_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(blocks as i32));
+        let scale_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32((blocks * groups) as i32));
+        let high_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32((blocks * planes) as i32));
         // Four bytes at `at` of each of the half's rows (zeros for rows past `n`).
         let gather = |at: usize| -> __m512i {
             _mm512_mask_i32gather_epi32::<1>(
@@ -276,7 +283,20 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
             )
         };
         for b in 0..blocks {
-            let mut sum = _mm512_setzero_si512();
+            // Each row's plane words of the block (the plane's index in row 0).
+            let words: [__m512i; 2] = std::array::from_fn(|p| {
+                if p < planes {
+                    _mm512_mask_i32gather_epi32::<4>(
+                        _mm512_setzero_si512(),
+                        mask,
+                        high_at,
+                        high.add(w.high_at(0, b, p)) as *const _,
+                    )
+                } else {
+                    _mm512_setzero_si512()
+                }
+            });
+            let mut sums = [_mm512_setzero_si512(); 2];
             for g in 0..8 {
                 let group = if q8 {
                     gather(b * QUANT_BLOCK + 4 * g)
@@ -295,20 +315,41 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
                     } else {
                         packed
                     };
-                    _mm512_sub_epi8(_mm512_and_si512(nibbles, low_nibble), nibble_bias)
+                    let mut v = _mm512_and_si512(nibbles, low_nibble);
+                    // Weights 4g..4g + 3's bits of each plane, as 16 << plane in their bytes.
+                    for (plane, &word) in words.iter().enumerate().take(planes) {
+                        let four = _mm512_and_si512(
+                            _mm512_srlv_epi32(word, _mm512_set1_epi32(4 * g as i32)),
+                            _mm512_set1_epi32(0xF),
+                        );
+                        let bytes = _mm512_and_si512(_mm512_mullo_epi32(four, spread), ones);
+                        v = _mm512_add_epi8(
+                            v,
+                            _mm512_sllv_epi32(bytes, _mm512_set1_epi32(4 + plane as i32)),
+                        );
+                    }
+                    _mm512_sub_epi8(v, nibble_bias)
                 };
                 let line = &mut p.q[b * BLOCK_LINES + 2 * g + half];
                 _mm512_store_si512(line.0.as_mut_ptr() as *mut _, group);
-                sum = _mm512_dpbusd_epi32(sum, flip, group);
+                let s = g * groups / 8;
+                sums[s] = _mm512_dpbusd_epi32(sums[s], flip, group);
+            }
+            for (s, sum) in sums.iter().enumerate().take(groups) {
+                let at = (b * groups + s) * PANEL + 16 * half;
+                _mm512_storeu_si512(
+                    p.starts.as_mut_ptr().add(at) as *mut _,
+                    _mm512_sub_epi32(_mm512_setzero_si512(), *sum),
+                );
+                let group_scales = _mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    mask,
+                    scale_at,
+                    scales.add(b * groups + s),
+                );
+                _mm512_storeu_ps(p.scales.as_mut_ptr().add(at), group_scales);
             }
             let at = b * PANEL + 16 * half;
-            _mm512_storeu_si512(
-                p.starts.as_mut_ptr().add(at) as *mut _,
-                _mm512_sub_epi32(_mm512_setzero_si512(), sum),
-            );
-            let block_scales =
-                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, block_at, scales.add(b));
-            _mm512_storeu_ps(p.scales.as_mut_ptr().add(at), block_scales);
             if offsets {
                 let block_offsets = _mm512_mask_i32gather_ps::<4>(
                     _mm512_setzero_ps(),
@@ -356,16 +397,10 @@ unsafe fn wide_panel_avx512(
             bias: bias.map(|b| b[j0..].as_ptr()),
             n,
         };
-        let mut r0 = 0;
-        while r0 + 4 <= rows {
-            tile.run::<4>(r0);
-            r0 += 4;
-        }
-        match rows - r0 {
-            1 => tile.run::<1>(r0),
-            2 => tile.run::<2>(r0),
-            3 => tile.run::<3>(r0),
-            _ => {}
+        if w.kind.scale_groups() == 2 {
+            tile.all_rows::<2>(rows);
+        } else {
+            tile.all_rows::<1>(rows);
         }
     };
     PANEL_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
@@ -391,50 +426,75 @@ struct PanelTile<'a> {
 
 #[cfg(target_arch = "x86_64")]
 impl PanelTile<'_> {
-    /// Input rows `r0..r0 + G` against the panel's 32 weight rows.
+    /// Every input row against the panel, 4 at a time, with `S` scale groups a block.
     ///
     /// # Safety
-    /// As for [`wide_panel_avx512`]; `r0 + G` rows exist.
+    /// As for [`wide_panel_avx512`]; `S` is the weights' [`super::QuantKind::scale_groups`].
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")]
-    unsafe fn run<const G: usize>(&self, r0: usize) {
+    unsafe fn all_rows<const S: usize>(&self, rows: usize) {
+        let mut r0 = 0;
+        while r0 + 4 <= rows {
+            self.run::<4, S>(r0);
+            r0 += 4;
+        }
+        match rows - r0 {
+            1 => self.run::<1, S>(r0),
+            2 => self.run::<2, S>(r0),
+            3 => self.run::<3, S>(r0),
+            _ => {}
+        }
+    }
+
+    /// Input rows `r0..r0 + G` against the panel's 32 weight rows, `S` scale groups a block.
+    ///
+    /// # Safety
+    /// As for [`PanelTile::all_rows`]; `r0 + G` rows exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn run<const G: usize, const S: usize>(&self, r0: usize) {
         use std::arch::x86_64::*;
         let (p, x, blocks) = (self.p, self.x, self.blocks);
         let c_in = blocks * QUANT_BLOCK;
         let mut sums = [[_mm512_setzero_ps(); 2]; G];
         for b in 0..blocks {
-            let at = b * PANEL;
-            let starts = [
-                _mm512_loadu_si512(p.starts.as_ptr().add(at) as *const _),
-                _mm512_loadu_si512(p.starts.as_ptr().add(at + 16) as *const _),
-            ];
-            let mut dots = [starts; G];
             let lines = p.q.as_ptr().add(b * BLOCK_LINES);
             let inputs = x.up.as_ptr().add(r0 * c_in + b * QUANT_BLOCK);
-            for g in 0..8 {
-                let w0 = _mm512_load_si512(lines.add(2 * g) as *const _);
-                let w1 = _mm512_load_si512(lines.add(2 * g + 1) as *const _);
-                for (i, dot) in dots.iter_mut().enumerate() {
-                    let four = (inputs.add(i * c_in + 4 * g) as *const i32).read_unaligned();
-                    let xb = _mm512_set1_epi32(four);
-                    dot[0] = _mm512_dpbusd_epi32(dot[0], xb, w0);
-                    dot[1] = _mm512_dpbusd_epi32(dot[1], xb, w1);
+            let xs: [__m512; G] = std::array::from_fn(|i| {
+                _mm512_set1_ps(*x.scales.get_unchecked((r0 + i) * blocks + b))
+            });
+            for s in 0..S {
+                let at = (b * S + s) * PANEL;
+                let starts = [
+                    _mm512_loadu_si512(p.starts.as_ptr().add(at) as *const _),
+                    _mm512_loadu_si512(p.starts.as_ptr().add(at + 16) as *const _),
+                ];
+                let mut dots = [starts; G];
+                for g in s * 8 / S..(s + 1) * 8 / S {
+                    let w0 = _mm512_load_si512(lines.add(2 * g) as *const _);
+                    let w1 = _mm512_load_si512(lines.add(2 * g + 1) as *const _);
+                    for (i, dot) in dots.iter_mut().enumerate() {
+                        let four = (inputs.add(i * c_in + 4 * g) as *const i32).read_unaligned();
+                        let xb = _mm512_set1_epi32(four);
+                        dot[0] = _mm512_dpbusd_epi32(dot[0], xb, w0);
+                        dot[1] = _mm512_dpbusd_epi32(dot[1], xb, w1);
+                    }
+                }
+                let ws = [
+                    _mm512_loadu_ps(p.scales.as_ptr().add(at)),
+                    _mm512_loadu_ps(p.scales.as_ptr().add(at + 16)),
+                ];
+                for ((sum, dot), xs) in sums.iter_mut().zip(&dots).zip(&xs) {
+                    for h in 0..2 {
+                        let scale = _mm512_mul_ps(ws[h], *xs);
+                        sum[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[h]), scale, sum[h]);
+                    }
                 }
             }
-            let ws = [
-                _mm512_loadu_ps(p.scales.as_ptr().add(at)),
-                _mm512_loadu_ps(p.scales.as_ptr().add(at + 16)),
-            ];
-            for (i, (sum, dot)) in sums.iter_mut().zip(&dots).enumerate() {
+            for (i, sum) in sums.iter_mut().enumerate() {
                 let xat = (r0 + i) * blocks + b;
-                let xs = _mm512_set1_ps(*x.scales.get_unchecked(xat));
-                for h in 0..2 {
-                    let scale = _mm512_mul_ps(ws[h], xs);
-                    sum[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[h]), scale, sum[h]);
-                }
                 if self.offsets {
                     let xo = _mm512_set1_ps(*x.scaled_sums.get_unchecked(xat));
                     for (h, sum) in sum.iter_mut().enumerate() {
-                        let offset = _mm512_loadu_ps(p.offsets.as_ptr().add(at + 16 * h));
+                        let offset = _mm512_loadu_ps(p.offsets.as_ptr().add(b * PANEL + 16 * h));
                         *sum = _mm512_fmadd_ps(offset, xo, *sum);
                     }
                 }
