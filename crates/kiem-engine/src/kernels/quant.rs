@@ -71,6 +71,22 @@ impl QuantKind {
         }
     }
 
+    /// The kind `k as u8` names: the SIMD forms take the kind as a constant, so that each
+    /// kind's form has its own code without tests of the kind in its loops.
+    const fn of_index(i: u8) -> Self {
+        const ALL: [QuantKind; 8] = [
+            QuantKind::Q8_0,
+            QuantKind::Q4_0,
+            QuantKind::Q4_1,
+            QuantKind::Q4_K,
+            QuantKind::Q5_0,
+            QuantKind::Q5_1,
+            QuantKind::Q5_K,
+            QuantKind::Q6_K,
+        ];
+        ALL[i as usize]
+    }
+
     /// Whether [`QuantMatrix::quantize`] can quantize to this kind.
     pub fn has_quantizer(self) -> bool {
         matches!(
@@ -86,19 +102,19 @@ impl QuantKind {
 
     /// Whether each 32-weight block has an offset besides its scale (`w = scale·q + offset`,
     /// `q` unsigned) rather than a scale alone (`w = scale·(q − center)`).
-    fn has_offset(self) -> bool {
+    const fn has_offset(self) -> bool {
         matches!(
             self,
             QuantKind::Q4_1 | QuantKind::Q4_K | QuantKind::Q5_1 | QuantKind::Q5_K
         )
     }
 
-    fn nibbles(self) -> bool {
-        self != QuantKind::Q8_0
+    const fn nibbles(self) -> bool {
+        !matches!(self, QuantKind::Q8_0)
     }
 
     /// Bits of each weight above its low nibble, each kept as a plane of one bit per weight.
-    fn high_planes(self) -> usize {
+    const fn high_planes(self) -> usize {
         match self {
             QuantKind::Q5_0 | QuantKind::Q5_1 | QuantKind::Q5_K => 1,
             QuantKind::Q6_K => 2,
@@ -108,7 +124,7 @@ impl QuantKind {
 
     /// What is subtracted from a stored unsigned value to give the weight's signed one (0 for
     /// Q8_0, whose bytes are signed, and for the kinds with offsets).
-    fn center(self) -> u8 {
+    const fn center(self) -> u8 {
         match self {
             QuantKind::Q4_0 => 8,
             QuantKind::Q5_0 => 16,
@@ -118,8 +134,8 @@ impl QuantKind {
     }
 
     /// Scales per 32-weight block: two for Q6_K (one per 16 weights), else one.
-    fn scale_groups(self) -> usize {
-        if self == QuantKind::Q6_K {
+    const fn scale_groups(self) -> usize {
+        if matches!(self, QuantKind::Q6_K) {
             2
         } else {
             1
@@ -755,6 +771,24 @@ impl Tile<'_> {
     }
 }
 
+/// `$tiles::<K>` for the kind `$kind`, `K` its index: each kind's SIMD forms are compiled
+/// apart, with the kind a constant.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_kind {
+    ($kind:expr, $tiles:ident) => {
+        match $kind {
+            QuantKind::Q8_0 => $tiles::<{ QuantKind::Q8_0 as u8 }> as TileChoice,
+            QuantKind::Q4_0 => $tiles::<{ QuantKind::Q4_0 as u8 }>,
+            QuantKind::Q4_1 => $tiles::<{ QuantKind::Q4_1 as u8 }>,
+            QuantKind::Q4_K => $tiles::<{ QuantKind::Q4_K as u8 }>,
+            QuantKind::Q5_0 => $tiles::<{ QuantKind::Q5_0 as u8 }>,
+            QuantKind::Q5_1 => $tiles::<{ QuantKind::Q5_1 as u8 }>,
+            QuantKind::Q5_K => $tiles::<{ QuantKind::Q5_K as u8 }>,
+            QuantKind::Q6_K => $tiles::<{ QuantKind::Q6_K as u8 }>,
+        }
+    };
+}
+
 /// The AVX2 form of [`matmul_thin_quant`]'s block loop: tiles of one weight row against up to
 /// 4 input rows, reading the weights in order (decoding is bound by reading them).
 ///
@@ -772,25 +806,33 @@ unsafe fn quant_dots_avx2(
     j0: usize,
     j1: usize,
 ) {
-    let tiles = |group: usize| -> (usize, TileForm, TileForm) {
-        match group {
-            // Always one weight row at a time, so the weights are read as one sequential
-            // stream, which the hardware prefetchers follow; several rows at a time made short
-            // interleaved runs that they did not (Zen 4, batch 1: 0.5-0.8x; batch 2: Q8_0
-            // 0.6x, Q4_0 0.9x).
-            1 => (1, avx2_tile::<1, 1>, avx2_tile::<1, 1>),
-            2 => (1, avx2_tile::<1, 2>, avx2_tile::<1, 2>),
-            3 => (1, avx2_tile::<1, 3>, avx2_tile::<1, 3>),
-            _ => (1, avx2_tile::<1, 4>, avx2_tile::<1, 4>),
-        }
-    };
+    let tiles: TileChoice = by_kind!(w.kind, avx2_tiles);
     by_tiles(acc, x, w, rows, blocks, j0, j1, tiles);
+}
+
+/// The AVX2 tiles of kind `K` (see [`QuantKind::of_index`]) for a group of input rows.
+#[cfg(target_arch = "x86_64")]
+fn avx2_tiles<const K: u8>(group: usize) -> (usize, TileForm, TileForm) {
+    match group {
+        // Always one weight row at a time, so the weights are read as one sequential stream,
+        // which the hardware prefetchers follow; several rows at a time made short
+        // interleaved runs that they did not (Zen 4, batch 1: 0.5-0.8x; batch 2: Q8_0 0.6x,
+        // Q4_0 0.9x).
+        1 => (1, avx2_tile::<1, 1, K>, avx2_tile::<1, 1, K>),
+        2 => (1, avx2_tile::<1, 2, K>, avx2_tile::<1, 2, K>),
+        3 => (1, avx2_tile::<1, 3, K>, avx2_tile::<1, 3, K>),
+        _ => (1, avx2_tile::<1, 4, K>, avx2_tile::<1, 4, K>),
+    }
 }
 
 /// One SIMD level's tile of the block loop: weight rows `j..j + J` (the form's own `J`)
 /// against the tile's input rows.
 #[cfg(target_arch = "x86_64")]
 type TileForm = unsafe fn(&mut [f32], Tile, usize);
+
+/// A SIMD level's tiles for a group of input rows (see [`by_tiles`]).
+#[cfg(target_arch = "x86_64")]
+type TileChoice = fn(usize) -> (usize, TileForm, TileForm);
 
 /// [`matmul_thin_quant`]'s block loop as tiles: weight rows in chunks of [`TILE_ROWS`], each
 /// read by every group of up to 4 input rows in turn; `tiles(group)` gives the tile width for
@@ -841,16 +883,21 @@ unsafe fn by_tiles(
 /// As for [`quant_dots_avx2`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile, j: usize) {
+unsafe fn avx2_tile<const J: usize, const G: usize, const K: u8>(
+    acc: &mut [f32],
+    tile: Tile,
+    j: usize,
+) {
+    let kind = QuantKind::of_index(K);
     use std::arch::x86_64::*;
     let (x, w, blocks) = (tile.x, tile.w, tile.blocks);
     let c_in = blocks * QUANT_BLOCK;
     let ones = _mm256_set1_epi16(1);
     let low_nibbles = _mm_set1_epi8(0x0F);
-    let signed = !w.kind.has_offset();
-    let nibble_bias = _mm256_set1_epi8(w.kind.center() as i8);
+    let signed = !kind.has_offset();
+    let nibble_bias = _mm256_set1_epi8(kind.center() as i8);
     let nibble_mask = _mm256_set1_epi8(0x0F);
-    let groups = w.kind.scale_groups();
+    let groups = kind.scale_groups();
     // Weight row j's block b with its high bits added (32 values in order): each plane's
     // word spread to bytes (byte k takes the word's byte k / 8, then bit k % 8).
     let spread = _mm256_setr_epi8(
@@ -860,7 +907,7 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let with_high = |nibbles: __m256i, j: usize, b: usize| -> __m256i {
         let mut v = nibbles;
-        for p in 0..w.kind.high_planes() {
+        for p in 0..kind.high_planes() {
             let word = *w.high.get_unchecked(w.high_at(j, b, p));
             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
@@ -888,7 +935,7 @@ unsafe fn avx2_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile,
     for b in 0..blocks {
         for (u, row_sums) in sums.iter_mut().enumerate() {
             let at = (j + u) * c_in + b * QUANT_BLOCK;
-            let wq = if w.kind == QuantKind::Q8_0 {
+            let wq = if kind == QuantKind::Q8_0 {
                 _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
             } else if b < paired {
                 // The pair's 32 bytes: this block's nibbles, low or high.
@@ -951,23 +998,27 @@ unsafe fn quant_dots_avx512(
     j0: usize,
     j1: usize,
 ) {
-    let q8 = w.kind == QuantKind::Q8_0;
-    let tiles = |group: usize| -> (usize, TileForm, TileForm) {
-        match group {
-            // One weight row at a time (see `quant_dots_avx2`) for one or two input rows, and
-            // for Q8_0 up to four: there the stream of weights still sets the pace (Zen 4,
-            // against multi-row tiles: Q8_0 1.5-1.7x at 2 and 4 rows, the 4-bit kinds
-            // 1.1-1.4x at 2 rows but 0.9-1.0x at 3 and 4, where unpacking the nibbles once
-            // for two weight rows' worth of inputs pays).
-            1 => (1, avx512_tile::<1, 1>, avx512_tile::<1, 1>),
-            2 => (1, avx512_tile::<1, 2>, avx512_tile::<1, 2>),
-            3 if q8 => (1, avx512_tile::<1, 3>, avx512_tile::<1, 3>),
-            3 => (2, avx512_tile::<2, 3>, avx512_tile::<1, 3>),
-            _ if q8 => (1, avx512_tile::<1, 4>, avx512_tile::<1, 4>),
-            _ => (2, avx512_tile::<2, 4>, avx512_tile::<1, 4>),
-        }
-    };
+    let tiles: TileChoice = by_kind!(w.kind, avx512_tiles);
     by_tiles(acc, x, w, rows, blocks, j0, j1, tiles);
+}
+
+/// The AVX-512 tiles of kind `K` (see [`QuantKind::of_index`]) for a group of input rows.
+#[cfg(target_arch = "x86_64")]
+fn avx512_tiles<const K: u8>(group: usize) -> (usize, TileForm, TileForm) {
+    let q8 = QuantKind::of_index(K) == QuantKind::Q8_0;
+    match group {
+        // One weight row at a time (see `avx2_tiles`) for one or two input rows, and for Q8_0
+        // up to four: there the stream of weights still sets the pace (Zen 4, against
+        // multi-row tiles: Q8_0 1.5-1.7x at 2 and 4 rows, the 4-bit kinds 1.1-1.4x at 2 rows
+        // but 0.9-1.0x at 3 and 4, where unpacking the nibbles once for two weight rows'
+        // worth of inputs pays).
+        1 => (1, avx512_tile::<1, 1, K>, avx512_tile::<1, 1, K>),
+        2 => (1, avx512_tile::<1, 2, K>, avx512_tile::<1, 2, K>),
+        3 if q8 => (1, avx512_tile::<1, 3, K>, avx512_tile::<1, 3, K>),
+        3 => (2, avx512_tile::<2, 3, K>, avx512_tile::<1, 3, K>),
+        _ if q8 => (1, avx512_tile::<1, 4, K>, avx512_tile::<1, 4, K>),
+        _ => (2, avx512_tile::<2, 4, K>, avx512_tile::<1, 4, K>),
+    }
 }
 
 /// Q8_0 weights are signed: the byte products are (x + 128)·w, started from −128·(the
@@ -979,16 +1030,21 @@ unsafe fn quant_dots_avx512(
 /// As for [`quant_dots_avx512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn avx512_tile<const J: usize, const G: usize>(acc: &mut [f32], tile: Tile, j: usize) {
+unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
+    acc: &mut [f32],
+    tile: Tile,
+    j: usize,
+) {
+    let kind = QuantKind::of_index(K);
     use std::arch::x86_64::*;
     let (x, w, blocks) = (tile.x, tile.w, tile.blocks);
     let c_in = blocks * QUANT_BLOCK;
-    let signed = w.kind == QuantKind::Q8_0;
-    let offsets = w.kind.has_offset();
-    let centered = w.kind.center() != 0;
-    let centers = _mm512_set1_epi8(w.kind.center() as i8);
-    let planes = w.kind.high_planes();
-    let groups = w.kind.scale_groups();
+    let signed = kind == QuantKind::Q8_0;
+    let offsets = kind.has_offset();
+    let centered = kind.center() != 0;
+    let centers = _mm512_set1_epi8(kind.center() as i8);
+    let planes = kind.high_planes();
+    let groups = kind.scale_groups();
     let flip = _mm512_set1_epi8(-128);
     let nibble_mask = _mm512_set1_epi8(0x0F);
     // Shift counts of 16-bit lanes: 0 for the low half, 4 for the high one (of 64 and of 32
