@@ -191,14 +191,14 @@ fn wide_dots_portable(
                 let wq = super::weight_block(w, j, b);
                 let xu = &x.up[(r * blocks + b) * QUANT_BLOCK..][..QUANT_BLOCK];
                 let at = r * blocks + b;
-                for s in 0..groups {
+                let (scales, offset) = w.block_scales(j, b);
+                for (s, scale) in scales.iter().enumerate().take(groups) {
                     let dot: i32 = (s * per_group..(s + 1) * per_group)
                         .map(|k| (i32::from(xu[k]) - 128) * i32::from(wq[k]))
                         .sum();
-                    let scale = w.scales[(j * blocks + b) * groups + s] * x.scales[at];
-                    sum = (dot as f32).mul_add(scale, sum);
+                    sum = (dot as f32).mul_add(scale * x.scales[at], sum);
                 }
-                if let Some(&offset) = w.offsets.get(j * blocks + b) {
+                if let Some(offset) = offset {
                     sum = offset.mul_add(x.scaled_sums[at], sum);
                 }
             }
@@ -260,18 +260,30 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
     let low_nibble = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // Rows j0.. of the weights, and of the scales and offsets (one per block).
+    // Each block's scales and offset, rows past `n` zeros.
+    for b in 0..blocks {
+        for r in 0..PANEL {
+            let (scales, offset) = if r < n {
+                w.block_scales(j0 + r, b)
+            } else {
+                ([0.0; 2], Some(0.0))
+            };
+            for (s, &scale) in scales.iter().enumerate().take(groups) {
+                p.scales[(b * groups + s) * PANEL + r] = scale;
+            }
+            if offsets {
+                p.offsets[b * PANEL + r] = offset.unwrap_or(0.0);
+            }
+        }
+    }
+    // Rows j0.. of the weights and of their high bits.
     let weights = w.q.as_ptr().add(j0 * row_bytes);
-    let scales = w.scales.as_ptr().add(j0 * blocks * groups);
-    let block_offsets = w.offsets.as_ptr().wrapping_add(j0 * blocks);
     let high = w.high.as_ptr().wrapping_add(j0 * blocks * planes);
     for half in 0..2 {
         let count = n.saturating_sub(16 * half).min(16);
         let mask = ((1u32 << count) - 1) as __mmask16;
         let rows = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * half as i32));
         let row_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(row_bytes as i32));
-        let block_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(blocks as i32));
-        let scale_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32((blocks * groups) as i32));
         let high_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32((blocks * planes) as i32));
         // Four bytes at `at` of each of the half's rows (zeros for rows past `n`).
         let gather = |at: usize| -> __m512i {
@@ -341,23 +353,6 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
                     p.starts.as_mut_ptr().add(at) as *mut _,
                     _mm512_sub_epi32(_mm512_setzero_si512(), *sum),
                 );
-                let group_scales = _mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    mask,
-                    scale_at,
-                    scales.add(b * groups + s),
-                );
-                _mm512_storeu_ps(p.scales.as_mut_ptr().add(at), group_scales);
-            }
-            let at = b * PANEL + 16 * half;
-            if offsets {
-                let block_offsets = _mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    mask,
-                    block_at,
-                    block_offsets.add(b),
-                );
-                _mm512_storeu_ps(p.offsets.as_mut_ptr().add(at), block_offsets);
             }
         }
     }

@@ -1,0 +1,537 @@
+//! The thin product with K super-block weights (Q4_K, Q5_K, Q6_K), as llama.cpp takes it: the
+//! inputs quantized per 256 values (ggml's Q8_K), so that a super-block's sub-block dot
+//! products are scaled by their small integer scales in integers and the whole super-block
+//! takes two float operations (its scale, and its min), not two per 32 weights.
+
+use super::{round_half_away, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK, SUPER_BYTES};
+
+/// Weights of a K super-block.
+pub(super) const SUPER_BLOCK: usize = 256;
+
+/// Rows of inputs quantized per [`SUPER_BLOCK`] values (scale `max |x| / 127`, in f32), with
+/// the sum of each 16 quantized values.
+pub(super) struct SuperRows {
+    q: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i16>,
+}
+
+impl SuperRows {
+    pub(super) fn new(inp: &[f32]) -> Self {
+        let mut q = vec![0i8; inp.len()];
+        let mut scales = vec![0f32; inp.len() / SUPER_BLOCK];
+        crate::kernels::wide(
+            #[inline(always)]
+            || {
+                for (s, scale) in scales.iter_mut().enumerate() {
+                    let at = s * SUPER_BLOCK;
+                    *scale = quantize_super_block(&inp[at..], &mut q[at..]);
+                }
+            },
+        );
+        let sums = q
+            .chunks_exact(16)
+            .map(|c| c.iter().map(|&v| i16::from(v)).sum())
+            .collect();
+        Self { q, scales, sums }
+    }
+}
+
+/// 256 inputs into `q` (rounded halves away from zero, as the 32-value blocks are); returns
+/// their scale.
+#[inline(always)]
+fn quantize_super_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let (x, q) = (&x[..SUPER_BLOCK], &mut q[..SUPER_BLOCK]);
+    // The largest magnitude (a max is exact, so any order gives the same value).
+    let mut lanes = [0f32; 16];
+    for (k, &v) in x.iter().enumerate() {
+        lanes[k % 16] = lanes[k % 16].max(v.abs());
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = round_half_away(v * id) as i8;
+    }
+    d
+}
+
+/// `acc[rows, j0..j1] += inp · Wᵀ` for K super-block weights, rows quantized as `x`: per
+/// weight row, input row and super-block, the integer sum of each sub-block's dot product
+/// times its scale (Q6_K's weights less 32), and for Q4_K/Q5_K the integer sum of each
+/// sub-block's min times its inputs' sum; then `sum += dot · (d · x scale)` and
+/// `sum += mins · −(dmin · x scale)`, super-block by super-block. Integers are exact, so every
+/// SIMD level gives the same bits.
+pub(super) fn super_dots(
+    acc: &mut [f32],
+    x: &SuperRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::{level, Level};
+        match level() {
+            Level::Avx512 if super::avx512_vnni() => {
+                let dots = by_super_kind(w.kind, Avx512Dots);
+                // SAFETY: the CPU has AVX-512 F/BW/VL, VNNI and FMA; the caller (the thin
+                // product) checked the shapes: rows j0..j1 of `w`, `rows` rows of `x`, `acc`
+                // rows × (j1 − j0).
+                unsafe { by_groups(acc, x, w, rows, j0, j1, dots) };
+                return;
+            }
+            Level::Avx512 | Level::Avx2 => {
+                let dots = by_super_kind(w.kind, Avx2Dots);
+                // SAFETY: the CPU has AVX2 and FMA; bounds as above.
+                unsafe { by_groups(acc, x, w, rows, j0, j1, dots) };
+                return;
+            }
+            Level::Base => {}
+        }
+    }
+    super_dots_portable(acc, x, w, rows, j0, j1);
+}
+
+/// The reference form of [`super_dots`], which the SIMD forms match bit for bit.
+pub(super) fn super_dots_portable(
+    acc: &mut [f32],
+    x: &SuperRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let supers = w.c_in / SUPER_BLOCK;
+    let width = j1 - j0;
+    let six = w.kind == QuantKind::Q6_K;
+    for j in j0..j1 {
+        for r in 0..rows {
+            let mut sum = 0f32;
+            for s in 0..supers {
+                let xs = r * supers + s;
+                let xq = &x.q[xs * SUPER_BLOCK..][..SUPER_BLOCK];
+                let sub = &w.sub[(j * supers + s) * SUPER_BYTES..][..SUPER_BYTES];
+                let (mut dot, mut mins) = (0i32, 0i32);
+                for b in 0..SUPER_BLOCK / QUANT_BLOCK {
+                    let wq = weight_block(w, j, s * 8 + b);
+                    let xb = &xq[b * QUANT_BLOCK..][..QUANT_BLOCK];
+                    let part = |k0: usize, n: usize| -> i32 {
+                        (k0..k0 + n)
+                            .map(|k| i32::from(wq[k]) * i32::from(xb[k]))
+                            .sum()
+                    };
+                    if six {
+                        for h in 0..2 {
+                            dot += i32::from(sub[2 * b + h] as i8) * part(16 * h, 16);
+                        }
+                    } else {
+                        dot += i32::from(sub[b]) * part(0, QUANT_BLOCK);
+                        let xsum: i32 = xb.iter().map(|&v| i32::from(v)).sum();
+                        mins += i32::from(sub[8 + b]) * xsum;
+                    }
+                }
+                let dx = x.scales[xs];
+                let (d, dmin) = super_scales(w, j * supers + s);
+                sum = (dot as f32).mul_add(d * dx, sum);
+                if !six {
+                    sum = (mins as f32).mul_add(-(dmin * dx), sum);
+                }
+            }
+            acc[r * width + j - j0] += sum;
+        }
+    }
+}
+
+/// Super-block `i`'s f32 scale and min (0 for Q6_K).
+#[inline(always)]
+fn super_scales(w: &QuantMatrix, i: usize) -> (f32, f32) {
+    if w.kind == QuantKind::Q6_K {
+        (w.scales[i], 0.0)
+    } else {
+        (w.scales[2 * i], w.scales[2 * i + 1])
+    }
+}
+
+/// A SIMD level's form for weight rows `j0..j1` against `G` input rows from `r0`.
+#[cfg(target_arch = "x86_64")]
+type SuperForm = unsafe fn(&mut [f32], &SuperRows, &QuantMatrix, usize, usize, usize);
+
+/// A SIMD level's forms for 1 to 4 input rows.
+#[cfg(target_arch = "x86_64")]
+type SuperForms = [SuperForm; 4];
+
+/// Names a SIMD level's forms for a kind given as a constant.
+#[cfg(target_arch = "x86_64")]
+trait SuperLevel {
+    fn forms<const K: u8>(self) -> SuperForms;
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx512Dots;
+
+#[cfg(target_arch = "x86_64")]
+impl SuperLevel for Avx512Dots {
+    fn forms<const K: u8>(self) -> SuperForms {
+        [
+            avx512_rows::<1, K>,
+            avx512_rows::<2, K>,
+            avx512_rows::<3, K>,
+            avx512_rows::<4, K>,
+        ]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Avx2Dots;
+
+#[cfg(target_arch = "x86_64")]
+impl SuperLevel for Avx2Dots {
+    fn forms<const K: u8>(self) -> SuperForms {
+        [
+            avx2_rows::<1, K>,
+            avx2_rows::<2, K>,
+            avx2_rows::<3, K>,
+            avx2_rows::<4, K>,
+        ]
+    }
+}
+
+/// The level's forms for `kind` (each kind compiled apart, the kind a constant).
+#[cfg(target_arch = "x86_64")]
+fn by_super_kind(kind: QuantKind, level: impl SuperLevel) -> SuperForms {
+    match kind {
+        QuantKind::Q4_K => level.forms::<{ QuantKind::Q4_K as u8 }>(),
+        QuantKind::Q5_K => level.forms::<{ QuantKind::Q5_K as u8 }>(),
+        QuantKind::Q6_K => level.forms::<{ QuantKind::Q6_K as u8 }>(),
+        other => unreachable!("{other:?} has no super-blocks"),
+    }
+}
+
+/// Input rows in groups of up to 4, each group reading weight rows `j0..j1` once.
+///
+/// # Safety
+/// The CPU has the forms' features; bounds as for [`super_dots`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn by_groups(
+    acc: &mut [f32],
+    x: &SuperRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+    forms: SuperForms,
+) {
+    for r0 in (0..rows).step_by(4) {
+        let group = (rows - r0).min(4);
+        // SAFETY: the caller's contract.
+        unsafe { forms[group - 1](acc, x, w, r0, j0, j1) };
+    }
+}
+
+/// The AVX-512 VNNI form: per pair of sub-blocks (64 weights, one register), unsigned weights
+/// times signed inputs summed in pairs (`vpmaddubsw`), then times each sub-block's scale and
+/// summed into 32-bit lanes (`vpdpwssd`); Q6_K's 32 taken off through the inputs' 16-value
+/// sums.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; bounds as for [`super_dots`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn avx512_rows<const G: usize, const K: u8>(
+    acc: &mut [f32],
+    x: &SuperRows,
+    w: &QuantMatrix,
+    r0: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let kind = QuantKind::of_index(K);
+    let six = kind == QuantKind::Q6_K;
+    let planes = kind.high_planes();
+    let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
+    let nibble_mask = _mm512_set1_epi8(0x0F);
+    let pair_shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    // For pair p, which scale each of the 32 pair sums (16-bit lanes: weights 2l, 2l + 1)
+    // takes: sub-block 2p or 2p + 1; Q6_K's 16-weight groups 4p..4p + 3.
+    let picks: [__m512i; 4] = std::array::from_fn(|p| {
+        let lane: [i16; 32] = std::array::from_fn(|l| {
+            if six {
+                (4 * p + l / 8) as i16
+            } else {
+                (2 * p + l / 16) as i16
+            }
+        });
+        _mm512_loadu_si512(lane.as_ptr() as *const _)
+    });
+    for j in j0..j1 {
+        let mut sums = [0f32; G];
+        let row_high = w
+            .high
+            .as_ptr()
+            .wrapping_add(j * (c_in / QUANT_BLOCK) * planes);
+        for s in 0..supers {
+            let at = j * supers + s;
+            let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
+            // The sub-blocks' scales as 16-bit values (Q6_K's signed).
+            let scales = if six {
+                _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(sub as *const _)))
+            } else {
+                _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sub as *const _)))
+            };
+            let mut dots = [_mm512_setzero_si512(); G];
+            for (p, pick) in picks.iter().enumerate() {
+                let b = 8 * s + 2 * p;
+                // The pair's 32 bytes in both halves: low nibbles (block b), high ones (b + 1),
+                // with each plane's bits added (as the thin tiles load pairs).
+                let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    w.q.as_ptr().add((j * c_in + b * QUANT_BLOCK) / 2) as *const __m256i,
+                ));
+                let mut wq = _mm512_and_si512(_mm512_srlv_epi16(packed, pair_shifts), nibble_mask);
+                for plane in 0..planes {
+                    let word = row_high.add(b * planes + 2 * plane) as *const u64;
+                    let bit = _mm512_set1_epi8(16 << plane);
+                    wq = _mm512_mask_add_epi8(wq, word.read_unaligned(), wq, bit);
+                }
+                let scale = _mm512_permutexvar_epi16(*pick, scales);
+                for (g, dot) in dots.iter_mut().enumerate() {
+                    let xq = _mm512_loadu_si512(
+                        x.q.as_ptr().add((r0 + g) * c_in + b * QUANT_BLOCK) as *const _,
+                    );
+                    *dot = _mm512_dpwssd_epi32(*dot, _mm512_maddubs_epi16(wq, xq), scale);
+                }
+            }
+            let (d, dmin) = super_scales(w, at);
+            for (g, sum) in sums.iter_mut().enumerate() {
+                let xs = (r0 + g) * supers + s;
+                let xsums = _mm256_loadu_si256(x.sums.as_ptr().add(xs * 16) as *const __m256i);
+                let mut dot = _mm512_reduce_add_epi32(dots[g]);
+                let dx = *x.scales.get_unchecked(xs);
+                if six {
+                    // Weights are stored + 32: take 32 · Σ scale · (16 inputs' sum) off.
+                    let centre = _mm256_madd_epi16(_mm512_castsi512_si256(scales), xsums);
+                    dot -= 32 * _mm512_reduce_add_epi32(_mm512_zextsi256_si512(centre));
+                    *sum = (dot as f32).mul_add(d * dx, *sum);
+                } else {
+                    // Each min twice, against the two 16-value sums of its sub-block.
+                    let m = _mm_loadl_epi64(sub.add(8) as *const __m128i);
+                    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+                    let mins = _mm256_madd_epi16(mins, xsums);
+                    let mins = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(mins));
+                    *sum = (dot as f32).mul_add(d * dx, *sum);
+                    *sum = (mins as f32).mul_add(-(dmin * dx), *sum);
+                }
+            }
+        }
+        for (g, sum) in sums.iter().enumerate() {
+            acc[(r0 + g) * width + j - j0] += sum;
+        }
+    }
+}
+
+/// The AVX2 form: per sub-block (32 weights, one register), `vpmaddubsw` then `vpmaddwd`
+/// with the sub-block's scale (Q6_K: two), summed into 32-bit lanes.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; bounds as for [`super_dots`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_rows<const G: usize, const K: u8>(
+    acc: &mut [f32],
+    x: &SuperRows,
+    w: &QuantMatrix,
+    r0: usize,
+    j0: usize,
+    j1: usize,
+) {
+    use std::arch::x86_64::*;
+    let kind = QuantKind::of_index(K);
+    let six = kind == QuantKind::Q6_K;
+    let planes = kind.high_planes();
+    let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
+    let nibble_mask = _mm256_set1_epi8(0x0F);
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let hsum = |v: __m256i| -> i32 {
+        let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
+        let v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b10_11_00_01));
+        _mm_cvtsi128_si32(v)
+    };
+    for j in j0..j1 {
+        let mut sums = [0f32; G];
+        let row_high = w
+            .high
+            .as_ptr()
+            .wrapping_add(j * (c_in / QUANT_BLOCK) * planes);
+        for s in 0..supers {
+            let at = j * supers + s;
+            let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
+            let mut dots = [_mm256_setzero_si256(); G];
+            for pair in 0..4 {
+                let b = 8 * s + 2 * pair;
+                let packed = _mm256_loadu_si256(
+                    w.q.as_ptr().add((j * c_in + b * QUANT_BLOCK) / 2) as *const __m256i
+                );
+                for half in 0..2 {
+                    let shifted = if half == 1 {
+                        _mm256_srli_epi16(packed, 4)
+                    } else {
+                        packed
+                    };
+                    let mut wq = _mm256_and_si256(shifted, nibble_mask);
+                    for plane in 0..planes {
+                        let word = *row_high.add(b * planes + 2 * plane + half);
+                        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
+                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+                        let add = _mm256_and_si256(set, _mm256_set1_epi8(16 << plane));
+                        wq = _mm256_add_epi8(wq, add);
+                    }
+                    let block = 2 * pair + half;
+                    let scale = if six {
+                        let first = i16::from(*sub.add(2 * block) as i8);
+                        let second = i16::from(*sub.add(2 * block + 1) as i8);
+                        _mm256_set_m128i(_mm_set1_epi16(second), _mm_set1_epi16(first))
+                    } else {
+                        _mm256_set1_epi16(i16::from(*sub.add(block)))
+                    };
+                    for (g, dot) in dots.iter_mut().enumerate() {
+                        let xq = _mm256_loadu_si256(
+                            x.q.as_ptr().add((r0 + g) * c_in + (b + half) * QUANT_BLOCK)
+                                as *const __m256i,
+                        );
+                        let pairs = _mm256_maddubs_epi16(wq, xq);
+                        *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(pairs, scale));
+                    }
+                }
+            }
+            let (d, dmin) = super_scales(w, at);
+            for (g, sum) in sums.iter_mut().enumerate() {
+                let xs = (r0 + g) * supers + s;
+                let xsums = _mm256_loadu_si256(x.sums.as_ptr().add(xs * 16) as *const __m256i);
+                let mut dot = hsum(dots[g]);
+                let dx = *x.scales.get_unchecked(xs);
+                if six {
+                    let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sub as *const _));
+                    dot -= 32 * hsum(_mm256_madd_epi16(scales, xsums));
+                    *sum = (dot as f32).mul_add(d * dx, *sum);
+                } else {
+                    let m = _mm_loadl_epi64(sub.add(8) as *const __m128i);
+                    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
+                    let mins = hsum(_mm256_madd_epi16(mins, xsums));
+                    *sum = (dot as f32).mul_add(d * dx, *sum);
+                    *sum = (mins as f32).mul_add(-(dmin * dx), *sum);
+                }
+            }
+        }
+        for (g, sum) in sums.iter().enumerate() {
+            acc[(r0 + g) * width + j - j0] += sum;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quant::tests::{test_matrices, values};
+
+    /// Every SIMD form gives the portable form's bits for each K kind, 1 to 7 input rows; and
+    /// the product is within the inputs' 8-bit rounding (half a step of 1/127 of a row's
+    /// largest input) of the product with the dequantized weights.
+    #[test]
+    fn simd_forms_give_the_portable_bits_near_the_dequantized_product() {
+        let (j0, j1) = (2, 19);
+        for (kind, c_in, w) in test_matrices(j1) {
+            if !kind.super_blocks() {
+                continue;
+            }
+            let dense = w.dequantize();
+            for rows in [1, 2, 3, 4, 6, 7] {
+                let inp = values(rows * c_in, 5);
+                let x = SuperRows::new(&inp);
+                let run = |form: &dyn Fn(&mut [f32])| {
+                    let mut acc = vec![0.5f32; rows * (j1 - j0)];
+                    form(&mut acc);
+                    acc
+                };
+                let want = run(&|acc| super_dots_portable(acc, &x, &w, rows, j0, j1));
+                for r in 0..rows {
+                    let xr = &inp[r * c_in..(r + 1) * c_in];
+                    let step = xr.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0;
+                    for j in j0..j1 {
+                        let wr = &dense[j * c_in..(j + 1) * c_in];
+                        let exact: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        let bound: f32 = wr.iter().map(|v| v.abs() * step).sum();
+                        let got = want[r * (j1 - j0) + j - j0] - 0.5;
+                        assert!(
+                            (got - exact).abs() <= 1.01 * bound + 1e-3,
+                            "{kind:?} row {r} col {j}: {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use crate::kernels::{level, Level};
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+                    {
+                        let forms = by_super_kind(kind, Avx2Dots);
+                        // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
+                        let got =
+                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{kind:?} AVX2, {c_in} wide, {rows} rows"
+                        );
+                    }
+                    if level() == Level::Avx512 && super::super::avx512_vnni() {
+                        let forms = by_super_kind(kind, Avx512Dots);
+                        // SAFETY: AVX-512 and VNNI checked; shapes as above.
+                        let got =
+                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{kind:?} AVX-512, {c_in} wide, {rows} rows"
+                        );
+                    }
+                }
+                let _ = bits;
+            }
+        }
+    }
+
+    /// The 256-value quantizer rounds as the 32-value one does and sums each 16 values.
+    #[test]
+    fn inputs_quantize_per_super_block() {
+        let mut x = values(512, 7);
+        x[300] = 40.0;
+        let rows = SuperRows::new(&x);
+        assert_eq!(
+            rows.scales[0],
+            x[..256].iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0
+        );
+        assert_eq!(rows.scales[1], 40.0 / 127.0);
+        assert_eq!(rows.q[300], 127);
+        for (k, &q) in rows.q.iter().enumerate() {
+            let want = round_half_away(x[k] / rows.scales[k / 256] * 1.0);
+            assert!((f32::from(q) - want).abs() <= 1.0, "{k}");
+        }
+        for (i, &sum) in rows.sums.iter().enumerate() {
+            let want: i16 = rows.q[16 * i..16 * i + 16]
+                .iter()
+                .map(|&v| i16::from(v))
+                .sum();
+            assert_eq!(sum, want);
+        }
+    }
+}
