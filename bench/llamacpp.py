@@ -3,7 +3,11 @@
 prefill tokens/s (a 512-token prompt) and batch-1 decode tokens/s (128 tokens), Q8_0 and Q4_0.
 
     python bench/llamacpp.py --llama-bench PATH/TO/llama-bench [--layers 12] [--width 768]
-        [--threads 2] [--types q8_0 q4_0] [--repeat 3]
+        [--threads 2] [--types q8_0 q4_0] [--repeat 3] [--llama-quantize PATH/TO/llama-quantize]
+
+Types kiem writes (f32, f16, bf16, q8_0, q4_0, q4_1) are exported by kiem; the others (q4_k_m,
+q5_k_m, q6_k, q5_0, q5_1, ..., any name llama-quantize takes) are made by llama.cpp's own
+`llama-quantize` from kiem's f32 export (build it as llama-bench, `--target llama-quantize`).
 
 llama.cpp is not a dependency of kiem: build `llama-bench` from the source that ships in the
 PyPI sdist of `llama-cpp-python` (vendor/llama.cpp), outside the repository, e.g.
@@ -68,6 +72,23 @@ def kiem_speed(path, kind, args, work):
             r.get("bandwidth_fraction"), r.get("bytes_per_token"), r.get("parameters"))
 
 
+KIEM_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"}
+
+
+def make_file(kind, args, work):
+    path = os.path.join(work, f"model-{kind}.gguf")
+    if kind in KIEM_TYPES:
+        run([KIEM, "export", "--format", "gguf", "--type", kind, "--model", "base/model",
+             "--out", path], work)
+        return path
+    if not args.llama_quantize:
+        sys.exit(f"type {kind}: kiem does not write it; pass --llama-quantize to make it")
+    f32 = make_file("f32", args, work) if not os.path.exists(
+        os.path.join(work, "model-f32.gguf")) else os.path.join(work, "model-f32.gguf")
+    run([args.llama_quantize, f32, path, kind.upper()], work)
+    return path
+
+
 def llamacpp_speed(path, args, work):
     out = run([args.llama_bench, "-m", path, "-p", "512", "-n", "128", "-t", str(args.threads),
                "-r", str(args.repeat), "-o", "json"], work)
@@ -89,18 +110,20 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--types", nargs="+", default=["q8_0", "q4_0"])
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--llama-quantize", help="llama.cpp's llama-quantize, for types kiem does "
+                   "not write (K quants, Q5_0, Q5_1)")
     args = p.parse_args()
     if not os.path.exists(KIEM):
         sys.exit("build kiem first: cargo build --release")
     args.llama_bench = os.path.abspath(args.llama_bench)
+    if args.llama_quantize:
+        args.llama_quantize = os.path.abspath(args.llama_quantize)
     cpu, simd = machine()
     rows = []
     with tempfile.TemporaryDirectory() as work:
         make_model(work, args)
         for kind in args.types:
-            path = os.path.join(work, f"model-{kind}.gguf")
-            run([KIEM, "export", "--format", "gguf", "--type", kind, "--model", "base/model",
-                 "--out", path], work)
+            path = make_file(kind, args, work)
             size = os.path.getsize(path)
             k_pre, k_dec, frac, bytes_per_token, params = kiem_speed(path, kind, args, work)
             l_pre, l_dec, build = llamacpp_speed(path, args, work)
@@ -108,10 +131,10 @@ def main():
     print(f"CPU: {cpu} ({simd}); {args.threads} threads; random Llama, {args.layers} layers, "
           f"width {args.width}, GPT-2 vocabulary ({rows[0][7] / 1e6:.0f}M parameters); "
           f"llama.cpp build {rows[0][8]}")
-    print(f"{'type':6} {'file MiB':>8} | {'prefill tok/s':>13} {'llama.cpp':>9} {'ratio':>6} | "
+    print(f"{'type':7} {'file MiB':>8} | {'prefill tok/s':>13} {'llama.cpp':>9} {'ratio':>6} | "
           f"{'decode tok/s':>12} {'llama.cpp':>9} {'ratio':>6} {'of bound':>8}")
     for kind, size, k_pre, l_pre, k_dec, l_dec, frac, _, _ in rows:
-        print(f"{kind:6} {size / 2**20:8.0f} | {k_pre:13.1f} {l_pre:9.1f} {k_pre / l_pre:6.2f} | "
+        print(f"{kind:7} {size / 2**20:8.0f} | {k_pre:13.1f} {l_pre:9.1f} {k_pre / l_pre:6.2f} | "
               f"{k_dec:12.1f} {l_dec:9.1f} {k_dec / l_dec:6.2f} "
               f"{(frac or float('nan')) * 100:7.0f}%")
     print("goals: decode >= 1.0x llama.cpp and >= 80% of the bandwidth bound; prefill >= 1.0x")
