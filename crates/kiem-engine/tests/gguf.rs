@@ -377,6 +377,19 @@ fn a_quantized_file_decodes_from_its_blocks() {
         write_gguf(&gpt, &tokenizer_metadata(&mixed), export, "t", &out).unwrap();
         files.push(out);
     }
+    // A tied GPT-2 whose embedding (and so its repeated output.weight) is quantized.
+    let gpt2 = GgufFile::open(&fixture("gpt2_q8.gguf")).unwrap();
+    let (gpt2_model, _) = load_gguf_model(&gpt2).unwrap();
+    let out = tmp.path().join("gpt2-q8_0.gguf");
+    write_gguf(
+        &gpt2_model,
+        &tokenizer_metadata(&gpt2),
+        ExportType::Q8_0,
+        "t",
+        &out,
+    )
+    .unwrap();
+    files.push(out);
     for path in files {
         let file = GgufFile::open(&path).unwrap();
         let (compact, _) = load_gguf_for_decoding(&file).unwrap();

@@ -356,6 +356,12 @@ fn load_gguf_compact(
                 info.name
             )));
         };
+        if name == "lm_head.weight" && config.block.tied_head {
+            // The head is the embedding (llama.cpp's GPT-2 files repeat it as output.weight):
+            // checked against it here, row by row, as no parameter holds it.
+            check_tied_head(file, info)?;
+            continue;
+        }
         let is_matrix = info.dims.len() == 2
             && (info.name.starts_with("blk.")
                 || with_embeddings
@@ -423,6 +429,41 @@ fn load_gguf_compact(
         }
     }
     Ok((gpt, ids, compact))
+}
+
+/// Checks that a tied model's `output.weight` holds its `token_embd.weight`'s values (the same
+/// bytes, or the same values row by row where the two are stored in different types).
+fn check_tied_head(file: &GgufFile, head: &TensorInfo) -> Result<()> {
+    let differs = || {
+        file.error(
+            "output.weight differs from the token embedding, but the model ties them \
+             (tie_word_embeddings)",
+        )
+    };
+    let Some(embedding) = file.tensor("token_embd.weight") else {
+        return Err(file.error("output.weight of a tied model without token_embd.weight"));
+    };
+    if head.dims != embedding.dims {
+        return Err(differs());
+    }
+    let (a, b) = (file.tensor_bytes(head), file.tensor_bytes(embedding));
+    if head.kind == embedding.kind {
+        return if a == b { Ok(()) } else { Err(differs()) };
+    }
+    let width = head.dims[0] as usize;
+    let row_bytes = |t: super::GgmlType| t.bytes_for(width as u64).map(|n| n as usize);
+    let (Some(ra), Some(rb)) = (row_bytes(head.kind), row_bytes(embedding.kind)) else {
+        return Err(differs());
+    };
+    let (mut x, mut y) = (vec![0f32; width], vec![0f32; width]);
+    for (ca, cb) in a.chunks_exact(ra).zip(b.chunks_exact(rb)) {
+        super::quants::dequantize(head.kind, ca, &mut x);
+        super::quants::dequantize(embedding.kind, cb, &mut y);
+        if x != y {
+            return Err(differs());
+        }
+    }
+    Ok(())
 }
 
 /// The compact form of a file matrix for decoding (rows as the model's products read them:
