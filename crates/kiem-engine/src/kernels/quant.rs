@@ -643,20 +643,27 @@ impl QuantRows {
 }
 
 /// One block of inputs (32 values) into `q` as ggml's Q8_0 quantizes it; returns its scale.
-/// Written to vectorize inside [`super::wide`] (a libm `roundf` per value did not).
 #[inline(always)]
 fn quantize_input_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let (x, q) = (&x[..QUANT_BLOCK], &mut q[..QUANT_BLOCK]);
+    quantize_values::<QUANT_BLOCK>(x, q)
+}
+
+/// `N` inputs into `q`, scaled by 127 over the largest magnitude and rounded (halves away
+/// from zero); returns the scale. Written to vectorize inside [`super::wide`] (a libm
+/// `roundf` per value did not).
+#[inline(always)]
+fn quantize_values<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
+    let (x, q) = (&x[..N], &mut q[..N]);
     // The largest magnitude (a max is exact, so any order gives the same value).
-    let mut lanes = [0f32; QUANT_BLOCK / 2];
-    for k in 0..QUANT_BLOCK / 2 {
-        lanes[k] = x[k].abs().max(x[k + QUANT_BLOCK / 2].abs());
+    let mut lanes = [0f32; 16];
+    for (k, &v) in x.iter().enumerate() {
+        lanes[k % 16] = lanes[k % 16].max(v.abs());
     }
     let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for k in 0..QUANT_BLOCK {
-        q[k] = round_half_away(x[k] * id) as i8;
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = round_half_away(v * id) as i8;
     }
     d
 }
@@ -865,6 +872,67 @@ macro_rules! by_kind {
     };
 }
 
+/// `v` (row `j`'s block `b`, 32 values in order, its low nibbles) with its bits above the
+/// nibbles added from the `planes` planes: each plane's word spread to bytes (byte k takes the
+/// word's byte k / 8, then bit k % 8).
+///
+/// # Safety
+/// The CPU has AVX2; `w` has row `j`'s block `b`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_add_planes(
+    v: std::arch::x86_64::__m256i,
+    w: &QuantMatrix,
+    planes: usize,
+    j: usize,
+    b: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let mut v = v;
+    for p in 0..planes {
+        let word = *w.high.get_unchecked(w.high_at(j, b, p));
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        v = _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)));
+    }
+    v
+}
+
+/// Row `j`'s paired nibble blocks `b` and `b + 1` as 64 unsigned values in order: the pair's
+/// 32 bytes in both halves, low nibbles (block b) then high ones (block b + 1), with each of
+/// the `planes` planes of the pair, read as one 64-bit mask, adding its bit.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW; `w` holds nibbles and has row `j`'s blocks `b` and `b + 1`, a
+/// pair (`b` even, not the odd last block).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn avx512_nibble_pair(
+    w: &QuantMatrix,
+    planes: usize,
+    j: usize,
+    b: usize,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+        w.q.as_ptr().add((j * w.c_in + b * QUANT_BLOCK) / 2) as *const __m256i,
+    ));
+    let mut v = _mm512_and_si512(_mm512_srlv_epi16(packed, shifts), _mm512_set1_epi8(0x0F));
+    for p in 0..planes {
+        let word = w.high.as_ptr().add(w.high_at(j, b, p)) as *const u64;
+        v = _mm512_mask_add_epi8(v, word.read_unaligned(), v, _mm512_set1_epi8(16 << p));
+    }
+    v
+}
+
 /// The AVX2 form of [`matmul_thin_quant`]'s block loop: tiles of one weight row against up to
 /// 4 input rows, reading the weights in order (decoding is bound by reading them).
 ///
@@ -977,22 +1045,8 @@ unsafe fn avx2_tile<const J: usize, const G: usize, const K: u8>(
     let signed = !kind.has_offset();
     let nibble_bias = _mm256_set1_epi8(kind.center() as i8);
     let nibble_mask = _mm256_set1_epi8(0x0F);
-    // Weight row j's block b with its high bits added (32 values in order): each plane's
-    // word spread to bytes (byte k takes the word's byte k / 8, then bit k % 8).
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let with_high = |nibbles: __m256i, j: usize, b: usize| -> __m256i {
-        let mut v = nibbles;
-        for p in 0..kind.high_planes() {
-            let word = *w.high.get_unchecked(w.high_at(j, b, p));
-            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-            v = _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)));
-        }
-        v
+        avx2_add_planes(nibbles, w, kind.high_planes(), j, b)
     };
     // Blocks of a row that come in pairs (see [`QuantMatrix`]).
     let paired = blocks & !1;
@@ -1115,9 +1169,7 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
     let planes = kind.high_planes();
     let flip = _mm512_set1_epi8(-128);
     let nibble_mask = _mm512_set1_epi8(0x0F);
-    // Shift counts of 16-bit lanes: 0 for the low half, 4 for the high one (of 64 and of 32
-    // bytes).
-    let pair_shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    // Shift counts of 16-bit lanes: 0 for the low half, 4 for the high one (of 32 bytes).
     let one_shifts = _mm512_castsi256_si512(_mm256_inserti128_si256(
         _mm256_setzero_si256(),
         _mm_set1_epi16(4),
@@ -1129,17 +1181,7 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
         if signed {
             return _mm512_loadu_si512(w.q.as_ptr().add(at) as *const _);
         }
-        // The pair's 32 bytes in both halves: low nibbles (block b), high ones (block b + 1).
-        let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-            w.q.as_ptr().add(at / 2) as *const __m256i
-        ));
-        let mut v = _mm512_and_si512(_mm512_srlv_epi16(packed, pair_shifts), nibble_mask);
-        // Each plane of the pair as one 64-bit mask: its bit added where set.
-        for p in 0..planes {
-            let word = w.high.as_ptr().add(w.high_at(j, b, p)) as *const u64;
-            v = _mm512_mask_add_epi8(v, word.read_unaligned(), v, _mm512_set1_epi8(16 << p));
-        }
-        v
+        avx512_nibble_pair(w, planes, j, b)
     };
     // Weight block `b` of row `j` alone, 32 bytes (the odd last block: a pair load would
     // read past the row).

@@ -3,7 +3,7 @@
 //! products are scaled by their small integer scales in integers and the whole super-block
 //! takes two float operations (its scale, and its min), not two per 32 weights.
 
-use super::{round_half_away, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK, SUPER_BYTES};
+use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK, SUPER_BYTES};
 
 /// Weights of a K super-block.
 pub(super) const SUPER_BLOCK: usize = 256;
@@ -25,7 +25,7 @@ impl SuperRows {
             || {
                 for (s, scale) in scales.iter_mut().enumerate() {
                     let at = s * SUPER_BLOCK;
-                    *scale = quantize_super_block(&inp[at..], &mut q[at..]);
+                    *scale = quantize_values::<SUPER_BLOCK>(&inp[at..], &mut q[at..]);
                 }
             },
         );
@@ -35,25 +35,6 @@ impl SuperRows {
             .collect();
         Self { q, scales, sums }
     }
-}
-
-/// 256 inputs into `q` (rounded halves away from zero, as the 32-value blocks are); returns
-/// their scale.
-#[inline(always)]
-fn quantize_super_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let (x, q) = (&x[..SUPER_BLOCK], &mut q[..SUPER_BLOCK]);
-    // The largest magnitude (a max is exact, so any order gives the same value).
-    let mut lanes = [0f32; 16];
-    for (k, &v) in x.iter().enumerate() {
-        lanes[k % 16] = lanes[k % 16].max(v.abs());
-    }
-    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    for (q, &v) in q.iter_mut().zip(x) {
-        *q = round_half_away(v * id) as i8;
-    }
-    d
 }
 
 /// `acc[rows, j0..j1] += inp · Wᵀ` for K super-block weights, rows quantized as `x`: per
@@ -255,8 +236,6 @@ unsafe fn avx512_rows<const G: usize, const K: u8>(
     let six = kind == QuantKind::Q6_K;
     let planes = kind.high_planes();
     let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
-    let nibble_mask = _mm512_set1_epi8(0x0F);
-    let pair_shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
     // For pair p, which scale each of the 32 pair sums (16-bit lanes: weights 2l, 2l + 1)
     // takes: sub-block 2p or 2p + 1; Q6_K's 16-weight groups 4p..4p + 3.
     let picks: [__m512i; 4] = std::array::from_fn(|p| {
@@ -271,10 +250,6 @@ unsafe fn avx512_rows<const G: usize, const K: u8>(
     });
     for j in j0..j1 {
         let mut sums = [0f32; G];
-        let row_high = w
-            .high
-            .as_ptr()
-            .wrapping_add(j * (c_in / QUANT_BLOCK) * planes);
         for s in 0..supers {
             let at = j * supers + s;
             let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
@@ -287,17 +262,7 @@ unsafe fn avx512_rows<const G: usize, const K: u8>(
             let mut dots = [_mm512_setzero_si512(); G];
             for (p, pick) in picks.iter().enumerate() {
                 let b = 8 * s + 2 * p;
-                // The pair's 32 bytes in both halves: low nibbles (block b), high ones (b + 1),
-                // with each plane's bits added (as the thin tiles load pairs).
-                let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                    w.q.as_ptr().add((j * c_in + b * QUANT_BLOCK) / 2) as *const __m256i,
-                ));
-                let mut wq = _mm512_and_si512(_mm512_srlv_epi16(packed, pair_shifts), nibble_mask);
-                for plane in 0..planes {
-                    let word = row_high.add(b * planes + 2 * plane) as *const u64;
-                    let bit = _mm512_set1_epi8(16 << plane);
-                    wq = _mm512_mask_add_epi8(wq, word.read_unaligned(), wq, bit);
-                }
+                let wq = super::avx512_nibble_pair(w, planes, j, b);
                 let scale = _mm512_permutexvar_epi16(*pick, scales);
                 for (g, dot) in dots.iter_mut().enumerate() {
                     let xq = _mm512_loadu_si512(
@@ -355,11 +320,6 @@ unsafe fn avx2_rows<const G: usize, const K: u8>(
     let planes = kind.high_planes();
     let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
     let nibble_mask = _mm256_set1_epi8(0x0F);
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let hsum = |v: __m256i| -> i32 {
         let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         let v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
@@ -368,10 +328,6 @@ unsafe fn avx2_rows<const G: usize, const K: u8>(
     };
     for j in j0..j1 {
         let mut sums = [0f32; G];
-        let row_high = w
-            .high
-            .as_ptr()
-            .wrapping_add(j * (c_in / QUANT_BLOCK) * planes);
         for s in 0..supers {
             let at = j * supers + s;
             let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
@@ -387,14 +343,8 @@ unsafe fn avx2_rows<const G: usize, const K: u8>(
                     } else {
                         packed
                     };
-                    let mut wq = _mm256_and_si256(shifted, nibble_mask);
-                    for plane in 0..planes {
-                        let word = *row_high.add(b * planes + 2 * plane + half);
-                        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
-                        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-                        let add = _mm256_and_si256(set, _mm256_set1_epi8(16 << plane));
-                        wq = _mm256_add_epi8(wq, add);
-                    }
+                    let nibbles = _mm256_and_si256(shifted, nibble_mask);
+                    let wq = super::avx2_add_planes(nibbles, w, planes, j, b + half);
                     let block = 2 * pair + half;
                     let scale = if six {
                         let first = i16::from(*sub.add(2 * block) as i8);
@@ -523,7 +473,7 @@ mod tests {
         assert_eq!(rows.scales[1], 40.0 / 127.0);
         assert_eq!(rows.q[300], 127);
         for (k, &q) in rows.q.iter().enumerate() {
-            let want = round_half_away(x[k] / rows.scales[k / 256] * 1.0);
+            let want = super::super::round_half_away(x[k] / rows.scales[k / 256]);
             assert!((f32::from(q) - want).abs() <= 1.0, "{k}");
         }
         for (i, &sum) in rows.sums.iter().enumerate() {
