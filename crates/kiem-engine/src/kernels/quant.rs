@@ -926,8 +926,13 @@ unsafe fn avx512_nibble_pair(
         w.q.as_ptr().add((j * w.c_in + b * QUANT_BLOCK) / 2) as *const __m256i,
     ));
     let mut v = _mm512_and_si512(_mm512_srlv_epi16(packed, shifts), _mm512_set1_epi8(0x0F));
+    // A pair's planes: plane p's two words at 2p from the pair's first (see `high`).
+    let pair = w
+        .high
+        .as_ptr()
+        .wrapping_add((j * (w.c_in / QUANT_BLOCK) + b) * planes);
     for p in 0..planes {
-        let word = w.high.as_ptr().add(w.high_at(j, b, p)) as *const u64;
+        let word = pair.add(2 * p) as *const u64;
         v = _mm512_mask_add_epi8(v, word.read_unaligned(), v, _mm512_set1_epi8(16 << p));
     }
     v
