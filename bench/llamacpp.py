@@ -124,6 +124,10 @@ def main():
         make_model(work, args)
         for kind in args.types:
             path = make_file(kind, args, work)
+            # Written files are flushed before timing: their write-back (the pretraining's
+            # checkpoints, the exports) slowed whichever type came first (Q8_0 prefill 1470-1520
+            # tok/s first in a run, 2650 second).
+            os.sync()
             size = os.path.getsize(path)
             k_pre, k_dec, frac, bytes_per_token, params = kiem_speed(path, kind, args, work)
             l_pre, l_dec, build = llamacpp_speed(path, args, work)
