@@ -6,6 +6,18 @@ use rayon::prelude::*;
 use super::matmul::by_column_blocks;
 use super::{level, Level, SKINNY_ROWS};
 
+/// `$tiles::<K>` (as a `$form`) for the kind `$kind`, `K` its index, among the kinds listed:
+/// each kind's SIMD forms are compiled apart, with the kind a constant.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_kind {
+    ($kind:expr, $tiles:ident as $form:ty, [$($k:ident),*]) => {
+        match $kind {
+            $(QuantKind::$k => $tiles::<{ QuantKind::$k as u8 }> as $form,)*
+            other => unreachable!("{other:?} has no such form"),
+        }
+    };
+}
+
 mod gemm;
 mod super_blocks;
 pub use gemm::{matmul_wide_quant, wide_quant_native};
@@ -29,6 +41,18 @@ pub enum QuantKind {
 }
 
 impl QuantKind {
+    /// Every kind, in declaration order (`k as u8` is a kind's index here).
+    pub(crate) const ALL: [QuantKind; 8] = [
+        QuantKind::Q8_0,
+        QuantKind::Q4_0,
+        QuantKind::Q4_1,
+        QuantKind::Q4_K,
+        QuantKind::Q5_0,
+        QuantKind::Q5_1,
+        QuantKind::Q5_K,
+        QuantKind::Q6_K,
+    ];
+
     pub(crate) fn ggml(self) -> crate::gguf::GgmlType {
         use crate::gguf::GgmlType;
         match self {
@@ -75,17 +99,7 @@ impl QuantKind {
     /// The kind `k as u8` names: the SIMD forms take the kind as a constant, so that each
     /// kind's form has its own code without tests of the kind in its loops.
     const fn of_index(i: u8) -> Self {
-        const ALL: [QuantKind; 8] = [
-            QuantKind::Q8_0,
-            QuantKind::Q4_0,
-            QuantKind::Q4_1,
-            QuantKind::Q4_K,
-            QuantKind::Q5_0,
-            QuantKind::Q5_1,
-            QuantKind::Q5_K,
-            QuantKind::Q6_K,
-        ];
-        ALL[i as usize]
+        Self::ALL[i as usize]
     }
 
     /// Whether [`QuantMatrix::quantize`] can quantize to this kind.
@@ -860,18 +874,6 @@ impl Tile<'_> {
     }
 }
 
-/// `$tiles::<K>` (as a `$form`) for the kind `$kind`, `K` its index, among the kinds listed:
-/// each kind's SIMD forms are compiled apart, with the kind a constant.
-#[cfg(target_arch = "x86_64")]
-macro_rules! by_kind {
-    ($kind:expr, $tiles:ident as $form:ty, [$($k:ident),*]) => {
-        match $kind {
-            $(QuantKind::$k => $tiles::<{ QuantKind::$k as u8 }> as $form,)*
-            other => unreachable!("{other:?} has no such form"),
-        }
-    };
-}
-
 /// `v` (row `j`'s block `b`, 32 values in order, its low nibbles) with its bits above the
 /// nibbles added from the `planes` planes: each plane's word spread to bytes (byte k takes the
 /// word's byte k / 8, then bit k % 8).
@@ -1361,7 +1363,7 @@ mod tests {
     /// A matrix of `c_out` rows of every kind, 3, 8 and 24 blocks wide (those its rows allow).
     pub(super) fn test_matrices(c_out: usize) -> Vec<(QuantKind, usize, QuantMatrix)> {
         let mut matrices = Vec::new();
-        for kind in KINDS {
+        for kind in QuantKind::ALL {
             for c_in in [96usize, 256, 768] {
                 if c_in.is_multiple_of(kind.row_multiple()) {
                     let bytes = ggml_blocks(kind, c_in * c_out, 4);
@@ -1376,20 +1378,9 @@ mod tests {
         matrices
     }
 
-    pub(super) const KINDS: [QuantKind; 8] = [
-        QuantKind::Q8_0,
-        QuantKind::Q4_0,
-        QuantKind::Q4_1,
-        QuantKind::Q4_K,
-        QuantKind::Q5_0,
-        QuantKind::Q5_1,
-        QuantKind::Q5_K,
-        QuantKind::Q6_K,
-    ];
-
     #[test]
     fn a_files_blocks_read_as_ggml_dequantizes_them() {
-        for kind in KINDS {
+        for kind in QuantKind::ALL {
             // Rows of 3 pairs of K blocks and an odd last 32-weight block (for those kinds).
             let c_in = if kind.row_multiple() == 256 { 768 } else { 544 };
             let c_out = 3;

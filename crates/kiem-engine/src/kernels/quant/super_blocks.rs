@@ -56,7 +56,11 @@ pub(super) fn super_dots(
         use crate::kernels::{level, Level};
         match level() {
             Level::Avx512 if super::avx512_vnni() => {
-                let dots = by_super_kind(w.kind, Avx512Dots);
+                let dots = by_kind!(
+                    w.kind,
+                    avx512_forms as fn() -> SuperForms,
+                    [Q4_K, Q5_K, Q6_K]
+                )();
                 // SAFETY: the CPU has AVX-512 F/BW/VL, VNNI and FMA; the caller (the thin
                 // product) checked the shapes: rows j0..j1 of `w`, `rows` rows of `x`, `acc`
                 // rows × (j1 − j0).
@@ -64,7 +68,7 @@ pub(super) fn super_dots(
                 return;
             }
             Level::Avx512 | Level::Avx2 => {
-                let dots = by_super_kind(w.kind, Avx2Dots);
+                let dots = by_kind!(w.kind, avx2_forms as fn() -> SuperForms, [Q4_K, Q5_K, Q6_K])();
                 // SAFETY: the CPU has AVX2 and FMA; bounds as above.
                 unsafe { by_groups(acc, x, w, rows, j0, j1, dots) };
                 return;
@@ -143,53 +147,26 @@ type SuperForm = unsafe fn(&mut [f32], &SuperRows, &QuantMatrix, usize, usize, u
 #[cfg(target_arch = "x86_64")]
 type SuperForms = [SuperForm; 4];
 
-/// Names a SIMD level's forms for a kind given as a constant.
+/// The AVX-512 forms of kind `K` (see [`QuantKind::of_index`]).
 #[cfg(target_arch = "x86_64")]
-trait SuperLevel {
-    fn forms<const K: u8>(self) -> SuperForms;
+fn avx512_forms<const K: u8>() -> SuperForms {
+    [
+        avx512_rows::<1, K>,
+        avx512_rows::<2, K>,
+        avx512_rows::<3, K>,
+        avx512_rows::<4, K>,
+    ]
 }
 
+/// The AVX2 forms of kind `K`.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Avx512Dots;
-
-#[cfg(target_arch = "x86_64")]
-impl SuperLevel for Avx512Dots {
-    fn forms<const K: u8>(self) -> SuperForms {
-        [
-            avx512_rows::<1, K>,
-            avx512_rows::<2, K>,
-            avx512_rows::<3, K>,
-            avx512_rows::<4, K>,
-        ]
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Avx2Dots;
-
-#[cfg(target_arch = "x86_64")]
-impl SuperLevel for Avx2Dots {
-    fn forms<const K: u8>(self) -> SuperForms {
-        [
-            avx2_rows::<1, K>,
-            avx2_rows::<2, K>,
-            avx2_rows::<3, K>,
-            avx2_rows::<4, K>,
-        ]
-    }
-}
-
-/// The level's forms for `kind` (each kind compiled apart, the kind a constant).
-#[cfg(target_arch = "x86_64")]
-fn by_super_kind(kind: QuantKind, level: impl SuperLevel) -> SuperForms {
-    match kind {
-        QuantKind::Q4_K => level.forms::<{ QuantKind::Q4_K as u8 }>(),
-        QuantKind::Q5_K => level.forms::<{ QuantKind::Q5_K as u8 }>(),
-        QuantKind::Q6_K => level.forms::<{ QuantKind::Q6_K as u8 }>(),
-        other => unreachable!("{other:?} has no super-blocks"),
-    }
+fn avx2_forms<const K: u8>() -> SuperForms {
+    [
+        avx2_rows::<1, K>,
+        avx2_rows::<2, K>,
+        avx2_rows::<3, K>,
+        avx2_rows::<4, K>,
+    ]
 }
 
 /// Input rows in groups of up to 4, each group reading weight rows `j0..j1` once.
@@ -433,7 +410,8 @@ mod tests {
                     use crate::kernels::{level, Level};
                     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
                     {
-                        let forms = by_super_kind(kind, Avx2Dots);
+                        let forms =
+                            by_kind!(kind, avx2_forms as fn() -> SuperForms, [Q4_K, Q5_K, Q6_K])();
                         // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
                         let got =
                             run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
@@ -444,7 +422,9 @@ mod tests {
                         );
                     }
                     if level() == Level::Avx512 && super::super::avx512_vnni() {
-                        let forms = by_super_kind(kind, Avx512Dots);
+                        let forms =
+                            by_kind!(kind, avx512_forms as fn() -> SuperForms, [Q4_K, Q5_K, Q6_K])(
+                            );
                         // SAFETY: AVX-512 and VNNI checked; shapes as above.
                         let got =
                             run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
