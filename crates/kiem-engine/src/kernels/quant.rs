@@ -626,10 +626,14 @@ struct QuantRows {
     scales: Vec<f32>,
     /// For weights with offsets: each block's eight lane sums (values 4l..4l+3), as f32.
     lane_sums: Vec<f32>,
+    /// For weights without: each block's eight lane sums times minus the weights' center
+    /// (Q8_0: 128), where AVX-512's dot products of unsigned weights start (Q8_0's weights
+    /// taken as w + 128), computed once per input rather than once per weight row.
+    starts: Vec<i32>,
 }
 
 impl QuantRows {
-    fn new(inp: &[f32], lane_sums: bool) -> Self {
+    fn new(inp: &[f32], kind: QuantKind) -> Self {
         let mut q = vec![0i8; inp.len()];
         let mut scales = vec![0f32; inp.len() / QUANT_BLOCK];
         super::wide(
@@ -641,17 +645,25 @@ impl QuantRows {
                 }
             },
         );
-        let lane_sums = if lane_sums {
-            q.chunks_exact(4)
-                .map(|l| l.iter().map(|&v| i32::from(v)).sum::<i32>() as f32)
-                .collect()
+        let sums = q
+            .chunks_exact(4)
+            .map(|l| l.iter().map(|&v| i32::from(v)).sum::<i32>());
+        let (mut lane_sums, mut starts) = (Vec::new(), Vec::new());
+        if kind.has_offset() {
+            lane_sums = sums.map(|sum| sum as f32).collect();
         } else {
-            Vec::new()
-        };
+            let center = if kind == QuantKind::Q8_0 {
+                128
+            } else {
+                i32::from(kind.center())
+            };
+            starts = sums.map(|sum| -center * sum).collect();
+        }
         Self {
             q,
             scales,
             lane_sums,
+            starts,
         }
     }
 }
@@ -694,6 +706,45 @@ fn round_half_away(x: f32) -> f32 {
     }
 }
 
+/// f32 lanes a thin product sums a row's terms in (see [`matmul_thin_quant`]): two sets of 8
+/// (even and odd blocks), so that two chains of fused multiply-adds run side by side.
+const LANES: usize = 16;
+
+/// A row's f32 lanes added up: `extra` (offsets' or mins' lanes) into the first lanes, then
+/// halves added (lane `i` takes lane `i + n` for n = 8, 4, 2, 1), as SIMD registers fold.
+#[inline(always)]
+fn fold_lanes(mut lanes: [f32; LANES], extra: &[f32]) -> f32 {
+    for (lane, e) in lanes.iter_mut().zip(extra) {
+        *lane += e;
+    }
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            lanes[i] += lanes[i + n];
+        }
+    }
+    lanes[0]
+}
+
+/// [`fold_lanes`] from its step n = 8 on, in SIMD: `lower` lanes 0..8 and `upper` 8..16.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn fold_halves(lower: std::arch::x86_64::__m256, upper: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let eight = _mm256_add_ps(lower, upper);
+    let four = _mm_add_ps(
+        _mm256_castps256_ps128(eight),
+        _mm256_extractf128_ps(eight, 1),
+    );
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
+}
+
 /// Weight block `b` of row `j` as 32 signed values: the stored ones less the kind's center
 /// (unsigned for the kinds with offsets).
 #[inline(always)]
@@ -733,8 +784,11 @@ fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
 /// the input block's sum is added); so the result differs from the product with the
 /// dequantized weights by the inputs' quantization (about 0.4% of a block's largest input).
 /// Each row's result is independent of the others, and every SIMD level gives the same bits:
-/// eight lane sums (bytes 4l..4l+3 of each block), accumulated in block order with one fused
-/// multiply-add each (a second for the offset), then added lane by lane in order. K kinds
+/// each block's eight integer lane sums (bytes 4l..4l+3) go to eight f32 lanes, the even
+/// blocks' to lanes 0..8 and the odd ones' to 8..16, one fused multiply-add each in block
+/// order (offsets' into 16 lanes of their own); so no lane waits on the block just before it
+/// (one chain through all blocks held a row to one block per FMA latency). The lanes are then
+/// added as [`fold_lanes`] does. K kinds
 /// (Q4_K, Q5_K, Q6_K) quantize the inputs per 256 values instead, as llama.cpp's Q8_K does,
 /// and scale each super-block's integer sums once (see `super_blocks`).
 pub fn matmul_thin_quant(
@@ -761,7 +815,7 @@ pub fn matmul_thin_quant(
         });
         return;
     }
-    let x = QuantRows::new(inp, w.kind.has_offset());
+    let x = QuantRows::new(inp, w.kind);
     let blocks = c_in / QUANT_BLOCK;
     by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
         #[cfg(target_arch = "x86_64")]
@@ -805,14 +859,16 @@ fn quant_dots_portable(
     let (width, c_in) = (j1 - j0, blocks * QUANT_BLOCK);
     for j in j0..j1 {
         for r in 0..rows {
-            let mut lanes = [0f32; 8];
+            let mut lanes = [0f32; LANES];
+            let mut offset_lanes = [0f32; LANES];
             for b in 0..blocks {
                 let wq = weight_block(w, j, b);
                 let xq = &x.q[r * c_in + b * QUANT_BLOCK..][..QUANT_BLOCK];
                 let xscale = x.scales[r * blocks + b];
                 let (scales, offset) = w.block_scales(j, b);
                 let scale = scales[0] * xscale;
-                for (l, lane) in lanes.iter_mut().enumerate() {
+                let half = 8 * (b % 2);
+                for (l, lane) in lanes[half..half + 8].iter_mut().enumerate() {
                     let dot: i32 = (4 * l..4 * l + 4)
                         .map(|k| i32::from(wq[k]) * i32::from(xq[k]))
                         .sum();
@@ -820,12 +876,17 @@ fn quant_dots_portable(
                 }
                 if let Some(offset) = offset {
                     let sums = &x.lane_sums[(r * blocks + b) * 8..][..8];
-                    for (lane, &sum) in lanes.iter_mut().zip(sums) {
+                    for (lane, &sum) in offset_lanes[half..half + 8].iter_mut().zip(sums) {
                         *lane = sum.mul_add(offset * xscale, *lane);
                     }
                 }
             }
-            acc[r * width + j - j0] += lanes.iter().fold(0f32, |s, &v| s + v);
+            let extra: &[f32] = if w.kind.has_offset() {
+                &offset_lanes
+            } else {
+                &[]
+            };
+            acc[r * width + j - j0] += fold_lanes(lanes, extra);
         }
     }
 }
@@ -850,8 +911,8 @@ const TILE_ROWS: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
 impl Tile<'_> {
-    /// Adds a tile's sums (eight lanes each, `[weight row][input row]`) to `acc`, lanes in
-    /// order.
+    /// Adds a tile's sums to `acc` as [`fold_lanes`] does: per weight row and input row, the
+    /// even blocks' lanes then the odd ones', and with `offsets` theirs added first.
     ///
     /// # Safety
     /// The CPU has AVX.
@@ -860,19 +921,26 @@ impl Tile<'_> {
         &self,
         acc: &mut [f32],
         j: usize,
-        sums: &[[std::arch::x86_64::__m256; G]; J],
+        sums: &TileSums<J, G>,
+        offsets: Option<&TileSums<J, G>>,
     ) {
-        use std::arch::x86_64::_mm256_storeu_ps;
-        for (u, row_sums) in sums.iter().enumerate() {
-            for (g, sum) in row_sums.iter().enumerate() {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), *sum);
-                acc[(self.r0 + g) * self.width + j + u - self.j0] +=
-                    lanes.iter().fold(0f32, |s, &v| s + v);
+        use std::arch::x86_64::_mm256_add_ps;
+        for u in 0..J {
+            for g in 0..G {
+                let [mut even, mut odd] = sums[u][g];
+                if let Some(offsets) = offsets {
+                    even = _mm256_add_ps(even, offsets[u][g][0]);
+                    odd = _mm256_add_ps(odd, offsets[u][g][1]);
+                }
+                acc[(self.r0 + g) * self.width + j + u - self.j0] += fold_halves(even, odd);
             }
         }
     }
 }
+
+/// A tile's f32 lanes: per weight row and input row, the even blocks' 8 and the odd ones'.
+#[cfg(target_arch = "x86_64")]
+type TileSums<const J: usize, const G: usize> = [[[std::arch::x86_64::__m256; 2]; G]; J];
 
 /// `v` (row `j`'s block `b`, 32 values in order, its low nibbles) with its bits above the
 /// nibbles added from the `planes` planes: each plane's word spread to bytes (byte k takes the
@@ -1057,9 +1125,11 @@ unsafe fn avx2_tile<const J: usize, const G: usize, const K: u8>(
     };
     // Blocks of a row that come in pairs (see [`QuantMatrix`]).
     let paired = blocks & !1;
-    let mut sums = [[_mm256_setzero_ps(); G]; J];
+    let mut sums = [[[_mm256_setzero_ps(); 2]; G]; J];
+    let mut offset_sums = [[[_mm256_setzero_ps(); 2]; G]; J];
     for b in 0..blocks {
-        for (u, row_sums) in sums.iter_mut().enumerate() {
+        let half = b % 2;
+        for u in 0..J {
             let at = (j + u) * c_in + b * QUANT_BLOCK;
             let wq = if kind == QuantKind::Q8_0 {
                 _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
@@ -1086,7 +1156,7 @@ unsafe fn avx2_tile<const J: usize, const G: usize, const K: u8>(
             let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
             let block = (j + u) * blocks + b;
             let wscale = *w.scales.get_unchecked(block);
-            for (g, sum) in row_sums.iter_mut().enumerate() {
+            for g in 0..G {
                 let r = tile.r0 + g;
                 let xq = _mm256_loadu_si256(
                     x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
@@ -1095,16 +1165,18 @@ unsafe fn avx2_tile<const J: usize, const G: usize, const K: u8>(
                 let pairs = _mm256_maddubs_epi16(magnitude, xs);
                 let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
                 let xscale = *x.scales.get_unchecked(r * blocks + b);
+                let sum = &mut sums[u][g][half];
                 *sum = _mm256_fmadd_ps(lanes, _mm256_set1_ps(wscale * xscale), *sum);
                 if !signed {
                     let offset = *w.offsets.get_unchecked(block);
                     let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
+                    let sum = &mut offset_sums[u][g][half];
                     *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
                 }
             }
         }
     }
-    tile.finish(acc, j, &sums);
+    tile.finish(acc, j, &sums, (!signed).then_some(&offset_sums));
 }
 
 /// The AVX-512 VNNI form of [`matmul_thin_quant`]'s block loop: two blocks a step, their
@@ -1151,10 +1223,10 @@ fn avx512_tiles<const K: u8>(group: usize) -> (usize, TileForm, TileForm) {
     }
 }
 
-/// Q8_0 weights are signed: the byte products are (x + 128)·w, started from −128·(the
-/// weights' lane sums); the 4-bit kinds take the unsigned nibbles, their dot products started
-/// from −8·(the input's lane sums) for Q4_0 (whose weights are nibble − 8): the same integers
-/// as the portable form's, so the same bits.
+/// The weights as unsigned bytes (Q8_0's plus 128, the others' stored values) times the
+/// signed inputs, started from the inputs' lane sums times minus the center (see
+/// `QuantRows::starts`; Q4_0's weights are nibble − 8): the same integers as the portable
+/// form's, so the same bits.
 ///
 /// # Safety
 /// As for [`quant_dots_avx512`].
@@ -1171,8 +1243,6 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
     let c_in = blocks * QUANT_BLOCK;
     let signed = kind == QuantKind::Q8_0;
     let offsets = kind.has_offset();
-    let centered = kind.center() != 0;
-    let centers = _mm512_set1_epi8(kind.center() as i8);
     let planes = kind.high_planes();
     let flip = _mm512_set1_epi8(-128);
     let nibble_mask = _mm512_set1_epi8(0x0F);
@@ -1182,11 +1252,12 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
         _mm_set1_epi16(4),
         1,
     ));
-    // Weight blocks `b` and `b + 1` of row `j`, 64 bytes in order (4-bit kinds: nibbles).
+    // Weight blocks `b` and `b + 1` of row `j`, 64 unsigned bytes in order (Q8_0: w + 128;
+    // 4-bit kinds: nibbles).
     let load_pair = |j: usize, b: usize| -> __m512i {
         let at = j * c_in + b * QUANT_BLOCK;
         if signed {
-            return _mm512_loadu_si512(w.q.as_ptr().add(at) as *const _);
+            return _mm512_xor_si512(_mm512_loadu_si512(w.q.as_ptr().add(at) as *const _), flip);
         }
         avx512_nibble_pair(w, planes, j, b)
     };
@@ -1195,7 +1266,8 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
     let load_one = |j: usize, b: usize| -> __m256i {
         let at = j * c_in + b * QUANT_BLOCK;
         if signed {
-            return _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i);
+            let v = _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i);
+            return _mm256_xor_si256(v, _mm512_castsi512_si256(flip));
         }
         // Weights k and k + 16 in byte k: the 16 bytes in both halves, shifted as a pair's.
         let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(
@@ -1211,35 +1283,43 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
         }
         v
     };
-    // sum += lanes · (w scale · x scale) (+ x lane sums · (offset · x scale)).
-    let scale_into = |sum: &mut __m256, lanes: __m256, xscale: __m256, block: usize, at: usize| {
+    let mut sums = [[[_mm256_setzero_ps(); 2]; G]; J];
+    let mut offset_sums = [[[_mm256_setzero_ps(); 2]; G]; J];
+    // Block `block` (input block `at`) into the lanes of its half (0: even, 1: odd) of weight
+    // row u and input row g: lanes · (w scale · x scale), and x lane sums · (offset · x scale).
+    let mut scale_into = |u: usize,
+                          g: usize,
+                          half: usize,
+                          lanes: __m256,
+                          xscale: __m256,
+                          block: usize,
+                          at: usize| {
         let scale = _mm256_mul_ps(_mm256_broadcast_ss(w.scales.get_unchecked(block)), xscale);
+        let sum = &mut sums[u][g][half];
         *sum = _mm256_fmadd_ps(lanes, scale, *sum);
         if offsets {
             let offset = _mm256_mul_ps(_mm256_broadcast_ss(w.offsets.get_unchecked(block)), xscale);
             let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
+            let sum = &mut offset_sums[u][g][half];
             *sum = _mm256_fmadd_ps(lane_sums, offset, *sum);
         }
     };
-    let mut sums = [[_mm256_setzero_ps(); G]; J];
+    // Where input row g's dot products with blocks b and b + 1 start (16 lanes; see
+    // `QuantRows::starts`): 0 for weights with offsets.
+    let start_at = |g: usize, b: usize| -> __m512i {
+        if offsets {
+            return _mm512_setzero_si512();
+        }
+        let at = ((tile.r0 + g) * c_in + b * QUANT_BLOCK) / 4;
+        _mm512_loadu_si512(x.starts.as_ptr().add(at) as *const _)
+    };
     let mut b = 0;
     while b + 2 <= blocks {
         // The input rows' blocks, their scales, and where their dot products start.
         let xq: [__m512i; G] = std::array::from_fn(|g| {
             _mm512_loadu_si512(x.q.as_ptr().add((tile.r0 + g) * c_in + b * QUANT_BLOCK) as *const _)
         });
-        let start: [__m512i; G] = std::array::from_fn(|g| {
-            if centered {
-                _mm512_sub_epi32(
-                    _mm512_setzero_si512(),
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), centers, xq[g]),
-                )
-            } else {
-                _mm512_setzero_si512()
-            }
-        });
-        // Signed weights: the inputs plus 128 as unsigned bytes (x xor 0x80).
-        let x_up: [__m512i; G] = std::array::from_fn(|g| _mm512_xor_si512(xq[g], flip));
+        let start: [__m512i; G] = std::array::from_fn(|g| start_at(g, b));
         let xscales: [(__m256, __m256); G] = std::array::from_fn(|g| {
             let at = (tile.r0 + g) * blocks + b;
             (
@@ -1247,70 +1327,40 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
                 _mm256_broadcast_ss(x.scales.get_unchecked(at + 1)),
             )
         });
-        for (u, row_sums) in sums.iter_mut().enumerate() {
+        for u in 0..J {
             let wq = load_pair(j + u, b);
-            // Signed weights: (x + 128)·w started from −128·(the weights' lane sums).
-            let w_start = if signed {
-                _mm512_sub_epi32(
-                    _mm512_setzero_si512(),
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, wq),
-                )
-            } else {
-                _mm512_setzero_si512()
-            };
             let block = (j + u) * blocks + b;
-            for (g, sum) in row_sums.iter_mut().enumerate() {
-                let dots = if signed {
-                    _mm512_dpbusd_epi32(w_start, x_up[g], wq)
-                } else {
-                    _mm512_dpbusd_epi32(start[g], wq, xq[g])
-                };
-                let lanes = _mm512_cvtepi32_ps(dots);
+            for g in 0..G {
+                let lanes = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[g], wq, xq[g]));
                 let at = (tile.r0 + g) * blocks + b;
-                scale_into(sum, _mm512_castps512_ps256(lanes), xscales[g].0, block, at);
+                let lower = _mm512_castps512_ps256(lanes);
+                scale_into(u, g, 0, lower, xscales[g].0, block, at);
                 let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
-                scale_into(sum, upper, xscales[g].1, block + 1, at + 1);
+                scale_into(u, g, 1, upper, xscales[g].1, block + 1, at + 1);
             }
         }
         b += 2;
     }
     if b < blocks {
-        for (u, row_sums) in sums.iter_mut().enumerate() {
+        for u in 0..J {
             let wq = load_one(j + u, b);
-            let (magnitude, negative) = if signed {
-                (_mm256_abs_epi8(wq), _mm256_movepi8_mask(wq))
-            } else {
-                (wq, 0)
-            };
-            for (g, sum) in row_sums.iter_mut().enumerate() {
+            for g in 0..G {
                 let at = (tile.r0 + g) * blocks + b;
                 let xq = _mm256_loadu_si256(x.q.as_ptr().add(at * QUANT_BLOCK) as *const __m256i);
-                let xs = _mm256_mask_sub_epi8(xq, negative, _mm256_setzero_si256(), xq);
-                let start = if centered {
-                    _mm256_sub_epi32(
-                        _mm256_setzero_si256(),
-                        _mm256_dpbusd_epi32(
-                            _mm256_setzero_si256(),
-                            _mm512_castsi512_si256(centers),
-                            xq,
-                        ),
-                    )
-                } else {
+                let start = if offsets {
                     _mm256_setzero_si256()
+                } else {
+                    _mm256_loadu_si256(x.starts.as_ptr().add(at * 8) as *const __m256i)
                 };
-                let dots = _mm256_dpbusd_epi32(start, magnitude, xs);
+                let dots = _mm256_dpbusd_epi32(start, wq, xq);
                 let xscale = _mm256_broadcast_ss(x.scales.get_unchecked(at));
-                scale_into(
-                    sum,
-                    _mm256_cvtepi32_ps(dots),
-                    xscale,
-                    (j + u) * blocks + b,
-                    at,
-                );
+                // The odd last block is an even one.
+                let lanes = _mm256_cvtepi32_ps(dots);
+                scale_into(u, g, 0, lanes, xscale, (j + u) * blocks + b, at);
             }
         }
     }
-    tile.finish(acc, j, &sums);
+    tile.finish(acc, j, &sums, offsets.then_some(&offset_sums));
 }
 
 #[cfg(test)]
@@ -1513,7 +1563,7 @@ mod tests {
                 continue; // super_blocks' own test
             }
             for rows in [1, 2, 3, 4, 6, 7] {
-                let x = QuantRows::new(&values(rows * c_in, 5), kind.has_offset());
+                let x = QuantRows::new(&values(rows * c_in, 5), kind);
                 let blocks = c_in / QUANT_BLOCK;
                 let run = |form: &dyn Fn(&mut [f32])| {
                     let mut acc = vec![0.5f32; rows * 17];

@@ -538,7 +538,7 @@ mod tests {
         x[170] = f32::NEG_INFINITY;
         x[200] = 3e38;
         let wide = WideRows::new(&x, 32 * 8, true);
-        let thin = super::super::QuantRows::new(&x, false);
+        let thin = super::super::QuantRows::new(&x, super::super::QuantKind::Q8_0);
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&wide.scales), bits(&thin.scales));
         let back: Vec<i8> = wide.up.iter().map(|&u| (u ^ 0x80) as i8).collect();

@@ -3,7 +3,12 @@
 //! products are scaled by their small integer scales in integers and the whole super-block
 //! takes two float operations (its scale, and its min), not two per 32 weights.
 
-use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK, SUPER_BYTES};
+#[cfg(target_arch = "x86_64")]
+use super::fold_halves;
+use super::{
+    fold_lanes, quantize_values, weight_block, QuantKind, QuantMatrix, LANES, QUANT_BLOCK,
+    SUPER_BYTES,
+};
 
 /// Weights of a K super-block.
 pub(super) const SUPER_BLOCK: usize = 256;
@@ -37,12 +42,16 @@ impl SuperRows {
     }
 }
 
-/// `acc[rows, j0..j1] += inp · Wᵀ` for K super-block weights, rows quantized as `x`: per
-/// weight row, input row and super-block, the integer sum of each sub-block's dot product
-/// times its scale (Q6_K's weights less 32), and for Q4_K/Q5_K the integer sum of each
-/// sub-block's min times its inputs' sum; then `sum += dot · (d · x scale)` and
-/// `sum += mins · −(dmin · x scale)`, super-block by super-block. Integers are exact, so every
-/// SIMD level gives the same bits.
+/// `acc[rows, j0..j1] += inp · Wᵀ` for K super-block weights, rows quantized as `x`. Per
+/// weight row, input row and super-block: [`LANES`] integer lane sums of the sub-blocks' dot
+/// products (the stored, unsigned weights) times their scales, lane `l` taking weights
+/// `4(l % 8)..4(l % 8) + 4` of the even sub-blocks (`l < 8`) or the odd ones; Q6_K's 32 taken
+/// off lane `m` as 32 · (sub-block `m`'s scales times its inputs' 16-value sums); Q4_K/Q5_K's
+/// mins as [`MIN_LANES`] more (sub-block `m`'s min times its inputs' sum). Each lane, as f32,
+/// is added to its own f32 lane with one fused multiply-add (times `d · x scale`, the mins
+/// times `−dmin · x scale`), super-block by super-block; the row's lanes are added in order at
+/// its end (the mins' after). Integers are exact and the float steps the same, so every SIMD
+/// level gives the same bits; no level reduces across lanes per super-block.
 pub(super) fn super_dots(
     acc: &mut [f32],
     x: &SuperRows,
@@ -79,6 +88,9 @@ pub(super) fn super_dots(
     super_dots_portable(acc, x, w, rows, j0, j1);
 }
 
+/// Integer lanes per super-block of Q4_K's and Q5_K's mins (one per sub-block).
+const MIN_LANES: usize = 8;
+
 /// The reference form of [`super_dots`], which the SIMD forms match bit for bit.
 pub(super) fn super_dots_portable(
     acc: &mut [f32],
@@ -91,40 +103,50 @@ pub(super) fn super_dots_portable(
     let supers = w.c_in / SUPER_BLOCK;
     let width = j1 - j0;
     let six = w.kind == QuantKind::Q6_K;
+    let center = i32::from(w.kind.center());
     for j in j0..j1 {
         for r in 0..rows {
-            let mut sum = 0f32;
+            let mut lanes = [0f32; LANES];
+            let mut min_lanes = [0f32; MIN_LANES];
             for s in 0..supers {
                 let xs = r * supers + s;
                 let xq = &x.q[xs * SUPER_BLOCK..][..SUPER_BLOCK];
+                let xsums = &x.sums[xs * 16..][..16];
                 let sub = &w.sub[(j * supers + s) * SUPER_BYTES..][..SUPER_BYTES];
-                let (mut dot, mut mins) = (0i32, 0i32);
+                let mut dots = [0i32; LANES];
+                let mut mins = [0i32; MIN_LANES];
                 for b in 0..SUPER_BLOCK / QUANT_BLOCK {
                     let wq = weight_block(w, j, s * 8 + b);
                     let xb = &xq[b * QUANT_BLOCK..][..QUANT_BLOCK];
-                    let part = |k0: usize, n: usize| -> i32 {
-                        (k0..k0 + n)
-                            .map(|k| i32::from(wq[k]) * i32::from(xb[k]))
-                            .sum()
-                    };
+                    for k in 0..QUANT_BLOCK {
+                        let scale = if six {
+                            i32::from(sub[2 * b + k / 16] as i8)
+                        } else {
+                            i32::from(sub[b])
+                        };
+                        let stored = i32::from(wq[k]) + center;
+                        dots[8 * (b % 2) + k / 4] += scale * stored * i32::from(xb[k]);
+                    }
+                    let (first, second) = (i32::from(xsums[2 * b]), i32::from(xsums[2 * b + 1]));
                     if six {
-                        for h in 0..2 {
-                            dot += i32::from(sub[2 * b + h] as i8) * part(16 * h, 16);
-                        }
+                        let (s0, s1) = (sub[2 * b] as i8, sub[2 * b + 1] as i8);
+                        dots[b] -= 32 * (i32::from(s0) * first + i32::from(s1) * second);
                     } else {
-                        dot += i32::from(sub[b]) * part(0, QUANT_BLOCK);
-                        let xsum: i32 = xb.iter().map(|&v| i32::from(v)).sum();
-                        mins += i32::from(sub[8 + b]) * xsum;
+                        mins[b] = i32::from(sub[8 + b]) * (first + second);
                     }
                 }
                 let dx = x.scales[xs];
                 let (d, dmin) = super_scales(w, j * supers + s);
-                sum = (dot as f32).mul_add(d * dx, sum);
+                for (lane, &dot) in lanes.iter_mut().zip(&dots) {
+                    *lane = (dot as f32).mul_add(d * dx, *lane);
+                }
                 if !six {
-                    sum = (mins as f32).mul_add(-(dmin * dx), sum);
+                    for (lane, &min) in min_lanes.iter_mut().zip(&mins) {
+                        *lane = (min as f32).mul_add(-(dmin * dx), *lane);
+                    }
                 }
             }
-            acc[r * width + j - j0] += sum;
+            acc[r * width + j - j0] += fold_lanes(lanes, &min_lanes);
         }
     }
 }
@@ -226,7 +248,8 @@ unsafe fn avx512_rows<const G: usize, const K: u8>(
         _mm512_loadu_si512(lane.as_ptr() as *const _)
     });
     for j in j0..j1 {
-        let mut sums = [0f32; G];
+        let mut lanes = [_mm512_setzero_ps(); G];
+        let mut min_lanes = [_mm256_setzero_ps(); G];
         for s in 0..supers {
             let at = j * supers + s;
             let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
@@ -249,29 +272,32 @@ unsafe fn avx512_rows<const G: usize, const K: u8>(
                 }
             }
             let (d, dmin) = super_scales(w, at);
-            for (g, sum) in sums.iter_mut().enumerate() {
+            for g in 0..G {
                 let xs = (r0 + g) * supers + s;
                 let xsums = _mm256_loadu_si256(x.sums.as_ptr().add(xs * 16) as *const __m256i);
-                let mut dot = _mm512_reduce_add_epi32(dots[g]);
                 let dx = *x.scales.get_unchecked(xs);
+                let mut dot = dots[g];
                 if six {
-                    // Weights are stored + 32: take 32 · Σ scale · (16 inputs' sum) off.
+                    // Weights are stored + 32: 32 · (scales · 16-value sums) off lanes 0..8.
                     let centre = _mm256_madd_epi16(_mm512_castsi512_si256(scales), xsums);
-                    dot -= 32 * _mm512_reduce_add_epi32(_mm512_zextsi256_si512(centre));
-                    *sum = (dot as f32).mul_add(d * dx, *sum);
+                    let centre = _mm512_zextsi256_si512(_mm256_slli_epi32(centre, 5));
+                    dot = _mm512_sub_epi32(dot, centre);
                 } else {
                     // Each min twice, against the two 16-value sums of its sub-block.
                     let m = _mm_loadl_epi64(sub.add(8) as *const __m128i);
                     let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
-                    let mins = _mm256_madd_epi16(mins, xsums);
-                    let mins = _mm512_reduce_add_epi32(_mm512_zextsi256_si512(mins));
-                    *sum = (dot as f32).mul_add(d * dx, *sum);
-                    *sum = (mins as f32).mul_add(-(dmin * dx), *sum);
+                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, xsums));
+                    min_lanes[g] =
+                        _mm256_fmadd_ps(mins, _mm256_set1_ps(-(dmin * dx)), min_lanes[g]);
                 }
+                lanes[g] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d * dx), lanes[g]);
             }
         }
-        for (g, sum) in sums.iter().enumerate() {
-            acc[(r0 + g) * width + j - j0] += sum;
+        for g in 0..G {
+            let lower = _mm256_add_ps(_mm512_castps512_ps256(lanes[g]), min_lanes[g]);
+            let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes[g]), 1));
+            acc[(r0 + g) * width + j - j0] += fold_halves(lower, upper);
         }
     }
 }
@@ -297,18 +323,14 @@ unsafe fn avx2_rows<const G: usize, const K: u8>(
     let planes = kind.high_planes();
     let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
     let nibble_mask = _mm256_set1_epi8(0x0F);
-    let hsum = |v: __m256i| -> i32 {
-        let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
-        let v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b10_11_00_01));
-        _mm_cvtsi128_si32(v)
-    };
     for j in j0..j1 {
-        let mut sums = [0f32; G];
+        // Lanes 0..8 (even sub-blocks) and 8..16 (odd ones) of each input row.
+        let mut lanes = [[_mm256_setzero_ps(); 2]; G];
+        let mut min_lanes = [_mm256_setzero_ps(); G];
         for s in 0..supers {
             let at = j * supers + s;
             let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
-            let mut dots = [_mm256_setzero_si256(); G];
+            let mut dots = [[_mm256_setzero_si256(); 2]; G];
             for pair in 0..4 {
                 let b = 8 * s + 2 * pair;
                 let packed = _mm256_loadu_si256(
@@ -336,31 +358,36 @@ unsafe fn avx2_rows<const G: usize, const K: u8>(
                                 as *const __m256i,
                         );
                         let pairs = _mm256_maddubs_epi16(wq, xq);
-                        *dot = _mm256_add_epi32(*dot, _mm256_madd_epi16(pairs, scale));
+                        dot[half] = _mm256_add_epi32(dot[half], _mm256_madd_epi16(pairs, scale));
                     }
                 }
             }
             let (d, dmin) = super_scales(w, at);
-            for (g, sum) in sums.iter_mut().enumerate() {
+            for g in 0..G {
                 let xs = (r0 + g) * supers + s;
                 let xsums = _mm256_loadu_si256(x.sums.as_ptr().add(xs * 16) as *const __m256i);
-                let mut dot = hsum(dots[g]);
                 let dx = *x.scales.get_unchecked(xs);
+                let mut even = dots[g][0];
                 if six {
                     let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sub as *const _));
-                    dot -= 32 * hsum(_mm256_madd_epi16(scales, xsums));
-                    *sum = (dot as f32).mul_add(d * dx, *sum);
+                    let centre = _mm256_madd_epi16(scales, xsums);
+                    even = _mm256_sub_epi32(even, _mm256_slli_epi32(centre, 5));
                 } else {
                     let m = _mm_loadl_epi64(sub.add(8) as *const __m128i);
                     let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
-                    let mins = hsum(_mm256_madd_epi16(mins, xsums));
-                    *sum = (dot as f32).mul_add(d * dx, *sum);
-                    *sum = (mins as f32).mul_add(-(dmin * dx), *sum);
+                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, xsums));
+                    min_lanes[g] =
+                        _mm256_fmadd_ps(mins, _mm256_set1_ps(-(dmin * dx)), min_lanes[g]);
                 }
+                let scale = _mm256_set1_ps(d * dx);
+                let [first, second] = &mut lanes[g];
+                *first = _mm256_fmadd_ps(_mm256_cvtepi32_ps(even), scale, *first);
+                *second = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[g][1]), scale, *second);
             }
         }
-        for (g, sum) in sums.iter().enumerate() {
-            acc[(r0 + g) * width + j - j0] += sum;
+        for g in 0..G {
+            let lower = _mm256_add_ps(lanes[g][0], min_lanes[g]);
+            acc[(r0 + g) * width + j - j0] += fold_halves(lower, lanes[g][1]);
         }
     }
 }
