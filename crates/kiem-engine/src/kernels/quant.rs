@@ -1283,26 +1283,24 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
         }
         v
     };
-    let mut sums = [[[_mm256_setzero_ps(); 2]; G]; J];
-    let mut offset_sums = [[[_mm256_setzero_ps(); 2]; G]; J];
-    // Block `block` (input block `at`) into the lanes of its half (0: even, 1: odd) of weight
-    // row u and input row g: lanes · (w scale · x scale), and x lane sums · (offset · x scale).
-    let mut scale_into = |u: usize,
-                          g: usize,
-                          half: usize,
-                          lanes: __m256,
-                          xscale: __m256,
-                          block: usize,
-                          at: usize| {
-        let scale = _mm256_mul_ps(_mm256_broadcast_ss(w.scales.get_unchecked(block)), xscale);
-        let sum = &mut sums[u][g][half];
-        *sum = _mm256_fmadd_ps(lanes, scale, *sum);
-        if offsets {
-            let offset = _mm256_mul_ps(_mm256_broadcast_ss(w.offsets.get_unchecked(block)), xscale);
-            let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
-            let sum = &mut offset_sums[u][g][half];
-            *sum = _mm256_fmadd_ps(lane_sums, offset, *sum);
-        }
+    // Per weight row and input row, 16 f32 lanes: the even blocks' 8, then the odd ones'.
+    let mut sums = [[_mm512_setzero_ps(); G]; J];
+    let mut offset_sums = [[_mm512_setzero_ps(); G]; J];
+    // Two consecutive f32 from `p` (blocks b and b + 1).
+    let two = |p: *const f32| -> __m128 { _mm_castpd_ps(_mm_load_sd(p as *const f64)) };
+    // The products of two pairs of scales, the first to lanes 0..8 and the second to 8..16.
+    let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let times = |a: __m128, b: __m128| -> __m512 {
+        _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(a, b)))
+    };
+    // The lower 8 of 16 lanes, `f` applied.
+    let lower_half = |v: &mut __m512, f: &dyn Fn(__m256) -> __m256| {
+        let low = f(_mm512_castps512_ps256(*v));
+        *v = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(*v),
+            _mm256_castps_pd(low),
+            0,
+        ));
     };
     // Where input row g's dot products with blocks b and b + 1 start (16 lanes; see
     // `QuantRows::starts`): 0 for weights with offsets.
@@ -1320,30 +1318,32 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
             _mm512_loadu_si512(x.q.as_ptr().add((tile.r0 + g) * c_in + b * QUANT_BLOCK) as *const _)
         });
         let start: [__m512i; G] = std::array::from_fn(|g| start_at(g, b));
-        let xscales: [(__m256, __m256); G] = std::array::from_fn(|g| {
-            let at = (tile.r0 + g) * blocks + b;
-            (
-                _mm256_broadcast_ss(x.scales.get_unchecked(at)),
-                _mm256_broadcast_ss(x.scales.get_unchecked(at + 1)),
-            )
-        });
+        let xscales: [__m128; G] =
+            std::array::from_fn(|g| two(x.scales.as_ptr().add((tile.r0 + g) * blocks + b)));
         for u in 0..J {
             let wq = load_pair(j + u, b);
             let block = (j + u) * blocks + b;
+            let wscales = two(w.scales.as_ptr().add(block));
             for g in 0..G {
                 let lanes = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[g], wq, xq[g]));
-                let at = (tile.r0 + g) * blocks + b;
-                let lower = _mm512_castps512_ps256(lanes);
-                scale_into(u, g, 0, lower, xscales[g].0, block, at);
-                let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
-                scale_into(u, g, 1, upper, xscales[g].1, block + 1, at + 1);
+                let sum = &mut sums[u][g];
+                *sum = _mm512_fmadd_ps(lanes, times(wscales, xscales[g]), *sum);
+                if offsets {
+                    let at = (tile.r0 + g) * blocks + b;
+                    let lane_sums = _mm512_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
+                    let offset = times(two(w.offsets.as_ptr().add(block)), xscales[g]);
+                    let sum = &mut offset_sums[u][g];
+                    *sum = _mm512_fmadd_ps(lane_sums, offset, *sum);
+                }
             }
         }
         b += 2;
     }
     if b < blocks {
+        // The odd last block is an even one: lanes 0..8.
         for u in 0..J {
             let wq = load_one(j + u, b);
+            let block = (j + u) * blocks + b;
             for g in 0..G {
                 let at = (tile.r0 + g) * blocks + b;
                 let xq = _mm256_loadu_si256(x.q.as_ptr().add(at * QUANT_BLOCK) as *const __m256i);
@@ -1352,14 +1352,27 @@ unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
                 } else {
                     _mm256_loadu_si256(x.starts.as_ptr().add(at * 8) as *const __m256i)
                 };
-                let dots = _mm256_dpbusd_epi32(start, wq, xq);
-                let xscale = _mm256_broadcast_ss(x.scales.get_unchecked(at));
-                // The odd last block is an even one.
-                let lanes = _mm256_cvtepi32_ps(dots);
-                scale_into(u, g, 0, lanes, xscale, (j + u) * blocks + b, at);
+                let lanes = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, wq, xq));
+                let xscale = *x.scales.get_unchecked(at);
+                let scale = _mm256_set1_ps(*w.scales.get_unchecked(block) * xscale);
+                lower_half(&mut sums[u][g], &|sum| _mm256_fmadd_ps(lanes, scale, sum));
+                if offsets {
+                    let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
+                    let offset = _mm256_set1_ps(*w.offsets.get_unchecked(block) * xscale);
+                    lower_half(&mut offset_sums[u][g], &|sum| {
+                        _mm256_fmadd_ps(lane_sums, offset, sum)
+                    });
+                }
             }
         }
     }
+    let halves = |v: __m512| -> [__m256; 2] {
+        let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        [_mm512_castps512_ps256(v), upper]
+    };
+    let sums: TileSums<J, G> = std::array::from_fn(|u| std::array::from_fn(|g| halves(sums[u][g])));
+    let offset_sums: TileSums<J, G> =
+        std::array::from_fn(|u| std::array::from_fn(|g| halves(offset_sums[u][g])));
     tile.finish(acc, j, &sums, offsets.then_some(&offset_sums));
 }
 
