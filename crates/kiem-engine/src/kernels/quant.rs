@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::matmul::by_column_blocks;
-use super::{level, Level, SKINNY_ROWS};
+use super::SKINNY_ROWS;
 
 /// `$tiles::<K>` (as a `$form`) for the kind `$kind`, `K` its index, among the kinds listed:
 /// each kind's SIMD forms are compiled apart, with the kind a constant.
@@ -19,6 +19,7 @@ macro_rules! by_kind {
 }
 
 mod gemm;
+mod row_groups;
 mod super_blocks;
 pub use gemm::{matmul_wide_quant, wide_quant_native};
 
@@ -197,33 +198,33 @@ pub const QUANT_BLOCK: usize = 32;
 /// 6-bit mins (a byte each), or Q6_K's sixteen signed 8-bit scales.
 const SUPER_BYTES: usize = 16;
 
-/// A matrix `W[c_out, c_in]` quantized for decoding, in a layout the thin product streams:
-/// each 32-weight block's scale (and offset) as f32, ggml's fp16 values widened once; a K
-/// super-block's f32 scale (and min) and its sub-blocks' byte scales (and mins) as ggml has
-/// them, multiplied out where a product needs a block's scale (as ggml dequantizes); and the
-/// weights: Q8_0 one signed byte
-/// each in order; the other kinds keep each weight's low 4 bits two a byte, each row's blocks
-/// in pairs (0 and 1, 2 and 3, ...): byte k of a pair's 32 holds weight k of the first block in
-/// its low nibble and weight k of the second in its high one (so one load and a shift give 64
-/// weights in order; Q4_K's ggml layout); a row's odd last block alone holds weights k and
-/// k + 16 in byte k of its 16 (Q4_0's ggml layout). The 5- and 6-bit kinds keep the bits above
-/// the nibble in `high` planes, one u32 per block and plane, bit k for weight k. A stored value
-/// less the kind's center (Q4_0 8, Q5_0 16, Q6_K 32) is the signed one the scale multiplies.
+/// A matrix `W[c_out, c_in]` quantized for decoding, in layouts the thin product streams.
+/// The 32-weight-block kinds (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) keep rows in groups of 16,
+/// interleaved four weights at a time, with each block's 16 scales (and offsets) as f32 (see
+/// `row_groups`): one instruction takes 16 rows' dot products. The K kinds keep rows in order:
+/// a super-block's f32 scale (and min) and its sub-blocks' byte scales (and mins) as ggml has
+/// them, multiplied out where a product needs a block's scale (as ggml dequantizes); each
+/// weight's low 4 bits two a byte, a row's 32-weight blocks in pairs (byte k of a pair's 32
+/// holds weight k of the first block in its low nibble and of the second in its high one:
+/// Q4_K's ggml layout); the bits above the nibble in `high` planes, one u32 per block and
+/// plane, bit k for weight k. A stored value less the kind's center (Q4_0 8, Q5_0 16, Q6_K
+/// 32) is the signed one the scale multiplies.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     pub kind: QuantKind,
     pub c_in: usize,
     pub c_out: usize,
-    /// Per 32-weight block, or per K super-block (see [`QuantKind::block_floats`]).
+    /// Per 32-weight block (row groups: a block's 16 rows together), or per K super-block
+    /// (see [`QuantKind::block_floats`]).
     scales: Vec<f32>,
-    /// Per 32-weight block of Q4_1 and Q5_1; empty for other kinds.
+    /// Per 32-weight block of Q4_1 and Q5_1 (as `scales`); empty for other kinds.
     offsets: Vec<f32>,
     /// [`SUPER_BYTES`] per K super-block; empty for other kinds.
     sub: Vec<u8>,
     q: Vec<u8>,
-    /// The bit planes above the nibbles (empty for 4- and 8-bit kinds), per row: for each pair
-    /// of blocks, plane 0 of both blocks, then plane 1 of both (so a pair's plane reads as one
-    /// u64, the first block in its low half); an odd last block's planes in order.
+    /// The bit planes above the nibbles (empty for 4- and 8-bit kinds). Row groups: see
+    /// `row_groups`. K kinds, per row: for each pair of blocks, plane 0 of both blocks, then
+    /// plane 1 of both (so a pair's plane reads as one u64, the first block in its low half).
     high: Vec<u32>,
 }
 
@@ -232,6 +233,19 @@ impl QuantMatrix {
     pub fn zeros(kind: QuantKind, c_in: usize, c_out: usize) -> Option<Self> {
         if c_in == 0 || !c_in.is_multiple_of(kind.row_multiple()) {
             return None;
+        }
+        if !kind.super_blocks() {
+            let (q, scales, offsets, high) = row_groups::zeroed(kind, c_in, c_out);
+            return Some(Self {
+                kind,
+                c_in,
+                c_out,
+                scales,
+                offsets,
+                sub: Vec::new(),
+                q,
+                high,
+            });
         }
         let ggml_blocks = c_in / kind.row_multiple() * c_out;
         let per_byte = if kind.nibbles() { 2 } else { 1 };
@@ -285,6 +299,9 @@ impl QuantMatrix {
     /// weights starting at flat index `at`.
     fn fill_blocks(&mut self, block: impl Fn(usize, usize) -> Vec<u8> + Sync) {
         let kind = self.kind;
+        if !kind.super_blocks() {
+            return self.fill_row_groups(block);
+        }
         let n = kind.row_multiple();
         let subs = n / QUANT_BLOCK;
         let q_per = if kind.nibbles() { n / 2 } else { n };
@@ -324,6 +341,75 @@ impl QuantMatrix {
         }
     }
 
+    /// [`QuantMatrix::fill_blocks`] for the 32-weight-block kinds: each row's blocks unpacked,
+    /// then laid out in row groups.
+    fn fill_row_groups(&mut self, block: impl Fn(usize, usize) -> Vec<u8> + Sync) {
+        let (kind, c_in) = (self.kind, self.c_in);
+        let blocks = c_in / QUANT_BLOCK;
+        let unpacked: Vec<([u8; QUANT_BLOCK], f32, f32)> = (0..blocks * self.c_out)
+            .into_par_iter()
+            .map(|i| {
+                let (mut scale, mut offset, mut high) = ([0f32], [0f32], [0u32]);
+                let mut q = [0u8; QUANT_BLOCK];
+                let q_len = if kind.nibbles() { 16 } else { 32 };
+                unpack_ggml_block(
+                    kind,
+                    &block(QUANT_BLOCK, i * QUANT_BLOCK),
+                    &mut scale,
+                    &mut offset,
+                    &mut [],
+                    &mut q[..q_len],
+                    &mut high[..kind.high_planes()],
+                );
+                // Each weight's stored value: its nibble (ggml's layout: weights k and k + 16
+                // in byte k) and fifth bit, or Q8_0's byte.
+                let stored = std::array::from_fn(|k| {
+                    if !kind.nibbles() {
+                        return q[k];
+                    }
+                    let nibble = if k < 16 { q[k] & 0xF } else { q[k - 16] >> 4 };
+                    nibble | (((high[0] >> k) & 1) << 4) as u8
+                });
+                (stored, scale[0], offset[0])
+            })
+            .collect();
+        row_groups::fill(
+            self,
+            |j, b| unpacked[j * blocks + b].0,
+            |j, b| unpacked[j * blocks + b].1,
+            |j, b| unpacked[j * blocks + b].2,
+        );
+    }
+
+    /// The row-group matrix of `c_out` rows whose row `j` is `source(j)`'s row (a matrix and
+    /// a row of it).
+    fn regrouped<'a>(
+        &self,
+        c_out: usize,
+        source: impl Fn(usize) -> (&'a Self, usize) + Sync,
+    ) -> Self {
+        let mut m = Self::zeros(self.kind, self.c_in, c_out).expect("the rows are whole blocks");
+        row_groups::fill(
+            &mut m,
+            |j, b| {
+                let (w, j) = source(j);
+                row_groups::stored_block(w, j, b)
+            },
+            |j, b| {
+                let (w, j) = source(j);
+                w.scales[row_groups::scale_at(w, j, b)]
+            },
+            |j, b| {
+                let (w, j) = source(j);
+                w.offsets
+                    .get(row_groups::scale_at(w, j, b))
+                    .copied()
+                    .unwrap_or(0.0)
+            },
+        );
+        m
+    }
+
     /// Adds `other`'s rows after these (same kind and width).
     pub fn append_rows(&mut self, other: QuantMatrix) {
         assert!(
@@ -334,6 +420,17 @@ impl QuantMatrix {
             self.kind,
             self.c_in
         );
+        if !self.kind.super_blocks() {
+            let n = self.c_out;
+            *self = self.regrouped(n + other.c_out, |j| {
+                if j < n {
+                    (&*self, j)
+                } else {
+                    (&other, j - n)
+                }
+            });
+            return;
+        }
         self.c_out += other.c_out;
         self.scales.extend_from_slice(&other.scales);
         self.offsets.extend_from_slice(&other.offsets);
@@ -345,6 +442,9 @@ impl QuantMatrix {
     /// The matrix with its rows reordered: row `i` is this one's row `order[i]`.
     pub fn with_row_order(&self, order: &[usize]) -> Self {
         assert_eq!(order.len(), self.c_out, "with_row_order: one index per row");
+        if !self.kind.super_blocks() {
+            return self.regrouped(self.c_out, |j| (self, order[j]));
+        }
         fn pick<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
             if v.is_empty() {
                 return Vec::new();
@@ -426,7 +526,10 @@ impl QuantMatrix {
                 let scale = |g: usize| d * f32::from(sub[2 * k + g] as i8);
                 ([scale(0), scale(1)], None)
             }
-            _ => ([self.scales[i]; 2], self.offsets.get(i).copied()),
+            _ => {
+                let at = row_groups::scale_at(self, j, b);
+                ([self.scales[at]; 2], self.offsets.get(at).copied())
+            }
         }
     }
 
@@ -471,17 +574,13 @@ impl QuantMatrix {
             .wrapping_add(high)
     }
 
-    /// The word of plane `p` of weight row `j`'s block `b` (see [`QuantMatrix`]'s `high`).
+    /// The word of plane `p` of a K matrix's row `j`, block `b` (see [`QuantMatrix`]'s
+    /// `high`; a K row's 32-weight blocks always pair up).
     #[inline(always)]
     fn high_at(&self, j: usize, b: usize, p: usize) -> usize {
         let blocks = self.c_in / QUANT_BLOCK;
         let planes = self.kind.high_planes();
-        let pair = j * blocks * planes + (b & !1) * planes;
-        if b + 1 == blocks && blocks % 2 == 1 {
-            pair + p
-        } else {
-            pair + 2 * p + (b & 1)
-        }
+        j * blocks * planes + (b & !1) * planes + 2 * p + (b & 1)
     }
 }
 
@@ -590,7 +689,7 @@ fn unpack_ggml_block(
 }
 
 /// A row of 4-bit blocks in ggml's layout (weights k and k + 16 of a block in its byte k) with
-/// its blocks paired as [`QuantMatrix`] keeps them; an odd last block stays as it is.
+/// its blocks paired as [`QuantMatrix`] keeps a K row's.
 fn pair_blocks(row: &mut [u8]) {
     for pair in row.chunks_exact_mut(32) {
         let (first, second) = pair.split_at(16);
@@ -624,11 +723,11 @@ fn pair_planes(row: &mut [u32], planes: usize) {
 struct QuantRows {
     q: Vec<i8>,
     scales: Vec<f32>,
-    /// For weights with offsets: each block's eight lane sums (values 4l..4l+3), as f32.
-    lane_sums: Vec<f32>,
-    /// For weights without: each block's eight lane sums times minus the weights' center
-    /// (Q8_0: 128), where AVX-512's dot products of unsigned weights start (Q8_0's weights
-    /// taken as w + 128), computed once per input rather than once per weight row.
+    /// For weights with offsets: each block's scale times the sum of its values (as the wide
+    /// product's inputs have it).
+    scaled_sums: Vec<f32>,
+    /// For weights without: each block's sum times minus the weights' center (Q8_0: 128),
+    /// where dot products of unsigned weights start (Q8_0's weights taken as w + 128).
     starts: Vec<i32>,
 }
 
@@ -646,11 +745,14 @@ impl QuantRows {
             },
         );
         let sums = q
-            .chunks_exact(4)
+            .chunks_exact(QUANT_BLOCK)
             .map(|l| l.iter().map(|&v| i32::from(v)).sum::<i32>());
-        let (mut lane_sums, mut starts) = (Vec::new(), Vec::new());
+        let (mut scaled_sums, mut starts) = (Vec::new(), Vec::new());
         if kind.has_offset() {
-            lane_sums = sums.map(|sum| sum as f32).collect();
+            scaled_sums = sums
+                .zip(&scales)
+                .map(|(sum, &scale)| scale * sum as f32)
+                .collect();
         } else {
             let center = if kind == QuantKind::Q8_0 {
                 128
@@ -662,7 +764,7 @@ impl QuantRows {
         Self {
             q,
             scales,
-            lane_sums,
+            scaled_sums,
             starts,
         }
     }
@@ -706,71 +808,26 @@ fn round_half_away(x: f32) -> f32 {
     }
 }
 
-/// f32 lanes a thin product sums a row's terms in (see [`matmul_thin_quant`]): two sets of 8
-/// (even and odd blocks), so that two chains of fused multiply-adds run side by side.
-const LANES: usize = 16;
-
-/// A row's f32 lanes added up: `extra` (offsets' or mins' lanes) into the first lanes, then
-/// halves added (lane `i` takes lane `i + n` for n = 8, 4, 2, 1), as SIMD registers fold.
-#[inline(always)]
-fn fold_lanes(mut lanes: [f32; LANES], extra: &[f32]) -> f32 {
-    for (lane, e) in lanes.iter_mut().zip(extra) {
-        *lane += e;
-    }
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            lanes[i] += lanes[i + n];
-        }
-    }
-    lanes[0]
-}
-
-/// [`fold_lanes`] from its step n = 8 on, in SIMD: `lower` lanes 0..8 and `upper` 8..16.
-///
-/// # Safety
-/// The CPU has AVX.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-#[inline]
-unsafe fn fold_halves(lower: std::arch::x86_64::__m256, upper: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let eight = _mm256_add_ps(lower, upper);
-    let four = _mm_add_ps(
-        _mm256_castps256_ps128(eight),
-        _mm256_extractf128_ps(eight, 1),
-    );
-    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
-}
-
 /// Weight block `b` of row `j` as 32 signed values: the stored ones less the kind's center
 /// (unsigned for the kinds with offsets).
 #[inline(always)]
 fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
-    let start = j * w.c_in + b * QUANT_BLOCK;
-    if w.kind == QuantKind::Q8_0 {
-        return std::array::from_fn(|k| w.q[start + k] as i8);
+    if !w.kind.super_blocks() {
+        let v = row_groups::stored_block(w, j, b);
+        return std::array::from_fn(|k| v[k] as i8 - w.kind.center() as i8);
     }
-    let blocks = w.c_in / QUANT_BLOCK;
-    // The block's 16 bytes (an odd last block) or its pair's 32, and which nibble it takes.
-    let (bytes, high) = if b + 1 == blocks && blocks % 2 == 1 {
-        (&w.q[start / 2..start / 2 + 16], None)
-    } else {
-        let pair = (j * w.c_in + (b & !1) * QUANT_BLOCK) / 2;
-        (&w.q[pair..pair + 32], Some(b % 2 == 1))
-    };
+    // The block's pair's 32 bytes, this block's nibbles low (even block) or high (odd).
+    let pair = (j * w.c_in + (b & !1) * QUANT_BLOCK) / 2;
+    let bytes = &w.q[pair..pair + 32];
     let mut planes = [0u32; 2];
     for (p, plane) in planes.iter_mut().enumerate().take(w.kind.high_planes()) {
         *plane = w.high[w.high_at(j, b, p)];
     }
     std::array::from_fn(|k| {
-        let nibble = match high {
-            Some(false) => bytes[k] & 0xF,
-            Some(true) => bytes[k] >> 4,
-            None if k < 16 => bytes[k] & 0xF,
-            None => bytes[k - 16] >> 4,
+        let nibble = if b % 2 == 1 {
+            bytes[k] >> 4
+        } else {
+            bytes[k] & 0xF
         };
         let top = ((planes[0] >> k) & 1) << 4 | ((planes[1] >> k) & 1) << 5;
         (nibble | top as u8) as i8 - w.kind.center() as i8
@@ -784,13 +841,10 @@ fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
 /// the input block's sum is added); so the result differs from the product with the
 /// dequantized weights by the inputs' quantization (about 0.4% of a block's largest input).
 /// Each row's result is independent of the others, and every SIMD level gives the same bits:
-/// each block's eight integer lane sums (bytes 4l..4l+3) go to eight f32 lanes, the even
-/// blocks' to lanes 0..8 and the odd ones' to 8..16, one fused multiply-add each in block
-/// order (offsets' into 16 lanes of their own); so no lane waits on the block just before it
-/// (one chain through all blocks held a row to one block per FMA latency). The lanes are then
-/// added as [`fold_lanes`] does. K kinds
-/// (Q4_K, Q5_K, Q6_K) quantize the inputs per 256 values instead, as llama.cpp's Q8_K does,
-/// and scale each super-block's integer sums once (see `super_blocks`).
+/// the 32-weight-block kinds sum block by block as the wide product does (see `row_groups`,
+/// so any number of rows gives a row the same bits); K kinds (Q4_K, Q5_K, Q6_K) quantize the
+/// inputs per 256 values instead, as llama.cpp's Q8_K does, and scale each super-block's
+/// integer sums once (see `super_blocks`).
 pub fn matmul_thin_quant(
     out: &mut [f32],
     inp: &[f32],
@@ -816,25 +870,8 @@ pub fn matmul_thin_quant(
         return;
     }
     let x = QuantRows::new(inp, w.kind);
-    let blocks = c_in / QUANT_BLOCK;
     by_column_blocks(out, rows, c_out, bias, |acc, j0, j1| {
-        #[cfg(target_arch = "x86_64")]
-        match level() {
-            Level::Avx512 if avx512_vnni() => {
-                // SAFETY: the CPU has AVX-512 F/BW/VL, VNNI and FMA (`level`, `avx512_vnni`);
-                // the asserts above bound every block read: rows j < c_out <= w.c_out of c_in
-                // weights, input rows of c_in values.
-                unsafe { quant_dots_avx512(acc, &x, w, rows, blocks, j0, j1) };
-                return;
-            }
-            Level::Avx512 | Level::Avx2 => {
-                // SAFETY: the CPU has AVX2 and FMA (`level`); bounds as above.
-                unsafe { quant_dots_avx2(acc, &x, w, rows, blocks, j0, j1) };
-                return;
-            }
-            Level::Base => {}
-        }
-        quant_dots_portable(acc, &x, w, rows, blocks, j0, j1);
+        row_groups::dots(acc, &x, w, rows, j0, j1)
     });
 }
 
@@ -845,106 +882,32 @@ fn avx512_vnni() -> bool {
     *VNNI.get_or_init(|| std::is_x86_feature_detected!("avx512vnni"))
 }
 
-/// The reference form of [`matmul_thin_quant`]'s block loop, which the SIMD forms match bit
-/// for bit.
-fn quant_dots_portable(
-    acc: &mut [f32],
-    x: &QuantRows,
-    w: &QuantMatrix,
-    rows: usize,
-    blocks: usize,
-    j0: usize,
-    j1: usize,
-) {
-    let (width, c_in) = (j1 - j0, blocks * QUANT_BLOCK);
-    for j in j0..j1 {
-        for r in 0..rows {
-            let mut lanes = [0f32; LANES];
-            let mut offset_lanes = [0f32; LANES];
-            for b in 0..blocks {
-                let wq = weight_block(w, j, b);
-                let xq = &x.q[r * c_in + b * QUANT_BLOCK..][..QUANT_BLOCK];
-                let xscale = x.scales[r * blocks + b];
-                let (scales, offset) = w.block_scales(j, b);
-                let scale = scales[0] * xscale;
-                let half = 8 * (b % 2);
-                for (l, lane) in lanes[half..half + 8].iter_mut().enumerate() {
-                    let dot: i32 = (4 * l..4 * l + 4)
-                        .map(|k| i32::from(wq[k]) * i32::from(xq[k]))
-                        .sum();
-                    *lane = (dot as f32).mul_add(scale, *lane);
-                }
-                if let Some(offset) = offset {
-                    let sums = &x.lane_sums[(r * blocks + b) * 8..][..8];
-                    for (lane, &sum) in offset_lanes[half..half + 8].iter_mut().zip(sums) {
-                        *lane = sum.mul_add(offset * xscale, *lane);
-                    }
-                }
-            }
-            let extra: &[f32] = if w.kind.has_offset() {
-                &offset_lanes
-            } else {
-                &[]
-            };
-            acc[r * width + j - j0] += fold_lanes(lanes, extra);
-        }
-    }
+/// `v` (32 values) with `16 << p` added to byte k where bit k of `word` is set (plane `p`'s
+/// bits: each word's byte k / 8 spread to 8 bytes, then bit k % 8 tested).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn avx2_plane_bytes(
+    v: std::arch::x86_64::__m256i,
+    word: u32,
+    p: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)))
 }
 
-/// Where one tile of [`matmul_thin_quant`]'s block loop reads and writes: input rows
-/// `r0..r0 + G` against weight rows `j..j + J`, into `acc` (`width` columns from `j0`).
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct Tile<'a> {
-    x: &'a QuantRows,
-    w: &'a QuantMatrix,
-    blocks: usize,
-    r0: usize,
-    width: usize,
-    j0: usize,
-}
-
-/// Weight rows the SIMD forms take in turn while every group of input rows reads them (they
-/// stay in cache between groups).
-#[cfg(target_arch = "x86_64")]
-const TILE_ROWS: usize = 16;
-
-#[cfg(target_arch = "x86_64")]
-impl Tile<'_> {
-    /// Adds a tile's sums to `acc` as [`fold_lanes`] does: per weight row and input row, the
-    /// even blocks' lanes then the odd ones', and with `offsets` theirs added first.
-    ///
-    /// # Safety
-    /// The CPU has AVX.
-    #[target_feature(enable = "avx")]
-    unsafe fn finish<const J: usize, const G: usize>(
-        &self,
-        acc: &mut [f32],
-        j: usize,
-        sums: &TileSums<J, G>,
-        offsets: Option<&TileSums<J, G>>,
-    ) {
-        use std::arch::x86_64::_mm256_add_ps;
-        for u in 0..J {
-            for g in 0..G {
-                let [mut even, mut odd] = sums[u][g];
-                if let Some(offsets) = offsets {
-                    even = _mm256_add_ps(even, offsets[u][g][0]);
-                    odd = _mm256_add_ps(odd, offsets[u][g][1]);
-                }
-                acc[(self.r0 + g) * self.width + j + u - self.j0] += fold_halves(even, odd);
-            }
-        }
-    }
-}
-
-/// A tile's f32 lanes: per weight row and input row, the even blocks' 8 and the odd ones'.
-#[cfg(target_arch = "x86_64")]
-type TileSums<const J: usize, const G: usize> = [[[std::arch::x86_64::__m256; 2]; G]; J];
-
-/// `v` (row `j`'s block `b`, 32 values in order, its low nibbles) with its bits above the
-/// nibbles added from the `planes` planes: each plane's word spread to bytes (byte k takes the
-/// word's byte k / 8, then bit k % 8).
+/// `v` (row `j`'s K block `b`, 32 values in order, its low nibbles) with its bits above the
+/// nibbles added from the `planes` planes.
 ///
 /// # Safety
 /// The CPU has AVX2; `w` has row `j`'s block `b`.
@@ -958,18 +921,9 @@ unsafe fn avx2_add_planes(
     j: usize,
     b: usize,
 ) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     let mut v = v;
     for p in 0..planes {
-        let word = *w.high.get_unchecked(w.high_at(j, b, p));
-        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-        v = _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)));
+        v = avx2_plane_bytes(v, *w.high.get_unchecked(w.high_at(j, b, p)), p);
     }
     v
 }
@@ -979,8 +933,8 @@ unsafe fn avx2_add_planes(
 /// the `planes` planes of the pair, read as one 64-bit mask, adding its bit.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW; `w` holds nibbles and has row `j`'s blocks `b` and `b + 1`, a
-/// pair (`b` even, not the odd last block).
+/// The CPU has AVX-512 F/BW; `w` (a K kind) has row `j`'s blocks `b` and `b + 1`, a pair
+/// (`b` even).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -1006,374 +960,6 @@ unsafe fn avx512_nibble_pair(
         v = _mm512_mask_add_epi8(v, word.read_unaligned(), v, _mm512_set1_epi8(16 << p));
     }
     v
-}
-
-/// The AVX2 form of [`matmul_thin_quant`]'s block loop: tiles of one weight row against up to
-/// 4 input rows, reading the weights in order (decoding is bound by reading them).
-///
-/// # Safety
-/// The CPU has AVX2 and FMA; `w` has rows `j0..j1` of `blocks` blocks, `x` has `rows` rows of
-/// `blocks` blocks, and `acc` holds `rows × (j1 - j0)` values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quant_dots_avx2(
-    acc: &mut [f32],
-    x: &QuantRows,
-    w: &QuantMatrix,
-    rows: usize,
-    blocks: usize,
-    j0: usize,
-    j1: usize,
-) {
-    let tiles = by_kind!(
-        w.kind,
-        avx2_tiles as TileChoice,
-        [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
-    );
-    by_tiles(acc, x, w, rows, blocks, j0, j1, tiles);
-}
-
-/// The AVX2 tiles of kind `K` (see [`QuantKind::of_index`]) for a group of input rows.
-#[cfg(target_arch = "x86_64")]
-fn avx2_tiles<const K: u8>(group: usize) -> (usize, TileForm, TileForm) {
-    match group {
-        // Always one weight row at a time, so the weights are read as one sequential stream,
-        // which the hardware prefetchers follow; several rows at a time made short
-        // interleaved runs that they did not (Zen 4, batch 1: 0.5-0.8x; batch 2: Q8_0 0.6x,
-        // Q4_0 0.9x).
-        1 => (1, avx2_tile::<1, 1, K>, avx2_tile::<1, 1, K>),
-        2 => (1, avx2_tile::<1, 2, K>, avx2_tile::<1, 2, K>),
-        3 => (1, avx2_tile::<1, 3, K>, avx2_tile::<1, 3, K>),
-        _ => (1, avx2_tile::<1, 4, K>, avx2_tile::<1, 4, K>),
-    }
-}
-
-/// One SIMD level's tile of the block loop: weight rows `j..j + J` (the form's own `J`)
-/// against the tile's input rows.
-#[cfg(target_arch = "x86_64")]
-type TileForm = unsafe fn(&mut [f32], Tile, usize);
-
-/// A SIMD level's tiles for a group of input rows (see [`by_tiles`]).
-#[cfg(target_arch = "x86_64")]
-type TileChoice = fn(usize) -> (usize, TileForm, TileForm);
-
-/// [`matmul_thin_quant`]'s block loop as tiles: weight rows in chunks of [`TILE_ROWS`], each
-/// read by every group of up to 4 input rows in turn; `tiles(group)` gives the tile width for
-/// that group, its form, and the one-row form for the chunk's remainder.
-///
-/// # Safety
-/// The CPU has the forms' features; bounds as for [`quant_dots_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn by_tiles(
-    acc: &mut [f32],
-    x: &QuantRows,
-    w: &QuantMatrix,
-    rows: usize,
-    blocks: usize,
-    j0: usize,
-    j1: usize,
-    tiles: impl Fn(usize) -> (usize, TileForm, TileForm),
-) {
-    for jc in (j0..j1).step_by(TILE_ROWS) {
-        let jend = (jc + TILE_ROWS).min(j1);
-        for r0 in (0..rows).step_by(4) {
-            let tile = Tile {
-                x,
-                w,
-                blocks,
-                r0,
-                width: j1 - j0,
-                j0,
-            };
-            let (width, many, one) = tiles((rows - r0).min(4));
-            let mut j = jc;
-            while j + width <= jend {
-                // SAFETY: the caller's contract.
-                unsafe { many(acc, tile, j) };
-                j += width;
-            }
-            while j < jend {
-                // SAFETY: as above.
-                unsafe { one(acc, tile, j) };
-                j += 1;
-            }
-        }
-    }
-}
-
-/// # Safety
-/// As for [`quant_dots_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_tile<const J: usize, const G: usize, const K: u8>(
-    acc: &mut [f32],
-    tile: Tile,
-    j: usize,
-) {
-    let kind = QuantKind::of_index(K);
-    use std::arch::x86_64::*;
-    let (x, w, blocks) = (tile.x, tile.w, tile.blocks);
-    let c_in = blocks * QUANT_BLOCK;
-    let ones = _mm256_set1_epi16(1);
-    let low_nibbles = _mm_set1_epi8(0x0F);
-    let signed = !kind.has_offset();
-    let nibble_bias = _mm256_set1_epi8(kind.center() as i8);
-    let nibble_mask = _mm256_set1_epi8(0x0F);
-    let with_high = |nibbles: __m256i, j: usize, b: usize| -> __m256i {
-        avx2_add_planes(nibbles, w, kind.high_planes(), j, b)
-    };
-    // Blocks of a row that come in pairs (see [`QuantMatrix`]).
-    let paired = blocks & !1;
-    let mut sums = [[[_mm256_setzero_ps(); 2]; G]; J];
-    let mut offset_sums = [[[_mm256_setzero_ps(); 2]; G]; J];
-    for b in 0..blocks {
-        let half = b % 2;
-        for u in 0..J {
-            let at = (j + u) * c_in + b * QUANT_BLOCK;
-            let wq = if kind == QuantKind::Q8_0 {
-                _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i)
-            } else if b < paired {
-                // The pair's 32 bytes: this block's nibbles, low or high.
-                let pair = (at - (b & 1) * QUANT_BLOCK) / 2;
-                let packed = _mm256_loadu_si256(w.q.as_ptr().add(pair) as *const __m256i);
-                let shifted = if b & 1 == 1 {
-                    _mm256_srli_epi16(packed, 4)
-                } else {
-                    packed
-                };
-                let nibbles = _mm256_and_si256(shifted, nibble_mask);
-                _mm256_sub_epi8(with_high(nibbles, j + u, b), nibble_bias)
-            } else {
-                // An odd last block: weights k and k + 16 in byte k.
-                let packed = _mm_loadu_si128(w.q.as_ptr().add(at / 2) as *const __m128i);
-                let low = _mm_and_si128(packed, low_nibbles);
-                let high = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
-                let nibbles = _mm256_set_m128i(high, low);
-                _mm256_sub_epi8(with_high(nibbles, j + u, b), nibble_bias)
-            };
-            // Signed weights: |w| · (x with w's sign) = w · x, as unsigned × signed bytes.
-            let magnitude = if signed { _mm256_sign_epi8(wq, wq) } else { wq };
-            let block = (j + u) * blocks + b;
-            let wscale = *w.scales.get_unchecked(block);
-            for g in 0..G {
-                let r = tile.r0 + g;
-                let xq = _mm256_loadu_si256(
-                    x.q.as_ptr().add(r * c_in + b * QUANT_BLOCK) as *const __m256i
-                );
-                let xs = if signed { _mm256_sign_epi8(xq, wq) } else { xq };
-                let pairs = _mm256_maddubs_epi16(magnitude, xs);
-                let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                let xscale = *x.scales.get_unchecked(r * blocks + b);
-                let sum = &mut sums[u][g][half];
-                *sum = _mm256_fmadd_ps(lanes, _mm256_set1_ps(wscale * xscale), *sum);
-                if !signed {
-                    let offset = *w.offsets.get_unchecked(block);
-                    let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add((r * blocks + b) * 8));
-                    let sum = &mut offset_sums[u][g][half];
-                    *sum = _mm256_fmadd_ps(lane_sums, _mm256_set1_ps(offset * xscale), *sum);
-                }
-            }
-        }
-    }
-    tile.finish(acc, j, &sums, (!signed).then_some(&offset_sums));
-}
-
-/// The AVX-512 VNNI form of [`matmul_thin_quant`]'s block loop: two blocks a step, their
-/// byte dot products in one instruction, then scaled block by block in the order the other
-/// forms use (same bits); tiles as in [`quant_dots_avx2`].
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; bounds as for [`quant_dots_avx2`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn quant_dots_avx512(
-    acc: &mut [f32],
-    x: &QuantRows,
-    w: &QuantMatrix,
-    rows: usize,
-    blocks: usize,
-    j0: usize,
-    j1: usize,
-) {
-    let tiles = by_kind!(
-        w.kind,
-        avx512_tiles as TileChoice,
-        [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
-    );
-    by_tiles(acc, x, w, rows, blocks, j0, j1, tiles);
-}
-
-/// The AVX-512 tiles of kind `K` (see [`QuantKind::of_index`]) for a group of input rows.
-#[cfg(target_arch = "x86_64")]
-fn avx512_tiles<const K: u8>(group: usize) -> (usize, TileForm, TileForm) {
-    let q8 = QuantKind::of_index(K) == QuantKind::Q8_0;
-    match group {
-        // One weight row at a time (see `avx2_tiles`) for one or two input rows, and for Q8_0
-        // up to four: there the stream of weights still sets the pace (Zen 4, against
-        // multi-row tiles: Q8_0 1.5-1.7x at 2 and 4 rows, the 4-bit kinds 1.1-1.4x at 2 rows
-        // but 0.9-1.0x at 3 and 4, where unpacking the nibbles once for two weight rows'
-        // worth of inputs pays).
-        1 => (1, avx512_tile::<1, 1, K>, avx512_tile::<1, 1, K>),
-        2 => (1, avx512_tile::<1, 2, K>, avx512_tile::<1, 2, K>),
-        3 if q8 => (1, avx512_tile::<1, 3, K>, avx512_tile::<1, 3, K>),
-        3 => (2, avx512_tile::<2, 3, K>, avx512_tile::<1, 3, K>),
-        _ if q8 => (1, avx512_tile::<1, 4, K>, avx512_tile::<1, 4, K>),
-        _ => (2, avx512_tile::<2, 4, K>, avx512_tile::<1, 4, K>),
-    }
-}
-
-/// The weights as unsigned bytes (Q8_0's plus 128, the others' stored values) times the
-/// signed inputs, started from the inputs' lane sums times minus the center (see
-/// `QuantRows::starts`; Q4_0's weights are nibble − 8): the same integers as the portable
-/// form's, so the same bits.
-///
-/// # Safety
-/// As for [`quant_dots_avx512`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn avx512_tile<const J: usize, const G: usize, const K: u8>(
-    acc: &mut [f32],
-    tile: Tile,
-    j: usize,
-) {
-    let kind = QuantKind::of_index(K);
-    use std::arch::x86_64::*;
-    let (x, w, blocks) = (tile.x, tile.w, tile.blocks);
-    let c_in = blocks * QUANT_BLOCK;
-    let signed = kind == QuantKind::Q8_0;
-    let offsets = kind.has_offset();
-    let planes = kind.high_planes();
-    let flip = _mm512_set1_epi8(-128);
-    let nibble_mask = _mm512_set1_epi8(0x0F);
-    // Shift counts of 16-bit lanes: 0 for the low half, 4 for the high one (of 32 bytes).
-    let one_shifts = _mm512_castsi256_si512(_mm256_inserti128_si256(
-        _mm256_setzero_si256(),
-        _mm_set1_epi16(4),
-        1,
-    ));
-    // Weight blocks `b` and `b + 1` of row `j`, 64 unsigned bytes in order (Q8_0: w + 128;
-    // 4-bit kinds: nibbles).
-    let load_pair = |j: usize, b: usize| -> __m512i {
-        let at = j * c_in + b * QUANT_BLOCK;
-        if signed {
-            return _mm512_xor_si512(_mm512_loadu_si512(w.q.as_ptr().add(at) as *const _), flip);
-        }
-        avx512_nibble_pair(w, planes, j, b)
-    };
-    // Weight block `b` of row `j` alone, 32 bytes (the odd last block: a pair load would
-    // read past the row).
-    let load_one = |j: usize, b: usize| -> __m256i {
-        let at = j * c_in + b * QUANT_BLOCK;
-        if signed {
-            let v = _mm256_loadu_si256(w.q.as_ptr().add(at) as *const __m256i);
-            return _mm256_xor_si256(v, _mm512_castsi512_si256(flip));
-        }
-        // Weights k and k + 16 in byte k: the 16 bytes in both halves, shifted as a pair's.
-        let packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-            w.q.as_ptr().add(at / 2) as *const __m128i
-        ));
-        let mut v = _mm256_and_si256(
-            _mm256_srlv_epi16(packed, _mm512_castsi512_si256(one_shifts)),
-            _mm512_castsi512_si256(nibble_mask),
-        );
-        for p in 0..planes {
-            let word = *w.high.get_unchecked(w.high_at(j, b, p));
-            v = _mm256_mask_add_epi8(v, word, v, _mm256_set1_epi8(16 << p));
-        }
-        v
-    };
-    // Per weight row and input row, 16 f32 lanes: the even blocks' 8, then the odd ones'.
-    let mut sums = [[_mm512_setzero_ps(); G]; J];
-    let mut offset_sums = [[_mm512_setzero_ps(); G]; J];
-    // Two consecutive f32 from `p` (blocks b and b + 1).
-    let two = |p: *const f32| -> __m128 { _mm_castpd_ps(_mm_load_sd(p as *const f64)) };
-    // The products of two pairs of scales, the first to lanes 0..8 and the second to 8..16.
-    let spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    let times = |a: __m128, b: __m128| -> __m512 {
-        _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(a, b)))
-    };
-    // The lower 8 of 16 lanes, `f` applied.
-    let lower_half = |v: &mut __m512, f: &dyn Fn(__m256) -> __m256| {
-        let low = f(_mm512_castps512_ps256(*v));
-        *v = _mm512_castpd_ps(_mm512_insertf64x4(
-            _mm512_castps_pd(*v),
-            _mm256_castps_pd(low),
-            0,
-        ));
-    };
-    // Where input row g's dot products with blocks b and b + 1 start (16 lanes; see
-    // `QuantRows::starts`): 0 for weights with offsets.
-    let start_at = |g: usize, b: usize| -> __m512i {
-        if offsets {
-            return _mm512_setzero_si512();
-        }
-        let at = ((tile.r0 + g) * c_in + b * QUANT_BLOCK) / 4;
-        _mm512_loadu_si512(x.starts.as_ptr().add(at) as *const _)
-    };
-    let mut b = 0;
-    while b + 2 <= blocks {
-        // The input rows' blocks, their scales, and where their dot products start.
-        let xq: [__m512i; G] = std::array::from_fn(|g| {
-            _mm512_loadu_si512(x.q.as_ptr().add((tile.r0 + g) * c_in + b * QUANT_BLOCK) as *const _)
-        });
-        let start: [__m512i; G] = std::array::from_fn(|g| start_at(g, b));
-        let xscales: [__m128; G] =
-            std::array::from_fn(|g| two(x.scales.as_ptr().add((tile.r0 + g) * blocks + b)));
-        for u in 0..J {
-            let wq = load_pair(j + u, b);
-            let block = (j + u) * blocks + b;
-            let wscales = two(w.scales.as_ptr().add(block));
-            for g in 0..G {
-                let lanes = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[g], wq, xq[g]));
-                let sum = &mut sums[u][g];
-                *sum = _mm512_fmadd_ps(lanes, times(wscales, xscales[g]), *sum);
-                if offsets {
-                    let at = (tile.r0 + g) * blocks + b;
-                    let lane_sums = _mm512_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
-                    let offset = times(two(w.offsets.as_ptr().add(block)), xscales[g]);
-                    let sum = &mut offset_sums[u][g];
-                    *sum = _mm512_fmadd_ps(lane_sums, offset, *sum);
-                }
-            }
-        }
-        b += 2;
-    }
-    if b < blocks {
-        // The odd last block is an even one: lanes 0..8.
-        for u in 0..J {
-            let wq = load_one(j + u, b);
-            let block = (j + u) * blocks + b;
-            for g in 0..G {
-                let at = (tile.r0 + g) * blocks + b;
-                let xq = _mm256_loadu_si256(x.q.as_ptr().add(at * QUANT_BLOCK) as *const __m256i);
-                let start = if offsets {
-                    _mm256_setzero_si256()
-                } else {
-                    _mm256_loadu_si256(x.starts.as_ptr().add(at * 8) as *const __m256i)
-                };
-                let lanes = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(start, wq, xq));
-                let xscale = *x.scales.get_unchecked(at);
-                let scale = _mm256_set1_ps(*w.scales.get_unchecked(block) * xscale);
-                lower_half(&mut sums[u][g], &|sum| _mm256_fmadd_ps(lanes, scale, sum));
-                if offsets {
-                    let lane_sums = _mm256_loadu_ps(x.lane_sums.as_ptr().add(at * 8));
-                    let offset = _mm256_set1_ps(*w.offsets.get_unchecked(block) * xscale);
-                    lower_half(&mut offset_sums[u][g], &|sum| {
-                        _mm256_fmadd_ps(lane_sums, offset, sum)
-                    });
-                }
-            }
-        }
-    }
-    let halves = |v: __m512| -> [__m256; 2] {
-        let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-        [_mm512_castps512_ps256(v), upper]
-    };
-    let sums: TileSums<J, G> = std::array::from_fn(|u| std::array::from_fn(|g| halves(sums[u][g])));
-    let offset_sums: TileSums<J, G> =
-        std::array::from_fn(|u| std::array::from_fn(|g| halves(offset_sums[u][g])));
-    tile.finish(acc, j, &sums, offsets.then_some(&offset_sums));
 }
 
 #[cfg(test)]
@@ -1444,7 +1030,7 @@ mod tests {
     #[test]
     fn a_files_blocks_read_as_ggml_dequantizes_them() {
         for kind in QuantKind::ALL {
-            // Rows of 3 pairs of K blocks and an odd last 32-weight block (for those kinds).
+            // Rows of 3 K super-blocks, or of 17 32-weight blocks (an odd count).
             let c_in = if kind.row_multiple() == 256 { 768 } else { 544 };
             let c_out = 3;
             let w = values(c_in * c_out, 1);
@@ -1565,44 +1151,5 @@ mod tests {
             "worst error {worst} of a block's range"
         );
         assert!(q4k < 0.9 * q4_0, "rms {q4k} vs Q4_0's {q4_0}");
-    }
-
-    /// Every SIMD form of the block loop gives the portable form's bits, for every kind, odd
-    /// and even block counts, and 1 to 6 rows.
-    #[test]
-    fn simd_forms_give_the_portable_bits() {
-        for (kind, c_in, w) in test_matrices(19) {
-            if kind.super_blocks() {
-                continue; // super_blocks' own test
-            }
-            for rows in [1, 2, 3, 4, 6, 7] {
-                let x = QuantRows::new(&values(rows * c_in, 5), kind);
-                let blocks = c_in / QUANT_BLOCK;
-                let run = |form: &dyn Fn(&mut [f32])| {
-                    let mut acc = vec![0.5f32; rows * 17];
-                    form(&mut acc);
-                    acc.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                };
-                let want = run(&|acc| quant_dots_portable(acc, &x, &w, rows, blocks, 2, 19));
-                #[cfg(target_arch = "x86_64")]
-                {
-                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-                    {
-                        // SAFETY: AVX2 and FMA checked; shapes as the product passes them.
-                        let got = run(&|acc| unsafe {
-                            quant_dots_avx2(acc, &x, &w, rows, blocks, 2, 19)
-                        });
-                        assert_eq!(got, want, "{kind:?} AVX2, {c_in} wide, {rows} rows");
-                    }
-                    if level() == Level::Avx512 && avx512_vnni() {
-                        // SAFETY: AVX-512 and VNNI checked; shapes as above.
-                        let got = run(&|acc| unsafe {
-                            quant_dots_avx512(acc, &x, &w, rows, blocks, 2, 19)
-                        });
-                        assert_eq!(got, want, "{kind:?} AVX-512, {c_in} wide, {rows} rows");
-                    }
-                }
-            }
-        }
     }
 }

@@ -6,6 +6,7 @@
 
 use rayon::prelude::*;
 
+use super::row_groups::{self, GROUP_ROWS};
 use super::{quantize_input_block, QuantMatrix, QUANT_BLOCK};
 
 /// Inputs of a wide product: each row quantized to Q8 blocks as the thin product quantizes it,
@@ -244,10 +245,12 @@ const BLOCK_LINES: usize = 16;
 unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
     use std::arch::x86_64::*;
     let blocks = w.c_in / QUANT_BLOCK;
-    let q8 = w.kind == super::QuantKind::Q8_0;
     let offsets = w.kind.has_offset();
     let (groups, planes) = (w.kind.scale_groups(), w.kind.high_planes());
-    let row_bytes = if q8 { w.c_in } else { w.c_in / 2 };
+    // The 32-weight-block kinds are kept in row groups of 16, lines of the panel's layout;
+    // the K kinds in rows of nibbles (`row_bytes` each), gathered.
+    let grouped = !w.kind.super_blocks();
+    let row_bytes = w.c_in / 2;
     p.q.resize(blocks * BLOCK_LINES, Line([0; 64]));
     p.starts.resize(blocks * groups * PANEL, 0);
     p.scales.resize(blocks * groups * PANEL, 0.0);
@@ -297,7 +300,7 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
         for b in 0..blocks {
             // Each row's plane words of the block (the plane's index in row 0).
             let words: [__m512i; 2] = std::array::from_fn(|p| {
-                if p < planes {
+                if p < planes && !grouped {
                     _mm512_mask_i32gather_epi32::<4>(
                         _mm512_setzero_si512(),
                         mask,
@@ -310,19 +313,19 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
             });
             let mut sums = [_mm512_setzero_si512(); 2];
             for g in 0..8 {
-                let group = if q8 {
-                    gather(b * QUANT_BLOCK + 4 * g)
-                } else {
-                    // Paired blocks share 32 bytes (low nibbles the even block's); an odd
-                    // last block holds weights k and k + 16 in its byte k (see QuantMatrix).
-                    let odd_last = b + 1 == blocks && blocks % 2 == 1;
-                    let (at, high) = if odd_last {
-                        (b * 16 + 4 * (g % 4), g >= 4)
+                let group = if grouped {
+                    // The row group's line as it is (Q8_0) or its nibbles with their high
+                    // bits; rows past the matrix's (no such group) as zeros.
+                    let row_group = j0 / GROUP_ROWS + half;
+                    if row_group * GROUP_ROWS >= w.c_out {
+                        _mm512_setzero_si512()
                     } else {
-                        ((b & !1) * 16 + 4 * g, b % 2 == 1)
-                    };
-                    let packed = gather(at);
-                    let nibbles = if high {
+                        row_groups::line(w, row_group, b, g)
+                    }
+                } else {
+                    // A K row's paired blocks share 32 bytes (low nibbles the even block's).
+                    let packed = gather((b & !1) * 16 + 4 * g);
+                    let nibbles = if b % 2 == 1 {
                         _mm512_srli_epi16(packed, 4)
                     } else {
                         packed

@@ -3,12 +3,7 @@
 //! products are scaled by their small integer scales in integers and the whole super-block
 //! takes two float operations (its scale, and its min), not two per 32 weights.
 
-#[cfg(target_arch = "x86_64")]
-use super::fold_halves;
-use super::{
-    fold_lanes, quantize_values, weight_block, QuantKind, QuantMatrix, LANES, QUANT_BLOCK,
-    SUPER_BYTES,
-};
+use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK, SUPER_BYTES};
 
 /// Weights of a K super-block.
 pub(super) const SUPER_BLOCK: usize = 256;
@@ -86,6 +81,45 @@ pub(super) fn super_dots(
         }
     }
     super_dots_portable(acc, x, w, rows, j0, j1);
+}
+
+/// f32 lanes a row's terms are summed in (see [`super_dots`]): two sets of 8 (even and odd
+/// sub-blocks).
+const LANES: usize = 16;
+
+/// A row's f32 lanes added up: `extra` (offsets' or mins' lanes) into the first lanes, then
+/// halves added (lane `i` takes lane `i + n` for n = 8, 4, 2, 1), as SIMD registers fold.
+#[inline(always)]
+fn fold_lanes(mut lanes: [f32; LANES], extra: &[f32]) -> f32 {
+    for (lane, e) in lanes.iter_mut().zip(extra) {
+        *lane += e;
+    }
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            lanes[i] += lanes[i + n];
+        }
+    }
+    lanes[0]
+}
+
+/// [`fold_lanes`] from its step n = 8 on, in SIMD: `lower` lanes 0..8 and `upper` 8..16.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn fold_halves(lower: std::arch::x86_64::__m256, upper: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let eight = _mm256_add_ps(lower, upper);
+    let four = _mm_add_ps(
+        _mm256_castps256_ps128(eight),
+        _mm256_extractf128_ps(eight, 1),
+    );
+    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
 }
 
 /// Integer lanes per super-block of Q4_K's and Q5_K's mins (one per sub-block).

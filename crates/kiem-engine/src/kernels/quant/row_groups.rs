@@ -1,0 +1,685 @@
+//! The 32-weight-block kinds (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) kept in groups of
+//! [`GROUP_ROWS`] rows, interleaved four weights at a time, and their thin product: one
+//! 64-byte line holds four weights of each of 16 rows, so one AVX-512 VNNI instruction takes
+//! 16 rows' dot products with four broadcast inputs, and a block's 16 row sums come out in
+//! one register, scaled with one multiply-add (a row-major layout spent about as much on
+//! scaling and adding up lanes as on the dot products; decoding is bound by that work on a
+//! core before it is by memory).
+//!
+//! Layout, per group of 16 rows (the last one padded with zero rows) and block `b`:
+//! - weights: Q8_0 8 lines, line `k` byte `4r + i` = row `r`'s weight `4k + i` (signed); the
+//!   nibble kinds 4 lines, line `k` byte `4r + i` = row `r`'s weights `4k + i` (low nibble)
+//!   and `4k + 16 + i` (high nibble), each less its bits above the nibble;
+//! - high bits (Q5_0, Q5_1): per plane, 8 masks of 64 bits (two u32, low first), mask `k` bit
+//!   `4r + i` = the plane's bit of row `r`'s weight `4k + i`;
+//! - the 16 rows' scales, and offsets (Q4_1, Q5_1), as f32.
+
+use rayon::prelude::*;
+
+use super::{QuantKind, QuantMatrix, QuantRows, QUANT_BLOCK};
+
+/// Rows interleaved together.
+pub(super) const GROUP_ROWS: usize = 16;
+
+/// Bytes of one line: four weights of each of a group's rows.
+const LINE: usize = 64;
+
+/// Bytes of a group's block of weights.
+pub(super) const fn group_block_bytes(kind: QuantKind) -> usize {
+    if kind.nibbles() {
+        4 * LINE
+    } else {
+        8 * LINE
+    }
+}
+
+/// u32 words per group, block and plane of high bits: 8 masks of 64 bits.
+const PLANE_WORDS: usize = 16;
+
+/// The storage of a `c_out × c_in` matrix of `kind` in row groups, all zeros:
+/// `(q, scales, offsets, high)`.
+pub(super) fn zeroed(
+    kind: QuantKind,
+    c_in: usize,
+    c_out: usize,
+) -> (Vec<u8>, Vec<f32>, Vec<f32>, Vec<u32>) {
+    let group_blocks = c_out.div_ceil(GROUP_ROWS) * (c_in / QUANT_BLOCK);
+    let per_row_block = |n: usize| group_blocks * n;
+    (
+        vec![0; per_row_block(group_block_bytes(kind))],
+        vec![0.0; per_row_block(GROUP_ROWS)],
+        if kind.has_offset() {
+            vec![0.0; per_row_block(GROUP_ROWS)]
+        } else {
+            Vec::new()
+        },
+        vec![0; per_row_block(PLANE_WORDS * kind.high_planes())],
+    )
+}
+
+/// Row `j`'s block `b` (counted in its row) as it is stored: 32 unsigned values (Q8_0: the
+/// signed bytes as they are), bits above the nibble included.
+#[inline(always)]
+pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BLOCK] {
+    let blocks = w.c_in / QUANT_BLOCK;
+    let (group_block, r) = ((j / GROUP_ROWS) * blocks + b, j % GROUP_ROWS);
+    let q = &w.q[group_block * group_block_bytes(w.kind)..];
+    let planes = w.kind.high_planes();
+    std::array::from_fn(|k| {
+        let (granule, i) = (k / 4, k % 4);
+        if !w.kind.nibbles() {
+            return q[granule * LINE + 4 * r + i];
+        }
+        let byte = q[(granule % 4) * LINE + 4 * r + i];
+        let mut v = if granule < 4 { byte & 0xF } else { byte >> 4 };
+        for p in 0..planes {
+            let at = (group_block * planes + p) * PLANE_WORDS + 2 * granule;
+            let mask = u64::from(w.high[at]) | u64::from(w.high[at + 1]) << 32;
+            v |= (((mask >> (4 * r + i)) & 1) as u8) << (4 + p);
+        }
+        v
+    })
+}
+
+/// Where row `j`'s block `b` keeps its scale (and offset) in `scales` (`offsets`).
+#[inline(always)]
+pub(super) fn scale_at(w: &QuantMatrix, j: usize, b: usize) -> usize {
+    let blocks = w.c_in / QUANT_BLOCK;
+    ((j / GROUP_ROWS) * blocks + b) * GROUP_ROWS + j % GROUP_ROWS
+}
+
+/// Fills `w` (zeroed, [`zeroed`]'s sizes) in parallel from each row and block's stored
+/// values, scale and offset (rows past `c_out` stay zero).
+pub(super) fn fill(
+    w: &mut QuantMatrix,
+    stored: impl Fn(usize, usize) -> [u8; QUANT_BLOCK] + Sync,
+    scale: impl Fn(usize, usize) -> f32 + Sync,
+    offset: impl Fn(usize, usize) -> f32 + Sync,
+) {
+    let (kind, c_out, blocks) = (w.kind, w.c_out, w.c_in / QUANT_BLOCK);
+    let planes = kind.high_planes();
+    let gbb = group_block_bytes(kind);
+    let offsets = kind.has_offset();
+    // Kinds without offsets or planes fill scratch chunks (chunks must not be empty).
+    let mut no_offsets = vec![0f32; if offsets { 0 } else { w.scales.len() }];
+    let offset_chunks = if offsets {
+        &mut w.offsets
+    } else {
+        &mut no_offsets
+    };
+    let mut no_high = vec![0u32; if planes > 0 { 0 } else { w.scales.len() }];
+    let plane_chunk = blocks * PLANE_WORDS * planes.max(1);
+    let plane_chunk = if planes > 0 {
+        plane_chunk
+    } else {
+        blocks * GROUP_ROWS
+    };
+    let high_chunks = if planes > 0 {
+        &mut w.high
+    } else {
+        &mut no_high
+    };
+    w.q.par_chunks_mut(blocks * gbb)
+        .zip(w.scales.par_chunks_mut(blocks * GROUP_ROWS))
+        .zip(offset_chunks.par_chunks_mut(blocks * GROUP_ROWS))
+        .zip(high_chunks.par_chunks_mut(plane_chunk))
+        .enumerate()
+        .for_each(|(group, (((q, scales), offs), high))| {
+            let rows = (group * GROUP_ROWS..(group + 1) * GROUP_ROWS).filter(|&j| j < c_out);
+            for j in rows {
+                let r = j % GROUP_ROWS;
+                for b in 0..blocks {
+                    scales[b * GROUP_ROWS + r] = scale(j, b);
+                    if offsets {
+                        offs[b * GROUP_ROWS + r] = offset(j, b);
+                    }
+                    let v = stored(j, b);
+                    let lines = &mut q[b * gbb..(b + 1) * gbb];
+                    for (k, &v) in v.iter().enumerate() {
+                        let (granule, i) = (k / 4, k % 4);
+                        if kind.nibbles() {
+                            let at = (granule % 4) * LINE + 4 * r + i;
+                            lines[at] |= (v & 0xF) << (4 * (granule / 4));
+                            for p in 0..planes {
+                                let bit = u32::from((v >> (4 + p)) & 1);
+                                let at = (b * planes + p) * PLANE_WORDS + 2 * granule;
+                                let bit_at = 4 * r + i;
+                                high[at + bit_at / 32] |= bit << (bit_at % 32);
+                            }
+                        } else {
+                            lines[granule * LINE + 4 * r + i] = v;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Granule `g` (weights 4g..4g + 3) of block `b` of row group `group`'s 16 rows, as signed
+/// bytes (the nibble kinds' with their high bits, less their center): the wide product's
+/// panel line.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW; `w` (a row-group kind) has the group and block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn line(
+    w: &QuantMatrix,
+    group: usize,
+    b: usize,
+    g: usize,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let group_block = group * (w.c_in / QUANT_BLOCK) + b;
+    let lines = w.q.as_ptr().add(group_block * group_block_bytes(w.kind));
+    if !w.kind.nibbles() {
+        return _mm512_loadu_si512(lines.add(g * LINE) as *const _);
+    }
+    let line = _mm512_loadu_si512(lines.add((g % 4) * LINE) as *const _);
+    let line = if g >= 4 {
+        _mm512_srli_epi16(line, 4)
+    } else {
+        line
+    };
+    let mut v = _mm512_and_si512(line, _mm512_set1_epi8(0x0F));
+    let planes = w.kind.high_planes();
+    let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+    for p in 0..planes {
+        let mask = (high.add(p * PLANE_WORDS + 2 * g) as *const u64).read_unaligned();
+        v = _mm512_mask_add_epi8(v, mask, v, _mm512_set1_epi8(16 << p));
+    }
+    _mm512_sub_epi8(v, _mm512_set1_epi8(w.kind.center() as i8))
+}
+
+/// The reference form of the row groups' thin product, which the SIMD forms match bit for
+/// bit: per weight row and input row, block by block, `sum += dot · (w scale · x scale)`
+/// (the dot product exact, in integers), then `sum += offset · (x scale · x sum)` for kinds
+/// with offsets; the wide product's sums, so a row's result does not depend on how many rows
+/// are multiplied at once.
+pub(super) fn dots_portable(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+) {
+    let (blocks, c_in, width) = (w.c_in / QUANT_BLOCK, w.c_in, j1 - j0);
+    let center = i32::from(w.kind.center());
+    for j in j0..j1 {
+        for r in 0..rows {
+            let mut sum = 0f32;
+            for b in 0..blocks {
+                let v = stored_block(w, j, b);
+                let xq = &x.q[r * c_in + b * QUANT_BLOCK..][..QUANT_BLOCK];
+                let dot: i32 = v
+                    .iter()
+                    .zip(xq)
+                    .map(|(&v, &x)| {
+                        let v = if w.kind.nibbles() {
+                            i32::from(v) - center
+                        } else {
+                            i32::from(v as i8)
+                        };
+                        v * i32::from(x)
+                    })
+                    .sum();
+                let at = r * blocks + b;
+                let s = scale_at(w, j, b);
+                sum = (dot as f32).mul_add(w.scales[s] * x.scales[at], sum);
+                if w.kind.has_offset() {
+                    sum = w.offsets[s].mul_add(x.scaled_sums[at], sum);
+                }
+            }
+            acc[r * width + j - j0] += sum;
+        }
+    }
+}
+
+/// `acc[rows, j0..j1] += x · Wᵀ` for row-group weights: the best form this CPU has.
+pub(super) fn dots(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::{level, Level};
+        let form: Option<GroupForms> = match level() {
+            Level::Avx512 if super::avx512_vnni() => Some(by_kind!(
+                w.kind,
+                avx512_forms as fn() -> GroupForms,
+                [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
+            )()),
+            Level::Avx512 | Level::Avx2 => Some(by_kind!(
+                w.kind,
+                avx2_forms as fn() -> GroupForms,
+                [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
+            )()),
+            Level::Base => None,
+        };
+        if let Some(forms) = form {
+            // SAFETY: the CPU has the forms' features (`level`, `avx512_vnni`); the thin
+            // product checked the shapes: rows j0..j1 of `w`, `rows` rows of `x`, `acc`
+            // rows × (j1 − j0).
+            unsafe { by_groups(acc, x, w, rows, j0, j1, forms) };
+            return;
+        }
+    }
+    dots_portable(acc, x, w, rows, j0, j1);
+}
+
+/// Where one call of a SIMD form reads and writes: weight rows `j..j + n` (within one group;
+/// lanes past `n` are not written) against input rows `r0..r0 + G`, into `acc` (`width`
+/// columns from `j0`).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct GroupTile<'a> {
+    x: &'a QuantRows,
+    w: &'a QuantMatrix,
+    group: usize,
+    lane0: usize,
+    n: usize,
+    r0: usize,
+    acc_at: usize,
+    width: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl GroupTile<'_> {
+    /// Adds lanes `lane0..lane0 + n` of input row `g`'s 16 row sums to `acc`.
+    #[inline(always)]
+    fn add(&self, acc: &mut [f32], g: usize, sums: &[f32; GROUP_ROWS]) {
+        let row = &mut acc[(self.r0 + g) * self.width + self.acc_at..][..self.n];
+        for (a, s) in row.iter_mut().zip(&sums[self.lane0..]) {
+            *a += s;
+        }
+    }
+}
+
+/// A SIMD form for `G` input rows (its own constant).
+#[cfg(target_arch = "x86_64")]
+type GroupForm = unsafe fn(&mut [f32], GroupTile);
+
+/// A SIMD level's forms for 1 to 4 input rows.
+#[cfg(target_arch = "x86_64")]
+type GroupForms = [GroupForm; 4];
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_forms<const K: u8>() -> GroupForms {
+    [
+        avx512_group::<1, K>,
+        avx512_group::<2, K>,
+        avx512_group::<3, K>,
+        avx512_group::<4, K>,
+    ]
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_forms<const K: u8>() -> GroupForms {
+    [
+        avx2_group::<1, K>,
+        avx2_group::<2, K>,
+        avx2_group::<3, K>,
+        avx2_group::<4, K>,
+    ]
+}
+
+/// The groups holding rows `j0..j1`, each against the input rows 4 at a time.
+///
+/// # Safety
+/// The CPU has the forms' features; bounds as for [`dots`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn by_groups(
+    acc: &mut [f32],
+    x: &QuantRows,
+    w: &QuantMatrix,
+    rows: usize,
+    j0: usize,
+    j1: usize,
+    forms: GroupForms,
+) {
+    let mut j = j0;
+    while j < j1 {
+        let group = j / GROUP_ROWS;
+        let end = ((group + 1) * GROUP_ROWS).min(j1);
+        for r0 in (0..rows).step_by(4) {
+            let tile = GroupTile {
+                x,
+                w,
+                group,
+                lane0: j % GROUP_ROWS,
+                n: end - j,
+                r0,
+                acc_at: j - j0,
+                width: j1 - j0,
+            };
+            // SAFETY: the caller's contract.
+            unsafe { forms[(rows - r0).min(4) - 1](acc, tile) };
+        }
+        j = end;
+    }
+}
+
+/// The AVX-512 VNNI form: per block, each line's low and high nibbles (Q8_0: each line, plus
+/// 128) times four inputs broadcast, 16 rows' dot products a register (four chains of them,
+/// added once a block: integers, so in any order), started from minus the center times the
+/// inputs' sum; then one multiply-add per block for the 16 rows (and one for the offsets).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; `tile` lies within `w`, `x` and `acc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile) {
+    use std::arch::x86_64::*;
+    let kind = QuantKind::of_index(K);
+    let (x, w) = (tile.x, tile.w);
+    let (blocks, c_in) = (w.c_in / QUANT_BLOCK, w.c_in);
+    let gbb = group_block_bytes(kind);
+    let planes = kind.high_planes();
+    let offsets = kind.has_offset();
+    let nibble = _mm512_set1_epi8(0x0F);
+    let flip = _mm512_set1_epi8(-128);
+    let mut sums = [_mm512_setzero_ps(); G];
+    for b in 0..blocks {
+        let group_block = tile.group * blocks + b;
+        let lines = w.q.as_ptr().add(group_block * gbb);
+        // Four inputs of row g from value `at` of the block, as one i32 in every lane.
+        let four = |g: usize, at: usize| -> __m512i {
+            let p =
+                x.q.as_ptr()
+                    .add((tile.r0 + g) * c_in + b * QUANT_BLOCK + at);
+            _mm512_set1_epi32((p as *const i32).read_unaligned())
+        };
+        let mut dots: [[__m512i; 4]; G] = std::array::from_fn(|g| {
+            let start = if offsets {
+                0
+            } else {
+                *x.starts.get_unchecked((tile.r0 + g) * blocks + b)
+            };
+            [
+                _mm512_set1_epi32(start),
+                _mm512_setzero_si512(),
+                _mm512_setzero_si512(),
+                _mm512_setzero_si512(),
+            ]
+        });
+        if kind.nibbles() {
+            let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+            for k in 0..4 {
+                let line = _mm512_loadu_si512(lines.add(k * LINE) as *const _);
+                let mut low = _mm512_and_si512(line, nibble);
+                let mut up = _mm512_and_si512(_mm512_srli_epi16(line, 4), nibble);
+                for p in 0..planes {
+                    let masks = high.add(p * PLANE_WORDS) as *const u64;
+                    let add = _mm512_set1_epi8(16 << p);
+                    low = _mm512_mask_add_epi8(low, masks.add(k).read_unaligned(), low, add);
+                    up = _mm512_mask_add_epi8(up, masks.add(k + 4).read_unaligned(), up, add);
+                }
+                for (g, dot) in dots.iter_mut().enumerate() {
+                    dot[k] = _mm512_dpbusd_epi32(dot[k], low, four(g, 4 * k));
+                    dot[k] = _mm512_dpbusd_epi32(dot[k], up, four(g, 4 * k + 16));
+                }
+            }
+        } else {
+            for k in 0..8 {
+                let line = _mm512_loadu_si512(lines.add(k * LINE) as *const _);
+                let line = _mm512_xor_si512(line, flip);
+                for (g, dot) in dots.iter_mut().enumerate() {
+                    dot[k % 4] = _mm512_dpbusd_epi32(dot[k % 4], line, four(g, 4 * k));
+                }
+            }
+        }
+        let scales = _mm512_loadu_ps(w.scales.as_ptr().add(group_block * GROUP_ROWS));
+        for (g, sum) in sums.iter_mut().enumerate() {
+            let [a, b_, c, d] = dots[g];
+            let dot = _mm512_add_epi32(_mm512_add_epi32(a, b_), _mm512_add_epi32(c, d));
+            let at = (tile.r0 + g) * blocks + b;
+            let scale = _mm512_mul_ps(scales, _mm512_set1_ps(*x.scales.get_unchecked(at)));
+            *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *sum);
+            if offsets {
+                let offs = _mm512_loadu_ps(w.offsets.as_ptr().add(group_block * GROUP_ROWS));
+                let xsum = _mm512_set1_ps(*x.scaled_sums.get_unchecked(at));
+                *sum = _mm512_fmadd_ps(offs, xsum, *sum);
+            }
+        }
+    }
+    for (g, sum) in sums.iter().enumerate() {
+        let mut lanes = [0f32; GROUP_ROWS];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), *sum);
+        tile.add(acc, g, &lanes);
+    }
+}
+
+/// The AVX2 form: the group as two halves of 8 rows (32 bytes of each line), unsigned
+/// weights times signed inputs summed in pairs (`vpmaddubsw`; Q8_0's signed weights through
+/// their magnitudes and the inputs with their signs) then in fours (`vpmaddwd`); the same
+/// integers and float steps as the AVX-512 form.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `tile` lies within `w`, `x` and `acc`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile) {
+    use std::arch::x86_64::*;
+    let kind = QuantKind::of_index(K);
+    let (x, w) = (tile.x, tile.w);
+    let (blocks, c_in) = (w.c_in / QUANT_BLOCK, w.c_in);
+    let gbb = group_block_bytes(kind);
+    let planes = kind.high_planes();
+    let offsets = kind.has_offset();
+    let nibble = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // The 16 rows' sums of each input row: rows 0..8, then 8..16.
+    let mut sums = [[_mm256_setzero_ps(); G]; 2];
+    for b in 0..blocks {
+        let group_block = tile.group * blocks + b;
+        let lines = w.q.as_ptr().add(group_block * gbb);
+        let four = |g: usize, at: usize| -> __m256i {
+            let p =
+                x.q.as_ptr()
+                    .add((tile.r0 + g) * c_in + b * QUANT_BLOCK + at);
+            _mm256_set1_epi32((p as *const i32).read_unaligned())
+        };
+        // Unsigned weights (32 bytes) times four inputs, summed per row into 8 lanes.
+        let dot = |weights: __m256i, inputs: __m256i| -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(weights, inputs), ones)
+        };
+        for (half, half_sums) in sums.iter_mut().enumerate() {
+            let mut dots: [__m256i; G] = std::array::from_fn(|g| {
+                let start = if offsets || !kind.nibbles() {
+                    0
+                } else {
+                    *x.starts.get_unchecked((tile.r0 + g) * blocks + b)
+                };
+                _mm256_set1_epi32(start)
+            });
+            if kind.nibbles() {
+                let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+                for k in 0..4 {
+                    let line =
+                        _mm256_loadu_si256(lines.add(k * LINE + 32 * half) as *const __m256i);
+                    let mut low = _mm256_and_si256(line, nibble);
+                    let mut up = _mm256_and_si256(_mm256_srli_epi16(line, 4), nibble);
+                    for p in 0..planes {
+                        // This half's 32 bits of masks k and k + 4.
+                        let words = high.add(p * PLANE_WORDS + half);
+                        low = super::avx2_plane_bytes(low, *words.add(2 * k), p);
+                        up = super::avx2_plane_bytes(up, *words.add(2 * (k + 4)), p);
+                    }
+                    for (g, d) in dots.iter_mut().enumerate() {
+                        *d = _mm256_add_epi32(*d, dot(low, four(g, 4 * k)));
+                        *d = _mm256_add_epi32(*d, dot(up, four(g, 4 * k + 16)));
+                    }
+                }
+            } else {
+                for k in 0..8 {
+                    let line =
+                        _mm256_loadu_si256(lines.add(k * LINE + 32 * half) as *const __m256i);
+                    let magnitude = _mm256_sign_epi8(line, line);
+                    for (g, d) in dots.iter_mut().enumerate() {
+                        let signed = _mm256_sign_epi8(four(g, 4 * k), line);
+                        *d = _mm256_add_epi32(*d, dot(magnitude, signed));
+                    }
+                }
+            }
+            let at_rows = group_block * GROUP_ROWS + 8 * half;
+            let scales = _mm256_loadu_ps(w.scales.as_ptr().add(at_rows));
+            for (g, d) in dots.iter().enumerate() {
+                let at = (tile.r0 + g) * blocks + b;
+                let scale = _mm256_mul_ps(scales, _mm256_set1_ps(*x.scales.get_unchecked(at)));
+                let sum = &mut half_sums[g];
+                *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*d), scale, *sum);
+                if offsets {
+                    let offs = _mm256_loadu_ps(w.offsets.as_ptr().add(at_rows));
+                    let xsum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(at));
+                    *sum = _mm256_fmadd_ps(offs, xsum, *sum);
+                }
+            }
+        }
+    }
+    for (g, (low, high)) in sums[0].iter().zip(&sums[1]).enumerate() {
+        let mut lanes = [0f32; GROUP_ROWS];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
+        tile.add(acc, g, &lanes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::quant::tests::{test_matrices, values};
+
+    /// Every SIMD form gives the portable form's bits for each 32-weight-block kind, odd and
+    /// even block counts, rows 2..19 (a partial first and last group) and 1 to 7 input rows;
+    /// each within the inputs' 8-bit rounding of the product with the dequantized weights.
+    #[test]
+    fn simd_forms_give_the_portable_bits_near_the_dequantized_product() {
+        let (j0, j1) = (2, 19);
+        for (kind, c_in, w) in test_matrices(j1) {
+            if kind.super_blocks() {
+                continue; // super_blocks' own test
+            }
+            let dense = w.dequantize();
+            for rows in [1, 2, 3, 4, 6, 7] {
+                let inp = values(rows * c_in, 5);
+                let x = QuantRows::new(&inp, kind);
+                let run = |form: &dyn Fn(&mut [f32])| {
+                    let mut acc = vec![0.5f32; rows * (j1 - j0)];
+                    form(&mut acc);
+                    acc
+                };
+                let want = run(&|acc| dots_portable(acc, &x, &w, rows, j0, j1));
+                for r in 0..rows {
+                    let xr = &inp[r * c_in..(r + 1) * c_in];
+                    let step = xr.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0;
+                    for j in j0..j1 {
+                        let wr = &dense[j * c_in..(j + 1) * c_in];
+                        let exact: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        let bound: f32 = wr.iter().map(|v| v.abs() * step).sum();
+                        let got = want[r * (j1 - j0) + j - j0] - 0.5;
+                        assert!(
+                            (got - exact).abs() <= 1.01 * bound + 1e-3,
+                            "{kind:?} row {r} col {j}: {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                #[cfg(target_arch = "x86_64")]
+                {
+                    use crate::kernels::{level, Level};
+                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+                    {
+                        let forms = by_kind!(
+                            kind,
+                            avx2_forms as fn() -> GroupForms,
+                            [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
+                        )();
+                        // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
+                        let got =
+                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{kind:?} AVX2, {c_in} wide, {rows} rows"
+                        );
+                    }
+                    if level() == Level::Avx512 && super::super::avx512_vnni() {
+                        let forms = by_kind!(
+                            kind,
+                            avx512_forms as fn() -> GroupForms,
+                            [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
+                        )();
+                        // SAFETY: AVX-512 and VNNI checked; shapes as above.
+                        let got =
+                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
+                        assert_eq!(
+                            bits(&got),
+                            bits(&want),
+                            "{kind:?} AVX-512, {c_in} wide, {rows} rows"
+                        );
+                    }
+                }
+                let _ = bits;
+            }
+        }
+    }
+
+    /// A row's result has the same bits from the thin product (decoding) and the wide one
+    /// (prefill), alone or among others.
+    #[test]
+    fn thin_and_wide_products_give_a_row_the_same_bits() {
+        if !super::super::wide_quant_native() {
+            return; // no integer wide form on this CPU
+        }
+        for (kind, c_in, w) in test_matrices(37) {
+            if kind.super_blocks() {
+                continue;
+            }
+            let rows = 9;
+            let inp = values(rows * c_in, 8);
+            let bias = values(37, 2);
+            let mut wide = vec![0f32; rows * 37];
+            assert!(super::super::matmul_wide_quant(
+                &mut wide,
+                &inp,
+                &w,
+                Some(&bias)
+            ));
+            for r in 0..rows {
+                let mut thin = vec![0f32; 37];
+                let row = &inp[r * c_in..(r + 1) * c_in];
+                super::super::matmul_thin_quant(&mut thin, row, &w, Some(&bias), c_in, 37);
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&thin),
+                    bits(&wide[r * 37..(r + 1) * 37]),
+                    "{kind:?} row {r}"
+                );
+            }
+        }
+    }
+
+    /// Row groups keep every row's values, with a partial last group.
+    #[test]
+    fn row_groups_keep_each_rows_blocks() {
+        for (kind, c_in, w) in test_matrices(19) {
+            if kind.super_blocks() {
+                continue;
+            }
+            let blocks = c_in / QUANT_BLOCK;
+            assert_eq!(w.q.len(), 2 * blocks * group_block_bytes(kind), "{kind:?}");
+            let again = w.with_row_order(&(0..19).collect::<Vec<_>>());
+            for j in 0..19 {
+                for b in 0..blocks {
+                    assert_eq!(stored_block(&w, j, b), stored_block(&again, j, b));
+                }
+            }
+        }
+    }
+}
