@@ -198,33 +198,29 @@ pub const QUANT_BLOCK: usize = 32;
 /// 6-bit mins (a byte each), or Q6_K's sixteen signed 8-bit scales.
 const SUPER_BYTES: usize = 16;
 
-/// A matrix `W[c_out, c_in]` quantized for decoding, in layouts the thin product streams.
-/// The 32-weight-block kinds (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) keep rows in groups of 16,
-/// interleaved four weights at a time, with each block's 16 scales (and offsets) as f32 (see
-/// `row_groups`): one instruction takes 16 rows' dot products. The K kinds keep rows in order:
-/// a super-block's f32 scale (and min) and its sub-blocks' byte scales (and mins) as ggml has
-/// them, multiplied out where a product needs a block's scale (as ggml dequantizes); each
-/// weight's low 4 bits two a byte, a row's 32-weight blocks in pairs (byte k of a pair's 32
-/// holds weight k of the first block in its low nibble and of the second in its high one:
-/// Q4_K's ggml layout); the bits above the nibble in `high` planes, one u32 per block and
-/// plane, bit k for weight k. A stored value less the kind's center (Q4_0 8, Q5_0 16, Q6_K
-/// 32) is the signed one the scale multiplies.
+/// A matrix `W[c_out, c_in]` quantized for decoding, in the layout the thin product streams:
+/// rows in groups of 16, interleaved four weights at a time, so that one instruction takes 16
+/// rows' dot products (see `row_groups`). Each weight keeps its low 4 bits (Q8_0: its byte)
+/// and, for the 5- and 6-bit kinds, its higher bits in bit planes; each 32-weight block its f32
+/// scale (and offset), ggml's fp16 values widened once; each K super-block its f32 scale (and
+/// min) and its sub-blocks' byte scales (and mins) as ggml has them, multiplied out where a
+/// product needs a block's scale (as ggml dequantizes). A stored value less the kind's center
+/// (Q4_0 8, Q5_0 16, Q6_K 32) is the signed one the scale multiplies.
 #[derive(Debug, Clone)]
 pub struct QuantMatrix {
     pub kind: QuantKind,
     pub c_in: usize,
     pub c_out: usize,
-    /// Per 32-weight block (row groups: a block's 16 rows together), or per K super-block
-    /// (see [`QuantKind::block_floats`]).
+    /// Per 32-weight block, or per K super-block (see [`QuantKind::block_floats`]), a row
+    /// group's 16 rows side by side.
     scales: Vec<f32>,
     /// Per 32-weight block of Q4_1 and Q5_1 (as `scales`); empty for other kinds.
     offsets: Vec<f32>,
-    /// [`SUPER_BYTES`] per K super-block; empty for other kinds.
+    /// [`SUPER_BYTES`] per K super-block (as `scales`); empty for other kinds.
     sub: Vec<u8>,
+    /// The weights' lines (see `row_groups`).
     q: Vec<u8>,
-    /// The bit planes above the nibbles (empty for 4- and 8-bit kinds). Row groups: see
-    /// `row_groups`. K kinds, per row: for each pair of blocks, plane 0 of both blocks, then
-    /// plane 1 of both (so a pair's plane reads as one u64, the first block in its low half).
+    /// The bit planes above the nibbles (empty for 4- and 8-bit kinds; see `row_groups`).
     high: Vec<u32>,
 }
 
@@ -234,34 +230,7 @@ impl QuantMatrix {
         if c_in == 0 || !c_in.is_multiple_of(kind.row_multiple()) {
             return None;
         }
-        if !kind.super_blocks() {
-            let (q, scales, offsets, high) = row_groups::zeroed(kind, c_in, c_out);
-            return Some(Self {
-                kind,
-                c_in,
-                c_out,
-                scales,
-                offsets,
-                sub: Vec::new(),
-                q,
-                high,
-            });
-        }
-        let ggml_blocks = c_in / kind.row_multiple() * c_out;
-        let per_byte = if kind.nibbles() { 2 } else { 1 };
-        let (scales, offsets) = kind.block_floats();
-        let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
-        let blocks = c_in / QUANT_BLOCK * c_out;
-        Some(Self {
-            kind,
-            c_in,
-            c_out,
-            scales: vec![0f32; ggml_blocks * scales],
-            offsets: vec![0f32; ggml_blocks * offsets],
-            sub: vec![0u8; ggml_blocks * sub],
-            q: vec![0u8; c_in * c_out / per_byte],
-            high: vec![0u32; blocks * kind.high_planes()],
-        })
+        Some(row_groups::zeroed(kind, c_in, c_out))
     }
 
     /// Quantizes `w[c_out, c_in]` as ggml's reference quantizer does; `None` when rows are
@@ -295,118 +264,47 @@ impl QuantMatrix {
         Some(m)
     }
 
-    /// Fills every ggml block (in parallel) from `block(n, at)`: the ggml bytes of the `n`
-    /// weights starting at flat index `at`.
+    /// Fills every row (in parallel) from its ggml blocks, `block(n, at)` giving the bytes of
+    /// the `n` weights starting at flat index `at`.
     fn fill_blocks(&mut self, block: impl Fn(usize, usize) -> Vec<u8> + Sync) {
-        let kind = self.kind;
-        if !kind.super_blocks() {
-            return self.fill_row_groups(block);
-        }
-        let n = kind.row_multiple();
-        let subs = n / QUANT_BLOCK;
-        let q_per = if kind.nibbles() { n / 2 } else { n };
-        let planes = kind.high_planes();
-        let ggml_blocks = self.c_in * self.c_out / n;
-        // What a kind does not keep is filled in scratch space (chunks must not be empty),
-        // then dropped.
-        let (scales, offsets_per) = kind.block_floats();
-        let mut offsets = vec![0f32; ggml_blocks * offsets_per.max(1)];
-        let mut sub = vec![0u8; ggml_blocks * SUPER_BYTES];
-        let mut high = vec![0u32; ggml_blocks * subs * planes.max(1)];
-        self.scales
-            .par_chunks_mut(scales)
-            .zip(offsets.par_chunks_mut(offsets_per.max(1)))
-            .zip(sub.par_chunks_mut(SUPER_BYTES))
-            .zip(self.q.par_chunks_mut(q_per))
-            .zip(high.par_chunks_mut(subs * planes.max(1)))
-            .enumerate()
-            .for_each(|(i, ((((scales, offsets), sub), q), high))| {
-                unpack_ggml_block(kind, &block(n, i * n), scales, offsets, sub, q, high);
-            });
-        if offsets_per > 0 {
-            self.offsets = offsets;
-        }
-        if kind.super_blocks() {
-            self.sub = sub;
-        }
-        if kind.nibbles() {
-            let row_bytes = self.c_in / 2;
-            self.q.par_chunks_mut(row_bytes).for_each(pair_blocks);
-        }
-        if planes > 0 {
-            let row_words = self.c_in / QUANT_BLOCK * planes;
-            high.par_chunks_mut(row_words)
-                .for_each(|row| pair_planes(row, planes));
-            self.high = high;
-        }
-    }
-
-    /// [`QuantMatrix::fill_blocks`] for the 32-weight-block kinds: each row's blocks unpacked,
-    /// then laid out in row groups.
-    fn fill_row_groups(&mut self, block: impl Fn(usize, usize) -> Vec<u8> + Sync) {
         let (kind, c_in) = (self.kind, self.c_in);
-        let blocks = c_in / QUANT_BLOCK;
-        let unpacked: Vec<([u8; QUANT_BLOCK], f32, f32)> = (0..blocks * self.c_out)
-            .into_par_iter()
-            .map(|i| {
-                let (mut scale, mut offset, mut high) = ([0f32], [0f32], [0u32]);
-                let mut q = [0u8; QUANT_BLOCK];
-                let q_len = if kind.nibbles() { 16 } else { 32 };
+        let n = kind.row_multiple();
+        let (floats, offsets) = kind.block_floats();
+        let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
+        row_groups::fill(self, |j| {
+            let per_row = c_in / n;
+            let mut row = row_groups::Row {
+                values: vec![0; c_in],
+                scales: vec![0.0; per_row * floats],
+                offsets: vec![0.0; per_row * offsets],
+                sub: vec![0; per_row * sub],
+            };
+            for i in 0..per_row {
                 unpack_ggml_block(
                     kind,
-                    &block(QUANT_BLOCK, i * QUANT_BLOCK),
-                    &mut scale,
-                    &mut offset,
-                    &mut [],
-                    &mut q[..q_len],
-                    &mut high[..kind.high_planes()],
+                    &block(n, j * c_in + i * n),
+                    &mut row.scales[i * floats..(i + 1) * floats],
+                    &mut row.offsets[i * offsets..(i + 1) * offsets],
+                    &mut row.sub[i * sub..(i + 1) * sub],
+                    &mut row.values[i * n..(i + 1) * n],
                 );
-                // Each weight's stored value: its nibble (ggml's layout: weights k and k + 16
-                // in byte k) and fifth bit, or Q8_0's byte.
-                let stored = std::array::from_fn(|k| {
-                    if !kind.nibbles() {
-                        return q[k];
-                    }
-                    let nibble = if k < 16 { q[k] & 0xF } else { q[k - 16] >> 4 };
-                    nibble | (((high[0] >> k) & 1) << 4) as u8
-                });
-                (stored, scale[0], offset[0])
-            })
-            .collect();
-        row_groups::fill(
-            self,
-            |j, b| unpacked[j * blocks + b].0,
-            |j, b| unpacked[j * blocks + b].1,
-            |j, b| unpacked[j * blocks + b].2,
-        );
+            }
+            row
+        });
     }
 
-    /// The row-group matrix of `c_out` rows whose row `j` is `source(j)`'s row (a matrix and
-    /// a row of it).
+    /// The matrix of `c_out` rows whose row `j` is `source(j)`'s row (a matrix and a row of
+    /// it).
     fn regrouped<'a>(
         &self,
         c_out: usize,
         source: impl Fn(usize) -> (&'a Self, usize) + Sync,
     ) -> Self {
         let mut m = Self::zeros(self.kind, self.c_in, c_out).expect("the rows are whole blocks");
-        row_groups::fill(
-            &mut m,
-            |j, b| {
-                let (w, j) = source(j);
-                row_groups::stored_block(w, j, b)
-            },
-            |j, b| {
-                let (w, j) = source(j);
-                w.scales[row_groups::scale_at(w, j, b)]
-            },
-            |j, b| {
-                let (w, j) = source(j);
-                w.offsets
-                    .get(row_groups::scale_at(w, j, b))
-                    .copied()
-                    .unwrap_or(0.0)
-            },
-        );
+        row_groups::fill(&mut m, |j| {
+            let (w, j) = source(j);
+            row_groups::row(w, j)
+        });
         m
     }
 
@@ -420,52 +318,20 @@ impl QuantMatrix {
             self.kind,
             self.c_in
         );
-        if !self.kind.super_blocks() {
-            let n = self.c_out;
-            *self = self.regrouped(n + other.c_out, |j| {
-                if j < n {
-                    (&*self, j)
-                } else {
-                    (&other, j - n)
-                }
-            });
-            return;
-        }
-        self.c_out += other.c_out;
-        self.scales.extend_from_slice(&other.scales);
-        self.offsets.extend_from_slice(&other.offsets);
-        self.sub.extend_from_slice(&other.sub);
-        self.q.extend_from_slice(&other.q);
-        self.high.extend_from_slice(&other.high);
+        let n = self.c_out;
+        *self = self.regrouped(n + other.c_out, |j| {
+            if j < n {
+                (&*self, j)
+            } else {
+                (&other, j - n)
+            }
+        });
     }
 
     /// The matrix with its rows reordered: row `i` is this one's row `order[i]`.
     pub fn with_row_order(&self, order: &[usize]) -> Self {
         assert_eq!(order.len(), self.c_out, "with_row_order: one index per row");
-        if !self.kind.super_blocks() {
-            return self.regrouped(self.c_out, |j| (self, order[j]));
-        }
-        fn pick<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
-            if v.is_empty() {
-                return Vec::new();
-            }
-            let per_row = v.len() / order.len();
-            order
-                .iter()
-                .flat_map(|&r| &v[r * per_row..(r + 1) * per_row])
-                .copied()
-                .collect()
-        }
-        Self {
-            kind: self.kind,
-            c_in: self.c_in,
-            c_out: self.c_out,
-            scales: pick(&self.scales, order),
-            offsets: pick(&self.offsets, order),
-            sub: pick(&self.sub, order),
-            q: pick(&self.q, order),
-            high: pick(&self.high, order),
-        }
+        self.regrouped(self.c_out, |j| (self, order[j]))
     }
 
     /// Every weight as the thin product uses it, `[c_out, c_in]`: the quantized value times
@@ -512,23 +378,22 @@ impl QuantMatrix {
     /// super-block's times its own, its offset minus the super-block's min times its own).
     #[inline(always)]
     fn block_scales(&self, j: usize, b: usize) -> ([f32; 2], Option<f32>) {
-        let i = j * (self.c_in / QUANT_BLOCK) + b;
-        let (s, k) = (i / 8, i % 8);
-        let sub = &self.sub[self.sub.len().min(s * SUPER_BYTES)..];
+        let (s, k) = (b / 8, b % 8);
+        let float = |i: usize, f: usize| self.scales[row_groups::float_at(self, j, i, f)];
+        let sub = |k: usize| self.sub[row_groups::sub_at(self, j, s, k)];
         match self.kind {
             QuantKind::Q4_K | QuantKind::Q5_K => {
-                let (d, min) = (self.scales[2 * s], self.scales[2 * s + 1]);
-                let scale = d * f32::from(sub[k]);
-                ([scale; 2], Some(-(min * f32::from(sub[8 + k]))))
+                let scale = float(s, 0) * f32::from(sub(k));
+                ([scale; 2], Some(-(float(s, 1) * f32::from(sub(8 + k)))))
             }
             QuantKind::Q6_K => {
-                let d = self.scales[s];
-                let scale = |g: usize| d * f32::from(sub[2 * k + g] as i8);
+                let scale = |g: usize| float(s, 0) * f32::from(sub(2 * k + g) as i8);
                 ([scale(0), scale(1)], None)
             }
             _ => {
-                let at = row_groups::scale_at(self, j, b);
-                ([self.scales[at]; 2], self.offsets.get(at).copied())
+                let offset = self.kind.has_offset();
+                let at = row_groups::float_at(self, j, b, 0);
+                ([self.scales[at]; 2], offset.then(|| self.offsets[at]))
             }
         }
     }
@@ -573,42 +438,27 @@ impl QuantMatrix {
             .wrapping_add(floats(&self.offsets))
             .wrapping_add(high)
     }
-
-    /// The word of plane `p` of a K matrix's row `j`, block `b` (see [`QuantMatrix`]'s
-    /// `high`; a K row's 32-weight blocks always pair up).
-    #[inline(always)]
-    fn high_at(&self, j: usize, b: usize, p: usize) -> usize {
-        let blocks = self.c_in / QUANT_BLOCK;
-        let planes = self.kind.high_planes();
-        j * blocks * planes + (b & !1) * planes + 2 * p + (b & 1)
-    }
 }
 
 /// One ggml block of `kind` (32 weights, or a K super-block of 256) into `scales` and
-/// `offsets` (see [`QuantKind::block_floats`]) and a super-block's `sub` scales (and mins),
-/// the weights' low nibbles `q` in
-/// Q4_0's layout for each 32 (weights k and k + 16 in byte k: paired per row afterwards, see
-/// [`pair_blocks`]) and their high bits as one word per 32 weights and plane (paired per row
-/// afterwards: [`pair_planes`]); Q8_0's signed bytes as they are.
+/// `offsets` (see [`QuantKind::block_floats`]), a super-block's `sub` scales (and mins), and
+/// each weight's stored value in `values` (unsigned, its bits above the nibble included; Q8_0's
+/// signed bytes as they are).
 fn unpack_ggml_block(
     kind: QuantKind,
     bytes: &[u8],
     scales: &mut [f32],
     offsets: &mut [f32],
     sub: &mut [u8],
-    q: &mut [u8],
-    high: &mut [u32],
+    values: &mut [u8],
 ) {
     let half = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
     let word =
         |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    // Each weight's unsigned value, in order.
-    let mut values = [0u8; 256];
     match kind {
         QuantKind::Q8_0 => {
             scales[0] = half(0);
-            q.copy_from_slice(&bytes[2..34]);
-            return;
+            values.copy_from_slice(&bytes[2..34]);
         }
         QuantKind::Q4_0 | QuantKind::Q4_1 | QuantKind::Q5_0 | QuantKind::Q5_1 => {
             scales[0] = half(0);
@@ -671,48 +521,6 @@ fn unpack_ggml_block(
                     v[l + 64] = (ql[l] >> 4) | top(4);
                     v[l + 96] = (ql[l + 32] >> 4) | top(6);
                 }
-            }
-        }
-    }
-    let planes = kind.high_planes();
-    for (s, v) in values[..2 * q.len()].chunks_exact(QUANT_BLOCK).enumerate() {
-        for k in 0..16 {
-            q[16 * s + k] = (v[k] & 0xF) | ((v[k + 16] & 0xF) << 4);
-        }
-        for p in 0..planes {
-            high[s * planes + p] = v
-                .iter()
-                .enumerate()
-                .fold(0, |m, (k, &v)| m | (u32::from(v >> (4 + p)) & 1) << k);
-        }
-    }
-}
-
-/// A row of 4-bit blocks in ggml's layout (weights k and k + 16 of a block in its byte k) with
-/// its blocks paired as [`QuantMatrix`] keeps a K row's.
-fn pair_blocks(row: &mut [u8]) {
-    for pair in row.chunks_exact_mut(32) {
-        let (first, second) = pair.split_at(16);
-        let nibble = |block: &[u8], k: usize| {
-            if k < 16 {
-                block[k] & 0xF
-            } else {
-                block[k - 16] >> 4
-            }
-        };
-        let paired: [u8; 32] = std::array::from_fn(|k| nibble(first, k) | (nibble(second, k) << 4));
-        pair.copy_from_slice(&paired);
-    }
-}
-
-/// A row's high-bit words, each block's planes in order, into [`QuantMatrix`]'s order: per
-/// pair of blocks, each plane's two words side by side.
-fn pair_planes(row: &mut [u32], planes: usize) {
-    for pair in row.chunks_exact_mut(2 * planes) {
-        let by_block = pair.to_vec();
-        for p in 0..planes {
-            for b in 0..2 {
-                pair[2 * p + b] = by_block[b * planes + p];
             }
         }
     }
@@ -812,26 +620,8 @@ fn round_half_away(x: f32) -> f32 {
 /// (unsigned for the kinds with offsets).
 #[inline(always)]
 fn weight_block(w: &QuantMatrix, j: usize, b: usize) -> [i8; QUANT_BLOCK] {
-    if !w.kind.super_blocks() {
-        let v = row_groups::stored_block(w, j, b);
-        return std::array::from_fn(|k| v[k] as i8 - w.kind.center() as i8);
-    }
-    // The block's pair's 32 bytes, this block's nibbles low (even block) or high (odd).
-    let pair = (j * w.c_in + (b & !1) * QUANT_BLOCK) / 2;
-    let bytes = &w.q[pair..pair + 32];
-    let mut planes = [0u32; 2];
-    for (p, plane) in planes.iter_mut().enumerate().take(w.kind.high_planes()) {
-        *plane = w.high[w.high_at(j, b, p)];
-    }
-    std::array::from_fn(|k| {
-        let nibble = if b % 2 == 1 {
-            bytes[k] >> 4
-        } else {
-            bytes[k] & 0xF
-        };
-        let top = ((planes[0] >> k) & 1) << 4 | ((planes[1] >> k) & 1) << 5;
-        (nibble | top as u8) as i8 - w.kind.center() as i8
-    })
+    let v = row_groups::stored_block(w, j, b);
+    std::array::from_fn(|k| v[k] as i8 - w.kind.center() as i8)
 }
 
 /// `out[rows, c_out] = inp[rows, c_in] · Wᵀ (+ bias)` for few rows with a quantized `W`:
@@ -904,62 +694,6 @@ unsafe fn avx2_plane_bytes(
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
     let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
     _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)))
-}
-
-/// `v` (row `j`'s K block `b`, 32 values in order, its low nibbles) with its bits above the
-/// nibbles added from the `planes` planes.
-///
-/// # Safety
-/// The CPU has AVX2; `w` has row `j`'s block `b`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn avx2_add_planes(
-    v: std::arch::x86_64::__m256i,
-    w: &QuantMatrix,
-    planes: usize,
-    j: usize,
-    b: usize,
-) -> std::arch::x86_64::__m256i {
-    let mut v = v;
-    for p in 0..planes {
-        v = avx2_plane_bytes(v, *w.high.get_unchecked(w.high_at(j, b, p)), p);
-    }
-    v
-}
-
-/// Row `j`'s paired nibble blocks `b` and `b + 1` as 64 unsigned values in order: the pair's
-/// 32 bytes in both halves, low nibbles (block b) then high ones (block b + 1), with each of
-/// the `planes` planes of the pair, read as one 64-bit mask, adding its bit.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW; `w` (a K kind) has row `j`'s blocks `b` and `b + 1`, a pair
-/// (`b` even).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn avx512_nibble_pair(
-    w: &QuantMatrix,
-    planes: usize,
-    j: usize,
-    b: usize,
-) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    let packed = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-        w.q.as_ptr().add((j * w.c_in + b * QUANT_BLOCK) / 2) as *const __m256i,
-    ));
-    let mut v = _mm512_and_si512(_mm512_srlv_epi16(packed, shifts), _mm512_set1_epi8(0x0F));
-    // A pair's planes: plane p's two words at 2p from the pair's first (see `high`).
-    let pair = w
-        .high
-        .as_ptr()
-        .wrapping_add((j * (w.c_in / QUANT_BLOCK) + b) * planes);
-    for p in 0..planes {
-        let word = pair.add(2 * p) as *const u64;
-        v = _mm512_mask_add_epi8(v, word.read_unaligned(), v, _mm512_set1_epi8(16 << p));
-    }
-    v
 }
 
 #[cfg(test)]

@@ -128,9 +128,10 @@ pub fn wide_quant_native() -> bool {
 /// integers as [`super::matmul_thin_quant`] does (inputs quantized to Q8_0 blocks, each block
 /// pair's dot product exact), summed per output in block order: `sum += dot · (w scale · x
 /// scale)`, then `sum += offset · (x scale · x sum)` for kinds with offsets. So each row's
-/// result is independent of the others, though not the thin product's bits (that one sums in
-/// eight lanes). Returns false, leaving `out` as it was, where the CPU has no integer form
-/// (AVX-512 VNNI): the caller multiplies the dequantized weights then.
+/// result is independent of the others, and for the 32-weight-block kinds the thin product's
+/// bits (the K kinds' thin product sums a super-block in integers first, so its bits differ).
+/// Returns false, leaving `out` as it was, where the CPU has no integer form (AVX-512 VNNI):
+/// the caller multiplies the dequantized weights then.
 pub fn matmul_wide_quant(
     out: &mut [f32],
     inp: &[f32],
@@ -236,7 +237,7 @@ struct Panel {
 #[cfg(target_arch = "x86_64")]
 const BLOCK_LINES: usize = 16;
 
-/// Repacks rows `j0..j0 + n` (`n <= PANEL`) of `w` into `p`; rows past `n` read as zeros.
+/// Repacks rows `j0..j0 + n` (`n <= PANEL`) of `w` into `p`; rows past `n` get zero scales.
 ///
 /// # Safety
 /// The CPU has AVX-512 F/BW/VL and VNNI; `j0 + n <= w.c_out`.
@@ -246,23 +247,13 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
     use std::arch::x86_64::*;
     let blocks = w.c_in / QUANT_BLOCK;
     let offsets = w.kind.has_offset();
-    let (groups, planes) = (w.kind.scale_groups(), w.kind.high_planes());
-    // The 32-weight-block kinds are kept in row groups of 16, lines of the panel's layout;
-    // the K kinds in rows of nibbles (`row_bytes` each), gathered.
-    let grouped = !w.kind.super_blocks();
-    let row_bytes = w.c_in / 2;
+    let groups = w.kind.scale_groups();
     p.q.resize(blocks * BLOCK_LINES, Line([0; 64]));
     p.starts.resize(blocks * groups * PANEL, 0);
     p.scales.resize(blocks * groups * PANEL, 0.0);
     p.offsets
         .resize(if offsets { blocks * PANEL } else { 0 }, 0.0);
-    let nibble_bias = _mm512_set1_epi8(w.kind.center() as i8);
-    // Four bits (one plane's, of 4 weights) to bytes 0 or 1: bit i moves to bit 8i.
-    let spread = _mm512_set1_epi32(0x0020_4081);
-    let ones = _mm512_set1_epi32(0x0101_0101);
-    let low_nibble = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
-    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     // Each block's scales and offset, rows past `n` zeros.
     for b in 0..blocks {
         for r in 0..PANEL {
@@ -279,71 +270,18 @@ unsafe fn pack_panel(p: &mut Panel, w: &QuantMatrix, j0: usize, n: usize) {
             }
         }
     }
-    // Rows j0.. of the weights and of their high bits.
-    let weights = w.q.as_ptr().add(j0 * row_bytes);
-    let high = w.high.as_ptr().wrapping_add(j0 * blocks * planes);
+    // The panel's two row groups (j0 is a multiple of 32): their lines are the panel's, the
+    // nibbles unpacked; a group past the matrix's rows reads as zeros.
     for half in 0..2 {
-        let count = n.saturating_sub(16 * half).min(16);
-        let mask = ((1u32 << count) - 1) as __mmask16;
-        let rows = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * half as i32));
-        let row_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32(row_bytes as i32));
-        let high_at = _mm512_mullo_epi32(rows, _mm512_set1_epi32((blocks * planes) as i32));
-        // Four bytes at `at` of each of the half's rows (zeros for rows past `n`).
-        let gather = |at: usize| -> __m512i {
-            _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                mask,
-                row_at,
-                weights.add(at) as *const _,
-            )
-        };
+        let row_group = j0 / GROUP_ROWS + half;
+        let present = row_group * GROUP_ROWS < w.c_out;
         for b in 0..blocks {
-            // Each row's plane words of the block (the plane's index in row 0).
-            let words: [__m512i; 2] = std::array::from_fn(|p| {
-                if p < planes && !grouped {
-                    _mm512_mask_i32gather_epi32::<4>(
-                        _mm512_setzero_si512(),
-                        mask,
-                        high_at,
-                        high.add(w.high_at(0, b, p)) as *const _,
-                    )
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
             let mut sums = [_mm512_setzero_si512(); 2];
             for g in 0..8 {
-                let group = if grouped {
-                    // The row group's line as it is (Q8_0) or its nibbles with their high
-                    // bits; rows past the matrix's (no such group) as zeros.
-                    let row_group = j0 / GROUP_ROWS + half;
-                    if row_group * GROUP_ROWS >= w.c_out {
-                        _mm512_setzero_si512()
-                    } else {
-                        row_groups::line(w, row_group, b, g)
-                    }
+                let group = if present {
+                    row_groups::line(w, row_group, b, g)
                 } else {
-                    // A K row's paired blocks share 32 bytes (low nibbles the even block's).
-                    let packed = gather((b & !1) * 16 + 4 * g);
-                    let nibbles = if b % 2 == 1 {
-                        _mm512_srli_epi16(packed, 4)
-                    } else {
-                        packed
-                    };
-                    let mut v = _mm512_and_si512(nibbles, low_nibble);
-                    // Weights 4g..4g + 3's bits of each plane, as 16 << plane in their bytes.
-                    for (plane, &word) in words.iter().enumerate().take(planes) {
-                        let four = _mm512_and_si512(
-                            _mm512_srlv_epi32(word, _mm512_set1_epi32(4 * g as i32)),
-                            _mm512_set1_epi32(0xF),
-                        );
-                        let bytes = _mm512_and_si512(_mm512_mullo_epi32(four, spread), ones);
-                        v = _mm512_add_epi8(
-                            v,
-                            _mm512_sllv_epi32(bytes, _mm512_set1_epi32(4 + plane as i32)),
-                        );
-                    }
-                    _mm512_sub_epi8(v, nibble_bias)
+                    _mm512_setzero_si512()
                 };
                 let line = &mut p.q[b * BLOCK_LINES + 2 * g + half];
                 _mm512_store_si512(line.0.as_mut_ptr() as *mut _, group);

@@ -1,22 +1,27 @@
-//! The 32-weight-block kinds (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) kept in groups of
-//! [`GROUP_ROWS`] rows, interleaved four weights at a time, and their thin product: one
-//! 64-byte line holds four weights of each of 16 rows, so one AVX-512 VNNI instruction takes
-//! 16 rows' dot products with four broadcast inputs, and a block's 16 row sums come out in
-//! one register, scaled with one multiply-add (a row-major layout spent about as much on
-//! scaling and adding up lanes as on the dot products; decoding is bound by that work on a
-//! core before it is by memory).
+//! Quantized matrices kept in groups of [`GROUP_ROWS`] rows, interleaved four weights at a
+//! time, and the thin product of the 32-weight-block kinds (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1;
+//! the K kinds' is in `super_blocks`): one 64-byte line holds four weights of each of 16 rows,
+//! so one AVX-512 VNNI instruction takes 16 rows' dot products with four broadcast inputs, and
+//! a block's 16 row sums come out in one register, scaled with one multiply-add (a row-major
+//! layout spent about as much on scaling and adding up lanes as on the dot products; decoding
+//! is bound by that work on a core before it is by memory).
 //!
-//! Layout, per group of 16 rows (the last one padded with zero rows) and block `b`:
+//! Layout, per group of 16 rows (the last one padded with zero rows) and 32-weight block `b`
+//! of a row (a K super-block holds eight):
 //! - weights: Q8_0 8 lines, line `k` byte `4r + i` = row `r`'s weight `4k + i` (signed); the
-//!   nibble kinds 4 lines, line `k` byte `4r + i` = row `r`'s weights `4k + i` (low nibble)
+//!   other kinds 4 lines, line `k` byte `4r + i` = row `r`'s weights `4k + i` (low nibble)
 //!   and `4k + 16 + i` (high nibble), each less its bits above the nibble;
-//! - high bits (Q5_0, Q5_1): per plane, 8 masks of 64 bits (two u32, low first), mask `k` bit
-//!   `4r + i` = the plane's bit of row `r`'s weight `4k + i`;
-//! - the 16 rows' scales, and offsets (Q4_1, Q5_1), as f32.
+//! - high bits (Q5_0, Q5_1, Q5_K, Q6_K): per plane, 8 masks of 64 bits (two u32, low first),
+//!   mask `k` bit `4r + i` = the plane's bit of row `r`'s weight `4k + i`;
+//!
+//! and per group and ggml block (32 weights, or a K super-block of 256), the 16 rows side by
+//! side: each f32 the block keeps ([`QuantKind::block_floats`]: a scale, and Q4_1's and
+//! Q5_1's offset; a K super-block's scale, and Q4_K's and Q5_K's min), and each of a K
+//! super-block's [`SUPER_BYTES`] small scales (and mins).
 
 use rayon::prelude::*;
 
-use super::{QuantKind, QuantMatrix, QuantRows, QUANT_BLOCK};
+use super::{QuantKind, QuantMatrix, QuantRows, QUANT_BLOCK, SUPER_BYTES};
 
 /// Rows interleaved together.
 pub(super) const GROUP_ROWS: usize = 16;
@@ -24,7 +29,7 @@ pub(super) const GROUP_ROWS: usize = 16;
 /// Bytes of one line: four weights of each of a group's rows.
 const LINE: usize = 64;
 
-/// Bytes of a group's block of weights.
+/// Bytes of a group's 32-weight block of weights.
 pub(super) const fn group_block_bytes(kind: QuantKind) -> usize {
     if kind.nibbles() {
         4 * LINE
@@ -33,32 +38,55 @@ pub(super) const fn group_block_bytes(kind: QuantKind) -> usize {
     }
 }
 
-/// u32 words per group, block and plane of high bits: 8 masks of 64 bits.
-const PLANE_WORDS: usize = 16;
+/// u32 words per group, 32-weight block and plane of high bits: 8 masks of 64 bits.
+pub(super) const PLANE_WORDS: usize = 16;
 
-/// The storage of a `c_out × c_in` matrix of `kind` in row groups, all zeros:
-/// `(q, scales, offsets, high)`.
-pub(super) fn zeroed(
-    kind: QuantKind,
-    c_in: usize,
-    c_out: usize,
-) -> (Vec<u8>, Vec<f32>, Vec<f32>, Vec<u32>) {
-    let group_blocks = c_out.div_ceil(GROUP_ROWS) * (c_in / QUANT_BLOCK);
-    let per_row_block = |n: usize| group_blocks * n;
-    (
-        vec![0; per_row_block(group_block_bytes(kind))],
-        vec![0.0; per_row_block(GROUP_ROWS)],
-        if kind.has_offset() {
-            vec![0.0; per_row_block(GROUP_ROWS)]
-        } else {
-            Vec::new()
-        },
-        vec![0; per_row_block(PLANE_WORDS * kind.high_planes())],
-    )
+/// One row of a matrix, unpacked: each weight's stored value (Q8_0: its signed byte), and
+/// per ggml block its f32s ([`QuantKind::block_floats`]: scales, then offsets) and a K
+/// super-block's small scales.
+pub(super) struct Row {
+    pub(super) values: Vec<u8>,
+    pub(super) scales: Vec<f32>,
+    pub(super) offsets: Vec<f32>,
+    pub(super) sub: Vec<u8>,
 }
 
-/// Row `j`'s block `b` (counted in its row) as it is stored: 32 unsigned values (Q8_0: the
-/// signed bytes as they are), bits above the nibble included.
+/// A `c_out × c_in` matrix of `kind` in row groups, all zeros.
+pub(super) fn zeroed(kind: QuantKind, c_in: usize, c_out: usize) -> QuantMatrix {
+    let groups = c_out.div_ceil(GROUP_ROWS);
+    let blocks = groups * (c_in / QUANT_BLOCK);
+    let ggml_blocks = groups * (c_in / kind.row_multiple());
+    let (floats, offsets) = kind.block_floats();
+    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
+    QuantMatrix {
+        kind,
+        c_in,
+        c_out,
+        q: vec![0; blocks * group_block_bytes(kind)],
+        high: vec![0; blocks * PLANE_WORDS * kind.high_planes()],
+        scales: vec![0.0; ggml_blocks * floats * GROUP_ROWS],
+        offsets: vec![0.0; ggml_blocks * offsets * GROUP_ROWS],
+        sub: vec![0; ggml_blocks * sub * GROUP_ROWS],
+    }
+}
+
+/// Where row `j`'s f32 `f` of its ggml block `i` is kept in `scales` (`offsets`: `f` 0).
+#[inline(always)]
+pub(super) fn float_at(w: &QuantMatrix, j: usize, i: usize, f: usize) -> usize {
+    let per_row = w.c_in / w.kind.row_multiple();
+    let floats = w.kind.block_floats().0;
+    (((j / GROUP_ROWS) * per_row + i) * floats + f) * GROUP_ROWS + j % GROUP_ROWS
+}
+
+/// Where row `j`'s small scale `k` of its K super-block `i` is kept in `sub`.
+#[inline(always)]
+pub(super) fn sub_at(w: &QuantMatrix, j: usize, i: usize, k: usize) -> usize {
+    let per_row = w.c_in / w.kind.row_multiple();
+    (((j / GROUP_ROWS) * per_row + i) * SUPER_BYTES + k) * GROUP_ROWS + j % GROUP_ROWS
+}
+
+/// Row `j`'s 32-weight block `b` (counted in its row) as it is stored: 32 unsigned values
+/// (Q8_0: the signed bytes as they are), bits above the nibble included.
 #[inline(always)]
 pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BLOCK] {
     let blocks = w.c_in / QUANT_BLOCK;
@@ -81,73 +109,97 @@ pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BL
     })
 }
 
-/// Where row `j`'s block `b` keeps its scale (and offset) in `scales` (`offsets`).
-#[inline(always)]
-pub(super) fn scale_at(w: &QuantMatrix, j: usize, b: usize) -> usize {
-    let blocks = w.c_in / QUANT_BLOCK;
-    ((j / GROUP_ROWS) * blocks + b) * GROUP_ROWS + j % GROUP_ROWS
+/// Row `j` of `w`, unpacked.
+pub(super) fn row(w: &QuantMatrix, j: usize) -> Row {
+    let per_row = w.c_in / w.kind.row_multiple();
+    let (floats, offsets) = w.kind.block_floats();
+    let sub = if w.kind.super_blocks() {
+        SUPER_BYTES
+    } else {
+        0
+    };
+    Row {
+        values: (0..w.c_in / QUANT_BLOCK)
+            .flat_map(|b| stored_block(w, j, b))
+            .collect(),
+        scales: (0..per_row * floats)
+            .map(|i| w.scales[float_at(w, j, i / floats, i % floats)])
+            .collect(),
+        offsets: (0..per_row * offsets)
+            .map(|i| w.offsets[float_at(w, j, i, 0)])
+            .collect(),
+        sub: (0..per_row * sub)
+            .map(|k| w.sub[sub_at(w, j, k / sub, k % sub)])
+            .collect(),
+    }
 }
 
-/// Fills `w` (zeroed, [`zeroed`]'s sizes) in parallel from each row and block's stored
-/// values, scale and offset (rows past `c_out` stay zero).
-pub(super) fn fill(
-    w: &mut QuantMatrix,
-    stored: impl Fn(usize, usize) -> [u8; QUANT_BLOCK] + Sync,
-    scale: impl Fn(usize, usize) -> f32 + Sync,
-    offset: impl Fn(usize, usize) -> f32 + Sync,
-) {
-    let (kind, c_out, blocks) = (w.kind, w.c_out, w.c_in / QUANT_BLOCK);
+/// Fills `w` (as [`zeroed`] made it) in parallel, row `j` from `row(j)` (rows past `c_out`
+/// stay zero).
+pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
+    let (kind, c_in, c_out) = (w.kind, w.c_in, w.c_out);
+    let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
+    let (floats, offsets) = kind.block_floats();
+    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
     let planes = kind.high_planes();
     let gbb = group_block_bytes(kind);
-    let offsets = kind.has_offset();
-    // Kinds without offsets or planes fill scratch chunks (chunks must not be empty).
-    let mut no_offsets = vec![0f32; if offsets { 0 } else { w.scales.len() }];
-    let offset_chunks = if offsets {
-        &mut w.offsets
+    // A group's share of each vector; empty vectors give empty chunks, one per group.
+    let chunks = |v: usize| v.max(1);
+    let groups = c_out.div_ceil(GROUP_ROWS);
+    let mut empty_f32 = vec![0f32; groups];
+    let mut empty_u8 = vec![0u8; groups];
+    let mut empty_u32 = vec![0u32; groups];
+    let (offset_vec, offset_chunk) = if offsets > 0 {
+        (&mut w.offsets, per_row * GROUP_ROWS)
     } else {
-        &mut no_offsets
+        (&mut empty_f32, 1)
     };
-    let mut no_high = vec![0u32; if planes > 0 { 0 } else { w.scales.len() }];
-    let plane_chunk = blocks * PLANE_WORDS * planes.max(1);
-    let plane_chunk = if planes > 0 {
-        plane_chunk
+    let (sub_vec, sub_chunk) = if sub > 0 {
+        (&mut w.sub, per_row * sub * GROUP_ROWS)
     } else {
-        blocks * GROUP_ROWS
+        (&mut empty_u8, 1)
     };
-    let high_chunks = if planes > 0 {
-        &mut w.high
+    let (high_vec, high_chunk) = if planes > 0 {
+        (&mut w.high, blocks * planes * PLANE_WORDS)
     } else {
-        &mut no_high
+        (&mut empty_u32, 1)
     };
     w.q.par_chunks_mut(blocks * gbb)
-        .zip(w.scales.par_chunks_mut(blocks * GROUP_ROWS))
-        .zip(offset_chunks.par_chunks_mut(blocks * GROUP_ROWS))
-        .zip(high_chunks.par_chunks_mut(plane_chunk))
+        .zip(
+            w.scales
+                .par_chunks_mut(chunks(per_row * floats * GROUP_ROWS)),
+        )
+        .zip(offset_vec.par_chunks_mut(offset_chunk))
+        .zip(sub_vec.par_chunks_mut(sub_chunk))
+        .zip(high_vec.par_chunks_mut(high_chunk))
         .enumerate()
-        .for_each(|(group, (((q, scales), offs), high))| {
-            let rows = (group * GROUP_ROWS..(group + 1) * GROUP_ROWS).filter(|&j| j < c_out);
-            for j in rows {
+        .for_each(|(group, ((((q, scales), offs), subs), high))| {
+            for j in (group * GROUP_ROWS..(group + 1) * GROUP_ROWS).filter(|&j| j < c_out) {
                 let r = j % GROUP_ROWS;
-                for b in 0..blocks {
-                    scales[b * GROUP_ROWS + r] = scale(j, b);
-                    if offsets {
-                        offs[b * GROUP_ROWS + r] = offset(j, b);
-                    }
-                    let v = stored(j, b);
+                let data = row(j);
+                for (i, &v) in data.scales.iter().enumerate() {
+                    scales[i * GROUP_ROWS + r] = v;
+                }
+                for (i, &v) in data.offsets.iter().enumerate() {
+                    offs[i * GROUP_ROWS + r] = v;
+                }
+                for (k, &v) in data.sub.iter().enumerate() {
+                    subs[k * GROUP_ROWS + r] = v;
+                }
+                for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
                     let lines = &mut q[b * gbb..(b + 1) * gbb];
                     for (k, &v) in v.iter().enumerate() {
                         let (granule, i) = (k / 4, k % 4);
-                        if kind.nibbles() {
-                            let at = (granule % 4) * LINE + 4 * r + i;
-                            lines[at] |= (v & 0xF) << (4 * (granule / 4));
-                            for p in 0..planes {
-                                let bit = u32::from((v >> (4 + p)) & 1);
-                                let at = (b * planes + p) * PLANE_WORDS + 2 * granule;
-                                let bit_at = 4 * r + i;
-                                high[at + bit_at / 32] |= bit << (bit_at % 32);
-                            }
-                        } else {
+                        if !kind.nibbles() {
                             lines[granule * LINE + 4 * r + i] = v;
+                            continue;
+                        }
+                        lines[(granule % 4) * LINE + 4 * r + i] |= (v & 0xF) << (4 * (granule / 4));
+                        for p in 0..planes {
+                            let bit = u32::from((v >> (4 + p)) & 1);
+                            let at = (b * planes + p) * PLANE_WORDS + 2 * granule;
+                            let bit_at = 4 * r + i;
+                            high[at + bit_at / 32] |= bit << (bit_at % 32);
                         }
                     }
                 }
@@ -225,7 +277,7 @@ pub(super) fn dots_portable(
                     })
                     .sum();
                 let at = r * blocks + b;
-                let s = scale_at(w, j, b);
+                let s = float_at(w, j, b, 0);
                 sum = (dot as f32).mul_add(w.scales[s] * x.scales[at], sum);
                 if w.kind.has_offset() {
                     sum = w.offsets[s].mul_add(x.scaled_sums[at], sum);
@@ -248,15 +300,15 @@ pub(super) fn dots(
     #[cfg(target_arch = "x86_64")]
     {
         use crate::kernels::{level, Level};
-        let form: Option<GroupForms> = match level() {
+        let form: Option<GroupForms<QuantRows>> = match level() {
             Level::Avx512 if super::avx512_vnni() => Some(by_kind!(
                 w.kind,
-                avx512_forms as fn() -> GroupForms,
+                avx512_forms as fn() -> GroupForms<QuantRows>,
                 [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
             )()),
             Level::Avx512 | Level::Avx2 => Some(by_kind!(
                 w.kind,
-                avx2_forms as fn() -> GroupForms,
+                avx2_forms as fn() -> GroupForms<QuantRows>,
                 [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
             )()),
             Level::Base => None,
@@ -276,23 +328,32 @@ pub(super) fn dots(
 /// lanes past `n` are not written) against input rows `r0..r0 + G`, into `acc` (`width`
 /// columns from `j0`).
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct GroupTile<'a> {
-    x: &'a QuantRows,
-    w: &'a QuantMatrix,
-    group: usize,
+pub(super) struct GroupTile<'a, X> {
+    pub(super) x: &'a X,
+    pub(super) w: &'a QuantMatrix,
+    pub(super) group: usize,
     lane0: usize,
     n: usize,
-    r0: usize,
+    pub(super) r0: usize,
     acc_at: usize,
     width: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
-impl GroupTile<'_> {
+impl<X> Clone for GroupTile<'_, X> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<X> Copy for GroupTile<'_, X> {}
+
+#[cfg(target_arch = "x86_64")]
+impl<X> GroupTile<'_, X> {
     /// Adds lanes `lane0..lane0 + n` of input row `g`'s 16 row sums to `acc`.
     #[inline(always)]
-    fn add(&self, acc: &mut [f32], g: usize, sums: &[f32; GROUP_ROWS]) {
+    pub(super) fn add(&self, acc: &mut [f32], g: usize, sums: &[f32; GROUP_ROWS]) {
         let row = &mut acc[(self.r0 + g) * self.width + self.acc_at..][..self.n];
         for (a, s) in row.iter_mut().zip(&sums[self.lane0..]) {
             *a += s;
@@ -300,16 +361,16 @@ impl GroupTile<'_> {
     }
 }
 
-/// A SIMD form for `G` input rows (its own constant).
+/// A SIMD form for `G` input rows (its own constant), inputs `X`.
 #[cfg(target_arch = "x86_64")]
-type GroupForm = unsafe fn(&mut [f32], GroupTile);
+pub(super) type GroupForm<X> = unsafe fn(&mut [f32], GroupTile<X>);
 
 /// A SIMD level's forms for 1 to 4 input rows.
 #[cfg(target_arch = "x86_64")]
-type GroupForms = [GroupForm; 4];
+pub(super) type GroupForms<X> = [GroupForm<X>; 4];
 
 #[cfg(target_arch = "x86_64")]
-fn avx512_forms<const K: u8>() -> GroupForms {
+fn avx512_forms<const K: u8>() -> GroupForms<QuantRows> {
     [
         avx512_group::<1, K>,
         avx512_group::<2, K>,
@@ -319,7 +380,7 @@ fn avx512_forms<const K: u8>() -> GroupForms {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_forms<const K: u8>() -> GroupForms {
+fn avx2_forms<const K: u8>() -> GroupForms<QuantRows> {
     [
         avx2_group::<1, K>,
         avx2_group::<2, K>,
@@ -334,14 +395,14 @@ fn avx2_forms<const K: u8>() -> GroupForms {
 /// The CPU has the forms' features; bounds as for [`dots`].
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn by_groups(
+pub(super) unsafe fn by_groups<X>(
     acc: &mut [f32],
-    x: &QuantRows,
+    x: &X,
     w: &QuantMatrix,
     rows: usize,
     j0: usize,
     j1: usize,
-    forms: GroupForms,
+    forms: GroupForms<X>,
 ) {
     let mut j = j0;
     while j < j1 {
@@ -374,7 +435,7 @@ unsafe fn by_groups(
 /// The CPU has AVX-512 F/BW/VL, VNNI and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile) {
+unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<QuantRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
     let (x, w) = (tile.x, tile.w);
@@ -464,7 +525,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
 /// The CPU has AVX2 and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile) {
+unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<QuantRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
     let (x, w) = (tile.x, tile.w);
@@ -597,7 +658,7 @@ mod tests {
                     {
                         let forms = by_kind!(
                             kind,
-                            avx2_forms as fn() -> GroupForms,
+                            avx2_forms as fn() -> GroupForms<QuantRows>,
                             [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
                         )();
                         // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
@@ -612,7 +673,7 @@ mod tests {
                     if level() == Level::Avx512 && super::super::avx512_vnni() {
                         let forms = by_kind!(
                             kind,
-                            avx512_forms as fn() -> GroupForms,
+                            avx512_forms as fn() -> GroupForms<QuantRows>,
                             [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
                         )();
                         // SAFETY: AVX-512 and VNNI checked; shapes as above.

@@ -3,7 +3,12 @@
 //! products are scaled by their small integer scales in integers and the whole super-block
 //! takes two float operations (its scale, and its min), not two per 32 weights.
 
-use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK, SUPER_BYTES};
+#[cfg(target_arch = "x86_64")]
+use super::row_groups::{
+    by_groups, group_block_bytes, GroupForms, GroupTile, GROUP_ROWS, PLANE_WORDS,
+};
+use super::row_groups::{float_at, sub_at};
+use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK};
 
 /// Weights of a K super-block.
 pub(super) const SUPER_BLOCK: usize = 256;
@@ -37,16 +42,12 @@ impl SuperRows {
     }
 }
 
-/// `acc[rows, j0..j1] += inp · Wᵀ` for K super-block weights, rows quantized as `x`. Per
-/// weight row, input row and super-block: [`LANES`] integer lane sums of the sub-blocks' dot
-/// products (the stored, unsigned weights) times their scales, lane `l` taking weights
-/// `4(l % 8)..4(l % 8) + 4` of the even sub-blocks (`l < 8`) or the odd ones; Q6_K's 32 taken
-/// off lane `m` as 32 · (sub-block `m`'s scales times its inputs' 16-value sums); Q4_K/Q5_K's
-/// mins as [`MIN_LANES`] more (sub-block `m`'s min times its inputs' sum). Each lane, as f32,
-/// is added to its own f32 lane with one fused multiply-add (times `d · x scale`, the mins
-/// times `−dmin · x scale`), super-block by super-block; the row's lanes are added in order at
-/// its end (the mins' after). Integers are exact and the float steps the same, so every SIMD
-/// level gives the same bits; no level reduces across lanes per super-block.
+/// `acc[rows, j0..j1] += inp · Wᵀ` for K super-block weights (kept in row groups, see
+/// `row_groups`), rows quantized as `x`: per weight row, input row and super-block, the
+/// integer sum of each sub-block's dot product times its scale (Q6_K: each 16 weights', less
+/// 32 per weight), and for Q4_K/Q5_K the integer sum of each sub-block's min times its inputs'
+/// sum; then `sum += dot · (d · x scale)` and `sum += mins · −(dmin · x scale)`, super-block
+/// by super-block. Integers are exact, so every SIMD level gives the same bits.
 pub(super) fn super_dots(
     acc: &mut [f32],
     x: &SuperRows,
@@ -58,72 +59,29 @@ pub(super) fn super_dots(
     #[cfg(target_arch = "x86_64")]
     {
         use crate::kernels::{level, Level};
-        match level() {
-            Level::Avx512 if super::avx512_vnni() => {
-                let dots = by_kind!(
-                    w.kind,
-                    avx512_forms as fn() -> SuperForms,
-                    [Q4_K, Q5_K, Q6_K]
-                )();
-                // SAFETY: the CPU has AVX-512 F/BW/VL, VNNI and FMA; the caller (the thin
-                // product) checked the shapes: rows j0..j1 of `w`, `rows` rows of `x`, `acc`
-                // rows × (j1 − j0).
-                unsafe { by_groups(acc, x, w, rows, j0, j1, dots) };
-                return;
-            }
-            Level::Avx512 | Level::Avx2 => {
-                let dots = by_kind!(w.kind, avx2_forms as fn() -> SuperForms, [Q4_K, Q5_K, Q6_K])();
-                // SAFETY: the CPU has AVX2 and FMA; bounds as above.
-                unsafe { by_groups(acc, x, w, rows, j0, j1, dots) };
-                return;
-            }
-            Level::Base => {}
+        let forms: Option<GroupForms<SuperRows>> = match level() {
+            Level::Avx512 if super::avx512_vnni() => Some(by_kind!(
+                w.kind,
+                avx512_forms as fn() -> GroupForms<SuperRows>,
+                [Q4_K, Q5_K, Q6_K]
+            )()),
+            Level::Avx512 | Level::Avx2 => Some(by_kind!(
+                w.kind,
+                avx2_forms as fn() -> GroupForms<SuperRows>,
+                [Q4_K, Q5_K, Q6_K]
+            )()),
+            Level::Base => None,
+        };
+        if let Some(forms) = forms {
+            // SAFETY: the CPU has the forms' features (`level`, `avx512_vnni`); the thin
+            // product checked the shapes: rows j0..j1 of `w`, `rows` rows of `x`, `acc`
+            // rows × (j1 − j0).
+            unsafe { by_groups(acc, x, w, rows, j0, j1, forms) };
+            return;
         }
     }
     super_dots_portable(acc, x, w, rows, j0, j1);
 }
-
-/// f32 lanes a row's terms are summed in (see [`super_dots`]): two sets of 8 (even and odd
-/// sub-blocks).
-const LANES: usize = 16;
-
-/// A row's f32 lanes added up: `extra` (offsets' or mins' lanes) into the first lanes, then
-/// halves added (lane `i` takes lane `i + n` for n = 8, 4, 2, 1), as SIMD registers fold.
-#[inline(always)]
-fn fold_lanes(mut lanes: [f32; LANES], extra: &[f32]) -> f32 {
-    for (lane, e) in lanes.iter_mut().zip(extra) {
-        *lane += e;
-    }
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            lanes[i] += lanes[i + n];
-        }
-    }
-    lanes[0]
-}
-
-/// [`fold_lanes`] from its step n = 8 on, in SIMD: `lower` lanes 0..8 and `upper` 8..16.
-///
-/// # Safety
-/// The CPU has AVX.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-#[inline]
-unsafe fn fold_halves(lower: std::arch::x86_64::__m256, upper: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let eight = _mm256_add_ps(lower, upper);
-    let four = _mm_add_ps(
-        _mm256_castps256_ps128(eight),
-        _mm256_extractf128_ps(eight, 1),
-    );
-    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)))
-}
-
-/// Integer lanes per super-block of Q4_K's and Q5_K's mins (one per sub-block).
-const MIN_LANES: usize = 8;
 
 /// The reference form of [`super_dots`], which the SIMD forms match bit for bit.
 pub(super) fn super_dots_portable(
@@ -137,292 +95,313 @@ pub(super) fn super_dots_portable(
     let supers = w.c_in / SUPER_BLOCK;
     let width = j1 - j0;
     let six = w.kind == QuantKind::Q6_K;
-    let center = i32::from(w.kind.center());
     for j in j0..j1 {
         for r in 0..rows {
-            let mut lanes = [0f32; LANES];
-            let mut min_lanes = [0f32; MIN_LANES];
+            let mut sum = 0f32;
             for s in 0..supers {
                 let xs = r * supers + s;
                 let xq = &x.q[xs * SUPER_BLOCK..][..SUPER_BLOCK];
-                let xsums = &x.sums[xs * 16..][..16];
-                let sub = &w.sub[(j * supers + s) * SUPER_BYTES..][..SUPER_BYTES];
-                let mut dots = [0i32; LANES];
-                let mut mins = [0i32; MIN_LANES];
+                let small = |k: usize| w.sub[sub_at(w, j, s, k)];
+                let (mut dot, mut mins) = (0i32, 0i32);
                 for b in 0..SUPER_BLOCK / QUANT_BLOCK {
                     let wq = weight_block(w, j, s * 8 + b);
                     let xb = &xq[b * QUANT_BLOCK..][..QUANT_BLOCK];
-                    for k in 0..QUANT_BLOCK {
-                        let scale = if six {
-                            i32::from(sub[2 * b + k / 16] as i8)
-                        } else {
-                            i32::from(sub[b])
-                        };
-                        let stored = i32::from(wq[k]) + center;
-                        dots[8 * (b % 2) + k / 4] += scale * stored * i32::from(xb[k]);
-                    }
-                    let (first, second) = (i32::from(xsums[2 * b]), i32::from(xsums[2 * b + 1]));
+                    let part = |k0: usize, n: usize| -> i32 {
+                        (k0..k0 + n)
+                            .map(|k| i32::from(wq[k]) * i32::from(xb[k]))
+                            .sum()
+                    };
                     if six {
-                        let (s0, s1) = (sub[2 * b] as i8, sub[2 * b + 1] as i8);
-                        dots[b] -= 32 * (i32::from(s0) * first + i32::from(s1) * second);
+                        for h in 0..2 {
+                            dot += i32::from(small(2 * b + h) as i8) * part(16 * h, 16);
+                        }
                     } else {
-                        mins[b] = i32::from(sub[8 + b]) * (first + second);
+                        dot += i32::from(small(b)) * part(0, QUANT_BLOCK);
+                        let xsum: i32 = xb.iter().map(|&v| i32::from(v)).sum();
+                        mins += i32::from(small(8 + b)) * xsum;
                     }
                 }
                 let dx = x.scales[xs];
-                let (d, dmin) = super_scales(w, j * supers + s);
-                for (lane, &dot) in lanes.iter_mut().zip(&dots) {
-                    *lane = (dot as f32).mul_add(d * dx, *lane);
-                }
+                let d = w.scales[float_at(w, j, s, 0)];
+                sum = (dot as f32).mul_add(d * dx, sum);
                 if !six {
-                    for (lane, &min) in min_lanes.iter_mut().zip(&mins) {
-                        *lane = (min as f32).mul_add(-(dmin * dx), *lane);
-                    }
+                    let dmin = w.scales[float_at(w, j, s, 1)];
+                    sum = (mins as f32).mul_add(-(dmin * dx), sum);
                 }
             }
-            acc[r * width + j - j0] += fold_lanes(lanes, &min_lanes);
+            acc[r * width + j - j0] += sum;
         }
     }
 }
 
-/// Super-block `i`'s f32 scale and min (0 for Q6_K).
-#[inline(always)]
-fn super_scales(w: &QuantMatrix, i: usize) -> (f32, f32) {
-    if w.kind == QuantKind::Q6_K {
-        (w.scales[i], 0.0)
-    } else {
-        (w.scales[2 * i], w.scales[2 * i + 1])
-    }
-}
-
-/// A SIMD level's form for weight rows `j0..j1` against `G` input rows from `r0`.
-#[cfg(target_arch = "x86_64")]
-type SuperForm = unsafe fn(&mut [f32], &SuperRows, &QuantMatrix, usize, usize, usize);
-
-/// A SIMD level's forms for 1 to 4 input rows.
-#[cfg(target_arch = "x86_64")]
-type SuperForms = [SuperForm; 4];
-
 /// The AVX-512 forms of kind `K` (see [`QuantKind::of_index`]).
 #[cfg(target_arch = "x86_64")]
-fn avx512_forms<const K: u8>() -> SuperForms {
+fn avx512_forms<const K: u8>() -> GroupForms<SuperRows> {
     [
-        avx512_rows::<1, K>,
-        avx512_rows::<2, K>,
-        avx512_rows::<3, K>,
-        avx512_rows::<4, K>,
+        avx512_group::<1, K>,
+        avx512_group::<2, K>,
+        avx512_group::<3, K>,
+        avx512_group::<4, K>,
     ]
 }
 
 /// The AVX2 forms of kind `K`.
 #[cfg(target_arch = "x86_64")]
-fn avx2_forms<const K: u8>() -> SuperForms {
+fn avx2_forms<const K: u8>() -> GroupForms<SuperRows> {
     [
-        avx2_rows::<1, K>,
-        avx2_rows::<2, K>,
-        avx2_rows::<3, K>,
-        avx2_rows::<4, K>,
+        avx2_group::<1, K>,
+        avx2_group::<2, K>,
+        avx2_group::<3, K>,
+        avx2_group::<4, K>,
     ]
 }
 
-/// Input rows in groups of up to 4, each group reading weight rows `j0..j1` once.
+/// The AVX-512 VNNI form: per sub-block, the unsigned weights of each line's low nibbles
+/// (weights 0-15) and high ones (16-31) times four inputs broadcast, 16 rows' dot products a
+/// register (Q6_K's started from −32 times their 16 inputs' sum); times the 16 rows' small
+/// scales (`vpmulld`) into the super-block's integer sums; then one multiply-add per
+/// super-block for the 16 rows (and one for the mins).
 ///
 /// # Safety
-/// The CPU has the forms' features; bounds as for [`super_dots`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn by_groups(
-    acc: &mut [f32],
-    x: &SuperRows,
-    w: &QuantMatrix,
-    rows: usize,
-    j0: usize,
-    j1: usize,
-    forms: SuperForms,
-) {
-    for r0 in (0..rows).step_by(4) {
-        let group = (rows - r0).min(4);
-        // SAFETY: the caller's contract.
-        unsafe { forms[group - 1](acc, x, w, r0, j0, j1) };
-    }
-}
-
-/// The AVX-512 VNNI form: per pair of sub-blocks (64 weights, one register), unsigned weights
-/// times signed inputs summed in pairs (`vpmaddubsw`), then times each sub-block's scale and
-/// summed into 32-bit lanes (`vpdpwssd`); Q6_K's 32 taken off through the inputs' 16-value
-/// sums.
-///
-/// # Safety
-/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; bounds as for [`super_dots`].
+/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
-unsafe fn avx512_rows<const G: usize, const K: u8>(
-    acc: &mut [f32],
-    x: &SuperRows,
-    w: &QuantMatrix,
-    r0: usize,
-    j0: usize,
-    j1: usize,
-) {
+unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<SuperRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
     let six = kind == QuantKind::Q6_K;
+    let (x, w) = (tile.x, tile.w);
+    let (c_in, supers, blocks) = (w.c_in, w.c_in / SUPER_BLOCK, w.c_in / QUANT_BLOCK);
+    let gbb = group_block_bytes(kind);
     let planes = kind.high_planes();
-    let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
-    // For pair p, which scale each of the 32 pair sums (16-bit lanes: weights 2l, 2l + 1)
-    // takes: sub-block 2p or 2p + 1; Q6_K's 16-weight groups 4p..4p + 3.
-    let picks: [__m512i; 4] = std::array::from_fn(|p| {
-        let lane: [i16; 32] = std::array::from_fn(|l| {
-            if six {
-                (4 * p + l / 8) as i16
-            } else {
-                (2 * p + l / 16) as i16
-            }
-        });
-        _mm512_loadu_si512(lane.as_ptr() as *const _)
-    });
-    for j in j0..j1 {
-        let mut lanes = [_mm512_setzero_ps(); G];
-        let mut min_lanes = [_mm256_setzero_ps(); G];
-        for s in 0..supers {
-            let at = j * supers + s;
-            let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
-            // The sub-blocks' scales as 16-bit values (Q6_K's signed).
-            let scales = if six {
-                _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(sub as *const _)))
-            } else {
-                _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sub as *const _)))
+    let nibble = _mm512_set1_epi8(0x0F);
+    let row0 = tile.group * GROUP_ROWS;
+    let mut sums = [_mm512_setzero_ps(); G];
+    for s in 0..supers {
+        let xs: [usize; G] = std::array::from_fn(|g| (tile.r0 + g) * supers + s);
+        // The 16 rows' small scale `k` as i32 lanes.
+        let small = |k: usize| -> __m128i {
+            _mm_loadu_si128(w.sub.as_ptr().add(sub_at(w, row0, s, k)) as *const _)
+        };
+        let mut dots = [_mm512_setzero_si512(); G];
+        let mut mins = [_mm512_setzero_si512(); G];
+        for sb in 0..SUPER_BLOCK / QUANT_BLOCK {
+            let group_block = tile.group * blocks + 8 * s + sb;
+            let lines = w.q.as_ptr().add(group_block * gbb);
+            let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+            // Four inputs of row g from value `at` of the sub-block, in every lane.
+            let four = |g: usize, at: usize| -> __m512i {
+                let p =
+                    x.q.as_ptr()
+                        .add((tile.r0 + g) * c_in + (8 * s + sb) * QUANT_BLOCK + at);
+                _mm512_set1_epi32((p as *const i32).read_unaligned())
             };
-            let mut dots = [_mm512_setzero_si512(); G];
-            for (p, pick) in picks.iter().enumerate() {
-                let b = 8 * s + 2 * p;
-                let wq = super::avx512_nibble_pair(w, planes, j, b);
-                let scale = _mm512_permutexvar_epi16(*pick, scales);
-                for (g, dot) in dots.iter_mut().enumerate() {
-                    let xq = _mm512_loadu_si512(
-                        x.q.as_ptr().add((r0 + g) * c_in + b * QUANT_BLOCK) as *const _,
-                    );
-                    *dot = _mm512_dpwssd_epi32(*dot, _mm512_maddubs_epi16(wq, xq), scale);
+            // Per input row: weights 0-15's dot products in chains 0 and 1, 16-31's in 2, 3.
+            let mut parts: [[__m512i; 4]; G] = std::array::from_fn(|g| {
+                let start = |h: usize| {
+                    if six {
+                        let sum = *x.sums.get_unchecked(xs[g] * 16 + 2 * sb + h);
+                        _mm512_set1_epi32(-32 * i32::from(sum))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                };
+                [
+                    start(0),
+                    _mm512_setzero_si512(),
+                    start(1),
+                    _mm512_setzero_si512(),
+                ]
+            });
+            for k in 0..4 {
+                let line = _mm512_loadu_si512(lines.add(k * 64) as *const _);
+                let mut low = _mm512_and_si512(line, nibble);
+                let mut up = _mm512_and_si512(_mm512_srli_epi16(line, 4), nibble);
+                for p in 0..planes {
+                    let masks = high.add(p * PLANE_WORDS) as *const u64;
+                    let add = _mm512_set1_epi8(16 << p);
+                    low = _mm512_mask_add_epi8(low, masks.add(k).read_unaligned(), low, add);
+                    up = _mm512_mask_add_epi8(up, masks.add(k + 4).read_unaligned(), up, add);
+                }
+                for (g, part) in parts.iter_mut().enumerate() {
+                    part[k % 2] = _mm512_dpbusd_epi32(part[k % 2], low, four(g, 4 * k));
+                    part[2 + k % 2] = _mm512_dpbusd_epi32(part[2 + k % 2], up, four(g, 4 * k + 16));
                 }
             }
-            let (d, dmin) = super_scales(w, at);
+            let (first, second) = if six {
+                (
+                    _mm512_cvtepi8_epi32(small(2 * sb)),
+                    _mm512_cvtepi8_epi32(small(2 * sb + 1)),
+                )
+            } else {
+                let scale = _mm512_cvtepu8_epi32(small(sb));
+                (scale, scale)
+            };
+            let min = _mm512_cvtepu8_epi32(small(8 + sb));
             for g in 0..G {
-                let xs = (r0 + g) * supers + s;
-                let xsums = _mm256_loadu_si256(x.sums.as_ptr().add(xs * 16) as *const __m256i);
-                let dx = *x.scales.get_unchecked(xs);
-                let mut dot = dots[g];
-                if six {
-                    // Weights are stored + 32: 32 · (scales · 16-value sums) off lanes 0..8.
-                    let centre = _mm256_madd_epi16(_mm512_castsi512_si256(scales), xsums);
-                    let centre = _mm512_zextsi256_si512(_mm256_slli_epi32(centre, 5));
-                    dot = _mm512_sub_epi32(dot, centre);
+                let [a, b, c, d] = parts[g];
+                let low = _mm512_add_epi32(a, b);
+                let up = _mm512_add_epi32(c, d);
+                let scaled = if six {
+                    _mm512_add_epi32(
+                        _mm512_mullo_epi32(low, first),
+                        _mm512_mullo_epi32(up, second),
+                    )
                 } else {
-                    // Each min twice, against the two 16-value sums of its sub-block.
-                    let m = _mm_loadl_epi64(sub.add(8) as *const __m128i);
-                    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
-                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, xsums));
-                    min_lanes[g] =
-                        _mm256_fmadd_ps(mins, _mm256_set1_ps(-(dmin * dx)), min_lanes[g]);
+                    _mm512_mullo_epi32(_mm512_add_epi32(low, up), first)
+                };
+                dots[g] = _mm512_add_epi32(dots[g], scaled);
+                if !six {
+                    let at = xs[g] * 16 + 2 * sb;
+                    let xsum = i32::from(*x.sums.get_unchecked(at))
+                        + i32::from(*x.sums.get_unchecked(at + 1));
+                    mins[g] =
+                        _mm512_add_epi32(mins[g], _mm512_mullo_epi32(min, _mm512_set1_epi32(xsum)));
                 }
-                lanes[g] =
-                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(d * dx), lanes[g]);
             }
         }
-        for g in 0..G {
-            let lower = _mm256_add_ps(_mm512_castps512_ps256(lanes[g]), min_lanes[g]);
-            let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes[g]), 1));
-            acc[(r0 + g) * width + j - j0] += fold_halves(lower, upper);
+        let d = _mm512_loadu_ps(w.scales.as_ptr().add(float_at(w, row0, s, 0)));
+        for (g, sum) in sums.iter_mut().enumerate() {
+            let dx = _mm512_set1_ps(*x.scales.get_unchecked(xs[g]));
+            *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[g]), _mm512_mul_ps(d, dx), *sum);
+            if !six {
+                let dmin = _mm512_loadu_ps(w.scales.as_ptr().add(float_at(w, row0, s, 1)));
+                let scale = _mm512_xor_ps(_mm512_mul_ps(dmin, dx), _mm512_set1_ps(-0.0));
+                *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins[g]), scale, *sum);
+            }
         }
+    }
+    for (g, sum) in sums.iter().enumerate() {
+        let mut lanes = [0f32; GROUP_ROWS];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), *sum);
+        tile.add(acc, g, &lanes);
     }
 }
 
-/// The AVX2 form: per sub-block (32 weights, one register), `vpmaddubsw` then `vpmaddwd`
-/// with the sub-block's scale (Q6_K: two), summed into 32-bit lanes.
+/// The AVX2 form: the group as two halves of 8 rows (32 bytes of each line), unsigned
+/// weights times signed inputs summed in pairs (`vpmaddubsw`) then in fours (`vpmaddwd`);
+/// the same integers and float steps as the AVX-512 form.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; bounds as for [`super_dots`].
+/// The CPU has AVX2 and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_rows<const G: usize, const K: u8>(
-    acc: &mut [f32],
-    x: &SuperRows,
-    w: &QuantMatrix,
-    r0: usize,
-    j0: usize,
-    j1: usize,
-) {
+unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<SuperRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
     let six = kind == QuantKind::Q6_K;
+    let (x, w) = (tile.x, tile.w);
+    let (c_in, supers, blocks) = (w.c_in, w.c_in / SUPER_BLOCK, w.c_in / QUANT_BLOCK);
+    let gbb = group_block_bytes(kind);
     let planes = kind.high_planes();
-    let (c_in, supers, width) = (w.c_in, w.c_in / SUPER_BLOCK, j1 - j0);
-    let nibble_mask = _mm256_set1_epi8(0x0F);
-    for j in j0..j1 {
-        // Lanes 0..8 (even sub-blocks) and 8..16 (odd ones) of each input row.
-        let mut lanes = [[_mm256_setzero_ps(); 2]; G];
-        let mut min_lanes = [_mm256_setzero_ps(); G];
-        for s in 0..supers {
-            let at = j * supers + s;
-            let sub = w.sub.as_ptr().add(at * SUPER_BYTES);
-            let mut dots = [[_mm256_setzero_si256(); 2]; G];
-            for pair in 0..4 {
-                let b = 8 * s + 2 * pair;
-                let packed = _mm256_loadu_si256(
-                    w.q.as_ptr().add((j * c_in + b * QUANT_BLOCK) / 2) as *const __m256i
-                );
-                for half in 0..2 {
-                    let shifted = if half == 1 {
-                        _mm256_srli_epi16(packed, 4)
-                    } else {
-                        packed
+    let nibble = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let row0 = tile.group * GROUP_ROWS;
+    // The 16 rows' sums of each input row: rows 0..8, then 8..16.
+    let mut sums = [[_mm256_setzero_ps(); G]; 2];
+    for s in 0..supers {
+        let xs: [usize; G] = std::array::from_fn(|g| (tile.r0 + g) * supers + s);
+        for (half, half_sums) in sums.iter_mut().enumerate() {
+            // This half's 8 rows' small scale `k` as i32 lanes.
+            let small = |k: usize| -> __m128i {
+                let at = sub_at(w, row0, s, k) + 8 * half;
+                _mm_loadl_epi64(w.sub.as_ptr().add(at) as *const _)
+            };
+            let mut dots = [_mm256_setzero_si256(); G];
+            let mut mins = [_mm256_setzero_si256(); G];
+            for sb in 0..SUPER_BLOCK / QUANT_BLOCK {
+                let group_block = tile.group * blocks + 8 * s + sb;
+                let lines = w.q.as_ptr().add(group_block * gbb + 32 * half);
+                let high = w
+                    .high
+                    .as_ptr()
+                    .add(group_block * planes * PLANE_WORDS + half);
+                let four = |g: usize, at: usize| -> __m256i {
+                    let p =
+                        x.q.as_ptr()
+                            .add((tile.r0 + g) * c_in + (8 * s + sb) * QUANT_BLOCK + at);
+                    _mm256_set1_epi32((p as *const i32).read_unaligned())
+                };
+                let dot = |weights: __m256i, inputs: __m256i| -> __m256i {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(weights, inputs), ones)
+                };
+                let mut parts: [[__m256i; 2]; G] = std::array::from_fn(|g| {
+                    let start = |h: usize| {
+                        if six {
+                            let sum = *x.sums.get_unchecked(xs[g] * 16 + 2 * sb + h);
+                            _mm256_set1_epi32(-32 * i32::from(sum))
+                        } else {
+                            _mm256_setzero_si256()
+                        }
                     };
-                    let nibbles = _mm256_and_si256(shifted, nibble_mask);
-                    let wq = super::avx2_add_planes(nibbles, w, planes, j, b + half);
-                    let block = 2 * pair + half;
-                    let scale = if six {
-                        let first = i16::from(*sub.add(2 * block) as i8);
-                        let second = i16::from(*sub.add(2 * block + 1) as i8);
-                        _mm256_set_m128i(_mm_set1_epi16(second), _mm_set1_epi16(first))
+                    [start(0), start(1)]
+                });
+                for k in 0..4 {
+                    let line = _mm256_loadu_si256(lines.add(k * 64) as *const __m256i);
+                    let mut low = _mm256_and_si256(line, nibble);
+                    let mut up = _mm256_and_si256(_mm256_srli_epi16(line, 4), nibble);
+                    for p in 0..planes {
+                        // This half's 32 bits of masks k and k + 4.
+                        let words = high.add(p * PLANE_WORDS);
+                        low = super::avx2_plane_bytes(low, *words.add(2 * k), p);
+                        up = super::avx2_plane_bytes(up, *words.add(2 * (k + 4)), p);
+                    }
+                    for (g, part) in parts.iter_mut().enumerate() {
+                        part[0] = _mm256_add_epi32(part[0], dot(low, four(g, 4 * k)));
+                        part[1] = _mm256_add_epi32(part[1], dot(up, four(g, 4 * k + 16)));
+                    }
+                }
+                let (first, second) = if six {
+                    (
+                        _mm256_cvtepi8_epi32(small(2 * sb)),
+                        _mm256_cvtepi8_epi32(small(2 * sb + 1)),
+                    )
+                } else {
+                    let scale = _mm256_cvtepu8_epi32(small(sb));
+                    (scale, scale)
+                };
+                let min = _mm256_cvtepu8_epi32(small(8 + sb));
+                for g in 0..G {
+                    let [low, up] = parts[g];
+                    let scaled = if six {
+                        _mm256_add_epi32(
+                            _mm256_mullo_epi32(low, first),
+                            _mm256_mullo_epi32(up, second),
+                        )
                     } else {
-                        _mm256_set1_epi16(i16::from(*sub.add(block)))
+                        _mm256_mullo_epi32(_mm256_add_epi32(low, up), first)
                     };
-                    for (g, dot) in dots.iter_mut().enumerate() {
-                        let xq = _mm256_loadu_si256(
-                            x.q.as_ptr().add((r0 + g) * c_in + (b + half) * QUANT_BLOCK)
-                                as *const __m256i,
+                    dots[g] = _mm256_add_epi32(dots[g], scaled);
+                    if !six {
+                        let at = xs[g] * 16 + 2 * sb;
+                        let xsum = i32::from(*x.sums.get_unchecked(at))
+                            + i32::from(*x.sums.get_unchecked(at + 1));
+                        mins[g] = _mm256_add_epi32(
+                            mins[g],
+                            _mm256_mullo_epi32(min, _mm256_set1_epi32(xsum)),
                         );
-                        let pairs = _mm256_maddubs_epi16(wq, xq);
-                        dot[half] = _mm256_add_epi32(dot[half], _mm256_madd_epi16(pairs, scale));
                     }
                 }
             }
-            let (d, dmin) = super_scales(w, at);
-            for g in 0..G {
-                let xs = (r0 + g) * supers + s;
-                let xsums = _mm256_loadu_si256(x.sums.as_ptr().add(xs * 16) as *const __m256i);
-                let dx = *x.scales.get_unchecked(xs);
-                let mut even = dots[g][0];
-                if six {
-                    let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sub as *const _));
-                    let centre = _mm256_madd_epi16(scales, xsums);
-                    even = _mm256_sub_epi32(even, _mm256_slli_epi32(centre, 5));
-                } else {
-                    let m = _mm_loadl_epi64(sub.add(8) as *const __m128i);
-                    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m));
-                    let mins = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, xsums));
-                    min_lanes[g] =
-                        _mm256_fmadd_ps(mins, _mm256_set1_ps(-(dmin * dx)), min_lanes[g]);
+            let at = float_at(w, row0, s, 0) + 8 * half;
+            let d = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+            for (g, sum) in half_sums.iter_mut().enumerate() {
+                let dx = _mm256_set1_ps(*x.scales.get_unchecked(xs[g]));
+                *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[g]), _mm256_mul_ps(d, dx), *sum);
+                if !six {
+                    let at = float_at(w, row0, s, 1) + 8 * half;
+                    let dmin = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+                    let scale = _mm256_xor_ps(_mm256_mul_ps(dmin, dx), _mm256_set1_ps(-0.0));
+                    *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins[g]), scale, *sum);
                 }
-                let scale = _mm256_set1_ps(d * dx);
-                let [first, second] = &mut lanes[g];
-                *first = _mm256_fmadd_ps(_mm256_cvtepi32_ps(even), scale, *first);
-                *second = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[g][1]), scale, *second);
             }
         }
-        for g in 0..G {
-            let lower = _mm256_add_ps(lanes[g][0], min_lanes[g]);
-            acc[(r0 + g) * width + j - j0] += fold_halves(lower, lanes[g][1]);
-        }
+    }
+    for (g, (low, high)) in sums[0].iter().zip(&sums[1]).enumerate() {
+        let mut lanes = [0f32; GROUP_ROWS];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
+        tile.add(acc, g, &lanes);
     }
 }
 
@@ -471,8 +450,11 @@ mod tests {
                     use crate::kernels::{level, Level};
                     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
                     {
-                        let forms =
-                            by_kind!(kind, avx2_forms as fn() -> SuperForms, [Q4_K, Q5_K, Q6_K])();
+                        let forms = by_kind!(
+                            kind,
+                            avx2_forms as fn() -> GroupForms<SuperRows>,
+                            [Q4_K, Q5_K, Q6_K]
+                        )();
                         // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
                         let got =
                             run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
@@ -483,9 +465,11 @@ mod tests {
                         );
                     }
                     if level() == Level::Avx512 && super::super::avx512_vnni() {
-                        let forms =
-                            by_kind!(kind, avx512_forms as fn() -> SuperForms, [Q4_K, Q5_K, Q6_K])(
-                            );
+                        let forms = by_kind!(
+                            kind,
+                            avx512_forms as fn() -> GroupForms<SuperRows>,
+                            [Q4_K, Q5_K, Q6_K]
+                        )();
                         // SAFETY: AVX-512 and VNNI checked; shapes as above.
                         let got =
                             run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
