@@ -18,6 +18,19 @@ macro_rules! by_kind {
     };
 }
 
+/// A SIMD level's forms of kind `$k` (its index) for 1 to 4 input rows: `$form::<G, $k>`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! group_forms {
+    ($form:ident, $k:ident) => {
+        [
+            $form::<1, $k>,
+            $form::<2, $k>,
+            $form::<3, $k>,
+            $form::<4, $k>,
+        ]
+    };
+}
+
 mod gemm;
 mod row_groups;
 mod super_blocks;

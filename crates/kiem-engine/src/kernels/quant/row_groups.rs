@@ -353,11 +353,46 @@ impl<X> Copy for GroupTile<'_, X> {}
 impl<X> GroupTile<'_, X> {
     /// Adds lanes `lane0..lane0 + n` of input row `g`'s 16 row sums to `acc`.
     #[inline(always)]
-    pub(super) fn add(&self, acc: &mut [f32], g: usize, sums: &[f32; GROUP_ROWS]) {
+    fn add(&self, acc: &mut [f32], g: usize, sums: &[f32; GROUP_ROWS]) {
         let row = &mut acc[(self.r0 + g) * self.width + self.acc_at..][..self.n];
         for (a, s) in row.iter_mut().zip(&sums[self.lane0..]) {
             *a += s;
         }
+    }
+
+    /// [`GroupTile::add`] of the row sums in `low` (rows 0..8) and `high` (8..16).
+    ///
+    /// # Safety
+    /// The CPU has AVX.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn add_halves(
+        &self,
+        acc: &mut [f32],
+        g: usize,
+        low: std::arch::x86_64::__m256,
+        high: std::arch::x86_64::__m256,
+    ) {
+        use std::arch::x86_64::_mm256_storeu_ps;
+        let mut lanes = [0f32; GROUP_ROWS];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), low);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high);
+        self.add(acc, g, &lanes);
+    }
+
+    /// [`GroupTile::add`] of the row sums in `sums`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_all(
+        &self,
+        acc: &mut [f32],
+        g: usize,
+        sums: std::arch::x86_64::__m512,
+    ) {
+        let mut lanes = [0f32; GROUP_ROWS];
+        std::arch::x86_64::_mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+        self.add(acc, g, &lanes);
     }
 }
 
@@ -369,24 +404,16 @@ pub(super) type GroupForm<X> = unsafe fn(&mut [f32], GroupTile<X>);
 #[cfg(target_arch = "x86_64")]
 pub(super) type GroupForms<X> = [GroupForm<X>; 4];
 
+/// The AVX-512 forms of kind `K` (see [`QuantKind::of_index`]).
 #[cfg(target_arch = "x86_64")]
 fn avx512_forms<const K: u8>() -> GroupForms<QuantRows> {
-    [
-        avx512_group::<1, K>,
-        avx512_group::<2, K>,
-        avx512_group::<3, K>,
-        avx512_group::<4, K>,
-    ]
+    group_forms!(avx512_group, K)
 }
 
+/// The AVX2 forms of kind `K`.
 #[cfg(target_arch = "x86_64")]
 fn avx2_forms<const K: u8>() -> GroupForms<QuantRows> {
-    [
-        avx2_group::<1, K>,
-        avx2_group::<2, K>,
-        avx2_group::<3, K>,
-        avx2_group::<4, K>,
-    ]
+    group_forms!(avx2_group, K)
 }
 
 /// The groups holding rows `j0..j1`, each against the input rows 4 at a time.
@@ -510,9 +537,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
         }
     }
     for (g, sum) in sums.iter().enumerate() {
-        let mut lanes = [0f32; GROUP_ROWS];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), *sum);
-        tile.add(acc, g, &lanes);
+        tile.add_all(acc, g, *sum);
     }
 }
 
@@ -604,38 +629,71 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
         }
     }
     for (g, (low, high)) in sums[0].iter().zip(&sums[1]).enumerate() {
-        let mut lanes = [0f32; GROUP_ROWS];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
-        tile.add(acc, g, &lanes);
+        tile.add_halves(acc, g, *low, *high);
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::quant::tests::{test_matrices, values};
 
-    /// Every SIMD form gives the portable form's bits for each 32-weight-block kind, odd and
-    /// even block counts, rows 2..19 (a partial first and last group) and 1 to 7 input rows;
-    /// each within the inputs' 8-bit rounding of the product with the dequantized weights.
-    #[test]
-    fn simd_forms_give_the_portable_bits_near_the_dequantized_product() {
+    /// A thin product's form: `(acc, x, w, rows, j0, j1)`.
+    pub(in crate::kernels::quant) type FormFn<'a, X> =
+        dyn Fn(&mut [f32], &X, &QuantMatrix, usize, usize, usize) + 'a;
+
+    /// A [`FormFn`] held.
+    pub(in crate::kernels::quant) type Form<X> = Box<FormFn<'static, X>>;
+
+    /// Of a kind's AVX2 and AVX-512 VNNI forms, those this CPU has, named.
+    #[cfg(target_arch = "x86_64")]
+    pub(in crate::kernels::quant) fn available<X: 'static>(
+        avx2: GroupForms<X>,
+        avx512: GroupForms<X>,
+    ) -> Vec<(&'static str, Form<X>)> {
+        use crate::kernels::{level, Level};
+        let run = |forms: GroupForms<X>| -> Form<X> {
+            // SAFETY: only the forms of levels this CPU has are listed (below); the checker
+            // passes shapes as the thin product does.
+            Box::new(move |acc, x, w, rows, j0, j1| unsafe {
+                by_groups(acc, x, w, rows, j0, j1, forms)
+            })
+        };
+        let mut forms = Vec::new();
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            forms.push(("AVX2", run(avx2)));
+        }
+        if level() == Level::Avx512 && super::super::avx512_vnni() {
+            forms.push(("AVX-512", run(avx512)));
+        }
+        forms
+    }
+
+    /// Checks a thin product on the test matrices of `kinds`: its portable form within the
+    /// inputs' 8-bit rounding (half a step of 1/127 of a row's largest input) of the product
+    /// with the dequantized weights, and each of `simd(kind)` giving the portable form's bits;
+    /// rows 2..19 of a matrix (partial first and last groups), 1 to 7 input rows.
+    pub(in crate::kernels::quant) fn check_thin_forms<X>(
+        kinds: &[QuantKind],
+        inputs: impl Fn(&[f32], QuantKind) -> X,
+        portable: impl Fn(&mut [f32], &X, &QuantMatrix, usize, usize, usize),
+        simd: impl Fn(QuantKind) -> Vec<(&'static str, Form<X>)>,
+    ) {
         let (j0, j1) = (2, 19);
         for (kind, c_in, w) in test_matrices(j1) {
-            if kind.super_blocks() {
-                continue; // super_blocks' own test
+            if !kinds.contains(&kind) {
+                continue;
             }
             let dense = w.dequantize();
             for rows in [1, 2, 3, 4, 6, 7] {
                 let inp = values(rows * c_in, 5);
-                let x = QuantRows::new(&inp, kind);
-                let run = |form: &dyn Fn(&mut [f32])| {
+                let x = inputs(&inp, kind);
+                let run = |form: &FormFn<'_, X>| {
                     let mut acc = vec![0.5f32; rows * (j1 - j0)];
-                    form(&mut acc);
+                    form(&mut acc, &x, &w, rows, j0, j1);
                     acc
                 };
-                let want = run(&|acc| dots_portable(acc, &x, &w, rows, j0, j1));
+                let want = run(&portable);
                 for r in 0..rows {
                     let xr = &inp[r * c_in..(r + 1) * c_in];
                     let step = xr.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0;
@@ -651,44 +709,46 @@ mod tests {
                     }
                 }
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                #[cfg(target_arch = "x86_64")]
-                {
-                    use crate::kernels::{level, Level};
-                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-                    {
-                        let forms = by_kind!(
-                            kind,
-                            avx2_forms as fn() -> GroupForms<QuantRows>,
-                            [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
-                        )();
-                        // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
-                        let got =
-                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
-                        assert_eq!(
-                            bits(&got),
-                            bits(&want),
-                            "{kind:?} AVX2, {c_in} wide, {rows} rows"
-                        );
-                    }
-                    if level() == Level::Avx512 && super::super::avx512_vnni() {
-                        let forms = by_kind!(
-                            kind,
-                            avx512_forms as fn() -> GroupForms<QuantRows>,
-                            [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
-                        )();
-                        // SAFETY: AVX-512 and VNNI checked; shapes as above.
-                        let got =
-                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
-                        assert_eq!(
-                            bits(&got),
-                            bits(&want),
-                            "{kind:?} AVX-512, {c_in} wide, {rows} rows"
-                        );
-                    }
+                for (name, form) in simd(kind) {
+                    let got = run(&*form);
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want),
+                        "{kind:?} {name}, {c_in} wide, {rows} rows"
+                    );
                 }
-                let _ = bits;
             }
         }
+    }
+
+    /// Every SIMD form gives the portable form's bits for each 32-weight-block kind (odd and
+    /// even block counts), near the dequantized product.
+    #[test]
+    fn simd_forms_give_the_portable_bits_near_the_dequantized_product() {
+        let kinds = [
+            QuantKind::Q8_0,
+            QuantKind::Q4_0,
+            QuantKind::Q4_1,
+            QuantKind::Q5_0,
+            QuantKind::Q5_1,
+        ];
+        check_thin_forms(&kinds, QuantRows::new, dots_portable, |kind| {
+            #[cfg(target_arch = "x86_64")]
+            return available(
+                by_kind!(
+                    kind,
+                    avx2_forms as fn() -> GroupForms<QuantRows>,
+                    [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
+                )(),
+                by_kind!(
+                    kind,
+                    avx512_forms as fn() -> GroupForms<QuantRows>,
+                    [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1]
+                )(),
+            );
+            #[cfg(not(target_arch = "x86_64"))]
+            Vec::new()
+        });
     }
 
     /// A row's result has the same bits from the thin product (decoding) and the wide one

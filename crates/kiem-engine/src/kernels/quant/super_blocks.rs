@@ -137,23 +137,13 @@ pub(super) fn super_dots_portable(
 /// The AVX-512 forms of kind `K` (see [`QuantKind::of_index`]).
 #[cfg(target_arch = "x86_64")]
 fn avx512_forms<const K: u8>() -> GroupForms<SuperRows> {
-    [
-        avx512_group::<1, K>,
-        avx512_group::<2, K>,
-        avx512_group::<3, K>,
-        avx512_group::<4, K>,
-    ]
+    group_forms!(avx512_group, K)
 }
 
 /// The AVX2 forms of kind `K`.
 #[cfg(target_arch = "x86_64")]
 fn avx2_forms<const K: u8>() -> GroupForms<SuperRows> {
-    [
-        avx2_group::<1, K>,
-        avx2_group::<2, K>,
-        avx2_group::<3, K>,
-        avx2_group::<4, K>,
-    ]
+    group_forms!(avx2_group, K)
 }
 
 /// The AVX-512 VNNI form: per sub-block, the unsigned weights of each line's low nibbles
@@ -272,9 +262,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
         }
     }
     for (g, sum) in sums.iter().enumerate() {
-        let mut lanes = [0f32; GROUP_ROWS];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), *sum);
-        tile.add(acc, g, &lanes);
+        tile.add_all(acc, g, *sum);
     }
 }
 
@@ -398,91 +386,45 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
         }
     }
     for (g, (low, high)) in sums[0].iter().zip(&sums[1]).enumerate() {
-        let mut lanes = [0f32; GROUP_ROWS];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *low);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), *high);
-        tile.add(acc, g, &lanes);
+        tile.add_halves(acc, g, *low, *high);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::quant::tests::{test_matrices, values};
+    #[cfg(target_arch = "x86_64")]
+    use crate::kernels::quant::row_groups::tests::available;
+    use crate::kernels::quant::row_groups::tests::check_thin_forms;
+    use crate::kernels::quant::tests::values;
 
-    /// Every SIMD form gives the portable form's bits for each K kind, 1 to 7 input rows; and
-    /// the product is within the inputs' 8-bit rounding (half a step of 1/127 of a row's
-    /// largest input) of the product with the dequantized weights.
+    /// Every SIMD form gives the portable form's bits for each K kind, near the dequantized
+    /// product.
     #[test]
     fn simd_forms_give_the_portable_bits_near_the_dequantized_product() {
-        let (j0, j1) = (2, 19);
-        for (kind, c_in, w) in test_matrices(j1) {
-            if !kind.super_blocks() {
-                continue;
-            }
-            let dense = w.dequantize();
-            for rows in [1, 2, 3, 4, 6, 7] {
-                let inp = values(rows * c_in, 5);
-                let x = SuperRows::new(&inp);
-                let run = |form: &dyn Fn(&mut [f32])| {
-                    let mut acc = vec![0.5f32; rows * (j1 - j0)];
-                    form(&mut acc);
-                    acc
-                };
-                let want = run(&|acc| super_dots_portable(acc, &x, &w, rows, j0, j1));
-                for r in 0..rows {
-                    let xr = &inp[r * c_in..(r + 1) * c_in];
-                    let step = xr.iter().fold(0f32, |m, v| m.max(v.abs())) / 254.0;
-                    for j in j0..j1 {
-                        let wr = &dense[j * c_in..(j + 1) * c_in];
-                        let exact: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-                        let bound: f32 = wr.iter().map(|v| v.abs() * step).sum();
-                        let got = want[r * (j1 - j0) + j - j0] - 0.5;
-                        assert!(
-                            (got - exact).abs() <= 1.01 * bound + 1e-3,
-                            "{kind:?} row {r} col {j}: {got} vs {exact} (bound {bound})"
-                        );
-                    }
-                }
-                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let kinds = [QuantKind::Q4_K, QuantKind::Q5_K, QuantKind::Q6_K];
+        check_thin_forms(
+            &kinds,
+            |inp, _| SuperRows::new(inp),
+            super_dots_portable,
+            |kind| {
                 #[cfg(target_arch = "x86_64")]
-                {
-                    use crate::kernels::{level, Level};
-                    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-                    {
-                        let forms = by_kind!(
-                            kind,
-                            avx2_forms as fn() -> GroupForms<SuperRows>,
-                            [Q4_K, Q5_K, Q6_K]
-                        )();
-                        // SAFETY: AVX2 and FMA checked; shapes as the thin product passes them.
-                        let got =
-                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
-                        assert_eq!(
-                            bits(&got),
-                            bits(&want),
-                            "{kind:?} AVX2, {c_in} wide, {rows} rows"
-                        );
-                    }
-                    if level() == Level::Avx512 && super::super::avx512_vnni() {
-                        let forms = by_kind!(
-                            kind,
-                            avx512_forms as fn() -> GroupForms<SuperRows>,
-                            [Q4_K, Q5_K, Q6_K]
-                        )();
-                        // SAFETY: AVX-512 and VNNI checked; shapes as above.
-                        let got =
-                            run(&|acc| unsafe { by_groups(acc, &x, &w, rows, j0, j1, forms) });
-                        assert_eq!(
-                            bits(&got),
-                            bits(&want),
-                            "{kind:?} AVX-512, {c_in} wide, {rows} rows"
-                        );
-                    }
-                }
-                let _ = bits;
-            }
-        }
+                return available(
+                    by_kind!(
+                        kind,
+                        avx2_forms as fn() -> GroupForms<SuperRows>,
+                        [Q4_K, Q5_K, Q6_K]
+                    )(),
+                    by_kind!(
+                        kind,
+                        avx512_forms as fn() -> GroupForms<SuperRows>,
+                        [Q4_K, Q5_K, Q6_K]
+                    )(),
+                );
+                #[cfg(not(target_arch = "x86_64"))]
+                Vec::new()
+            },
+        );
     }
 
     /// The 256-value quantizer rounds as the 32-value one does and sums each 16 values.
