@@ -314,10 +314,7 @@ impl QuantMatrix {
         source: impl Fn(usize) -> (&'a Self, usize) + Sync,
     ) -> Self {
         let mut m = Self::zeros(self.kind, self.c_in, c_out).expect("the rows are whole blocks");
-        row_groups::fill(&mut m, |j| {
-            let (w, j) = source(j);
-            row_groups::row(w, j)
-        });
+        row_groups::copy_rows(&mut m, source);
         m
     }
 
@@ -331,6 +328,16 @@ impl QuantMatrix {
             self.kind,
             self.c_in
         );
+        if self.c_out.is_multiple_of(row_groups::GROUP_ROWS) {
+            // Whole groups: the other's groups follow as they are.
+            self.c_out += other.c_out;
+            self.scales.extend_from_slice(&other.scales);
+            self.offsets.extend_from_slice(&other.offsets);
+            self.sub.extend_from_slice(&other.sub);
+            self.q.extend_from_slice(&other.q);
+            self.high.extend_from_slice(&other.high);
+            return;
+        }
         let n = self.c_out;
         *self = self.regrouped(n + other.c_out, |j| {
             if j < n {
@@ -845,19 +852,26 @@ mod tests {
     #[test]
     fn rows_stack_and_reorder() {
         for (kind, c_in) in [
+            (QuantKind::Q8_0, 32),
             (QuantKind::Q4_1, 64),
             (QuantKind::Q5_0, 96),
+            (QuantKind::Q5_K, 256),
             (QuantKind::Q6_K, 256),
         ] {
-            let bytes = ggml_blocks(kind, c_in * 5, 2);
+            let bytes = ggml_blocks(kind, c_in * 21, 2);
             let t = kind.ggml();
             let row = t.bytes_for(c_in as u64).unwrap() as usize;
-            let m = QuantMatrix::from_ggml(t, &bytes, c_in, 5).unwrap();
+            let m = QuantMatrix::from_ggml(t, &bytes, c_in, 21).unwrap();
             let dense = m.dequantize();
-            let mut stacked = QuantMatrix::from_ggml(t, &bytes[..2 * row], c_in, 2).unwrap();
-            stacked.append_rows(QuantMatrix::from_ggml(t, &bytes[2 * row..], c_in, 3).unwrap());
-            assert_eq!(stacked.dequantize(), dense, "{kind:?}");
-            let order = [4, 0, 3, 1, 2];
+            // After a partial group (rows regrouped) and after whole groups (appended as they are).
+            for first in [2, 16] {
+                let mut stacked =
+                    QuantMatrix::from_ggml(t, &bytes[..first * row], c_in, first).unwrap();
+                let rest = QuantMatrix::from_ggml(t, &bytes[first * row..], c_in, 21 - first);
+                stacked.append_rows(rest.unwrap());
+                assert_eq!(stacked.dequantize(), dense, "{kind:?} after {first} rows");
+            }
+            let order: Vec<usize> = (0..21).map(|i| (i * 8 + 4) % 21).collect();
             let reordered = m.with_row_order(&order).dequantize();
             for (i, &r) in order.iter().enumerate() {
                 assert_eq!(

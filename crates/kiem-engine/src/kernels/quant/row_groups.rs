@@ -109,31 +109,6 @@ pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BL
     })
 }
 
-/// Row `j` of `w`, unpacked.
-pub(super) fn row(w: &QuantMatrix, j: usize) -> Row {
-    let per_row = w.c_in / w.kind.row_multiple();
-    let (floats, offsets) = w.kind.block_floats();
-    let sub = if w.kind.super_blocks() {
-        SUPER_BYTES
-    } else {
-        0
-    };
-    Row {
-        values: (0..w.c_in / QUANT_BLOCK)
-            .flat_map(|b| stored_block(w, j, b))
-            .collect(),
-        scales: (0..per_row * floats)
-            .map(|i| w.scales[float_at(w, j, i / floats, i % floats)])
-            .collect(),
-        offsets: (0..per_row * offsets)
-            .map(|i| w.offsets[float_at(w, j, i, 0)])
-            .collect(),
-        sub: (0..per_row * sub)
-            .map(|k| w.sub[sub_at(w, j, k / sub, k % sub)])
-            .collect(),
-    }
-}
-
 /// Fills `w` (as [`zeroed`] made it) in parallel, row `j` from `row(j)` (rows past `c_out`
 /// stay zero).
 pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
@@ -188,19 +163,106 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
                 }
                 for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
                     let lines = &mut q[b * gbb..(b + 1) * gbb];
-                    for (k, &v) in v.iter().enumerate() {
-                        let (granule, i) = (k / 4, k % 4);
-                        if !kind.nibbles() {
-                            lines[granule * LINE + 4 * r + i] = v;
-                            continue;
+                    if !kind.nibbles() {
+                        for k in 0..8 {
+                            lines[k * LINE + 4 * r..][..4].copy_from_slice(&v[4 * k..4 * k + 4]);
                         }
-                        lines[(granule % 4) * LINE + 4 * r + i] |= (v & 0xF) << (4 * (granule / 4));
-                        for p in 0..planes {
-                            let bit = u32::from((v >> (4 + p)) & 1);
-                            let at = (b * planes + p) * PLANE_WORDS + 2 * granule;
-                            let bit_at = 4 * r + i;
-                            high[at + bit_at / 32] |= bit << (bit_at % 32);
+                        continue;
+                    }
+                    for k in 0..4 {
+                        for i in 0..4 {
+                            let (low, high) = (v[4 * k + i] & 0xF, v[4 * k + 16 + i] & 0xF);
+                            lines[k * LINE + 4 * r + i] = low | high << 4;
                         }
+                    }
+                    for p in 0..planes {
+                        let words = &mut high[(b * planes + p) * PLANE_WORDS..];
+                        for g in 0..8 {
+                            let bits = (0..4).fold(0u32, |m, i| {
+                                m | (u32::from(v[4 * g + i] >> (4 + p)) & 1) << i
+                            });
+                            words[2 * g + 4 * r / 32] |= bits << (4 * r % 32);
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Fills `dst` (as [`zeroed`] made it) in parallel with rows of matrices of its kind and width
+/// as they are stored (no unpacking): row `j` is `source(j)`'s (a matrix and a row of it).
+pub(super) fn copy_rows<'a>(
+    dst: &mut QuantMatrix,
+    source: impl Fn(usize) -> (&'a QuantMatrix, usize) + Sync,
+) {
+    let (kind, c_in, c_out) = (dst.kind, dst.c_in, dst.c_out);
+    let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
+    let (floats, offsets) = kind.block_floats();
+    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
+    let planes = kind.high_planes();
+    let gbb = group_block_bytes(kind);
+    let groups = c_out.div_ceil(GROUP_ROWS);
+    let (mut empty_f32, mut empty_u8, mut empty_u32) =
+        (vec![0f32; groups], vec![0u8; groups], vec![0u32; groups]);
+    let (offset_vec, offset_chunk) = if offsets > 0 {
+        (&mut dst.offsets, per_row * GROUP_ROWS)
+    } else {
+        (&mut empty_f32, 1)
+    };
+    let (sub_vec, sub_chunk) = if sub > 0 {
+        (&mut dst.sub, per_row * sub * GROUP_ROWS)
+    } else {
+        (&mut empty_u8, 1)
+    };
+    let (high_vec, high_chunk) = if planes > 0 {
+        (&mut dst.high, blocks * planes * PLANE_WORDS)
+    } else {
+        (&mut empty_u32, 1)
+    };
+    dst.q
+        .par_chunks_mut(blocks * gbb)
+        .zip(dst.scales.par_chunks_mut(per_row * floats * GROUP_ROWS))
+        .zip(offset_vec.par_chunks_mut(offset_chunk))
+        .zip(sub_vec.par_chunks_mut(sub_chunk))
+        .zip(high_vec.par_chunks_mut(high_chunk))
+        .enumerate()
+        .for_each(|(group, ((((q, scales), offs), subs), high))| {
+            for j in (group * GROUP_ROWS..(group + 1) * GROUP_ROWS).filter(|&j| j < c_out) {
+                let (src, js) = source(j);
+                assert!(
+                    src.kind == kind && src.c_in == c_in,
+                    "copy_rows: another kind or width"
+                );
+                let (r, rs, first) = (j % GROUP_ROWS, js % GROUP_ROWS, js / GROUP_ROWS * blocks);
+                for b in 0..blocks {
+                    let from = &src.q[(first + b) * gbb..(first + b + 1) * gbb];
+                    let to = &mut q[b * gbb..(b + 1) * gbb];
+                    for line in 0..gbb / LINE {
+                        let (f, t) = (line * LINE + 4 * rs, line * LINE + 4 * r);
+                        to[t..t + 4].copy_from_slice(&from[f..f + 4]);
+                    }
+                    for p in 0..planes {
+                        let from = &src.high[((first + b) * planes + p) * PLANE_WORDS..];
+                        let to = &mut high[(b * planes + p) * PLANE_WORDS..];
+                        for g in 0..8 {
+                            // Row rs's 4 bits of mask g, to row r's.
+                            let mask = u64::from(from[2 * g]) | u64::from(from[2 * g + 1]) << 32;
+                            let bits = (mask >> (4 * rs)) & 0xF;
+                            let at = 4 * r;
+                            to[2 * g + at / 32] |= (bits as u32) << (at % 32);
+                        }
+                    }
+                }
+                for i in 0..per_row {
+                    for f in 0..floats {
+                        scales[(i * floats + f) * GROUP_ROWS + r] =
+                            src.scales[float_at(src, js, i, f)];
+                    }
+                    if offsets > 0 {
+                        offs[i * GROUP_ROWS + r] = src.offsets[float_at(src, js, i, 0)];
+                    }
+                    for k in 0..sub {
+                        subs[(i * sub + k) * GROUP_ROWS + r] = src.sub[sub_at(src, js, i, k)];
                     }
                 }
             }
