@@ -109,84 +109,100 @@ pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BL
     })
 }
 
+/// One row group's share of a matrix's storage, each slice from the group's first entry.
+struct Group<'a> {
+    q: &'a mut [u8],
+    scales: &'a mut [f32],
+    offsets: &'a mut [f32],
+    sub: &'a mut [u8],
+    high: &'a mut [u32],
+}
+
+/// `each(j, r, group)` for every row `j < c_out` of `w` (`r` its place in its group), the
+/// groups in parallel, each with its own share of the storage to write.
+fn for_each_row(w: &mut QuantMatrix, each: impl Fn(usize, usize, &mut Group) + Sync) {
+    let (kind, c_in, c_out) = (w.kind, w.c_in, w.c_out);
+    let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
+    let groups = c_out.div_ceil(GROUP_ROWS);
+    // A group's chunk of `v`, `size` long; an empty chunk each where the kind keeps none.
+    fn chunks<T>(v: &mut [T], size: usize, groups: usize) -> Vec<&mut [T]> {
+        if v.is_empty() {
+            (0..groups).map(|_| <&mut [T]>::default()).collect()
+        } else {
+            v.chunks_mut(size).collect()
+        }
+    }
+    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
+    let offsets = chunks(&mut w.offsets, per_row * GROUP_ROWS, groups);
+    let subs = chunks(&mut w.sub, per_row * sub * GROUP_ROWS, groups);
+    let high = chunks(
+        &mut w.high,
+        blocks * kind.high_planes() * PLANE_WORDS,
+        groups,
+    );
+    let floats = per_row * kind.block_floats().0 * GROUP_ROWS;
+    w.q.par_chunks_mut(blocks * group_block_bytes(kind))
+        .zip(w.scales.par_chunks_mut(floats))
+        .zip(offsets)
+        .zip(subs)
+        .zip(high)
+        .enumerate()
+        .for_each(|(g, ((((q, scales), offsets), sub), high))| {
+            let mut group = Group {
+                q,
+                scales,
+                offsets,
+                sub,
+                high,
+            };
+            for j in (g * GROUP_ROWS..(g + 1) * GROUP_ROWS).filter(|&j| j < c_out) {
+                each(j, j % GROUP_ROWS, &mut group);
+            }
+        });
+}
+
 /// Fills `w` (as [`zeroed`] made it) in parallel, row `j` from `row(j)` (rows past `c_out`
 /// stay zero).
 pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
-    let (kind, c_in, c_out) = (w.kind, w.c_in, w.c_out);
-    let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
-    let (floats, offsets) = kind.block_floats();
-    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
+    let kind = w.kind;
     let planes = kind.high_planes();
     let gbb = group_block_bytes(kind);
-    // A group's share of each vector; empty vectors give empty chunks, one per group.
-    let chunks = |v: usize| v.max(1);
-    let groups = c_out.div_ceil(GROUP_ROWS);
-    let mut empty_f32 = vec![0f32; groups];
-    let mut empty_u8 = vec![0u8; groups];
-    let mut empty_u32 = vec![0u32; groups];
-    let (offset_vec, offset_chunk) = if offsets > 0 {
-        (&mut w.offsets, per_row * GROUP_ROWS)
-    } else {
-        (&mut empty_f32, 1)
-    };
-    let (sub_vec, sub_chunk) = if sub > 0 {
-        (&mut w.sub, per_row * sub * GROUP_ROWS)
-    } else {
-        (&mut empty_u8, 1)
-    };
-    let (high_vec, high_chunk) = if planes > 0 {
-        (&mut w.high, blocks * planes * PLANE_WORDS)
-    } else {
-        (&mut empty_u32, 1)
-    };
-    w.q.par_chunks_mut(blocks * gbb)
-        .zip(
-            w.scales
-                .par_chunks_mut(chunks(per_row * floats * GROUP_ROWS)),
-        )
-        .zip(offset_vec.par_chunks_mut(offset_chunk))
-        .zip(sub_vec.par_chunks_mut(sub_chunk))
-        .zip(high_vec.par_chunks_mut(high_chunk))
-        .enumerate()
-        .for_each(|(group, ((((q, scales), offs), subs), high))| {
-            for j in (group * GROUP_ROWS..(group + 1) * GROUP_ROWS).filter(|&j| j < c_out) {
-                let r = j % GROUP_ROWS;
-                let data = row(j);
-                for (i, &v) in data.scales.iter().enumerate() {
-                    scales[i * GROUP_ROWS + r] = v;
+    for_each_row(w, |j, r, group| {
+        let data = row(j);
+        for (i, &v) in data.scales.iter().enumerate() {
+            group.scales[i * GROUP_ROWS + r] = v;
+        }
+        for (i, &v) in data.offsets.iter().enumerate() {
+            group.offsets[i * GROUP_ROWS + r] = v;
+        }
+        for (k, &v) in data.sub.iter().enumerate() {
+            group.sub[k * GROUP_ROWS + r] = v;
+        }
+        for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
+            let lines = &mut group.q[b * gbb..(b + 1) * gbb];
+            if !kind.nibbles() {
+                for k in 0..8 {
+                    lines[k * LINE + 4 * r..][..4].copy_from_slice(&v[4 * k..4 * k + 4]);
                 }
-                for (i, &v) in data.offsets.iter().enumerate() {
-                    offs[i * GROUP_ROWS + r] = v;
-                }
-                for (k, &v) in data.sub.iter().enumerate() {
-                    subs[k * GROUP_ROWS + r] = v;
-                }
-                for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
-                    let lines = &mut q[b * gbb..(b + 1) * gbb];
-                    if !kind.nibbles() {
-                        for k in 0..8 {
-                            lines[k * LINE + 4 * r..][..4].copy_from_slice(&v[4 * k..4 * k + 4]);
-                        }
-                        continue;
-                    }
-                    for k in 0..4 {
-                        for i in 0..4 {
-                            let (low, high) = (v[4 * k + i] & 0xF, v[4 * k + 16 + i] & 0xF);
-                            lines[k * LINE + 4 * r + i] = low | high << 4;
-                        }
-                    }
-                    for p in 0..planes {
-                        let words = &mut high[(b * planes + p) * PLANE_WORDS..];
-                        for g in 0..8 {
-                            let bits = (0..4).fold(0u32, |m, i| {
-                                m | (u32::from(v[4 * g + i] >> (4 + p)) & 1) << i
-                            });
-                            words[2 * g + 4 * r / 32] |= bits << (4 * r % 32);
-                        }
-                    }
+                continue;
+            }
+            for k in 0..4 {
+                for i in 0..4 {
+                    let (low, high) = (v[4 * k + i] & 0xF, v[4 * k + 16 + i] & 0xF);
+                    lines[k * LINE + 4 * r + i] = low | high << 4;
                 }
             }
-        });
+            for p in 0..planes {
+                let words = &mut group.high[(b * planes + p) * PLANE_WORDS..];
+                for g in 0..8 {
+                    let bits = (0..4).fold(0u32, |m, i| {
+                        m | (u32::from(v[4 * g + i] >> (4 + p)) & 1) << i
+                    });
+                    words[2 * g + 4 * r / 32] |= bits << (4 * r % 32);
+                }
+            }
+        }
+    });
 }
 
 /// Fills `dst` (as [`zeroed`] made it) in parallel with rows of matrices of its kind and width
@@ -195,78 +211,50 @@ pub(super) fn copy_rows<'a>(
     dst: &mut QuantMatrix,
     source: impl Fn(usize) -> (&'a QuantMatrix, usize) + Sync,
 ) {
-    let (kind, c_in, c_out) = (dst.kind, dst.c_in, dst.c_out);
+    let (kind, c_in) = (dst.kind, dst.c_in);
     let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
     let (floats, offsets) = kind.block_floats();
     let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
     let planes = kind.high_planes();
     let gbb = group_block_bytes(kind);
-    let groups = c_out.div_ceil(GROUP_ROWS);
-    let (mut empty_f32, mut empty_u8, mut empty_u32) =
-        (vec![0f32; groups], vec![0u8; groups], vec![0u32; groups]);
-    let (offset_vec, offset_chunk) = if offsets > 0 {
-        (&mut dst.offsets, per_row * GROUP_ROWS)
-    } else {
-        (&mut empty_f32, 1)
-    };
-    let (sub_vec, sub_chunk) = if sub > 0 {
-        (&mut dst.sub, per_row * sub * GROUP_ROWS)
-    } else {
-        (&mut empty_u8, 1)
-    };
-    let (high_vec, high_chunk) = if planes > 0 {
-        (&mut dst.high, blocks * planes * PLANE_WORDS)
-    } else {
-        (&mut empty_u32, 1)
-    };
-    dst.q
-        .par_chunks_mut(blocks * gbb)
-        .zip(dst.scales.par_chunks_mut(per_row * floats * GROUP_ROWS))
-        .zip(offset_vec.par_chunks_mut(offset_chunk))
-        .zip(sub_vec.par_chunks_mut(sub_chunk))
-        .zip(high_vec.par_chunks_mut(high_chunk))
-        .enumerate()
-        .for_each(|(group, ((((q, scales), offs), subs), high))| {
-            for j in (group * GROUP_ROWS..(group + 1) * GROUP_ROWS).filter(|&j| j < c_out) {
-                let (src, js) = source(j);
-                assert!(
-                    src.kind == kind && src.c_in == c_in,
-                    "copy_rows: another kind or width"
-                );
-                let (r, rs, first) = (j % GROUP_ROWS, js % GROUP_ROWS, js / GROUP_ROWS * blocks);
-                for b in 0..blocks {
-                    let from = &src.q[(first + b) * gbb..(first + b + 1) * gbb];
-                    let to = &mut q[b * gbb..(b + 1) * gbb];
-                    for line in 0..gbb / LINE {
-                        let (f, t) = (line * LINE + 4 * rs, line * LINE + 4 * r);
-                        to[t..t + 4].copy_from_slice(&from[f..f + 4]);
-                    }
-                    for p in 0..planes {
-                        let from = &src.high[((first + b) * planes + p) * PLANE_WORDS..];
-                        let to = &mut high[(b * planes + p) * PLANE_WORDS..];
-                        for g in 0..8 {
-                            // Row rs's 4 bits of mask g, to row r's.
-                            let mask = u64::from(from[2 * g]) | u64::from(from[2 * g + 1]) << 32;
-                            let bits = (mask >> (4 * rs)) & 0xF;
-                            let at = 4 * r;
-                            to[2 * g + at / 32] |= (bits as u32) << (at % 32);
-                        }
-                    }
-                }
-                for i in 0..per_row {
-                    for f in 0..floats {
-                        scales[(i * floats + f) * GROUP_ROWS + r] =
-                            src.scales[float_at(src, js, i, f)];
-                    }
-                    if offsets > 0 {
-                        offs[i * GROUP_ROWS + r] = src.offsets[float_at(src, js, i, 0)];
-                    }
-                    for k in 0..sub {
-                        subs[(i * sub + k) * GROUP_ROWS + r] = src.sub[sub_at(src, js, i, k)];
-                    }
+    for_each_row(dst, |j, r, group| {
+        let (src, js) = source(j);
+        assert!(
+            src.kind == kind && src.c_in == c_in,
+            "copy_rows: another kind or width"
+        );
+        let (rs, first) = (js % GROUP_ROWS, js / GROUP_ROWS * blocks);
+        for b in 0..blocks {
+            let from = &src.q[(first + b) * gbb..(first + b + 1) * gbb];
+            let to = &mut group.q[b * gbb..(b + 1) * gbb];
+            for line in 0..gbb / LINE {
+                let (f, t) = (line * LINE + 4 * rs, line * LINE + 4 * r);
+                to[t..t + 4].copy_from_slice(&from[f..f + 4]);
+            }
+            for p in 0..planes {
+                let from = &src.high[((first + b) * planes + p) * PLANE_WORDS..];
+                let to = &mut group.high[(b * planes + p) * PLANE_WORDS..];
+                for g in 0..8 {
+                    // Row rs's 4 bits of mask g, to row r's.
+                    let mask = u64::from(from[2 * g]) | u64::from(from[2 * g + 1]) << 32;
+                    let bits = (mask >> (4 * rs)) & 0xF;
+                    to[2 * g + 4 * r / 32] |= (bits as u32) << (4 * r % 32);
                 }
             }
-        });
+        }
+        for i in 0..per_row {
+            for f in 0..floats {
+                group.scales[(i * floats + f) * GROUP_ROWS + r] =
+                    src.scales[float_at(src, js, i, f)];
+            }
+            if offsets > 0 {
+                group.offsets[i * GROUP_ROWS + r] = src.offsets[float_at(src, js, i, 0)];
+            }
+            for k in 0..sub {
+                group.sub[(i * sub + k) * GROUP_ROWS + r] = src.sub[sub_at(src, js, i, k)];
+            }
+        }
+    });
 }
 
 /// Granule `g` (weights 4g..4g + 3) of block `b` of row group `group`'s 16 rows, as signed
