@@ -1,6 +1,7 @@
 //! Quantized weight matrices (ggml's block formats) and the thin products decoding reads them
 //! with: integer dot products of the weights' blocks with the input quantized to 8 bits.
 
+use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use super::matmul::by_column_blocks;
@@ -163,7 +164,7 @@ impl QuantKind {
     }
 
     /// Whether rows are K super-blocks of 256 (Q4_K, Q5_K, Q6_K): their scales are kept as
-    /// ggml keeps them, small integers per 32 (Q6_K: 16) weights times an f32 per 256.
+    /// ggml keeps them, small integers per 32 (Q6_K: 16) weights times an fp16 per 256.
     const fn super_blocks(self) -> bool {
         matches!(self, QuantKind::Q4_K | QuantKind::Q5_K | QuantKind::Q6_K)
     }
@@ -177,8 +178,8 @@ impl QuantKind {
         }
     }
 
-    /// Bytes a weight takes as stored here: the weight, and its block's f32 scale (and
-    /// offset), or its super-block's byte scales (and mins) and f32 scale (and min).
+    /// Bytes a weight takes as stored here: the weight, and its block's fp16 scale (and
+    /// offset), or its super-block's byte scales (and mins) and fp16 scale (and min).
     pub fn bytes_per_weight(self) -> f64 {
         let weight = if self.nibbles() {
             (4 + self.high_planes()) as f64 / 8.0
@@ -187,13 +188,13 @@ impl QuantKind {
         };
         if self.super_blocks() {
             let floats = if self.has_offset() { 2 } else { 1 };
-            return weight + (SUPER_BYTES + 4 * floats) as f64 / 256.0;
+            return weight + (SUPER_BYTES + 2 * floats) as f64 / 256.0;
         }
-        let per_block = 4 + if self.has_offset() { 4 } else { 0 };
+        let per_block = 2 + if self.has_offset() { 2 } else { 0 };
         weight + per_block as f64 / QUANT_BLOCK as f64
     }
 
-    /// The f32s kept per ggml block: a 32-weight block's scale and offset (kinds with
+    /// The fp16 values kept per ggml block: a 32-weight block's scale and offset (kinds with
     /// offsets), a super-block's scale and min (Q4_K, Q5_K) or scale (Q6_K).
     fn block_floats(self) -> (usize, usize) {
         match self {
@@ -214,9 +215,9 @@ const SUPER_BYTES: usize = 16;
 /// A matrix `W[c_out, c_in]` quantized for decoding, in the layout the thin product streams:
 /// rows in groups of 16, interleaved four weights at a time, so that one instruction takes 16
 /// rows' dot products (see `row_groups`). Each weight keeps its low 4 bits (Q8_0: its byte)
-/// and, for the 5- and 6-bit kinds, its higher bits in bit planes; each 32-weight block its f32
-/// scale (and offset), ggml's fp16 values widened once; each K super-block its f32 scale (and
-/// min) and its sub-blocks' byte scales (and mins) as ggml has them, multiplied out where a
+/// and, for the 5- and 6-bit kinds, its higher bits in bit planes; each 32-weight block its fp16
+/// scale (and offset) as ggml has it (the kernels widen it: exact); each K super-block its fp16
+/// scale (and min) and its sub-blocks' byte scales (and mins) as ggml has them, multiplied out where a
 /// product needs a block's scale (as ggml dequantizes). A stored value less the kind's center
 /// (Q4_0 8, Q5_0 16, Q6_K 32) is the signed one the scale multiplies.
 #[derive(Debug, Clone)]
@@ -225,10 +226,11 @@ pub struct QuantMatrix {
     pub c_in: usize,
     pub c_out: usize,
     /// Per 32-weight block, or per K super-block (see [`QuantKind::block_floats`]), a row
-    /// group's 16 rows side by side.
-    scales: Vec<f32>,
+    /// group's 16 rows side by side, in fp16 as ggml keeps them (widening is exact, and
+    /// decoding reads half the bytes of f32s).
+    scales: Vec<f16>,
     /// Per 32-weight block of Q4_1 and Q5_1 (as `scales`); empty for other kinds.
-    offsets: Vec<f32>,
+    offsets: Vec<f16>,
     /// [`SUPER_BYTES`] per K super-block (as `scales`); empty for other kinds.
     sub: Vec<u8>,
     /// The weights' lines (see `row_groups`).
@@ -288,8 +290,8 @@ impl QuantMatrix {
             let per_row = c_in / n;
             let mut row = row_groups::Row {
                 values: vec![0; c_in],
-                scales: vec![0.0; per_row * floats],
-                offsets: vec![0.0; per_row * offsets],
+                scales: vec![f16::ZERO; per_row * floats],
+                offsets: vec![f16::ZERO; per_row * offsets],
                 sub: vec![0; per_row * sub],
             };
             for i in 0..per_row {
@@ -399,7 +401,7 @@ impl QuantMatrix {
     #[inline(always)]
     fn block_scales(&self, j: usize, b: usize) -> ([f32; 2], Option<f32>) {
         let (s, k) = (b / 8, b % 8);
-        let float = |i: usize, f: usize| self.scales[row_groups::float_at(self, j, i, f)];
+        let float = |i: usize, f: usize| self.scales[row_groups::float_at(self, j, i, f)].to_f32();
         let sub = |k: usize| self.sub[row_groups::sub_at(self, j, s, k)];
         match self.kind {
             QuantKind::Q4_K | QuantKind::Q5_K => {
@@ -413,7 +415,10 @@ impl QuantMatrix {
             _ => {
                 let offset = self.kind.has_offset();
                 let at = row_groups::float_at(self, j, b, 0);
-                ([self.scales[at]; 2], offset.then(|| self.offsets[at]))
+                (
+                    [self.scales[at].to_f32(); 2],
+                    offset.then(|| self.offsets[at].to_f32()),
+                )
             }
         }
     }
@@ -422,7 +427,8 @@ impl QuantMatrix {
     pub fn bytes(&self) -> usize {
         self.q.len()
             + self.sub.len()
-            + 4 * (self.scales.len() + self.offsets.len() + self.high.len())
+            + 2 * (self.scales.len() + self.offsets.len())
+            + 4 * self.high.len()
     }
 
     /// Reads every byte a product reads once, on all threads (for the bandwidth bound).
@@ -438,9 +444,10 @@ impl QuantMatrix {
                 words.iter().fold(bytes, |s, &w| s.wrapping_add(w)) as u32
             })
             .reduce(|| 0, u32::wrapping_add);
-        let floats = |v: &[f32]| {
-            v.par_chunks(1 << 16)
-                .map(super::streaming_read_f32)
+        let halves = |v: &[f16]| {
+            v.reinterpret_cast()
+                .par_chunks(1 << 16)
+                .map(super::streaming_read_u16)
                 .reduce(|| 0, u32::wrapping_add)
         };
         let high = self
@@ -454,8 +461,8 @@ impl QuantMatrix {
             .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
         weights
             .wrapping_add(sub)
-            .wrapping_add(floats(&self.scales))
-            .wrapping_add(floats(&self.offsets))
+            .wrapping_add(halves(&self.scales))
+            .wrapping_add(halves(&self.offsets))
             .wrapping_add(high)
     }
 }
@@ -467,12 +474,12 @@ impl QuantMatrix {
 fn unpack_ggml_block(
     kind: QuantKind,
     bytes: &[u8],
-    scales: &mut [f32],
-    offsets: &mut [f32],
+    scales: &mut [f16],
+    offsets: &mut [f16],
     sub: &mut [u8],
     values: &mut [u8],
 ) {
-    let half = |at: usize| half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+    let half = |at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]);
     let word =
         |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     match kind {
@@ -690,6 +697,30 @@ pub fn matmul_thin_quant(
 fn avx512_vnni() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VNNI.get_or_init(|| std::is_x86_feature_detected!("avx512vnni"))
+}
+
+/// 16 fp16 scales (a group's rows) at `p`, widened.
+///
+/// # Safety
+/// The CPU has AVX-512 F; `p` points at 16 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn halves16(p: *const f16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
+/// 8 fp16 scales at `p`, widened.
+///
+/// # Safety
+/// The CPU has AVX and F16C; `p` points at 8 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn halves8(p: *const f16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 /// `v` (32 values) with `16 << p` added to byte k where bit k of `word` is set (plane `p`'s

@@ -65,7 +65,11 @@ pub(crate) fn level() -> Level {
             {
                 return Level::Avx512;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // F16C too: the quantized kernels widen fp16 scales (every AVX2 CPU has it).
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 return Level::Avx2;
             }
         }

@@ -72,7 +72,7 @@ pub struct WeightsArgs {
     /// straight from its blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, BF16),
     /// memory about the file's size; a model directory's in fp32.
     /// fp32; bf16 (each matrix weight rounded to bf16, sums in fp32); q8_0, q4_0, q4_1 or q4_k
-    /// (matrices and output head quantized as ggml does at load, about 1.1, 0.6, 0.75 and 0.75
+    /// (matrices and output head quantized as ggml does at load, about 1.06, 0.56, 0.63 and 0.58
     /// bytes a weight per token): their fp32 copies go back to the system; prefill multiplies
     /// the quantized blocks in integers (AVX-512 VNNI), or dequantizes them on the fly.
     #[arg(long, value_name = "W")]

@@ -15,12 +15,15 @@
 //!   mask `k` bit `4r + i` = the plane's bit of row `r`'s weight `4k + i`;
 //!
 //! and per group and ggml block (32 weights, or a K super-block of 256), the 16 rows side by
-//! side: each f32 the block keeps ([`QuantKind::block_floats`]: a scale, and Q4_1's and
+//! side: each fp16 value the block keeps ([`QuantKind::block_floats`]: a scale, and Q4_1's and
 //! Q5_1's offset; a K super-block's scale, and Q4_K's and Q5_K's min), and each of a K
 //! super-block's [`SUPER_BYTES`] small scales (and mins).
 
+use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::{halves16, halves8};
 use super::{QuantKind, QuantMatrix, QuantRows, QUANT_BLOCK, SUPER_BYTES};
 
 /// Rows interleaved together.
@@ -42,12 +45,12 @@ pub(super) const fn group_block_bytes(kind: QuantKind) -> usize {
 pub(super) const PLANE_WORDS: usize = 16;
 
 /// One row of a matrix, unpacked: each weight's stored value (Q8_0: its signed byte), and
-/// per ggml block its f32s ([`QuantKind::block_floats`]: scales, then offsets) and a K
+/// per ggml block its fp16 values ([`QuantKind::block_floats`]: scales, then offsets) and a K
 /// super-block's small scales.
 pub(super) struct Row {
     pub(super) values: Vec<u8>,
-    pub(super) scales: Vec<f32>,
-    pub(super) offsets: Vec<f32>,
+    pub(super) scales: Vec<f16>,
+    pub(super) offsets: Vec<f16>,
     pub(super) sub: Vec<u8>,
 }
 
@@ -64,8 +67,8 @@ pub(super) fn zeroed(kind: QuantKind, c_in: usize, c_out: usize) -> QuantMatrix 
         c_out,
         q: vec![0; blocks * group_block_bytes(kind)],
         high: vec![0; blocks * PLANE_WORDS * kind.high_planes()],
-        scales: vec![0.0; ggml_blocks * floats * GROUP_ROWS],
-        offsets: vec![0.0; ggml_blocks * offsets * GROUP_ROWS],
+        scales: vec![f16::ZERO; ggml_blocks * floats * GROUP_ROWS],
+        offsets: vec![f16::ZERO; ggml_blocks * offsets * GROUP_ROWS],
         sub: vec![0; ggml_blocks * sub * GROUP_ROWS],
     }
 }
@@ -112,8 +115,8 @@ pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BL
 /// One row group's share of a matrix's storage, each slice from the group's first entry.
 struct Group<'a> {
     q: &'a mut [u8],
-    scales: &'a mut [f32],
-    offsets: &'a mut [f32],
+    scales: &'a mut [f16],
+    offsets: &'a mut [f16],
     sub: &'a mut [u8],
     high: &'a mut [u32],
 }
@@ -328,9 +331,9 @@ pub(super) fn dots_portable(
                     .sum();
                 let at = r * blocks + b;
                 let s = float_at(w, j, b, 0);
-                sum = (dot as f32).mul_add(w.scales[s] * x.scales[at], sum);
+                sum = (dot as f32).mul_add(w.scales[s].to_f32() * x.scales[at], sum);
                 if w.kind.has_offset() {
-                    sum = w.offsets[s].mul_add(x.scaled_sums[at], sum);
+                    sum = w.offsets[s].to_f32().mul_add(x.scaled_sums[at], sum);
                 }
             }
             acc[r * width + j - j0] += sum;
@@ -572,7 +575,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
                 }
             }
         }
-        let scales = _mm512_loadu_ps(w.scales.as_ptr().add(group_block * GROUP_ROWS));
+        let scales = halves16(w.scales.as_ptr().add(group_block * GROUP_ROWS));
         for (g, sum) in sums.iter_mut().enumerate() {
             let [a, b_, c, d] = dots[g];
             let dot = _mm512_add_epi32(_mm512_add_epi32(a, b_), _mm512_add_epi32(c, d));
@@ -580,7 +583,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
             let scale = _mm512_mul_ps(scales, _mm512_set1_ps(*x.scales.get_unchecked(at)));
             *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *sum);
             if offsets {
-                let offs = _mm512_loadu_ps(w.offsets.as_ptr().add(group_block * GROUP_ROWS));
+                let offs = halves16(w.offsets.as_ptr().add(group_block * GROUP_ROWS));
                 let xsum = _mm512_set1_ps(*x.scaled_sums.get_unchecked(at));
                 *sum = _mm512_fmadd_ps(offs, xsum, *sum);
             }
@@ -599,7 +602,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
 /// # Safety
 /// The CPU has AVX2 and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<QuantRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
@@ -664,14 +667,14 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                 }
             }
             let at_rows = group_block * GROUP_ROWS + 8 * half;
-            let scales = _mm256_loadu_ps(w.scales.as_ptr().add(at_rows));
+            let scales = halves8(w.scales.as_ptr().add(at_rows));
             for (g, d) in dots.iter().enumerate() {
                 let at = (tile.r0 + g) * blocks + b;
                 let scale = _mm256_mul_ps(scales, _mm256_set1_ps(*x.scales.get_unchecked(at)));
                 let sum = &mut half_sums[g];
                 *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*d), scale, *sum);
                 if offsets {
-                    let offs = _mm256_loadu_ps(w.offsets.as_ptr().add(at_rows));
+                    let offs = halves8(w.offsets.as_ptr().add(at_rows));
                     let xsum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(at));
                     *sum = _mm256_fmadd_ps(offs, xsum, *sum);
                 }
@@ -710,7 +713,10 @@ pub(super) mod tests {
             })
         };
         let mut forms = Vec::new();
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             forms.push(("AVX2", run(avx2)));
         }
         if level() == Level::Avx512 && super::super::avx512_vnni() {

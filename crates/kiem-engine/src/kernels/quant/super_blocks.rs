@@ -8,6 +8,8 @@ use super::row_groups::{
     by_groups, group_block_bytes, GroupForms, GroupTile, GROUP_ROWS, PLANE_WORDS,
 };
 use super::row_groups::{float_at, sub_at};
+#[cfg(target_arch = "x86_64")]
+use super::{halves16, halves8};
 use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK};
 
 /// Weights of a K super-block.
@@ -122,10 +124,10 @@ pub(super) fn super_dots_portable(
                     }
                 }
                 let dx = x.scales[xs];
-                let d = w.scales[float_at(w, j, s, 0)];
+                let d = w.scales[float_at(w, j, s, 0)].to_f32();
                 sum = (dot as f32).mul_add(d * dx, sum);
                 if !six {
-                    let dmin = w.scales[float_at(w, j, s, 1)];
+                    let dmin = w.scales[float_at(w, j, s, 1)].to_f32();
                     sum = (mins as f32).mul_add(-(dmin * dx), sum);
                 }
             }
@@ -250,12 +252,12 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
                 }
             }
         }
-        let d = _mm512_loadu_ps(w.scales.as_ptr().add(float_at(w, row0, s, 0)));
+        let d = halves16(w.scales.as_ptr().add(float_at(w, row0, s, 0)));
         for (g, sum) in sums.iter_mut().enumerate() {
             let dx = _mm512_set1_ps(*x.scales.get_unchecked(xs[g]));
             *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[g]), _mm512_mul_ps(d, dx), *sum);
             if !six {
-                let dmin = _mm512_loadu_ps(w.scales.as_ptr().add(float_at(w, row0, s, 1)));
+                let dmin = halves16(w.scales.as_ptr().add(float_at(w, row0, s, 1)));
                 let scale = _mm512_xor_ps(_mm512_mul_ps(dmin, dx), _mm512_set1_ps(-0.0));
                 *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins[g]), scale, *sum);
             }
@@ -273,7 +275,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
 /// # Safety
 /// The CPU has AVX2 and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<SuperRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
@@ -372,13 +374,13 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                 }
             }
             let at = float_at(w, row0, s, 0) + 8 * half;
-            let d = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+            let d = halves8(w.scales.as_ptr().add(at));
             for (g, sum) in half_sums.iter_mut().enumerate() {
                 let dx = _mm256_set1_ps(*x.scales.get_unchecked(xs[g]));
                 *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[g]), _mm256_mul_ps(d, dx), *sum);
                 if !six {
                     let at = float_at(w, row0, s, 1) + 8 * half;
-                    let dmin = _mm256_loadu_ps(w.scales.as_ptr().add(at));
+                    let dmin = halves8(w.scales.as_ptr().add(at));
                     let scale = _mm256_xor_ps(_mm256_mul_ps(dmin, dx), _mm256_set1_ps(-0.0));
                     *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins[g]), scale, *sum);
                 }
