@@ -583,7 +583,17 @@ fn a_compact_base_trains_adapters_as_its_dequantized_weights_do() {
                 .map(|l| l.qkv_w.len() + l.attn_out_w.len() + l.mlp_in_w.len() + l.mlp_out_w.len())
                 .sum();
             let want_bytes = (weights.bytes_per_weight() * layer_weights as f64) as usize;
-            assert_eq!(compact.frozen_base_bytes(), want_bytes, "{what}");
+            // Quantized rows are kept in groups of 16 whose blocks' scales share cache lines:
+            // a row of one 32-weight block (this width) pads its scales' line by 2 bytes.
+            let padding = match weights {
+                DecodingWeights::Bf16 => 0,
+                _ => layer_weights / config.n_embd.min(config.q_width()) * 2,
+            };
+            let got = compact.frozen_base_bytes();
+            assert!(
+                (want_bytes..=want_bytes + padding).contains(&got),
+                "{what}: {got} bytes, {want_bytes} + up to {padding} expected"
+            );
             let mut reference = base(config);
             round_base_as(&mut reference, weights);
             reference.set_lora(Some(lora)).unwrap();

@@ -1,7 +1,7 @@
 //! Quantized weight matrices (ggml's block formats) and the thin products decoding reads them
 //! with: integer dot products of the weights' blocks with the input quantized to 8 bits.
 
-use half::{f16, slice::HalfFloatSliceExt};
+use half::f16;
 use rayon::prelude::*;
 
 use super::matmul::by_column_blocks;
@@ -205,6 +205,51 @@ impl QuantKind {
     }
 }
 
+/// 64 bytes on a cache line of their own.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u8; 64]);
+
+/// Bytes on whole cache lines, seen as bytes: a 64-byte load at a multiple of 64 from the
+/// start never straddles two lines.
+#[derive(Clone)]
+pub(super) struct LineBytes(Vec<Line>);
+
+impl LineBytes {
+    /// `bytes` zeros (a multiple of 64).
+    fn zeroed(bytes: usize) -> Self {
+        assert!(bytes.is_multiple_of(64), "LineBytes: whole lines");
+        Self(vec![Line([0; 64]); bytes / 64])
+    }
+
+    /// `other`'s bytes after these.
+    fn append(&mut self, other: &Self) {
+        self.0.extend_from_slice(&other.0);
+    }
+}
+
+impl std::ops::Deref for LineBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: a Line is 64 bytes with no padding; the lines are contiguous.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast(), 64 * self.0.len()) }
+    }
+}
+
+impl std::ops::DerefMut for LineBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`, borrowed mutably once.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast(), 64 * self.0.len()) }
+    }
+}
+
+impl std::fmt::Debug for LineBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", self.len())
+    }
+}
+
 /// Weights per quantization block (a K super-block holds eight).
 pub const QUANT_BLOCK: usize = 32;
 
@@ -225,18 +270,11 @@ pub struct QuantMatrix {
     pub kind: QuantKind,
     pub c_in: usize,
     pub c_out: usize,
-    /// Per 32-weight block, or per K super-block (see [`QuantKind::block_floats`]), a row
-    /// group's 16 rows side by side, in fp16 as ggml keeps them (widening is exact, and
-    /// decoding reads half the bytes of f32s).
-    scales: Vec<f16>,
-    /// Per 32-weight block of Q4_1 and Q5_1 (as `scales`); empty for other kinds.
-    offsets: Vec<f16>,
-    /// [`SUPER_BYTES`] per K super-block (as `scales`); empty for other kinds.
-    sub: Vec<u8>,
-    /// The weights' lines (see `row_groups`).
-    q: Vec<u8>,
-    /// The bit planes above the nibbles (empty for 4- and 8-bit kinds; see `row_groups`).
-    high: Vec<u32>,
+    /// Row group after row group, each ggml block's weights' lines (and the bit planes above
+    /// the nibbles), its scales (and offsets) in fp16 as ggml keeps them (widening is exact,
+    /// and decoding reads half the bytes of f32s), a K super-block's small scales: see
+    /// `row_groups::Records`.
+    data: LineBytes,
 }
 
 impl QuantMatrix {
@@ -333,11 +371,7 @@ impl QuantMatrix {
         if self.c_out.is_multiple_of(row_groups::GROUP_ROWS) {
             // Whole groups: the other's groups follow as they are.
             self.c_out += other.c_out;
-            self.scales.extend_from_slice(&other.scales);
-            self.offsets.extend_from_slice(&other.offsets);
-            self.sub.extend_from_slice(&other.sub);
-            self.q.extend_from_slice(&other.q);
-            self.high.extend_from_slice(&other.high);
+            self.data.append(&other.data);
             return;
         }
         let n = self.c_out;
@@ -401,8 +435,8 @@ impl QuantMatrix {
     #[inline(always)]
     fn block_scales(&self, j: usize, b: usize) -> ([f32; 2], Option<f32>) {
         let (s, k) = (b / 8, b % 8);
-        let float = |i: usize, f: usize| self.scales[row_groups::float_at(self, j, i, f)].to_f32();
-        let sub = |k: usize| self.sub[row_groups::sub_at(self, j, s, k)];
+        let float = |i: usize, f: usize| row_groups::float(self, j, i, f);
+        let sub = |k: usize| self.data[row_groups::sub_at(self, j, s, k)];
         match self.kind {
             QuantKind::Q4_K | QuantKind::Q5_K => {
                 let scale = float(s, 0) * f32::from(sub(k));
@@ -414,27 +448,19 @@ impl QuantMatrix {
             }
             _ => {
                 let offset = self.kind.has_offset();
-                let at = row_groups::float_at(self, j, b, 0);
-                (
-                    [self.scales[at].to_f32(); 2],
-                    offset.then(|| self.offsets[at].to_f32()),
-                )
+                ([float(b, 0); 2], offset.then(|| float(b, 1)))
             }
         }
     }
 
     /// Bytes a product reads: the weights and their scales (and offsets, and high bits).
     pub fn bytes(&self) -> usize {
-        self.q.len()
-            + self.sub.len()
-            + 2 * (self.scales.len() + self.offsets.len())
-            + 4 * self.high.len()
+        self.data.len()
     }
 
     /// Reads every byte a product reads once, on all threads (for the bandwidth bound).
     pub fn stream(&self) -> u32 {
-        let weights = self
-            .q
+        self.data
             .par_chunks(1 << 16)
             .map(|chunk| {
                 // SAFETY: every bit pattern is a valid u64, so viewing the aligned middle of
@@ -443,27 +469,7 @@ impl QuantMatrix {
                 let bytes = head.iter().chain(tail).map(|&b| u64::from(b)).sum::<u64>();
                 words.iter().fold(bytes, |s, &w| s.wrapping_add(w)) as u32
             })
-            .reduce(|| 0, u32::wrapping_add);
-        let halves = |v: &[f16]| {
-            v.reinterpret_cast()
-                .par_chunks(1 << 16)
-                .map(super::streaming_read_u16)
-                .reduce(|| 0, u32::wrapping_add)
-        };
-        let high = self
-            .high
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u32, |s, &w| s.wrapping_add(w)))
-            .reduce(|| 0, u32::wrapping_add);
-        let sub = self
-            .sub
-            .iter()
-            .fold(0u32, |s, &b| s.wrapping_add(u32::from(b)));
-        weights
-            .wrapping_add(sub)
-            .wrapping_add(halves(&self.scales))
-            .wrapping_add(halves(&self.offsets))
-            .wrapping_add(high)
+            .reduce(|| 0, u32::wrapping_add)
     }
 }
 

@@ -7,6 +7,8 @@
 use rayon::prelude::*;
 
 use super::row_groups::{self, GROUP_ROWS};
+#[cfg(target_arch = "x86_64")]
+use super::Line;
 use super::{quantize_input_block, QuantMatrix, QUANT_BLOCK};
 
 /// Inputs of a wide product: each row quantized to Q8 blocks as the thin product quantizes it,
@@ -212,12 +214,6 @@ fn wide_dots_portable(
 /// Weight rows repacked together.
 #[cfg(target_arch = "x86_64")]
 const PANEL: usize = 32;
-
-/// 64 bytes on a cache line: one register's worth of repacked weights.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
 
 /// [`PANEL`] weight rows repacked for the VNNI tiles. Per block: for each of its 8 groups of
 /// 4 weights, two lines (rows 0-15, then 16-31), each row's 4 weights as signed bytes (the

@@ -17,14 +17,15 @@
 //! and per group and ggml block (32 weights, or a K super-block of 256), the 16 rows side by
 //! side: each fp16 value the block keeps ([`QuantKind::block_floats`]: a scale, and Q4_1's and
 //! Q5_1's offset; a K super-block's scale, and Q4_K's and Q5_K's min), and each of a K
-//! super-block's [`SUPER_BYTES`] small scales (and mins).
+//! super-block's [`SUPER_BYTES`] small scales (and mins). All of it lies in one byte vector,
+//! in the order a product reads it (see [`Records`]).
 
 use half::f16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::{halves16, halves8};
-use super::{QuantKind, QuantMatrix, QuantRows, QUANT_BLOCK, SUPER_BYTES};
+use super::{LineBytes, QuantKind, QuantMatrix, QuantRows, QUANT_BLOCK, SUPER_BYTES};
 
 /// Rows interleaved together.
 pub(super) const GROUP_ROWS: usize = 16;
@@ -57,45 +58,190 @@ pub(super) struct Row {
 /// A `c_out × c_in` matrix of `kind` in row groups, all zeros.
 pub(super) fn zeroed(kind: QuantKind, c_in: usize, c_out: usize) -> QuantMatrix {
     let groups = c_out.div_ceil(GROUP_ROWS);
-    let blocks = groups * (c_in / QUANT_BLOCK);
-    let ggml_blocks = groups * (c_in / kind.row_multiple());
-    let (floats, offsets) = kind.block_floats();
-    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
     QuantMatrix {
         kind,
         c_in,
         c_out,
-        q: vec![0; blocks * group_block_bytes(kind)],
-        high: vec![0; blocks * PLANE_WORDS * kind.high_planes()],
-        scales: vec![f16::ZERO; ggml_blocks * floats * GROUP_ROWS],
-        offsets: vec![f16::ZERO; ggml_blocks * offsets * GROUP_ROWS],
-        sub: vec![0; ggml_blocks * sub * GROUP_ROWS],
+        data: LineBytes::zeroed(groups * Records::new(kind, c_in).group_bytes()),
     }
 }
 
-/// Where row `j`'s f32 `f` of its ggml block `i` is kept in `scales` (`offsets`: `f` 0).
-#[inline(always)]
-pub(super) fn float_at(w: &QuantMatrix, j: usize, i: usize, f: usize) -> usize {
-    let per_row = w.c_in / w.kind.row_multiple();
-    let floats = w.kind.block_floats().0;
-    (((j / GROUP_ROWS) * per_row + i) * floats + f) * GROUP_ROWS + j % GROUP_ROWS
+/// Bytes of one plane of a group's 32-weight block.
+const PLANE_BYTES: usize = 4 * PLANE_WORDS;
+
+/// Where a matrix's records lie in its bytes: row group after row group, each row's ggml
+/// blocks (32 weights, or a K super-block of 256) in records of one or two. A record starts
+/// with its header, a K super-block's small scales (16 rows each) then each block's fp16
+/// values (16 rows each), padded to whole cache lines; then each 32-weight block's lines and
+/// its planes. A thread multiplying a run of groups so reads one stream, in order, every line
+/// on a cache line of its own: with the scales in an array apart, that second, slower stream
+/// cost about a quarter of the read bandwidth. Records pair the blocks whose header alone
+/// would take half a line (Q8_0, Q4_0, Q5_0: one scale), the last one of an odd count alone
+/// (half its header padding); Q6_K's header is padded instead (a header line per super-block
+/// of 3392 bytes).
+#[derive(Clone, Copy)]
+pub(super) struct Records {
+    kind: QuantKind,
+    /// ggml blocks per row.
+    per_row: usize,
 }
 
-/// Where row `j`'s small scale `k` of its K super-block `i` is kept in `sub`.
+impl Records {
+    pub(super) fn of(w: &QuantMatrix) -> Self {
+        Self::new(w.kind, w.c_in)
+    }
+
+    #[inline(always)]
+    pub(super) fn new(kind: QuantKind, c_in: usize) -> Self {
+        Self {
+            kind,
+            per_row: c_in / kind.row_multiple(),
+        }
+    }
+
+    /// Bytes of a 32-weight block's lines and planes.
+    #[inline(always)]
+    fn block_bytes(self) -> usize {
+        group_block_bytes(self.kind) + self.kind.high_planes() * PLANE_BYTES
+    }
+
+    /// 32-weight blocks per ggml block.
+    #[inline(always)]
+    fn blocks_per_ggml(self) -> usize {
+        self.kind.row_multiple() / QUANT_BLOCK
+    }
+
+    /// Bytes of a ggml block's small scales (16 rows): K super-blocks only.
+    #[inline(always)]
+    fn smalls_bytes(self) -> usize {
+        if self.kind.super_blocks() {
+            SUPER_BYTES * GROUP_ROWS
+        } else {
+            0
+        }
+    }
+
+    /// Bytes of a ggml block's fp16 values (16 rows).
+    #[inline(always)]
+    fn floats_bytes(self) -> usize {
+        let (floats, offsets) = self.kind.block_floats();
+        2 * (floats + offsets) * GROUP_ROWS
+    }
+
+    /// ggml blocks per record.
+    #[inline(always)]
+    fn per_record(self) -> usize {
+        if (self.smalls_bytes() + self.floats_bytes()).is_multiple_of(LINE)
+            || self.kind.super_blocks()
+        {
+            1
+        } else {
+            2
+        }
+    }
+
+    #[inline(always)]
+    fn header_bytes(self) -> usize {
+        (self.per_record() * (self.smalls_bytes() + self.floats_bytes())).next_multiple_of(LINE)
+    }
+
+    #[inline(always)]
+    fn record_bytes(self) -> usize {
+        self.header_bytes() + self.per_record() * self.blocks_per_ggml() * self.block_bytes()
+    }
+
+    /// Bytes of a row group (a whole number of lines): its whole records, then where a
+    /// row's blocks pair up and one is left, a record of that one (its header as long).
+    #[inline(always)]
+    pub(super) fn group_bytes(self) -> usize {
+        let (whole, left) = (
+            self.per_row / self.per_record(),
+            self.per_row % self.per_record(),
+        );
+        whole * self.record_bytes()
+            + left * (self.header_bytes() + self.blocks_per_ggml() * self.block_bytes())
+    }
+
+    /// Where, in its group, 32-weight block `b` (counted in a row) starts: its lines, then
+    /// its planes.
+    #[inline(always)]
+    pub(super) fn block(self, b: usize) -> usize {
+        let (i, per) = (b / self.blocks_per_ggml(), self.per_record());
+        (i / per) * self.record_bytes()
+            + self.header_bytes()
+            + ((i % per) * self.blocks_per_ggml() + b % self.blocks_per_ggml()) * self.block_bytes()
+    }
+
+    /// Where, in its group, ggml block `i`'s fp16 value `f` starts (16 rows; `f` counts the
+    /// scales, then the offsets: [`QuantKind::block_floats`]).
+    #[inline(always)]
+    pub(super) fn floats(self, i: usize, f: usize) -> usize {
+        let per = self.per_record();
+        (i / per) * self.record_bytes()
+            + per * self.smalls_bytes()
+            + (i % per) * self.floats_bytes()
+            + 2 * f * GROUP_ROWS
+    }
+
+    /// Where, in its group, K super-block `i`'s small scale `k` starts (16 rows).
+    #[inline(always)]
+    pub(super) fn smalls(self, i: usize, k: usize) -> usize {
+        let per = self.per_record();
+        (i / per) * self.record_bytes() + (i % per) * self.smalls_bytes() + k * GROUP_ROWS
+    }
+}
+
+/// Where group `group`'s 32-weight block `b` starts in `w`'s bytes: its lines, then its
+/// planes (`group_block_bytes` on).
+#[inline(always)]
+pub(super) fn block_at(w: &QuantMatrix, group: usize, b: usize) -> usize {
+    let records = Records::of(w);
+    group * records.group_bytes() + records.block(b)
+}
+
+/// Where row `j`'s fp16 value `f` of its ggml block `i` is kept in `w`'s bytes (`f` counts
+/// the scales, then the offsets); the group's 16 rows lie side by side from row 0's.
+#[inline(always)]
+pub(super) fn float_at(w: &QuantMatrix, j: usize, i: usize, f: usize) -> usize {
+    let records = Records::of(w);
+    (j / GROUP_ROWS) * records.group_bytes() + records.floats(i, f) + 2 * (j % GROUP_ROWS)
+}
+
+/// Row `j`'s fp16 value `f` of its ggml block `i`, widened.
+#[inline(always)]
+pub(super) fn float(w: &QuantMatrix, j: usize, i: usize, f: usize) -> f32 {
+    let at = float_at(w, j, i, f);
+    f16::from_le_bytes([w.data[at], w.data[at + 1]]).to_f32()
+}
+
+/// Where row `j`'s small scale `k` of its K super-block `i` is kept in `w`'s bytes.
 #[inline(always)]
 pub(super) fn sub_at(w: &QuantMatrix, j: usize, i: usize, k: usize) -> usize {
-    let per_row = w.c_in / w.kind.row_multiple();
-    (((j / GROUP_ROWS) * per_row + i) * SUPER_BYTES + k) * GROUP_ROWS + j % GROUP_ROWS
+    let records = Records::of(w);
+    (j / GROUP_ROWS) * records.group_bytes() + records.smalls(i, k) + j % GROUP_ROWS
+}
+
+/// Word `k` of plane words starting at byte `at` of `bytes`.
+#[inline(always)]
+fn plane_word(bytes: &[u8], at: usize, k: usize) -> u32 {
+    u32::from_le_bytes(bytes[at + 4 * k..at + 4 * k + 4].try_into().unwrap())
+}
+
+/// Sets `bits` in word `k` of the plane words starting at byte `at`.
+#[inline(always)]
+fn set_plane_bits(bytes: &mut [u8], at: usize, k: usize, bits: u32) {
+    let word = plane_word(bytes, at, k) | bits;
+    bytes[at + 4 * k..at + 4 * k + 4].copy_from_slice(&word.to_le_bytes());
 }
 
 /// Row `j`'s 32-weight block `b` (counted in its row) as it is stored: 32 unsigned values
 /// (Q8_0: the signed bytes as they are), bits above the nibble included.
 #[inline(always)]
 pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BLOCK] {
-    let blocks = w.c_in / QUANT_BLOCK;
-    let (group_block, r) = ((j / GROUP_ROWS) * blocks + b, j % GROUP_ROWS);
-    let q = &w.q[group_block * group_block_bytes(w.kind)..];
+    let (at, r) = (block_at(w, j / GROUP_ROWS, b), j % GROUP_ROWS);
+    let q = &w.data[at..];
     let planes = w.kind.high_planes();
+    let gbb = group_block_bytes(w.kind);
     std::array::from_fn(|k| {
         let (granule, i) = (k / 4, k % 4);
         if !w.kind.nibbles() {
@@ -104,62 +250,26 @@ pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BL
         let byte = q[(granule % 4) * LINE + 4 * r + i];
         let mut v = if granule < 4 { byte & 0xF } else { byte >> 4 };
         for p in 0..planes {
-            let at = (group_block * planes + p) * PLANE_WORDS + 2 * granule;
-            let mask = u64::from(w.high[at]) | u64::from(w.high[at + 1]) << 32;
+            let words = gbb + p * PLANE_BYTES;
+            let mask = u64::from(plane_word(q, words, 2 * granule))
+                | u64::from(plane_word(q, words, 2 * granule + 1)) << 32;
             v |= (((mask >> (4 * r + i)) & 1) as u8) << (4 + p);
         }
         v
     })
 }
 
-/// One row group's share of a matrix's storage, each slice from the group's first entry.
-struct Group<'a> {
-    q: &'a mut [u8],
-    scales: &'a mut [f16],
-    offsets: &'a mut [f16],
-    sub: &'a mut [u8],
-    high: &'a mut [u32],
-}
-
 /// `each(j, r, group)` for every row `j < c_out` of `w` (`r` its place in its group), the
-/// groups in parallel, each with its own share of the storage to write.
-fn for_each_row(w: &mut QuantMatrix, each: impl Fn(usize, usize, &mut Group) + Sync) {
-    let (kind, c_in, c_out) = (w.kind, w.c_in, w.c_out);
-    let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
-    let groups = c_out.div_ceil(GROUP_ROWS);
-    // A group's chunk of `v`, `size` long; an empty chunk each where the kind keeps none.
-    fn chunks<T>(v: &mut [T], size: usize, groups: usize) -> Vec<&mut [T]> {
-        if v.is_empty() {
-            (0..groups).map(|_| <&mut [T]>::default()).collect()
-        } else {
-            v.chunks_mut(size).collect()
-        }
-    }
-    let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
-    let offsets = chunks(&mut w.offsets, per_row * GROUP_ROWS, groups);
-    let subs = chunks(&mut w.sub, per_row * sub * GROUP_ROWS, groups);
-    let high = chunks(
-        &mut w.high,
-        blocks * kind.high_planes() * PLANE_WORDS,
-        groups,
-    );
-    let floats = per_row * kind.block_floats().0 * GROUP_ROWS;
-    w.q.par_chunks_mut(blocks * group_block_bytes(kind))
-        .zip(w.scales.par_chunks_mut(floats))
-        .zip(offsets)
-        .zip(subs)
-        .zip(high)
+/// groups in parallel, each with its own bytes to write.
+fn for_each_row(w: &mut QuantMatrix, each: impl Fn(usize, usize, &mut [u8]) + Sync) {
+    let c_out = w.c_out;
+    let records = Records::of(w);
+    w.data
+        .par_chunks_mut(records.group_bytes())
         .enumerate()
-        .for_each(|(g, ((((q, scales), offsets), sub), high))| {
-            let mut group = Group {
-                q,
-                scales,
-                offsets,
-                sub,
-                high,
-            };
+        .for_each(|(g, group)| {
             for j in (g * GROUP_ROWS..(g + 1) * GROUP_ROWS).filter(|&j| j < c_out) {
-                each(j, j % GROUP_ROWS, &mut group);
+                each(j, j % GROUP_ROWS, group);
             }
         });
 }
@@ -170,19 +280,23 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
     let kind = w.kind;
     let planes = kind.high_planes();
     let gbb = group_block_bytes(kind);
+    let records = Records::of(w);
+    let (floats, _) = kind.block_floats();
     for_each_row(w, |j, r, group| {
         let data = row(j);
+        let mut put = |at: usize, v: f16| group[at..at + 2].copy_from_slice(&v.to_le_bytes());
         for (i, &v) in data.scales.iter().enumerate() {
-            group.scales[i * GROUP_ROWS + r] = v;
+            put(records.floats(i / floats, i % floats) + 2 * r, v);
         }
         for (i, &v) in data.offsets.iter().enumerate() {
-            group.offsets[i * GROUP_ROWS + r] = v;
+            put(records.floats(i, floats) + 2 * r, v);
         }
         for (k, &v) in data.sub.iter().enumerate() {
-            group.sub[k * GROUP_ROWS + r] = v;
+            group[records.smalls(k / SUPER_BYTES, k % SUPER_BYTES) + r] = v;
         }
         for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
-            let lines = &mut group.q[b * gbb..(b + 1) * gbb];
+            let at = records.block(b);
+            let lines = &mut group[at..at + gbb];
             if !kind.nibbles() {
                 for k in 0..8 {
                     lines[k * LINE + 4 * r..][..4].copy_from_slice(&v[4 * k..4 * k + 4]);
@@ -196,12 +310,12 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
                 }
             }
             for p in 0..planes {
-                let words = &mut group.high[(b * planes + p) * PLANE_WORDS..];
+                let words = at + gbb + p * PLANE_BYTES;
                 for g in 0..8 {
                     let bits = (0..4).fold(0u32, |m, i| {
                         m | (u32::from(v[4 * g + i] >> (4 + p)) & 1) << i
                     });
-                    words[2 * g + 4 * r / 32] |= bits << (4 * r % 32);
+                    set_plane_bits(group, words, 2 * g + 4 * r / 32, bits << (4 * r % 32));
                 }
             }
         }
@@ -215,6 +329,7 @@ pub(super) fn copy_rows<'a>(
     source: impl Fn(usize) -> (&'a QuantMatrix, usize) + Sync,
 ) {
     let (kind, c_in) = (dst.kind, dst.c_in);
+    let records = Records::of(dst);
     let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
     let (floats, offsets) = kind.block_floats();
     let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
@@ -226,35 +341,38 @@ pub(super) fn copy_rows<'a>(
             src.kind == kind && src.c_in == c_in,
             "copy_rows: another kind or width"
         );
-        let (rs, first) = (js % GROUP_ROWS, js / GROUP_ROWS * blocks);
+        let rs = js % GROUP_ROWS;
         for b in 0..blocks {
-            let from = &src.q[(first + b) * gbb..(first + b + 1) * gbb];
-            let to = &mut group.q[b * gbb..(b + 1) * gbb];
+            let from_at = block_at(src, js / GROUP_ROWS, b);
+            let from = &src.data[from_at..from_at + records.block_bytes()];
+            let to_at = records.block(b);
             for line in 0..gbb / LINE {
-                let (f, t) = (line * LINE + 4 * rs, line * LINE + 4 * r);
-                to[t..t + 4].copy_from_slice(&from[f..f + 4]);
+                let (f, t) = (line * LINE + 4 * rs, to_at + line * LINE + 4 * r);
+                group[t..t + 4].copy_from_slice(&from[f..f + 4]);
             }
             for p in 0..planes {
-                let from = &src.high[((first + b) * planes + p) * PLANE_WORDS..];
-                let to = &mut group.high[(b * planes + p) * PLANE_WORDS..];
+                let words = gbb + p * PLANE_BYTES;
                 for g in 0..8 {
                     // Row rs's 4 bits of mask g, to row r's.
-                    let mask = u64::from(from[2 * g]) | u64::from(from[2 * g + 1]) << 32;
-                    let bits = (mask >> (4 * rs)) & 0xF;
-                    to[2 * g + 4 * r / 32] |= (bits as u32) << (4 * r % 32);
+                    let mask = u64::from(plane_word(from, words, 2 * g))
+                        | u64::from(plane_word(from, words, 2 * g + 1)) << 32;
+                    let bits = ((mask >> (4 * rs)) & 0xF) as u32;
+                    set_plane_bits(
+                        group,
+                        to_at + words,
+                        2 * g + 4 * r / 32,
+                        bits << (4 * r % 32),
+                    );
                 }
             }
         }
         for i in 0..per_row {
-            for f in 0..floats {
-                group.scales[(i * floats + f) * GROUP_ROWS + r] =
-                    src.scales[float_at(src, js, i, f)];
-            }
-            if offsets > 0 {
-                group.offsets[i * GROUP_ROWS + r] = src.offsets[float_at(src, js, i, 0)];
+            for f in 0..floats + offsets {
+                let (t, s) = (records.floats(i, f) + 2 * r, float_at(src, js, i, f));
+                group[t..t + 2].copy_from_slice(&src.data[s..s + 2]);
             }
             for k in 0..sub {
-                group.sub[(i * sub + k) * GROUP_ROWS + r] = src.sub[sub_at(src, js, i, k)];
+                group[records.smalls(i, k) + r] = src.data[sub_at(src, js, i, k)];
             }
         }
     });
@@ -275,8 +393,7 @@ pub(super) unsafe fn line(
     g: usize,
 ) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let group_block = group * (w.c_in / QUANT_BLOCK) + b;
-    let lines = w.q.as_ptr().add(group_block * group_block_bytes(w.kind));
+    let lines = w.data.as_ptr().add(block_at(w, group, b));
     if !w.kind.nibbles() {
         return _mm512_loadu_si512(lines.add(g * LINE) as *const _);
     }
@@ -288,9 +405,9 @@ pub(super) unsafe fn line(
     };
     let mut v = _mm512_and_si512(line, _mm512_set1_epi8(0x0F));
     let planes = w.kind.high_planes();
-    let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+    let high = lines.add(group_block_bytes(w.kind));
     for p in 0..planes {
-        let mask = (high.add(p * PLANE_WORDS + 2 * g) as *const u64).read_unaligned();
+        let mask = (high.add(p * PLANE_BYTES + 8 * g) as *const u64).read_unaligned();
         v = _mm512_mask_add_epi8(v, mask, v, _mm512_set1_epi8(16 << p));
     }
     _mm512_sub_epi8(v, _mm512_set1_epi8(w.kind.center() as i8))
@@ -330,10 +447,9 @@ pub(super) fn dots_portable(
                     })
                     .sum();
                 let at = r * blocks + b;
-                let s = float_at(w, j, b, 0);
-                sum = (dot as f32).mul_add(w.scales[s].to_f32() * x.scales[at], sum);
+                sum = (dot as f32).mul_add(float(w, j, b, 0) * x.scales[at], sum);
                 if w.kind.has_offset() {
-                    sum = w.offsets[s].to_f32().mul_add(x.scaled_sums[at], sum);
+                    sum = float(w, j, b, 1).mul_add(x.scaled_sums[at], sum);
                 }
             }
             acc[r * width + j - j0] += sum;
@@ -526,9 +642,11 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
     let nibble = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     let mut sums = [_mm512_setzero_ps(); G];
+    // The kind a constant: the records' offsets fold to shifts and multiplies.
+    let records = Records::new(kind, c_in);
+    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
     for b in 0..blocks {
-        let group_block = tile.group * blocks + b;
-        let lines = w.q.as_ptr().add(group_block * gbb);
+        let lines = group_at.add(records.block(b));
         // Four inputs of row g from value `at` of the block, as one i32 in every lane.
         let four = |g: usize, at: usize| -> __m512i {
             let p =
@@ -550,7 +668,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
             ]
         });
         if kind.nibbles() {
-            let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+            let high = lines.add(gbb) as *const u32;
             for k in 0..4 {
                 let line = _mm512_loadu_si512(lines.add(k * LINE) as *const _);
                 let mut low = _mm512_and_si512(line, nibble);
@@ -575,7 +693,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
                 }
             }
         }
-        let scales = halves16(w.scales.as_ptr().add(group_block * GROUP_ROWS));
+        let scales = halves16(group_at.add(records.floats(b, 0)) as *const f16);
         for (g, sum) in sums.iter_mut().enumerate() {
             let [a, b_, c, d] = dots[g];
             let dot = _mm512_add_epi32(_mm512_add_epi32(a, b_), _mm512_add_epi32(c, d));
@@ -583,7 +701,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
             let scale = _mm512_mul_ps(scales, _mm512_set1_ps(*x.scales.get_unchecked(at)));
             *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *sum);
             if offsets {
-                let offs = halves16(w.offsets.as_ptr().add(group_block * GROUP_ROWS));
+                let offs = halves16(group_at.add(records.floats(b, 1)) as *const f16);
                 let xsum = _mm512_set1_ps(*x.scaled_sums.get_unchecked(at));
                 *sum = _mm512_fmadd_ps(offs, xsum, *sum);
             }
@@ -615,9 +733,10 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let ones = _mm256_set1_epi16(1);
     // The 16 rows' sums of each input row: rows 0..8, then 8..16.
     let mut sums = [[_mm256_setzero_ps(); G]; 2];
+    let records = Records::new(kind, c_in);
+    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
     for b in 0..blocks {
-        let group_block = tile.group * blocks + b;
-        let lines = w.q.as_ptr().add(group_block * gbb);
+        let lines = group_at.add(records.block(b));
         let four = |g: usize, at: usize| -> __m256i {
             let p =
                 x.q.as_ptr()
@@ -638,7 +757,7 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                 _mm256_set1_epi32(start)
             });
             if kind.nibbles() {
-                let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+                let high = lines.add(gbb) as *const u32;
                 for k in 0..4 {
                     let line =
                         _mm256_loadu_si256(lines.add(k * LINE + 32 * half) as *const __m256i);
@@ -647,8 +766,9 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                     for p in 0..planes {
                         // This half's 32 bits of masks k and k + 4.
                         let words = high.add(p * PLANE_WORDS + half);
-                        low = super::avx2_plane_bytes(low, *words.add(2 * k), p);
-                        up = super::avx2_plane_bytes(up, *words.add(2 * (k + 4)), p);
+                        low = super::avx2_plane_bytes(low, words.add(2 * k).read_unaligned(), p);
+                        up =
+                            super::avx2_plane_bytes(up, words.add(2 * (k + 4)).read_unaligned(), p);
                     }
                     for (g, d) in dots.iter_mut().enumerate() {
                         *d = _mm256_add_epi32(*d, dot(low, four(g, 4 * k)));
@@ -666,15 +786,15 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                     }
                 }
             }
-            let at_rows = group_block * GROUP_ROWS + 8 * half;
-            let scales = halves8(w.scales.as_ptr().add(at_rows));
+            let scales = halves8(group_at.add(records.floats(b, 0) + 16 * half) as *const f16);
             for (g, d) in dots.iter().enumerate() {
                 let at = (tile.r0 + g) * blocks + b;
                 let scale = _mm256_mul_ps(scales, _mm256_set1_ps(*x.scales.get_unchecked(at)));
                 let sum = &mut half_sums[g];
                 *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*d), scale, *sum);
                 if offsets {
-                    let offs = halves8(w.offsets.as_ptr().add(at_rows));
+                    let offs =
+                        halves8(group_at.add(records.floats(b, 1) + 16 * half) as *const f16);
                     let xsum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(at));
                     *sum = _mm256_fmadd_ps(offs, xsum, *sum);
                 }
@@ -842,6 +962,21 @@ pub(super) mod tests {
         }
     }
 
+    /// Every 32-weight block's lines start on a cache line of their own, so no 64-byte load
+    /// straddles two.
+    #[test]
+    fn lines_start_on_cache_lines() {
+        for (kind, c_in, w) in test_matrices(19) {
+            assert_eq!(w.data.as_ptr() as usize % 64, 0);
+            for group in 0..2 {
+                for b in 0..c_in / QUANT_BLOCK {
+                    let at = block_at(&w, group, b);
+                    assert_eq!(at % 64, 0, "{kind:?} {c_in} wide, block {b}");
+                }
+            }
+        }
+    }
+
     /// Row groups keep every row's values, with a partial last group.
     #[test]
     fn row_groups_keep_each_rows_blocks() {
@@ -850,7 +985,12 @@ pub(super) mod tests {
                 continue;
             }
             let blocks = c_in / QUANT_BLOCK;
-            assert_eq!(w.q.len(), 2 * blocks * group_block_bytes(kind), "{kind:?}");
+            // Two groups of 16 rows, each as many bytes as 16 of the file's rows (and where a
+            // row's blocks pair up in records and one is left, its header's padding).
+            let file_row = kind.ggml().bytes_for(c_in as u64).unwrap() as usize;
+            let left = Records::new(kind, c_in).per_record() == 2 && blocks % 2 == 1;
+            let pad = if left { 2 * GROUP_ROWS } else { 0 };
+            assert_eq!(w.bytes(), 2 * (GROUP_ROWS * file_row + pad), "{kind:?}");
             let again = w.with_row_order(&(0..19).collect::<Vec<_>>());
             for j in 0..19 {
                 for b in 0..blocks {

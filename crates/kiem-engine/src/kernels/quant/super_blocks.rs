@@ -5,9 +5,9 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::row_groups::{
-    by_groups, group_block_bytes, GroupForms, GroupTile, GROUP_ROWS, PLANE_WORDS,
+    by_groups, group_block_bytes, GroupForms, GroupTile, Records, PLANE_WORDS,
 };
-use super::row_groups::{float_at, sub_at};
+use super::row_groups::{float, sub_at};
 #[cfg(target_arch = "x86_64")]
 use super::{halves16, halves8};
 use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK};
@@ -103,7 +103,7 @@ pub(super) fn super_dots_portable(
             for s in 0..supers {
                 let xs = r * supers + s;
                 let xq = &x.q[xs * SUPER_BLOCK..][..SUPER_BLOCK];
-                let small = |k: usize| w.sub[sub_at(w, j, s, k)];
+                let small = |k: usize| w.data[sub_at(w, j, s, k)];
                 let (mut dot, mut mins) = (0i32, 0i32);
                 for b in 0..SUPER_BLOCK / QUANT_BLOCK {
                     let wq = weight_block(w, j, s * 8 + b);
@@ -124,10 +124,10 @@ pub(super) fn super_dots_portable(
                     }
                 }
                 let dx = x.scales[xs];
-                let d = w.scales[float_at(w, j, s, 0)].to_f32();
+                let d = float(w, j, s, 0);
                 sum = (dot as f32).mul_add(d * dx, sum);
                 if !six {
-                    let dmin = w.scales[float_at(w, j, s, 1)].to_f32();
+                    let dmin = float(w, j, s, 1);
                     sum = (mins as f32).mul_add(-(dmin * dx), sum);
                 }
             }
@@ -163,24 +163,25 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
     let kind = QuantKind::of_index(K);
     let six = kind == QuantKind::Q6_K;
     let (x, w) = (tile.x, tile.w);
-    let (c_in, supers, blocks) = (w.c_in, w.c_in / SUPER_BLOCK, w.c_in / QUANT_BLOCK);
+    let (c_in, supers) = (w.c_in, w.c_in / SUPER_BLOCK);
     let gbb = group_block_bytes(kind);
     let planes = kind.high_planes();
     let nibble = _mm512_set1_epi8(0x0F);
-    let row0 = tile.group * GROUP_ROWS;
+    // The kind a constant: the records' offsets fold to shifts and multiplies.
+    let records = Records::new(kind, c_in);
+    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
     let mut sums = [_mm512_setzero_ps(); G];
     for s in 0..supers {
         let xs: [usize; G] = std::array::from_fn(|g| (tile.r0 + g) * supers + s);
         // The 16 rows' small scale `k` as i32 lanes.
         let small = |k: usize| -> __m128i {
-            _mm_loadu_si128(w.sub.as_ptr().add(sub_at(w, row0, s, k)) as *const _)
+            _mm_loadu_si128(group_at.add(records.smalls(s, k)) as *const _)
         };
         let mut dots = [_mm512_setzero_si512(); G];
         let mut mins = [_mm512_setzero_si512(); G];
         for sb in 0..SUPER_BLOCK / QUANT_BLOCK {
-            let group_block = tile.group * blocks + 8 * s + sb;
-            let lines = w.q.as_ptr().add(group_block * gbb);
-            let high = w.high.as_ptr().add(group_block * planes * PLANE_WORDS);
+            let lines = group_at.add(records.block(8 * s + sb));
+            let high = lines.add(gbb) as *const u32;
             // Four inputs of row g from value `at` of the sub-block, in every lane.
             let four = |g: usize, at: usize| -> __m512i {
                 let p =
@@ -252,12 +253,12 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
                 }
             }
         }
-        let d = halves16(w.scales.as_ptr().add(float_at(w, row0, s, 0)));
+        let d = halves16(group_at.add(records.floats(s, 0)) as *const _);
         for (g, sum) in sums.iter_mut().enumerate() {
             let dx = _mm512_set1_ps(*x.scales.get_unchecked(xs[g]));
             *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[g]), _mm512_mul_ps(d, dx), *sum);
             if !six {
-                let dmin = halves16(w.scales.as_ptr().add(float_at(w, row0, s, 1)));
+                let dmin = halves16(group_at.add(records.floats(s, 1)) as *const _);
                 let scale = _mm512_xor_ps(_mm512_mul_ps(dmin, dx), _mm512_set1_ps(-0.0));
                 *sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(mins[g]), scale, *sum);
             }
@@ -281,12 +282,13 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let kind = QuantKind::of_index(K);
     let six = kind == QuantKind::Q6_K;
     let (x, w) = (tile.x, tile.w);
-    let (c_in, supers, blocks) = (w.c_in, w.c_in / SUPER_BLOCK, w.c_in / QUANT_BLOCK);
+    let (c_in, supers) = (w.c_in, w.c_in / SUPER_BLOCK);
     let gbb = group_block_bytes(kind);
     let planes = kind.high_planes();
     let nibble = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let row0 = tile.group * GROUP_ROWS;
+    let records = Records::new(kind, c_in);
+    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
     // The 16 rows' sums of each input row: rows 0..8, then 8..16.
     let mut sums = [[_mm256_setzero_ps(); G]; 2];
     for s in 0..supers {
@@ -294,18 +296,15 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
         for (half, half_sums) in sums.iter_mut().enumerate() {
             // This half's 8 rows' small scale `k` as i32 lanes.
             let small = |k: usize| -> __m128i {
-                let at = sub_at(w, row0, s, k) + 8 * half;
-                _mm_loadl_epi64(w.sub.as_ptr().add(at) as *const _)
+                let at = records.smalls(s, k) + 8 * half;
+                _mm_loadl_epi64(group_at.add(at) as *const _)
             };
             let mut dots = [_mm256_setzero_si256(); G];
             let mut mins = [_mm256_setzero_si256(); G];
             for sb in 0..SUPER_BLOCK / QUANT_BLOCK {
-                let group_block = tile.group * blocks + 8 * s + sb;
-                let lines = w.q.as_ptr().add(group_block * gbb + 32 * half);
-                let high = w
-                    .high
-                    .as_ptr()
-                    .add(group_block * planes * PLANE_WORDS + half);
+                let block = group_at.add(records.block(8 * s + sb));
+                let lines = block.add(32 * half);
+                let high = (block.add(gbb) as *const u32).add(half);
                 let four = |g: usize, at: usize| -> __m256i {
                     let p =
                         x.q.as_ptr()
@@ -333,8 +332,9 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                     for p in 0..planes {
                         // This half's 32 bits of masks k and k + 4.
                         let words = high.add(p * PLANE_WORDS);
-                        low = super::avx2_plane_bytes(low, *words.add(2 * k), p);
-                        up = super::avx2_plane_bytes(up, *words.add(2 * (k + 4)), p);
+                        low = super::avx2_plane_bytes(low, words.add(2 * k).read_unaligned(), p);
+                        up =
+                            super::avx2_plane_bytes(up, words.add(2 * (k + 4)).read_unaligned(), p);
                     }
                     for (g, part) in parts.iter_mut().enumerate() {
                         part[0] = _mm256_add_epi32(part[0], dot(low, four(g, 4 * k)));
@@ -373,14 +373,14 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                     }
                 }
             }
-            let at = float_at(w, row0, s, 0) + 8 * half;
-            let d = halves8(w.scales.as_ptr().add(at));
+            let at = records.floats(s, 0) + 16 * half;
+            let d = halves8(group_at.add(at) as *const _);
             for (g, sum) in half_sums.iter_mut().enumerate() {
                 let dx = _mm256_set1_ps(*x.scales.get_unchecked(xs[g]));
                 *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[g]), _mm256_mul_ps(d, dx), *sum);
                 if !six {
-                    let at = float_at(w, row0, s, 1) + 8 * half;
-                    let dmin = halves8(w.scales.as_ptr().add(at));
+                    let at = records.floats(s, 1) + 16 * half;
+                    let dmin = halves8(group_at.add(at) as *const _);
                     let scale = _mm256_xor_ps(_mm256_mul_ps(dmin, dx), _mm256_set1_ps(-0.0));
                     *sum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins[g]), scale, *sum);
                 }
