@@ -275,6 +275,8 @@ pub struct QuantMatrix {
     /// and decoding reads half the bytes of f32s), a K super-block's small scales: see
     /// `row_groups::Records`.
     data: LineBytes,
+    /// Where in `data` each part lies.
+    records: row_groups::Records,
 }
 
 impl QuantMatrix {

@@ -58,11 +58,13 @@ pub(super) struct Row {
 /// A `c_out × c_in` matrix of `kind` in row groups, all zeros.
 pub(super) fn zeroed(kind: QuantKind, c_in: usize, c_out: usize) -> QuantMatrix {
     let groups = c_out.div_ceil(GROUP_ROWS);
+    let records = Records::new(kind, c_in);
     QuantMatrix {
         kind,
         c_in,
         c_out,
-        data: LineBytes::zeroed(groups * Records::new(kind, c_in).group_bytes()),
+        records,
+        data: LineBytes::zeroed(groups * records.group_bytes()),
     }
 }
 
@@ -79,75 +81,60 @@ const PLANE_BYTES: usize = 4 * PLANE_WORDS;
 /// would take half a line (Q8_0, Q4_0, Q5_0: one scale), the last one of an odd count alone
 /// (half its header padding); Q6_K's header is padded instead (a header line per super-block
 /// of 3392 bytes).
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Records {
-    kind: QuantKind,
     /// ggml blocks per row.
     per_row: usize,
+    /// log2 of the ggml blocks per record (1 or 2), and of the 32-weight blocks per ggml
+    /// block (1 or 8): offsets take shifts, not divisions (the panel packing asks for every
+    /// row's scales).
+    record_shift: u32,
+    ggml_shift: u32,
+    /// Bytes of a 32-weight block's lines and planes; of a ggml block's small scales and its
+    /// fp16 values (16 rows each); of a record's header and of a record.
+    block_bytes: usize,
+    smalls_bytes: usize,
+    floats_bytes: usize,
+    header_bytes: usize,
+    record_bytes: usize,
 }
 
 impl Records {
+    #[inline(always)]
     pub(super) fn of(w: &QuantMatrix) -> Self {
-        Self::new(w.kind, w.c_in)
+        w.records
     }
 
     #[inline(always)]
     pub(super) fn new(kind: QuantKind, c_in: usize) -> Self {
-        Self {
-            kind,
-            per_row: c_in / kind.row_multiple(),
-        }
-    }
-
-    /// Bytes of a 32-weight block's lines and planes.
-    #[inline(always)]
-    fn block_bytes(self) -> usize {
-        group_block_bytes(self.kind) + self.kind.high_planes() * PLANE_BYTES
-    }
-
-    /// 32-weight blocks per ggml block.
-    #[inline(always)]
-    fn blocks_per_ggml(self) -> usize {
-        self.kind.row_multiple() / QUANT_BLOCK
-    }
-
-    /// Bytes of a ggml block's small scales (16 rows): K super-blocks only.
-    #[inline(always)]
-    fn smalls_bytes(self) -> usize {
-        if self.kind.super_blocks() {
+        let block_bytes = group_block_bytes(kind) + kind.high_planes() * PLANE_BYTES;
+        let smalls_bytes = if kind.super_blocks() {
             SUPER_BYTES * GROUP_ROWS
         } else {
             0
+        };
+        let (floats, offsets) = kind.block_floats();
+        let floats_bytes = 2 * (floats + offsets) * GROUP_ROWS;
+        let pair = !(smalls_bytes + floats_bytes).is_multiple_of(LINE) && !kind.super_blocks();
+        let record_shift = u32::from(pair);
+        let ggml_shift = (kind.row_multiple() / QUANT_BLOCK).trailing_zeros();
+        let header_bytes = ((smalls_bytes + floats_bytes) << record_shift).next_multiple_of(LINE);
+        Self {
+            per_row: c_in / kind.row_multiple(),
+            record_shift,
+            ggml_shift,
+            block_bytes,
+            smalls_bytes,
+            floats_bytes,
+            header_bytes,
+            record_bytes: header_bytes + (block_bytes << (record_shift + ggml_shift)),
         }
-    }
-
-    /// Bytes of a ggml block's fp16 values (16 rows).
-    #[inline(always)]
-    fn floats_bytes(self) -> usize {
-        let (floats, offsets) = self.kind.block_floats();
-        2 * (floats + offsets) * GROUP_ROWS
     }
 
     /// ggml blocks per record.
     #[inline(always)]
-    fn per_record(self) -> usize {
-        if (self.smalls_bytes() + self.floats_bytes()).is_multiple_of(LINE)
-            || self.kind.super_blocks()
-        {
-            1
-        } else {
-            2
-        }
-    }
-
-    #[inline(always)]
-    fn header_bytes(self) -> usize {
-        (self.per_record() * (self.smalls_bytes() + self.floats_bytes())).next_multiple_of(LINE)
-    }
-
-    #[inline(always)]
-    fn record_bytes(self) -> usize {
-        self.header_bytes() + self.per_record() * self.blocks_per_ggml() * self.block_bytes()
+    pub(super) fn per_record(self) -> usize {
+        1 << self.record_shift
     }
 
     /// Bytes of a row group (a whole number of lines): its whole records, then where a
@@ -155,39 +142,40 @@ impl Records {
     #[inline(always)]
     pub(super) fn group_bytes(self) -> usize {
         let (whole, left) = (
-            self.per_row / self.per_record(),
-            self.per_row % self.per_record(),
+            self.per_row >> self.record_shift,
+            self.per_row & (self.per_record() - 1),
         );
-        whole * self.record_bytes()
-            + left * (self.header_bytes() + self.blocks_per_ggml() * self.block_bytes())
+        whole * self.record_bytes
+            + left * (self.header_bytes + (self.block_bytes << self.ggml_shift))
     }
 
     /// Where, in its group, 32-weight block `b` (counted in a row) starts: its lines, then
     /// its planes.
     #[inline(always)]
     pub(super) fn block(self, b: usize) -> usize {
-        let (i, per) = (b / self.blocks_per_ggml(), self.per_record());
-        (i / per) * self.record_bytes()
-            + self.header_bytes()
-            + ((i % per) * self.blocks_per_ggml() + b % self.blocks_per_ggml()) * self.block_bytes()
+        let i = b >> self.ggml_shift;
+        let in_record = b & ((1 << (self.record_shift + self.ggml_shift)) - 1);
+        (i >> self.record_shift) * self.record_bytes
+            + self.header_bytes
+            + in_record * self.block_bytes
     }
 
     /// Where, in its group, ggml block `i`'s fp16 value `f` starts (16 rows; `f` counts the
     /// scales, then the offsets: [`QuantKind::block_floats`]).
     #[inline(always)]
     pub(super) fn floats(self, i: usize, f: usize) -> usize {
-        let per = self.per_record();
-        (i / per) * self.record_bytes()
-            + per * self.smalls_bytes()
-            + (i % per) * self.floats_bytes()
+        (i >> self.record_shift) * self.record_bytes
+            + (self.smalls_bytes << self.record_shift)
+            + (i & (self.per_record() - 1)) * self.floats_bytes
             + 2 * f * GROUP_ROWS
     }
 
     /// Where, in its group, K super-block `i`'s small scale `k` starts (16 rows).
     #[inline(always)]
     pub(super) fn smalls(self, i: usize, k: usize) -> usize {
-        let per = self.per_record();
-        (i / per) * self.record_bytes() + (i % per) * self.smalls_bytes() + k * GROUP_ROWS
+        (i >> self.record_shift) * self.record_bytes
+            + (i & (self.per_record() - 1)) * self.smalls_bytes
+            + k * GROUP_ROWS
     }
 }
 
@@ -344,7 +332,7 @@ pub(super) fn copy_rows<'a>(
         let rs = js % GROUP_ROWS;
         for b in 0..blocks {
             let from_at = block_at(src, js / GROUP_ROWS, b);
-            let from = &src.data[from_at..from_at + records.block_bytes()];
+            let from = &src.data[from_at..from_at + records.block_bytes];
             let to_at = records.block(b);
             for line in 0..gbb / LINE {
                 let (f, t) = (line * LINE + 4 * rs, to_at + line * LINE + 4 * r);
