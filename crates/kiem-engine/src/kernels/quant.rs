@@ -624,6 +624,17 @@ fn quantize_input_block(x: &[f32], q: &mut [i8]) -> f32 {
 /// `roundf` per value did not).
 #[inline(always)]
 fn quantize_values<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::level() == super::Level::Avx512 {
+        // SAFETY: the CPU has AVX-512 F/BW (`level`).
+        return unsafe { quantize_values_avx512::<N>(x, q) };
+    }
+    quantize_values_portable::<N>(x, q)
+}
+
+/// [`quantize_values`] in plain code (the compiler vectorizes it inside [`super::wide`]).
+#[inline(always)]
+fn quantize_values_portable<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
     let (x, q) = (&x[..N], &mut q[..N]);
     // The largest magnitude (a max is exact, so any order gives the same value).
     let mut lanes = [0f32; 16];
@@ -635,6 +646,50 @@ fn quantize_values<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (q, &v) in q.iter_mut().zip(x) {
         *q = round_half_away(v * id) as i8;
+    }
+    d
+}
+
+/// [`quantize_values`] with AVX-512, 16 values a register: the same bits (the same largest
+/// magnitude, scale and rounding, NaN to 0 and infinities saturated as `as i8` does); the
+/// compiled plain form took about 65 ns a block of 32, serial before every decoding product.
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW; `N` is a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_values_avx512<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    let (x, q) = (&x[..N], &mut q[..N]);
+    let mut most = _mm512_setzero_ps();
+    for c in x.chunks_exact(16) {
+        // A NaN magnitude leaves `most` as it was (`vmaxps` returns its second operand), as
+        // `f32::max` ignores NaN.
+        most = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(c.as_ptr())), most);
+    }
+    let amax = _mm512_reduce_max_ps(most);
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let (half, one, sign) = (
+        _mm512_set1_ps(0.5),
+        _mm512_set1_ps(1.0),
+        _mm512_set1_ps(-0.0),
+    );
+    for (c, out) in x.chunks_exact(16).zip(q.chunks_exact_mut(16)) {
+        let v = _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), id);
+        // Halves away from zero, as `round_half_away`: the truncation, plus one with v's sign
+        // where at least half is cut off (never for NaN or infinities).
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(v, t)), half);
+        let r = _mm512_mask_add_ps(t, away, t, _mm512_or_ps(one, _mm512_and_ps(v, sign)));
+        // Saturated as `as i8` does; a NaN stays NaN (`vmaxps`/`vminps` return their second
+        // operand) and converts to 0x80000000, whose low byte is 0, as NaN `as i8` is.
+        let r = _mm512_min_ps(
+            _mm512_set1_ps(127.0),
+            _mm512_max_ps(_mm512_set1_ps(-128.0), r),
+        );
+        let bytes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r));
+        _mm_storeu_si128(out.as_mut_ptr().cast(), bytes);
     }
     d
 }
@@ -818,6 +873,47 @@ mod tests {
             }
         }
         matrices
+    }
+
+    /// The AVX-512 input quantization gives the plain form's bits: ordinary blocks, blocks
+    /// with halves to round, zeros, tiny values (a scale whose inverse overflows), infinities,
+    /// NaN and the largest floats; blocks of 32 and 256.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn input_quantization_simd_gives_the_plain_bits() {
+        if crate::kernels::level() != crate::kernels::Level::Avx512 {
+            return;
+        }
+        let mut x = values(2048, 11);
+        // A block whose scale is 1: its halves round away from zero.
+        for (k, v) in x[32..64].iter_mut().enumerate() {
+            *v = [127.0, -127.0, 2.5, -2.5, 0.5, -0.5, 126.5, -126.5][k % 8];
+        }
+        x[64..96].fill(0.0);
+        x[96..128].iter_mut().for_each(|v| *v *= 1e-40);
+        x[128..160].iter_mut().for_each(|v| *v *= 1e-38);
+        x[170] = f32::INFINITY;
+        x[200] = f32::NAN;
+        x[230] = f32::NEG_INFINITY;
+        x[260] = 3e38;
+        x[261] = -3.4e38;
+        x[300] = f32::NAN;
+        x[301] = 1.0;
+        let run = |f: &dyn Fn(&[f32], &mut [i8]) -> f32, n: usize| {
+            let mut q = vec![0i8; x.len()];
+            let scales: Vec<u32> = (0..x.len() / n)
+                .map(|b| f(&x[b * n..], &mut q[b * n..]).to_bits())
+                .collect();
+            (scales, q)
+        };
+        // SAFETY: the CPU has AVX-512 (checked above).
+        let simd32 = |x: &[f32], q: &mut [i8]| unsafe { quantize_values_avx512::<32>(x, q) };
+        let simd256 = |x: &[f32], q: &mut [i8]| unsafe { quantize_values_avx512::<256>(x, q) };
+        assert_eq!(run(&simd32, 32), run(&quantize_values_portable::<32>, 32));
+        assert_eq!(
+            run(&simd256, 256),
+            run(&quantize_values_portable::<256>, 256)
+        );
     }
 
     #[test]
