@@ -508,6 +508,15 @@ impl<X> Copy for GroupTile<'_, X> {}
 
 #[cfg(target_arch = "x86_64")]
 impl<X> GroupTile<'_, X> {
+    /// The tile's matrix's records as `kind` lays them out (a form passes its constant kind,
+    /// so the offsets fold to shifts and multiplies), and where the tile's group starts.
+    #[inline(always)]
+    pub(super) fn records(&self, kind: QuantKind) -> (Records, *const u8) {
+        let records = Records::new(kind, self.w.c_in);
+        let at = self.group * records.group_bytes();
+        (records, self.w.data[at..].as_ptr())
+    }
+
     /// Adds lanes `lane0..lane0 + n` of input row `g`'s 16 row sums to `acc`.
     #[inline(always)]
     fn add(&self, acc: &mut [f32], g: usize, sums: &[f32; GROUP_ROWS]) {
@@ -630,9 +639,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
     let nibble = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     let mut sums = [_mm512_setzero_ps(); G];
-    // The kind a constant: the records' offsets fold to shifts and multiplies.
-    let records = Records::new(kind, c_in);
-    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
+    let (records, group_at) = tile.records(kind);
     for b in 0..blocks {
         let lines = group_at.add(records.block(b));
         // Four inputs of row g from value `at` of the block, as one i32 in every lane.
@@ -721,8 +728,7 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let ones = _mm256_set1_epi16(1);
     // The 16 rows' sums of each input row: rows 0..8, then 8..16.
     let mut sums = [[_mm256_setzero_ps(); G]; 2];
-    let records = Records::new(kind, c_in);
-    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
+    let (records, group_at) = tile.records(kind);
     for b in 0..blocks {
         let lines = group_at.add(records.block(b));
         let four = |g: usize, at: usize| -> __m256i {

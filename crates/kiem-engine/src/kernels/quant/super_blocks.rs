@@ -4,9 +4,7 @@
 //! takes two float operations (its scale, and its min), not two per 32 weights.
 
 #[cfg(target_arch = "x86_64")]
-use super::row_groups::{
-    by_groups, group_block_bytes, GroupForms, GroupTile, Records, PLANE_WORDS,
-};
+use super::row_groups::{by_groups, group_block_bytes, GroupForms, GroupTile, PLANE_WORDS};
 use super::row_groups::{float, sub_at};
 #[cfg(target_arch = "x86_64")]
 use super::{halves16, halves8};
@@ -167,9 +165,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
     let gbb = group_block_bytes(kind);
     let planes = kind.high_planes();
     let nibble = _mm512_set1_epi8(0x0F);
-    // The kind a constant: the records' offsets fold to shifts and multiplies.
-    let records = Records::new(kind, c_in);
-    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
+    let (records, group_at) = tile.records(kind);
     let mut sums = [_mm512_setzero_ps(); G];
     for s in 0..supers {
         let xs: [usize; G] = std::array::from_fn(|g| (tile.r0 + g) * supers + s);
@@ -287,8 +283,7 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let planes = kind.high_planes();
     let nibble = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let records = Records::new(kind, c_in);
-    let group_at = w.data.as_ptr().add(tile.group * records.group_bytes());
+    let (records, group_at) = tile.records(kind);
     // The 16 rows' sums of each input row: rows 0..8, then 8..16.
     let mut sums = [[_mm256_setzero_ps(); G]; 2];
     for s in 0..supers {
