@@ -4,6 +4,7 @@ prefill tokens/s (a 512-token prompt) and batch-1 decode tokens/s (128 tokens), 
 
     python bench/llamacpp.py --llama-bench PATH/TO/llama-bench [--layers 12] [--width 768]
         [--threads 2] [--types q8_0 q4_0] [--repeat 3] [--llama-quantize PATH/TO/llama-quantize]
+        [--work DIR]
 
 Types kiem writes (f32, f16, bf16, q8_0, q4_0, q4_1) are exported by kiem; the others (q4_k_m,
 q5_k_m, q6_k, q5_0, q5_1, ..., any name llama-quantize takes) are made by llama.cpp's own
@@ -42,6 +43,8 @@ from common import KIEM, machine, run
 
 
 def make_model(work, args):
+    if os.path.exists(os.path.join(work, "base", "model")):
+        return  # --work kept it from an earlier run
     words = ("order parcel invoice refund delivery address warehouse courier customer "
              "shipment tracking return exchange payment").split()
     corpus = "\n\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) + f" {i}"
@@ -77,6 +80,8 @@ KIEM_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"}
 
 def make_file(kind, args, work):
     path = os.path.join(work, f"model-{kind}.gguf")
+    if os.path.exists(path):
+        return path  # --work kept it
     if kind in KIEM_TYPES:
         run([KIEM, "export", "--format", "gguf", "--type", kind, "--model", "base/model",
              "--out", path], work)
@@ -112,6 +117,8 @@ def main():
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--llama-quantize", help="llama.cpp's llama-quantize, for types kiem does "
                    "not write (K quants, Q5_0, Q5_1)")
+    p.add_argument("--work", help="keep the model and its GGUF files in this folder (reused "
+                   "by later runs with the same folder, --layers and --width; default: a temporary folder)")
     args = p.parse_args()
     if not os.path.exists(KIEM):
         sys.exit("build kiem first: cargo build --release")
@@ -120,7 +127,9 @@ def main():
         args.llama_quantize = os.path.abspath(args.llama_quantize)
     cpu, simd = machine()
     rows = []
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as temporary:
+        work = os.path.abspath(args.work) if args.work else temporary
+        os.makedirs(work, exist_ok=True)
         make_model(work, args)
         for kind in args.types:
             path = make_file(kind, args, work)
