@@ -378,42 +378,101 @@ fn attention_cached(
                 )
             }
         });
-    // The other rows: one task per (row, head), so a single decoding row still keeps every
-    // thread busy.
-    out.par_chunks_mut(hs).enumerate().for_each(|(i, y)| {
-        let (r, h) = (i / heads, i % heads);
-        if in_blocked(r) {
-            return;
-        }
-        let (s, pos) = rows[r];
-        let cache = &caches[s];
-        let q = &qkv[r * w + h * hs..][..hs];
-        crate::kernels::wide(
-            #[inline(always)]
-            || {
-                // No closures in these loops: an iterator adapter's closure is compiled on its
-                // own, for the baseline CPU.
-                let mut scores = vec![0f32; pos + 1];
-                let start = cache.head_start(layer, h / group);
-                let keys = cache.k[start..start + (pos + 1) * hs].chunks_exact(hs);
-                for (score, key) in scores.iter_mut().zip(keys) {
-                    *score = crate::kernels::lane_dot(q, key) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = crate::kernels::fast_exp(*s - max);
-                    sum += *s;
-                }
-                y.fill(0.0);
-                let values = cache.v[start..start + (pos + 1) * hs].chunks_exact(hs);
-                for (&w, value) in scores.iter().zip(values) {
-                    let w = w / sum;
-                    for (y, &v) in y.iter_mut().zip(value) {
-                        *y += w * v;
+    // The other rows: one task per (row, key/value head), whose query heads score each key
+    // and take each value as it is read (grouped-query attention reads its cache once, not
+    // once per query head); the query heads split further where the tasks would not keep
+    // every thread busy (a single decoding row of a model with few key/value heads).
+    let per_task =
+        query_heads_per_task(group, rows.len() * d.kv_heads, rayon::current_num_threads());
+    let tasks_per_row = heads / per_task;
+    out.par_chunks_mut(per_task * hs)
+        .enumerate()
+        .for_each(|(i, y)| {
+            let (r, first) = (i / tasks_per_row, i % tasks_per_row * per_task);
+            if in_blocked(r) {
+                return;
+            }
+            let (s, pos) = rows[r];
+            let cache = &caches[s];
+            let at = cache.head_start(layer, first / group);
+            let queries = &qkv[r * w + first * hs..][..per_task * hs];
+            let seen = pos + 1;
+            crate::kernels::wide(
+                #[inline(always)]
+                || {
+                    // No closures in these loops: an iterator adapter's closure is compiled on
+                    // its own, for the baseline CPU.
+                    let mut scores = vec![0f32; per_task * seen];
+                    let keys = cache.k[at..at + seen * hs].chunks_exact(hs);
+                    for (p, key) in keys.enumerate() {
+                        for (h, q) in queries.chunks_exact(hs).enumerate() {
+                            scores[h * seen + p] = crate::kernels::lane_dot(q, key) * scale;
+                        }
                     }
-                }
-            },
-        )
-    });
+                    let mut inverse_sums = [0f32; MOST_HEADS_PER_TASK];
+                    for (h, row) in scores.chunks_exact_mut(seen).enumerate() {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0.0;
+                        for s in row.iter_mut() {
+                            *s = crate::kernels::fast_exp(*s - max);
+                            sum += *s;
+                        }
+                        inverse_sums[h] = 1.0 / sum;
+                    }
+                    y.fill(0.0);
+                    let values = cache.v[at..at + seen * hs].chunks_exact(hs);
+                    for (p, value) in values.enumerate() {
+                        for (h, y) in y.chunks_exact_mut(hs).enumerate() {
+                            let weight = scores[h * seen + p] * inverse_sums[h];
+                            for (y, &v) in y.iter_mut().zip(value) {
+                                *y += weight * v;
+                            }
+                        }
+                    }
+                },
+            )
+        });
+}
+
+/// Most query heads one decoding attention task takes (a key/value head's group, or part of
+/// it): its softmax sums live in a fixed array.
+const MOST_HEADS_PER_TASK: usize = 16;
+
+/// How many of a key/value head's `group` query heads one decoding attention task takes: the
+/// whole group (each key and value read once), unless `kv_tasks` tasks (rows × key/value
+/// heads) would leave some of the `threads` idle, then the largest divisor of the group that
+/// gives every thread a task; never more than [`MOST_HEADS_PER_TASK`].
+fn query_heads_per_task(group: usize, kv_tasks: usize, threads: usize) -> usize {
+    (1..=group.min(MOST_HEADS_PER_TASK))
+        .rev()
+        .filter(|&n| group.is_multiple_of(n))
+        .find(|&n| kv_tasks * (group / n) >= threads)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_heads_per_task;
+
+    #[test]
+    fn decoding_attention_tasks_keep_a_group_together_unless_threads_idle() {
+        // (query heads per key/value head, rows × key/value heads, threads) -> heads a task.
+        for (group, kv_tasks, threads, want) in [
+            (1, 12, 2, 1),
+            (2, 6, 2, 2),
+            (4, 8, 16, 2),
+            (8, 1, 4, 2),
+            (8, 1, 64, 1),
+            (6, 2, 6, 2),
+            (32, 1, 1, 16),
+            (7, 2, 4, 1),
+            (7, 4, 4, 7),
+        ] {
+            assert_eq!(
+                query_heads_per_task(group, kv_tasks, threads),
+                want,
+                "group {group}, {kv_tasks} key/value tasks, {threads} threads"
+            );
+        }
+    }
 }
