@@ -409,21 +409,14 @@ fn attention_cached(
                             scores[h * seen + p] = crate::kernels::lane_dot(q, key) * scale;
                         }
                     }
-                    let mut inverse_sums = [0f32; MOST_HEADS_PER_TASK];
-                    for (h, row) in scores.chunks_exact_mut(seen).enumerate() {
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for s in row.iter_mut() {
-                            *s = crate::kernels::fast_exp(*s - max);
-                            sum += *s;
-                        }
-                        inverse_sums[h] = 1.0 / sum;
+                    for row in scores.chunks_exact_mut(seen) {
+                        crate::kernels::softmax(row);
                     }
                     y.fill(0.0);
                     let values = cache.v[at..at + seen * hs].chunks_exact(hs);
                     for (p, value) in values.enumerate() {
                         for (h, y) in y.chunks_exact_mut(hs).enumerate() {
-                            let weight = scores[h * seen + p] * inverse_sums[h];
+                            let weight = scores[h * seen + p];
                             for (y, &v) in y.iter_mut().zip(value) {
                                 *y += weight * v;
                             }
@@ -434,16 +427,12 @@ fn attention_cached(
         });
 }
 
-/// Most query heads one decoding attention task takes (a key/value head's group, or part of
-/// it): its softmax sums live in a fixed array.
-const MOST_HEADS_PER_TASK: usize = 16;
-
 /// How many of a key/value head's `group` query heads one decoding attention task takes: the
 /// whole group (each key and value read once), unless `kv_tasks` tasks (rows × key/value
 /// heads) would leave some of the `threads` idle, then the largest divisor of the group that
-/// gives every thread a task; never more than [`MOST_HEADS_PER_TASK`].
+/// gives every thread a task.
 fn query_heads_per_task(group: usize, kv_tasks: usize, threads: usize) -> usize {
-    (1..=group.min(MOST_HEADS_PER_TASK))
+    (1..=group)
         .rev()
         .filter(|&n| group.is_multiple_of(n))
         .find(|&n| kv_tasks * (group / n) >= threads)
@@ -464,7 +453,7 @@ mod tests {
             (8, 1, 4, 2),
             (8, 1, 64, 1),
             (6, 2, 6, 2),
-            (32, 1, 1, 16),
+            (32, 1, 1, 32),
             (7, 2, 4, 1),
             (7, 4, 4, 7),
         ] {

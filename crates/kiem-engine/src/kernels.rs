@@ -23,7 +23,7 @@ mod quant;
 mod rope;
 mod simd;
 
-pub(crate) use attention::attention_over_cache;
+pub(crate) use attention::{attention_over_cache, softmax};
 pub use matmul::{matmul_thin_bf16, SKINNY_ROWS};
 pub use quant::{matmul_thin_quant, matmul_wide_quant, wide_quant_native, QuantKind, QuantMatrix};
 pub use rope::RopeTable;

@@ -89,7 +89,7 @@ unsafe fn block_scores(
 
 /// The scores a row sees into their probabilities, in place; returns their log-sum-exp.
 #[inline(always)]
-fn softmax(live: &mut [f32]) -> f32 {
+pub(crate) fn softmax(live: &mut [f32]) -> f32 {
     let max = lane_max(live);
     live.iter_mut().for_each(|x| *x = fast_exp(*x - max));
     let sum = lane_sum(live, |e| e);
