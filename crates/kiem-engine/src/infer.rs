@@ -412,19 +412,61 @@ fn attention_cached(
                     for row in scores.chunks_exact_mut(seen) {
                         crate::kernels::softmax(row);
                     }
-                    y.fill(0.0);
-                    let values = cache.v[at..at + seen * hs].chunks_exact(hs);
-                    for (p, value) in values.enumerate() {
-                        for (h, y) in y.chunks_exact_mut(hs).enumerate() {
-                            let weight = scores[h * seen + p];
-                            for (y, &v) in y.iter_mut().zip(value) {
-                                *y += weight * v;
-                            }
-                        }
+                    let values = &cache.v[at..at + seen * hs];
+                    match hs {
+                        64 => weighted_values::<64>(y, &scores, values),
+                        128 => weighted_values::<128>(y, &scores, values),
+                        _ => weighted_values_any(y, &scores, values, hs),
                     }
                 },
             )
         });
+}
+
+/// Positions of values a decoding attention task takes at a time for each of its heads (at
+/// most 32 KB of them: they stay in the core's first cache while its heads take them).
+const VALUE_BLOCK: usize = 64;
+
+/// `y[h] = Σ_p weights[h][p] · values[p]` for each of the task's heads `h` (`y` rows and
+/// `values` rows of `HS`), each output summed over the positions in order: the head's `HS`
+/// sums stay in registers for a block of positions (once per position through memory, the
+/// loads and stores of `y` outnumbered the values' own).
+#[inline(always)]
+fn weighted_values<const HS: usize>(y: &mut [f32], weights: &[f32], values: &[f32]) {
+    let seen = values.len() / HS;
+    y.fill(0.0);
+    for p0 in (0..seen).step_by(VALUE_BLOCK) {
+        let p1 = (p0 + VALUE_BLOCK).min(seen);
+        for (h, y) in y.chunks_exact_mut(HS).enumerate() {
+            let mut sums = [0f32; HS];
+            sums.copy_from_slice(y);
+            let block = &values[p0 * HS..p1 * HS];
+            for (&weight, value) in weights[h * seen + p0..h * seen + p1]
+                .iter()
+                .zip(block.chunks_exact(HS))
+            {
+                for j in 0..HS {
+                    sums[j] += weight * value[j];
+                }
+            }
+            y.copy_from_slice(&sums);
+        }
+    }
+}
+
+/// [`weighted_values`] for any head width: the same sums, through memory.
+#[inline(always)]
+fn weighted_values_any(y: &mut [f32], weights: &[f32], values: &[f32], hs: usize) {
+    let seen = values.len() / hs;
+    y.fill(0.0);
+    for (p, value) in values.chunks_exact(hs).enumerate() {
+        for (h, y) in y.chunks_exact_mut(hs).enumerate() {
+            let weight = weights[h * seen + p];
+            for (y, &v) in y.iter_mut().zip(value) {
+                *y += weight * v;
+            }
+        }
+    }
 }
 
 /// How many of a key/value head's `group` query heads one decoding attention task takes: the
