@@ -95,6 +95,30 @@ fn prefill_then_decode_matches_full_forward_for(mut gpt: Gpt) {
     assert!(err.contains("do not fit"), "{err}");
 }
 
+/// Decoding's attention keeps heads of 64 and 128 values in registers a block of positions at
+/// a time (other widths through memory): past a block's end, both still match the full pass.
+#[test]
+fn decoding_heads_of_64_and_128_match_full_forward() {
+    for head_dim in [64, 128] {
+        let mut gpt = model_of(ModelConfig {
+            head_dim: Some(head_dim),
+            ..llama_config(32, 96)
+        });
+        let tokens: Vec<u32> = (0..90).map(|i| (i * 11 % 37) as u32).collect();
+        let reference = full_logits(&mut gpt, &tokens);
+        let v = gpt.config.vocab_size;
+        let mut cache = [KvCache::new(&gpt)];
+        gpt.forward_cached(&mut cache, &[&tokens[..3]]).unwrap();
+        for t in 3..tokens.len() {
+            let logits = gpt
+                .forward_cached(&mut cache, &[&tokens[t..t + 1]])
+                .unwrap();
+            let what = format!("head width {head_dim}, decode position {t}");
+            assert_close(&logits[..v], &reference[t], &what);
+        }
+    }
+}
+
 #[test]
 fn batched_sequences_match_one_at_a_time() {
     for gpt in models() {
