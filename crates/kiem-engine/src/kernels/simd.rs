@@ -127,8 +127,8 @@ pub(super) fn lane_max(x: &[f32]) -> f32 {
 /// Dot product with 16 independent lanes (a fixed order, so deterministic), the lanes then
 /// summed as a tree (each with the one 8 above, then 4, 2, 1): the same bits at every SIMD
 /// level. Decoding's attention takes one per cached key; summing the lanes one after another
-/// was a chain of 15 dependent adds per key (long-context decoding 70-72% of its bandwidth
-/// bound, 75-76% with the tree).
+/// was a chain of 15 dependent adds per key (Q4_0 decoding after a 512-token prompt: 62-70%
+/// of its bandwidth bound before, 68-73% with the tree and grouped heads; bench/RESULTS.md).
 #[inline(always)]
 pub(crate) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
