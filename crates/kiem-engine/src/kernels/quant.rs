@@ -143,8 +143,9 @@ impl QuantKind {
         !matches!(self, QuantKind::Q8_0)
     }
 
-    /// Bits of each weight above its low nibble, each kept as a plane of one bit per weight.
-    const fn high_planes(self) -> usize {
+    /// Bits of each weight above its low nibble (kept in a block's high lines, one line per
+    /// bit: see `row_groups`).
+    const fn high_bits(self) -> usize {
         match self {
             QuantKind::Q5_0 | QuantKind::Q5_1 | QuantKind::Q5_K => 1,
             QuantKind::Q6_K => 2,
@@ -182,7 +183,7 @@ impl QuantKind {
     /// offset), or its super-block's byte scales (and mins) and fp16 scale (and min).
     pub fn bytes_per_weight(self) -> f64 {
         let weight = if self.nibbles() {
-            (4 + self.high_planes()) as f64 / 8.0
+            (4 + self.high_bits()) as f64 / 8.0
         } else {
             1.0
         };
@@ -260,7 +261,7 @@ const SUPER_BYTES: usize = 16;
 /// A matrix `W[c_out, c_in]` quantized for decoding, in the layout the thin product streams:
 /// rows in groups of 16, interleaved four weights at a time, so that one instruction takes 16
 /// rows' dot products (see `row_groups`). Each weight keeps its low 4 bits (Q8_0: its byte)
-/// and, for the 5- and 6-bit kinds, its higher bits in bit planes; each 32-weight block its fp16
+/// and, for the 5- and 6-bit kinds, its higher bits in high lines beside them; each 32-weight block its fp16
 /// scale (and offset) as ggml has it (the kernels widen it: exact); each K super-block its fp16
 /// scale (and min) and its sub-blocks' byte scales (and mins) as ggml has them, multiplied out where a
 /// product needs a block's scale (as ggml dequantizes). A stored value less the kind's center
@@ -270,7 +271,7 @@ pub struct QuantMatrix {
     pub kind: QuantKind,
     pub c_in: usize,
     pub c_out: usize,
-    /// Row group after row group, each ggml block's weights' lines (and the bit planes above
+    /// Row group after row group, each ggml block's weights' lines (and the high lines above
     /// the nibbles), its scales (and offsets) in fp16 as ggml keeps them (widening is exact,
     /// and decoding reads half the bytes of f32s), a K super-block's small scales: see
     /// `row_groups::Records`.
@@ -503,7 +504,7 @@ fn unpack_ggml_block(
                 at = 4;
             }
             let mut fifth = 0;
-            if kind.high_planes() == 1 {
+            if kind.high_bits() == 1 {
                 fifth = word(at);
                 at += 4;
             }
@@ -784,30 +785,6 @@ unsafe fn halves16(p: *const f16) -> std::arch::x86_64::__m512 {
 unsafe fn halves8(p: *const f16) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-}
-
-/// `v` (32 values) with `16 << p` added to byte k where bit k of `word` is set (plane `p`'s
-/// bits: each word's byte k / 8 spread to 8 bytes, then bit k % 8 tested).
-///
-/// # Safety
-/// The CPU has AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn avx2_plane_bytes(
-    v: std::arch::x86_64::__m256i,
-    word: u32,
-    p: usize,
-) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let spread = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(word as i32), spread);
-    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-    _mm256_add_epi8(v, _mm256_and_si256(set, _mm256_set1_epi8(16 << p)))
 }
 
 #[cfg(test)]

@@ -11,8 +11,12 @@
 //! - weights: Q8_0 8 lines, line `k` byte `4r + i` = row `r`'s weight `4k + i` (signed); the
 //!   other kinds 4 lines, line `k` byte `4r + i` = row `r`'s weights `4k + i` (low nibble)
 //!   and `4k + 16 + i` (high nibble), each less its bits above the nibble;
-//! - high bits (Q5_0, Q5_1, Q5_K, Q6_K): per plane, 8 masks of 64 bits (two u32, low first),
-//!   mask `k` bit `4r + i` = the plane's bit of row `r`'s weight `4k + i`;
+//! - high lines (Q5_0, Q5_1, Q5_K: one; Q6_K: two), each weight's `bits` above its nibble:
+//!   with granule `m` = weights `4m..4m + 4` (line `m % 4`'s low nibbles for `m < 4`, high
+//!   ones after) and `F = 8 / bits` granules a byte, high line `m / F` byte `4r + i` holds
+//!   row `r`'s bits of weight `4m + i` from bit `bits · (m % F)` ([`high_place`]). One shift
+//!   of a high line puts a granule's bits above its nibbles: two instructions a granule, where
+//!   bit planes read as byte masks had cost Q6_K a third of its time in cache;
 //!
 //! and per group and ggml block (32 weights, or a K super-block of 256), the 16 rows side by
 //! side: each fp16 value the block keeps ([`QuantKind::block_floats`]: a scale, and Q4_1's and
@@ -42,8 +46,92 @@ pub(super) const fn group_block_bytes(kind: QuantKind) -> usize {
     }
 }
 
-/// u32 words per group, 32-weight block and plane of high bits: 8 masks of 64 bits.
-pub(super) const PLANE_WORDS: usize = 16;
+/// Bytes of a 32-weight block's high lines, which come before its weight lines: a product
+/// reads them first (their shifts head each granule's work), and loads that go up through
+/// memory in order let the prefetcher stream (high lines after the weights had cost Q6_K a
+/// quarter of its speed from memory).
+pub(super) const fn high_bytes(kind: QuantKind) -> usize {
+    kind.high_bits() * LINE
+}
+
+/// Granules whose high bits a byte of a high line holds (Q6_K: 4 pairs of bits; the Q5 kinds:
+/// 8 bits).
+const fn high_fields(bits: usize) -> usize {
+    8 / bits
+}
+
+/// Where granule `m`'s `bits` high bits lie: the block's high line and the bit within a byte.
+#[inline(always)]
+pub(super) const fn high_place(bits: usize, m: usize) -> (usize, u32) {
+    (
+        m / high_fields(bits),
+        (bits * (m % high_fields(bits))) as u32,
+    )
+}
+
+/// `nibbles` (granule `m`'s weights of a group's 16 rows, one byte each) with their `bits`
+/// high bits from the block's high lines at `high`: each byte's field shifted to bit 4 (the
+/// shift moves 16-bit lanes; the mask drops what crossed from the neighbouring byte).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW; `high` points at the block's high lines.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+pub(super) unsafe fn with_high_bits512(
+    nibbles: std::arch::x86_64::__m512i,
+    high: *const u8,
+    bits: usize,
+    m: usize,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let (line, at) = high_place(bits, m);
+    let h = _mm512_loadu_si512(high.add(line * LINE) as *const _);
+    let h = match at {
+        0 => _mm512_slli_epi16(h, 4),
+        1 => _mm512_slli_epi16(h, 3),
+        2 => _mm512_slli_epi16(h, 2),
+        3 => _mm512_slli_epi16(h, 1),
+        4 => h,
+        5 => _mm512_srli_epi16(h, 1),
+        6 => _mm512_srli_epi16(h, 2),
+        _ => _mm512_srli_epi16(h, 3),
+    };
+    let field = _mm512_set1_epi8((((1 << bits) - 1) << 4) as i8);
+    // nibbles | (h & field)
+    _mm512_ternarylogic_epi32(nibbles, h, field, 0xF8)
+}
+
+/// [`with_high_bits512`] for half a group (8 rows, 32 bytes): `high` points at the half's
+/// bytes of the block's first high line.
+///
+/// # Safety
+/// The CPU has AVX2; `high` points at the half's bytes of the block's high lines.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn with_high_bits256(
+    nibbles: std::arch::x86_64::__m256i,
+    high: *const u8,
+    bits: usize,
+    m: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let (line, at) = high_place(bits, m);
+    let h = _mm256_loadu_si256(high.add(line * LINE) as *const __m256i);
+    let h = match at {
+        0 => _mm256_slli_epi16(h, 4),
+        1 => _mm256_slli_epi16(h, 3),
+        2 => _mm256_slli_epi16(h, 2),
+        3 => _mm256_slli_epi16(h, 1),
+        4 => h,
+        5 => _mm256_srli_epi16(h, 1),
+        6 => _mm256_srli_epi16(h, 2),
+        _ => _mm256_srli_epi16(h, 3),
+    };
+    let field = _mm256_set1_epi8((((1 << bits) - 1) << 4) as i8);
+    _mm256_or_si256(nibbles, _mm256_and_si256(h, field))
+}
 
 /// One row of a matrix, unpacked: each weight's stored value (Q8_0: its signed byte), and
 /// per ggml block its fp16 values ([`QuantKind::block_floats`]: scales, then offsets) and a K
@@ -68,14 +156,11 @@ pub(super) fn zeroed(kind: QuantKind, c_in: usize, c_out: usize) -> QuantMatrix 
     }
 }
 
-/// Bytes of one plane of a group's 32-weight block.
-const PLANE_BYTES: usize = 4 * PLANE_WORDS;
-
 /// Where a matrix's records lie in its bytes: row group after row group, each row's ggml
 /// blocks (32 weights, or a K super-block of 256) in records of one or two. A record starts
 /// with its header, a K super-block's small scales (16 rows each) then each block's fp16
 /// values (16 rows each), padded to whole cache lines; then each 32-weight block's lines and
-/// its planes. A thread multiplying a run of groups so reads one stream, in order, every line
+/// its high lines. A thread multiplying a run of groups so reads one stream, in order, every line
 /// on a cache line of its own: with the scales in an array apart, that second, slower stream
 /// cost about a quarter of the read bandwidth. Records pair the blocks whose header alone
 /// would take half a line (Q8_0, Q4_0, Q5_0: one scale), the last one of an odd count alone
@@ -90,7 +175,7 @@ pub(super) struct Records {
     /// row's scales).
     record_shift: u32,
     ggml_shift: u32,
-    /// Bytes of a 32-weight block's lines and planes; of a ggml block's small scales and its
+    /// Bytes of a 32-weight block's lines and high lines; of a ggml block's small scales and its
     /// fp16 values (16 rows each); of a record's header and of a record.
     block_bytes: usize,
     smalls_bytes: usize,
@@ -107,7 +192,7 @@ impl Records {
 
     #[inline(always)]
     pub(super) fn new(kind: QuantKind, c_in: usize) -> Self {
-        let block_bytes = group_block_bytes(kind) + kind.high_planes() * PLANE_BYTES;
+        let block_bytes = group_block_bytes(kind) + kind.high_bits() * LINE;
         let smalls_bytes = if kind.super_blocks() {
             SUPER_BYTES * GROUP_ROWS
         } else {
@@ -150,7 +235,7 @@ impl Records {
     }
 
     /// Where, in its group, 32-weight block `b` (counted in a row) starts: its lines, then
-    /// its planes.
+    /// its high lines.
     #[inline(always)]
     pub(super) fn block(self, b: usize) -> usize {
         let i = b >> self.ggml_shift;
@@ -180,7 +265,7 @@ impl Records {
 }
 
 /// Where group `group`'s 32-weight block `b` starts in `w`'s bytes: its lines, then its
-/// planes (`group_block_bytes` on).
+/// high lines (`group_block_bytes` on).
 #[inline(always)]
 pub(super) fn block_at(w: &QuantMatrix, group: usize, b: usize) -> usize {
     let records = Records::of(w);
@@ -209,41 +294,25 @@ pub(super) fn sub_at(w: &QuantMatrix, j: usize, i: usize, k: usize) -> usize {
     (j / GROUP_ROWS) * records.group_bytes() + records.smalls(i, k) + j % GROUP_ROWS
 }
 
-/// Word `k` of plane words starting at byte `at` of `bytes`.
-#[inline(always)]
-fn plane_word(bytes: &[u8], at: usize, k: usize) -> u32 {
-    u32::from_le_bytes(bytes[at + 4 * k..at + 4 * k + 4].try_into().unwrap())
-}
-
-/// Sets `bits` in word `k` of the plane words starting at byte `at`.
-#[inline(always)]
-fn set_plane_bits(bytes: &mut [u8], at: usize, k: usize, bits: u32) {
-    let word = plane_word(bytes, at, k) | bits;
-    bytes[at + 4 * k..at + 4 * k + 4].copy_from_slice(&word.to_le_bytes());
-}
-
 /// Row `j`'s 32-weight block `b` (counted in its row) as it is stored: 32 unsigned values
 /// (Q8_0: the signed bytes as they are), bits above the nibble included.
 #[inline(always)]
 pub(super) fn stored_block(w: &QuantMatrix, j: usize, b: usize) -> [u8; QUANT_BLOCK] {
     let (at, r) = (block_at(w, j / GROUP_ROWS, b), j % GROUP_ROWS);
-    let q = &w.data[at..];
-    let planes = w.kind.high_planes();
-    let gbb = group_block_bytes(w.kind);
+    let (high, q) = w.data[at..].split_at(high_bytes(w.kind));
+    let bits = w.kind.high_bits();
     std::array::from_fn(|k| {
         let (granule, i) = (k / 4, k % 4);
         if !w.kind.nibbles() {
             return q[granule * LINE + 4 * r + i];
         }
         let byte = q[(granule % 4) * LINE + 4 * r + i];
-        let mut v = if granule < 4 { byte & 0xF } else { byte >> 4 };
-        for p in 0..planes {
-            let words = gbb + p * PLANE_BYTES;
-            let mask = u64::from(plane_word(q, words, 2 * granule))
-                | u64::from(plane_word(q, words, 2 * granule + 1)) << 32;
-            v |= (((mask >> (4 * r + i)) & 1) as u8) << (4 + p);
+        let v = if granule < 4 { byte & 0xF } else { byte >> 4 };
+        if bits == 0 {
+            return v;
         }
-        v
+        let (line, at) = high_place(bits, granule);
+        v | ((high[line * LINE + 4 * r + i] >> at) & ((1 << bits) - 1)) << 4
     })
 }
 
@@ -266,7 +335,7 @@ fn for_each_row(w: &mut QuantMatrix, each: impl Fn(usize, usize, &mut [u8]) + Sy
 /// stay zero).
 pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
     let kind = w.kind;
-    let planes = kind.high_planes();
+    let bits = kind.high_bits();
     let gbb = group_block_bytes(kind);
     let records = Records::of(w);
     let (floats, _) = kind.block_floats();
@@ -283,7 +352,7 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
             group[records.smalls(k / SUPER_BYTES, k % SUPER_BYTES) + r] = v;
         }
         for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
-            let at = records.block(b);
+            let at = records.block(b) + high_bytes(kind);
             let lines = &mut group[at..at + gbb];
             if !kind.nibbles() {
                 for k in 0..8 {
@@ -297,13 +366,11 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
                     lines[k * LINE + 4 * r + i] = low | high << 4;
                 }
             }
-            for p in 0..planes {
-                let words = at + gbb + p * PLANE_BYTES;
-                for g in 0..8 {
-                    let bits = (0..4).fold(0u32, |m, i| {
-                        m | (u32::from(v[4 * g + i] >> (4 + p)) & 1) << i
-                    });
-                    set_plane_bits(group, words, 2 * g + 4 * r / 32, bits << (4 * r % 32));
+            if bits > 0 {
+                let high = &mut group[at - high_bytes(kind)..at];
+                for (k, &v) in v.iter().enumerate() {
+                    let (line, shift) = high_place(bits, k / 4);
+                    high[line * LINE + 4 * r + k % 4] |= (v >> 4) << shift;
                 }
             }
         }
@@ -321,8 +388,6 @@ pub(super) fn copy_rows<'a>(
     let (blocks, per_row) = (c_in / QUANT_BLOCK, c_in / kind.row_multiple());
     let (floats, offsets) = kind.block_floats();
     let sub = if kind.super_blocks() { SUPER_BYTES } else { 0 };
-    let planes = kind.high_planes();
-    let gbb = group_block_bytes(kind);
     for_each_row(dst, |j, r, group| {
         let (src, js) = source(j);
         assert!(
@@ -334,24 +399,10 @@ pub(super) fn copy_rows<'a>(
             let from_at = block_at(src, js / GROUP_ROWS, b);
             let from = &src.data[from_at..from_at + records.block_bytes];
             let to_at = records.block(b);
-            for line in 0..gbb / LINE {
+            // Every line (weights' and high bits') holds row rs's 4 bytes at 4·rs.
+            for line in 0..records.block_bytes / LINE {
                 let (f, t) = (line * LINE + 4 * rs, to_at + line * LINE + 4 * r);
                 group[t..t + 4].copy_from_slice(&from[f..f + 4]);
-            }
-            for p in 0..planes {
-                let words = gbb + p * PLANE_BYTES;
-                for g in 0..8 {
-                    // Row rs's 4 bits of mask g, to row r's.
-                    let mask = u64::from(plane_word(from, words, 2 * g))
-                        | u64::from(plane_word(from, words, 2 * g + 1)) << 32;
-                    let bits = ((mask >> (4 * rs)) & 0xF) as u32;
-                    set_plane_bits(
-                        group,
-                        to_at + words,
-                        2 * g + 4 * r / 32,
-                        bits << (4 * r % 32),
-                    );
-                }
             }
         }
         for i in 0..per_row {
@@ -381,7 +432,8 @@ pub(super) unsafe fn line(
     g: usize,
 ) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    let lines = w.data.as_ptr().add(block_at(w, group, b));
+    let high = w.data.as_ptr().add(block_at(w, group, b));
+    let lines = high.add(high_bytes(w.kind));
     if !w.kind.nibbles() {
         return _mm512_loadu_si512(lines.add(g * LINE) as *const _);
     }
@@ -392,11 +444,9 @@ pub(super) unsafe fn line(
         line
     };
     let mut v = _mm512_and_si512(line, _mm512_set1_epi8(0x0F));
-    let planes = w.kind.high_planes();
-    let high = lines.add(group_block_bytes(w.kind));
-    for p in 0..planes {
-        let mask = (high.add(p * PLANE_BYTES + 8 * g) as *const u64).read_unaligned();
-        v = _mm512_mask_add_epi8(v, mask, v, _mm512_set1_epi8(16 << p));
+    let bits = w.kind.high_bits();
+    if bits > 0 {
+        v = with_high_bits512(v, high, bits, g);
     }
     _mm512_sub_epi8(v, _mm512_set1_epi8(w.kind.center() as i8))
 }
@@ -633,15 +683,15 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
     let kind = QuantKind::of_index(K);
     let (x, w) = (tile.x, tile.w);
     let (blocks, c_in) = (w.c_in / QUANT_BLOCK, w.c_in);
-    let gbb = group_block_bytes(kind);
-    let planes = kind.high_planes();
+    let bits = kind.high_bits();
     let offsets = kind.has_offset();
     let nibble = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     let mut sums = [_mm512_setzero_ps(); G];
     let (records, group_at) = tile.records(kind);
     for b in 0..blocks {
-        let lines = group_at.add(records.block(b));
+        let high = group_at.add(records.block(b));
+        let lines = high.add(high_bytes(kind));
         // Four inputs of row g from value `at` of the block, as one i32 in every lane.
         let four = |g: usize, at: usize| -> __m512i {
             let p =
@@ -663,16 +713,13 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
             ]
         });
         if kind.nibbles() {
-            let high = lines.add(gbb) as *const u32;
             for k in 0..4 {
                 let line = _mm512_loadu_si512(lines.add(k * LINE) as *const _);
                 let mut low = _mm512_and_si512(line, nibble);
                 let mut up = _mm512_and_si512(_mm512_srli_epi16(line, 4), nibble);
-                for p in 0..planes {
-                    let masks = high.add(p * PLANE_WORDS) as *const u64;
-                    let add = _mm512_set1_epi8(16 << p);
-                    low = _mm512_mask_add_epi8(low, masks.add(k).read_unaligned(), low, add);
-                    up = _mm512_mask_add_epi8(up, masks.add(k + 4).read_unaligned(), up, add);
+                if bits > 0 {
+                    low = with_high_bits512(low, high, bits, k);
+                    up = with_high_bits512(up, high, bits, k + 4);
                 }
                 for (g, dot) in dots.iter_mut().enumerate() {
                     dot[k] = _mm512_dpbusd_epi32(dot[k], low, four(g, 4 * k));
@@ -721,8 +768,7 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let kind = QuantKind::of_index(K);
     let (x, w) = (tile.x, tile.w);
     let (blocks, c_in) = (w.c_in / QUANT_BLOCK, w.c_in);
-    let gbb = group_block_bytes(kind);
-    let planes = kind.high_planes();
+    let bits = kind.high_bits();
     let offsets = kind.has_offset();
     let nibble = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
@@ -730,7 +776,8 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let mut sums = [[_mm256_setzero_ps(); G]; 2];
     let (records, group_at) = tile.records(kind);
     for b in 0..blocks {
-        let lines = group_at.add(records.block(b));
+        let high = group_at.add(records.block(b));
+        let lines = high.add(high_bytes(kind));
         let four = |g: usize, at: usize| -> __m256i {
             let p =
                 x.q.as_ptr()
@@ -751,18 +798,15 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                 _mm256_set1_epi32(start)
             });
             if kind.nibbles() {
-                let high = lines.add(gbb) as *const u32;
+                let high = high.add(32 * half);
                 for k in 0..4 {
                     let line =
                         _mm256_loadu_si256(lines.add(k * LINE + 32 * half) as *const __m256i);
                     let mut low = _mm256_and_si256(line, nibble);
                     let mut up = _mm256_and_si256(_mm256_srli_epi16(line, 4), nibble);
-                    for p in 0..planes {
-                        // This half's 32 bits of masks k and k + 4.
-                        let words = high.add(p * PLANE_WORDS + half);
-                        low = super::avx2_plane_bytes(low, words.add(2 * k).read_unaligned(), p);
-                        up =
-                            super::avx2_plane_bytes(up, words.add(2 * (k + 4)).read_unaligned(), p);
+                    if bits > 0 {
+                        low = with_high_bits256(low, high, bits, k);
+                        up = with_high_bits256(up, high, bits, k + 4);
                     }
                     for (g, d) in dots.iter_mut().enumerate() {
                         *d = _mm256_add_epi32(*d, dot(low, four(g, 4 * k)));

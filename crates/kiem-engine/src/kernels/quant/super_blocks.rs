@@ -4,7 +4,9 @@
 //! takes two float operations (its scale, and its min), not two per 32 weights.
 
 #[cfg(target_arch = "x86_64")]
-use super::row_groups::{by_groups, group_block_bytes, GroupForms, GroupTile, PLANE_WORDS};
+use super::row_groups::{
+    by_groups, high_bytes, with_high_bits256, with_high_bits512, GroupForms, GroupTile,
+};
 use super::row_groups::{float, sub_at};
 #[cfg(target_arch = "x86_64")]
 use super::{halves16, halves8};
@@ -162,8 +164,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
     let six = kind == QuantKind::Q6_K;
     let (x, w) = (tile.x, tile.w);
     let (c_in, supers) = (w.c_in, w.c_in / SUPER_BLOCK);
-    let gbb = group_block_bytes(kind);
-    let planes = kind.high_planes();
+    let bits = kind.high_bits();
     let nibble = _mm512_set1_epi8(0x0F);
     let (records, group_at) = tile.records(kind);
     let mut sums = [_mm512_setzero_ps(); G];
@@ -176,8 +177,8 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
         let mut dots = [_mm512_setzero_si512(); G];
         let mut mins = [_mm512_setzero_si512(); G];
         for sb in 0..SUPER_BLOCK / QUANT_BLOCK {
-            let lines = group_at.add(records.block(8 * s + sb));
-            let high = lines.add(gbb) as *const u32;
+            let high = group_at.add(records.block(8 * s + sb));
+            let lines = high.add(high_bytes(kind));
             // Four inputs of row g from value `at` of the sub-block, in every lane.
             let four = |g: usize, at: usize| -> __m512i {
                 let p =
@@ -206,11 +207,9 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
                 let line = _mm512_loadu_si512(lines.add(k * 64) as *const _);
                 let mut low = _mm512_and_si512(line, nibble);
                 let mut up = _mm512_and_si512(_mm512_srli_epi16(line, 4), nibble);
-                for p in 0..planes {
-                    let masks = high.add(p * PLANE_WORDS) as *const u64;
-                    let add = _mm512_set1_epi8(16 << p);
-                    low = _mm512_mask_add_epi8(low, masks.add(k).read_unaligned(), low, add);
-                    up = _mm512_mask_add_epi8(up, masks.add(k + 4).read_unaligned(), up, add);
+                if bits > 0 {
+                    low = with_high_bits512(low, high, bits, k);
+                    up = with_high_bits512(up, high, bits, k + 4);
                 }
                 for (g, part) in parts.iter_mut().enumerate() {
                     part[k % 2] = _mm512_dpbusd_epi32(part[k % 2], low, four(g, 4 * k));
@@ -279,8 +278,7 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
     let six = kind == QuantKind::Q6_K;
     let (x, w) = (tile.x, tile.w);
     let (c_in, supers) = (w.c_in, w.c_in / SUPER_BLOCK);
-    let gbb = group_block_bytes(kind);
-    let planes = kind.high_planes();
+    let bits = kind.high_bits();
     let nibble = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let (records, group_at) = tile.records(kind);
@@ -298,8 +296,8 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
             let mut mins = [_mm256_setzero_si256(); G];
             for sb in 0..SUPER_BLOCK / QUANT_BLOCK {
                 let block = group_at.add(records.block(8 * s + sb));
-                let lines = block.add(32 * half);
-                let high = (block.add(gbb) as *const u32).add(half);
+                let high = block.add(32 * half);
+                let lines = block.add(high_bytes(kind) + 32 * half);
                 let four = |g: usize, at: usize| -> __m256i {
                     let p =
                         x.q.as_ptr()
@@ -324,12 +322,9 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                     let line = _mm256_loadu_si256(lines.add(k * 64) as *const __m256i);
                     let mut low = _mm256_and_si256(line, nibble);
                     let mut up = _mm256_and_si256(_mm256_srli_epi16(line, 4), nibble);
-                    for p in 0..planes {
-                        // This half's 32 bits of masks k and k + 4.
-                        let words = high.add(p * PLANE_WORDS);
-                        low = super::avx2_plane_bytes(low, words.add(2 * k).read_unaligned(), p);
-                        up =
-                            super::avx2_plane_bytes(up, words.add(2 * (k + 4)).read_unaligned(), p);
+                    if bits > 0 {
+                        low = with_high_bits256(low, high, bits, k);
+                        up = with_high_bits256(up, high, bits, k + 4);
                     }
                     for (g, part) in parts.iter_mut().enumerate() {
                         part[0] = _mm256_add_epi32(part[0], dot(low, four(g, 4 * k)));
