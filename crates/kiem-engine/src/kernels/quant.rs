@@ -656,9 +656,9 @@ fn quantize_values_portable<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
 /// compiled plain form took about 65 ns a block of 32, serial before every decoding product.
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW; `N` is a multiple of 16.
+/// The CPU has AVX-512 F/BW/DQ; `N` is a multiple of 16.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq")]
 unsafe fn quantize_values_avx512<const N: usize>(x: &[f32], q: &mut [i8]) -> f32 {
     use std::arch::x86_64::*;
     let (x, q) = (&x[..N], &mut q[..N]);

@@ -155,9 +155,9 @@ fn avx2_forms<const K: u8>() -> GroupForms<SuperRows> {
 /// super-block for the 16 rows (and one for the mins).
 ///
 /// # Safety
-/// The CPU has AVX-512 F/BW/VL, VNNI and FMA; `tile` lies within `w`, `x` and `acc`.
+/// The CPU has AVX-512 F/BW/DQ/VL, VNNI and FMA; `tile` lies within `w`, `x` and `acc`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")]
 unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTile<SuperRows>) {
     use std::arch::x86_64::*;
     let kind = QuantKind::of_index(K);
