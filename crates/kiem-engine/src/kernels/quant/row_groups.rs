@@ -425,6 +425,7 @@ pub(super) fn copy_rows<'a>(
 /// The CPU has AVX-512 F/BW; `w` (a row-group kind) has the group and block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
 pub(super) unsafe fn line(
     w: &QuantMatrix,
     group: usize,
