@@ -11,12 +11,13 @@
 //! - weights: Q8_0 8 lines, line `k` byte `4r + i` = row `r`'s weight `4k + i` (signed); the
 //!   other kinds 4 lines, line `k` byte `4r + i` = row `r`'s weights `4k + i` (low nibble)
 //!   and `4k + 16 + i` (high nibble), each less its bits above the nibble;
-//! - high lines (Q5_0, Q5_1, Q5_K: one; Q6_K: two), each weight's `bits` above its nibble:
-//!   with granule `m` = weights `4m..4m + 4` (line `m % 4`'s low nibbles for `m < 4`, high
-//!   ones after) and `F = 8 / bits` granules a byte, high line `m / F` byte `4r + i` holds
-//!   row `r`'s bits of weight `4m + i` from bit `bits · (m % F)` ([`high_place`]). One shift
-//!   of a high line puts a granule's bits above its nibbles: two instructions a granule, where
-//!   bit planes read as byte masks had cost Q6_K a third of its time in cache;
+//! - high lines (Q5_0, Q5_1, Q5_K: one; Q6_K: two), before the block's weight lines
+//!   ([`high_bytes`]), each weight's `bits` above its nibble: with granule `m` = weights
+//!   `4m..4m + 4` (line `m % 4`'s low nibbles for `m < 4`, high ones after) and `F = 8 /
+//!   bits` granules a byte, high line `m / F` byte `4r + i` holds row `r`'s bits of weight
+//!   `4m + i` from bit `bits · (m % F)` ([`high_place`]). One shift of a high line puts a
+//!   granule's bits above its nibbles: two instructions a granule, where bit planes read as
+//!   byte masks had cost Q6_K a third of its time in cache;
 //!
 //! and per group and ggml block (32 weights, or a K super-block of 256), the 16 rows side by
 //! side: each fp16 value the block keeps ([`QuantKind::block_floats`]: a scale, and Q4_1's and
@@ -159,9 +160,9 @@ pub(super) fn zeroed(kind: QuantKind, c_in: usize, c_out: usize) -> QuantMatrix 
 /// Where a matrix's records lie in its bytes: row group after row group, each row's ggml
 /// blocks (32 weights, or a K super-block of 256) in records of one or two. A record starts
 /// with its header, a K super-block's small scales (16 rows each) then each block's fp16
-/// values (16 rows each), padded to whole cache lines; then each 32-weight block's lines and
-/// its high lines. A thread multiplying a run of groups so reads one stream, in order, every line
-/// on a cache line of its own: with the scales in an array apart, that second, slower stream
+/// values (16 rows each), padded to whole cache lines; then each 32-weight block's high
+/// lines and its lines. A thread multiplying a run of groups so reads one stream, in order,
+/// every line on a cache line of its own: with the scales in an array apart, that second, slower stream
 /// cost about a quarter of the read bandwidth. Records pair the blocks whose header alone
 /// would take half a line (Q8_0, Q4_0, Q5_0: one scale), the last one of an odd count alone
 /// (half its header padding); Q6_K's header is padded instead (a header line per super-block
@@ -175,7 +176,7 @@ pub(super) struct Records {
     /// row's scales).
     record_shift: u32,
     ggml_shift: u32,
-    /// Bytes of a 32-weight block's lines and high lines; of a ggml block's small scales and its
+    /// Bytes of a 32-weight block's high lines and lines; of a ggml block's small scales and its
     /// fp16 values (16 rows each); of a record's header and of a record.
     block_bytes: usize,
     smalls_bytes: usize,
@@ -192,7 +193,7 @@ impl Records {
 
     #[inline(always)]
     pub(super) fn new(kind: QuantKind, c_in: usize) -> Self {
-        let block_bytes = group_block_bytes(kind) + kind.high_bits() * LINE;
+        let block_bytes = high_bytes(kind) + group_block_bytes(kind);
         let smalls_bytes = if kind.super_blocks() {
             SUPER_BYTES * GROUP_ROWS
         } else {
@@ -234,8 +235,8 @@ impl Records {
             + left * (self.header_bytes + (self.block_bytes << self.ggml_shift))
     }
 
-    /// Where, in its group, 32-weight block `b` (counted in a row) starts: its lines, then
-    /// its high lines.
+    /// Where, in its group, 32-weight block `b` (counted in a row) starts: its high lines,
+    /// then its lines.
     #[inline(always)]
     pub(super) fn block(self, b: usize) -> usize {
         let i = b >> self.ggml_shift;
@@ -264,8 +265,8 @@ impl Records {
     }
 }
 
-/// Where group `group`'s 32-weight block `b` starts in `w`'s bytes: its lines, then its
-/// high lines (`group_block_bytes` on).
+/// Where group `group`'s 32-weight block `b` starts in `w`'s bytes: its high lines, then
+/// its lines ([`high_bytes`] on).
 #[inline(always)]
 pub(super) fn block_at(w: &QuantMatrix, group: usize, b: usize) -> usize {
     let records = Records::of(w);
