@@ -29,8 +29,11 @@ layout: q/k permuted, tokenizer metadata with pre-tokenizer `gpt-2`). Both progr
 file. kiem: `kiem bench generate --model FILE --batch 1 --tokens 128` with `--prompt-tokens
 512` for prefill and `--prompt-tokens 1` for decoding (llama-bench decodes from an empty
 context), the fastest of --repeat runs; it also reports the measured read bandwidth and the
-bound it sets on decoding. llama.cpp: `llama-bench -m FILE -p 512 -n 128 -t THREADS -r REPEAT`,
-its fastest repetition. The VMs this runs on are noisy: compare figures of one run only.
+bound it sets on decoding ("of bound": the median over repetitions of each one's decode speed
+against the bandwidth measured between its steps; the last column gives every repetition's
+fraction and bandwidth, lowest to highest). llama.cpp: `llama-bench -m FILE -p 512 -n 128 -t
+THREADS -r REPEAT`, its fastest repetition. The VMs this runs on are noisy: compare figures of
+one run only.
 Nothing is downloaded.
 """
 import argparse
@@ -71,8 +74,13 @@ def kiem_speed(path, kind, args, work):
     prefill = bench(512)
     r = bench(1)
     decode = r["decode"][0]
+    # Each repetition's fraction of the bound and the bandwidth measured between its steps:
+    # their spread shows how far this machine's bandwidth moved during the run.
+    reps = decode.get("repetitions") or []
+    spread = ([rep["tokens_per_second"] * r["bytes_per_token"] / rep["read_bandwidth"]
+               for rep in reps], [rep["read_bandwidth"] for rep in reps])
     return (prefill["prefill_tokens_per_second"], decode["tokens_per_second"],
-            r.get("bandwidth_fraction"), r.get("bytes_per_token"), r.get("parameters"))
+            r.get("bandwidth_fraction"), r.get("bytes_per_token"), r.get("parameters"), spread)
 
 
 KIEM_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"}
@@ -138,18 +146,21 @@ def main():
             # tok/s first in a run, 2650 second).
             os.sync()
             size = os.path.getsize(path)
-            k_pre, k_dec, frac, bytes_per_token, params = kiem_speed(path, kind, args, work)
+            k_pre, k_dec, frac, _, params, spread = kiem_speed(path, kind, args, work)
             l_pre, l_dec, build = llamacpp_speed(path, args, work)
-            rows.append((kind, size, k_pre, l_pre, k_dec, l_dec, frac, params, build))
+            rows.append((kind, size, k_pre, l_pre, k_dec, l_dec, frac, params, build, spread))
     print(f"CPU: {cpu} ({simd}); {args.threads} threads; random Llama, {args.layers} layers, "
           f"width {args.width}, GPT-2 vocabulary ({rows[0][7] / 1e6:.0f}M parameters); "
           f"llama.cpp build {rows[0][8]}")
     print(f"{'type':7} {'file MiB':>8} | {'prefill tok/s':>13} {'llama.cpp':>9} {'ratio':>6} | "
-          f"{'decode tok/s':>12} {'llama.cpp':>9} {'ratio':>6} {'of bound':>8}")
-    for kind, size, k_pre, l_pre, k_dec, l_dec, frac, _, _ in rows:
+          f"{'decode tok/s':>12} {'llama.cpp':>9} {'ratio':>6} {'of bound':>8} | "
+          f"{'repetitions: of bound, GB/s':>27}")
+    for kind, size, k_pre, l_pre, k_dec, l_dec, frac, _, _, (fracs, bws) in rows:
+        spread = (f"{min(fracs) * 100:.0f}-{max(fracs) * 100:.0f}%, "
+                  f"{min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f}" if fracs else "")
         print(f"{kind:7} {size / 2**20:8.0f} | {k_pre:13.1f} {l_pre:9.1f} {k_pre / l_pre:6.2f} | "
               f"{k_dec:12.1f} {l_dec:9.1f} {k_dec / l_dec:6.2f} "
-              f"{(frac or float('nan')) * 100:7.0f}%")
+              f"{(frac or float('nan')) * 100:7.0f}% | {spread:>27}")
     print("goals: decode >= 1.0x llama.cpp and >= 80% of the bandwidth bound; prefill >= 1.0x")
 
 
