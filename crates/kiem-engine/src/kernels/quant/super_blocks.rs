@@ -16,11 +16,13 @@ use super::{quantize_values, weight_block, QuantKind, QuantMatrix, QUANT_BLOCK};
 pub(super) const SUPER_BLOCK: usize = 256;
 
 /// Rows of inputs quantized per [`SUPER_BLOCK`] values (scale `max |x| / 127`, in f32), with
-/// the sum of each 16 quantized values.
+/// the sum of each 16 quantized values (Q6_K's sub-blocks) and of each 32 (Q4_K's and Q5_K's,
+/// for their mins: one load where two sums and an add had taken four instructions a sub-block).
 pub(super) struct SuperRows {
     q: Vec<i8>,
     scales: Vec<f32>,
     sums: Vec<i16>,
+    block_sums: Vec<i32>,
 }
 
 impl SuperRows {
@@ -36,11 +38,20 @@ impl SuperRows {
                 }
             },
         );
-        let sums = q
+        let sums: Vec<i16> = q
             .chunks_exact(16)
             .map(|c| c.iter().map(|&v| i16::from(v)).sum())
             .collect();
-        Self { q, scales, sums }
+        let block_sums = sums
+            .chunks_exact(2)
+            .map(|p| i32::from(p[0]) + i32::from(p[1]))
+            .collect();
+        Self {
+            q,
+            scales,
+            sums,
+            block_sums,
+        }
     }
 }
 
@@ -240,9 +251,7 @@ unsafe fn avx512_group<const G: usize, const K: u8>(acc: &mut [f32], tile: Group
                 };
                 dots[g] = _mm512_add_epi32(dots[g], scaled);
                 if !six {
-                    let at = xs[g] * 16 + 2 * sb;
-                    let xsum = i32::from(*x.sums.get_unchecked(at))
-                        + i32::from(*x.sums.get_unchecked(at + 1));
+                    let xsum = *x.block_sums.get_unchecked(xs[g] * 8 + sb);
                     mins[g] =
                         _mm512_add_epi32(mins[g], _mm512_mullo_epi32(min, _mm512_set1_epi32(xsum)));
                 }
@@ -353,9 +362,7 @@ unsafe fn avx2_group<const G: usize, const K: u8>(acc: &mut [f32], tile: GroupTi
                     };
                     dots[g] = _mm256_add_epi32(dots[g], scaled);
                     if !six {
-                        let at = xs[g] * 16 + 2 * sb;
-                        let xsum = i32::from(*x.sums.get_unchecked(at))
-                            + i32::from(*x.sums.get_unchecked(at + 1));
+                        let xsum = *x.block_sums.get_unchecked(xs[g] * 8 + sb);
                         mins[g] = _mm256_add_epi32(
                             mins[g],
                             _mm256_mullo_epi32(min, _mm256_set1_epi32(xsum)),
