@@ -70,6 +70,24 @@ pub(super) const fn high_place(bits: usize, m: usize) -> (usize, u32) {
     )
 }
 
+/// `$h` (16-bit lanes) shifted so that the field at bit `$at` of each byte lands on bit 4, by
+/// the width's immediate shifts `$left` and `$right` (the count must be a constant).
+#[cfg(target_arch = "x86_64")]
+macro_rules! field_to_bit4 {
+    ($h:expr, $at:expr, $left:ident, $right:ident) => {
+        match $at {
+            0 => $left($h, 4),
+            1 => $left($h, 3),
+            2 => $left($h, 2),
+            3 => $left($h, 1),
+            4 => $h,
+            5 => $right($h, 1),
+            6 => $right($h, 2),
+            _ => $right($h, 3),
+        }
+    };
+}
+
 /// `nibbles` (granule `m`'s weights of a group's 16 rows, one byte each) with their `bits`
 /// high bits from the block's high lines at `high`: each byte's field shifted to bit 4 (the
 /// shift moves 16-bit lanes; the mask drops what crossed from the neighbouring byte).
@@ -88,16 +106,7 @@ pub(super) unsafe fn with_high_bits512(
     use std::arch::x86_64::*;
     let (line, at) = high_place(bits, m);
     let h = _mm512_loadu_si512(high.add(line * LINE) as *const _);
-    let h = match at {
-        0 => _mm512_slli_epi16(h, 4),
-        1 => _mm512_slli_epi16(h, 3),
-        2 => _mm512_slli_epi16(h, 2),
-        3 => _mm512_slli_epi16(h, 1),
-        4 => h,
-        5 => _mm512_srli_epi16(h, 1),
-        6 => _mm512_srli_epi16(h, 2),
-        _ => _mm512_srli_epi16(h, 3),
-    };
+    let h = field_to_bit4!(h, at, _mm512_slli_epi16, _mm512_srli_epi16);
     let field = _mm512_set1_epi8((((1 << bits) - 1) << 4) as i8);
     // nibbles | (h & field)
     _mm512_ternarylogic_epi32(nibbles, h, field, 0xF8)
@@ -120,16 +129,7 @@ pub(super) unsafe fn with_high_bits256(
     use std::arch::x86_64::*;
     let (line, at) = high_place(bits, m);
     let h = _mm256_loadu_si256(high.add(line * LINE) as *const __m256i);
-    let h = match at {
-        0 => _mm256_slli_epi16(h, 4),
-        1 => _mm256_slli_epi16(h, 3),
-        2 => _mm256_slli_epi16(h, 2),
-        3 => _mm256_slli_epi16(h, 1),
-        4 => h,
-        5 => _mm256_srli_epi16(h, 1),
-        6 => _mm256_srli_epi16(h, 2),
-        _ => _mm256_srli_epi16(h, 3),
-    };
+    let h = field_to_bit4!(h, at, _mm256_slli_epi16, _mm256_srli_epi16);
     let field = _mm256_set1_epi8((((1 << bits) - 1) << 4) as i8);
     _mm256_or_si256(nibbles, _mm256_and_si256(h, field))
 }
@@ -337,7 +337,6 @@ fn for_each_row(w: &mut QuantMatrix, each: impl Fn(usize, usize, &mut [u8]) + Sy
 pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
     let kind = w.kind;
     let bits = kind.high_bits();
-    let gbb = group_block_bytes(kind);
     let records = Records::of(w);
     let (floats, _) = kind.block_floats();
     for_each_row(w, |j, r, group| {
@@ -353,8 +352,8 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
             group[records.smalls(k / SUPER_BYTES, k % SUPER_BYTES) + r] = v;
         }
         for (b, v) in data.values.chunks_exact(QUANT_BLOCK).enumerate() {
-            let at = records.block(b) + high_bytes(kind);
-            let lines = &mut group[at..at + gbb];
+            let at = records.block(b);
+            let (high, lines) = group[at..at + records.block_bytes].split_at_mut(high_bytes(kind));
             if !kind.nibbles() {
                 for k in 0..8 {
                     lines[k * LINE + 4 * r..][..4].copy_from_slice(&v[4 * k..4 * k + 4]);
@@ -368,7 +367,6 @@ pub(super) fn fill(w: &mut QuantMatrix, row: impl Fn(usize) -> Row + Sync) {
                 }
             }
             if bits > 0 {
-                let high = &mut group[at - high_bytes(kind)..at];
                 for (k, &v) in v.iter().enumerate() {
                     let (line, shift) = high_place(bits, k / 4);
                     high[line * LINE + 4 * r + k % 4] |= (v >> 4) << shift;
