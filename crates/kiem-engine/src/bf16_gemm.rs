@@ -13,6 +13,8 @@ use rayon::prelude::*;
 
 use crate::kernels::SyncPtr;
 
+mod amx;
+
 /// Rows of the register tile.
 const MR: usize = 6;
 /// Columns of the register tile (four 16-lane vectors).
@@ -46,18 +48,47 @@ pub enum Backend {
     /// subnormals read and written as zero). Many times slower: for testing the bf16 path on
     /// CPUs without the instructions (`KIEM_BF16=emulate`).
     Emulated,
+    /// AMX tiles (`tdpbf16ps`, Intel Sapphire Rapids and newer), with `KIEM_BF16=amx` on a CPU
+    /// and OS that run them. Opt-in until measured on such a CPU: the tile path is tested on
+    /// every CPU through [`Backend::AmxEmulated`], its instructions only where AMX exists.
+    Amx,
+    /// The AMX path with its tile instructions computed in scalar code (the operands packed
+    /// as for the tiles): tests the AMX packing and blocking on any CPU.
+    AmxEmulated,
 }
 
-/// The backend of this process: emulated when `KIEM_BF16=emulate`, else native where the CPU
-/// has the instructions, else none.
+impl Backend {
+    /// Whether this backend can run on this CPU and OS.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Backend::Emulated | Backend::AmxEmulated => true,
+            Backend::Native => native(),
+            Backend::Amx => amx_supported(),
+        }
+    }
+}
+
+/// Whether this CPU and OS run AMX-BF16 tiles (asks Linux for the tile state once).
+pub fn amx_supported() -> bool {
+    amx::supported()
+}
+
+/// Whether operands are rounded and packed with AVX-512 code: wherever the CPU has
+/// AVX512-BF16, except for the scalar emulation of `vdpbf16ps`, which packs in scalar code too.
+fn vector_packing(backend: Backend) -> bool {
+    backend != Backend::Emulated && native()
+}
+
+/// The backend of this process: emulated when `KIEM_BF16=emulate`, AMX tiles when
+/// `KIEM_BF16=amx` and the CPU runs them, else native where the CPU has AVX512-BF16, else
+/// none.
 pub fn backend() -> Option<Backend> {
     static BACKEND: std::sync::OnceLock<Option<Backend>> = std::sync::OnceLock::new();
-    *BACKEND.get_or_init(|| {
-        if std::env::var("KIEM_BF16").is_ok_and(|v| v == "emulate") {
-            Some(Backend::Emulated)
-        } else {
-            native().then_some(Backend::Native)
-        }
+    *BACKEND.get_or_init(|| match std::env::var("KIEM_BF16").as_deref() {
+        Ok("emulate") => Some(Backend::Emulated),
+        Ok("amx") if amx_supported() => Some(Backend::Amx),
+        // Without AMX the request falls back; `crate::kernels::matmul_path` names what runs.
+        _ => native().then_some(Backend::Native),
     })
 }
 
@@ -187,8 +218,8 @@ pub fn gemm_with(
     rhs_strides: (usize, usize),
 ) {
     assert!(
-        backend == Backend::Emulated || native(),
-        "bf16 matmul needs a CPU with AVX512-BF16"
+        backend.runs_here(),
+        "bf16 matmul backend {backend:?} does not run on this CPU"
     );
     if m == 0 || n == 0 {
         return;
@@ -205,6 +236,21 @@ pub fn gemm_with(
     let (lhs_len, rhs_len) = (extent(m, k, lhs_strides), extent(k, n, rhs_strides));
     assert!(lhs.len() >= lhs_len, "bf16 gemm: lhs too small");
     assert!(rhs.len() >= rhs_len, "bf16 gemm: rhs too small");
+    if matches!(backend, Backend::Amx | Backend::AmxEmulated) {
+        return amx::gemm(
+            backend,
+            m,
+            n,
+            k,
+            dst,
+            ldc,
+            accumulate,
+            lhs,
+            lhs_strides,
+            rhs,
+            rhs_strides,
+        );
+    }
     // With A's rows contiguous and k even, each k pair of a row is one word of a bf16 copy of
     // A, so the tiles read that copy in place (one vectorized rounding pass): packing A would
     // cost as much as a fifth of the product when n is small. Every other operand is rounded
@@ -346,7 +392,7 @@ fn gemm_packed(
                         // the rows of its block.
                         let tile = match backend {
                             Backend::Native => tile,
-                            Backend::Emulated => tile_emulated,
+                            _ => tile_emulated,
                         };
                         unsafe {
                             tile(
@@ -386,7 +432,7 @@ fn pack_a(
     let dst = &mut dst[..pairs * MR];
     let at = |i: usize, p: usize| u32::from(to_bf16(a[(i0 + i) * rs + (p0 + p) * cs]));
     // Columns of A contiguous (a transposed operand, as in weight gradients): vector code.
-    if cfg!(target_arch = "x86_64") && backend == Backend::Native && rs == 1 {
+    if cfg!(target_arch = "x86_64") && vector_packing(backend) && rs == 1 {
         // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (and so AVX-512
         // BW and VL); rows i0..i0 + mr and k p0..p0 + kc of A lie inside `a` (asserted by
         // `gemm_with`), and `dst` holds `kc / 2 · MR` words.
@@ -457,7 +503,7 @@ fn pack_b(
         dst.fill(0);
     }
     let at = |p: usize, j: usize| u32::from(to_bf16(b[(p0 + p) * rs + (j0 + j) * cs]));
-    if cfg!(target_arch = "x86_64") && backend == Backend::Native && (cs == 1 || rs == 1) {
+    if cfg!(target_arch = "x86_64") && vector_packing(backend) && (cs == 1 || rs == 1) {
         // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (and so AVX-512
         // BW and VL); k p0..p0 + kc and columns j0..j0 + nr of B lie inside `b` (asserted by
         // `gemm_with`), and `dst` holds `pairs · NR` words.
@@ -776,18 +822,20 @@ mod tests {
 
     #[test]
     fn matches_the_rounded_product_for_every_layout_and_edge() {
-        let backends: &[Backend] = if native() {
-            eprintln!("bf16 GEMM checked natively and with its scalar emulation");
-            &[Backend::Native, Backend::Emulated]
-        } else {
-            eprintln!(
-                "bf16 GEMM checked with its scalar emulation only: this CPU has no AVX512-BF16"
-            );
-            &[Backend::Emulated]
-        };
-        // Sizes straddle the tile (6 × 64), the k block (384) and the column block (512), with
-        // enough rows for many panels of A; even k (A read in place when its rows are
-        // contiguous) and odd k (A packed), down to a last k block of one pair.
+        let backends: Vec<Backend> = [
+            Backend::Native,
+            Backend::Emulated,
+            Backend::Amx,
+            Backend::AmxEmulated,
+        ]
+        .into_iter()
+        .filter(|&b| b.runs_here() && (b != Backend::Amx || amx_opted_in()))
+        .collect();
+        eprintln!("bf16 GEMM checked on {backends:?} (the others do not run on this CPU)");
+        // Sizes straddle the tiles (6 × 64; AMX: 32 × 32 blocks of 16 × 16 tiles, 32 k a step),
+        // the k block (384) and the column block (512), with enough rows for many panels of A;
+        // even k (A read in place when its rows are contiguous) and odd k (A packed), down to a
+        // last k block of one pair.
         for &(m, n, k) in &[
             (1, 1, 1),
             (7, 65, 3),
@@ -796,6 +844,9 @@ mod tests {
             (6, 64, 2),
             (200, 70, 391),
             (14, 100, 770),
+            (32, 32, 32),
+            (33, 17, 33),
+            (16, 48, 64),
         ] {
             for lhs_t in [false, true] {
                 for rhs_t in [false, true] {
@@ -829,7 +880,66 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let backend = backend().unwrap_or(Backend::Emulated);
+        for backend in [backend().unwrap_or(Backend::Emulated), Backend::AmxEmulated] {
+            same_bits_for_any_thread_count(backend);
+        }
+    }
+
+    /// The AMX instructions are tested only where asked for (`KIEM_BF16=amx`) and the CPU runs
+    /// them: until they have run on such a CPU, a machine that has them must not fail the
+    /// suite for an opt-in path (their packing and blocking are tested everywhere through
+    /// `Backend::AmxEmulated`).
+    fn amx_opted_in() -> bool {
+        let opted = backend() == Some(Backend::Amx);
+        if !opted && Backend::Amx.runs_here() {
+            eprintln!("this CPU runs AMX-BF16: KIEM_BF16=amx tests its instructions too");
+        }
+        opted
+    }
+
+    /// Some virtual machines are reported to lose tile registers when a thread is preempted;
+    /// on such a machine repeated products under more threads than cores would differ.
+    #[test]
+    fn amx_products_repeat_exactly_under_preemption() {
+        if !amx_opted_in() {
+            eprintln!("skipped: AMX not asked for (KIEM_BF16=amx) or not run by this CPU");
+            return;
+        }
+        let (m, n, k) = (512, 512, 1024);
+        let (lhs, rhs) = (values(m * k, 5), values(k * n, 6));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4 * std::thread::available_parallelism().map_or(2, |p| p.get()))
+            .build()
+            .unwrap();
+        let product = || {
+            let mut dst = vec![0f32; m * n];
+            pool.install(|| {
+                gemm_with(
+                    Backend::Amx,
+                    m,
+                    n,
+                    k,
+                    &mut dst,
+                    n,
+                    false,
+                    &lhs,
+                    (k, 1),
+                    &rhs,
+                    (n, 1),
+                )
+            });
+            dst.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let first = product();
+        for round in 0..30 {
+            assert!(
+                product() == first,
+                "AMX product {round} differs from the first"
+            );
+        }
+    }
+
+    fn same_bits_for_any_thread_count(backend: Backend) {
         let (m, n, k) = (100, 300, 500);
         let (lhs, rhs) = (values(m * k, 1), values(k * n, 2));
         let run = |threads: usize| {
@@ -855,7 +965,7 @@ mod tests {
             });
             dst
         };
-        assert_eq!(run(1), run(3));
+        assert_eq!(run(1), run(3), "{backend:?}");
     }
 
     /// The emulation is the instruction's arithmetic, bit for bit, on ordinary values and on

@@ -286,6 +286,12 @@ pub fn matmul_path(precision: MatmulPrecision) -> String {
         (MatmulPrecision::Bf16, Some(crate::bf16_gemm::Backend::Emulated)) => {
             format!("bf16 kernel (emulated), {level}")
         }
+        (MatmulPrecision::Bf16, Some(crate::bf16_gemm::Backend::Amx)) => {
+            format!("bf16 AMX tiles 32x32, {level}")
+        }
+        (MatmulPrecision::Bf16, Some(crate::bf16_gemm::Backend::AmxEmulated)) => {
+            format!("bf16 AMX tiles (emulated), {level}")
+        }
         (MatmulPrecision::Bf16, _) => format!("bf16 kernel (AVX512-BF16), {level}"),
         (MatmulPrecision::Fp32, _) => format!("{}, {level}", crate::blas::backend_name()),
     }

@@ -28,7 +28,8 @@ pub enum BenchCommand {
     /// fp32 matrix products of one transformer layer's training step (forward, input
     /// gradient, weight gradient of the qkv, attention-output, MLP-in and MLP-out matrices) on
     /// every path this machine has: kiem's kernel at each SIMD level, OpenBLAS if installed, and
-    /// the bf16-operand kernel (fp32 sums) where the CPU has AVX512-BF16.
+    /// the bf16-operand kernel (fp32 sums) where the CPU has AVX512-BF16, and with
+    /// `KIEM_BF16=amx` the AMX tile kernel where the CPU has AMX-BF16.
     Gemm(GemmBenchArgs),
 }
 
@@ -308,16 +309,32 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
             }),
         ));
     }
-    if kiem_engine::bf16_gemm::native() {
-        let (lhs, rhs) = (&lhs, &rhs);
-        paths.push((
-            "kiem bf16 operands, AVX512-BF16 6x64".to_string(),
-            Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
-                let (ls, rs) = operand_strides(m, n, k, lt, rt);
-                kiem_engine::bf16_gemm::gemm(m, n, k, dst, n, false, lhs, ls, rhs, rs);
-                true
-            }),
-        ));
+    {
+        use kiem_engine::bf16_gemm::{backend, gemm_with, Backend};
+        // AMX tiles only when asked for (`KIEM_BF16=amx`): their kernel has not yet been
+        // measured on such a CPU.
+        let bf16_paths = [
+            (Backend::Native, "kiem bf16 operands, AVX512-BF16 6x64"),
+            (Backend::Amx, "kiem bf16 operands, AMX tiles 32x32"),
+        ];
+        for (bf16, name) in bf16_paths {
+            let wanted = bf16 == Backend::Native || backend() == Some(Backend::Amx);
+            if !(wanted && bf16.runs_here()) {
+                continue;
+            }
+            let (lhs, rhs) = (&lhs, &rhs);
+            paths.push((
+                name.to_string(),
+                Box::new(move |&(_, m, n, k, lt, rt), dst: &mut [f32]| {
+                    let (ls, rs) = operand_strides(m, n, k, lt, rt);
+                    gemm_with(bf16, m, n, k, dst, n, false, lhs, ls, rhs, rs);
+                    true
+                }),
+            ));
+        }
+        if Backend::Amx.runs_here() && backend() != Some(Backend::Amx) {
+            eprintln!("this CPU has AMX-BF16: KIEM_BF16=amx adds the AMX tile kernel's column");
+        }
     }
     // Quantized weights as a decoding model's prefill multiplies them (forward products only;
     // the inputs are quantized to 8 bits inside each product, as in a prefill).
