@@ -17,10 +17,13 @@ use rayon::prelude::*;
 use crate::kernels::SyncPtr;
 use crate::kernels::{level, wide, Level};
 
-/// Values of k per packed block: a kernel's panels of A (MR × KC) and B (KC × NR) stay in L1/L2.
+/// Values of k per packed block: a register tile's rows of A (MR × KC, 12 KiB at AVX-512) stay
+/// in L1 while it runs along the block's panels of B.
 const KC: usize = 256;
-/// Columns of B per packed block (KC × NC × 4 bytes = 4 MiB, in the last-level cache).
-const NC: usize = 4096;
+/// Columns of B per packed block (KC × NC × 4 bytes = 512 KiB, in L2), streamed from there by
+/// each tile of rows: as BLIS arranges its AVX-512 kernels, the operand read by broadcasts
+/// stays in L1 and the one read by vector loads streams from L2.
+const NC: usize = 512;
 /// Register tiles of rows per block of A that one task packs and keeps in L2.
 const MC_TILES: usize = 12;
 
@@ -276,12 +279,12 @@ pub unsafe fn gemm(
                                 }
                             }
                         };
-                        for p in p0..p1 {
-                            let j0 = jc + p * nr;
-                            let cols = (jc + nc - j0).min(nr);
-                            let b = b_pack[p * b_stride..].as_ptr();
-                            for ti in 0..row_tiles {
-                                let r0 = i0 + ti * mr;
+                        for ti in 0..row_tiles {
+                            let r0 = i0 + ti * mr;
+                            for p in p0..p1 {
+                                let j0 = jc + p * nr;
+                                let cols = (jc + nc - j0).min(nr);
+                                let b = b_pack[p * b_stride..].as_ptr();
                                 // SAFETY: the kernel matches the CPU (chosen by `level`); A's
                                 // tile holds its rows' kc values (packed, or in place within
                                 // lhs's extent), B's panel kc × NR; the tile's rows and columns
