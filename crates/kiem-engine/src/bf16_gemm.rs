@@ -68,10 +68,7 @@ impl Backend {
     }
 }
 
-/// Whether this CPU and OS run AMX-BF16 tiles (asks Linux for the tile state once).
-pub fn amx_supported() -> bool {
-    amx::supported()
-}
+pub use amx::supported as amx_supported;
 
 /// Whether operands are rounded and packed with AVX-512 code: wherever the CPU has
 /// AVX512-BF16, except for the scalar emulation of `vdpbf16ps`, which packs in scalar code too.

@@ -27,10 +27,10 @@ const NB: usize = 2 * T;
 /// against one half panel of B (24 KiB, in L1).
 const MC: usize = 4 * MR;
 
-/// Whether this CPU and OS run AMX-BF16: CPUID's AMX-TILE and AMX-BF16, the OS enabling tile
+/// Whether this CPU and OS run AMX-BF16 tiles: CPUID's AMX-TILE and AMX-BF16, the OS enabling tile
 /// state (XCR0 bits 17-18), AVX512-BF16 for the packing, and Linux granting this process the
 /// tile data (asked once; the grant covers every thread).
-pub(super) fn supported() -> bool {
+pub fn supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -460,6 +460,7 @@ fn pack_a(
         }
         return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = backend;
     let at = |i: usize, p: usize| {
         if p < kc {
