@@ -64,6 +64,21 @@ fn main() {
                 cout,
             )
         });
+        // The input gradient alone (no weight gradient), then both: their difference is the
+        // weight gradient's product.
+        time(&format!("{name} bwd, input grad"), f, 3, || {
+            k.matmul_backward(
+                &mut dx[..rows * cin],
+                None,
+                None,
+                &out[..rows * cout],
+                &x[..rows * cin],
+                &w[..cin * cout],
+                layout,
+                cin,
+                cout,
+            )
+        });
         time(&format!("{name} bwd"), 2.0 * f, 3, || {
             k.matmul_backward(
                 &mut dx[..rows * cin],

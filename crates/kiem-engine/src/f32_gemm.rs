@@ -203,26 +203,55 @@ pub unsafe fn gemm(
             let overwrite = pc == 0 && !accumulate;
             let (a_stride, b_stride) = (lines(kc * mr), lines(kc * nr));
             with_buffer(&PACKED_B, panels * b_stride, |b_pack| {
-                let pack = |(p, panel): (usize, &mut [f32])| {
-                    let j0 = jc + p * nr;
-                    // SAFETY: the caller guarantees rhs's extent; the panel is this task's.
-                    unsafe {
-                        pack_b(
-                            panel,
-                            rhs as *const f32,
-                            rhs_strides,
-                            pc,
-                            kc,
-                            j0,
-                            (jc + nc - j0).min(nr),
-                            nr,
-                        )
+                if rhs_strides.1 == 1 {
+                    // A row-major B is packed a band of k rows per thread, each row read as one
+                    // contiguous run (see `pack_b_rows`).
+                    let parts = if threads > 1 { threads.min(kc) } else { 1 };
+                    let panels_ptr = SyncPtr(b_pack.as_mut_ptr());
+                    let part = |t: usize| {
+                        // SAFETY: the caller guarantees rhs's extent; each part writes only its
+                        // own k rows of the block's panels, which b_pack holds.
+                        unsafe {
+                            pack_b_rows(
+                                panels_ptr.get(),
+                                b_stride,
+                                rhs as *const f32,
+                                rhs_strides.0,
+                                pc,
+                                t * kc / parts..(t + 1) * kc / parts,
+                                jc,
+                                nc,
+                                nr,
+                            )
+                        }
+                    };
+                    if parts > 1 {
+                        (0..parts).into_par_iter().for_each(part);
+                    } else {
+                        part(0);
                     }
-                };
-                if threads > 1 && panels > 1 {
-                    b_pack.par_chunks_mut(b_stride).enumerate().for_each(pack);
                 } else {
-                    b_pack.chunks_mut(b_stride).enumerate().for_each(pack);
+                    let pack = |(p, panel): (usize, &mut [f32])| {
+                        let j0 = jc + p * nr;
+                        // SAFETY: the caller guarantees rhs's extent; the panel is this task's.
+                        unsafe {
+                            pack_b(
+                                panel,
+                                rhs as *const f32,
+                                rhs_strides,
+                                pc,
+                                kc,
+                                j0,
+                                (jc + nc - j0).min(nr),
+                                nr,
+                            )
+                        }
+                    };
+                    if threads > 1 && panels > 1 {
+                        b_pack.par_chunks_mut(b_stride).enumerate().for_each(pack);
+                    } else {
+                        b_pack.chunks_mut(b_stride).enumerate().for_each(pack);
+                    }
                 }
                 // Tasks: blocks of rows, and where those are fewer than the threads can use,
                 // groups of column panels too.
@@ -247,16 +276,16 @@ pub unsafe fn gemm(
                     let in_place = read_in_place(lhs_strides);
                     let packed_len = if in_place { 0 } else { row_tiles * a_stride };
                     with_buffer(&PACKED_A, packed_len, |a_pack| {
-                        for (ti, panel) in a_pack.chunks_mut(a_stride).enumerate() {
-                            let r0 = i0 + ti * mr;
+                        if !in_place {
                             // SAFETY: the caller guarantees lhs's extent.
                             unsafe {
                                 pack_a(
-                                    panel,
+                                    a_pack,
+                                    a_stride,
                                     lhs as *const f32,
                                     lhs_strides,
-                                    r0,
-                                    (i0 + rows - r0).min(mr),
+                                    i0,
+                                    rows,
                                     pc,
                                     kc,
                                     mr,
@@ -376,6 +405,11 @@ impl PackedB {
             let (p0, kc) = (block * KC, (k - block * KC).min(KC));
             let stride = self.panel_len(block);
             let start = self.block_start(block);
+            if strides.1 == 1 {
+                let panels = data[start..start + panels * stride].as_mut_ptr();
+                pack_b_rows(panels, stride, b, strides.0, p0, 0..kc, 0, n, nr);
+                continue;
+            }
             for p in 0..panels {
                 let j0 = p * nr;
                 let panel = &mut data[start + p * stride..start + (p + 1) * stride];
@@ -439,14 +473,14 @@ pub unsafe fn gemm_packed_b(
         let a_stride = lines(kc * mr);
         let packed_len = if in_place { 0 } else { row_tiles * a_stride };
         with_buffer(&PACKED_A, packed_len, |a_pack| {
-            for (ti, panel) in a_pack.chunks_mut(a_stride).enumerate() {
-                let r0 = ti * mr;
+            if !in_place {
                 pack_a(
-                    panel,
+                    a_pack,
+                    a_stride,
                     lhs,
                     lhs_strides,
-                    r0,
-                    (m - r0).min(mr),
+                    0,
+                    m,
                     k - ks.start,
                     kc,
                     mr,
@@ -502,6 +536,7 @@ fn read_in_place((row_stride, k_stride): (usize, usize)) -> bool {
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_a(
     dst: &mut [f32],
+    tile_stride: usize,
     a: *const f32,
     strides: (usize, usize),
     i0: usize,
@@ -511,11 +546,27 @@ unsafe fn pack_a(
     mr: usize,
 ) {
     let a = a as usize;
-    // SAFETY: as the caller guarantees.
-    wide(|| unsafe { pack_a_in(dst, a as *const f32, strides, i0, rows, p0, kc, mr) })
+    wide(
+        #[inline(always)]
+        // SAFETY: as the caller guarantees.
+        || unsafe {
+            pack_a_in(
+                dst,
+                tile_stride,
+                a as *const f32,
+                strides,
+                i0,
+                rows,
+                p0,
+                kc,
+                mr,
+            )
+        },
+    )
 }
 
-/// Packs rows `i0..i0 + rows` and k `p0..p0 + kc` of A as `[k][mr]` (zero beyond `rows`).
+/// Packs rows `i0..i0 + rows` and k `p0..p0 + kc` of A as tiles of `mr` rows, each `[k][mr]`
+/// (zero beyond `rows`), `tile_stride` values apart.
 ///
 /// # Safety
 /// Every addressed element of `a` is readable.
@@ -523,6 +574,7 @@ unsafe fn pack_a(
 #[inline(always)]
 unsafe fn pack_a_in(
     dst: &mut [f32],
+    tile_stride: usize,
     a: *const f32,
     (rs, cs): (usize, usize),
     i0: usize,
@@ -531,43 +583,86 @@ unsafe fn pack_a_in(
     kc: usize,
     mr: usize,
 ) {
-    let dst = &mut dst[..kc * mr];
-    if rows < mr {
-        dst.fill(0.0);
+    if rows == 0 {
+        return;
     }
-    // A row-major A is never packed: the kernels read it in place.
+    let tiles = rows.div_ceil(mr);
+    let tile_rows = |t: usize| (rows - t * mr).min(mr);
+    if tile_rows(tiles - 1) < mr {
+        dst[(tiles - 1) * tile_stride..][..kc * mr].fill(0.0);
+    }
     if rs == 1 {
-        for p in 0..kc {
-            copy_short(&mut dst[p * mr..p * mr + rows], a.add(i0 + (p0 + p) * cs));
+        // A's columns are contiguous (a transposed operand): a k at a time across all the
+        // tiles, so each read is one run of `rows` values; tile by tile, the reads went down a
+        // narrow strip of A and missed the cache at every k.
+        #[inline(always)]
+        unsafe fn columns<const W: usize>(
+            dst: &mut [f32],
+            tile_stride: usize,
+            src: *const f32,
+            cs: usize,
+            rows: usize,
+            kc: usize,
+            mr: usize,
+        ) {
+            let tiles = rows.div_ceil(mr);
+            for p in 0..kc {
+                for t in 0..tiles {
+                    let out = dst[t * tile_stride + p * mr..].as_mut_ptr();
+                    copy_values::<W>(out, src.add(p * cs + t * mr), (rows - t * mr).min(mr));
+                }
+            }
         }
+        let src = a.add(i0 + p0 * cs);
+        let dst = &mut dst[..(tiles - 1) * tile_stride + kc * mr];
+        with_width!(mr, columns(dst, tile_stride, src, cs, rows, kc, mr));
     } else {
-        for p in 0..kc {
-            for r in 0..rows {
-                dst[p * mr + r] = *a.add((i0 + r) * rs + (p0 + p) * cs);
+        // A row-major A is packed only when its rows are 4 KiB apart (`read_in_place`).
+        for t in 0..tiles {
+            let tile = &mut dst[t * tile_stride..][..kc * mr];
+            for r in 0..tile_rows(t) {
+                let row = a.add((i0 + t * mr + r) * rs + p0 * cs);
+                for p in 0..kc {
+                    tile[p * mr + r] = *row.add(p * cs);
+                }
             }
         }
     }
 }
 
-/// Copies `dst.len()` values from `src`; the tile widths are copied with fixed-size moves (a
-/// `memmove` call per 24 or 64 bytes cost as much as a tenth of a training step).
+/// Copies `len` values from `src` to `dst`: `W` of them as one fixed-size move (inlined as
+/// vector moves), another count through `copy_nonoverlapping`. Callers fix `W` to their tile
+/// width once per call, outside their loops (`with_width!`): a match on the count inside the
+/// loop let LLVM fold the fixed-size moves back into one `memcpy` call per 48 or 128 bytes, and
+/// such calls cost as much as a tenth of a training step.
 ///
 /// # Safety
-/// `src` is readable for `dst.len()` values.
+/// `src` is readable and `dst` writable for `len` values.
 #[inline(always)]
-unsafe fn copy_short(dst: &mut [f32], src: *const f32) {
-    #[inline(always)]
-    unsafe fn fixed<const N: usize>(dst: &mut [f32], src: *const f32) {
-        dst[..N].copy_from_slice(&*(src as *const [f32; N]));
-    }
-    match dst.len() {
-        6 => fixed::<6>(dst, src),
-        12 => fixed::<12>(dst, src),
-        16 => fixed::<16>(dst, src),
-        32 => fixed::<32>(dst, src),
-        n => dst.copy_from_slice(std::slice::from_raw_parts(src, n)),
+unsafe fn copy_values<const W: usize>(dst: *mut f32, src: *const f32, len: usize) {
+    if W > 0 && len == W {
+        dst.cast::<[f32; W]>()
+            .write_unaligned(src.cast::<[f32; W]>().read_unaligned());
+    } else {
+        std::ptr::copy_nonoverlapping(src, dst, len);
     }
 }
+
+/// `$f::<W>($args)` with `W` the tile width `$width` when it is one of the kernels' (4, 6, 12,
+/// 16 or 32), else 0 (see [`copy_values`]).
+macro_rules! with_width {
+    ($width:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $width {
+            4 => $f::<4>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            12 => $f::<12>($($arg),*),
+            16 => $f::<16>($($arg),*),
+            32 => $f::<32>($($arg),*),
+            _ => $f::<0>($($arg),*),
+        }
+    };
+}
+use with_width;
 
 /// [`pack_b_in`] compiled for the CPU's vector width (its copies then inline).
 ///
@@ -585,8 +680,64 @@ unsafe fn pack_b(
     nr: usize,
 ) {
     let b = b as usize;
-    // SAFETY: as the caller guarantees.
-    wide(|| unsafe { pack_b_in(dst, b as *const f32, strides, p0, kc, j0, cols, nr) })
+    wide(
+        #[inline(always)]
+        // SAFETY: as the caller guarantees.
+        || unsafe { pack_b_in(dst, b as *const f32, strides, p0, kc, j0, cols, nr) },
+    )
+}
+
+/// Packs k rows `ks` (of a block starting at k `p0`) of a row-major B's columns `jc..jc + nc`
+/// into the block's panels (`[k][nr]` each, zero beyond `nc`, `panel_stride` values apart), a
+/// k row at a time: each row is read as one contiguous run. Packed panel by panel, the reads
+/// went down a strip of `nr` columns and missed the cache at every row (a sixth of a
+/// weight-gradient product's time, whose B is the output gradient).
+///
+/// # Safety
+/// Every addressed element of `b` is readable; `dst` holds `nc.div_ceil(nr)` panels and
+/// nothing else writes their rows `ks` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_b_rows(
+    dst: *mut f32,
+    panel_stride: usize,
+    b: *const f32,
+    rs: usize,
+    p0: usize,
+    ks: std::ops::Range<usize>,
+    jc: usize,
+    nc: usize,
+    nr: usize,
+) {
+    #[inline(always)]
+    unsafe fn rows<const W: usize>(
+        dst: *mut f32,
+        panel_stride: usize,
+        src: *const f32,
+        rs: usize,
+        ks: std::ops::Range<usize>,
+        nc: usize,
+        nr: usize,
+    ) {
+        for p in ks {
+            for q in 0..nc.div_ceil(nr) {
+                let cols = (nc - q * nr).min(nr);
+                let out = dst.add(q * panel_stride + p * nr);
+                copy_values::<W>(out, src.add(p * rs + q * nr), cols);
+                if cols < nr {
+                    std::ptr::write_bytes(out.add(cols), 0, nr - cols);
+                }
+            }
+        }
+    }
+    let (dst, src) = (dst as usize, b.add(p0 * rs + jc) as usize);
+    wide(
+        #[inline(always)]
+        // SAFETY: as the caller guarantees.
+        || unsafe {
+            let (dst, src) = (dst as *mut f32, src as *const f32);
+            with_width!(nr, rows(dst, panel_stride, src, rs, ks, nc, nr))
+        },
+    )
 }
 
 /// Packs k `p0..p0 + kc` and columns `j0..j0 + cols` of B as `[k][nr]` (zero beyond `cols`).
@@ -609,11 +760,8 @@ unsafe fn pack_b_in(
     if cols < nr {
         dst.fill(0.0);
     }
-    if cs == 1 {
-        for p in 0..kc {
-            copy_short(&mut dst[p * nr..p * nr + cols], b.add((p0 + p) * rs + j0));
-        }
-    } else if rs == 1 {
+    // A row-major B goes through `pack_b_rows`.
+    if rs == 1 {
         // Columns of B are contiguous (a transposed operand): read eight columns side by side
         // so that each k writes a contiguous run (one column at a time wrote a value per line).
         let mut j = 0;
@@ -859,6 +1007,9 @@ mod tests {
             (37, 50, 300),
             (100, 70, 513),
             (6, 16, 256),
+            // Two column blocks, four k blocks, and a row-major A whose rows are 4 KiB apart
+            // (packed, not read in place).
+            (29, 600, 1024),
         ];
         for kernel in kernels_available() {
             for &(m, n, k) in &shapes {
