@@ -55,6 +55,8 @@ type TileFn = unsafe fn(
 #[derive(Clone, Copy)]
 pub struct Kernel {
     pub name: &'static str,
+    /// The instruction set of its tile (its packing of transposed operands uses it too).
+    level: Level,
     mr: usize,
     nr: usize,
     tile: TileFn,
@@ -70,6 +72,7 @@ fn kernel_for(level: Level) -> Kernel {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => Kernel {
             name: "kiem sgemm, AVX-512 12x32",
+            level: Level::Avx512,
             mr: 12,
             nr: 32,
             tile: tile_avx512,
@@ -77,12 +80,14 @@ fn kernel_for(level: Level) -> Kernel {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => Kernel {
             name: "kiem sgemm, AVX2+FMA 6x16",
+            level: Level::Avx2,
             mr: 6,
             nr: 16,
             tile: tile_avx2,
         },
         _ => Kernel {
             name: "kiem sgemm, portable 4x16",
+            level: Level::Base,
             mr: PORTABLE_MR,
             nr: PORTABLE_NR,
             tile: tile_portable,
@@ -236,6 +241,7 @@ pub unsafe fn gemm(
                         // SAFETY: the caller guarantees rhs's extent; the panel is this task's.
                         unsafe {
                             pack_b(
+                                kernel.level,
                                 panel,
                                 rhs as *const f32,
                                 rhs_strides,
@@ -413,7 +419,8 @@ impl PackedB {
             for p in 0..panels {
                 let j0 = p * nr;
                 let panel = &mut data[start + p * stride..start + (p + 1) * stride];
-                pack_b(panel, b, strides, p0, kc, j0, (n - j0).min(nr), nr);
+                let cols = (n - j0).min(nr);
+                pack_b(self.kernel.level, panel, b, strides, p0, kc, j0, cols, nr);
             }
         }
     }
@@ -670,6 +677,7 @@ use with_width;
 /// As [`pack_b_in`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_b(
+    level: Level,
     dst: &mut [f32],
     b: *const f32,
     strides: (usize, usize),
@@ -683,7 +691,7 @@ unsafe fn pack_b(
     wide(
         #[inline(always)]
         // SAFETY: as the caller guarantees.
-        || unsafe { pack_b_in(dst, b as *const f32, strides, p0, kc, j0, cols, nr) },
+        || unsafe { pack_b_in(level, dst, b as *const f32, strides, p0, kc, j0, cols, nr) },
     )
 }
 
@@ -747,6 +755,7 @@ unsafe fn pack_b_rows(
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pack_b_in(
+    level: Level,
     dst: &mut [f32],
     b: *const f32,
     (rs, cs): (usize, usize),
@@ -762,8 +771,17 @@ unsafe fn pack_b_in(
     }
     // A row-major B goes through `pack_b_rows`.
     if rs == 1 {
-        // Columns of B are contiguous (a transposed operand): read eight columns side by side
-        // so that each k writes a contiguous run (one column at a time wrote a value per line).
+        // Columns of B are contiguous (a transposed operand): squares of 16 (AVX-512) or 8
+        // (AVX2) columns by as many k go through a transpose in registers; the rest, eight
+        // columns side by side so that each k writes a contiguous run (one column at a time
+        // wrote a value per line).
+        #[cfg(target_arch = "x86_64")]
+        let mut j = match level {
+            Level::Avx512 => pack_columns_avx512(dst, b.add(p0 + j0 * cs), cs, kc, cols, nr),
+            Level::Avx2 => pack_columns_avx2(dst, b.add(p0 + j0 * cs), cs, kc, cols, nr),
+            Level::Base => 0,
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let mut j = 0;
         while j + 8 <= cols {
             let columns: [*const f32; 8] = std::array::from_fn(|i| b.add(p0 + (j0 + j + i) * cs));
@@ -787,6 +805,162 @@ unsafe fn pack_b_in(
             }
         }
     }
+}
+
+/// Packs the first columns of a B whose columns are contiguous (`cs` apart, each from `b`) as
+/// `[k][nr]` rows, squares of 16 columns by 16 k through [`transpose16`] (the k left over
+/// value by value): returns the columns packed, a multiple of 16.
+///
+/// # Safety
+/// The CPU has AVX-512 F; every column `< cols` is readable for `kc` values; `dst` holds `kc`
+/// rows of `nr` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_columns_avx512(
+    dst: &mut [f32],
+    b: *const f32,
+    cs: usize,
+    kc: usize,
+    cols: usize,
+    nr: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    assert!(dst.len() >= kc * nr && cols <= nr);
+    let out = dst.as_mut_ptr();
+    let mut j = 0;
+    while j + 16 <= cols {
+        let column = |i: usize| b.add((j + i) * cs);
+        let mut p = 0;
+        while p + 16 <= kc {
+            let square = transpose16(std::array::from_fn(|i| _mm512_loadu_ps(column(i).add(p))));
+            for (q, row) in square.into_iter().enumerate() {
+                _mm512_storeu_ps(out.add((p + q) * nr + j), row);
+            }
+            p += 16;
+        }
+        for p in p..kc {
+            for i in 0..16 {
+                *out.add(p * nr + j + i) = *column(i).add(p);
+            }
+        }
+        j += 16;
+    }
+    j
+}
+
+/// A 16 × 16 transpose: lane `c` of result `r` is lane `r` of row `c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    // Pairs of rows interleaved by element, then by element pair: u[4g + c], 128-bit lane L,
+    // holds column 4L + c of rows 4g..4g + 4.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let a = _mm512_castps_pd(t[4 * g + c / 2]);
+        let b = _mm512_castps_pd(t[4 * g + c / 2 + 2]);
+        _mm512_castpd_ps(if c % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    // Then gather lane L of u[c], u[4 + c], u[8 + c], u[12 + c] into result 4L + c: even
+    // lanes and odd lanes of each pair first, then of the two pairs.
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let even_low = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let odd_low = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+        let even_high = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let odd_high = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_f32x4::<0x88>(even_low, even_high);
+        out[4 + c] = _mm512_shuffle_f32x4::<0x88>(odd_low, odd_high);
+        out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(even_low, even_high);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(odd_low, odd_high);
+    }
+    out
+}
+
+/// [`pack_columns_avx512`] with squares of 8 through [`transpose8`]: returns the columns
+/// packed, a multiple of 8.
+///
+/// # Safety
+/// The CPU has AVX; as [`pack_columns_avx512`] otherwise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn pack_columns_avx2(
+    dst: &mut [f32],
+    b: *const f32,
+    cs: usize,
+    kc: usize,
+    cols: usize,
+    nr: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    assert!(dst.len() >= kc * nr && cols <= nr);
+    let out = dst.as_mut_ptr();
+    let mut j = 0;
+    while j + 8 <= cols {
+        let column = |i: usize| b.add((j + i) * cs);
+        let mut p = 0;
+        while p + 8 <= kc {
+            let square = transpose8(std::array::from_fn(|i| _mm256_loadu_ps(column(i).add(p))));
+            for (q, row) in square.into_iter().enumerate() {
+                _mm256_storeu_ps(out.add((p + q) * nr + j), row);
+            }
+            p += 8;
+        }
+        for p in p..kc {
+            for i in 0..8 {
+                *out.add(p * nr + j + i) = *column(i).add(p);
+            }
+        }
+        j += 8;
+    }
+    j
+}
+
+/// An 8 × 8 transpose: lane `c` of result `r` is lane `r` of row `c`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn transpose8(rows: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // As in `transpose16`: u[4g + c], 128-bit lane L, holds column 4L + c of rows 4g..4g + 4.
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m256; 8] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + c / 2], t[4 * g + c / 2 + 2]);
+        if c % 2 == 0 {
+            _mm256_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm256_shuffle_ps::<0xee>(a, b)
+        }
+    });
+    std::array::from_fn(|r| {
+        let (lane, c) = (r / 4, r % 4);
+        if lane == 0 {
+            _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c])
+        }
+    })
 }
 
 /// Writes a finished tile: `c = (overwrite ? 0 : c) + alpha · acc` for rows `0..mr`, columns
@@ -1096,6 +1270,43 @@ mod tests {
                 })
                 .collect();
             assert!(outputs.windows(2).all(|w| w[0] == w[1]));
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_register_transposes_are_transposes() {
+        use std::arch::x86_64::*;
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        if level_supported(Level::Avx512) {
+            // SAFETY: the CPU has AVX-512 F; each row load reads 16 of m's 256 values.
+            let rows = unsafe {
+                transpose16(std::array::from_fn(|r| {
+                    _mm512_loadu_ps(m[16 * r..].as_ptr())
+                }))
+            };
+            for (r, row) in rows.into_iter().enumerate() {
+                let lanes: [f32; 16] = unsafe { std::mem::transmute(row) };
+                assert!(
+                    (0..16).all(|c| lanes[c] == m[16 * c + r]),
+                    "row {r}: {lanes:?}"
+                );
+            }
+        }
+        if level_supported(Level::Avx2) {
+            // SAFETY: the CPU has AVX; each row load reads 8 of m's first 64 values.
+            let rows = unsafe {
+                transpose8(std::array::from_fn(|r| {
+                    _mm256_loadu_ps(m[8 * r..].as_ptr())
+                }))
+            };
+            for (r, row) in rows.into_iter().enumerate() {
+                let lanes: [f32; 8] = unsafe { std::mem::transmute(row) };
+                assert!(
+                    (0..8).all(|c| lanes[c] == m[8 * c + r]),
+                    "row {r}: {lanes:?}"
+                );
+            }
         }
     }
 
