@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::f32_gemm::{self, gemm_packed_b, PackedB};
 
-use super::{fast_exp, lane_max, lane_sum, wide, Dims, SyncPtr, ELEMENTS};
+use super::{fast_exp, lane_dot, lane_max, lane_sum, wide, Dims, SyncPtr, ELEMENTS};
 
 /// Query rows per block: a block's scores (`ATTENTION_BLOCK × T`) are what a thread holds.
 const ATTENTION_BLOCK: usize = 32;
@@ -389,11 +389,7 @@ pub(super) fn attention_backward(
                                     .iter_mut()
                                     .for_each(|x| *x = fast_exp(*x - l));
                                 // dS = P ∘ (dP − Σ P·dP) · scale; masked keys get none.
-                                let weighted: f32 = pr[first..=last]
-                                    .iter()
-                                    .zip(&dr[first..=last])
-                                    .map(|(a, b)| a * b)
-                                    .sum();
+                                let weighted = lane_dot(&pr[first..=last], &dr[first..=last]);
                                 for (x, &pv) in dr.iter_mut().zip(pr.iter()) {
                                     *x = pv * (*x - weighted) * scale;
                                 }
