@@ -64,12 +64,10 @@ fn main() {
                 cout,
             )
         });
-        // The input gradient alone (no weight gradient), then both: their difference is the
-        // weight gradient's product.
-        time(&format!("{name} bwd, input grad"), f, 3, || {
+        let mut backward = |weight_grad: bool| {
             k.matmul_backward(
                 &mut dx[..rows * cin],
-                None,
+                weight_grad.then_some(&mut dw[..cin * cout]),
                 None,
                 &out[..rows * cout],
                 &x[..rows * cin],
@@ -78,20 +76,10 @@ fn main() {
                 cin,
                 cout,
             )
-        });
-        time(&format!("{name} bwd"), 2.0 * f, 3, || {
-            k.matmul_backward(
-                &mut dx[..rows * cin],
-                Some(&mut dw[..cin * cout]),
-                None,
-                &out[..rows * cout],
-                &x[..rows * cin],
-                &w[..cin * cout],
-                layout,
-                cin,
-                cout,
-            )
-        });
+        };
+        // The input gradient alone, then both: their difference is the weight gradient's.
+        time(&format!("{name} bwd, input grad"), f, 3, || backward(false));
+        time(&format!("{name} bwd"), 2.0 * f, 3, || backward(true));
     }
     let d = Dims::mha(b, t, c, nh);
     let qkv = vec![0.1f32; rows * 3 * c];

@@ -808,12 +808,48 @@ unsafe fn pack_b_in(
 }
 
 /// Packs the first columns of a B whose columns are contiguous (`cs` apart, each from `b`) as
-/// `[k][nr]` rows, squares of 16 columns by 16 k through [`transpose16`] (the k left over
-/// value by value): returns the columns packed, a multiple of 16.
+/// `[k][nr]` rows, squares of `W` columns by `W` k through `square` (which reads `W` values
+/// from each of the `W` column pointers and writes them transposed, as `W` rows `nr` apart
+/// from its output pointer), the k left over value by value: returns the columns packed, a
+/// multiple of `W`.
 ///
 /// # Safety
-/// The CPU has AVX-512 F; every column `< cols` is readable for `kc` values; `dst` holds `kc`
-/// rows of `nr` values.
+/// Every column `< cols` is readable for `kc` values; `dst` holds `kc` rows of `nr` values;
+/// `square` does as said above.
+#[inline(always)]
+unsafe fn pack_columns<const W: usize>(
+    dst: &mut [f32],
+    b: *const f32,
+    cs: usize,
+    kc: usize,
+    cols: usize,
+    nr: usize,
+    square: impl Fn([*const f32; W], *mut f32),
+) -> usize {
+    assert!(dst.len() >= kc * nr && cols <= nr);
+    let out = dst.as_mut_ptr();
+    let mut j = 0;
+    while j + W <= cols {
+        let columns: [*const f32; W] = std::array::from_fn(|i| b.add((j + i) * cs));
+        let mut p = 0;
+        while p + W <= kc {
+            square(columns.map(|c| c.add(p)), out.add(p * nr + j));
+            p += W;
+        }
+        for p in p..kc {
+            for (i, column) in columns.iter().enumerate() {
+                *out.add(p * nr + j + i) = *column.add(p);
+            }
+        }
+        j += W;
+    }
+    j
+}
+
+/// [`pack_columns`] with 16 × 16 squares through [`transpose16`].
+///
+/// # Safety
+/// The CPU has AVX-512 F; as [`pack_columns`] otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_columns_avx512(
@@ -825,27 +861,12 @@ unsafe fn pack_columns_avx512(
     nr: usize,
 ) -> usize {
     use std::arch::x86_64::*;
-    assert!(dst.len() >= kc * nr && cols <= nr);
-    let out = dst.as_mut_ptr();
-    let mut j = 0;
-    while j + 16 <= cols {
-        let column = |i: usize| b.add((j + i) * cs);
-        let mut p = 0;
-        while p + 16 <= kc {
-            let square = transpose16(std::array::from_fn(|i| _mm512_loadu_ps(column(i).add(p))));
-            for (q, row) in square.into_iter().enumerate() {
-                _mm512_storeu_ps(out.add((p + q) * nr + j), row);
-            }
-            p += 16;
+    pack_columns::<16>(dst, b, cs, kc, cols, nr, |columns, out| {
+        let rows = transpose16(columns.map(|c| _mm512_loadu_ps(c)));
+        for (q, row) in rows.into_iter().enumerate() {
+            _mm512_storeu_ps(out.add(q * nr), row);
         }
-        for p in p..kc {
-            for i in 0..16 {
-                *out.add(p * nr + j + i) = *column(i).add(p);
-            }
-        }
-        j += 16;
-    }
-    j
+    })
 }
 
 /// A 16 × 16 transpose: lane `c` of result `r` is lane `r` of row `c`.
@@ -890,11 +911,10 @@ unsafe fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_
     out
 }
 
-/// [`pack_columns_avx512`] with squares of 8 through [`transpose8`]: returns the columns
-/// packed, a multiple of 8.
+/// [`pack_columns`] with 8 × 8 squares through [`transpose8`].
 ///
 /// # Safety
-/// The CPU has AVX; as [`pack_columns_avx512`] otherwise.
+/// The CPU has AVX; as [`pack_columns`] otherwise.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 unsafe fn pack_columns_avx2(
@@ -906,27 +926,12 @@ unsafe fn pack_columns_avx2(
     nr: usize,
 ) -> usize {
     use std::arch::x86_64::*;
-    assert!(dst.len() >= kc * nr && cols <= nr);
-    let out = dst.as_mut_ptr();
-    let mut j = 0;
-    while j + 8 <= cols {
-        let column = |i: usize| b.add((j + i) * cs);
-        let mut p = 0;
-        while p + 8 <= kc {
-            let square = transpose8(std::array::from_fn(|i| _mm256_loadu_ps(column(i).add(p))));
-            for (q, row) in square.into_iter().enumerate() {
-                _mm256_storeu_ps(out.add((p + q) * nr + j), row);
-            }
-            p += 8;
+    pack_columns::<8>(dst, b, cs, kc, cols, nr, |columns, out| {
+        let rows = transpose8(columns.map(|c| _mm256_loadu_ps(c)));
+        for (q, row) in rows.into_iter().enumerate() {
+            _mm256_storeu_ps(out.add(q * nr), row);
         }
-        for p in p..kc {
-            for i in 0..8 {
-                *out.add(p * nr + j + i) = *column(i).add(p);
-            }
-        }
-        j += 8;
-    }
-    j
+    })
 }
 
 /// An 8 × 8 transpose: lane `c` of result `r` is lane `r` of row `c`.
