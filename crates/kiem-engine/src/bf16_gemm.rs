@@ -233,21 +233,21 @@ pub fn gemm_with(
     let (lhs_len, rhs_len) = (extent(m, k, lhs_strides), extent(k, n, rhs_strides));
     assert!(lhs.len() >= lhs_len, "bf16 gemm: lhs too small");
     assert!(rhs.len() >= rhs_len, "bf16 gemm: rhs too small");
+    let product = Product {
+        backend,
+        m,
+        n,
+        k,
+        ldc,
+        accumulate,
+        rhs,
+        rhs_strides,
+    };
     if matches!(backend, Backend::Amx | Backend::AmxEmulated) {
-        return amx::gemm(
-            backend,
-            m,
-            n,
-            k,
-            dst,
-            ldc,
-            accumulate,
-            lhs,
-            lhs_strides,
-            rhs,
-            rhs_strides,
-        );
+        let lhs = Lhs::Packed(lhs, lhs_strides);
+        return product.run(&amx::Tiles2x2 { backend }, dst, lhs);
     }
+    let tiling = RegisterTile { backend };
     // With A's rows contiguous and k even, each k pair of a row is one word of a bf16 copy of
     // A, so the tiles read that copy in place (one vectorized rounding pass): packing A would
     // cost as much as a fifth of the product when n is small. Every other operand is rounded
@@ -255,18 +255,7 @@ pub fn gemm_with(
     // may run one while the other waits) allocates its own copy.
     let a_in_place = lhs_strides.1 == 1 && k.is_multiple_of(2);
     if !a_in_place {
-        return gemm_packed(
-            backend,
-            m,
-            n,
-            k,
-            dst,
-            ldc,
-            accumulate,
-            Lhs::Packed(lhs, lhs_strides),
-            rhs,
-            rhs_strides,
-        );
+        return product.run(&tiling, dst, Lhs::Packed(lhs, lhs_strides));
     }
     ROUNDED_A.with(|cell| {
         let mut fresh = Vec::new();
@@ -277,22 +266,12 @@ pub fn gemm_with(
         };
         a16.resize(lhs_len, 0);
         convert(backend, &lhs[..lhs_len], a16);
-        gemm_packed(
-            backend,
-            m,
-            n,
-            k,
-            dst,
-            ldc,
-            accumulate,
-            Lhs::InPlace(a16, lhs_strides.0),
-            rhs,
-            rhs_strides,
-        );
+        product.run(&tiling, dst, Lhs::InPlace(a16, lhs_strides.0));
     });
 }
 
 /// How the tiles get A.
+#[derive(Clone, Copy)]
 enum Lhs<'a> {
     /// fp32 with (row stride, column stride), rounded into packed panels per k block.
     Packed(&'a [f32], (usize, usize)),
@@ -300,113 +279,220 @@ enum Lhs<'a> {
     InPlace(&'a [u16], usize),
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm_packed(
+/// A product's shape and its B (checked by [`gemm_with`]); its dst and A come with the run.
+struct Product<'a> {
     backend: Backend,
     m: usize,
     n: usize,
     k: usize,
-    dst: &mut [f32],
     ldc: usize,
     accumulate: bool,
-    lhs: Lhs,
-    rhs: &[f32],
+    rhs: &'a [f32],
     rhs_strides: (usize, usize),
-) {
-    let dst_ptr = SyncPtr(dst.as_mut_ptr());
-    let panels_a = m.div_ceil(MR);
-    let mut a_pack = match lhs {
-        Lhs::InPlace(..) => Vec::new(),
-        Lhs::Packed(..) => vec![0u32; panels_a * MR * KC_PAIRS],
-    };
-    let mut b_pack = vec![0u32; KC_PAIRS * NC];
-    for pc in (0..k).step_by(2 * KC_PAIRS) {
-        let kc = (k - pc).min(2 * KC_PAIRS);
-        let pairs = kc.div_ceil(2);
-        // All of A's rows for this k block, packed once and shared by every column block.
-        if let Lhs::Packed(lhs, lhs_strides) = lhs {
-            a_pack[..panels_a * MR * pairs]
-                .par_chunks_mut(MR * pairs)
-                .enumerate()
-                .for_each(|(i, panel)| {
-                    let i0 = i * MR;
-                    pack_a(
-                        backend,
-                        panel,
-                        lhs,
-                        lhs_strides,
-                        i0,
-                        (m - i0).min(MR),
-                        pc,
-                        kc,
-                    );
-                });
-        }
-        let overwrite = pc == 0 && !accumulate;
-        for jc in (0..n).step_by(NC) {
-            let nc = (n - jc).min(NC);
-            let panels = nc.div_ceil(NR);
-            b_pack[..panels * pairs * NR]
-                .par_chunks_mut(pairs * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let j0 = jc + p * NR;
-                    pack_b(
-                        backend,
-                        panel,
-                        rhs,
-                        rhs_strides,
-                        pc,
-                        kc,
-                        j0,
-                        (jc + nc - j0).min(NR),
-                    );
-                });
-            let (a_pack, b_pack) = (&a_pack, &b_pack);
-            (0..m.div_ceil(MC)).into_par_iter().for_each(|block| {
-                for i0 in (block * MC..m.min((block + 1) * MC)).step_by(MR) {
-                    let mr = (m - i0).min(MR);
-                    // Where each of the tile's rows of A starts (rows past m repeat the last
-                    // one: read, never stored), and the step from one k pair to the next.
-                    let (a_rows, pair_step) = match lhs {
-                        Lhs::InPlace(a16, row_stride) => {
-                            let row =
-                                |r: usize| a16[(i0 + r.min(mr - 1)) * row_stride + pc..].as_ptr();
-                            (std::array::from_fn::<_, MR, _>(row), 2)
-                        }
-                        Lhs::Packed(..) => {
-                            let panel = a_pack[i0 * pairs..].as_ptr() as *const u16;
-                            (std::array::from_fn(|r| panel.wrapping_add(2 * r)), 2 * MR)
-                        }
-                    };
-                    for p in 0..panels {
+}
+
+/// One k block against one column block, as a task's tiles see it.
+struct Block {
+    /// The block's first k.
+    pc: usize,
+    /// Pairs of k per packed row of A and per packed panel of B (whole tiles for AMX).
+    pairs: usize,
+    ldc: usize,
+    overwrite: bool,
+    /// All the rows of dst.
+    m: usize,
+    /// The column block.
+    columns: std::ops::Range<usize>,
+}
+
+/// How a product's tiles take their operands: the AVX512-BF16 register tile
+/// ([`RegisterTile`]) or AMX tiles ([`amx::Tiles2x2`]). Both run inside the same blocking
+/// ([`Product::run`]): k blocks of [`KC_PAIRS`] pairs, all of A packed per k block, column
+/// blocks of [`NC`] with B packed in panels of [`NR`] interleaved pairs.
+trait Tiling: Sync {
+    /// Rows of A per packed block.
+    const MR: usize;
+    /// Rows of dst per parallel task.
+    const MC: usize;
+    /// Pairs packed for a k block of `pairs` pairs (zero beyond).
+    fn padded(pairs: usize) -> usize;
+    /// Packs rows `i0..i0 + mr` and k `pc..pc + kc` of fp32 A as `padded` pairs into `dst`
+    /// (one block of `MR` rows, zero beyond).
+    #[allow(clippy::too_many_arguments)]
+    fn pack_a(
+        &self,
+        dst: &mut [u32],
+        a: &[f32],
+        strides: (usize, usize),
+        i0: usize,
+        mr: usize,
+        pc: usize,
+        kc: usize,
+        padded: usize,
+    );
+    /// Computes `rows` of dst (a task's, a multiple of `MR` from a block start) over the
+    /// block's columns.
+    ///
+    /// # Safety
+    /// `a_pack` holds the k block of A (packed, unless `lhs` is in place) for every row of
+    /// dst and `b_pack` the column block's panels, `block.pairs` pairs each; the rows and
+    /// columns lie inside dst, which this task alone writes there.
+    unsafe fn run(
+        &self,
+        block: &Block,
+        rows: std::ops::Range<usize>,
+        lhs: Lhs,
+        a_pack: &[u32],
+        b_pack: &[u32],
+        dst: SyncPtr,
+    );
+}
+
+impl Product<'_> {
+    /// `dst (+)= lhs · rhs` on `tiling`'s tiles.
+    fn run<T: Tiling>(&self, tiling: &T, dst: &mut [f32], lhs: Lhs) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let dst_ptr = SyncPtr(dst.as_mut_ptr());
+        let blocks_a = m.div_ceil(T::MR);
+        let most = T::padded(KC_PAIRS);
+        let mut a_pack = match lhs {
+            Lhs::InPlace(..) => Vec::new(),
+            Lhs::Packed(..) => vec![0u32; blocks_a * T::MR * most],
+        };
+        let mut b_pack = vec![0u32; most * NC];
+        for pc in (0..k).step_by(2 * KC_PAIRS) {
+            let kc = (k - pc).min(2 * KC_PAIRS);
+            let pairs = kc.div_ceil(2);
+            let padded = T::padded(pairs);
+            // All of A's rows for this k block, packed once and shared by every column block.
+            if let Lhs::Packed(lhs, lhs_strides) = lhs {
+                a_pack[..blocks_a * T::MR * padded]
+                    .par_chunks_mut(T::MR * padded)
+                    .enumerate()
+                    .for_each(|(i, block)| {
+                        let i0 = i * T::MR;
+                        let mr = (m - i0).min(T::MR);
+                        tiling.pack_a(block, lhs, lhs_strides, i0, mr, pc, kc, padded);
+                    });
+            }
+            for jc in (0..n).step_by(NC) {
+                let nc = (n - jc).min(NC);
+                let panels = nc.div_ceil(NR);
+                b_pack[..panels * padded * NR]
+                    .par_chunks_mut(padded * NR)
+                    .enumerate()
+                    .for_each(|(p, panel)| {
                         let j0 = jc + p * NR;
-                        // SAFETY: the native backend runs only where the CPU has AVX512-BF16
-                        // (asserted by `gemm_with`); each row of A holds `pairs` pairs from its
-                        // start (packed, or the row's k block in place, k even), as does the
-                        // packed panel of B; the tile's rows i0..i0+mr and columns j0..j0+NR∧n
-                        // lie inside dst (asserted by `gemm_with`) and this task alone writes
-                        // the rows of its block.
-                        let tile = match backend {
-                            Backend::Native => tile,
-                            _ => tile_emulated,
-                        };
-                        unsafe {
-                            tile(
-                                pairs,
-                                a_rows,
-                                pair_step,
-                                b_pack[p * pairs * NR..].as_ptr(),
-                                dst_ptr.get().add(i0 * ldc + j0),
-                                ldc,
-                                mr,
-                                (jc + nc - j0).min(NR),
-                                overwrite,
-                            )
-                        };
-                    }
+                        let (filled, padding) = panel.split_at_mut(pairs * NR);
+                        let cols = (jc + nc - j0).min(NR);
+                        pack_b(
+                            self.backend,
+                            filled,
+                            self.rhs,
+                            self.rhs_strides,
+                            pc,
+                            kc,
+                            j0,
+                            cols,
+                        );
+                        padding.fill(0);
+                    });
+                let block = Block {
+                    pc,
+                    pairs: padded,
+                    ldc: self.ldc,
+                    overwrite: pc == 0 && !self.accumulate,
+                    m,
+                    columns: jc..jc + nc,
+                };
+                let (a_pack, b_pack) = (&a_pack, &b_pack);
+                (0..m.div_ceil(T::MC)).into_par_iter().for_each(|task| {
+                    let rows = task * T::MC..m.min((task + 1) * T::MC);
+                    // SAFETY: A's k block is packed above (or read in place) for every row,
+                    // B's panels for the column block; gemm_with checked that dst holds m rows
+                    // of ldc and this task alone writes its rows.
+                    unsafe { tiling.run(&block, rows, lhs, a_pack, b_pack, dst_ptr) };
+                });
+            }
+        }
+    }
+}
+
+/// The AVX512-BF16 register tile: 6 rows × 64 columns of C in 24 vectors (or its scalar
+/// emulation with [`Backend::Emulated`]).
+struct RegisterTile {
+    backend: Backend,
+}
+
+impl Tiling for RegisterTile {
+    const MR: usize = MR;
+    const MC: usize = MC;
+
+    fn padded(pairs: usize) -> usize {
+        pairs
+    }
+
+    fn pack_a(
+        &self,
+        dst: &mut [u32],
+        a: &[f32],
+        strides: (usize, usize),
+        i0: usize,
+        mr: usize,
+        pc: usize,
+        kc: usize,
+        _padded: usize,
+    ) {
+        pack_a(self.backend, dst, a, strides, i0, mr, pc, kc);
+    }
+
+    unsafe fn run(
+        &self,
+        block: &Block,
+        rows: std::ops::Range<usize>,
+        lhs: Lhs,
+        a_pack: &[u32],
+        b_pack: &[u32],
+        dst: SyncPtr,
+    ) {
+        let (pairs, pc, m) = (block.pairs, block.pc, block.m);
+        let (jc, n_end) = (block.columns.start, block.columns.end);
+        let tile = match self.backend {
+            Backend::Native => tile,
+            _ => tile_emulated,
+        };
+        for i0 in rows.step_by(MR) {
+            let mr = (m - i0).min(MR);
+            // Where each of the tile's rows of A starts (rows past m repeat the last one:
+            // read, never stored), and the step from one k pair to the next.
+            let (a_rows, pair_step) = match lhs {
+                Lhs::InPlace(a16, row_stride) => {
+                    let row = |r: usize| a16[(i0 + r.min(mr - 1)) * row_stride + pc..].as_ptr();
+                    (std::array::from_fn::<_, MR, _>(row), 2)
                 }
-            });
+                Lhs::Packed(..) => {
+                    let panel = a_pack[i0 * pairs..].as_ptr() as *const u16;
+                    (std::array::from_fn(|r| panel.wrapping_add(2 * r)), 2 * MR)
+                }
+            };
+            for (p, j0) in (jc..n_end).step_by(NR).enumerate() {
+                // SAFETY: the native backend runs only where the CPU has AVX512-BF16 (asserted
+                // by `gemm_with`); each row of A holds `pairs` pairs from its start (packed, or
+                // the row's k block in place, k even), as does the packed panel of B; the
+                // tile's rows i0..i0+mr and columns j0..j0+NR∧n lie inside dst, which this task
+                // alone writes (the caller's guarantee).
+                tile(
+                    pairs,
+                    a_rows,
+                    pair_step,
+                    b_pack[p * pairs * NR..].as_ptr(),
+                    dst.get().add(i0 * block.ldc + j0),
+                    block.ldc,
+                    mr,
+                    (n_end - j0).min(NR),
+                    block.overwrite,
+                )
+            }
         }
     }
 }

@@ -12,9 +12,7 @@
 //! assembly: Rust's AMX intrinsics are unstable), [`Emulated`] computes them in scalar code, so
 //! the packing and blocking are tested on every CPU (`Backend::AmxEmulated`).
 
-use rayon::prelude::*;
-
-use super::{dot_pair_step, pack_b, to_bf16, vector_packing, Backend, KC_PAIRS, NC, NR};
+use super::{dot_pair_step, to_bf16, vector_packing, Backend, Block, Lhs, Tiling, NR};
 use crate::kernels::SyncPtr;
 
 /// Rows (and k pairs) of a tile; each tile row is 64 bytes: 16 fp32 or 16 bf16 pairs.
@@ -196,133 +194,87 @@ impl Tiles for Emulated {
     }
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` on tiles (see [`super::gemm_with`], which checks the
-/// slices and the CPU).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(
-    backend: Backend,
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_strides: (usize, usize),
-    rhs: &[f32],
-    rhs_strides: (usize, usize),
-) {
-    let dst_ptr = SyncPtr(dst.as_mut_ptr());
-    let blocks_a = m.div_ceil(MR);
-    let mut a_pack = vec![0u32; blocks_a * MR * KC_PAIRS];
-    let mut b_pack = vec![0u32; KC_PAIRS * NC];
-    for pc in (0..k).step_by(2 * KC_PAIRS) {
-        let kc = (k - pc).min(2 * KC_PAIRS);
-        let pairs = kc.div_ceil(2);
-        // Whole tiles of k pairs; the padding is zero in A and B.
-        let padded = pairs.next_multiple_of(T);
-        a_pack[..blocks_a * MR * padded]
-            .par_chunks_mut(MR * padded)
-            .enumerate()
-            .for_each(|(i, block)| {
-                let i0 = i * MR;
-                pack_a(
-                    backend,
-                    block,
-                    lhs,
-                    lhs_strides,
-                    i0,
-                    (m - i0).min(MR),
-                    pc,
-                    kc,
-                    padded,
-                );
-            });
-        let overwrite = pc == 0 && !accumulate;
-        for jc in (0..n).step_by(NC) {
-            let nc = (n - jc).min(NC);
-            let panels = nc.div_ceil(NR);
-            b_pack[..panels * padded * NR]
-                .par_chunks_mut(padded * NR)
-                .enumerate()
-                .for_each(|(p, panel)| {
-                    let j0 = jc + p * NR;
-                    let (filled, padding) = panel.split_at_mut(pairs * NR);
-                    pack_b(
-                        backend,
-                        filled,
-                        rhs,
-                        rhs_strides,
-                        pc,
-                        kc,
-                        j0,
-                        (jc + nc - j0).min(NR),
-                    );
-                    padding.fill(0);
-                });
-            let (a_pack, b_pack) = (&a_pack, &b_pack);
-            (0..m.div_ceil(MC)).into_par_iter().for_each(|task| {
-                let work = Work {
-                    steps: padded / T,
-                    a_row_words: padded,
-                    ldc,
-                    overwrite,
-                    rows: task * MC..m.min((task + 1) * MC),
-                    m,
-                    columns: jc..jc + nc,
+/// 2 × 2 blocks of AMX tiles (or their scalar emulation, [`Backend::AmxEmulated`]) inside
+/// the bf16 products' blocking ([`super::Product::run`]).
+pub(super) struct Tiles2x2 {
+    pub(super) backend: Backend,
+}
+
+impl Tiling for Tiles2x2 {
+    const MR: usize = MR;
+    const MC: usize = MC;
+
+    /// Whole tiles of 16 pairs (the padding is zero in A and B).
+    fn padded(pairs: usize) -> usize {
+        pairs.next_multiple_of(T)
+    }
+
+    fn pack_a(
+        &self,
+        dst: &mut [u32],
+        a: &[f32],
+        strides: (usize, usize),
+        i0: usize,
+        mr: usize,
+        pc: usize,
+        kc: usize,
+        padded: usize,
+    ) {
+        pack_a(self.backend, dst, a, strides, i0, mr, pc, kc, padded);
+    }
+
+    unsafe fn run(
+        &self,
+        block: &Block,
+        rows: std::ops::Range<usize>,
+        _lhs: Lhs,
+        a_pack: &[u32],
+        b_pack: &[u32],
+        dst: SyncPtr,
+    ) {
+        let work = Work { block, rows };
+        match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: gemm_with runs the Amx backend only where `supported()`; the packed
+            // operands hold `block.pairs` (whole tiles of) pairs for every row and column the
+            // blocks read (zero past the operands); this task alone writes its rows of dst,
+            // which lie inside it (the caller's guarantee).
+            Backend::Amx => {
+                let mut hw = Hardware;
+                hw.configure();
+                work.run(&mut hw, a_pack, b_pack, dst);
+                hw.release();
+            }
+            // SAFETY: as above, on tiles in memory.
+            _ => {
+                let mut emulated = Emulated {
+                    tiles: [[[0; T]; T]; 8],
                 };
-                match backend {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: gemm_with runs the Amx backend only where `supported()`; the
-                    // packed operands hold `steps` whole tiles of pairs for every row and
-                    // column the blocks read (zero past the operands); this task alone writes
-                    // its rows of dst, which lie inside it (checked by gemm_with).
-                    Backend::Amx => unsafe {
-                        let mut hw = Hardware;
-                        hw.configure();
-                        work.run(&mut hw, a_pack, b_pack, dst_ptr);
-                        hw.release();
-                    },
-                    // SAFETY: as above, on tiles in memory.
-                    _ => unsafe {
-                        let mut emulated = Emulated {
-                            tiles: [[[0; T]; T]; 8],
-                        };
-                        work.run(&mut emulated, a_pack, b_pack, dst_ptr);
-                    },
-                }
-            });
+                work.run(&mut emulated, a_pack, b_pack, dst);
+            }
         }
     }
 }
 
 /// One task's share of a k block and column block: its rows against every panel of B.
-struct Work {
-    /// Tiles of 16 pairs along k.
-    steps: usize,
-    /// Words per row of a packed block of A.
-    a_row_words: usize,
-    ldc: usize,
-    overwrite: bool,
-    /// The task's rows of dst, and all of them.
+struct Work<'a> {
+    block: &'a Block,
+    /// The task's rows of dst.
     rows: std::ops::Range<usize>,
-    m: usize,
-    /// The column block.
-    columns: std::ops::Range<usize>,
 }
 
-impl Work {
+impl Work<'_> {
     /// Each half panel of B (staying in L1) against each 32-row block of A (from L2).
     ///
     /// # Safety
     /// The tiles are configured; `a_pack` holds the packed blocks of A of this k block (32 rows
-    /// of `a_row_words` words each) and `b_pack` the column block's panels (`steps · 16` rows of
-    /// NR words each); the task's rows of dst are inside it and written by this task alone.
+    /// of `block.pairs` words each) and `b_pack` the column block's panels (`block.pairs` rows
+    /// of NR words each); the task's rows of dst are inside it and written by this task alone.
     unsafe fn run<X: Tiles>(&self, x: &mut X, a_pack: &[u32], b_pack: &[u32], dst: SyncPtr) {
-        let panel_words = self.steps * T * NR;
+        let panel_words = self.block.pairs * NR;
         // Tiles of C cut by dst's edge go through this buffer (made once: it is 4 KiB).
         let mut edges = [[0f32; T * T]; 4];
-        let (jc, n_end) = (self.columns.start, self.columns.end);
+        let (jc, n_end) = (self.block.columns.start, self.block.columns.end);
         for p in 0..(n_end - jc).div_ceil(NR) {
             for half in 0..NR / NB {
                 let j0 = jc + p * NR + half * NB;
@@ -331,9 +283,9 @@ impl Work {
                 }
                 let b = b_pack[p * panel_words + half * NB..].as_ptr();
                 for i0 in self.rows.clone().step_by(MR) {
-                    let a = a_pack[i0 * self.a_row_words..].as_ptr();
-                    let c = dst.get().add(i0 * self.ldc + j0);
-                    let extent = ((self.m - i0).min(MR), (n_end - j0).min(NB));
+                    let a = a_pack[i0 * self.block.pairs..].as_ptr();
+                    let c = dst.get().add(i0 * self.block.ldc + j0);
+                    let extent = ((self.block.m - i0).min(MR), (n_end - j0).min(NB));
                     self.block(x, &mut edges, a, b, c, extent);
                 }
             }
@@ -344,7 +296,7 @@ impl Work {
     /// half panel at `b` (row stride NR words).
     ///
     /// # Safety
-    /// The tiles are configured; `a` holds 32 rows of `a_row_words` words and `b` `steps · 16`
+    /// The tiles are configured; `a` holds 32 rows of `block.pairs` words and `b` `block.pairs`
     /// rows of NR words (32 readable from each row start); dst's `rows × cols` at `c` (row
     /// stride `ldc`) are valid for reads and writes.
     #[inline(always)]
@@ -357,9 +309,9 @@ impl Work {
         c: *mut f32,
         (rows, cols): (usize, usize),
     ) {
-        let ldc_bytes = self.ldc * 4;
+        let ldc_bytes = self.block.ldc * 4;
         let inside = |t: usize| rows >= T * (t / 2 + 1) && cols >= T * (t % 2 + 1);
-        let origin = |t: usize| c.wrapping_add((t / 2) * T * self.ldc + (t % 2) * T);
+        let origin = |t: usize| c.wrapping_add((t / 2) * T * self.block.ldc + (t % 2) * T);
         let place = |t: usize, edges: &mut [[f32; T * T]; 4]| -> (*mut u8, usize) {
             if inside(t) {
                 (origin(t) as *mut u8, ldc_bytes)
@@ -367,7 +319,7 @@ impl Work {
                 (edges[t].as_mut_ptr() as *mut u8, T * 4)
             }
         };
-        if self.overwrite {
+        if self.block.overwrite {
             x.zero::<0>();
             x.zero::<1>();
             x.zero::<2>();
@@ -376,7 +328,7 @@ impl Work {
             for (t, edge) in edges.iter_mut().enumerate() {
                 if !inside(t) {
                     self.edge(t, rows, cols, |r, j| {
-                        edge[r * T + j] = *origin(t).add(r * self.ldc + j);
+                        edge[r * T + j] = *origin(t).add(r * self.block.ldc + j);
                     });
                 }
             }
@@ -389,9 +341,9 @@ impl Work {
             let (p, s) = place(3, edges);
             x.load::<3>(p, s);
         }
-        let a_stride = self.a_row_words * 4;
+        let a_stride = self.block.pairs * 4;
         let b_stride = NR * 4;
-        for step in 0..self.steps {
+        for step in 0..self.block.pairs / T {
             let a0 = a.add(step * T) as *const u8;
             let b0 = b.add(step * T * NR) as *const u8;
             x.load::<4>(a0, a_stride);
@@ -414,7 +366,7 @@ impl Work {
         for (t, edge) in edges.iter().enumerate() {
             if !inside(t) {
                 self.edge(t, rows, cols, |r, j| {
-                    *origin(t).add(r * self.ldc + j) = edge[r * T + j];
+                    *origin(t).add(r * self.block.ldc + j) = edge[r * T + j];
                 });
             }
         }
