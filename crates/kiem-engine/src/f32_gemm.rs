@@ -211,7 +211,12 @@ pub unsafe fn gemm(
                 if rhs_strides.1 == 1 {
                     // A row-major B is packed a band of k rows per thread, each row read as one
                     // contiguous run (see `pack_b_rows`).
-                    let parts = if threads > 1 { threads.min(kc) } else { 1 };
+                    // (Serially where there is one panel: small products.)
+                    let parts = if threads > 1 && panels > 1 {
+                        threads.min(kc)
+                    } else {
+                        1
+                    };
                     let panels_ptr = SyncPtr(b_pack.as_mut_ptr());
                     let part = |t: usize| {
                         // SAFETY: the caller guarantees rhs's extent; each part writes only its
@@ -277,8 +282,8 @@ pub unsafe fn gemm(
                     if p0 >= p1 {
                         return;
                     }
-                    // A row-major A is read in place (its rows are already contiguous in k);
-                    // another layout is packed by tiles of rows.
+                    // A row-major A is read in place (its rows are already contiguous in k)
+                    // unless its rows are 4 KiB apart; otherwise it is packed (`pack_a`).
                     let in_place = read_in_place(lhs_strides);
                     let packed_len = if in_place { 0 } else { row_tiles * a_stride };
                     with_buffer(&PACKED_A, packed_len, |a_pack| {
@@ -624,7 +629,8 @@ unsafe fn pack_a_in(
         let dst = &mut dst[..(tiles - 1) * tile_stride + kc * mr];
         with_width!(mr, columns(dst, tile_stride, src, cs, rows, kc, mr));
     } else {
-        // A row-major A is packed only when its rows are 4 KiB apart (`read_in_place`).
+        // Rows contiguous in k (packed only when 4 KiB apart: `read_in_place`) or neither
+        // stride 1: value by value.
         for t in 0..tiles {
             let tile = &mut dst[t * tile_stride..][..kc * mr];
             for r in 0..tile_rows(t) {
@@ -674,7 +680,7 @@ use with_width;
 /// [`pack_b_in`] compiled for the CPU's vector width (its copies then inline).
 ///
 /// # Safety
-/// As [`pack_b_in`].
+/// As [`pack_b_in`]: the CPU has `level`'s instructions.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_b(
     level: Level,
@@ -702,8 +708,9 @@ unsafe fn pack_b(
 /// weight-gradient product's time, whose B is the output gradient).
 ///
 /// # Safety
-/// Every addressed element of `b` is readable; `dst` holds `nc.div_ceil(nr)` panels and
-/// nothing else writes their rows `ks` meanwhile.
+/// Every addressed element of `b` is readable; `dst` is writable for
+/// `(nc.div_ceil(nr) - 1) · panel_stride + ks.end · nr` values (panels `panel_stride >= kc · nr`
+/// apart) and nothing else writes their rows `ks` meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_b_rows(
     dst: *mut f32,
@@ -748,10 +755,12 @@ unsafe fn pack_b_rows(
     )
 }
 
-/// Packs k `p0..p0 + kc` and columns `j0..j0 + cols` of B as `[k][nr]` (zero beyond `cols`).
+/// Packs k `p0..p0 + kc` and columns `j0..j0 + cols` of B as `[k][nr]` (zero beyond `cols`),
+/// a transposed B with `level`'s register transposes.
 ///
 /// # Safety
-/// Every addressed element of `b` is readable.
+/// Every addressed element of `b` is readable; the CPU has `level`'s instructions (a kernel's
+/// level: `kernel_for` makes only those the CPU runs).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pack_b_in(
@@ -776,13 +785,18 @@ unsafe fn pack_b_in(
         // columns side by side so that each k writes a contiguous run (one column at a time
         // wrote a value per line).
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has `level`'s instructions (the caller's guarantee); the columns and
+        // k lie inside b, and dst holds kc rows of nr.
         let mut j = match level {
             Level::Avx512 => pack_columns_avx512(dst, b.add(p0 + j0 * cs), cs, kc, cols, nr),
             Level::Avx2 => pack_columns_avx2(dst, b.add(p0 + j0 * cs), cs, kc, cols, nr),
             Level::Base => 0,
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let mut j = 0;
+        let mut j = {
+            let _ = level;
+            0
+        };
         while j + 8 <= cols {
             let columns: [*const f32; 8] = std::array::from_fn(|i| b.add(p0 + (j0 + j + i) * cs));
             for (p, out) in dst.chunks_exact_mut(nr).enumerate() {
@@ -1336,7 +1350,9 @@ mod tests {
                 ] {
                     let a = values(m * ks.len(), 31);
                     let ldc = cols.len() + 2;
-                    for accumulate in [false, true] {
+                    // A row-major (read in place) or transposed (packed).
+                    for (accumulate, a_t) in [(false, false), (true, false), (false, true)] {
+                        let a_strides = if a_t { (1, m) } else { (ks.len(), 1) };
                         let prior = values(m * ldc, 37);
                         let mut got = prior.clone();
                         unsafe {
@@ -1346,7 +1362,7 @@ mod tests {
                                 ldc,
                                 accumulate,
                                 a.as_ptr(),
-                                (ks.len(), 1),
+                                a_strides,
                                 &packed,
                                 ks.clone(),
                                 cols.clone(),
@@ -1371,7 +1387,7 @@ mod tests {
                                 ldc,
                                 accumulate,
                                 a.as_ptr(),
-                                (ks.len(), 1),
+                                a_strides,
                                 sub.as_ptr(),
                                 (cols.len(), 1),
                                 0.5,
@@ -1380,8 +1396,8 @@ mod tests {
                         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                             assert!(
                                 (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                                "{}: ks {ks:?} cols {cols:?} b_t {b_t} acc {accumulate}: \
-                                 element {i} {g} vs {w}",
+                                "{}: ks {ks:?} cols {cols:?} b_t {b_t} a_t {a_t} \
+                                 acc {accumulate}: element {i} {g} vs {w}",
                                 kernel.name
                             );
                         }

@@ -227,11 +227,13 @@ impl Tiling for Tiles2x2 {
         &self,
         block: &Block,
         rows: std::ops::Range<usize>,
-        _lhs: Lhs,
+        lhs: Lhs,
         a_pack: &[u32],
         b_pack: &[u32],
         dst: SyncPtr,
     ) {
+        // AMX tiles read A only packed (`gemm_with` never hands them a copy in place).
+        debug_assert!(matches!(lhs, Lhs::Packed(..)) && !a_pack.is_empty());
         let work = Work { block, rows };
         match self.backend {
             #[cfg(target_arch = "x86_64")]
