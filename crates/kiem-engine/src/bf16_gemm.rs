@@ -316,8 +316,8 @@ trait Tiling: Sync {
     const MC: usize;
     /// Pairs packed for a k block of `pairs` pairs (zero beyond).
     fn padded(pairs: usize) -> usize;
-    /// Packs rows `i0..i0 + mr` and k `pc..pc + kc` of fp32 A as `padded` pairs into `dst`
-    /// (one block of `MR` rows, zero beyond).
+    /// Packs rows `i0..i0 + mr` and k `pc..pc + kc` of fp32 A as `padded(kc.div_ceil(2))`
+    /// pairs into `dst` (one block of `MR` rows, zero beyond).
     #[allow(clippy::too_many_arguments)]
     fn pack_a(
         &self,
@@ -328,7 +328,6 @@ trait Tiling: Sync {
         mr: usize,
         pc: usize,
         kc: usize,
-        padded: usize,
     );
     /// Computes `rows` of dst (a task's, a multiple of `MR` from a block start) over the
     /// block's columns.
@@ -372,7 +371,7 @@ impl Product<'_> {
                     .for_each(|(i, block)| {
                         let i0 = i * T::MR;
                         let mr = (m - i0).min(T::MR);
-                        tiling.pack_a(block, lhs, lhs_strides, i0, mr, pc, kc, padded);
+                        tiling.pack_a(block, lhs, lhs_strides, i0, mr, pc, kc);
                     });
             }
             for jc in (0..n).step_by(NC) {
@@ -441,7 +440,6 @@ impl Tiling for RegisterTile {
         mr: usize,
         pc: usize,
         kc: usize,
-        _padded: usize,
     ) {
         pack_a(self.backend, dst, a, strides, i0, mr, pc, kc);
     }

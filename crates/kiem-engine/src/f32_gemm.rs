@@ -781,31 +781,25 @@ unsafe fn pack_b_in(
     // A row-major B goes through `pack_b_rows`.
     if rs == 1 {
         // Columns of B are contiguous (a transposed operand): squares of 16 (AVX-512) or 8
-        // (AVX2) columns by as many k go through a transpose in registers; the rest, eight
-        // columns side by side so that each k writes a contiguous run (one column at a time
-        // wrote a value per line).
-        #[cfg(target_arch = "x86_64")]
+        // (AVX2, portable) columns by as many k go through a transpose, in registers where the
+        // level has them, so that each k writes a contiguous run (one column at a time wrote a
+        // value per line); the columns left over, one at a time.
+        let src = b.add(p0 + j0 * cs);
         // SAFETY: the CPU has `level`'s instructions (the caller's guarantee); the columns and
         // k lie inside b, and dst holds kc rows of nr.
-        let mut j = match level {
-            Level::Avx512 => pack_columns_avx512(dst, b.add(p0 + j0 * cs), cs, kc, cols, nr),
-            Level::Avx2 => pack_columns_avx2(dst, b.add(p0 + j0 * cs), cs, kc, cols, nr),
-            Level::Base => 0,
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let mut j = {
-            let _ = level;
-            0
-        };
-        while j + 8 <= cols {
-            let columns: [*const f32; 8] = std::array::from_fn(|i| b.add(p0 + (j0 + j + i) * cs));
-            for (p, out) in dst.chunks_exact_mut(nr).enumerate() {
-                for (o, column) in out[j..j + 8].iter_mut().zip(columns) {
-                    *o = *column.add(p);
+        let j = match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => pack_columns_avx512(dst, src, cs, kc, cols, nr),
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => pack_columns_avx2(dst, src, cs, kc, cols, nr),
+            _ => pack_columns::<8>(dst, src, cs, kc, cols, nr, |columns, out| {
+                for (i, column) in columns.iter().enumerate() {
+                    for q in 0..8 {
+                        *out.add(q * nr + i) = *column.add(q);
+                    }
                 }
-            }
-            j += 8;
-        }
+            }),
+        };
         for j in j..cols {
             let col = std::slice::from_raw_parts(b.add(p0 + (j0 + j) * cs), kc);
             for (p, &x) in col.iter().enumerate() {

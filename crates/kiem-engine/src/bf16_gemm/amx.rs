@@ -218,8 +218,8 @@ impl Tiling for Tiles2x2 {
         mr: usize,
         pc: usize,
         kc: usize,
-        padded: usize,
     ) {
+        let padded = Self::padded(kc.div_ceil(2));
         pack_a(self.backend, dst, a, strides, i0, mr, pc, kc, padded);
     }
 
