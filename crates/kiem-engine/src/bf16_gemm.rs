@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::SyncPtr;
+use crate::kernels::{with_thread_buffer, SyncPtr};
 
 mod amx;
 
@@ -119,36 +119,42 @@ fn convert(backend: Backend, src: &[f32], dst: &mut [u16]) {
     const CHUNK: usize = 1 << 14;
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| match backend {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the native backend is chosen only where the CPU has AVX512-BF16.
-            Backend::Native => unsafe { convert_avx512(s, d) },
-            _ => {
-                for (d, &s) in d.iter_mut().zip(s) {
-                    *d = to_bf16(s);
-                }
+        .for_each(|(d, s)| round_scaled(backend, s, d, 1.0));
+}
+
+/// Rounds `scale · src` to bf16 into `dst` (same length) on this thread.
+fn round_scaled(backend: Backend, src: &[f32], dst: &mut [u16], scale: f32) {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the native backend is chosen only where the CPU has AVX512-BF16.
+        Backend::Native => unsafe { round_scaled_avx512(src, dst, scale) },
+        _ => {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = to_bf16(s * scale);
             }
-        });
+        }
+    }
 }
 
 /// # Safety
 /// The CPU has AVX-512F and AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn convert_avx512(src: &[f32], dst: &mut [u16]) {
+unsafe fn round_scaled_avx512(src: &[f32], dst: &mut [u16], scale: f32) {
     use std::arch::x86_64::*;
     let n = src.len().min(dst.len());
+    let factor = _mm512_set1_ps(scale);
     let mut i = 0;
     while i + 16 <= n {
-        let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i)));
+        let x = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(i)), factor);
         _mm256_storeu_si256(
             dst.as_mut_ptr().add(i) as *mut __m256i,
-            std::mem::transmute::<__m256bh, __m256i>(h),
+            std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)),
         );
         i += 16;
     }
     for j in i..n {
-        dst[j] = to_bf16(src[j]);
+        dst[j] = to_bf16(src[j] * scale);
     }
 }
 
@@ -160,6 +166,8 @@ fn extent(rows: usize, cols: usize, (rs, cs): (usize, usize)) -> usize {
 thread_local! {
     /// The bf16 copy of A read in place by the tiles, reused across calls.
     static ROUNDED_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A's rows rounded for a product over a [`PackedB`], reused across calls.
+    static PAIRS_A: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with bf16-rounded operands and fp32 sums; `dst` is
@@ -257,14 +265,7 @@ pub fn gemm_with(
     if !a_in_place {
         return product.run(&tiling, dst, Lhs::Packed(lhs, lhs_strides));
     }
-    ROUNDED_A.with(|cell| {
-        let mut fresh = Vec::new();
-        let mut reused = cell.try_borrow_mut();
-        let a16 = match reused.as_deref_mut() {
-            Ok(buffer) => buffer,
-            Err(_) => &mut fresh,
-        };
-        a16.resize(lhs_len, 0);
+    with_thread_buffer(&ROUNDED_A, lhs_len, |a16| {
         convert(backend, &lhs[..lhs_len], a16);
         product.run(&tiling, dst, Lhs::InPlace(a16, lhs_strides.0));
     });
@@ -495,6 +496,183 @@ impl Tiling for RegisterTile {
     }
 }
 
+/// A `k × n` operand B rounded to bf16 and packed once, for many products that each read a
+/// range of its k and a range of its columns on one thread (attention under bf16 precision
+/// packs each head's keys and values once for all its blocks of query rows), as
+/// [`crate::f32_gemm::PackedB`] does in fp32.
+pub struct PackedB {
+    backend: Backend,
+    k: usize,
+    n: usize,
+    /// `[panel][pair][NR]` words; pair q holds k 2q (low half) and 2q + 1, so a product's k
+    /// range starts on an even k.
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// An empty packing whose products run on `backend`'s register tile (AMX backends use the
+    /// same CPU's AVX512-BF16, or its emulation: attention's blocks are too small for tiles
+    /// of 16 rows); [`PackedB::pack`] fills it, reusing its memory.
+    ///
+    /// # Panics
+    /// When `backend` does not run on this CPU.
+    pub fn new(backend: Backend) -> Self {
+        let backend = match backend {
+            Backend::Amx => Backend::Native,
+            Backend::AmxEmulated => Backend::Emulated,
+            other => other,
+        };
+        assert!(
+            backend.runs_here(),
+            "bf16 packing for {backend:?}, which does not run on this CPU"
+        );
+        PackedB {
+            backend,
+            k: 0,
+            n: 0,
+            data: Vec::new(),
+        }
+    }
+
+    /// Columns per panel: a column range must start at a multiple of this.
+    pub fn panel_width(&self) -> usize {
+        NR
+    }
+
+    /// Packs `b[k, n]` (row stride, column stride) on this thread.
+    ///
+    /// # Safety
+    /// The `extent` of `b` through the strides (from its first element to its last) is
+    /// readable and nothing writes it during the call.
+    pub unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
+        let panel = k.div_ceil(2) * NR;
+        let panels = n.div_ceil(NR);
+        self.k = k;
+        self.n = n;
+        if self.data.len() < panels * panel {
+            self.data.resize(panels * panel, 0);
+        }
+        if k == 0 || n == 0 {
+            return;
+        }
+        let b = std::slice::from_raw_parts(b, extent(k, n, strides));
+        for (p, dst) in self.data.chunks_mut(panel).take(panels).enumerate() {
+            let j0 = p * NR;
+            pack_b(self.backend, dst, b, strides, 0, k, j0, (n - j0).min(NR));
+        }
+    }
+}
+
+/// `dst[m, cols] (+)= alpha · lhs[m, ks] · b[ks, cols]` with bf16-rounded operands and fp32
+/// sums, on this thread: `ks` a range of b's k starting on an even k, `cols` a range of its
+/// columns starting at a panel boundary; `dst` points at the output's column `cols.start` (row
+/// stride `ldc`) and `lhs` at its column for `ks.start` (its k index runs from 0 over `ks`).
+/// `alpha` scales A before it is rounded (only A with contiguous rows takes one other than 1).
+///
+/// # Safety
+/// Every element of `lhs` addressed through its strides lies inside one readable buffer that
+/// nothing writes during the call; `dst`'s rows and columns are valid for reads and writes,
+/// overlap nothing else here and no other thread touches them meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_packed_b(
+    m: usize,
+    dst: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (rs, cs): (usize, usize),
+    b: &PackedB,
+    ks: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    alpha: f32,
+) {
+    assert!(
+        ks.end <= b.k && cols.end <= b.n && cols.start.is_multiple_of(NR),
+        "bf16 gemm_packed_b: k {ks:?} or columns {cols:?} outside the packed {} x {} (or unaligned)",
+        b.k,
+        b.n
+    );
+    assert!(
+        ks.start.is_multiple_of(2),
+        "bf16 gemm_packed_b: k {ks:?} starts inside a packed pair"
+    );
+    if m == 0 || cols.is_empty() {
+        return;
+    }
+    let kc = ks.len();
+    if kc == 0 {
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * ldc), 0, cols.len());
+            }
+        }
+        return;
+    }
+    let pairs = kc.div_ceil(2);
+    let row_tiles = m.div_ceil(MR);
+    // Rows contiguous in k: each row rounded into `pairs` words, read in place by the tile.
+    // Otherwise (a transposed A): packed `[pair][MR]` per tile of rows.
+    let in_place = cs == 1;
+    assert!(
+        in_place || alpha == 1.0,
+        "bf16 gemm_packed_b: a scale needs A's rows contiguous"
+    );
+    let a = std::slice::from_raw_parts(lhs, extent(m, kc, (rs, cs)));
+    let tile = match b.backend {
+        Backend::Native => tile,
+        _ => tile_emulated,
+    };
+    let panel_len = b.k.div_ceil(2) * NR;
+    with_thread_buffer(&PAIRS_A, row_tiles * MR * pairs, |a_pairs| {
+        if in_place {
+            for (i, row) in a_pairs.chunks_mut(pairs).take(m).enumerate() {
+                let halves = std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, kc);
+                round_scaled(b.backend, &a[i * rs..i * rs + kc], halves, alpha);
+                // An odd k leaves the last pair's upper half, which must add nothing.
+                row[pairs - 1] &= if kc % 2 == 1 { 0xFFFF } else { u32::MAX };
+            }
+        } else {
+            for (t, block) in a_pairs.chunks_mut(MR * pairs).enumerate() {
+                let i0 = t * MR;
+                pack_a(b.backend, block, a, (rs, cs), i0, (m - i0).min(MR), 0, kc);
+            }
+        }
+        let a_pairs = a_pairs.as_ptr();
+        for q0 in (0..pairs).step_by(KC_PAIRS) {
+            let chunk = (pairs - q0).min(KC_PAIRS);
+            for j0 in cols.clone().step_by(NR) {
+                let panel = b.data[(j0 / NR) * panel_len + (ks.start / 2 + q0) * NR..].as_ptr();
+                for t in 0..row_tiles {
+                    let i0 = t * MR;
+                    let mr = (m - i0).min(MR);
+                    let (a_rows, pair_step) = if in_place {
+                        // Rows past m repeat the last one: read, never stored.
+                        let row = |r: usize| a_pairs.add((i0 + r.min(mr - 1)) * pairs + q0);
+                        (std::array::from_fn(|r| row(r) as *const u16), 2)
+                    } else {
+                        let words = a_pairs.add(t * MR * pairs + q0 * MR) as *const u16;
+                        (std::array::from_fn(|r| words.add(2 * r)), 2 * MR)
+                    };
+                    // SAFETY: a native backend runs only where the CPU has AVX512-BF16
+                    // (PackedB::new); A's rows hold `chunk` pairs from q0, as does the panel;
+                    // the tile's rows and columns lie inside dst (the caller's contract).
+                    tile(
+                        chunk,
+                        a_rows,
+                        pair_step,
+                        panel,
+                        dst.add(i0 * ldc + (j0 - cols.start)),
+                        ldc,
+                        mr,
+                        (cols.end - j0).min(NR),
+                        q0 == 0 && !accumulate,
+                    );
+                }
+            }
+        }
+    });
+}
+
 /// Packs rows `i0..i0 + mr` and k `p0..p0 + kc` of fp32 A, rounded to bf16, as `[pair][MR]`
 /// words (zero beyond): each word holds two consecutive k, the lower in the low half, as
 /// `vdpbf16ps` pairs them.
@@ -644,8 +822,9 @@ unsafe fn pack_b_rows_avx512(dst: &mut [u32], b: &[f32], rs: usize, kc: usize, n
 }
 
 /// The pairs of [`pack_b`] for B whose columns are contiguous (a transposed operand, as in
-/// input gradients; `b` starts at k 0, column 0 of the block, column stride `cs`): each column
-/// rounded 32 values of k at a time, its 16 words then placed down the panel.
+/// input gradients; `b` starts at k 0, column 0 of the block, column stride `cs`): squares of
+/// 16 columns × 16 pairs, each column's 32 values of k rounded into one vector of 16 words,
+/// then the square transposed so that each pair's 16 columns store as one vector.
 ///
 /// # Safety
 /// The CPU has AVX-512F and AVX512-BF16; `b` holds `kc` values from each column start
@@ -656,23 +835,26 @@ unsafe fn pack_b_columns_avx512(dst: &mut [u32], b: &[f32], cs: usize, kc: usize
     use std::arch::x86_64::*;
     debug_assert!(nr <= NR && dst.len() >= kc / 2 * NR);
     let full_pairs = kc / 2;
-    let mut words = [0u32; 16];
-    for j in 0..nr {
-        let col = b.as_ptr().add(j * cs);
+    for j0 in (0..nr).step_by(16) {
+        let cols = (nr - j0).min(16);
         for q in (0..full_pairs).step_by(16) {
             let values = 2 * (full_pairs - q).min(16);
             let mask =
                 |from: usize| ((1u64 << values.saturating_sub(from).min(16)) - 1) as __mmask16;
-            // Masked loads never touch values past the pairs (a mask of 0 reads nothing).
-            let first = _mm512_maskz_loadu_ps(mask(0), col.add(2 * q));
-            let second = _mm512_maskz_loadu_ps(mask(16), col.wrapping_add(2 * q + 16));
-            let rounded = _mm512_cvtne2ps_pbh(second, first);
-            _mm512_storeu_si512(
-                words.as_mut_ptr() as *mut _,
-                std::mem::transmute::<__m512bh, __m512i>(rounded),
-            );
-            for (t, &word) in words.iter().enumerate().take(values / 2) {
-                *dst.get_unchecked_mut((q + t) * NR + j) = word;
+            // Masked loads never touch values past the pairs (a mask of 0 reads nothing);
+            // columns past nr stay zero, as their words in the panel must.
+            let columns: [__m512; 16] = std::array::from_fn(|c| {
+                if c >= cols {
+                    return _mm512_setzero_ps();
+                }
+                let col = b.as_ptr().add((j0 + c) * cs + 2 * q);
+                let first = _mm512_maskz_loadu_ps(mask(0), col);
+                let second = _mm512_maskz_loadu_ps(mask(16), col.wrapping_add(16));
+                std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(second, first))
+            });
+            let pairs = crate::f32_gemm::transpose16(columns);
+            for (p, &words) in pairs.iter().enumerate().take(values / 2) {
+                _mm512_storeu_ps(dst.as_mut_ptr().add((q + p) * NR + j0) as *mut f32, words);
             }
         }
     }
@@ -956,6 +1138,117 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Products over ranges of one packed B (attention's use): even and odd k ends, ranges
+    /// across several k chunks and column panels, a partial last panel, A with contiguous rows
+    /// (scaled) or transposed, both layouts of B; the native tile agrees with its emulation
+    /// bit for bit.
+    #[test]
+    fn products_over_a_packed_b_match_the_rounded_product() {
+        let backends: Vec<Backend> = [Backend::Native, Backend::Emulated, Backend::AmxEmulated]
+            .into_iter()
+            .filter(|b| b.runs_here())
+            .collect();
+        let (k, n) = (801, 130);
+        let b_values = values((k + 5) * (n + 3), 11);
+        for b_strides in [(n + 3, 1), (1, k + 5)] {
+            for &(m, ref ks, ref cols) in &[
+                (5, 0..801, 0..130),
+                (33, 64..801, 64..130),
+                (7, 2..390, 0..64),
+                (40, 100..131, 128..130),
+                (1, 0..1, 0..1),
+                (12, 4..4, 0..70),
+            ] {
+                for lhs_t in [false, true] {
+                    let kc = ks.len();
+                    let (a_strides, alpha) = if lhs_t {
+                        ((1, m + 1), 1.0)
+                    } else {
+                        ((kc + 2, 1), 0.125)
+                    };
+                    let a = values((m + 1) * (kc + 2), (m * 7 + kc) as u32);
+                    let scaled: Vec<f32> = a.iter().map(|x| x * alpha).collect();
+                    let b_at = ks.start * b_strides.0 + cols.start * b_strides.1;
+                    let (nc, ldc) = (cols.len(), cols.len() + 3);
+                    let want =
+                        reference(m, nc, kc, &scaled, a_strides, &b_values[b_at..], b_strides);
+                    let start = values(m * ldc, 5);
+                    let mut native_bits = Vec::new();
+                    for (&backend, accumulate) in
+                        backends.iter().flat_map(|b| [(b, false), (b, true)])
+                    {
+                        let mut packed = PackedB::new(backend);
+                        let mut dst = start.clone();
+                        // SAFETY: B's and A's strided extents lie inside their vectors; dst
+                        // holds m rows of ldc.
+                        unsafe {
+                            packed.pack(k, n, b_values.as_ptr(), b_strides);
+                            gemm_packed_b(
+                                m,
+                                dst.as_mut_ptr(),
+                                ldc,
+                                accumulate,
+                                a.as_ptr(),
+                                a_strides,
+                                &packed,
+                                ks.clone(),
+                                cols.clone(),
+                                alpha,
+                            );
+                        }
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let (got, was) = (dst[i * ldc + j], start[i * ldc + j]);
+                                if j >= nc {
+                                    assert_eq!(got, was, "column {j} past the range written");
+                                    continue;
+                                }
+                                let base = if accumulate { f64::from(was) } else { 0.0 };
+                                let err = (f64::from(got) - base - want[i * nc + j]).abs();
+                                assert!(
+                                    err <= 1e-6 * (kc as f64 + 1.0),
+                                    "{backend:?} Bᵀ {} Aᵀ {lhs_t} m {m} k {ks:?} cols {cols:?} acc {accumulate}: ({i}, {j}) off by {err}",
+                                    b_strides.0 == 1
+                                );
+                            }
+                        }
+                        let bits: Vec<u32> = dst.iter().map(|x| x.to_bits()).collect();
+                        if backend == Backend::Native {
+                            native_bits.push((accumulate, bits));
+                        } else if let Some((_, native)) =
+                            native_bits.iter().find(|(acc, _)| *acc == accumulate)
+                        {
+                            assert!(native == &bits, "{backend:?} differs from the tile");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "starts inside a packed pair")]
+    fn products_over_a_packed_b_start_on_a_pair() {
+        let mut packed = PackedB::new(Backend::Emulated);
+        let (a, b, mut dst) = (vec![1.0; 4], vec![1.0; 16], vec![0.0; 4]);
+        // SAFETY: every operand lies inside its vector.
+        unsafe {
+            packed.pack(4, 4, b.as_ptr(), (4, 1));
+            gemm_packed_b(
+                1,
+                dst.as_mut_ptr(),
+                4,
+                false,
+                a.as_ptr(),
+                (4, 1),
+                &packed,
+                1..3,
+                0..4,
+                1.0,
+            );
         }
     }
 

@@ -14,8 +14,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use crate::kernels::SyncPtr;
-use crate::kernels::{level, wide, Level};
+use crate::kernels::{level, wide, with_thread_buffer, Level, SyncPtr};
 
 /// Values of k per packed block: a register tile's rows of A (MR × KC, 12 KiB at AVX-512) stay
 /// in L1 while it runs along the block's panels of B.
@@ -113,7 +112,7 @@ fn level_supported(l: Level) -> bool {
 
 /// One cache line of packed values: panels start on line boundaries, so no vector load of B
 /// straddles two lines.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 #[repr(C, align(64))]
 struct Line([f32; 16]);
 
@@ -128,26 +127,16 @@ thread_local! {
     static PACKED_B: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `body` on this thread's buffer grown to `len` values (starting on a cache line), or on
-/// a fresh one when the buffer is in use (a rayon task run while this thread waits inside
-/// another product).
+/// Runs `body` on this thread's buffer of `len` values (starting on a cache line; see
+/// [`with_thread_buffer`]).
 fn with_buffer<R>(
     key: &'static std::thread::LocalKey<RefCell<Vec<Line>>>,
     len: usize,
     body: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
-    let view = |buffer: &mut [Line]| {
+    with_thread_buffer(key, len.div_ceil(16), |buffer| {
         // SAFETY: a Line is 16 plain f32 with no padding.
-        unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut f32, len) }
-    };
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buffer) => {
-            if buffer.len() * 16 < len {
-                buffer.resize(len.div_ceil(16), Line([0.0; 16]));
-            }
-            body(view(&mut buffer))
-        }
-        Err(_) => body(view(&mut vec![Line([0.0; 16]); len.div_ceil(16)])),
+        body(unsafe { std::slice::from_raw_parts_mut(buffer.as_mut_ptr() as *mut f32, len) })
     })
 }
 
@@ -881,7 +870,9 @@ unsafe fn pack_columns_avx512(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn transpose16(rows: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+pub(crate) unsafe fn transpose16(
+    rows: [std::arch::x86_64::__m512; 16],
+) -> [std::arch::x86_64::__m512; 16] {
     use std::arch::x86_64::*;
     // Pairs of rows interleaved by element, then by element pair: u[4g + c], 128-bit lane L,
     // holds column 4L + c of rows 4g..4g + 4.

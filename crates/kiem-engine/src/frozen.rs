@@ -215,21 +215,9 @@ impl FrozenMatrix {
         thread_local! {
             static BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-            Ok(mut buffer) => {
-                if buffer.len() < self.len() {
-                    buffer.resize(self.len(), 0.0);
-                }
-                let w = &mut buffer[..self.len()];
-                self.dequantize_into(w);
-                f(w)
-            }
-            // A product nested in another on this thread (work stealing): a buffer of its own.
-            Err(_) => {
-                let mut w = vec![0f32; self.len()];
-                self.dequantize_into(&mut w);
-                f(&w)
-            }
+        crate::kernels::with_thread_buffer(&BUFFER, self.len(), |w| {
+            self.dequantize_into(w);
+            f(w)
         })
     }
 

@@ -403,8 +403,8 @@ impl std::str::FromStr for MatmulPrecision {
 /// The CPU reference kernels.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Cpu {
-    /// Precision of the layers' matrix products (attention's small products stay fp32, and
-    /// so do decoding's thin ones).
+    /// Precision of the matrix products, the layers' and attention's (softmax and sums stay
+    /// fp32; decoding's thin products and its attention over the KV cache stay fp32 too).
     pub matmul: MatmulPrecision,
 }
 
@@ -568,7 +568,7 @@ impl Kernels for Cpu {
         positions: &[u32],
         d: Dims,
     ) {
-        attention::attention_forward(out, stats, qkv, positions, d)
+        attention::attention_forward(out, stats, qkv, positions, d, self.matmul)
     }
 
     fn attention_backward(
@@ -580,7 +580,7 @@ impl Kernels for Cpu {
         positions: &[u32],
         d: Dims,
     ) {
-        attention::attention_backward(dqkv, dout, qkv, stats, positions, d)
+        attention::attention_backward(dqkv, dout, qkv, stats, positions, d, self.matmul)
     }
 
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
@@ -682,4 +682,23 @@ impl SyncPtr {
     pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// Runs `body` on this thread's buffer `key` grown to at least `len` elements (its first
+/// `len`), or on a fresh one when the buffer is in use (a rayon task run while this thread
+/// waits inside another): repeated products reuse their pages instead of faulting in new ones.
+pub(crate) fn with_thread_buffer<T: Clone + Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    body: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, T::default());
+            }
+            body(&mut buffer[..len])
+        }
+        Err(_) => body(&mut vec![T::default(); len]),
+    })
 }

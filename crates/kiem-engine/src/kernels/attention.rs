@@ -6,32 +6,127 @@
 
 use rayon::prelude::*;
 
-use crate::f32_gemm::{self, gemm_packed_b, PackedB};
+use crate::{bf16_gemm, f32_gemm};
 
-use super::{fast_exp, lane_dot, lane_max, lane_sum, wide, Dims, SyncPtr, ELEMENTS};
+use super::{
+    fast_exp, lane_dot, lane_max, lane_sum, wide, Dims, MatmulPrecision, SyncPtr, ELEMENTS,
+};
 
 /// Query rows per block: a block's scores (`ATTENTION_BLOCK × T`) are what a thread holds.
 const ATTENTION_BLOCK: usize = 32;
+
+/// One of a head's operands packed once for all its blocks of query rows: fp32 panels, or
+/// bf16 ones when the matrix products run in bf16 (fp32 sums either way).
+enum Packed {
+    Fp32(f32_gemm::PackedB),
+    Bf16(bf16_gemm::PackedB),
+}
+
+impl Packed {
+    fn new(precision: MatmulPrecision) -> Packed {
+        match precision {
+            MatmulPrecision::Fp32 => Packed::Fp32(f32_gemm::PackedB::new(f32_gemm::kernel())),
+            MatmulPrecision::Bf16 => Packed::Bf16(bf16_gemm::PackedB::new(
+                bf16_gemm::backend().expect("bf16 attention needs a CPU with AVX512-BF16"),
+            )),
+        }
+    }
+
+    fn precision(&self) -> MatmulPrecision {
+        match self {
+            Packed::Fp32(_) => MatmulPrecision::Fp32,
+            Packed::Bf16(_) => MatmulPrecision::Bf16,
+        }
+    }
+
+    /// Columns per panel: a product's column range starts at a multiple of this.
+    fn panel_width(&self) -> usize {
+        match self {
+            Packed::Fp32(b) => b.panel_width(),
+            Packed::Bf16(b) => b.panel_width(),
+        }
+    }
+
+    /// # Safety
+    /// As [`f32_gemm::PackedB::pack`] and [`bf16_gemm::PackedB::pack`].
+    unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
+        match self {
+            Packed::Fp32(p) => p.pack(k, n, b, strides),
+            Packed::Bf16(p) => p.pack(k, n, b, strides),
+        }
+    }
+
+    /// `dst[m, cols] (+)= alpha · lhs[m, ks] · self[ks, cols]` on this thread (every `ks` of
+    /// attention starts on an even k, as the bf16 packing needs).
+    ///
+    /// # Safety
+    /// As [`f32_gemm::gemm_packed_b`] and [`bf16_gemm::gemm_packed_b`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        &self,
+        m: usize,
+        dst: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        lhs: *const f32,
+        lhs_strides: (usize, usize),
+        ks: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        alpha: f32,
+    ) {
+        match self {
+            Packed::Fp32(b) => f32_gemm::gemm_packed_b(
+                m,
+                dst,
+                ldc,
+                accumulate,
+                lhs,
+                lhs_strides,
+                b,
+                ks,
+                cols,
+                alpha,
+            ),
+            Packed::Bf16(b) => bf16_gemm::gemm_packed_b(
+                m,
+                dst,
+                ldc,
+                accumulate,
+                lhs,
+                lhs_strides,
+                b,
+                ks,
+                cols,
+                alpha,
+            ),
+        }
+    }
+}
 
 /// What one thread reuses across calls: a block's probabilities and their gradients, and the
 /// head's operands packed once for all its blocks (K and V both ways, Q, the output gradient).
 struct Scratch {
     p: Vec<f32>,
     ds: Vec<f32>,
-    packed: [PackedB; 6],
+    packed: [Packed; 6],
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `body` on this thread's scratch with block buffers at least `len` long (a fresh one
-/// when it is in use: a rayon task run while this thread waits inside another).
-fn with_scratch<R>(len: usize, body: impl FnOnce(&mut Scratch) -> R) -> R {
+/// Runs `body` on this thread's scratch with block buffers at least `len` long and packings
+/// of `precision` (a fresh scratch when it is in use: a rayon task run while this thread
+/// waits inside another).
+fn with_scratch<R>(
+    len: usize,
+    precision: MatmulPrecision,
+    body: impl FnOnce(&mut Scratch) -> R,
+) -> R {
     let fresh = || Scratch {
         p: Vec::new(),
         ds: Vec::new(),
-        packed: std::array::from_fn(|_| PackedB::new(f32_gemm::kernel())),
+        packed: std::array::from_fn(|_| Packed::new(precision)),
     };
     SCRATCH.with(|cell| {
         let mut held = cell.try_borrow_mut();
@@ -40,6 +135,9 @@ fn with_scratch<R>(len: usize, body: impl FnOnce(&mut Scratch) -> R) -> R {
             Ok(slot) => slot.get_or_insert_with(fresh),
             Err(_) => own.insert(fresh()),
         };
+        if scratch.packed[0].precision() != precision {
+            scratch.packed = std::array::from_fn(|_| Packed::new(precision));
+        }
         for b in [&mut scratch.p, &mut scratch.ds] {
             if b.len() < len {
                 b.resize(len, 0.0);
@@ -62,7 +160,7 @@ unsafe fn block_scores(
     q: *const f32,
     w: usize,
     head_dim: usize,
-    keys_t: &PackedB,
+    keys_t: &Packed,
     positions: &[u32],
     (r0, r1): (usize, usize),
     scale: f32,
@@ -72,14 +170,13 @@ unsafe fn block_scores(
     let k0 = (r0..r1).map(|t| first_key(positions, t)).min().unwrap_or(0) / nr * nr;
     let keys = r1 - k0;
     assert!(p.len() >= (r1 - r0) * keys);
-    gemm_packed_b(
+    keys_t.product(
         r1 - r0,
         p.as_mut_ptr(),
         keys,
         false,
         q.add(r0 * w),
         (w, 1),
-        keys_t,
         0..head_dim,
         k0..r1,
         scale,
@@ -147,6 +244,7 @@ pub(super) fn attention_forward(
     qkv: &[f32],
     positions: &[u32],
     d: Dims,
+    precision: MatmulPrecision,
 ) {
     let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
     let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
@@ -171,7 +269,7 @@ pub(super) fn attention_forward(
             let q = base.wrapping_add(h * hs);
             let k = base.wrapping_add(qw + (h / group) * hs);
             let v = base.wrapping_add(qw + kvw + (h / group) * hs);
-            with_scratch(ATTENTION_BLOCK * t_len, |scratch| {
+            with_scratch(ATTENTION_BLOCK * t_len, precision, |scratch| {
                 let [kt, vp, ..] = &mut scratch.packed;
                 let p = &mut scratch.p;
                 // SAFETY: K and V of batch b, head h / group, lie inside qkv (asserted above).
@@ -197,14 +295,13 @@ pub(super) fn attention_forward(
                     );
                     // SAFETY: as above.
                     unsafe {
-                        gemm_packed_b(
+                        vp.product(
                             r1 - r0,
                             out_ptr.get().add((b * t_len + r0) * qw + h * hs),
                             qw,
                             false,
                             p.as_ptr(),
                             (keys, 1),
-                            vp,
                             k0..r1,
                             0..hs,
                             1.0,
@@ -241,7 +338,7 @@ pub(crate) unsafe fn attention_over_cache(
         "attention_over_cache: {total} positions of keys and values"
     );
     let scale = 1.0 / (head_dim as f32).sqrt();
-    with_scratch(ATTENTION_BLOCK * total, |scratch| {
+    with_scratch(ATTENTION_BLOCK * total, MatmulPrecision::Fp32, |scratch| {
         let [kt, vp, ..] = &mut scratch.packed;
         let p = &mut scratch.p;
         // SAFETY: the keys and values of every position are inside the slices (asserted).
@@ -255,14 +352,13 @@ pub(crate) unsafe fn attention_over_cache(
             // SAFETY: rows r0..r1 of q exist (the caller's contract); p holds a block of
             // scores (with_scratch's length).
             unsafe {
-                gemm_packed_b(
+                kt.product(
                     r1 - r0,
                     p.as_mut_ptr(),
                     seen,
                     false,
                     q.add(r0 * q_stride),
                     (q_stride, 1),
-                    kt,
                     0..head_dim,
                     0..seen,
                     scale,
@@ -280,14 +376,13 @@ pub(crate) unsafe fn attention_over_cache(
             );
             // SAFETY: the caller's contract for `out`; p holds the block's probabilities.
             unsafe {
-                gemm_packed_b(
+                vp.product(
                     r1 - r0,
                     out.add(r0 * out_stride),
                     out_stride,
                     false,
                     p.as_ptr(),
                     (seen, 1),
-                    vp,
                     0..seen,
                     0..head_dim,
                     1.0,
@@ -306,6 +401,7 @@ pub(super) fn attention_backward(
     stats: &[f32],
     positions: &[u32],
     d: Dims,
+    precision: MatmulPrecision,
 ) {
     let (t_len, nh, hs) = (d.seq, d.heads, d.head_dim);
     let (w, qw, kvw) = (d.qkv_width(), d.q_width(), d.kv_heads * hs);
@@ -335,7 +431,7 @@ pub(super) fn attention_backward(
         let dbase = unsafe { dqkv_ptr.get().add((b * t_len) * w) };
         let dk = dbase.wrapping_add(qw + kvh * hs);
         let dv = dbase.wrapping_add(qw + kvw + kvh * hs);
-        with_scratch(ATTENTION_BLOCK * t_len, |scratch| {
+        with_scratch(ATTENTION_BLOCK * t_len, precision, |scratch| {
             let [kt, vt, kp, qp, dyp, _] = &mut scratch.packed;
             let (p, ds) = (&mut scratch.p, &mut scratch.ds);
             // SAFETY: K and V of batch b, head kvh, lie inside qkv (asserted above).
@@ -362,14 +458,13 @@ pub(super) fn attention_backward(
                     // SAFETY: as above.
                     unsafe {
                         // dP = dY · Vᵀ
-                        gemm_packed_b(
+                        vt.product(
                             r1 - r0,
                             ds.as_mut_ptr(),
                             keys,
                             false,
                             dy.add(r0 * qw),
                             (qw, 1),
-                            vt,
                             0..hs,
                             k0..r1,
                             1.0,
@@ -399,40 +494,37 @@ pub(super) fn attention_backward(
                     // SAFETY: as stated for this task above.
                     unsafe {
                         // dV += Pᵀ · dY
-                        gemm_packed_b(
+                        dyp.product(
                             keys,
                             dv.add(k0 * w),
                             w,
                             true,
                             p.as_ptr(),
                             (1, keys),
-                            dyp,
                             r0..r1,
                             0..hs,
                             1.0,
                         );
                         // dQ += dS · K
-                        gemm_packed_b(
+                        kp.product(
                             r1 - r0,
                             dq.add(r0 * w),
                             w,
                             true,
                             ds.as_ptr(),
                             (keys, 1),
-                            kp,
                             k0..r1,
                             0..hs,
                             1.0,
                         );
                         // dK += dSᵀ · Q
-                        gemm_packed_b(
+                        qp.product(
                             keys,
                             dk.add(k0 * w),
                             w,
                             true,
                             ds.as_ptr(),
                             (1, keys),
-                            qp,
                             r0..r1,
                             0..hs,
                             1.0,
