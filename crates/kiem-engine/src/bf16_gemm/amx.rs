@@ -34,9 +34,12 @@ pub fn supported() -> bool {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
             use std::arch::x86_64::{__cpuid, __cpuid_count};
-            let leaf7 = __cpuid_count(7, 0);
+            // SAFETY: CPUID exists on every x86-64 CPU (these functions are safe from Rust
+            // 1.94 on; kiem builds with 1.89).
+            #[allow(unused_unsafe)]
+            let (leaf7, leaf1) = unsafe { (__cpuid_count(7, 0), __cpuid(1)) };
             let (tile, bf16) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 22) & 1 == 1);
-            let osxsave = (__cpuid(1).ecx >> 27) & 1 == 1;
+            let osxsave = (leaf1.ecx >> 27) & 1 == 1;
             if !(tile && bf16 && osxsave && super::native()) {
                 return false;
             }
@@ -55,13 +58,95 @@ pub fn supported() -> bool {
                     XFEATURE_XTILEDATA,
                 )
             };
-            granted == 0
+            // SAFETY: CPUID and the OS report AMX-BF16 and Linux granted the tile data
+            // (children inherit the grant); `tiles_agree` allocates nothing.
+            granted == 0 && unsafe { passes_in_a_child(tiles_agree) }
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         {
             false
         }
     })
+}
+
+/// Whether `check` returns true in a child process (which dies alone if it faults): the
+/// tile instructions are tried this way ([`tiles_agree`]), since a virtual machine may report
+/// AMX and its tile state yet fault on the first tile instruction, or lose tile contents.
+///
+/// # Safety
+/// `check` is safe to call here, allocates nothing and takes no lock (the child inherits
+/// the other threads' locks and heap in whatever state they are).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn passes_in_a_child(check: unsafe fn() -> bool) -> bool {
+    let pid = libc::fork();
+    if pid == 0 {
+        // `_exit` skips the parent's destructors and exit handlers.
+        libc::_exit(if check() { 0 } else { 1 });
+    }
+    if pid < 0 {
+        return false;
+    }
+    let mut status = 0;
+    loop {
+        if libc::waitpid(pid, &mut status, 0) == pid {
+            return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+/// One `tdpbf16ps` on small integers (so every sum is exact, whatever the order) through the
+/// hardware and through [`Emulated`]: whether they agree bit for bit.
+///
+/// # Safety
+/// The CPU has AMX-TILE and AMX-BF16 and the OS lets this process use the tile data.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+unsafe fn tiles_agree() -> bool {
+    let [a, b, c] = probe_operands();
+    let (mut on_hardware, mut emulated) = (Tile(c.0), Tile(c.0));
+    one_dot(&mut Hardware, &a, &b, &mut on_hardware);
+    let mut tiles = Emulated {
+        tiles: [[[0; T]; T]; 8],
+    };
+    one_dot(&mut tiles, &a, &b, &mut emulated);
+    on_hardware.0 == emulated.0
+}
+
+/// A, B and C of the probe: bf16 pairs and fp32 values that are small integers.
+#[cfg(any(test, all(target_arch = "x86_64", target_os = "linux")))]
+fn probe_operands() -> [Tile; 3] {
+    let pair = |lo: usize, hi: usize, modulus: usize| {
+        let value = |v: usize| u32::from(to_bf16((v % modulus) as f32 - (modulus / 2) as f32));
+        value(lo) | (value(hi) << 16)
+    };
+    [
+        Tile(std::array::from_fn(|i| pair(3 * i + 1, i / 3, 7))),
+        Tile(std::array::from_fn(|i| pair(i + 5, 2 * i + i / 16, 5))),
+        Tile(std::array::from_fn(|i| ((i % 9) as f32 - 4.0).to_bits())),
+    ]
+}
+
+/// One tile of 16 rows × 64 bytes in memory.
+#[cfg(any(test, all(target_arch = "x86_64", target_os = "linux")))]
+#[repr(C, align(64))]
+struct Tile([u32; T * T]);
+
+/// `c += a · b` on `tiles`, loading and storing through memory.
+///
+/// # Safety
+/// As for the `tiles` used.
+#[cfg(any(test, all(target_arch = "x86_64", target_os = "linux")))]
+unsafe fn one_dot(tiles: &mut impl Tiles, a: &Tile, b: &Tile, c: &mut Tile) {
+    let stride = 4 * T;
+    tiles.configure();
+    tiles.load::<4>(a.0.as_ptr() as *const u8, stride);
+    tiles.load::<6>(b.0.as_ptr() as *const u8, stride);
+    tiles.load::<0>(c.0.as_ptr() as *const u8, stride);
+    tiles.dot::<0, 4, 6>();
+    tiles.store::<0>(c.0.as_mut_ptr() as *mut u8, stride);
+    tiles.release();
 }
 
 /// # Safety
@@ -154,6 +239,9 @@ impl Tiles for Hardware {
 }
 
 /// The tiles in memory and their operations in scalar code: each tile 16 rows of 16 words.
+/// `dot` adds pair by pair as `vdpbf16ps` does; Intel's pseudocode for `tdpbf16ps` orders
+/// the sums within an instruction differently, so hardware and emulation may differ in the
+/// last bits (tests compare AMX with a tolerance, or with itself).
 struct Emulated {
     tiles: [[[u32; T]; T]; 8],
 }
@@ -562,6 +650,7 @@ unsafe fn transpose16(rows: [std::arch::x86_64::__m512i; T]) -> [std::arch::x86_
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bf16_gemm::from_bf16;
 
     #[test]
     fn the_configuration_is_palette_one_with_eight_full_tiles() {
@@ -577,6 +666,61 @@ mod tests {
         }
         assert!(c.0[32..48].iter().all(|&b| b == 0));
         assert!(c.0[56..].iter().all(|&b| b == 0));
+    }
+
+    /// The support probe's product, on the emulated tiles, is the textbook one and exact:
+    /// small integers, so the hardware must give the same bits whatever its summation order.
+    #[test]
+    fn the_support_probe_sums_exactly() {
+        let [a, b, c] = probe_operands();
+        let mut out = Tile(c.0);
+        let mut tiles = Emulated {
+            tiles: [[[0; T]; T]; 8],
+        };
+        // SAFETY: the emulation runs anywhere; the tiles are 16 rows of 64 bytes.
+        unsafe { one_dot(&mut tiles, &a, &b, &mut out) };
+        let half =
+            |w: u32, high: bool| f64::from(from_bf16((w >> if high { 16 } else { 0 }) as u16));
+        let mut distinct = std::collections::BTreeSet::new();
+        for m in 0..T {
+            for n in 0..T {
+                let want = f64::from(f32::from_bits(c.0[m * T + n]))
+                    + (0..T)
+                        .flat_map(|q| [false, true].map(|h| (q, h)))
+                        .map(|(q, h)| half(a.0[m * T + q], h) * half(b.0[q * T + n], h))
+                        .sum::<f64>();
+                assert_eq!(
+                    f64::from(f32::from_bits(out.0[m * T + n])),
+                    want,
+                    "({m}, {n})"
+                );
+                assert_eq!(want.fract(), 0.0);
+                distinct.insert(want as i64);
+            }
+        }
+        // Varied enough to catch a transposed or misplaced operand.
+        assert!(distinct.len() > 20, "{distinct:?}");
+    }
+
+    /// The child-process check behind [`supported`]: a true, a false and a crash.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn a_check_in_a_child_reports_success_failure_and_crashes() {
+        unsafe fn yes() -> bool {
+            true
+        }
+        unsafe fn no() -> bool {
+            false
+        }
+        unsafe fn crash() -> bool {
+            libc::abort()
+        }
+        // SAFETY: the checks allocate nothing and take no lock.
+        unsafe {
+            assert!(passes_in_a_child(yes));
+            assert!(!passes_in_a_child(no));
+            assert!(!passes_in_a_child(crash));
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
