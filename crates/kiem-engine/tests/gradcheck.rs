@@ -199,7 +199,7 @@ fn reference_attention(qkv: &[f32], positions: &[u32], d: Dims) -> Vec<f64> {
     out
 }
 
-/// Sequences longer than one block of query rows (the kernel works 32 rows at a time, keeping
+/// Sequences longer than one block of query rows (the kernel works 48 rows at a time, keeping
 /// only each row's log-sum-exp): the output equals the textbook computation and the gradient
 /// finite differences, with grouped queries and a packed sequence whose examples straddle the
 /// blocks.
@@ -207,7 +207,7 @@ fn reference_attention(qkv: &[f32], positions: &[u32], d: Dims) -> Vec<f64> {
 fn attention_over_several_row_blocks() {
     let d = Dims {
         batch: 2,
-        seq: 75,
+        seq: 100,
         channels: 8,
         heads: 4,
         kv_heads: 2,
@@ -216,9 +216,10 @@ fn attention_over_several_row_blocks() {
     let mut rng = Rng::new(21);
     let qkv = random(d.rows() * d.qkv_width(), &mut rng, 1.0);
     let r = random(d.rows() * d.q_width(), &mut rng, 1.0);
-    // Batch 0: one sequence; batch 1: examples of 20, 30 and 25 rows.
-    let positions: Vec<u32> = (0..75u32)
-        .chain((0..20).chain(0..30).chain(0..25))
+    // Batch 0: one sequence; batch 1: examples of 20, 30 and 50 rows (across both block
+    // boundaries).
+    let positions: Vec<u32> = (0..100u32)
+        .chain((0..20).chain(0..30).chain(0..50))
         .collect();
     let forward = |qkv: &[f32]| {
         let mut out = vec![0.0; d.rows() * d.q_width()];
