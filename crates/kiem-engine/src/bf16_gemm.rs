@@ -69,6 +69,24 @@ impl Backend {
 }
 
 pub use amx::supported as amx_supported;
+pub use amx::unsupported_reason as amx_unsupported_reason;
+
+/// A note for the user when `KIEM_BF16` asks for what this process does not run (AMX tiles on
+/// a CPU or OS without them, or a value that names no backend): why, and what runs instead.
+pub fn request_note() -> Option<String> {
+    let instead = if native() {
+        "bf16 products run on AVX512-BF16"
+    } else {
+        "this CPU has no bf16 products"
+    };
+    match std::env::var("KIEM_BF16").as_deref() {
+        Ok("amx") => amx_unsupported_reason().map(|why| format!("KIEM_BF16=amx: {why}; {instead}")),
+        Ok("emulate") | Err(_) => None,
+        Ok(other) => Some(format!(
+            "KIEM_BF16={other:?} names no backend (amx or emulate); {instead}"
+        )),
+    }
+}
 
 /// Whether operands are rounded and packed with AVX-512 code: wherever the CPU has
 /// AVX512-BF16, except for the scalar emulation of `vdpbf16ps`, which packs in scalar code too.

@@ -748,6 +748,11 @@ fn run_loop(
     let mut silent = Silent;
     let observer: &mut dyn Observer = if root { observer } else { &mut silent };
     gpt.set_matmul_precision(config.precision)?;
+    if config.precision == MatmulPrecision::Bf16 {
+        if let Some(note) = kiem_engine::bf16_gemm::request_note() {
+            observer.note(&note);
+        }
+    }
     gpt.set_recompute(config.recompute);
     if tokenizer.vocab_size() < gpt.config.vocab_size {
         gpt.limit_sampling_to(tokenizer.vocab_size())?;

@@ -320,6 +320,19 @@ fn bf16_run_resumes_exactly_and_tracks_fp32() {
     }
     ok(run(&with("fp32", "fp32"), dir));
     ok(run(&with("bf16", "bf16"), dir));
+    // A KIEM_BF16 naming no backend is said, with what runs instead, and the run goes on.
+    let noted = kiem()
+        .args(with("noted", "bf16"))
+        .env("KIEM_BF16", "tiles")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&noted.stderr).into_owned();
+    ok(noted);
+    assert!(
+        stderr.contains("KIEM_BF16=\"tiles\" names no backend") && stderr.contains("AVX512-BF16"),
+        "{stderr}"
+    );
     let config = read_json(&dir.join("bf16/run.json"));
     assert_eq!(config["precision"], "bf16");
     kill_at_checkpoint(

@@ -26,11 +26,17 @@ const NB: usize = 2 * T;
 const MC: usize = 4 * MR;
 
 /// Whether this CPU and OS run AMX-BF16 tiles: CPUID's AMX-TILE and AMX-BF16, the OS enabling tile
-/// state (XCR0 bits 17-18), AVX512-BF16 for the packing, and Linux granting this process the
-/// tile data (asked once; the grant covers every thread).
+/// state (XCR0 bits 17-18), AVX512-BF16 for the packing, Linux granting this process the tile
+/// data (asked once; the grant covers every thread) and one tile product, run in a child
+/// process, matching the emulation.
 pub fn supported() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
+    unsupported_reason().is_none()
+}
+
+/// Why this CPU and OS do not run AMX-BF16 tiles (see [`supported`]), or `None` when they do.
+pub fn unsupported_reason() -> Option<&'static str> {
+    static REASON: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *REASON.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
             use std::arch::x86_64::{__cpuid, __cpuid_count};
@@ -40,13 +46,12 @@ pub fn supported() -> bool {
             let (leaf7, leaf1) = unsafe { (__cpuid_count(7, 0), __cpuid(1)) };
             let (tile, bf16) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 22) & 1 == 1);
             let osxsave = (leaf1.ecx >> 27) & 1 == 1;
-            if !(tile && bf16 && osxsave && super::native()) {
-                return false;
+            if !(tile && bf16 && super::native()) {
+                return Some("the CPU lacks AMX-TILE, AMX-BF16 or AVX512-BF16");
             }
-            // SAFETY: OSXSAVE is set, so xgetbv is available.
-            let xcr0 = unsafe { xcr0() };
-            if (xcr0 >> 17) & 3 != 3 {
-                return false;
+            // SAFETY: xgetbv exists when OSXSAVE is set.
+            if !osxsave || (unsafe { xcr0() } >> 17) & 3 != 3 {
+                return Some("the OS does not enable the tile state (XCR0 bits 17-18)");
             }
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
             const XFEATURE_XTILEDATA: libc::c_long = 18;
@@ -58,15 +63,31 @@ pub fn supported() -> bool {
                     XFEATURE_XTILEDATA,
                 )
             };
+            if granted != 0 {
+                return Some("Linux refused this process the tile data (ARCH_REQ_XCOMP_PERM)");
+            }
             // SAFETY: CPUID and the OS report AMX-BF16 and Linux granted the tile data
             // (children inherit the grant); `tiles_agree` allocates nothing.
-            granted == 0 && unsafe { passes_in_a_child(tiles_agree) }
+            if !unsafe { passes_in_a_child(tiles_agree) } {
+                return Some(
+                    "a tile product tried in a child process faulted or disagreed with the emulation",
+                );
+            }
+            None
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         {
-            false
+            Some("AMX tiles are used on x86-64 Linux only")
         }
     })
+}
+
+/// # Safety
+/// CPUID reports OSXSAVE.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[target_feature(enable = "xsave")]
+unsafe fn xcr0() -> u64 {
+    std::arch::x86_64::_xgetbv(0)
 }
 
 /// Whether `check` returns true in a child process (which dies alone if it faults): the
@@ -147,14 +168,6 @@ unsafe fn one_dot(tiles: &mut impl Tiles, a: &Tile, b: &Tile, c: &mut Tile) {
     tiles.dot::<0, 4, 6>();
     tiles.store::<0>(c.0.as_mut_ptr() as *mut u8, stride);
     tiles.release();
-}
-
-/// # Safety
-/// CPUID reports OSXSAVE.
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-#[target_feature(enable = "xsave")]
-unsafe fn xcr0() -> u64 {
-    std::arch::x86_64::_xgetbv(0)
 }
 
 /// The tile operations the kernel uses, on tiles named by number (0-7), each configured as 16

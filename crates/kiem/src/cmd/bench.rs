@@ -335,6 +335,9 @@ fn gemm(args: GemmBenchArgs) -> Result<()> {
         if Backend::Amx.runs_here() && backend() != Some(Backend::Amx) {
             eprintln!("this CPU has AMX-BF16: KIEM_BF16=amx adds the AMX tile kernel's column");
         }
+        if let Some(note) = kiem_engine::bf16_gemm::request_note() {
+            eprintln!("{note}");
+        }
     }
     // Quantized weights as a decoding model's prefill multiplies them (forward products only;
     // the inputs are quantized to 8 bits inside each product, as in a prefill).
