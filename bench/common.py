@@ -17,12 +17,18 @@ def run(cmd, cwd):
     return out
 
 
+def cpu_flags():
+    """The first CPU's flags in /proc/cpuinfo."""
+    lines = open("/proc/cpuinfo").read().splitlines()
+    return set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+
+
 def machine():
     """(CPU model name, SIMD level: avx512f, avx2 or baseline) from /proc/cpuinfo."""
     lines = open("/proc/cpuinfo").read().splitlines()
     cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
                "unknown CPU")
-    flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+    flags = cpu_flags()
     simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "baseline"
     return cpu, simd
 

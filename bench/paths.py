@@ -22,12 +22,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import KIEM, ROOT, machine  # noqa: E402
-
-
-def cpu_flags():
-    lines = open("/proc/cpuinfo").read().splitlines()
-    return set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+from common import KIEM, ROOT, cpu_flags, machine  # noqa: E402
 
 
 def paths():
@@ -46,9 +41,12 @@ def run(cmd, env, dry_run):
     print(f"$ {shown + ' ' if shown else ''}{' '.join(cmd)}", file=sys.stderr)
     if dry_run:
         return ""
-    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    # Only the path asked for: a KIEM_BF16 exported by the caller would change what runs.
+    inherited = {k: v for k, v in os.environ.items() if k != "KIEM_BF16"}
+    out = subprocess.run(cmd, env={**inherited, **env}, capture_output=True, text=True)
     if out.returncode != 0:
-        sys.exit(f"failed:\n{out.stdout}\n{out.stderr}")
+        print(f"failed:\n{out.stdout}\n{out.stderr}", file=sys.stderr)
+        return None
     return out.stdout
 
 
@@ -78,7 +76,7 @@ def main():
         shown = " ".join(f"{k}={v}" for k, v in env.items())
         out = run([args.kiem, "bench", "gemm", "--threads", str(args.threads)], env, args.dry_run)
         print(f"`{shown + ' ' if shown else ''}kiem bench gemm --threads {args.threads}`:")
-        print(out)
+        print(out if out is not None else "failed (its output is above, on stderr)\n")
 
     configs = [("issue-3", args.data, ["--steps", "12", "--warmup", "2"])]
     if args.gpt2_data:
@@ -94,6 +92,9 @@ def main():
                            "--threads", str(args.threads), "--kiem", args.kiem, "--python",
                            args.python, "--precision", precision, *flags], env, args.dry_run)
                 if args.dry_run:
+                    continue
+                if out is None:
+                    print(f"| {name} | {label} | failed (see stderr) | | | |", flush=True)
                     continue
                 used = re.search(r"kiem's matmul path: (.*)", out)
                 tps = re.search(r"\| tokens/s \| ([\d.]+) \| ([\d.]+) \| ([\d.]+x) \|", out)

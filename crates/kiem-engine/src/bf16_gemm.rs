@@ -647,7 +647,9 @@ pub unsafe fn gemm_packed_b(
                 let halves = std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, kc);
                 round_scaled(b.backend, &a[i * rs..i * rs + kc], halves, alpha);
                 // An odd k leaves the last pair's upper half, which must add nothing.
-                row[pairs - 1] &= if kc % 2 == 1 { 0xFFFF } else { u32::MAX };
+                if kc % 2 == 1 {
+                    row[pairs - 1] &= 0xFFFF;
+                }
             }
         } else {
             for (t, block) in a_pairs.chunks_mut(MR * pairs).enumerate() {
@@ -1169,12 +1171,13 @@ mod tests {
             .into_iter()
             .filter(|b| b.runs_here())
             .collect();
-        let (k, n) = (801, 130);
+        // 405 pairs: not a multiple of the 16 a transposed B is packed by.
+        let (k, n) = (811, 130);
         let b_values = values((k + 5) * (n + 3), 11);
         for b_strides in [(n + 3, 1), (1, k + 5)] {
             for &(m, ref ks, ref cols) in &[
-                (5, 0..801, 0..130),
-                (33, 64..801, 64..130),
+                (5, 0..811, 0..130),
+                (33, 64..811, 64..130),
                 (7, 2..390, 0..64),
                 (40, 100..131, 128..130),
                 (1, 0..1, 0..1),
@@ -1185,7 +1188,8 @@ mod tests {
                     let (a_strides, alpha) = if lhs_t {
                         ((1, m + 1), 1.0)
                     } else {
-                        ((kc + 2, 1), 0.125)
+                        // Not a power of two: scaled before rounding differs from after.
+                        ((kc + 2, 1), 1.0 / 80f32.sqrt())
                     };
                     let a = values((m + 1) * (kc + 2), (m * 7 + kc) as u32);
                     let scaled: Vec<f32> = a.iter().map(|x| x * alpha).collect();

@@ -67,10 +67,11 @@ pub fn unsupported_reason() -> Option<&'static str> {
                 return Some("Linux refused this process the tile data (ARCH_REQ_XCOMP_PERM)");
             }
             // SAFETY: CPUID and the OS report AMX-BF16 and Linux granted the tile data
-            // (children inherit the grant); `tiles_agree` allocates nothing.
-            if !unsafe { passes_in_a_child(tiles_agree) } {
+            // (children inherit the grant); `tiles_agree` allocates nothing. One tile product
+            // takes microseconds: ten seconds is for a machine under load.
+            if !unsafe { passes_in_a_child(tiles_agree, std::time::Duration::from_secs(10)) } {
                 return Some(
-                    "a tile product tried in a child process faulted or disagreed with the emulation",
+                    "a tile product tried in a child process faulted, hung or disagreed with the emulation",
                 );
             }
             None
@@ -90,7 +91,8 @@ unsafe fn xcr0() -> u64 {
     std::arch::x86_64::_xgetbv(0)
 }
 
-/// Whether `check` returns true in a child process (which dies alone if it faults): the
+/// Whether `check` returns true in a child process (which dies alone if it faults) within
+/// `patience` (after which the child is killed): the
 /// tile instructions are tried this way ([`tiles_agree`]), since a virtual machine may report
 /// AMX and its tile state yet fault on the first tile instruction, or lose tile contents.
 ///
@@ -98,22 +100,48 @@ unsafe fn xcr0() -> u64 {
 /// `check` is safe to call here, allocates nothing and takes no lock (the child inherits
 /// the other threads' locks and heap in whatever state they are).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-unsafe fn passes_in_a_child(check: unsafe fn() -> bool) -> bool {
+unsafe fn passes_in_a_child(check: unsafe fn() -> bool, patience: std::time::Duration) -> bool {
     let pid = libc::fork();
     if pid == 0 {
+        // A crash here is the expected way to fail: no core file for it.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        // Leaves with 2 should `check` panic, rather than unwind into the parent's frames.
+        struct ExitOnUnwind;
+        impl Drop for ExitOnUnwind {
+            fn drop(&mut self) {
+                // SAFETY: ends the child process at once.
+                unsafe { libc::_exit(2) }
+            }
+        }
+        let _guard = ExitOnUnwind;
         // `_exit` skips the parent's destructors and exit handlers.
         libc::_exit(if check() { 0 } else { 1 });
     }
     if pid < 0 {
         return false;
     }
+    // A child still running after `patience` is stuck: killed, and the check failed.
+    let deadline = std::time::Instant::now() + patience;
     let mut status = 0;
     loop {
-        if libc::waitpid(pid, &mut status, 0) == pid {
-            return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return false;
+        match libc::waitpid(pid, &mut status, libc::WNOHANG) {
+            done if done == pid => {
+                return libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+            }
+            0 if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            0 => {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+                return false;
+            }
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
         }
     }
 }
@@ -615,7 +643,11 @@ unsafe fn pack_a_columns_avx512(
                 ));
                 *w = _mm512_permutexvar_epi16(interleave, halves);
             }
-            let rows_of_pairs = transpose16(words);
+            // 32-bit lanes moved as they are: the fp32 transpose serves for words.
+            let rows_of_pairs =
+                std::mem::transmute::<[__m512; T], [__m512i; T]>(crate::f32_gemm::transpose16(
+                    std::mem::transmute::<[__m512i; T], [__m512; T]>(words),
+                ));
             for (r, v) in rows_of_pairs.iter().enumerate() {
                 _mm512_storeu_si512(
                     dst.as_mut_ptr().add((g * T + r) * padded + q0) as *mut _,
@@ -624,40 +656,6 @@ unsafe fn pack_a_columns_avx512(
             }
         }
     }
-}
-
-/// The transpose of a 16 × 16 matrix of words held one row per vector.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(rows: [std::arch::x86_64::__m512i; T]) -> [std::arch::x86_64::__m512i; T] {
-    use std::arch::x86_64::*;
-    // Pairs of rows interleaved by words, then by double words: afterwards vector 4j + c holds,
-    // in its 128-bit lane l, column 4l + c of rows 4j..4j+3.
-    let mut t = [_mm512_setzero_si512(); T];
-    for j in 0..8 {
-        t[2 * j] = _mm512_unpacklo_epi32(rows[2 * j], rows[2 * j + 1]);
-        t[2 * j + 1] = _mm512_unpackhi_epi32(rows[2 * j], rows[2 * j + 1]);
-    }
-    let mut u = [_mm512_setzero_si512(); T];
-    for j in 0..4 {
-        u[4 * j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
-        u[4 * j + 1] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
-        u[4 * j + 2] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
-        u[4 * j + 3] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
-    }
-    // Then the 128-bit lanes of u[c], u[4 + c], u[8 + c], u[12 + c] transposed as a 4 × 4.
-    let mut out = [_mm512_setzero_si512(); T];
-    for c in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[c], u[4 + c]);
-        let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[c], u[4 + c]);
-        let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[8 + c], u[12 + c]);
-        let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[8 + c], u[12 + c]);
-        out[c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
-        out[4 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
-        out[8 + c] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
-        out[12 + c] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -715,7 +713,7 @@ mod tests {
         assert!(distinct.len() > 20, "{distinct:?}");
     }
 
-    /// The child-process check behind [`supported`]: a true, a false and a crash.
+    /// The child-process check behind [`supported`]: a true, a false, a crash and a hang.
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     #[test]
     fn a_check_in_a_child_reports_success_failure_and_crashes() {
@@ -728,40 +726,23 @@ mod tests {
         unsafe fn crash() -> bool {
             libc::abort()
         }
+        unsafe fn hang() -> bool {
+            loop {
+                libc::pause();
+            }
+        }
         // SAFETY: the checks allocate nothing and take no lock.
         unsafe {
-            assert!(passes_in_a_child(yes));
-            assert!(!passes_in_a_child(no));
-            assert!(!passes_in_a_child(crash));
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_word_transpose_is_a_transpose() {
-        if !std::is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: no AVX-512");
-            return;
-        }
-        use std::arch::x86_64::*;
-        let mut m = [[0u32; T]; T];
-        for (r, row) in m.iter_mut().enumerate() {
-            for (c, w) in row.iter_mut().enumerate() {
-                *w = (r * 100 + c) as u32;
-            }
-        }
-        // SAFETY: AVX-512F checked above.
-        let out = unsafe {
-            let rows = std::array::from_fn(|r| _mm512_loadu_si512(m[r].as_ptr() as *const _));
-            transpose16(rows)
-        };
-        for (c, v) in out.iter().enumerate() {
-            let mut col = [0u32; T];
-            // SAFETY: as above.
-            unsafe { _mm512_storeu_si512(col.as_mut_ptr() as *mut _, *v) };
-            for (r, &w) in col.iter().enumerate() {
-                assert_eq!(w, m[r][c], "row {c} of the transpose, word {r}");
-            }
+            let patience = std::time::Duration::from_secs(5);
+            assert!(passes_in_a_child(yes, patience));
+            assert!(!passes_in_a_child(no, patience));
+            assert!(!passes_in_a_child(crash, patience));
+            let start = std::time::Instant::now();
+            assert!(!passes_in_a_child(
+                hang,
+                std::time::Duration::from_millis(200)
+            ));
+            assert!(start.elapsed() < patience);
         }
     }
 }

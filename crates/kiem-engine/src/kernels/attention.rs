@@ -14,8 +14,11 @@ use super::{
 
 /// Query rows per block: a block's scores (`ATTENTION_BLOCK × T`) are what a thread holds.
 /// A multiple of every register tile's rows (12 for fp32 AVX-512, 6 for AVX2 and bf16): 32
-/// left a partly empty tile per block, and 48 ran 5-9% faster (Zen 4, contexts 256 to 2048).
+/// left a partly empty tile per block; attention alone ran up to 5-9% faster with 48 (Zen 4,
+/// contexts 256 to 2048; whole training steps within noise). Even, as the bf16 products'
+/// ranges of k must start (each block's first row is a key range's start).
 const ATTENTION_BLOCK: usize = 48;
+const _: () = assert!(ATTENTION_BLOCK.is_multiple_of(2));
 
 /// One of a head's operands packed once for all its blocks of query rows: fp32 panels, or
 /// bf16 ones when the matrix products run in bf16 (fp32 sums either way).
