@@ -605,27 +605,13 @@ pub unsafe fn gemm_packed_b(
     alpha: f32,
 ) {
     assert!(
-        ks.end <= b.k && cols.end <= b.n && cols.start.is_multiple_of(NR),
-        "bf16 gemm_packed_b: k {ks:?} or columns {cols:?} outside the packed {} x {} (or unaligned)",
-        b.k,
-        b.n
-    );
-    assert!(
         ks.start.is_multiple_of(2),
         "bf16 gemm_packed_b: k {ks:?} starts inside a packed pair"
     );
-    if m == 0 || cols.is_empty() {
+    if crate::f32_gemm::nothing_to_multiply(m, dst, ldc, accumulate, (&ks, &cols), (b.k, b.n, NR)) {
         return;
     }
     let kc = ks.len();
-    if kc == 0 {
-        if !accumulate {
-            for i in 0..m {
-                std::ptr::write_bytes(dst.add(i * ldc), 0, cols.len());
-            }
-        }
-        return;
-    }
     let pairs = kc.div_ceil(2);
     let row_tiles = m.div_ceil(MR);
     // Rows contiguous in k: each row rounded into `pairs` words, read in place by the tile.

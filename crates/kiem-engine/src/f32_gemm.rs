@@ -442,21 +442,7 @@ pub unsafe fn gemm_packed_b(
 ) {
     let kernel = b.kernel;
     let (mr, nr) = (kernel.mr, kernel.nr);
-    assert!(
-        ks.end <= b.k && cols.end <= b.n && cols.start.is_multiple_of(nr),
-        "gemm_packed_b: k {ks:?} or columns {cols:?} outside the packed {} x {} (or unaligned)",
-        b.k,
-        b.n
-    );
-    if m == 0 || cols.is_empty() {
-        return;
-    }
-    if ks.is_empty() {
-        if !accumulate {
-            for i in 0..m {
-                std::ptr::write_bytes(dst.add(i * ldc), 0, cols.len());
-            }
-        }
+    if nothing_to_multiply(m, dst, ldc, accumulate, (&ks, &cols), (b.k, b.n, nr)) {
         return;
     }
     let data = b.data.as_ptr() as *const f32;
@@ -520,6 +506,37 @@ pub unsafe fn gemm_packed_b(
         });
         k = end;
     }
+}
+
+/// What every product over ranges of a packed `k × n` B (panels of `nr` columns) checks
+/// first: panics when `ks` or `cols` leave it or `cols` starts inside a panel; returns true when
+/// nothing is left to multiply (no rows, no columns, or no k: `dst` then zeroed unless
+/// `accumulate`).
+///
+/// # Safety
+/// `dst` holds `m` rows of `cols.len()` values, `ldc` apart, valid for writes.
+pub(crate) unsafe fn nothing_to_multiply(
+    m: usize,
+    dst: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    (ks, cols): (&std::ops::Range<usize>, &std::ops::Range<usize>),
+    (k, n, nr): (usize, usize, usize),
+) -> bool {
+    assert!(
+        ks.end <= k && cols.end <= n && cols.start.is_multiple_of(nr),
+        "product over a packed B: k {ks:?} or columns {cols:?} outside the packed {k} x {n} (or \
+         not at a panel of {nr})"
+    );
+    if m == 0 || cols.is_empty() {
+        return true;
+    }
+    if ks.is_empty() && !accumulate {
+        for i in 0..m {
+            std::ptr::write_bytes(dst.add(i * ldc), 0, cols.len());
+        }
+    }
+    ks.is_empty()
 }
 
 /// Whether a tile reads A's rows in place: they must be contiguous in k and not a multiple of
