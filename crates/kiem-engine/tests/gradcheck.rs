@@ -535,8 +535,9 @@ fn bf16_matmuls_agree_with_fp32_to_bf16_precision() {
 }
 
 /// Attention under bf16 precision (its products on the bf16 kernel, fp32 sums and softmax)
-/// agrees with fp32 attention to bf16's precision, forward and backward: grouped queries, a
-/// head wider than one packed panel, an odd length over several row blocks, packed examples.
+/// agrees with fp32 attention to bf16's precision, forward and backward: grouped queries, heads
+/// wider than one packed panel and of odd size, an odd length over several row blocks, packed
+/// examples.
 #[test]
 fn bf16_attention_agrees_with_fp32_to_bf16_precision() {
     let Ok(bf16) = Cpu::with_precision(kiem_engine::kernels::MatmulPrecision::Bf16) else {
@@ -544,44 +545,48 @@ fn bf16_attention_agrees_with_fp32_to_bf16_precision() {
         eprintln!("skipped: this CPU has no AVX512-BF16");
         return;
     };
-    let d = Dims {
-        batch: 2,
-        seq: 101,
-        channels: 160,
-        heads: 2,
-        kv_heads: 1,
-        head_dim: 80,
-    };
-    let mut rng = Rng::new(8);
-    let qkv = random(d.rows() * d.qkv_width(), &mut rng, 1.0);
-    let r = random(d.rows() * d.q_width(), &mut rng, 1.0);
-    // Batch 1's second example starts at row 75: its last block skips the first panel of 64
-    // keys (products over ranges that start past k 0).
-    let positions: Vec<u32> = (0..101u32).chain((0..75).chain(0..26)).collect();
-    let run = |k: &Cpu| {
-        let mut out = vec![0.0; d.rows() * d.q_width()];
-        let mut stats = vec![0.0; d.batch * d.heads * d.seq];
-        k.attention_forward(&mut out, &mut stats, &qkv, &positions, d);
-        let mut dqkv = vec![0.0; qkv.len()];
-        k.attention_backward(&mut dqkv, &r, &qkv, &stats, &positions, d);
-        (out, stats, dqkv)
-    };
-    let (f, b) = (run(&K), run(&bf16));
-    for (name, got, want) in [
-        ("out", &b.0, &f.0),
-        ("lse", &b.1, &f.1),
-        ("dqkv", &b.2, &f.2),
-    ] {
-        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let worst = got
-            .iter()
-            .zip(want.iter())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        // Operands rounded to 8 bits of mantissa; differences must exist (bf16 really ran).
-        assert!(
-            worst <= 2e-2 * scale && worst > 0.0,
-            "{name}: worst {worst}, scale {scale}"
-        );
+    // A head of 80 (more than one packed panel of 64), and an odd head of 3 (each score an
+    // odd number of products, the last pair half empty) with two key/value heads.
+    for (heads, kv_heads, head_dim) in [(2, 1, 80), (4, 2, 3)] {
+        let d = Dims {
+            batch: 2,
+            seq: 101,
+            channels: heads * head_dim,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let mut rng = Rng::new(8);
+        let qkv = random(d.rows() * d.qkv_width(), &mut rng, 1.0);
+        let r = random(d.rows() * d.q_width(), &mut rng, 1.0);
+        // Batch 1's second example starts at row 75: its last block skips the first panel of
+        // 64 keys (products over ranges that start past k 0).
+        let positions: Vec<u32> = (0..101u32).chain((0..75).chain(0..26)).collect();
+        let run = |k: &Cpu| {
+            let mut out = vec![0.0; d.rows() * d.q_width()];
+            let mut stats = vec![0.0; d.batch * d.heads * d.seq];
+            k.attention_forward(&mut out, &mut stats, &qkv, &positions, d);
+            let mut dqkv = vec![0.0; qkv.len()];
+            k.attention_backward(&mut dqkv, &r, &qkv, &stats, &positions, d);
+            (out, stats, dqkv)
+        };
+        let (f, b) = (run(&K), run(&bf16));
+        for (name, got, want) in [
+            ("out", &b.0, &f.0),
+            ("lse", &b.1, &f.1),
+            ("dqkv", &b.2, &f.2),
+        ] {
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(want.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // Operands rounded to 8 bits of mantissa; differences must exist (bf16 ran).
+            assert!(
+                worst <= 2e-2 * scale && worst > 0.0,
+                "head of {head_dim}, {name}: worst {worst}, scale {scale}"
+            );
+        }
     }
 }
 
