@@ -4,7 +4,7 @@ with and without --recompute, optionally beside another kiem binary (an older bu
 same run.
 
     python bench/long_context.py --data /tmp/bench-data [--threads 2] [--steps 4]
-        [--micro-batch 4] [--baseline /path/to/older/kiem]
+        [--micro-batch 4] [--baseline /path/to/older/kiem] [--precision fp32|bf16]
 
 Model: the issue-3 benchmark config (6 layers, 6 heads, width 384; the data's vocabulary).
 tokens/s is measured over the steps after the first two (bench/common.py step_timing). The
@@ -71,14 +71,18 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--kiem", default=KIEM)
     ap.add_argument("--baseline", help="another kiem binary (e.g. an older build) to compare")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="kiem's matmul precision (bf16 needs AVX512-BF16)")
     args = ap.parse_args()
     cpu, simd = machine()
     vocab = vocab_of(args.data)
     print(f"machine: {cpu} ({simd}); {args.threads} threads; model {LAYERS} layers, width "
-          f"{WIDTH}, vocab {vocab}, micro-batch {args.micro_batch}, {args.steps} steps")
-    runs = [(args.kiem, "kiem", [])]
+          f"{WIDTH}, vocab {vocab}, micro-batch {args.micro_batch}, {args.steps} steps, "
+          f"{args.precision} matmuls")
+    precision = ["--precision", args.precision]
+    runs = [(args.kiem, "kiem", precision)]
     if args.baseline:
-        runs.insert(0, (args.baseline, "baseline", []))
+        runs.insert(0, (args.baseline, "baseline", precision))
     rows = []
     for context in (256, 2048):
         for binary, name, extra in runs:
@@ -86,7 +90,7 @@ def main():
                                                    args.steps, args.threads, extra)))
     rows.append(("kiem", 2048, "--recompute",
                  *train(args.kiem, args.data, 2048, args.micro_batch, args.steps, args.threads,
-                        ["--recompute"])))
+                        ["--recompute", *precision])))
     ratio = flops_per_token(vocab, 256) / flops_per_token(vocab, 2048)
     print("| binary | context | flags | peak RSS (MiB) | tokens/s | expected from ctx 256 |")
     print("|---|---|---|---|---|---|")
