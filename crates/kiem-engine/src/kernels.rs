@@ -298,9 +298,10 @@ pub fn matmul_path(precision: MatmulPrecision) -> String {
 }
 
 impl MatmulPrecision {
-    /// The fastest precision this CPU offers: bf16 with AVX512-BF16, else fp32.
+    /// The fastest precision this process offers: bf16 where its products outrun fp32 ones
+    /// ([`crate::bf16_gemm::outruns_fp32`]: AMX tiles, or AVX512-BF16 outside Intel), else fp32.
     pub fn fastest_available() -> MatmulPrecision {
-        if crate::bf16_gemm::native() {
+        if crate::bf16_gemm::outruns_fp32() {
             MatmulPrecision::Bf16
         } else {
             MatmulPrecision::Fp32

@@ -293,9 +293,27 @@ fn cpu_has_bf16() -> bool {
     }
 }
 
+fn cpu_is_intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let leaf = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        vendor == b"GenuineIntel"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// bf16 matrix products: the run records its precision, resumes bit-identically after a
 /// SIGKILL, and learns as the fp32 run does; CPUs without AVX512-BF16 get a clear error, and
-/// `--precision auto` falls back to fp32 on them.
+/// `--precision auto` falls back to fp32 on them (and on Intel CPUs without AMX in use).
 #[test]
 fn bf16_run_resumes_exactly_and_tracks_fp32() {
     let tmp = tempfile::tempdir().unwrap();
@@ -306,11 +324,18 @@ fn bf16_run_resumes_exactly_and_tracks_fp32() {
         args.extend_from_slice(RUN_FLAGS);
         args
     };
-    // auto takes bf16 where the CPU has it, else fp32, and records which.
+    // auto takes bf16 where it outruns fp32 (AMX tiles in use, or AVX512-BF16 off Intel),
+    // else fp32, and records which.
     let auto = run(&with("auto", "auto"), dir);
     let stderr = String::from_utf8_lossy(&auto.stderr).into_owned();
     ok(auto);
-    let resolved = if cpu_has_bf16() { "bf16" } else { "fp32" };
+    let amx_in_use = std::env::var("KIEM_BF16").as_deref() == Ok("amx")
+        && kiem_engine::bf16_gemm::amx_supported();
+    let resolved = if cpu_has_bf16() && (amx_in_use || !cpu_is_intel()) {
+        "bf16"
+    } else {
+        "fp32"
+    };
     assert_eq!(read_json(&dir.join("auto/run.json"))["precision"], resolved);
     assert!(stderr.contains(&format!("{resolved} matmuls")), "{stderr}");
     failed(run(&with("odd", "fp16"), dir), &["fp32, bf16 or auto"]);

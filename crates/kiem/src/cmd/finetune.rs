@@ -110,9 +110,10 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1337, value_name = "S")]
     seed: u64,
 
-    /// Operands of the layers' matrix products: fp32; bf16 (fp32 sums and master weights;
-    /// products about 1.7x faster; needs AVX512-BF16); or auto: bf16 where the CPU has
-    /// AVX512-BF16, else fp32. The run records the one used [default: fp32].
+    /// Operands of the matrix products: fp32; bf16 (fp32 sums and master weights; needs
+    /// AVX512-BF16; products about 1.7x faster on AMD Zen 4, not on Intel Xeons without
+    /// `KIEM_BF16=amx`); or auto: bf16 where it is the faster (AMX tiles in use, or
+    /// AVX512-BF16 on a non-Intel CPU), else fp32. The run records the one used [default: fp32].
     #[arg(long, value_name = "P", value_parser = crate::parse_training_precision)]
     precision: Option<MatmulPrecision>,
 
