@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use crate::f32_gemm::PackedOperand;
 use crate::kernels::{with_thread_buffer, SyncPtr};
 
 mod amx;
@@ -564,7 +565,7 @@ pub struct PackedB {
 impl PackedB {
     /// An empty packing whose products run on `backend`'s register tile (AMX backends use the
     /// same CPU's AVX512-BF16, or its emulation: attention's blocks are too small for tiles
-    /// of 16 rows); [`PackedB::pack`] fills it, reusing its memory.
+    /// of 16 rows); [`PackedOperand::pack`] fills it, reusing its memory.
     ///
     /// # Panics
     /// When `backend` does not run on this CPU.
@@ -585,18 +586,17 @@ impl PackedB {
             data: Vec::new(),
         }
     }
+}
 
-    /// Columns per panel: a column range must start at a multiple of this.
-    pub fn panel_width(&self) -> usize {
+/// Products over ranges of the packing (see [`PackedOperand::product`]) with bf16-rounded
+/// operands and fp32 sums: `ks` must start on an even k (pairs are packed from k 0), and
+/// `alpha` scales A before it is rounded (only A with contiguous rows takes one other than 1).
+impl PackedOperand for PackedB {
+    fn panel_width(&self) -> usize {
         NR
     }
 
-    /// Packs `b[k, n]` (row stride, column stride) on this thread.
-    ///
-    /// # Safety
-    /// The `extent` of `b` through the strides (from its first element to its last) is
-    /// readable and nothing writes it during the call.
-    pub unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
+    unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
         let panel = k.div_ceil(2) * NR;
         let panels = n.div_ceil(NR);
         self.k = k;
@@ -613,104 +613,110 @@ impl PackedB {
             pack_b(self.backend, dst, b, strides, 0, k, j0, (n - j0).min(NR));
         }
     }
-}
 
-/// `dst[m, cols] (+)= alpha · lhs[m, ks] · b[ks, cols]` with bf16-rounded operands and fp32
-/// sums, on this thread: `ks` a range of b's k starting on an even k, `cols` a range of its
-/// columns starting at a panel boundary; `dst` points at the output's column `cols.start` (row
-/// stride `ldc`) and `lhs` at its column for `ks.start` (its k index runs from 0 over `ks`).
-/// `alpha` scales A before it is rounded (only A with contiguous rows takes one other than 1).
-///
-/// # Safety
-/// Every element of `lhs` addressed through its strides lies inside one readable buffer that
-/// nothing writes during the call; `dst`'s rows and columns are valid for reads and writes,
-/// overlap nothing else here and no other thread touches them meanwhile.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_packed_b(
-    m: usize,
-    dst: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    (rs, cs): (usize, usize),
-    b: &PackedB,
-    ks: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    alpha: f32,
-) {
-    assert!(
-        ks.start.is_multiple_of(2),
-        "bf16 gemm_packed_b: k {ks:?} starts inside a packed pair"
-    );
-    if crate::f32_gemm::nothing_to_multiply(m, dst, ldc, accumulate, (&ks, &cols), (b.k, b.n, NR)) {
-        return;
-    }
-    let kc = ks.len();
-    let pairs = kc.div_ceil(2);
-    let row_tiles = m.div_ceil(MR);
-    // Rows contiguous in k: each row rounded into `pairs` words, read in place by the tile.
-    // Otherwise (a transposed A): packed `[pair][MR]` per tile of rows.
-    let in_place = cs == 1;
-    assert!(
-        in_place || alpha == 1.0,
-        "bf16 gemm_packed_b: a scale needs A's rows contiguous"
-    );
-    let a = std::slice::from_raw_parts(lhs, extent(m, kc, (rs, cs)));
-    let tile = match b.backend {
-        Backend::Native => tile,
-        _ => tile_emulated,
-    };
-    let panel_len = b.k.div_ceil(2) * NR;
-    with_thread_buffer(&PAIRS_A, row_tiles * MR * pairs, |a_pairs| {
-        if in_place {
-            for (i, row) in a_pairs.chunks_mut(pairs).take(m).enumerate() {
-                let halves = std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, kc);
-                round_scaled(b.backend, &a[i * rs..i * rs + kc], halves, alpha);
-                // An odd k leaves the last pair's upper half, which must add nothing.
-                if kc % 2 == 1 {
-                    row[pairs - 1] &= 0xFFFF;
-                }
-            }
-        } else {
-            for (t, block) in a_pairs.chunks_mut(MR * pairs).enumerate() {
-                let i0 = t * MR;
-                pack_a(b.backend, block, a, (rs, cs), i0, (m - i0).min(MR), 0, kc);
-            }
+    unsafe fn product(
+        &self,
+        m: usize,
+        dst: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        lhs: *const f32,
+        (rs, cs): (usize, usize),
+        ks: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        alpha: f32,
+    ) {
+        assert!(
+            ks.start.is_multiple_of(2),
+            "bf16 product over a packed B: k {ks:?} starts inside a packed pair"
+        );
+        if crate::f32_gemm::nothing_to_multiply(
+            m,
+            dst,
+            ldc,
+            accumulate,
+            (&ks, &cols),
+            (self.k, self.n, NR),
+        ) {
+            return;
         }
-        let a_pairs = a_pairs.as_ptr();
-        for q0 in (0..pairs).step_by(KC_PAIRS) {
-            let chunk = (pairs - q0).min(KC_PAIRS);
-            for j0 in cols.clone().step_by(NR) {
-                let panel = b.data[(j0 / NR) * panel_len + (ks.start / 2 + q0) * NR..].as_ptr();
-                for t in 0..row_tiles {
+        let kc = ks.len();
+        let pairs = kc.div_ceil(2);
+        let row_tiles = m.div_ceil(MR);
+        // Rows contiguous in k: each row rounded into `pairs` words, read in place by the tile.
+        // Otherwise (a transposed A): packed `[pair][MR]` per tile of rows.
+        let in_place = cs == 1;
+        assert!(
+            in_place || alpha == 1.0,
+            "bf16 product over a packed B: a scale needs A's rows contiguous"
+        );
+        let a = std::slice::from_raw_parts(lhs, extent(m, kc, (rs, cs)));
+        let tile = match self.backend {
+            Backend::Native => tile,
+            _ => tile_emulated,
+        };
+        let panel_len = self.k.div_ceil(2) * NR;
+        with_thread_buffer(&PAIRS_A, row_tiles * MR * pairs, |a_pairs| {
+            if in_place {
+                for (i, row) in a_pairs.chunks_mut(pairs).take(m).enumerate() {
+                    let halves = std::slice::from_raw_parts_mut(row.as_mut_ptr() as *mut u16, kc);
+                    round_scaled(self.backend, &a[i * rs..i * rs + kc], halves, alpha);
+                    // An odd k leaves the last pair's upper half, which must add nothing.
+                    if kc % 2 == 1 {
+                        row[pairs - 1] &= 0xFFFF;
+                    }
+                }
+            } else {
+                for (t, block) in a_pairs.chunks_mut(MR * pairs).enumerate() {
                     let i0 = t * MR;
-                    let mr = (m - i0).min(MR);
-                    let (a_rows, pair_step) = if in_place {
-                        // Rows past m repeat the last one: read, never stored.
-                        let row = |r: usize| a_pairs.add((i0 + r.min(mr - 1)) * pairs + q0);
-                        (std::array::from_fn(|r| row(r) as *const u16), 2)
-                    } else {
-                        let words = a_pairs.add(t * MR * pairs + q0 * MR) as *const u16;
-                        (std::array::from_fn(|r| words.add(2 * r)), 2 * MR)
-                    };
-                    // SAFETY: a native backend runs only where the CPU has AVX512-BF16
-                    // (PackedB::new); A's rows hold `chunk` pairs from q0, as does the panel;
-                    // the tile's rows and columns lie inside dst (the caller's contract).
-                    tile(
-                        chunk,
-                        a_rows,
-                        pair_step,
-                        panel,
-                        dst.add(i0 * ldc + (j0 - cols.start)),
-                        ldc,
-                        mr,
-                        (cols.end - j0).min(NR),
-                        q0 == 0 && !accumulate,
+                    pack_a(
+                        self.backend,
+                        block,
+                        a,
+                        (rs, cs),
+                        i0,
+                        (m - i0).min(MR),
+                        0,
+                        kc,
                     );
                 }
             }
-        }
-    });
+            let a_pairs = a_pairs.as_ptr();
+            for q0 in (0..pairs).step_by(KC_PAIRS) {
+                let chunk = (pairs - q0).min(KC_PAIRS);
+                for j0 in cols.clone().step_by(NR) {
+                    let panel =
+                        self.data[(j0 / NR) * panel_len + (ks.start / 2 + q0) * NR..].as_ptr();
+                    for t in 0..row_tiles {
+                        let i0 = t * MR;
+                        let mr = (m - i0).min(MR);
+                        let (a_rows, pair_step) = if in_place {
+                            // Rows past m repeat the last one: read, never stored.
+                            let row = |r: usize| a_pairs.add((i0 + r.min(mr - 1)) * pairs + q0);
+                            (std::array::from_fn(|r| row(r) as *const u16), 2)
+                        } else {
+                            let words = a_pairs.add(t * MR * pairs + q0 * MR) as *const u16;
+                            (std::array::from_fn(|r| words.add(2 * r)), 2 * MR)
+                        };
+                        // SAFETY: a native backend runs only where the CPU has AVX512-BF16
+                        // (PackedB::new); A's rows hold `chunk` pairs from q0, as does the panel;
+                        // the tile's rows and columns lie inside dst (the caller's contract).
+                        tile(
+                            chunk,
+                            a_rows,
+                            pair_step,
+                            panel,
+                            dst.add(i0 * ldc + (j0 - cols.start)),
+                            ldc,
+                            mr,
+                            (cols.end - j0).min(NR),
+                            q0 == 0 && !accumulate,
+                        );
+                    }
+                }
+            }
+        });
+    }
 }
 
 /// Packs rows `i0..i0 + mr` and k `p0..p0 + kc` of fp32 A, rounded to bf16, as `[pair][MR]`
@@ -1228,14 +1234,13 @@ mod tests {
                         // holds m rows of ldc.
                         unsafe {
                             packed.pack(k, n, b_values.as_ptr(), b_strides);
-                            gemm_packed_b(
+                            packed.product(
                                 m,
                                 dst.as_mut_ptr(),
                                 ldc,
                                 accumulate,
                                 a.as_ptr(),
                                 a_strides,
-                                &packed,
                                 ks.clone(),
                                 cols.clone(),
                                 alpha,
@@ -1279,14 +1284,13 @@ mod tests {
         // SAFETY: every operand lies inside its vector.
         unsafe {
             packed.pack(4, 4, b.as_ptr(), (4, 1));
-            gemm_packed_b(
+            packed.product(
                 1,
                 dst.as_mut_ptr(),
                 4,
                 false,
                 a.as_ptr(),
                 (4, 1),
-                &packed,
                 1..3,
                 0..4,
                 1.0,

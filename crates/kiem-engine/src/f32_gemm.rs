@@ -356,7 +356,7 @@ pub struct PackedB {
 }
 
 impl PackedB {
-    /// An empty packing for `kernel`; [`PackedB::pack`] fills it (reusing its memory).
+    /// An empty packing for `kernel`; [`PackedOperand::pack`] fills it (reusing its memory).
     pub fn new(kernel: Kernel) -> Self {
         PackedB {
             kernel,
@@ -364,11 +364,6 @@ impl PackedB {
             n: 0,
             data: Vec::new(),
         }
-    }
-
-    /// Columns per panel: a column range must start at a multiple of this.
-    pub fn panel_width(&self) -> usize {
-        self.kernel.nr
     }
 
     /// Values of one panel in k block `block` (of [`KC`] rows).
@@ -380,12 +375,53 @@ impl PackedB {
     fn block_start(&self, block: usize) -> usize {
         block * self.n.div_ceil(self.kernel.nr) * lines(KC * self.kernel.nr)
     }
+}
 
-    /// Packs `b[k, n]` (row stride, column stride) on this thread.
+/// An operand B packed once for many products that each read a range of its k and a range of
+/// its columns, on one thread (attention packs each head's keys, values, queries and output
+/// gradient once for all its blocks of query rows): fp32 panels ([`PackedB`]) or bf16 ones
+/// ([`crate::bf16_gemm::PackedB`]).
+pub trait PackedOperand {
+    /// Columns per panel: a column range must start at a multiple of this.
+    fn panel_width(&self) -> usize;
+
+    /// Packs `b[k, n]` (row stride, column stride) on this thread, reusing the memory.
     ///
     /// # Safety
-    /// Every element addressed through the strides is readable.
-    pub unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
+    /// Every element addressed through the strides is readable and nothing writes it during
+    /// the call.
+    unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize));
+
+    /// `dst[m, cols] (+)= alpha · lhs[m, ks] · self[ks, cols]` on this thread, for a range `ks`
+    /// of the packed k and a range `cols` of its columns starting at a panel boundary: `dst`
+    /// points at the output's column `cols.start` (row stride `ldc`), and `lhs` at its column
+    /// for `ks.start` (its k index runs from 0 over `ks`).
+    ///
+    /// # Safety
+    /// Every element of `lhs` addressed through its strides lies inside one readable buffer
+    /// that nothing writes during the call; `dst`'s rows and columns are valid for reads and
+    /// writes, overlap nothing else here and no other thread touches them meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        &self,
+        m: usize,
+        dst: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        lhs: *const f32,
+        lhs_strides: (usize, usize),
+        ks: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        alpha: f32,
+    );
+}
+
+impl PackedOperand for PackedB {
+    fn panel_width(&self) -> usize {
+        self.kernel.nr
+    }
+
+    unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
         let nr = self.kernel.nr;
         let panels = n.div_ceil(nr);
         self.k = k;
@@ -418,93 +454,85 @@ impl PackedB {
             }
         }
     }
-}
 
-/// `dst[m, cols] (+)= alpha · lhs[m, ks] · b[ks, cols]` on this thread, for a range `ks` of b's
-/// k and a range `cols` of its columns starting at a panel boundary (a multiple of the kernel's
-/// tile width): `dst` points at the output's column `cols.start` (row stride `ldc`), and `lhs`
-/// at its column for `ks.start` (its k index runs from 0 over `ks`).
-///
-/// # Safety
-/// As [`gemm`] for `lhs` and `dst`; `b` was packed by this process.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_packed_b(
-    m: usize,
-    dst: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_strides: (usize, usize),
-    b: &PackedB,
-    ks: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    alpha: f32,
-) {
-    let kernel = b.kernel;
-    let (mr, nr) = (kernel.mr, kernel.nr);
-    if nothing_to_multiply(m, dst, ldc, accumulate, (&ks, &cols), (b.k, b.n, nr)) {
-        return;
-    }
-    let data = b.data.as_ptr() as *const f32;
-    let row_tiles = m.div_ceil(mr);
-    let mut k = ks.start;
-    while k < ks.end {
-        // The part of ks inside k block `block`.
-        let block = k / KC;
-        let end = ks.end.min((block + 1) * KC);
-        let kc = end - k;
-        let overwrite = k == ks.start && !accumulate;
-        let stride = b.panel_len(block);
-        let start = b.block_start(block) + (k - block * KC) * nr;
-        let in_place = read_in_place(lhs_strides);
-        let a_stride = lines(kc * mr);
-        let packed_len = if in_place { 0 } else { row_tiles * a_stride };
-        with_buffer(&PACKED_A, packed_len, |a_pack| {
-            if !in_place {
-                pack_a(
-                    a_pack,
-                    a_stride,
-                    lhs,
-                    lhs_strides,
-                    0,
-                    m,
-                    k - ks.start,
-                    kc,
-                    mr,
-                );
-            }
-            for j0 in cols.clone().step_by(nr) {
-                let panel = data.add(start + (j0 / nr) * stride);
-                for ti in 0..row_tiles {
-                    let r0 = ti * mr;
-                    let a = if in_place {
-                        APanel {
-                            ptr: lhs.add(r0 * lhs_strides.0 + (k - ks.start)),
-                            row_stride: lhs_strides.0,
-                            k_stride: 1,
-                        }
-                    } else {
-                        APanel {
-                            ptr: a_pack[ti * a_stride..].as_ptr(),
-                            row_stride: 1,
-                            k_stride: mr,
-                        }
-                    };
-                    (kernel.tile)(
+    unsafe fn product(
+        &self,
+        m: usize,
+        dst: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        lhs: *const f32,
+        lhs_strides: (usize, usize),
+        ks: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        alpha: f32,
+    ) {
+        let kernel = self.kernel;
+        let (mr, nr) = (kernel.mr, kernel.nr);
+        if nothing_to_multiply(m, dst, ldc, accumulate, (&ks, &cols), (self.k, self.n, nr)) {
+            return;
+        }
+        let data = self.data.as_ptr() as *const f32;
+        let row_tiles = m.div_ceil(mr);
+        let mut k = ks.start;
+        while k < ks.end {
+            // The part of ks inside k block `block`.
+            let block = k / KC;
+            let end = ks.end.min((block + 1) * KC);
+            let kc = end - k;
+            let overwrite = k == ks.start && !accumulate;
+            let stride = self.panel_len(block);
+            let start = self.block_start(block) + (k - block * KC) * nr;
+            let in_place = read_in_place(lhs_strides);
+            let a_stride = lines(kc * mr);
+            let packed_len = if in_place { 0 } else { row_tiles * a_stride };
+            with_buffer(&PACKED_A, packed_len, |a_pack| {
+                if !in_place {
+                    pack_a(
+                        a_pack,
+                        a_stride,
+                        lhs,
+                        lhs_strides,
+                        0,
+                        m,
+                        k - ks.start,
                         kc,
-                        a,
-                        panel,
-                        dst.add(r0 * ldc + (j0 - cols.start)),
-                        ldc,
-                        (m - r0).min(mr),
-                        (cols.end - j0).min(nr),
-                        overwrite,
-                        alpha,
+                        mr,
                     );
                 }
-            }
-        });
-        k = end;
+                for j0 in cols.clone().step_by(nr) {
+                    let panel = data.add(start + (j0 / nr) * stride);
+                    for ti in 0..row_tiles {
+                        let r0 = ti * mr;
+                        let a = if in_place {
+                            APanel {
+                                ptr: lhs.add(r0 * lhs_strides.0 + (k - ks.start)),
+                                row_stride: lhs_strides.0,
+                                k_stride: 1,
+                            }
+                        } else {
+                            APanel {
+                                ptr: a_pack[ti * a_stride..].as_ptr(),
+                                row_stride: 1,
+                                k_stride: mr,
+                            }
+                        };
+                        (kernel.tile)(
+                            kc,
+                            a,
+                            panel,
+                            dst.add(r0 * ldc + (j0 - cols.start)),
+                            ldc,
+                            (m - r0).min(mr),
+                            (cols.end - j0).min(nr),
+                            overwrite,
+                            alpha,
+                        );
+                    }
+                }
+            });
+            k = end;
+        }
     }
 }
 
@@ -1358,14 +1386,13 @@ mod tests {
                         let prior = values(m * ldc, 37);
                         let mut got = prior.clone();
                         unsafe {
-                            gemm_packed_b(
+                            packed.product(
                                 m,
                                 got.as_mut_ptr(),
                                 ldc,
                                 accumulate,
                                 a.as_ptr(),
                                 a_strides,
-                                &packed,
                                 ks.clone(),
                                 cols.clone(),
                                 0.5,

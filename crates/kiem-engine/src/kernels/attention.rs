@@ -6,7 +6,8 @@
 
 use rayon::prelude::*;
 
-use crate::{bf16_gemm, f32_gemm};
+use crate::bf16_gemm;
+use crate::f32_gemm::{self, PackedOperand};
 
 use super::{
     fast_exp, lane_dot, lane_max, lane_sum, wide, Dims, MatmulPrecision, SyncPtr, ELEMENTS,
@@ -20,100 +21,26 @@ use super::{
 const ATTENTION_BLOCK: usize = 48;
 const _: () = assert!(ATTENTION_BLOCK.is_multiple_of(2));
 
-/// One of a head's operands packed once for all its blocks of query rows: fp32 panels, or
-/// bf16 ones when the matrix products run in bf16 (fp32 sums either way).
-enum Packed {
-    Fp32(f32_gemm::PackedB),
-    Bf16(bf16_gemm::PackedB),
-}
-
-impl Packed {
-    fn new(precision: MatmulPrecision) -> Packed {
-        match precision {
-            MatmulPrecision::Fp32 => Packed::Fp32(f32_gemm::PackedB::new(f32_gemm::kernel())),
-            MatmulPrecision::Bf16 => Packed::Bf16(bf16_gemm::PackedB::new(
-                bf16_gemm::backend().expect("bf16 attention needs a CPU with AVX512-BF16"),
-            )),
-        }
-    }
-
-    fn precision(&self) -> MatmulPrecision {
-        match self {
-            Packed::Fp32(_) => MatmulPrecision::Fp32,
-            Packed::Bf16(_) => MatmulPrecision::Bf16,
-        }
-    }
-
-    /// Columns per panel: a product's column range starts at a multiple of this.
-    fn panel_width(&self) -> usize {
-        match self {
-            Packed::Fp32(b) => b.panel_width(),
-            Packed::Bf16(b) => b.panel_width(),
-        }
-    }
-
-    /// # Safety
-    /// As [`f32_gemm::PackedB::pack`] and [`bf16_gemm::PackedB::pack`].
-    unsafe fn pack(&mut self, k: usize, n: usize, b: *const f32, strides: (usize, usize)) {
-        match self {
-            Packed::Fp32(p) => p.pack(k, n, b, strides),
-            Packed::Bf16(p) => p.pack(k, n, b, strides),
-        }
-    }
-
-    /// `dst[m, cols] (+)= alpha · lhs[m, ks] · self[ks, cols]` on this thread (every `ks` of
-    /// attention starts on an even k, as the bf16 packing needs).
-    ///
-    /// # Safety
-    /// As [`f32_gemm::gemm_packed_b`] and [`bf16_gemm::gemm_packed_b`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn product(
-        &self,
-        m: usize,
-        dst: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        lhs: *const f32,
-        lhs_strides: (usize, usize),
-        ks: std::ops::Range<usize>,
-        cols: std::ops::Range<usize>,
-        alpha: f32,
-    ) {
-        match self {
-            Packed::Fp32(b) => f32_gemm::gemm_packed_b(
-                m,
-                dst,
-                ldc,
-                accumulate,
-                lhs,
-                lhs_strides,
-                b,
-                ks,
-                cols,
-                alpha,
-            ),
-            Packed::Bf16(b) => bf16_gemm::gemm_packed_b(
-                m,
-                dst,
-                ldc,
-                accumulate,
-                lhs,
-                lhs_strides,
-                b,
-                ks,
-                cols,
-                alpha,
-            ),
-        }
+/// A head's operand packed once for all its blocks of query rows: fp32 panels, or bf16 ones
+/// when the matrix products run in bf16 (fp32 sums either way; every `ks` of attention starts
+/// on an even k, as the bf16 packing needs).
+fn packing(precision: MatmulPrecision) -> Box<dyn PackedOperand> {
+    match precision {
+        MatmulPrecision::Fp32 => Box::new(f32_gemm::PackedB::new(f32_gemm::kernel())),
+        MatmulPrecision::Bf16 => Box::new(bf16_gemm::PackedB::new(
+            bf16_gemm::backend().expect("bf16 attention needs a CPU with AVX512-BF16"),
+        )),
     }
 }
 
 /// What one thread reuses across calls: a block's probabilities and their gradients, and the
-/// head's operands packed once for all its blocks (K and V both ways, Q, the output gradient).
+/// head's operands packed once for all its blocks (K and V both ways, Q, the output gradient)
+/// at `precision`.
 struct Scratch {
     p: Vec<f32>,
     ds: Vec<f32>,
-    packed: [Packed; 6],
+    precision: MatmulPrecision,
+    packed: [Box<dyn PackedOperand>; 6],
 }
 
 thread_local! {
@@ -131,7 +58,8 @@ fn with_scratch<R>(
     let fresh = || Scratch {
         p: Vec::new(),
         ds: Vec::new(),
-        packed: std::array::from_fn(|_| Packed::new(precision)),
+        precision,
+        packed: std::array::from_fn(|_| packing(precision)),
     };
     SCRATCH.with(|cell| {
         let mut held = cell.try_borrow_mut();
@@ -140,8 +68,9 @@ fn with_scratch<R>(
             Ok(slot) => slot.get_or_insert_with(fresh),
             Err(_) => own.insert(fresh()),
         };
-        if scratch.packed[0].precision() != precision {
-            scratch.packed = std::array::from_fn(|_| Packed::new(precision));
+        if scratch.precision != precision {
+            scratch.precision = precision;
+            scratch.packed = std::array::from_fn(|_| packing(precision));
         }
         for b in [&mut scratch.p, &mut scratch.ds] {
             if b.len() < len {
@@ -165,7 +94,7 @@ unsafe fn block_scores(
     q: *const f32,
     w: usize,
     head_dim: usize,
-    keys_t: &Packed,
+    keys_t: &dyn PackedOperand,
     positions: &[u32],
     (r0, r1): (usize, usize),
     scale: f32,
@@ -284,7 +213,7 @@ pub(super) fn attention_forward(
                 }
                 for (r0, r1) in row_blocks(t_len) {
                     // SAFETY: rows r0..r1 of Q lie inside qkv; p holds a block of scores.
-                    let k0 = unsafe { block_scores(p, q, w, hs, kt, pos, (r0, r1), scale) };
+                    let k0 = unsafe { block_scores(p, q, w, hs, &**kt, pos, (r0, r1), scale) };
                     let keys = r1 - k0;
                     wide(
                         #[inline(always)]
@@ -458,7 +387,7 @@ pub(super) fn attention_backward(
                 for (r0, r1) in row_blocks(t_len) {
                     // The block's probabilities again, from the scores and each row's lse.
                     // SAFETY: as stated for this task above; rows r0..r1 and k0..r1 < t_len.
-                    let k0 = unsafe { block_scores(p, q, w, hs, kt, pos, (r0, r1), scale) };
+                    let k0 = unsafe { block_scores(p, q, w, hs, &**kt, pos, (r0, r1), scale) };
                     let keys = r1 - k0;
                     // SAFETY: as above.
                     unsafe {
